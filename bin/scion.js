@@ -1,0 +1,5 @@
+#!/usr/bin/env node
+// The scion CLI: a thin shell over the library (host/cli.ts), run through tsx.
+import { register } from 'tsx/esm/api';
+register();
+await import('../host/cli.ts');

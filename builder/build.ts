@@ -1,0 +1,342 @@
+/**
+ * `scion build`: definition -> lock -> packages -> guest tree -> artifacts.
+ * The effects (network, cache, disk) live here; every decision is made by the
+ * pure modules it calls. Outputs are written to a temporary directory and
+ * swapped in whole: a failed build leaves the previous artifacts untouched.
+ */
+import { readFile, rm, rename, mkdir, stat, writeFile, open } from 'node:fs/promises';
+import { dirname, join, resolve as resolvePath, basename } from 'node:path';
+import { gzipSync } from 'node:zlib';
+import { fileURLToPath } from 'node:url';
+import { randomBytes } from 'node:crypto';
+import { BuildError, ArchiveError } from '../common/errors.ts';
+import { BlobCache, sha256, atomicWrite } from './cache.ts';
+import { DebianArchive, mirrorFromAptSources } from './debian/archive.ts';
+import { extractDeb, decompress, type TarEntry } from './debian/deb.ts';
+import { resolve as resolveDeps, type PackageIndex } from './debian/resolver.ts';
+import { parseDefinition, type ImageDefinition } from './schema.ts';
+import { readLock, writeLock, sameRoots, serialiseLock, type Lockfile, type LockedPackage } from './lock.ts';
+import { FileTree } from './tree.ts';
+import { addPackageFiles, libraryClosure, findModules } from './assemble.ts';
+import { moduleDepends } from './elf.ts';
+import { moduleLoadOrder } from './modules.ts';
+import { cpioChunks } from './cpio.ts';
+import { initScript, AGENT_DIR, MODULE_DIR } from './init.ts';
+import { runtimeConfig, readOciImage } from './oci.ts';
+import { fetchRuntime } from './runtime.ts';
+import type { Progress } from './fetch.ts';
+
+export type Compression = 'none' | 'gzip' | 'zstd';
+export type BuildEvent =
+  | { type: 'step'; step: string; ms: number }
+  | { type: 'download'; url: string; received: number; total?: number; done: boolean; ms: number }
+  | { type: 'log'; message: string };
+
+export interface BuildOptions {
+  definitionPath: string;
+  outDir?: string; // default: <project>/out
+  cacheDir?: string;
+  updateLock?: boolean;
+  mirror?: string;
+  compression?: Compression;
+  sourceDateEpoch?: number;
+  onEvent?: (ev: BuildEvent) => void;
+}
+
+export interface BuildResult {
+  name: string;
+  dir: string;
+  vmlinuz: string;
+  initrd: string;
+  manifest: string;
+  lock: string;
+  lockChanged: boolean;
+  sha256: { vmlinuz: string; initrd: string };
+  sizes: { vmlinuz: number; initrd: number; initrdUncompressed: number };
+  packages: number;
+  stepsMs: Record<string, number>;
+}
+
+const PROJECT_ROOT = resolvePath(dirname(fileURLToPath(import.meta.url)), '..');
+/** Libraries the agent's Node binary links against (see `readelf -d node`). */
+const RUNTIME_LIB_PACKAGES = ['libc6', 'libgcc-s1', 'libstdc++6'];
+
+export function defaultOutDir(): string {
+  return join(PROJECT_ROOT, 'out');
+}
+
+/** The package sets the definition asks for: name -> roots. */
+export function packageSets(def: ImageDefinition): Record<string, { roots: string[]; follow?: (n: string) => boolean }> {
+  const guest = new Set(['busybox-static', ...RUNTIME_LIB_PACKAGES, ...def.packages]);
+  if (def.containers.length) guest.add('crun');
+  const sets: Record<string, { roots: string[]; follow?: (n: string) => boolean }> = {
+    guest: { roots: [...guest].sort() },
+    // the kernel metapackage points at the real image package; its other
+    // Depends (kmod, initramfs-tools) are for dpkg installs, not for us
+    kernel: { roots: [def.kernel.package], follow: (n) => n.startsWith('linux-image-') },
+  };
+  for (const c of def.containers) if ('packages' in c.image) sets[`container:${c.name}`] = { roots: [...c.image.packages].sort() };
+  return sets;
+}
+
+export async function bundleAgent(): Promise<Buffer> {
+  const esbuild = await import('esbuild');
+  const r = await esbuild.build({
+    entryPoints: [join(PROJECT_ROOT, 'guest-agent', 'main.ts')],
+    bundle: true,
+    platform: 'node',
+    format: 'esm',
+    target: 'node22',
+    write: false,
+    minify: false,
+    legalComments: 'none',
+    banner: { js: '// scion guest agent (bundled)' },
+    absWorkingDir: PROJECT_ROOT,
+  });
+  return Buffer.from(r.outputFiles[0].contents);
+}
+
+async function mapLimit<T, R>(items: T[], limit: number, fn: (t: T) => Promise<R>): Promise<R[]> {
+  const out: R[] = new Array(items.length);
+  let i = 0;
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, async () => {
+    while (i < items.length) { const k = i++; out[k] = await fn(items[k]); }
+  }));
+  return out;
+}
+
+export async function build(opts: BuildOptions): Promise<BuildResult> {
+  const emit = opts.onEvent ?? (() => {});
+  const steps: Record<string, number> = {};
+  let t = performance.now();
+  const step = (name: string) => {
+    const now = performance.now();
+    steps[name] = Math.round(now - t);
+    emit({ type: 'step', step: name, ms: steps[name] });
+    t = now;
+  };
+
+  const defPath = resolvePath(opts.definitionPath);
+  let text: string;
+  try { text = await readFile(defPath, 'utf8'); } catch (e) {
+    throw new BuildError('E_DEFINITION_MISSING', `cannot read ${opts.definitionPath}: ${(e as NodeJS.ErrnoException).code}`, { hint: 'pass the path of an image definition, e.g. images/minimal.yaml' });
+  }
+  const def = parseDefinition(text, opts.definitionPath);
+  const lockPath = join(dirname(defPath), basename(defPath).replace(/\.ya?ml$/, '') + '.scion.lock');
+  const cache = new BlobCache(opts.cacheDir);
+  const mirror = opts.mirror ?? def.debian.mirror ?? (await mirrorFromAptSources());
+  if (!mirror) {
+    throw new BuildError('E_NO_MIRROR', `${opts.definitionPath}: debian.mirror is not set and the host's apt sources name no Debian mirror`, { hint: 'add `debian: {mirror: http://deb.debian.org/debian}` to the definition' });
+  }
+  const onProgress: Progress = (p) => emit({ type: 'download', ...p });
+  const oldLock = opts.updateLock ? undefined : await readLock(lockPath);
+  const suite = oldLock?.codename ?? def.debian.suite;
+  const archive = new DebianArchive({ mirror, suite, components: def.debian.components, architecture: def.debian.architecture, cache, onProgress, log: (m) => emit({ type: 'log', message: m }) });
+
+  // 1. resolve each package set (from the lock when its roots are unchanged)
+  const sets = packageSets(def);
+  const lock: Lockfile = { lockVersion: 1, suite: def.debian.suite, codename: oldLock?.codename, mirror, architecture: def.debian.architecture, sets: {} };
+  let index: PackageIndex | undefined;
+  for (const [name, s] of Object.entries(sets)) {
+    const locked = oldLock?.sets[name];
+    if (locked && sameRoots(locked.roots, s.roots)) { lock.sets[name] = locked; continue; }
+    index ??= await archive.index();
+    lock.codename ??= archive.codename;
+    const pins = new Map<string, string>();
+    for (const ls of Object.values(oldLock?.sets ?? {})) for (const p of ls.packages) pins.set(p.name, p.version);
+    let chosen;
+    try {
+      chosen = resolveDeps(index, s.roots, { pins, follow: s.follow });
+    } catch (e) {
+      // a pin that no longer resolves is retried unpinned only with --update-lock
+      throw e;
+    }
+    lock.sets[name] = { roots: s.roots, packages: chosen.map((p) => ({ name: p.name, version: p.version, filename: p.filename, sha256: p.sha256, size: p.size })) };
+  }
+  step('resolve');
+
+  // 2. download (or take from the cache) every .deb and the agent runtime
+  const all = new Map<string, LockedPackage>();
+  for (const s of Object.values(lock.sets)) for (const p of s.packages) all.set(p.sha256, p);
+  const debs = new Map<string, Buffer>();
+  await mapLimit([...all.values()], 4, async (p) => { debs.set(p.sha256, await archive.deb(p)); });
+  const runtime = await fetchRuntime(def.agent.runtime, cache, onProgress);
+  step('download');
+
+  // 3. extract
+  const extracted = new Map<string, TarEntry[]>();
+  await mapLimit([...all.values()], 2, async (p) => { extracted.set(p.sha256, await extractDeb(debs.get(p.sha256)!, `${p.name} ${p.version}`)); });
+  debs.clear();
+  step('extract');
+
+  // 4. assemble the guest tree
+  const tree = new FileTree();
+  const guestSet = lock.sets.guest.packages;
+  const guestRoots = new Set(sets.guest.roots.filter((r) => !RUNTIME_LIB_PACKAGES.includes(r) || def.packages.includes(r)));
+  const staging = new FileTree();
+  for (const p of guestSet) {
+    const files = extracted.get(p.sha256)!;
+    addPackageFiles(staging, files);
+    if (guestRoots.has(p.name)) addPackageFiles(tree, files);
+  }
+  tree.file(`${AGENT_DIR}/node`, runtime.node, 0o755);
+  tree.file(`${AGENT_DIR}/agent.mjs`, await bundleAgent(), 0o644);
+  const closure = libraryClosure(tree, staging);
+  if (closure.missing.length) {
+    const m = closure.missing[0];
+    throw new BuildError('E_LIBRARY_MISSING', `${m.file} needs ${m.soname}, which no package in the guest set provides`, { hint: 'add the package that ships it to `packages:`' });
+  }
+
+  // kernel + modules
+  const kernelPkgs = lock.sets.kernel.packages;
+  const kernelFiles = kernelPkgs.flatMap((p) => extracted.get(p.sha256)!);
+  const km = findModules(kernelFiles);
+  if (!km.vmlinuz) throw new BuildError('E_KERNEL_MISSING', `kernel.package ${def.kernel.package} resolved to ${kernelPkgs.map((p) => p.name).join(', ')}, which ship no /boot/vmlinuz-*`);
+  const depMap = new Map<string, string[]>();
+  const koBytes = new Map<string, Buffer>();
+  const queue = [...def.kernel.modules.map((m) => m.replace(/-/g, '_'))];
+  while (queue.length) {
+    const m = queue.shift()!;
+    if (depMap.has(m) || km.builtin.has(m)) continue;
+    const f = km.files.get(m);
+    if (!f) continue; // moduleLoadOrder reports it with context
+    const ko = await decompress(f.path, f.data!);
+    koBytes.set(m, ko);
+    const deps = moduleDepends(ko).map((d) => d.replace(/-/g, '_'));
+    depMap.set(m, deps);
+    queue.push(...deps);
+  }
+  const order = moduleLoadOrder(def.kernel.modules, depMap, km.builtin);
+  order.forEach((m, i) => tree.file(`${MODULE_DIR}/${String(i).padStart(2, '0')}-${m}.ko`, koBytes.get(m)!, 0o644));
+
+  // base files
+  for (const d of ['/proc', '/sys', '/dev', '/newroot', '/run', '/root', '/var/lib/scion', '/etc/scion']) tree.mkdirp(d);
+  tree.mkdirp('/tmp', 0o1777);
+  tree.chardev('/dev/console', 5, 1, 0o600);
+  tree.chardev('/dev/null', 1, 3, 0o666);
+  tree.file('/etc/passwd', 'root:x:0:0:root:/root:/bin/sh\n');
+  tree.file('/etc/group', 'root:x:0:\n');
+  tree.file('/etc/hostname', `${def.name}\n`);
+  tree.file('/etc/hosts', `127.0.0.1 localhost\n127.0.1.1 ${def.name}\n`);
+  tree.file('/etc/resolv.conf', '');
+  tree.file('/etc/machine-id', '');
+  tree.file('/init', initScript({ modules: order, hostname: def.name }), 0o755);
+
+  // containers: one OCI runtime bundle each
+  for (const c of def.containers) {
+    const root = `/var/lib/scion/containers/${c.name}`;
+    const rootfs = new FileTree();
+    if ('packages' in c.image) {
+      const cstaging = new FileTree();
+      const roots = new Set(c.image.packages);
+      for (const p of lock.sets[`container:${c.name}`].packages) {
+        const files = extracted.get(p.sha256)!;
+        addPackageFiles(cstaging, files);
+        if (roots.has(p.name)) addPackageFiles(rootfs, files);
+      }
+      const cc = libraryClosure(rootfs, cstaging);
+      if (cc.missing.length) throw new BuildError('E_LIBRARY_MISSING', `container ${c.name}: ${cc.missing[0].file} needs ${cc.missing[0].soname}`);
+    } else {
+      const img = await readOciImage(resolvePath(dirname(defPath), c.image.oci));
+      for (const [p, e] of [...img.files].sort(([a], [b]) => (a < b ? -1 : 1))) {
+        if (e.type === 'directory') rootfs.mkdirp(p, e.mode);
+        else if (e.type === 'file' && e.data) rootfs.file(p, e.data, e.mode);
+        else if (e.type === 'symlink') rootfs.symlink(p, e.linkname!);
+      }
+    }
+    for (const d of ['/proc', '/dev', '/sys', '/tmp', '/etc']) rootfs.mkdirp(d);
+    rootfs.file('/etc/resolv.conf', '');
+    rootfs.file('/etc/hosts', '');
+    for (const [p, n] of rootfs.nodes) {
+      if (p === '/') continue;
+      const dest = `${root}/rootfs${p}`;
+      tree.nodes.set(dest, n);
+    }
+    tree.mkdirp(`${root}/rootfs`);
+    tree.file(`${root}/config.json`, JSON.stringify(runtimeConfig(c, def.name), null, 2) + '\n');
+  }
+  tree.file('/etc/scion/image.json', JSON.stringify({
+    name: def.name,
+    exec: def.agent.exec,
+    network: def.network,
+    containers: def.containers.map((c) => ({ name: c.name, restart: c.restart, healthcheck: c.healthcheck, ports: c.ports, network: c.network, bundle: `/var/lib/scion/containers/${c.name}` })),
+  }, null, 2) + '\n');
+
+  // user files last: they may override anything above
+  for (const f of def.files) {
+    const data = f.contents !== undefined ? Buffer.from(f.contents) : await readFile(resolvePath(dirname(defPath), f.source!)).catch(() => {
+      throw new BuildError('E_FILE_SOURCE', `${opts.definitionPath}: files: source ${f.source} cannot be read`);
+    });
+    tree.file(f.path, data, f.mode);
+  }
+  step('assemble');
+
+  // 5. write artifacts: temp dir, then swap
+  const mtime = opts.sourceDateEpoch ?? (Number(process.env.SOURCE_DATE_EPOCH) || 0);
+  const compression = opts.compression ?? 'none';
+  const chunks = cpioChunks(tree, mtime);
+  const raw = Buffer.concat(chunks);
+  const initrd = compression === 'gzip' ? gzipSync(raw, { level: 6 }) : compression === 'zstd' ? await zstd(raw) : raw;
+  const outRoot = opts.outDir ?? defaultOutDir();
+  const finalDir = join(outRoot, def.name);
+  const tmpDir = join(outRoot, `.${def.name}.tmp-${process.pid}-${randomBytes(3).toString('hex')}`);
+  await mkdir(tmpDir, { recursive: true });
+  try {
+    await writeFile(join(tmpDir, 'vmlinuz'), km.vmlinuz.data!);
+    await writeFile(join(tmpDir, 'initrd.img'), initrd);
+    const manifest = {
+      manifestVersion: 1,
+      name: def.name,
+      definition: { path: opts.definitionPath, sha256: sha256(text) },
+      debian: { mirror, suite: def.debian.suite, codename: lock.codename, architecture: def.debian.architecture },
+      sourceDateEpoch: mtime,
+      kernel: { version: km.version, modules: order },
+      compression,
+      agent: { sha256: sha256((tree.nodes.get(`${AGENT_DIR}/agent.mjs`) as any).data), runtime: { ...def.agent.runtime, tarballSha256: runtime.tarballSha256 } },
+      packages: Object.entries(lock.sets).flatMap(([set, s]) => s.packages.map((p) => ({ set, name: p.name, version: p.version, sha256: p.sha256 }))),
+      outputs: {
+        vmlinuz: { sha256: sha256(km.vmlinuz.data!), size: km.vmlinuz.data!.length },
+        'initrd.img': { sha256: sha256(initrd), size: initrd.length, uncompressedSize: raw.length },
+      },
+    };
+    await writeFile(join(tmpDir, 'manifest.json'), JSON.stringify(manifest, null, 2) + '\n');
+    const old = `${finalDir}.old-${process.pid}`;
+    const hadOld = await stat(finalDir).then(() => true, () => false);
+    if (hadOld) await rename(finalDir, old);
+    await rename(tmpDir, finalDir);
+    if (hadOld) await rm(old, { recursive: true, force: true });
+    const newLockText = serialiseLock(lock);
+    const oldLockText = await readFile(lockPath, 'utf8').catch(() => '');
+    const lockChanged = newLockText !== oldLockText;
+    if (lockChanged) await writeLock(lockPath, lock);
+    step('write');
+    return {
+      name: def.name,
+      dir: finalDir,
+      vmlinuz: join(finalDir, 'vmlinuz'),
+      initrd: join(finalDir, 'initrd.img'),
+      manifest: join(finalDir, 'manifest.json'),
+      lock: lockPath,
+      lockChanged,
+      sha256: { vmlinuz: manifest.outputs.vmlinuz.sha256, initrd: manifest.outputs['initrd.img'].sha256 },
+      sizes: { vmlinuz: km.vmlinuz.data!.length, initrd: initrd.length, initrdUncompressed: raw.length },
+      packages: all.size,
+      stepsMs: steps,
+    };
+  } catch (e) {
+    await rm(tmpDir, { recursive: true, force: true });
+    throw e;
+  }
+}
+
+async function zstd(data: Buffer): Promise<Buffer> {
+  const { spawn } = await import('node:child_process');
+  return new Promise((res, rej) => {
+    const p = spawn('zstd', ['-q', '-c', '-19', '-T1', '--no-check'], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const out: Buffer[] = [];
+    p.stdout.on('data', (c) => out.push(c));
+    p.on('error', rej);
+    p.on('close', (code) => (code === 0 ? res(Buffer.concat(out)) : rej(new BuildError('E_COMPRESS', `zstd exited ${code}`))));
+    p.stdin.end(data);
+  });
+}

@@ -1,0 +1,68 @@
+/**
+ * Content-addressed cache under $XDG_CACHE_HOME/scion (default ~/.cache/scion).
+ * Blobs are named by their SHA-256 and written to a unique temporary file
+ * then renamed, so two builds that fetch the same blob at once both end with
+ * one complete copy and never read a half-written one. A blob whose bytes do
+ * not match its name is deleted and treated as missing (never used).
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdir, readFile, rename, writeFile, unlink } from 'node:fs/promises';
+import { homedir } from 'node:os';
+import { join, dirname } from 'node:path';
+
+export function defaultCacheDir(): string {
+  const base = process.env.XDG_CACHE_HOME || join(homedir(), '.cache');
+  return join(base, 'scion');
+}
+
+export const sha256 = (b: Uint8Array | string) => createHash('sha256').update(b).digest('hex');
+
+export async function atomicWrite(path: string, data: Uint8Array | string, mode = 0o644): Promise<void> {
+  await mkdir(dirname(path), { recursive: true });
+  const tmp = `${path}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+  try {
+    await writeFile(tmp, data, { mode });
+    await rename(tmp, path);
+  } catch (e) {
+    await unlink(tmp).catch(() => {});
+    throw e;
+  }
+}
+
+export class BlobCache {
+  constructor(readonly dir: string = defaultCacheDir()) {}
+
+  pathOf(hash: string): string {
+    return join(this.dir, 'blobs', 'sha256', hash.slice(0, 2), hash);
+  }
+
+  /** The blob's bytes, or undefined if absent or corrupt (a corrupt one is removed). */
+  async get(hash: string): Promise<Buffer | undefined> {
+    let data: Buffer;
+    try {
+      data = await readFile(this.pathOf(hash));
+    } catch {
+      return undefined;
+    }
+    if (sha256(data) !== hash) {
+      this.corrupt.push(hash);
+      await unlink(this.pathOf(hash)).catch(() => {});
+      return undefined;
+    }
+    return data;
+  }
+
+  /** hashes found corrupt in this process (reported by the build) */
+  readonly corrupt: string[] = [];
+
+  async put(data: Uint8Array): Promise<string> {
+    const hash = sha256(data);
+    await atomicWrite(this.pathOf(hash), data);
+    return hash;
+  }
+
+  /** Named, mutable entries (e.g. the last good InRelease of a mirror). */
+  refPath(key: string): string {
+    return join(this.dir, 'refs', key.replace(/[^A-Za-z0-9._-]+/g, '_'));
+  }
+}

@@ -1,0 +1,132 @@
+/**
+ * The Debian archive client: signed InRelease -> Packages index (hash checked
+ * against InRelease) -> PackageIndex; .deb download checked by SHA-256.
+ *
+ * Signatures are checked with Debian's own gpgv against the archive keyring
+ * (debian-archive-keyring): it is exactly what apt uses, it is in every Debian
+ * install, and it keeps OpenPGP parsing out of our code.
+ */
+import { execFile } from 'node:child_process';
+import { mkdtemp, writeFile, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { gunzipSync } from 'node:zlib';
+import { ArchiveError } from '../../common/errors.ts';
+import { BlobCache, atomicWrite, sha256 } from '../cache.ts';
+import { download, type Progress } from '../fetch.ts';
+import { clearsignedBody, parseReleaseHashes, parseStanzas } from './control.ts';
+import { buildIndex, entryFromStanza, type PackageEntry, type PackageIndex } from './resolver.ts';
+
+export const DEFAULT_KEYRING = '/usr/share/keyrings/debian-archive-keyring.gpg';
+
+export interface ArchiveOptions {
+  mirror: string;
+  suite: string;
+  components: string[];
+  architecture: string;
+  keyring?: string;
+  cache: BlobCache;
+  onProgress?: Progress;
+  log?: (msg: string) => void;
+}
+
+/** The mirror named in the host's apt sources (deb822 or one-line), if any. */
+export async function mirrorFromAptSources(): Promise<string | undefined> {
+  const { readdir } = await import('node:fs/promises');
+  const texts: string[] = [];
+  try { texts.push(await readFile('/etc/apt/sources.list', 'utf8')); } catch {}
+  try {
+    for (const f of (await readdir('/etc/apt/sources.list.d')).sort()) {
+      if (f.endsWith('.list') || f.endsWith('.sources')) texts.push(await readFile(join('/etc/apt/sources.list.d', f), 'utf8'));
+    }
+  } catch {}
+  for (const t of texts) {
+    const m = /^URIs:\s*(http\S*\/debian)\/?\s*$/m.exec(t) ?? /^deb\s+(?:\[[^\]]*\]\s+)?(http\S*\/debian)\/?\s/m.exec(t);
+    if (m) return m[1];
+  }
+  return undefined;
+}
+
+export async function gpgvVerify(signed: Buffer, keyring: string): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), 'scion-gpgv-'));
+  try {
+    const f = join(dir, 'InRelease');
+    await writeFile(f, signed);
+    await new Promise<void>((resolve, reject) => {
+      execFile('gpgv', ['--keyring', keyring, '--status-fd', '1', f], (err, stdout, stderr) => {
+        if ((err as any)?.code === 'ENOENT') return reject(new ArchiveError('E_TOOL_MISSING', 'gpgv is not installed', { hint: 'apt-get install gpgv debian-archive-keyring' }));
+        if (err || !/\[GNUPG:\] VALIDSIG/.test(stdout)) {
+          const why = /BAD signature|NO_PUBKEY|no valid OpenPGP data/.exec(stderr + stdout)?.[0] ?? stderr.trim().split('\n').pop();
+          return reject(new ArchiveError('E_SIGNATURE', `InRelease signature is not valid: ${why}`, {
+            hint: `the mirror served a file not signed by a key in ${keyring}; check the mirror, or the keyring`,
+          }));
+        }
+        resolve();
+      });
+    });
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+export class DebianArchive {
+  codename?: string;
+  constructor(readonly opts: ArchiveOptions) {}
+
+  private url(path: string) {
+    return `${this.opts.mirror.replace(/\/$/, '')}/${path}`;
+  }
+
+  /** Fetch and verify InRelease; with no network, fall back to the last verified copy (verified again). */
+  async release(): Promise<string> {
+    const o = this.opts;
+    const ref = o.cache.refPath(`inrelease-${o.mirror}-${o.suite}`);
+    let signed: Buffer;
+    try {
+      signed = await download(this.url(`dists/${o.suite}/InRelease`), o.onProgress);
+    } catch (e) {
+      if ((e as ArchiveError).code !== 'E_NETWORK') throw e;
+      try { signed = await readFile(ref); } catch { throw e; }
+      o.log?.(`network unreachable: using the cached InRelease of ${o.suite}`);
+    }
+    await gpgvVerify(signed, o.keyring ?? DEFAULT_KEYRING);
+    await atomicWrite(ref, signed);
+    const body = clearsignedBody(signed.toString('utf8'));
+    this.codename = parseStanzas(body)[0]?.['Codename'];
+    return body;
+  }
+
+  async index(): Promise<PackageIndex> {
+    const o = this.opts;
+    const hashes = parseReleaseHashes(await this.release());
+    const entries: PackageEntry[] = [];
+    for (const comp of o.components) {
+      const rel = `${comp}/binary-${o.architecture}/Packages.gz`;
+      const want = hashes.get(rel);
+      if (!want) throw new ArchiveError('E_INDEX_MISSING', `InRelease of ${o.suite} lists no ${rel}`, { hint: 'check the suite, component and architecture' });
+      let gz = await o.cache.get(want.sha256);
+      if (!gz) {
+        gz = await download(this.url(`dists/${o.suite}/${rel}`), o.onProgress);
+        if (sha256(gz) !== want.sha256) throw new ArchiveError('E_HASH_MISMATCH', `${rel} does not match the SHA-256 in InRelease`, { hint: 'the mirror may be mid-sync; try again later' });
+        await o.cache.put(gz);
+      }
+      for (const st of parseStanzas(gunzipSync(gz).toString('utf8'))) entries.push(entryFromStanza(st));
+    }
+    return buildIndex(entries, o.architecture);
+  }
+
+  /** A .deb's bytes, from the cache or the mirror, always checked against its SHA-256. */
+  async deb(p: { name: string; version: string; filename: string; sha256: string }): Promise<Buffer> {
+    const o = this.opts;
+    const cached = await o.cache.get(p.sha256);
+    if (cached) return cached;
+    const data = await download(this.url(p.filename), o.onProgress);
+    if (sha256(data) !== p.sha256) {
+      throw new ArchiveError('E_HASH_MISMATCH', `${p.name} ${p.version}: downloaded .deb does not match its SHA-256 (${p.sha256.slice(0, 12)}…)`, {
+        hint: 'the mirror or a proxy served other bytes; the file was not used',
+      });
+    }
+    await o.cache.put(data);
+    return data;
+  }
+}

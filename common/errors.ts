@@ -1,0 +1,47 @@
+/**
+ * Every error a user can cause is a ScionError: a stable machine code, a
+ * one-line human message that names the file, field or VM, and a hint that
+ * says what to do. The CLI prints `message` (and `hint`); scripts match `code`.
+ */
+export class ScionError extends Error {
+  readonly code: string;
+  readonly hint?: string;
+  constructor(code: string, message: string, opts: { hint?: string; cause?: unknown } = {}) {
+    super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    this.name = new.target.name;
+    this.code = code;
+    this.hint = opts.hint;
+  }
+  toJSON() {
+    return { code: this.code, message: this.message, ...(this.hint ? { hint: this.hint } : {}) };
+  }
+}
+
+/** Image definition problems, located at file:line:column and a field path. */
+export class DefinitionError extends ScionError {
+  constructor(
+    readonly file: string,
+    readonly line: number,
+    readonly column: number,
+    readonly field: string,
+    problem: string,
+    hint?: string,
+  ) {
+    super('E_DEFINITION', `${file}:${line}:${column}: ${field ? field + ': ' : ''}${problem}`, { hint });
+  }
+}
+
+/** Debian archive problems: signature, index, resolution, download. */
+export class ArchiveError extends ScionError {}
+
+/** Build steps other than the archive: assembly, outputs. */
+export class BuildError extends ScionError {}
+
+/** QEMU/VM lifecycle problems on the host. */
+export class VmError extends ScionError {}
+
+export function describeError(err: unknown): string {
+  if (err instanceof ScionError) return err.hint ? `${err.message}\n  hint: ${err.hint}` : err.message;
+  if (err instanceof Error) return err.message;
+  return String(err);
+}

@@ -1,0 +1,55 @@
+/**
+ * Newline-delimited JSON framing shared by the agent protocol and QMP.
+ * Bounded: a frame longer than maxFrame is dropped (reported once) and the
+ * decoder skips to the next newline, so a peer cannot make it grow without
+ * end. The byte 0xFF (never valid in UTF-8 JSON) is a resync marker: any
+ * partial frame before it is discarded, as in qemu-guest-agent's
+ * guest-sync-delimited.
+ */
+export const RESYNC_BYTE = 0xff;
+export const DEFAULT_MAX_FRAME = 1 << 20;
+
+export type FrameEvent = { frame: string } | { oversize: number } | { resync: true };
+
+export class FrameDecoder {
+  private parts: Buffer[] = [];
+  private size = 0;
+  private skipping = false;
+  constructor(readonly maxFrame = DEFAULT_MAX_FRAME) {}
+
+  push(chunk: Buffer): FrameEvent[] {
+    const out: FrameEvent[] = [];
+    let start = 0;
+    for (let i = 0; i < chunk.length; i++) {
+      const b = chunk[i];
+      if (b !== 0x0a && b !== RESYNC_BYTE) continue;
+      const piece = chunk.subarray(start, i);
+      start = i + 1;
+      if (b === RESYNC_BYTE) {
+        this.parts = []; this.size = 0; this.skipping = false;
+        out.push({ resync: true });
+        continue;
+      }
+      if (this.skipping) { this.skipping = false; this.parts = []; this.size = 0; continue; }
+      if (this.size + piece.length > this.maxFrame) { out.push({ oversize: this.size + piece.length }); this.parts = []; this.size = 0; continue; }
+      const line = Buffer.concat([...this.parts, piece]).toString('utf8').replace(/\r$/, '');
+      this.parts = []; this.size = 0;
+      if (line.trim()) out.push({ frame: line });
+    }
+    if (start < chunk.length && !this.skipping) {
+      const rest = chunk.subarray(start);
+      if (this.size + rest.length > this.maxFrame) {
+        out.push({ oversize: this.size + rest.length });
+        this.parts = []; this.size = 0; this.skipping = true;
+      } else {
+        this.parts.push(Buffer.from(rest));
+        this.size += rest.length;
+      }
+    }
+    return out;
+  }
+}
+
+export function encodeFrame(msg: unknown): Buffer {
+  return Buffer.from(JSON.stringify(msg) + '\n');
+}

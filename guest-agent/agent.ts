@@ -1,0 +1,247 @@
+/**
+ * The agent: protocol session over any duplex byte stream, command handlers,
+ * fork handling. System effects go through identity.ts and containers.ts.
+ */
+import { execFile } from 'node:child_process';
+import { readFileSync, writeFileSync, existsSync } from 'node:fs';
+import { writeFile, readFile } from 'node:fs/promises';
+import { release, uptime } from 'node:os';
+import { FrameDecoder, encodeFrame, RESYNC_BYTE } from '../common/framing.ts';
+import { MAX_FRAME, PROTOCOL_VERSION, ProtocolError, parseRequest, salvageId, validateIdentity, requireString, type Identity, type Request } from './protocol.ts';
+import { applyIdentity, type SystemConfig, type Steps } from './identity.ts';
+import { ContainerSupervisor, type ContainerSpec } from './containers.ts';
+
+export const AGENT_VERSION = '0.1.0';
+
+export interface ImageConfig { name: string; exec: boolean; network: { mode: 'static' | 'dhcp'; interface: string }; containers: ContainerSpec[] }
+
+export interface Transport {
+  write(data: Buffer): void;
+  onData(cb: (chunk: Buffer) => void): void;
+}
+
+export interface AgentOptions {
+  image: ImageConfig;
+  system: SystemConfig;
+  /** file that survives an agent restart (not a fork: RAM is cloned, so it forks with the VM) */
+  stateFile?: string;
+  crunBin?: string;
+  logDir?: string;
+  log?: (msg: string) => void;
+}
+
+interface PersistentState { generation: number; identity?: Identity; vmgenid?: string; lastReady?: unknown }
+
+export class Agent {
+  readonly containers: ContainerSupervisor;
+  private state: PersistentState = { generation: 0 };
+  private sessions = new Set<(msg: unknown) => void>();
+  private applying?: Promise<unknown>;
+  private readonly started = Date.now();
+  lastReady?: { generation: number; stepsMs: Steps; totalMs: number };
+
+  constructor(readonly opts: AgentOptions) {
+    this.containers = new ContainerSupervisor(opts.image.containers, (event, data) => this.emit(event, data), opts.logDir, opts.crunBin);
+    if (opts.stateFile && existsSync(opts.stateFile)) {
+      try { this.state = JSON.parse(readFileSync(opts.stateFile, 'utf8')); } catch {}
+    }
+  }
+
+  private persist() {
+    if (this.opts.stateFile) { try { writeFileSync(this.opts.stateFile, JSON.stringify(this.state)); } catch {} }
+  }
+
+  emit(event: string, data: unknown) {
+    const msg = { event, data, ts: Date.now() };
+    for (const send of this.sessions) send(msg);
+  }
+
+  /** Start containers (adopting running ones) and announce readiness. */
+  async boot(): Promise<void> {
+    const t0 = performance.now();
+    await this.containers.startAll();
+    const t1 = performance.now();
+    const healthy = await this.containers.waitHealthy(120_000);
+    const stepsMs = { containers: Math.round(t1 - t0), health: Math.round(performance.now() - t1) };
+    this.lastReady = { generation: this.state.generation, stepsMs, totalMs: Math.round(performance.now() - t0) };
+    this.emit('ready', { ...this.lastReady, healthy, boot: true });
+  }
+
+  /** Attach a session to a transport. Returns a detach function. */
+  attach(t: Transport): () => void {
+    const decoder = new FrameDecoder(MAX_FRAME);
+    let resyncPending = false;
+    const send = (msg: unknown, marker = false) => {
+      try { t.write(marker ? Buffer.concat([Buffer.from([RESYNC_BYTE]), encodeFrame(msg)]) : encodeFrame(msg)); } catch {}
+    };
+    const sender = (m: unknown) => send(m);
+    this.sessions.add(sender);
+    t.onData((chunk) => {
+      let evs;
+      try { evs = decoder.push(chunk); } catch { return; }
+      for (const ev of evs) {
+        if ('resync' in ev) { resyncPending = true; continue; }
+        if ('oversize' in ev) { send({ id: null, ok: false, error: { code: 'E_FRAME_TOO_LARGE', message: `frame of ${ev.oversize} bytes exceeds the ${MAX_FRAME}-byte limit` } }); continue; }
+        let req: Request;
+        try { req = parseRequest(ev.frame); } catch (e) {
+          const pe = e as ProtocolError;
+          send({ id: salvageId(ev.frame), ok: false, error: { code: pe.code ?? 'E_BAD_REQUEST', message: pe.message } });
+          continue;
+        }
+        const marker = resyncPending && req.cmd === 'sync';
+        if (req.cmd === 'sync') resyncPending = false;
+        this.handle(req).then(
+          (result) => send({ id: req.id, ok: true, result }, marker),
+          (err) => {
+            const code = err instanceof ProtocolError ? err.code : 'E_INTERNAL';
+            send({ id: req.id, ok: false, error: { code, message: String(err?.message ?? err).slice(0, 2000) } }, marker);
+          },
+        );
+      }
+    });
+    return () => { this.sessions.delete(sender); };
+  }
+
+  async handle(req: Request): Promise<unknown> {
+    const a = req.args;
+    switch (req.cmd) {
+      case 'sync': {
+        if (typeof a.nonce !== 'number' && typeof a.nonce !== 'string') throw new ProtocolError('E_BAD_ARGS', 'nonce: must be a number or string');
+        return { nonce: a.nonce, protocol: PROTOCOL_VERSION };
+      }
+      case 'ping': return { pong: true, protocol: PROTOCOL_VERSION };
+      case 'info': return this.info();
+      case 'identity.apply': return this.applyIdentity(validateIdentity(a));
+      case 'time.set': {
+        if (typeof a.time !== 'number' || !Number.isFinite(a.time) || a.time < 0) throw new ProtocolError('E_BAD_ARGS', 'time: must be milliseconds since the epoch');
+        if (this.opts.system.setClock) await run('date', ['-s', `@${Math.floor(a.time / 1000)}`]);
+        return { time: Date.now(), set: this.opts.system.setClock };
+      }
+      case 'containers.list': return { containers: this.containers.list() };
+      case 'containers.start': { const c = this.containers.get(requireString(a, 'name')); await c.start(); return c.status; }
+      case 'containers.stop': { const c = this.containers.get(requireString(a, 'name')); await c.stop(); return c.status; }
+      case 'containers.restart': {
+        const c = this.containers.get(requireString(a, 'name'));
+        await c.stop(); c.resetBackoff(); await c.start(); c.status.restarts++;
+        this.emit('container-restarted', { name: c.spec.name, restarts: c.status.restarts, reason: 'request' });
+        return c.status;
+      }
+      case 'containers.logs': {
+        const tail = a.tailBytes === undefined ? undefined : Number(a.tailBytes);
+        if (tail !== undefined && (!Number.isInteger(tail) || tail < 1 || tail > 1 << 20)) throw new ProtocolError('E_BAD_ARGS', 'tailBytes: must be 1..1048576');
+        return { name: a.name, logs: await this.containers.logs(requireString(a, 'name'), tail) };
+      }
+      case 'exec': {
+        if (!this.opts.image.exec) throw new ProtocolError('E_EXEC_DISABLED', 'exec is disabled in this image; set agent.exec: true in the image definition');
+        if (!Array.isArray(a.argv) || !a.argv.length || a.argv.some((x) => typeof x !== 'string')) throw new ProtocolError('E_BAD_ARGS', 'argv: must be a non-empty list of strings');
+        const timeout = typeof a.timeoutMs === 'number' ? a.timeoutMs : 30_000;
+        return execCapture(a.argv as string[], timeout);
+      }
+      case 'freeze.prepare': return this.freezePrepare();
+      case 'shutdown': {
+        setTimeout(() => { run('poweroff', ['-f']).catch(() => process.exit(0)); }, 50);
+        return { shuttingDown: true };
+      }
+    }
+    throw new ProtocolError('E_UNKNOWN_COMMAND', `unknown command ${req.cmd}`);
+  }
+
+  info() {
+    let hostname = '';
+    try { hostname = readFileSync('/proc/sys/kernel/hostname', 'utf8').trim(); } catch {}
+    let machineId = '';
+    try { machineId = readFileSync(`${this.opts.system.root}/etc/machine-id`, 'utf8').trim(); } catch {}
+    return {
+      agentVersion: AGENT_VERSION,
+      protocol: PROTOCOL_VERSION,
+      kernel: release(),
+      uptimeS: uptime(),
+      agentUptimeS: (Date.now() - this.started) / 1000,
+      image: this.opts.image.name,
+      generation: this.state.generation,
+      identity: { ...(this.state.identity ?? {}), hostname, machineId, rngSeed: undefined },
+      vmgenid: readVmgenid(),
+      containers: this.containers.list(),
+      lastReady: this.lastReady ?? null,
+    };
+  }
+
+  private async applyIdentity(id: Identity) {
+    // one fork is handled once: a repeat of the applied generation answers with the current state
+    if (this.applying) await this.applying.catch(() => {});
+    if (id.generation <= this.state.generation) return { applied: false, generation: this.state.generation, info: this.info() };
+    const work = this.doApply(id, false);
+    this.applying = work;
+    try { return await work; } finally { this.applying = undefined; }
+  }
+
+  private async doApply(id: Identity, warmOnly: boolean) {
+    const t0 = performance.now();
+    let steps: Steps;
+    try { steps = await applyIdentity(id, this.opts.system); } catch (e) {
+      throw new ProtocolError('E_APPLY_FAILED', (e as Error).message);
+    }
+    if (!warmOnly) {
+      this.state.generation = id.generation;
+      this.state.identity = { ...id, rngSeed: undefined };
+      this.state.vmgenid = readVmgenid();
+      this.persist();
+    }
+    const identityMs = Math.round(performance.now() - t0);
+    this.emit('identity-applied', { generation: id.generation, stepsMs: steps, totalMs: identityMs });
+    const tc = performance.now();
+    await this.containers.setHostname(id.hostname);
+    if (!warmOnly) await this.containers.restartAll();
+    const containersMs = Math.round(performance.now() - tc);
+    const th = performance.now();
+    const healthy = warmOnly ? true : await this.containers.waitHealthy(60_000);
+    const healthMs = Math.round(performance.now() - th);
+    const result = { applied: !warmOnly, generation: id.generation, stepsMs: { ...steps, identity: identityMs, containers: containersMs, health: healthMs }, totalMs: Math.round(performance.now() - t0), healthy };
+    if (!warmOnly) {
+      this.lastReady = { generation: id.generation, stepsMs: result.stepsMs, totalMs: result.totalMs };
+      this.emit('ready', { ...this.lastReady, healthy });
+    }
+    return result;
+  }
+
+  /** Before the template is frozen: flush, drop caches, and warm the post-fork path so clones inherit it JIT-compiled. */
+  private async freezePrepare() {
+    const t0 = performance.now();
+    const cur = this.state.identity;
+    if (cur) await this.doApply({ ...cur, time: undefined }, true).catch(() => {});
+    else validateIdentity({ generation: 1, hostname: 'warm', machineId: '0'.repeat(32), interfaces: [{ mac: '02:00:00:00:00:01' }] });
+    this.info();
+    await run('sync', []).catch(() => {});
+    await writeFile('/proc/sys/vm/drop_caches', '3').catch(() => {});
+    return { prepared: true, ms: Math.round(performance.now() - t0), generation: this.state.generation };
+  }
+
+  /** The vmgenid changed under us: the VM was forked; announce it (the host follows with identity.apply). */
+  checkVmgenid(): boolean {
+    const now = readVmgenid();
+    if (!now || !this.state.vmgenid || now === this.state.vmgenid) { if (now && !this.state.vmgenid) this.state.vmgenid = now; return false; }
+    this.state.vmgenid = now;
+    this.emit('forked', { vmgenid: now, generation: this.state.generation, signal: 'vmgenid' });
+    return true;
+  }
+}
+
+/** The VM generation ID as the kernel exposes it, if it does (sysfs path differs across kernels). */
+export function readVmgenid(): string | undefined {
+  for (const p of ['/sys/bus/acpi/devices/VMGENID:00/guid', '/sys/devices/virtual/misc/vmgenid/guid']) {
+    try { return readFileSync(p, 'utf8').trim(); } catch {}
+  }
+  return undefined;
+}
+
+function run(cmd: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => execFile(cmd, args, { timeout: 30_000 }, (e, out) => (e ? reject(e) : resolve(out))));
+}
+
+function execCapture(argv: string[], timeout: number): Promise<{ exitCode: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(argv[0], argv.slice(1), { timeout, maxBuffer: 1 << 20 }, (e: any, stdout, stderr) => {
+      resolve({ exitCode: e ? (typeof e.code === 'number' ? e.code : 127) : 0, stdout: String(stdout), stderr: String(stderr || (e && typeof e.code !== 'number' ? e.message : '')) });
+    });
+  });
+}

@@ -1,0 +1,66 @@
+/**
+ * Entry point in the guest: find the virtio-serial port by name (no udev in
+ * the guest, so through sysfs), read the image config, serve the protocol.
+ * `--stdio` serves on stdin/stdout instead (tests, or a socket via socat).
+ */
+import { openSync, readFileSync, readdirSync, read, write, existsSync, mkdirSync, symlinkSync } from 'node:fs';
+import { Agent, type ImageConfig } from './agent.ts';
+import { PORT_NAME } from './protocol.ts';
+
+function findPort(): string | undefined {
+  const link = `/dev/virtio-ports/${PORT_NAME}`;
+  if (existsSync(link)) return link;
+  try {
+    for (const d of readdirSync('/sys/class/virtio-ports')) {
+      if (readFileSync(`/sys/class/virtio-ports/${d}/name`, 'utf8').trim() === PORT_NAME) {
+        try { mkdirSync('/dev/virtio-ports', { recursive: true }); symlinkSync(`/dev/${d}`, link); } catch {}
+        return `/dev/${d}`;
+      }
+    }
+  } catch {}
+  return undefined;
+}
+
+const args = process.argv.slice(2);
+const root = process.env.SCION_AGENT_ROOT ?? '';
+const imagePath = process.env.SCION_IMAGE_CONFIG ?? `${root}/etc/scion/image.json`;
+const image: ImageConfig = JSON.parse(readFileSync(imagePath, 'utf8'));
+const agent = new Agent({
+  image,
+  system: { root, setClock: process.env.SCION_AGENT_SET_CLOCK !== '0', defaultInterface: image.network?.interface ?? 'eth0', dhcp: image.network?.mode === 'dhcp' },
+  stateFile: process.env.SCION_AGENT_STATE ?? '/run/scion-agent.state',
+  logDir: process.env.SCION_AGENT_LOGS ?? '/run/scion/logs',
+});
+const log = (m: string) => process.stderr.write(`scion-agent: ${m}\n`);
+process.on('uncaughtException', (e) => log(`uncaught: ${e.stack ?? e}`));
+process.on('unhandledRejection', (e) => log(`unhandled: ${(e as Error)?.stack ?? e}`));
+
+if (args.includes('--stdio')) {
+  agent.attach({ write: (b) => process.stdout.write(b), onData: (cb) => process.stdin.on('data', cb) });
+} else {
+  let port = findPort();
+  while (!port) { Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 200); port = findPort(); }
+  const fd = openSync(port, 'r+');
+  // A virtio port reads 0 bytes while no host is connected: poll gently until one is.
+  const listeners: ((b: Buffer) => void)[] = [];
+  const buf = Buffer.alloc(65536);
+  const loop = () => read(fd, buf, 0, buf.length, null, (err, n) => {
+    if (err || n === 0) { setTimeout(loop, err ? 100 : 10); return; }
+    const chunk = Buffer.from(buf.subarray(0, n));
+    for (const l of listeners) l(chunk);
+    loop();
+  });
+  const queue: Buffer[] = [];
+  let writing = false;
+  const pump = () => {
+    if (writing || !queue.length) return;
+    writing = true;
+    const b = queue.shift()!;
+    write(fd, b, 0, b.length, null, () => { writing = false; pump(); });
+  };
+  agent.attach({ write: (b) => { if (queue.length < 1024) queue.push(b); pump(); }, onData: (cb) => listeners.push(cb) });
+  loop();
+  log(`serving on ${port}`);
+}
+setInterval(() => agent.checkVmgenid(), 1000).unref?.();
+agent.boot().catch((e) => log(`boot: ${e.message}`));

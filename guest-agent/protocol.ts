@@ -1,0 +1,90 @@
+/**
+ * The agent protocol, version 1 (see PROTOCOL.md). Pure: message shapes and
+ * argument validation; no I/O.
+ */
+export const PROTOCOL_VERSION = 1;
+export const MAX_FRAME = 1 << 20;
+export const PORT_NAME = 'org.scion.agent.0';
+
+export type ErrorCode =
+  | 'E_FRAME_TOO_LARGE' | 'E_BAD_JSON' | 'E_BAD_REQUEST' | 'E_UNKNOWN_COMMAND' | 'E_BAD_ARGS'
+  | 'E_EXEC_DISABLED' | 'E_NO_CONTAINER' | 'E_APPLY_FAILED' | 'E_INTERNAL' | 'E_BUSY';
+
+export class ProtocolError extends Error {
+  constructor(readonly code: ErrorCode, message: string) { super(message); }
+}
+
+export interface Request { id: string | number; cmd: string; args: Record<string, unknown> }
+
+export const COMMANDS = [
+  'sync', 'ping', 'info', 'identity.apply', 'time.set', 'containers.list', 'containers.start', 'containers.stop',
+  'containers.restart', 'containers.logs', 'exec', 'freeze.prepare', 'shutdown',
+] as const;
+export type Command = (typeof COMMANDS)[number];
+
+export function parseRequest(line: string): Request {
+  let msg: any;
+  try { msg = JSON.parse(line); } catch (e) { throw new ProtocolError('E_BAD_JSON', `invalid JSON: ${(e as Error).message}`); }
+  if (!msg || typeof msg !== 'object' || Array.isArray(msg)) throw new ProtocolError('E_BAD_REQUEST', 'a request is a JSON object');
+  if (typeof msg.id !== 'string' && typeof msg.id !== 'number') throw new ProtocolError('E_BAD_REQUEST', 'request.id must be a string or number');
+  if (typeof msg.cmd !== 'string') throw new ProtocolError('E_BAD_REQUEST', 'request.cmd must be a string');
+  if (msg.args !== undefined && (typeof msg.args !== 'object' || msg.args === null || Array.isArray(msg.args))) throw new ProtocolError('E_BAD_ARGS', 'request.args must be an object');
+  if (!(COMMANDS as readonly string[]).includes(msg.cmd)) throw new ProtocolError('E_UNKNOWN_COMMAND', `unknown command "${String(msg.cmd).slice(0, 64)}"; known: ${COMMANDS.join(', ')}`);
+  return { id: msg.id, cmd: msg.cmd, args: msg.args ?? {} };
+}
+
+/** Best effort: the id of a frame that failed to parse fully, so the error can be matched. */
+export function salvageId(line: string): string | number | null {
+  try {
+    const m = JSON.parse(line);
+    if (m && (typeof m.id === 'string' || typeof m.id === 'number')) return m.id;
+  } catch {}
+  return null;
+}
+
+export interface Identity {
+  generation: number;
+  hostname: string;
+  machineId: string;
+  interfaces: { name?: string; mac: string; address?: string; prefix?: number; gateway?: string }[];
+  dns: string[];
+  rngSeed?: string; // hex
+  time?: number; // ms since epoch
+}
+
+const HOSTNAME = /^(?=.{1,63}$)[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?$/;
+const MAC = /^([0-9a-f]{2}:){5}[0-9a-f]{2}$/;
+const IPV4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
+
+function bad(field: string, why: string): never {
+  throw new ProtocolError('E_BAD_ARGS', `${field}: ${why}`);
+}
+
+export function validateIdentity(a: Record<string, unknown>): Identity {
+  const gen = a.generation;
+  if (typeof gen !== 'number' || !Number.isInteger(gen) || gen < 1) bad('generation', 'must be an integer >= 1');
+  if (typeof a.hostname !== 'string' || !HOSTNAME.test(a.hostname)) bad('hostname', 'must be a valid host name (letters, digits, -; at most 63)');
+  if (typeof a.machineId !== 'string' || !/^[0-9a-f]{32}$/.test(a.machineId)) bad('machineId', 'must be 32 lowercase hex digits');
+  if (!Array.isArray(a.interfaces) || a.interfaces.length === 0 || a.interfaces.length > 8) bad('interfaces', 'must be a list of 1..8 interfaces');
+  const interfaces = (a.interfaces as any[]).map((i, k) => {
+    if (!i || typeof i !== 'object') bad(`interfaces[${k}]`, 'must be an object');
+    const mac = String(i.mac ?? '').toLowerCase();
+    if (!MAC.test(mac)) bad(`interfaces[${k}].mac`, `${JSON.stringify(i.mac)} is not a MAC address like 52:54:00:12:34:56`);
+    if (parseInt(mac.slice(0, 2), 16) & 1) bad(`interfaces[${k}].mac`, 'is a multicast address');
+    if (i.name !== undefined && (typeof i.name !== 'string' || !/^[a-z0-9]{1,15}$/.test(i.name))) bad(`interfaces[${k}].name`, 'must be an interface name');
+    if (i.address !== undefined && (typeof i.address !== 'string' || !IPV4.test(i.address))) bad(`interfaces[${k}].address`, `${JSON.stringify(i.address)} is not an IPv4 address`);
+    if (i.prefix !== undefined && (!Number.isInteger(i.prefix) || i.prefix < 1 || i.prefix > 32)) bad(`interfaces[${k}].prefix`, 'must be 1..32');
+    if (i.gateway !== undefined && (typeof i.gateway !== 'string' || !IPV4.test(i.gateway))) bad(`interfaces[${k}].gateway`, 'is not an IPv4 address');
+    return { name: i.name, mac, address: i.address, prefix: i.prefix ?? (i.address ? 24 : undefined), gateway: i.gateway };
+  });
+  const dns = a.dns === undefined ? [] : a.dns;
+  if (!Array.isArray(dns) || dns.some((d) => typeof d !== 'string' || !IPV4.test(d))) bad('dns', 'must be a list of IPv4 addresses');
+  if (a.rngSeed !== undefined && (typeof a.rngSeed !== 'string' || !/^([0-9a-f]{2}){16,512}$/.test(a.rngSeed))) bad('rngSeed', 'must be 32..1024 hex digits');
+  if (a.time !== undefined && (typeof a.time !== 'number' || !Number.isFinite(a.time) || a.time < 0)) bad('time', 'must be milliseconds since the epoch');
+  return { generation: gen as number, hostname: a.hostname as string, machineId: a.machineId as string, interfaces, dns: dns as string[], rngSeed: a.rngSeed as string | undefined, time: a.time as number | undefined };
+}
+
+export function requireString(a: Record<string, unknown>, k: string): string {
+  if (typeof a[k] !== 'string' || !(a[k] as string).length) bad(k, 'must be a non-empty string');
+  return a[k] as string;
+}
