@@ -72,7 +72,7 @@ export function readTar(buf: Buffer): Promise<TarEntry[]> {
     const out: TarEntry[] = [];
     ex.on('entry', (h, stream, next) => {
       const chunks: Buffer[] = [];
-      stream.on('data', (c: Buffer) => chunks.push(c));
+      stream.on("data", (c: unknown) => chunks.push(c as Buffer));
       stream.on('end', () => {
         const type = h.type === 'file' || h.type === 'contiguous-file' ? 'file' : h.type === 'directory' ? 'directory' : h.type === 'symlink' ? 'symlink' : h.type === 'link' ? 'link' : undefined;
         if (type) out.push({

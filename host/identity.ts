@@ -1,0 +1,54 @@
+/** Clone identity allocation. Pure given its inputs (randomness is injected). */
+import { randomBytes, randomUUID } from 'node:crypto';
+import { USER_NET } from './qemu-argv.ts';
+
+export interface CloneIdentity {
+  index: number;
+  hostname: string;
+  mac: string;
+  ip: string;
+  prefix: number;
+  gateway: string;
+  dns: string[];
+  machineId: string;
+  vmgenid: string;
+  rngSeed: string;
+}
+
+export const MAC_PREFIX = '02:53:43'; // locally administered, unicast ("SC")
+export const MAX_CLONE_INDEX = 238; // 10.0.2.16 .. 10.0.2.253 in user mode
+
+export function macFor(index: number): string {
+  const b = [(index >> 16) & 0xff, (index >> 8) & 0xff, index & 0xff];
+  return `${MAC_PREFIX}:${b.map((x) => x.toString(16).padStart(2, '0')).join(':')}`;
+}
+
+export function ipFor(index: number, base = USER_NET.network): string {
+  const [a, b, c] = base.split('/')[0].split('.');
+  return `${a}.${b}.${c}.${15 + index}`;
+}
+
+/** The lowest `n` indices not in `used`. */
+export function freeIndices(used: Set<number>, n: number): number[] {
+  const out: number[] = [];
+  for (let i = 1; out.length < n; i++) {
+    if (i > MAX_CLONE_INDEX) throw new Error(`no free clone slots: at most ${MAX_CLONE_INDEX} clones per network`);
+    if (!used.has(i)) out.push(i);
+  }
+  return out;
+}
+
+export function allocateIdentity(index: number, hostnamePattern: string, rand: { bytes: (n: number) => Buffer; uuid: () => string } = { bytes: randomBytes, uuid: randomUUID }, net = { network: USER_NET.network, gateway: USER_NET.gateway, dns: [USER_NET.dns] }): CloneIdentity {
+  return {
+    index,
+    hostname: hostnamePattern.replace('{n}', String(index)),
+    mac: macFor(index),
+    ip: ipFor(index, net.network),
+    prefix: Number(net.network.split('/')[1] ?? 24),
+    gateway: net.gateway,
+    dns: net.dns,
+    machineId: rand.bytes(16).toString('hex'),
+    vmgenid: rand.uuid(),
+    rngSeed: rand.bytes(32).toString('hex'),
+  };
+}

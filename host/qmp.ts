@@ -1,0 +1,71 @@
+/**
+ * QMP client (no maintained one on npm fits: the few there are unmaintained
+ * or callback-era). Greeting, qmp_capabilities, commands with ids, events,
+ * timeouts, typed errors.
+ */
+import { JsonSession, Pending, SessionError } from '../common/session.ts';
+import { ScionError } from '../common/errors.ts';
+
+export class QmpError extends ScionError {
+  constructor(readonly command: string, readonly qmpClass: string, desc: string) {
+    super('E_QMP', `QMP ${command} failed: ${qmpClass}: ${desc}`);
+  }
+}
+
+export interface QmpEvent { event: string; data?: any; timestamp: { seconds: number; microseconds: number } }
+
+export class QmpClient {
+  private s: JsonSession;
+  private pending = new Pending<any>();
+  private seq = 0;
+  greeting?: any;
+  readonly events: QmpEvent[] = [];
+  private waiters: { name: string; pred: (e: QmpEvent) => boolean; resolve: (e: QmpEvent) => void }[] = [];
+
+  constructor(readonly label = 'qmp') {
+    this.s = new JsonSession(label);
+  }
+
+  async connect(path: string, timeoutMs = 5000): Promise<void> {
+    const greeted = new Promise<any>((resolve, reject) => {
+      const t = setTimeout(() => reject(new SessionError('E_TIMEOUT', `${this.label}: no QMP greeting within ${timeoutMs} ms`)), timeoutMs);
+      this.s.once('message', (m: any) => { clearTimeout(t); m?.QMP ? resolve(m) : reject(new SessionError('E_PROTOCOL', `${this.label}: expected a QMP greeting, got ${JSON.stringify(m).slice(0, 200)}`)); });
+    });
+    await this.s.open(path, timeoutMs);
+    this.greeting = await greeted;
+    this.s.on('message', (m: any) => this.onMessage(m));
+    this.s.on('closed', () => this.pending.failAll(new SessionError('E_CLOSED', `${this.label}: connection closed`)));
+    await this.execute('qmp_capabilities');
+  }
+
+  private onMessage(m: any) {
+    if (m.event) {
+      this.events.push(m);
+      for (const w of [...this.waiters]) if (w.name === m.event && w.pred(m)) { this.waiters.splice(this.waiters.indexOf(w), 1); w.resolve(m); }
+      return;
+    }
+    if (m.id !== undefined) this.pending.settle(m.id, m);
+  }
+
+  async execute<T = any>(command: string, args?: Record<string, unknown>, timeoutMs = 30_000): Promise<T> {
+    const id = `q${++this.seq}`;
+    const p = this.pending.add(id, timeoutMs, `${this.label}: ${command}`);
+    this.s.send(args ? { execute: command, arguments: args, id } : { execute: command, id });
+    const r = await p;
+    if (r.error) throw new QmpError(command, r.error.class, r.error.desc);
+    return r.return as T;
+  }
+
+  /** Wait for an event (including one already received since `since`). */
+  waitEvent(name: string, pred: (e: QmpEvent) => boolean = () => true, timeoutMs = 30_000, since = 0): Promise<QmpEvent> {
+    const seen = this.events.slice(since).find((e) => e.event === name && pred(e));
+    if (seen) return Promise.resolve(seen);
+    return new Promise((resolve, reject) => {
+      const w = { name, pred, resolve: (e: QmpEvent) => { clearTimeout(t); resolve(e); } };
+      const t = setTimeout(() => { this.waiters.splice(this.waiters.indexOf(w), 1); reject(new SessionError('E_TIMEOUT', `${this.label}: no ${name} event within ${timeoutMs} ms`)); }, timeoutMs);
+      this.waiters.push(w);
+    });
+  }
+
+  close() { this.s.close(); }
+}

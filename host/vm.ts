@@ -1,0 +1,383 @@
+/**
+ * VM lifecycle without a daemon: boot a template, freeze it, fork clones,
+ * stop, remove, list, collect garbage. Everything a later command needs is
+ * in the run directory (rundir.ts) and the template directory.
+ */
+import { spawn } from 'node:child_process';
+import { createServer } from 'node:net';
+import { readFile, stat, chmod, rm, mkdir, rename, writeFile, copyFile, access } from 'node:fs/promises';
+import { existsSync, readFileSync, openSync, closeSync } from 'node:fs';
+import { join, resolve as resolvePath } from 'node:path';
+import { randomUUID, createHash } from 'node:crypto';
+import { VmError, ScionError } from '../common/errors.ts';
+import { atomicWrite } from '../builder/cache.ts';
+import { QmpClient } from './qmp.ts';
+import { AgentClient } from './agent-client.ts';
+import { qemuArgv, deviceLineup, USER_NET, type VmDescription, type NetConfig, type Accel } from './qemu-argv.ts';
+import { chooseAccel, qemuVersion, QEMU } from './accel.ts';
+import { allocateIdentity, freeIndices, type CloneIdentity } from './identity.ts';
+import { paths, makeRunDir, writeRecord, readRecord, listRunDirs, removeRunDir, pidIsOurs, scionQemuPids, templateRoot, type VmRecord } from './rundir.ts';
+
+export interface ImageArtifacts { name: string; dir: string; vmlinuz: string; initrd: string; manifest: any; cmdline: string; ramMB: number; ports: number[]; manifestSha256: string }
+
+export async function loadImage(dir: string): Promise<ImageArtifacts> {
+  const d = resolvePath(dir);
+  let text: string;
+  try { text = await readFile(join(d, 'manifest.json'), 'utf8'); } catch {
+    throw new VmError('E_IMAGE_MISSING', `${dir} holds no built image (manifest.json missing)`, { hint: 'run `scion build images/<name>.yaml` first' });
+  }
+  const manifest = JSON.parse(text);
+  const image = JSON.parse(await readFile(join(d, 'image.json'), 'utf8').catch(() => '{}'));
+  return {
+    name: manifest.name, dir: d, vmlinuz: join(d, 'vmlinuz'), initrd: join(d, 'initrd.img'), manifest,
+    cmdline: manifest.kernel.cmdline ?? 'console=ttyS0', ramMB: manifest.guestRamMB ?? 512, ports: image.ports ?? manifest.ports ?? [],
+    manifestSha256: createHash('sha256').update(text).digest('hex'),
+  };
+}
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => { const p = (s.address() as any).port; s.close(() => resolve(p)); });
+  });
+}
+
+function tail(file: string, lines = 15): string {
+  try { return readFileSync(file, 'utf8').split('\n').filter((l) => l.trim()).slice(-lines).join('\n'); } catch { return '(no console output)'; }
+}
+
+interface Spawned { pid: number; exited: Promise<{ code: number | null; stderr: string }>; stderr: () => string }
+
+function spawnQemu(desc: VmDescription, netns?: string): Spawned {
+  const argv = qemuArgv(desc);
+  const [cmd, args] = netns ? ['ip', ['netns', 'exec', netns, QEMU, ...argv]] : [QEMU, argv];
+  const p = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
+  let err = '';
+  p.stderr!.on('data', (c) => { if (err.length < 8192) err += c; });
+  const exited = new Promise<{ code: number | null; stderr: string }>((res) => p.on('exit', (code) => res({ code, stderr: err })));
+  p.on('error', () => {});
+  p.unref();
+  (p.stderr as any).unref?.();
+  return { pid: p.pid!, exited, stderr: () => err };
+}
+
+async function waitForSocket(path: string, proc: Spawned, timeoutMs: number): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  let dead = false;
+  proc.exited.then(() => (dead = true));
+  while (Date.now() < end) {
+    if (existsSync(path)) return;
+    if (dead) throw new VmError('E_QEMU_EXITED', `QEMU exited at start: ${proc.stderr().trim().split('\n').slice(-3).join(' | ')}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  throw new VmError('E_QEMU_TIMEOUT', `QEMU did not open ${path} within ${timeoutMs} ms`);
+}
+
+function killPid(pid: number | undefined, sig: NodeJS.Signals = 'SIGKILL') { if (pid) { try { process.kill(pid, sig); } catch {} } }
+
+export interface BootOptions { name?: string; net?: 'user' | 'none'; accel?: Accel; timeoutMs?: number; log?: (m: string) => void }
+
+export interface Handle { record: VmRecord; qmp: QmpClient; agent: AgentClient }
+
+/** Boot the template VM of an image and wait for its agent's ready. */
+export async function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}): Promise<Handle> {
+  const name = opts.name ?? `${img.name}-tpl`;
+  const p = paths(name);
+  if (existsSync(p.dir)) throw new VmError('E_VM_EXISTS', `a VM named ${name} already exists (${p.dir})`, { hint: `scion rm ${name}` });
+  const accel = opts.accel ? { accel: opts.accel, reason: 'requested' } : await chooseAccel(img.vmlinuz, opts.log);
+  opts.log?.(`accelerator: ${accel.accel} (${accel.reason})`);
+  const tdir = join(templateRoot(), name);
+  await rm(tdir, { recursive: true, force: true });
+  await mkdir(tdir, { recursive: true, mode: 0o700 });
+  await makeRunDir(name);
+  const desc: VmDescription = {
+    mode: 'template', accel: accel.accel, ramMB: img.ramMB, cpus: 1, memPath: join(tdir, 'mem'), kernel: img.vmlinuz, initrd: img.initrd,
+    cmdline: img.cmdline, vmgenid: randomUUID(), mac: '02:53:43:00:00:00',
+    net: opts.net === 'none' ? { mode: 'none' } : { mode: 'user', guestIp: USER_NET.templateIp, forwards: [] },
+    qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console,
+  };
+  const record: VmRecord = { name, role: 'template', image: img.dir, accel: accel.accel, createdAt: new Date().toISOString(), templateDir: tdir, generation: 0, ports: {}, desc };
+  const proc = spawnQemu(desc);
+  record.pid = proc.pid;
+  await writeFile(p.pid, String(proc.pid));
+  await writeRecord(record);
+  try {
+    await waitForSocket(p.qmp, proc, 10_000);
+    const qmp = new QmpClient(`${name}/qmp`);
+    await qmp.connect(p.qmp);
+    const agent = new AgentClient(`${name}/agent`);
+    await agent.connect(p.agent);
+    const timeout = opts.timeoutMs ?? 180_000;
+    const died = proc.exited.then((e) => { throw new VmError('E_BOOT_FAILED', `${name}: QEMU exited during boot (${e.code}); console:\n${tail(p.console)}`); });
+    await Promise.race([agent.sync(timeout), died]).catch((e) => {
+      if (e instanceof VmError) throw e;
+      throw new VmError('E_BOOT_TIMEOUT', `${name}: the agent did not answer within ${timeout / 1000} s; last console lines:\n${tail(p.console)}`);
+    });
+    const info = await agent.call('info');
+    if (!info.lastReady) await agent.waitEvent('ready', () => true, timeout);
+    // the template's own identity (generation 1): clones start from a known state
+    const id = allocateIdentity(0, `${img.name}`);
+    const applied = await agent.call('identity.apply', { generation: 1, hostname: img.name, machineId: id.machineId, interfaces: [{ mac: desc.mac, address: USER_NET.templateIp, prefix: 24, gateway: USER_NET.gateway }], dns: [USER_NET.dns], rngSeed: id.rngSeed, time: Date.now() });
+    record.generation = applied.generation;
+    await writeRecord(record);
+    return { record, qmp, agent };
+  } catch (e) {
+    killPid(proc.pid);
+    await proc.exited;
+    await writeRecord(record).catch(() => {});
+    throw e;
+  }
+}
+
+export interface TemplateMeta {
+  name: string;
+  qemuVersion: string;
+  lineup: string[];
+  accel: Accel;
+  image: string;
+  manifestSha256: string;
+  kernel: string;
+  cmdline: string;
+  ramMB: number;
+  generation: number;
+  memSha256?: string;
+  frozenAt: string;
+  freezeMs: number;
+  ports: number[];
+}
+
+export async function templateMeta(dir: string): Promise<TemplateMeta> {
+  try { return JSON.parse(await readFile(join(dir, 'meta.json'), 'utf8')); } catch {
+    throw new VmError('E_TEMPLATE_MISSING', `${dir} is not a frozen template (meta.json missing)`, { hint: 'scion freeze <template> first' });
+  }
+}
+
+/** Freeze: agent prepares, CPU stops, device state to a file (RAM stays in the memory file), memory file made read-only. */
+export async function freeze(h: Handle, img: ImageArtifacts, log?: (m: string) => void): Promise<TemplateMeta> {
+  const r = h.record;
+  const tdir = r.templateDir!;
+  const t0 = performance.now();
+  await h.agent.call('freeze.prepare', {}, 120_000);
+  const tPrepared = performance.now();
+  await h.qmp.execute('stop');
+  await h.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+  const tmpState = join(tdir, `state.tmp-${process.pid}`);
+  await h.qmp.execute('migrate', { uri: `exec:cat > ${tmpState}` });
+  for (;;) {
+    const q = await h.qmp.execute('query-migrate');
+    if (q.status === 'completed') break;
+    if (q.status === 'failed' || q.status === 'cancelled') throw new VmError('E_FREEZE_FAILED', `${r.name}: saving device state failed: ${q['error-desc'] ?? q.status}`);
+    await new Promise((res) => setTimeout(res, 5));
+  }
+  await rename(tmpState, join(tdir, 'state'));
+  const freezeMs = Math.round(performance.now() - tPrepared);
+  await h.qmp.execute('quit').catch(() => {});
+  h.qmp.close(); h.agent.close();
+  await waitDead(r.pid);
+  await chmod(join(tdir, 'mem'), 0o444);
+  const meta: TemplateMeta = {
+    name: r.name, qemuVersion: qemuVersion(), lineup: deviceLineup(r.desc), accel: r.accel as Accel, image: img.dir, manifestSha256: img.manifestSha256,
+    kernel: img.vmlinuz, cmdline: r.desc.cmdline, ramMB: r.desc.ramMB, generation: r.generation, frozenAt: new Date().toISOString(), freezeMs, ports: img.ports,
+  };
+  await atomicWrite(join(tdir, 'meta.json'), JSON.stringify(meta, null, 2) + '\n');
+  r.frozen = true; r.pid = undefined; r.timings = { prepareMs: Math.round(tPrepared - t0), freezeMs };
+  await writeRecord(r);
+  log?.(`froze ${r.name} in ${freezeMs} ms (prepare ${Math.round(tPrepared - t0)} ms)`);
+  return meta;
+}
+
+async function waitDead(pid: number | undefined, timeoutMs = 10_000) {
+  const end = Date.now() + timeoutMs;
+  while (pid && Date.now() < end) {
+    try { process.kill(pid, 0); } catch { return; }
+    if (/\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8'))) return;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  killPid(pid);
+}
+
+export interface ForkOptions { n: number; parallel?: number; hostname?: string; namePrefix?: string; net?: 'user' | 'none'; log?: (m: string) => void; keepOnFailure?: boolean }
+export interface CloneResult { name: string; hostname: string; mac: string; ip: string; machineId: string; vmgenid: string; ports: Record<string, number>; generation: number; timings: Record<string, number>; runDir: string; agentSocket: string; pid: number }
+
+/** Check a template can be forked by this QEMU with this line-up; fail clearly if not. */
+export async function checkTemplate(tdir: string): Promise<TemplateMeta> {
+  const meta = await templateMeta(tdir);
+  const v = qemuVersion();
+  if (meta.qemuVersion !== v) throw new VmError('E_TEMPLATE_QEMU', `template ${meta.name} was frozen with "${meta.qemuVersion}", this host runs "${v}"`, { hint: 'boot and freeze the template again with this QEMU' });
+  for (const f of ['mem', 'state']) {
+    try { await access(join(tdir, f)); } catch { throw new VmError('E_TEMPLATE_INCOMPLETE', `template ${meta.name}: ${join(tdir, f)} is missing`, { hint: 'freeze the template again' }); }
+  }
+  const st = await stat(join(tdir, 'mem'));
+  if (st.size !== meta.ramMB * 1024 * 1024) throw new VmError('E_TEMPLATE_INCOMPLETE', `template ${meta.name}: memory file is ${st.size} bytes, expected ${meta.ramMB} MiB`);
+  return meta;
+}
+
+export async function usedIndices(template: string): Promise<Set<number>> {
+  const used = new Set<number>();
+  for (const n of await listRunDirs()) {
+    const r = await readRecord(n);
+    if (r?.role === 'clone' && r.identity) used.add(r.identity.index);
+  }
+  return used;
+}
+
+export async function fork(templateName: string, opts: ForkOptions): Promise<CloneResult[]> {
+  const tdir = join(templateRoot(), templateName);
+  const meta = await checkTemplate(tdir);
+  const indices = freeIndices(await usedIndices(templateName), opts.n);
+  const results: CloneResult[] = new Array(indices.length);
+  let next = 0;
+  const errors: Error[] = [];
+  const worker = async () => {
+    while (next < indices.length) {
+      const k = next++;
+      try { results[k] = await forkOne(tdir, meta, indices[k], opts); } catch (e) { errors.push(e as Error); }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(opts.parallel ?? 4, indices.length) }, worker));
+  if (errors.length) throw errors[0];
+  return results;
+}
+
+async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: ForkOptions): Promise<CloneResult> {
+  const t0 = performance.now();
+  const id = allocateIdentity(index, opts.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`);
+  const name = `${opts.namePrefix ?? meta.name.replace(/-tpl$/, '')}-c${index}`;
+  const p = paths(name);
+  if (existsSync(p.dir)) await removeRunDir(name);
+  await makeRunDir(name);
+  const forwards = await Promise.all(meta.ports.map(async (g) => ({ guestPort: g, hostPort: await freePort() })));
+  const net: NetConfig = opts.net === 'none' ? { mode: 'none' } : { mode: 'user', guestIp: id.ip, forwards };
+  const desc: VmDescription = {
+    mode: 'clone', accel: meta.accel, ramMB: meta.ramMB, cpus: 1, memPath: join(tdir, 'mem'), kernel: meta.kernel, cmdline: meta.cmdline,
+    vmgenid: id.vmgenid, mac: id.mac, net, qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console, incoming: true,
+  };
+  const lineup = deviceLineup(desc);
+  if (JSON.stringify(lineup) !== JSON.stringify(meta.lineup)) throw new VmError('E_TEMPLATE_LINEUP', `template ${meta.name} was frozen with another device line-up`, { hint: 'freeze it again with this scion' });
+  const record: VmRecord = {
+    name, role: 'clone', image: meta.image, accel: meta.accel, createdAt: new Date().toISOString(), template: meta.name, templateDir: tdir,
+    generation: meta.generation, identity: id, ports: Object.fromEntries(forwards.map((f) => [String(f.guestPort), f.hostPort])), desc,
+  };
+  const timings: Record<string, number> = {};
+  let t = t0;
+  const mark = (k: string) => { const n = performance.now(); timings[k] = Math.round((n - t) * 10) / 10; t = n; };
+  const proc = spawnQemu(desc);
+  record.pid = proc.pid;
+  await writeFile(p.pid, String(proc.pid));
+  await writeRecord(record);
+  let qmp: QmpClient | undefined, agent: AgentClient | undefined;
+  try {
+    await waitForSocket(p.qmp, proc, 10_000);
+    qmp = new QmpClient(`${name}/qmp`);
+    await qmp.connect(p.qmp);
+    mark('spawn');
+    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+    await qmp.execute('migrate-incoming', { uri: `exec:cat ${join(tdir, 'state')}` });
+    let dead = false;
+    proc.exited.then(() => (dead = true));
+    for (;;) {
+      if (dead) throw new VmError('E_RESTORE_FAILED', `${name}: QEMU exited while loading the template state: ${proc.stderr().trim().split('\n').slice(-2).join(' | ')}`, { hint: 'the template state file may be corrupt or truncated; freeze the template again' });
+      const s = await qmp.execute('query-status');
+      if (s.status === 'paused' || s.status === 'postmigrate') {
+        const m = await qmp.execute('query-migrate');
+        if (m.status === 'completed' || !m.status) break;
+        if (m.status === 'failed') throw new VmError('E_RESTORE_FAILED', `${name}: loading the template state failed: ${m['error-desc'] ?? ''}`);
+      }
+      if (s.status === 'running') break;
+      await new Promise((r) => setTimeout(r, 3));
+    }
+    mark('restore');
+    await qmp.execute('cont');
+    mark('resume');
+    agent = new AgentClient(`${name}/agent`);
+    await agent.connect(p.agent);
+    await agent.sync(30_000);
+    mark('agentSync');
+    const generation = meta.generation + 1;
+    const applied = await agent.call('identity.apply', {
+      generation, hostname: id.hostname, machineId: id.machineId, rngSeed: id.rngSeed, time: Date.now(),
+      interfaces: [{ mac: id.mac, address: id.ip, prefix: id.prefix, gateway: id.gateway }], dns: id.dns,
+    }, 120_000);
+    const s = applied.stepsMs ?? {};
+    const total = performance.now() - t;
+    timings.identity = s.identity ?? 0;
+    timings.containers = (s.containers ?? 0) + (s.health ?? 0);
+    timings.ready = Math.round((performance.now() - t0) * 10) / 10;
+    timings.applyRoundTrip = Math.round(total * 10) / 10;
+    record.generation = generation;
+    record.timings = timings;
+    await writeRecord(record);
+    return { name, hostname: id.hostname, mac: id.mac, ip: id.ip, machineId: id.machineId, vmgenid: id.vmgenid, ports: record.ports, generation, timings, runDir: p.dir, agentSocket: p.agent, pid: proc.pid };
+  } catch (e) {
+    killPid(proc.pid);
+    await proc.exited;
+    if (!opts.keepOnFailure) await removeRunDir(name);
+    throw e instanceof ScionError ? e : new VmError('E_FORK_FAILED', `${name}: ${(e as Error).message}`, { cause: e });
+  } finally {
+    qmp?.close(); agent?.close();
+  }
+}
+
+export type VmState = 'running' | 'paused' | 'frozen' | 'dead' | 'incomplete';
+export interface VmListing { name: string; role: string; state: VmState; pid?: number; runDir: string; agentSocket: string; template?: string; hostname?: string; ip?: string; mac?: string; ports: Record<string, number>; generation: number; accel?: string }
+
+export async function list(): Promise<VmListing[]> {
+  const out: VmListing[] = [];
+  for (const n of await listRunDirs()) {
+    const p = paths(n);
+    const r = await readRecord(n);
+    if (!r) { out.push({ name: n, role: 'unknown', state: 'incomplete', runDir: p.dir, agentSocket: p.agent, ports: {}, generation: 0 }); continue; }
+    const alive = pidIsOurs(r.pid, n);
+    const state: VmState = alive ? 'running' : r.frozen ? 'frozen' : 'dead';
+    out.push({ name: n, role: r.role, state, pid: alive ? r.pid : undefined, runDir: p.dir, agentSocket: p.agent, template: r.template, hostname: r.identity?.hostname ?? (r.role === 'template' ? r.name : undefined), ip: r.identity?.ip, mac: r.identity?.mac, ports: r.ports, generation: r.generation, accel: r.accel });
+  }
+  return out;
+}
+
+export async function stopVm(name: string): Promise<void> {
+  const r = await readRecord(name);
+  if (!r && !existsSync(paths(name).dir)) throw new VmError('E_NO_VM', `no VM named ${name}`, { hint: 'scion ls' });
+  if (r && pidIsOurs(r.pid, name)) {
+    const q = new QmpClient(`${name}/qmp`);
+    try { await q.connect(paths(name).qmp, 1000); await q.execute('quit', undefined, 2000); } catch {}
+    q.close();
+    await waitDead(r.pid, 3000);
+  }
+}
+
+export async function removeVm(name: string): Promise<void> {
+  await stopVm(name);
+  const r = await readRecord(name);
+  if (r?.role === 'template' && r.templateDir) await rm(r.templateDir, { recursive: true, force: true });
+  await removeRunDir(name);
+}
+
+/** Remove run directories of dead VMs; kill QEMUs whose run directory is gone. */
+export async function gc(): Promise<{ removed: string[]; killed: number[] }> {
+  const removed: string[] = [];
+  const killed: number[] = [];
+  for (const n of await listRunDirs()) {
+    const r = await readRecord(n);
+    if (r && (pidIsOurs(r.pid, n) || r.frozen)) continue;
+    if (!r) {
+      // a run dir without a record: the scion that made it died mid-way; its QEMU (if any) is found below
+    }
+    await removeRunDir(n);
+    removed.push(n);
+  }
+  for (const q of scionQemuPids()) {
+    if (q.runDir && !existsSync(join(q.runDir, 'vm.json'))) { killPid(q.pid); killed.push(q.pid); }
+  }
+  return { removed, killed };
+}
+
+export async function connectAgent(name: string, timeoutMs = 10_000): Promise<AgentClient> {
+  const r = await readRecord(name);
+  if (!r) throw new VmError('E_NO_VM', `no VM named ${name}`, { hint: 'scion ls' });
+  if (!pidIsOurs(r.pid, name)) throw new VmError('E_VM_NOT_RUNNING', `VM ${name} is not running`);
+  const a = new AgentClient(`${name}/agent`);
+  await a.connect(paths(name).agent);
+  await a.sync(timeoutMs);
+  return a;
+}
