@@ -29,6 +29,6 @@ export function moduleLoadOrder(requested: string[], available: Map<string, stri
     state.set(k, 'done');
     order.push(k);
   };
-  for (const r of [...requested].sort()) visit(r, []);
+  for (const r of requested.map(modKey).sort()) visit(r, []);
   return order;
 }

@@ -1,0 +1,55 @@
+import { describe, it, expect } from 'vitest';
+import { readFileSync } from 'node:fs';
+import { parseDefinition } from '../../builder/schema.ts';
+import { DefinitionError } from '../../common/errors.ts';
+
+const base = readFileSync(new URL('../../images/minimal.yaml', import.meta.url), 'utf8');
+
+function err(text: string): DefinitionError {
+  try { parseDefinition(text, 'img.yaml'); } catch (e) { return e as DefinitionError; }
+  throw new Error('expected a DefinitionError');
+}
+
+describe('image definition', () => {
+  it('parses the shipped images with defaults filled in', () => {
+    const d = parseDefinition(base, 'minimal.yaml');
+    expect(d.name).toBe('minimal');
+    expect(d.kernel.modules).toContain('virtio_console');
+    expect(d.containers).toEqual([]);
+    expect(d.network.guestRamMB).toBe(512);
+    const w = parseDefinition(readFileSync(new URL('../../images/web.yaml', import.meta.url), 'utf8'), 'web.yaml');
+    expect(w.containers[0].healthcheck?.http?.port).toBe(8080);
+    expect(w.containers[0].image).toEqual({ packages: ['busybox-static'] });
+  });
+
+  it('names file:line:column and the field path of an unknown key', () => {
+    const e = err(base.replace('  cmdline:', '  cmdlin:'));
+    expect(e.code).toBe('E_DEFINITION');
+    const line = base.split('\n').findIndex((l) => l.startsWith('  cmdline:')) + 1;
+    expect(e.message).toBe(`img.yaml:${line}:3: kernel.cmdlin: unknown key "cmdlin"`);
+    expect(e.hint).toContain('allowed keys here: package, modules, cmdline');
+  });
+
+  it('reports wrong types with their position', () => {
+    const e = err(base.replace('modules: [virtio_pci,', 'modules: [42,'));
+    expect(e.message).toMatch(/^img\.yaml:\d+:\d+: kernel\.modules\[0\]: expected a string, found number 42$/);
+  });
+
+  it('reports bad values and what is allowed', () => {
+    expect(err(base.replace('name: minimal', 'name: Bad Name')).message).toMatch(/name: "Bad Name" is not an image name/);
+    expect(err(base.replace('  mode: static', '  mode: dynamic')).message).toMatch(/network\.mode: "dynamic" is not allowed; use one of: static, dhcp/);
+    expect(err(base.replace('integrity: sha512-', 'integrity: md5-')).message).toMatch(/agent\.runtime\.integrity/);
+    expect(err(base.replace('schema: 1\n', '')).message).toMatch(/missing required key "schema"/);
+  });
+
+  it('rejects duplicate container names and a container without exactly one image source', () => {
+    const two = `${base}containers:\n  - {name: a, image: {packages: [busybox-static]}, command: [x]}\n  - {name: a, image: {packages: [busybox-static]}, command: [y]}\n`;
+    expect(err(two).message).toMatch(/containers\[1\]\.name: duplicate container name "a"/);
+    const both = `${base}containers:\n  - {name: a, image: {packages: [xx], oci: ./y}, command: [x]}\n`;
+    expect(err(both).message).toMatch(/containers\[0\]\.image: an image is either/);
+  });
+
+  it('reports YAML syntax errors with a line', () => {
+    expect(err('schema: 1\nname: [unclosed\n').message).toMatch(/^img\.yaml:\d+:\d+: YAML syntax/);
+  });
+});
