@@ -35,8 +35,20 @@ const log = (m: string) => process.stderr.write(`scion-agent: ${m}\n`);
 process.on('uncaughtException', (e) => log(`uncaught: ${e.stack ?? e}`));
 process.on('unhandledRejection', (e) => log(`unhandled: ${(e as Error)?.stack ?? e}`));
 
+const listenAt = args.indexOf('--listen');
 if (args.includes('--stdio')) {
   agent.attach({ write: (b) => process.stdout.write(b), onData: (cb) => process.stdin.on('data', cb) });
+} else if (listenAt >= 0) {
+  // a unix socket standing in for the virtio port (host-side tests, or a VM-less agent)
+  const path = args[listenAt + 1];
+  const { createServer } = await import('node:net');
+  const { rmSync } = await import('node:fs');
+  rmSync(path, { force: true });
+  createServer((sock) => {
+    const detach = agent.attach({ write: (b) => { if (!sock.destroyed) sock.write(b); }, onData: (cb) => sock.on('data', cb) });
+    sock.on('close', detach);
+    sock.on('error', () => {});
+  }).listen(path, () => log(`serving on ${path}`));
 } else {
   let port = findPort();
   while (!port) { Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 200); port = findPort(); }

@@ -1,0 +1,91 @@
+/**
+ * Agent-level identity without QEMU: the real agent runs on the host inside
+ * a fresh network namespace (with a veth pair the test makes) and a fresh UTS
+ * namespace; after identity.apply, everything is checked from outside.
+ */
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { connect } from 'node:net';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { AgentClient } from '../../host/agent-client.ts';
+import { startHostAgent, type HostAgent } from './helpers.ts';
+
+const isRoot = process.getuid?.() === 0;
+const tag = randomBytes(3).toString('hex');
+const ns = `scion-t${tag}`;
+const hostIf = `vh${tag}`;
+const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: 'utf8' });
+
+describe.skipIf(!isRoot)('identity in namespaces (needs root)', () => {
+  let agent: HostAgent;
+  let client: AgentClient;
+  beforeAll(async () => {
+    sh('ip', ['netns', 'add', ns]);
+    sh('ip', ['link', 'add', hostIf, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns]);
+    sh('ip', ['addr', 'add', '10.231.0.1/24', 'dev', hostIf]);
+    sh('ip', ['link', 'set', hostIf, 'up']);
+    agent = await startHostAgent({ wrap: ['ip', 'netns', 'exec', ns, 'unshare', '--uts', '--'] });
+    client = new AgentClient('ns-agent');
+    await client.connect(agent.socket);
+    await client.sync(10_000);
+  });
+  afterAll(() => {
+    client?.close();
+    agent?.stop();
+    try { sh('ip', ['link', 'del', hostIf]); } catch {}
+    try { sh('ip', ['netns', 'del', ns]); } catch {}
+  });
+
+  const identity = {
+    generation: 7, hostname: 'clone-seven', machineId: randomBytes(16).toString('hex'), rngSeed: randomBytes(32).toString('hex'),
+    interfaces: [{ mac: '02:53:43:aa:bb:07', address: '10.231.0.7', prefix: 24, gateway: '10.231.0.1' }], dns: ['10.231.0.1'],
+  };
+
+  it('really changes hostname, MAC, address, route and machine-id in the namespace', async () => {
+    const before = JSON.parse(sh('ip', ['-n', ns, '-j', 'link', 'show', 'eth0']))[0].address;
+    const r = await client.call('identity.apply', identity);
+    expect(r.applied).toBe(true);
+    expect(Object.keys(r.stepsMs)).toEqual(expect.arrayContaining(['hostname', 'machineId', 'network', 'rng']));
+
+    expect(sh('nsenter', ['-t', String(agent.proc.pid), '-u', 'hostname']).trim()).toBe('clone-seven');
+    expect(sh('hostname', []).trim()).not.toBe('clone-seven'); // the host's own name is untouched
+    const link = JSON.parse(sh('ip', ['-n', ns, '-j', 'addr', 'show', 'eth0']))[0];
+    expect(before).not.toBe('02:53:43:aa:bb:07');
+    expect(link.address).toBe('02:53:43:aa:bb:07');
+    expect(link.addr_info.filter((a: any) => a.family === 'inet').map((a: any) => `${a.local}/${a.prefixlen}`)).toEqual(['10.231.0.7/24']);
+    const routes = JSON.parse(sh('ip', ['-n', ns, '-j', 'route', 'show', 'default']));
+    expect(routes[0]).toMatchObject({ dst: 'default', gateway: '10.231.0.1', dev: 'eth0' });
+    expect(readFileSync(join(agent.root, 'etc/machine-id'), 'utf8').trim()).toBe(identity.machineId);
+    expect(readFileSync(join(agent.root, 'etc/hosts'), 'utf8')).toContain('10.231.0.7 clone-seven');
+    expect(readFileSync(join(agent.root, 'etc/resolv.conf'), 'utf8')).toBe('nameserver 10.231.0.1\n');
+
+    // and the new address answers on the wire with the new MAC: a TCP connect is refused (RST), not timed out
+    const refused = await new Promise<string>((res) => {
+      const s = connect({ host: '10.231.0.7', port: 9, timeout: 3000 });
+      s.on('error', (e: any) => res(e.code)); s.on('timeout', () => { s.destroy(); res('timeout'); }); s.on('connect', () => { s.destroy(); res('connected'); });
+    });
+    expect(refused).toBe('ECONNREFUSED');
+    expect(sh('ip', ['neigh', 'show', '10.231.0.7', 'dev', hostIf])).toContain('lladdr 02:53:43:aa:bb:07');
+
+    const info = await client.call('info');
+    expect(info.generation).toBe(7);
+    expect(info.identity.hostname).toBe('clone-seven');
+  });
+
+  it('a second apply of the same generation changes nothing', async () => {
+    const r = await client.call('identity.apply', { ...identity, hostname: 'other-name', interfaces: [{ mac: '02:53:43:aa:bb:08', address: '10.231.0.8' }] });
+    expect(r.applied).toBe(false);
+    expect(r.generation).toBe(7);
+    expect(sh('nsenter', ['-t', String(agent.proc.pid), '-u', 'hostname']).trim()).toBe('clone-seven');
+    expect(JSON.parse(sh('ip', ['-n', ns, '-j', 'link', 'show', 'eth0']))[0].address).toBe('02:53:43:aa:bb:07');
+  });
+
+  it('a later generation (a fork of the clone) applies again', async () => {
+    const r = await client.call('identity.apply', { ...identity, generation: 8, hostname: 'clone-eight', interfaces: [{ mac: '02:53:43:aa:bb:08', address: '10.231.0.8', gateway: '10.231.0.1' }] });
+    expect(r.applied).toBe(true);
+    expect(sh('nsenter', ['-t', String(agent.proc.pid), '-u', 'hostname']).trim()).toBe('clone-eight');
+    expect(JSON.parse(sh('ip', ['-n', ns, '-j', 'link', 'show', 'eth0']))[0].address).toBe('02:53:43:aa:bb:08');
+  });
+});
