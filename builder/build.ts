@@ -135,7 +135,8 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
 
   // 1. resolve each package set (from the lock when its roots are unchanged)
   const sets = packageSets(def);
-  const lock: Lockfile = { lockVersion: 1, suite: def.debian.suite, codename: oldLock?.codename, mirror, architecture: def.debian.architecture, sets: {} };
+  // the mirror is not locked: packages are named by hash, any mirror serves them
+  const lock: Lockfile = { lockVersion: 1, suite: def.debian.suite, codename: oldLock?.codename, architecture: def.debian.architecture, sets: {} };
   let index: PackageIndex | undefined;
   for (const [name, s] of Object.entries(sets)) {
     const locked = oldLock?.sets[name];
@@ -161,6 +162,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   const debs = new Map<string, Buffer>();
   await mapLimit([...all.values()], 4, async (p) => { debs.set(p.sha256, await archive.deb(p)); });
   const runtime = await fetchRuntime(def.agent.runtime, cache, onProgress);
+  for (const h of cache.corrupt) emit({ type: 'log', message: `cached blob ${h} did not match its SHA-256: discarded and fetched again` });
   step('download');
 
   // 3. extract

@@ -11,7 +11,7 @@ export async function download(url: string, onProgress?: Progress, timeoutMs = 1
   try {
     res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
   } catch (e) {
-    const cause = (e as any)?.cause?.code ?? (e as Error).message;
+    const cause = rootCode(e) ?? (e as any)?.cause?.message ?? (e as Error).message;
     throw new ArchiveError('E_NETWORK', `cannot fetch ${url}: ${cause}`, {
       hint: 'the network or the mirror is unreachable; a build whose inputs are all cached (with scion.lock) needs no network',
       cause: e,
@@ -30,4 +30,11 @@ export async function download(url: string, onProgress?: Progress, timeoutMs = 1
   }
   onProgress?.({ url, received, total, done: true, ms: performance.now() - t0 });
   return Buffer.concat(chunks);
+}
+
+/** The errno-style code at the bottom of fetch's error chain (ECONNREFUSED, ENOTFOUND, ...). */
+function rootCode(e: any, depth = 0): string | undefined {
+  if (!e || depth > 5) return undefined;
+  if (typeof e.code === 'string' && /^E[A-Z]+$/.test(e.code)) return e.code;
+  return rootCode(e.cause, depth + 1) ?? (Array.isArray(e.errors) ? rootCode(e.errors[0], depth + 1) : undefined);
 }

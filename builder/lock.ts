@@ -9,7 +9,6 @@ export interface Lockfile {
   lockVersion: 1;
   suite: string;
   codename?: string;
-  mirror: string;
   architecture: string;
   sets: Record<string, LockSet>;
 }

@@ -50,11 +50,11 @@ describe('cpio newc writer', () => {
 async function makeDeb(files: Record<string, string>): Promise<Buffer> {
   const pack = tar.pack();
   const chunks: Buffer[] = [];
-  pack.on('data', (c: Buffer) => chunks.push(c));
+  pack.on('data', (c: unknown) => chunks.push(c as Buffer));
   for (const [name, body] of Object.entries(files)) pack.entry({ name: `./${name}`, mode: 0o644 }, body);
   pack.entry({ name: './usr/bin/link', type: 'symlink', linkname: 'real' });
   pack.finalize();
-  await new Promise((r) => pack.on('end', r));
+  await new Promise<void>((r) => pack.on('end', () => r()));
   const dataTar = execFileSync('xz', ['-c'], { input: Buffer.concat(chunks) });
   const member = (name: string, data: Buffer) => {
     const h = Buffer.alloc(60, ' ');

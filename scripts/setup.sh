@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what scion needs on a Debian 12/13 machine, then the npm packages.
+# Idempotent: skips apt when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pkgs=(qemu-system-x86 qemu-utils gpgv debian-archive-keyring xz-utils zstd cpio libarchive-tools socat iproute2 ca-certificates curl)
+missing=()
+for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ] || [ "${CI:-}" = true ]; then
+  sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "[setup] apt-get install ${missing[*]:-(refresh)}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+fi
+node -e 'const [a,b]=process.versions.node.split(".").map(Number); if (a<20||(a===20&&b<19)) { console.error("scion needs Node >= 20.19, found "+process.version); process.exit(1) }'
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  echo "[setup] npm ci" >&2
+  npm ci --no-audit --no-fund >&2
+fi
