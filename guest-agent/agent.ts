@@ -10,6 +10,7 @@ import { FrameDecoder, encodeFrame, RESYNC_BYTE } from '../common/framing.ts';
 import { MAX_FRAME, PROTOCOL_VERSION, ProtocolError, parseRequest, salvageId, validateIdentity, requireString, type Identity, type Request } from './protocol.ts';
 import { applyIdentity, type SystemConfig, type Steps } from './identity.ts';
 import { ContainerSupervisor, type ContainerSpec } from './containers.ts';
+import { ShellWorker } from './shell.ts';
 
 export const AGENT_VERSION = '0.1.0';
 
@@ -30,10 +31,11 @@ export interface AgentOptions {
   log?: (msg: string) => void;
 }
 
-interface PersistentState { generation: number; identity?: Identity; vmgenid?: string; lastReady?: unknown }
+interface PersistentState { generation: number; identity?: Identity; vmgenid?: string; lastReady?: unknown; vmForks?: number; vmForksAtLastApply?: number }
 
 export class Agent {
   readonly containers: ContainerSupervisor;
+  readonly shell = new ShellWorker();
   private state: PersistentState = { generation: 0 };
   private sessions = new Set<(msg: unknown) => void>();
   private applying?: Promise<unknown>;
@@ -41,7 +43,7 @@ export class Agent {
   lastReady?: { generation: number; stepsMs: Steps; totalMs: number };
 
   constructor(readonly opts: AgentOptions) {
-    this.containers = new ContainerSupervisor(opts.image.containers, (event, data) => this.emit(event, data), opts.logDir, opts.crunBin);
+    this.containers = new ContainerSupervisor(opts.image.containers, (event, data) => this.emit(event, data), this.shell, opts.logDir, opts.crunBin);
     if (opts.stateFile && existsSync(opts.stateFile)) {
       try { this.state = JSON.parse(readFileSync(opts.stateFile, 'utf8')); } catch {}
     }
@@ -59,6 +61,7 @@ export class Agent {
   /** Start containers (adopting running ones) and announce readiness. */
   async boot(): Promise<void> {
     const t0 = performance.now();
+    await this.shell.warm();
     await this.containers.startAll();
     const t1 = performance.now();
     const healthy = await this.containers.waitHealthy(120_000);
@@ -114,7 +117,7 @@ export class Agent {
       case 'identity.apply': return this.applyIdentity(validateIdentity(a));
       case 'time.set': {
         if (typeof a.time !== 'number' || !Number.isFinite(a.time) || a.time < 0) throw new ProtocolError('E_BAD_ARGS', 'time: must be milliseconds since the epoch');
-        if (this.opts.system.setClock) await run('date', ['-s', `@${Math.floor(a.time / 1000)}`]);
+        if (this.opts.system.setClock) await this.shell.runOrThrow(`date -s @${Math.floor(a.time / 1000)} >/dev/null`, 'setting the clock');
         return { time: Date.now(), set: this.opts.system.setClock };
       }
       case 'containers.list': return { containers: this.containers.list() };
@@ -161,6 +164,7 @@ export class Agent {
       generation: this.state.generation,
       identity: { ...(this.state.identity ?? {}), hostname, machineId, rngSeed: undefined },
       vmgenid: readVmgenid(),
+      vmForks: this.state.vmForks ?? 0,
       containers: this.containers.list(),
       lastReady: this.lastReady ?? null,
     };
@@ -178,10 +182,13 @@ export class Agent {
   private async doApply(id: Identity, warmOnly: boolean) {
     const t0 = performance.now();
     let steps: Steps;
-    try { steps = await applyIdentity(id, this.opts.system); } catch (e) {
+    try { steps = await applyIdentity(id, this.opts.system, this.shell); } catch (e) {
       throw new ProtocolError('E_APPLY_FAILED', (e as Error).message);
     }
     if (!warmOnly) {
+      // a fork announced by the host alone (no vmgenid signal since the last apply)
+      if ((this.state.vmForks ?? 0) === (this.state.vmForksAtLastApply ?? 0) && this.state.generation > 0) this.emit('forked', { signal: 'identity.apply', generation: id.generation });
+      this.state.vmForksAtLastApply = this.state.vmForks ?? 0;
       this.state.generation = id.generation;
       this.state.identity = { ...id, rngSeed: undefined };
       this.state.vmgenid = readVmgenid();
@@ -211,18 +218,20 @@ export class Agent {
     if (cur) await this.doApply({ ...cur, time: undefined }, true).catch(() => {});
     else validateIdentity({ generation: 1, hostname: 'warm', machineId: '0'.repeat(32), interfaces: [{ mac: '02:00:00:00:00:01' }] });
     this.info();
-    await run('sync', []).catch(() => {});
+    await this.shell.run('sync');
     await writeFile('/proc/sys/vm/drop_caches', '3').catch(() => {});
     return { prepared: true, ms: Math.round(performance.now() - t0), generation: this.state.generation };
   }
 
-  /** The vmgenid changed under us: the VM was forked; announce it (the host follows with identity.apply). */
-  checkVmgenid(): boolean {
-    const now = readVmgenid();
-    if (!now || !this.state.vmgenid || now === this.state.vmgenid) { if (now && !this.state.vmgenid) this.state.vmgenid = now; return false; }
-    this.state.vmgenid = now;
-    this.emit('forked', { vmgenid: now, generation: this.state.generation, signal: 'vmgenid' });
-    return true;
+  /**
+   * The kernel saw the VM generation ID change (vmgenid: it logs "crng
+   * reseeded due to virtual machine fork"). The identity itself comes from the
+   * host's identity.apply; this only announces the fork and counts it.
+   */
+  onVmFork(): void {
+    this.state.vmForks = (this.state.vmForks ?? 0) + 1;
+    this.persist();
+    this.emit('forked', { signal: 'vmgenid', generation: this.state.generation, vmForks: this.state.vmForks });
   }
 }
 

@@ -4,9 +4,10 @@
  * per-container log file, so it survives an agent restart; a new agent adopts
  * running containers from crun's state instead of starting duplicates.
  */
-import { spawn, execFile } from 'node:child_process';
-import { readFile, writeFile, open, stat, truncate, mkdir } from 'node:fs/promises';
-import { existsSync, readFileSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { readFile, writeFile, mkdir } from 'node:fs/promises';
+import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { ShellWorker } from './shell.ts';
 import { connect } from 'node:net';
 import { request } from 'node:http';
 import { join } from 'node:path';
@@ -30,31 +31,59 @@ class Container {
   stopping = false;
   private backoffMs = 200;
   private watch?: NodeJS.Timeout;
+  private runSeq = 0;
   constructor(readonly spec: ContainerSpec, readonly sup: ContainerSupervisor) {
     this.status = { name: spec.name, state: 'created', restarts: 0 };
   }
   get logPath() { return join(this.sup.logDir, `${this.spec.name}.log`); }
 
-  async start(): Promise<void> {
+  /**
+   * Shell lines that (re)start this container: crun in the foreground inside
+   * a background subshell that records crun's exit status; prints the
+   * subshell's pid. Several containers' lines go into one batch.
+   */
+  startLines(): string[] {
+    const n = this.spec.name;
+    const exitFile = join(this.sup.logDir, `${n}.${++this.runSeq}.exit`);
+    try { if (statSync(this.logPath).size > LOG_LIMIT) writeFileSync(this.logPath, ''); } catch {}
+    return [
+      `${this.sup.crunBin} delete -f ${n} >/dev/null 2>&1 || true`,
+      `rm -f ${join(this.sup.logDir, `${n}.*.exit`)}`,
+      `( ${this.sup.crunBin} run --bundle ${this.spec.bundle} ${n} >>${this.logPath} 2>&1; echo $? >${exitFile} ) >/dev/null 2>&1 &`,
+      `echo "pid ${n} $! ${exitFile}"`,
+    ];
+  }
+
+  /** Track the wrapper started by startLines (its pid and exit file come back in the batch output). */
+  track(pid: number, exitFile: string) {
     this.stopping = false;
+    this.status = { ...this.status, state: 'running', startedAt: Date.now(), pid, exitCode: undefined, healthy: undefined };
+    this.watchPid(pid, exitFile);
+  }
+
+  async start(): Promise<void> {
     await mkdir(this.sup.logDir, { recursive: true });
-    await crun(['delete', '-f', this.spec.name], this.sup.crunBin).catch(() => {});
-    try { if ((await stat(this.logPath)).size > LOG_LIMIT) await truncate(this.logPath, 0); } catch {}
-    const log = await open(this.logPath, 'a');
-    const p = spawn(this.sup.crunBin, ['run', '--bundle', this.spec.bundle, this.spec.name], { stdio: ['ignore', log.fd, log.fd], detached: true });
-    await log.close();
-    this.status = { ...this.status, state: 'running', startedAt: Date.now(), pid: p.pid, exitCode: undefined, healthy: undefined };
-    p.on('exit', (code, sig) => this.exited(code ?? (sig ? 128 : 1)));
-    p.unref();
+    const out = await this.sup.shell.runOrThrow(this.startLines().join('\n'), `starting container ${this.spec.name}`);
+    this.sup.trackFromOutput(out);
   }
 
   /** Adopt a container found running in crun's state (after an agent restart). */
   adopt(pid: number, startedAt?: number) {
     this.status = { ...this.status, state: 'running', pid, startedAt: startedAt ?? Date.now() };
-    this.watch = setInterval(() => {
-      if (!existsSync(`/proc/${pid}`) || /\) Z /.test(safeRead(`/proc/${pid}/stat`))) { clearInterval(this.watch); this.exited(undefined); }
-    }, 500);
-    this.watch.unref();
+    this.watchPid(pid);
+  }
+
+  private watchPid(pid: number, exitFile?: string) {
+    clearInterval(this.watch);
+    const w = setInterval(() => {
+      if (existsSync(`/proc/${pid}`) && !/\) Z /.test(safeRead(`/proc/${pid}/stat`))) return;
+      clearInterval(w);
+      if (this.watch !== w) return;
+      const code = exitFile ? Number(safeRead(exitFile).trim() || NaN) : NaN;
+      this.exited(Number.isFinite(code) ? code : undefined);
+    }, 250);
+    w.unref();
+    this.watch = w;
   }
 
   private exited(code: number | undefined) {
@@ -76,8 +105,8 @@ class Container {
   async stop(): Promise<void> {
     this.stopping = true;
     clearInterval(this.watch);
-    await crun(['kill', this.spec.name, 'KILL'], this.sup.crunBin).catch(() => {});
-    await crun(['delete', '-f', this.spec.name], this.sup.crunBin).catch(() => {});
+    this.watch = undefined;
+    await this.sup.shell.run(`${this.sup.crunBin} delete -f ${this.spec.name} >/dev/null 2>&1 || true`);
     this.status = { ...this.status, state: 'stopped', pid: undefined };
   }
 
@@ -86,7 +115,8 @@ class Container {
     if (!h) return this.status.state === 'running';
     if (h.http) return httpOk(h.http.port, h.http.path, h.timeoutMs);
     if (h.tcp) return tcpOk(h.tcp.port, h.timeoutMs);
-    return crun(['exec', this.spec.name, ...h.command!], this.sup.crunBin).then(() => true, () => false);
+    const q = (a: string) => `'${a.replace(/'/g, `'\\''`)}'`;
+    return (await this.sup.shell.run(`${this.sup.crunBin} exec ${this.spec.name} ${h.command!.map(q).join(' ')} >/dev/null 2>&1`)).code === 0;
   }
   resetBackoff() { this.backoffMs = 200; }
 }
@@ -112,8 +142,13 @@ function tcpOk(port: number, timeoutMs: number): Promise<boolean> {
 
 export class ContainerSupervisor {
   readonly containers = new Map<string, Container>();
-  constructor(specs: ContainerSpec[], readonly emit: (event: string, data: unknown) => void, readonly logDir = '/run/scion/logs', readonly crunBin = 'crun') {
+  constructor(specs: ContainerSpec[], readonly emit: (event: string, data: unknown) => void, readonly shell: ShellWorker, readonly logDir = '/run/scion/logs', readonly crunBin = 'crun') {
     for (const s of specs) this.containers.set(s.name, new Container(s, this));
+  }
+
+  /** Pick up the `pid <name> <pid> <exit file>` lines a start batch printed. */
+  trackFromOutput(out: string) {
+    for (const m of out.matchAll(/^pid (\S+) (\d+) (\S+)$/gm)) this.containers.get(m[1])?.track(Number(m[2]), m[3]);
   }
 
   get(name: string): Container {
@@ -127,11 +162,15 @@ export class ContainerSupervisor {
     if (!this.containers.size) return;
     let running: { id: string; pid: number; status: string; created?: string }[] = [];
     try { running = JSON.parse(await crun(['list', '--format', 'json'], this.crunBin)) ?? []; } catch {}
+    const toStart: Container[] = [];
     for (const c of this.containers.values()) {
       const r = running.find((x) => x.id === c.spec.name && x.status === 'running' && x.pid > 0);
       if (r) c.adopt(r.pid, r.created ? Date.parse(r.created) : undefined);
-      else await c.start();
+      else toStart.push(c);
     }
+    if (!toStart.length) return;
+    await mkdir(this.logDir, { recursive: true });
+    this.trackFromOutput(await this.shell.runOrThrow(toStart.flatMap((c) => c.startLines()).join('\n'), 'starting containers'));
   }
 
   /** Point each bundle's UTS hostname at `hostname` (done before a restart after a fork). */
@@ -145,14 +184,18 @@ export class ContainerSupervisor {
     }
   }
 
+  /** Restart every container in one shell batch (one round trip, no spawn from Node). */
   async restartAll(): Promise<void> {
-    await Promise.all([...this.containers.values()].map(async (c) => {
-      await c.stop();
-      c.resetBackoff();
-      await c.start();
+    if (!this.containers.size) return;
+    const cs = [...this.containers.values()];
+    for (const c of cs) { c.stopping = true; c.resetBackoff(); }
+    await mkdir(this.logDir, { recursive: true });
+    const out = await this.shell.runOrThrow(cs.flatMap((c) => c.startLines()).join('\n'), 'restarting containers');
+    this.trackFromOutput(out);
+    for (const c of cs) {
       c.status.restarts++;
       this.emit('container-restarted', { name: c.spec.name, restarts: c.status.restarts, reason: 'identity' });
-    }));
+    }
   }
 
   /** Wait until every container with a health check passes it (or the deadline). */

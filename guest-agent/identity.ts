@@ -3,9 +3,9 @@
  * job, and one batched shell for what needs commands (link, address, route,
  * clock, gratuitous ARP), since every process spawn costs 50-100 ms under TCG.
  */
-import { writeFile, open } from 'node:fs/promises';
-import { spawn } from 'node:child_process';
+import { writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
 import { join } from 'node:path';
+import type { ShellWorker } from './shell.ts';
 import type { Identity } from './protocol.ts';
 
 export interface SystemConfig {
@@ -21,6 +21,7 @@ export interface SystemConfig {
 /** The batched commands for link, address, route, clock and ARP. Pure. */
 export function networkScript(id: Identity, cfg: Pick<SystemConfig, 'setClock' | 'defaultInterface' | 'dhcp'>): string {
   const lines: string[] = ['set -e'];
+  if (cfg.setClock && id.time !== undefined) lines.push(`date -s @${Math.floor(id.time / 1000)} >/dev/null`);
   for (const i of id.interfaces) {
     const dev = i.name ?? cfg.defaultInterface;
     lines.push(`ip link set dev ${dev} down`, `ip link set dev ${dev} address ${i.mac}`, `ip link set dev ${dev} up`);
@@ -33,7 +34,6 @@ export function networkScript(id: Identity, cfg: Pick<SystemConfig, 'setClock' |
       lines.push(`(arping -U -c 1 -I ${dev} ${i.address} >/dev/null 2>&1 &) || true`);
     }
   }
-  if (cfg.setClock && id.time !== undefined) lines.push(`date -s @${Math.floor(id.time / 1000)} >/dev/null`);
   return lines.join('\n') + '\n';
 }
 
@@ -41,43 +41,36 @@ export function hostsFile(hostname: string, address?: string): string {
   return `127.0.0.1 localhost\n${address ?? '127.0.1.1'} ${hostname}\n::1 localhost ip6-localhost ip6-loopback\n`;
 }
 
-export function runScript(script: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const p = spawn('sh', ['-s'], { stdio: ['pipe', 'ignore', 'pipe'] });
-    let err = '';
-    p.stderr.on('data', (c) => (err += c));
-    p.on('error', reject);
-    p.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`identity script failed (${code}): ${err.trim().slice(-500)}`))));
-    p.stdin.end(script);
-  });
-}
-
 export type Steps = Record<string, number>;
 
-export async function applyIdentity(id: Identity, cfg: SystemConfig): Promise<Steps> {
+/**
+ * Files are written synchronously: each is one small write, and a round trip
+ * through the thread pool costs more than the write itself under TCG.
+ */
+export async function applyIdentity(id: Identity, cfg: SystemConfig, shell: ShellWorker): Promise<Steps> {
   const steps: Steps = {};
   let t = performance.now();
   const mark = (k: string) => { const n = performance.now(); steps[k] = Math.round((n - t) * 10) / 10; t = n; };
   const etc = (f: string) => join(cfg.root, 'etc', f);
 
-  await writeFile('/proc/sys/kernel/hostname', id.hostname);
+  // the batched commands run in the long-lived shell while Node writes the files
+  const network = shell.runOrThrow(networkScript(id, cfg), 'network setup');
+  writeFileSync('/proc/sys/kernel/hostname', id.hostname);
   mark('hostname');
-  await writeFile(etc('machine-id'), id.machineId + '\n');
+  writeFileSync(etc('machine-id'), id.machineId + '\n');
   mark('machineId');
   const addr = id.interfaces[0]?.address;
-  await Promise.all([
-    writeFile(etc('hostname'), id.hostname + '\n'),
-    writeFile(etc('hosts'), hostsFile(id.hostname, addr)),
-    writeFile(etc('resolv.conf'), id.dns.map((d) => `nameserver ${d}\n`).join('')),
-  ]);
+  writeFileSync(etc('hostname'), id.hostname + '\n');
+  writeFileSync(etc('hosts'), hostsFile(id.hostname, addr));
+  writeFileSync(etc('resolv.conf'), id.dns.map((d) => `nameserver ${d}\n`).join(''));
   mark('files');
   if (id.rngSeed) {
     // writing to /dev/urandom mixes the bytes into the pool (without crediting entropy)
-    const fh = await open('/dev/urandom', 'w');
-    try { await fh.write(Buffer.from(id.rngSeed, 'hex')); } finally { await fh.close(); }
+    const fd = openSync('/dev/urandom', 'w');
+    try { writeSync(fd, Buffer.from(id.rngSeed, 'hex')); } finally { closeSync(fd); }
   }
   mark('rng');
-  await runScript(networkScript(id, cfg));
+  await network;
   mark('network');
   return steps;
 }

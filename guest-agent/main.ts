@@ -3,7 +3,7 @@
  * the guest, so through sysfs), read the image config, serve the protocol.
  * `--stdio` serves on stdin/stdout instead (tests, or a socket via socat).
  */
-import { openSync, readFileSync, readdirSync, read, write, existsSync, mkdirSync, symlinkSync } from 'node:fs';
+import { openSync, readFileSync, readdirSync, read, write, readSync, existsSync, mkdirSync, symlinkSync, constants } from 'node:fs';
 import { Agent, type ImageConfig } from './agent.ts';
 import { PORT_NAME } from './protocol.ts';
 
@@ -74,5 +74,23 @@ if (args.includes('--stdio')) {
   loop();
   log(`serving on ${port}`);
 }
-setInterval(() => agent.checkVmgenid(), 1000).unref?.();
+watchKmsg(() => agent.onVmFork());
 agent.boot().catch((e) => log(`boot: ${e.message}`));
+
+/** Watch the kernel log for the vmgenid fork notice (a non-blocking read every 100 ms; records before start are skipped). */
+function watchKmsg(onFork: () => void) {
+  if (process.env.SCION_AGENT_KMSG === '0') return;
+  let fd: number;
+  try { fd = openSync('/dev/kmsg', constants.O_RDONLY | constants.O_NONBLOCK); } catch { return; }
+  const buf = Buffer.alloc(8192);
+  const drain = (initial: boolean) => {
+    for (let i = 0; i < 1000; i++) {
+      let n: number;
+      try { n = readSync(fd, buf, 0, buf.length, null); } catch (e: any) { if (e.code === 'EPIPE') continue; return; }
+      if (!n) return;
+      if (!initial && buf.toString('utf8', 0, n).includes('due to virtual machine fork')) onFork();
+    }
+  };
+  drain(true);
+  setInterval(() => drain(false), 100).unref();
+}

@@ -34,6 +34,8 @@ export interface VmRecord {
   ports: Record<string, number>;
   desc: VmDescription;
   frozen?: boolean;
+  /** set while a scion process is still making this VM; cleared when it is ready */
+  making?: { ownerPid: number; phase: string };
   timings?: Record<string, number>;
 }
 
@@ -98,3 +100,9 @@ export function scionQemuPids(): { pid: number; runDir?: string }[] {
   return out;
 }
 function safeReaddir(p: string): string[] { try { return readdirSync(p); } catch { return []; } }
+
+export function processAlive(pid: number | undefined): boolean {
+  if (!pid) return false;
+  try { process.kill(pid, 0); } catch { return false; }
+  try { return !/\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8')); } catch { return false; }
+}

@@ -16,7 +16,7 @@ import { AgentClient } from './agent-client.ts';
 import { qemuArgv, deviceLineup, USER_NET, type VmDescription, type NetConfig, type Accel } from './qemu-argv.ts';
 import { chooseAccel, qemuVersion, QEMU } from './accel.ts';
 import { allocateIdentity, freeIndices, type CloneIdentity } from './identity.ts';
-import { paths, makeRunDir, writeRecord, readRecord, listRunDirs, removeRunDir, pidIsOurs, scionQemuPids, templateRoot, type VmRecord } from './rundir.ts';
+import { paths, makeRunDir, writeRecord, readRecord, listRunDirs, removeRunDir, pidIsOurs, processAlive, scionQemuPids, templateRoot, type VmRecord } from './rundir.ts';
 
 export interface ImageArtifacts { name: string; dir: string; vmlinuz: string; initrd: string; manifest: any; cmdline: string; ramMB: number; ports: number[]; manifestSha256: string }
 
@@ -62,16 +62,23 @@ function spawnQemu(desc: VmDescription, netns?: string): Spawned {
   return { pid: p.pid!, exited, stderr: () => err };
 }
 
-async function waitForSocket(path: string, proc: Spawned, timeoutMs: number): Promise<void> {
+/** Connect QMP as soon as QEMU listens (the socket file appears a moment before it accepts). */
+async function connectQmp(name: string, path: string, proc: Spawned, timeoutMs: number): Promise<QmpClient> {
   const end = Date.now() + timeoutMs;
   let dead = false;
   proc.exited.then(() => (dead = true));
-  while (Date.now() < end) {
-    if (existsSync(path)) return;
-    if (dead) throw new VmError('E_QEMU_EXITED', `QEMU exited at start: ${proc.stderr().trim().split('\n').slice(-3).join(' | ')}`);
+  for (;;) {
+    if (dead) throw new VmError('E_QEMU_EXITED', `${name}: QEMU exited at start: ${proc.stderr().trim().split('\n').slice(-3).join(' | ')}`);
+    if (existsSync(path)) {
+      const q = new QmpClient(`${name}/qmp`);
+      try { await q.connect(path, Math.max(100, end - Date.now())); return q; } catch (e) {
+        q.close();
+        if (!/ECONNREFUSED|ENOENT/.test((e as Error).message) || Date.now() > end) throw e;
+      }
+    }
+    if (Date.now() > end) throw new VmError('E_QEMU_TIMEOUT', `${name}: QEMU did not open ${path} within ${timeoutMs} ms`);
     await new Promise((r) => setTimeout(r, 5));
   }
-  throw new VmError('E_QEMU_TIMEOUT', `QEMU did not open ${path} within ${timeoutMs} ms`);
 }
 
 function killPid(pid: number | undefined, sig: NodeJS.Signals = 'SIGKILL') { if (pid) { try { process.kill(pid, sig); } catch {} } }
@@ -97,15 +104,14 @@ export async function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}):
     net: opts.net === 'none' ? { mode: 'none' } : { mode: 'user', guestIp: USER_NET.templateIp, forwards: [] },
     qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console,
   };
-  const record: VmRecord = { name, role: 'template', image: img.dir, accel: accel.accel, createdAt: new Date().toISOString(), templateDir: tdir, generation: 0, ports: {}, desc };
+  const record: VmRecord = { name, role: 'template', image: img.dir, accel: accel.accel, createdAt: new Date().toISOString(), templateDir: tdir, generation: 0, ports: {}, desc, making: { ownerPid: process.pid, phase: 'boot' } };
+  await writeRecord(record); // before QEMU exists, so gc never mistakes it for an orphan
   const proc = spawnQemu(desc);
   record.pid = proc.pid;
   await writeFile(p.pid, String(proc.pid));
   await writeRecord(record);
   try {
-    await waitForSocket(p.qmp, proc, 10_000);
-    const qmp = new QmpClient(`${name}/qmp`);
-    await qmp.connect(p.qmp);
+    const qmp = await connectQmp(name, p.qmp, proc, 10_000);
     const agent = new AgentClient(`${name}/agent`);
     await agent.connect(p.agent);
     const timeout = opts.timeoutMs ?? 180_000;
@@ -120,6 +126,7 @@ export async function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}):
     const id = allocateIdentity(0, `${img.name}`);
     const applied = await agent.call('identity.apply', { generation: 1, hostname: img.name, machineId: id.machineId, interfaces: [{ mac: desc.mac, address: USER_NET.templateIp, prefix: 24, gateway: USER_NET.gateway }], dns: [USER_NET.dns], rngSeed: id.rngSeed, time: Date.now() });
     record.generation = applied.generation;
+    record.making = undefined;
     await writeRecord(record);
     return { record, qmp, agent };
   } catch (e) {
@@ -258,19 +265,19 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
   const record: VmRecord = {
     name, role: 'clone', image: meta.image, accel: meta.accel, createdAt: new Date().toISOString(), template: meta.name, templateDir: tdir,
     generation: meta.generation, identity: id, ports: Object.fromEntries(forwards.map((f) => [String(f.guestPort), f.hostPort])), desc,
+    making: { ownerPid: process.pid, phase: 'fork' },
   };
   const timings: Record<string, number> = {};
   let t = t0;
   const mark = (k: string) => { const n = performance.now(); timings[k] = Math.round((n - t) * 10) / 10; t = n; };
+  await writeRecord(record); // before QEMU exists, so gc never mistakes it for an orphan
   const proc = spawnQemu(desc);
   record.pid = proc.pid;
   await writeFile(p.pid, String(proc.pid));
   await writeRecord(record);
   let qmp: QmpClient | undefined, agent: AgentClient | undefined;
   try {
-    await waitForSocket(p.qmp, proc, 10_000);
-    qmp = new QmpClient(`${name}/qmp`);
-    await qmp.connect(p.qmp);
+    qmp = await connectQmp(name, p.qmp, proc, 10_000);
     mark('spawn');
     await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
     await qmp.execute('migrate-incoming', { uri: `exec:cat ${join(tdir, 'state')}` });
@@ -307,6 +314,7 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
     timings.applyRoundTrip = Math.round(total * 10) / 10;
     record.generation = generation;
     record.timings = timings;
+    record.making = undefined;
     await writeRecord(record);
     return { name, hostname: id.hostname, mac: id.mac, ip: id.ip, machineId: id.machineId, vmgenid: id.vmgenid, ports: record.ports, generation, timings, runDir: p.dir, agentSocket: p.agent, pid: proc.pid };
   } catch (e) {
@@ -319,7 +327,7 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
   }
 }
 
-export type VmState = 'running' | 'paused' | 'frozen' | 'dead' | 'incomplete';
+export type VmState = 'running' | 'starting' | 'frozen' | 'dead' | 'incomplete';
 export interface VmListing { name: string; role: string; state: VmState; pid?: number; runDir: string; agentSocket: string; template?: string; hostname?: string; ip?: string; mac?: string; ports: Record<string, number>; generation: number; accel?: string }
 
 export async function list(): Promise<VmListing[]> {
@@ -329,7 +337,8 @@ export async function list(): Promise<VmListing[]> {
     const r = await readRecord(n);
     if (!r) { out.push({ name: n, role: 'unknown', state: 'incomplete', runDir: p.dir, agentSocket: p.agent, ports: {}, generation: 0 }); continue; }
     const alive = pidIsOurs(r.pid, n);
-    const state: VmState = alive ? 'running' : r.frozen ? 'frozen' : 'dead';
+    const abandoned = r.making && !processAlive(r.making.ownerPid);
+    const state: VmState = abandoned ? 'incomplete' : alive ? (r.making ? 'starting' : 'running') : r.frozen ? 'frozen' : 'dead';
     out.push({ name: n, role: r.role, state, pid: alive ? r.pid : undefined, runDir: p.dir, agentSocket: p.agent, template: r.template, hostname: r.identity?.hostname ?? (r.role === 'template' ? r.name : undefined), ip: r.identity?.ip, mac: r.identity?.mac, ports: r.ports, generation: r.generation, accel: r.accel });
   }
   return out;
@@ -359,10 +368,13 @@ export async function gc(): Promise<{ removed: string[]; killed: number[] }> {
   const killed: number[] = [];
   for (const n of await listRunDirs()) {
     const r = await readRecord(n);
-    if (r && (pidIsOurs(r.pid, n) || r.frozen)) continue;
-    if (!r) {
-      // a run dir without a record: the scion that made it died mid-way; its QEMU (if any) is found below
-    }
+    if (r?.making && processAlive(r.making.ownerPid)) continue; // still being made by a live scion
+    const abandoned = r?.making !== undefined;
+    if (r && !abandoned && (pidIsOurs(r.pid, n) || r.frozen)) continue;
+    // dead, or abandoned mid-boot/fork by a scion that was killed: stop its QEMU, drop the run dir
+    if (r && pidIsOurs(r.pid, n)) { killPid(r.pid); killed.push(r.pid!); await waitDead(r.pid); }
+    if (r?.role === 'template' && abandoned && r.templateDir) await rm(r.templateDir, { recursive: true, force: true });
+    // a run dir without a record is one whose maker died before writing it; its QEMU (if any) is found below
     await removeRunDir(n);
     removed.push(n);
   }

@@ -17,7 +17,7 @@ export async function startHostAgent(opts: { wrap?: string[]; exec?: boolean } =
   const argv = [...(opts.wrap ?? []), process.execPath, '--import', 'tsx', join(ROOT, 'guest-agent/main.ts'), '--listen', socket];
   const proc = spawn(argv[0], argv.slice(1), {
     cwd: ROOT,
-    env: { ...process.env, SCION_AGENT_ROOT: root, SCION_AGENT_SET_CLOCK: '0', SCION_AGENT_STATE: join(root, 'state.json'), SCION_AGENT_LOGS: join(root, 'logs') },
+    env: { ...process.env, SCION_AGENT_KMSG: '0', SCION_AGENT_ROOT: root, SCION_AGENT_SET_CLOCK: '0', SCION_AGENT_STATE: join(root, 'state.json'), SCION_AGENT_LOGS: join(root, 'logs') },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   let err = '';
