@@ -283,9 +283,15 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
     await qmp.execute('migrate-incoming', { uri: `exec:cat ${join(tdir, 'state')}` });
     let dead = false;
     proc.exited.then(() => (dead = true));
+    const restoreFailed = () => new VmError('E_RESTORE_FAILED', `${name}: QEMU exited while loading the template state: ${proc.stderr().trim().split('\n').slice(-2).join(' | ')}`, { hint: 'the template state file may be corrupt or truncated; freeze the template again' });
     for (;;) {
-      if (dead) throw new VmError('E_RESTORE_FAILED', `${name}: QEMU exited while loading the template state: ${proc.stderr().trim().split('\n').slice(-2).join(' | ')}`, { hint: 'the template state file may be corrupt or truncated; freeze the template again' });
-      const s = await qmp.execute('query-status');
+      if (dead) throw restoreFailed();
+      let s;
+      try { s = await qmp.execute('query-status', undefined, 10_000); } catch (e) {
+        // QEMU closing the monitor mid-load means the load failed and it exited
+        await Promise.race([proc.exited, new Promise((r) => setTimeout(r, 2000))]);
+        throw dead ? restoreFailed() : e;
+      }
       if (s.status === 'paused' || s.status === 'postmigrate') {
         const m = await qmp.execute('query-migrate');
         if (m.status === 'completed' || !m.status) break;

@@ -1,6 +1,6 @@
 /** Run the real agent on the host (tsx), serving on a unix socket, optionally inside namespaces. */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, mkdirSync, writeFileSync, existsSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, writeFileSync, existsSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 
@@ -27,5 +27,5 @@ export async function startHostAgent(opts: { wrap?: string[]; exec?: boolean } =
     if (proc.exitCode !== null || Date.now() > end) throw new Error(`agent did not start: ${err}`);
     await new Promise((r) => setTimeout(r, 50));
   }
-  return { proc, socket, root, stop: () => proc.kill('SIGKILL'), stderr: () => err };
+  return { proc, socket, root, stop: () => { proc.kill('SIGKILL'); rmSync(root, { recursive: true, force: true }); }, stderr: () => err };
 }

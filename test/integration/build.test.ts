@@ -3,7 +3,7 @@
  * from empty caches, the cache's integrity, offline builds, and the failures a
  * user can meet, each with its message.
  */
-import { describe, it, expect } from 'vitest';
+import { describe, it, expect, afterAll } from 'vitest';
 import { readFileSync, writeFileSync, copyFileSync, existsSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { join } from 'node:path';
@@ -11,7 +11,9 @@ import { createHash } from 'node:crypto';
 import { build, type BuildEvent } from '../../builder/build.ts';
 import { BlobCache } from '../../builder/cache.ts';
 import { mirrorFromAptSources } from '../../builder/debian/archive.ts';
-import { image, tmp } from './helpers.ts';
+import { image, tmp, cleanupTmp } from './helpers.ts';
+
+afterAll(cleanupTmp);
 
 const sha = (f: string) => createHash('sha256').update(readFileSync(f)).digest('hex');
 const lock = JSON.parse(readFileSync(image('minimal').replace('.yaml', '.scion.lock'), 'utf8'));

@@ -1,0 +1,173 @@
+/**
+ * Real QEMU under TCG (KVM where it works): boot, freeze and fork images/web.yaml
+ * and check, from the agents and from inside each guest, that every clone is
+ * its own machine while the template's memory stays untouched.
+ */
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { createHash } from 'node:crypto';
+import { createReadStream, readFileSync, existsSync, truncateSync, copyFileSync, mkdirSync, cpSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { spawn, execFileSync } from 'node:child_process';
+import { build } from '../../builder/build.ts';
+import { AgentClient } from '../../host/agent-client.ts';
+import { QmpClient } from '../../host/qmp.ts';
+import * as vm from '../../host/vm.ts';
+import { scionQemuPids, paths, readRecord } from '../../host/rundir.ts';
+import { image, isolateRunDirs, ROOT, tmp } from './helpers.ts';
+
+const dirs = isolateRunDirs('vm');
+const fileSha = (f: string) => new Promise<string>((res, rej) => {
+  const h = createHash('sha256');
+  createReadStream(f).on('data', (c) => h.update(c)).on('end', () => res(h.digest('hex'))).on('error', rej);
+});
+async function agentOf(name: string): Promise<AgentClient> { return vm.connectAgent(name, 30_000); }
+async function sh(name: string, script: string): Promise<string> {
+  const a = await agentOf(name);
+  try {
+    const r = await a.call('exec', { argv: ['sh', '-c', script] });
+    if (r.exitCode !== 0) throw new Error(`${script}: exit ${r.exitCode}: ${r.stderr}`);
+    return r.stdout.trim();
+  } finally { a.close(); }
+}
+const distinct = (xs: string[]) => new Set(xs).size === xs.length;
+
+afterAll(async () => {
+  for (const v of await vm.list()) await vm.removeVm(v.name).catch(() => {});
+  rmSync(dirs.templates, { recursive: true, force: true });
+  rmSync(dirs.run, { recursive: true, force: true });
+});
+
+describe('minimal image', () => {
+  it('boots under QEMU, prints the init marker, and its agent answers', async () => {
+    const b = await build({ definitionPath: image('minimal') });
+    const h = await vm.bootTemplate(await vm.loadImage(b.dir), { name: 'mini-tpl' });
+    try {
+      expect(readFileSync(paths('mini-tpl').console, 'utf8')).toContain('SCION-INIT-OK');
+      const info = await h.agent.call('info');
+      expect(info.kernel).toMatch(/^6\.\d+/);
+      expect(info.identity.hostname).toBe('minimal');
+      expect(info.generation).toBe(1);
+    } finally {
+      h.qmp.close(); h.agent.close();
+      await vm.removeVm('mini-tpl');
+    }
+    expect(scionQemuPids().filter((p) => p.runDir?.endsWith('/mini-tpl'))).toEqual([]);
+  });
+});
+
+describe('web image: boot, freeze, fork', () => {
+  let tplDir: string;
+  let memShaBefore: string;
+  let clones: vm.CloneResult[];
+
+  beforeAll(async () => {
+    const b = await build({ definitionPath: image('web') });
+    const img = await vm.loadImage(b.dir);
+    const h = await vm.bootTemplate(img, { name: 'web-tpl' });
+    await vm.freeze(h, img);
+    tplDir = join(dirs.templates, 'web-tpl');
+    memShaBefore = await fileSha(join(tplDir, 'mem'));
+    clones = await vm.fork('web-tpl', { n: 3, parallel: 2 });
+  });
+
+  it('gives three clones pairwise distinct identities, as the agents and the guests report them', async () => {
+    const seen = { hostname: [] as string[], mac: [] as string[], ip: [] as string[], machineId: [] as string[], vmgenid: [] as string[], random: [] as string[] };
+    for (const c of clones) {
+      const a = await agentOf(c.name);
+      const info = await a.call('info');
+      a.close();
+      expect(info.generation).toBe(2);
+      expect(info.identity.hostname).toBe(c.hostname);
+      expect(info.vmForks).toBe(1); // the kernel saw the vmgenid change
+      // from inside the guest, not from what the host asked for
+      const [hostname, mac, addr, machineId, random] = (await sh(c.name, 'cat /proc/sys/kernel/hostname /sys/class/net/eth0/address; ip -4 -o addr show dev eth0 | awk \'{print $4}\'; cat /etc/machine-id; head -c 32 /dev/urandom | od -An -tx1 | tr -d " \\n"')).split('\n');
+      expect(hostname).toBe(c.hostname);
+      expect(mac).toBe(c.mac);
+      expect(addr).toBe(`${c.ip}/24`);
+      expect(machineId).toBe(c.machineId);
+      const q = new QmpClient();
+      await q.connect(paths(c.name).qmp);
+      seen.vmgenid.push((await q.execute('query-vm-generation-id')).guid);
+      q.close();
+      seen.hostname.push(hostname); seen.mac.push(mac); seen.ip.push(addr); seen.machineId.push(machineId); seen.random.push(random);
+    }
+    for (const [k, xs] of Object.entries(seen)) expect(distinct(xs), `${k}: ${xs.join(' ')}`).toBe(true);
+  });
+
+  it('each clone serves HTTP on its own forwarded port, naming its own hostname', async () => {
+    for (const c of clones) {
+      const res = await fetch(`http://127.0.0.1:${c.ports['8080']}/`);
+      expect(await res.text()).toBe(`hello from ${c.hostname}\n`);
+    }
+    const a = await agentOf(clones[0].name);
+    const list = await a.call('containers.list');
+    a.close();
+    expect(list.containers[0]).toMatchObject({ name: 'web', state: 'running', healthy: true });
+  });
+
+  it('leaves the template memory file unchanged after the clones have written memory', async () => {
+    for (const c of clones) await sh(c.name, 'dd if=/dev/urandom of=/tmp/fill bs=1M count=8 2>/dev/null; sync');
+    expect(await fileSha(join(tplDir, 'mem'))).toBe(memShaBefore);
+  });
+
+  it('scion ls --json tells each VM role, state and sockets', async () => {
+    const out = JSON.parse(execFileSync(process.execPath, [join(ROOT, 'bin/scion.js'), 'ls', '--json'], { encoding: 'utf8', env: process.env }));
+    const byName = Object.fromEntries(out.map((v: any) => [v.name, v]));
+    expect(byName['web-tpl']).toMatchObject({ role: 'template', state: 'frozen' });
+    for (const c of clones) expect(byName[c.name]).toMatchObject({ role: 'clone', state: 'running', hostname: c.hostname, ip: c.ip, agentSocket: c.agentSocket });
+  });
+
+  it('a corrupted or truncated state file, or a missing memory file, fails clearly and leaves nothing behind', async () => {
+    const bad = join(dirs.templates, 'bad-tpl');
+    mkdirSync(bad, { recursive: true });
+    for (const f of ['meta.json', 'state']) copyFileSync(join(tplDir, f), join(bad, f));
+    execFileSync('ln', ['-s', join(tplDir, 'mem'), join(bad, 'mem')]);
+    const meta = JSON.parse(readFileSync(join(bad, 'meta.json'), 'utf8'));
+    writeFileSync(join(bad, 'meta.json'), JSON.stringify({ ...meta, name: 'bad-tpl' }));
+    const before = (await vm.list()).map((v) => v.name).sort();
+    const qemusBefore = scionQemuPids().length;
+
+    truncateSync(join(bad, 'state'), 4096);
+    await expect(vm.fork('bad-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_RESTORE_FAILED', message: expect.stringContaining('QEMU exited while loading the template state') });
+    const state = readFileSync(join(tplDir, 'state'));
+    state.fill(0x5a, 2000, 6000); // corrupt bytes in the device state
+    writeFileSync(join(bad, 'state'), state);
+    await expect(vm.fork('bad-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_RESTORE_FAILED' });
+    rmSync(join(bad, 'mem'));
+    await expect(vm.fork('bad-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_TEMPLATE_INCOMPLETE', message: `template bad-tpl: ${join(bad, 'mem')} is missing` });
+
+    expect((await vm.list()).map((v) => v.name).sort()).toEqual(before);
+    expect(scionQemuPids().length).toBe(qemusBefore);
+  });
+
+  it('after scion is killed with SIGKILL mid-fork, ls tells the truth and gc leaves no orphan', async () => {
+    const child = spawn(process.execPath, [join(ROOT, 'bin/scion.js'), 'fork', 'web-tpl', '-n', '1'], { env: process.env, stdio: 'ignore' });
+    // wait until its clone's QEMU exists, then kill scion
+    const end = Date.now() + 60_000;
+    let name: string | undefined;
+    while (Date.now() < end && !name) {
+      for (const v of await vm.list()) { const r = await readRecord(v.name); if (r?.making && r.pid) name = v.name; }
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    child.kill('SIGKILL');
+    await new Promise((r) => child.on('exit', r));
+    expect(name).toBeDefined();
+    const l = await vm.list();
+    expect(l.find((v) => v.name === name)?.state).toBe('incomplete');
+    const r = await vm.gc();
+    expect(r.removed).toContain(name);
+    expect(existsSync(paths(name!).dir)).toBe(false);
+    expect(scionQemuPids().filter((p) => p.runDir?.endsWith(`/${name}`))).toEqual([]);
+    // the finished clones are untouched
+    for (const c of clones) expect((await vm.list()).find((v) => v.name === c.name)?.state).toBe('running');
+  });
+
+  it('a template frozen with another QEMU is refused with a clear error', async () => {
+    const other = join(dirs.templates, 'old-tpl');
+    cpSync(tplDir, other, { recursive: true, dereference: false, filter: (src) => !src.endsWith('/mem') });
+    execFileSync('ln', ['-s', join(tplDir, 'mem'), join(other, 'mem')]);
+    const meta = JSON.parse(readFileSync(join(other, 'meta.json'), 'utf8'));
+    writeFileSync(join(other, 'meta.json'), JSON.stringify({ ...meta, name: 'old-tpl', qemuVersion: 'QEMU emulator version 6.0.0' }));
+    await expect(vm.fork('old-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_TEMPLATE_QEMU', message: expect.stringContaining('was frozen with "QEMU emulator version 6.0.0"') });
+  });
+});
