@@ -16,6 +16,8 @@ export interface VmDescription {
   accel: Accel;
   ramMB: number;
   cpus: number;
+  /** guest RAM: a file (template shared, clones private) or, for an ordinary full snapshot, anonymous memory */
+  memory: 'file' | 'ram';
   memPath: string;
   kernel: string;
   /** the template boots from it; a clone restores RAM and needs none */
@@ -48,7 +50,8 @@ export function deviceLineup(d: Pick<VmDescription, 'ramMB' | 'cpus' | 'net' | '
     'serial=isa-serial(console)',
     'virtio-serial-pci,id=vser0,bus=pcie.0,addr=0x3',
     'virtserialport,bus=vser0.0,nr=1,name=org.scion.agent.0',
-    `virtio-net-pci,id=nic0,bus=pcie.0,addr=0x4(${d.net.mode === 'none' ? 'none' : 'net'})`,
+    // the backend kind matters: user-mode networking has migration state of its own
+    `virtio-net-pci,id=nic0,bus=pcie.0,addr=0x4(${d.net.mode === 'bridge' ? 'tap' : d.net.mode})`,
     'vmgenid,id=vmgenid0',
     'virtio-rng-pci,id=rng0,bus=pcie.0,addr=0x5',
   ];
@@ -67,7 +70,7 @@ export function qemuArgv(d: VmDescription): string[] {
     '-smp', String(d.cpus),
     // guest RAM in a file: the template maps it shared (its writes land in the
     // file); clones map it private, so their writes are copy-on-write
-    '-object', `memory-backend-file,id=mem,size=${d.ramMB}M,mem-path=${d.memPath},share=${d.mode === 'template' ? 'on' : 'off'},prealloc=off`,
+    '-object', d.memory === 'ram' ? `memory-backend-ram,id=mem,size=${d.ramMB}M` : `memory-backend-file,id=mem,size=${d.ramMB}M,mem-path=${d.memPath},share=${d.mode === 'template' ? 'on' : 'off'},prealloc=off`,
     '-kernel', d.kernel,
     '-append', d.cmdline,
     '-chardev', `file,id=console,path=${d.consoleLog}`,

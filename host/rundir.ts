@@ -33,6 +33,8 @@ export interface VmRecord {
   identity?: CloneIdentity;
   ports: Record<string, number>;
   desc: VmDescription;
+  netns?: string;
+  netMode?: import('./net.ts').NetMode;
   frozen?: boolean;
   /** set while a scion process is still making this VM; cleared when it is ready */
   making?: { ownerPid: number; phase: string };

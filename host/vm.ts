@@ -16,6 +16,7 @@ import { AgentClient } from './agent-client.ts';
 import { qemuArgv, deviceLineup, USER_NET, type VmDescription, type NetConfig, type Accel } from './qemu-argv.ts';
 import { chooseAccel, qemuVersion, QEMU } from './accel.ts';
 import { allocateIdentity, freeIndices, type CloneIdentity } from './identity.ts';
+import { createTap, deleteTap, netParams, type NetMode, type BridgeSpec } from './net.ts';
 import { paths, makeRunDir, writeRecord, readRecord, listRunDirs, removeRunDir, pidIsOurs, processAlive, scionQemuPids, templateRoot, type VmRecord } from './rundir.ts';
 
 export interface ImageArtifacts { name: string; dir: string; vmlinuz: string; initrd: string; manifest: any; cmdline: string; ramMB: number; ports: number[]; manifestSha256: string }
@@ -83,7 +84,13 @@ async function connectQmp(name: string, path: string, proc: Spawned, timeoutMs: 
 
 function killPid(pid: number | undefined, sig: NodeJS.Signals = 'SIGKILL') { if (pid) { try { process.kill(pid, sig); } catch {} } }
 
-export interface BootOptions { name?: string; net?: 'user' | 'none'; accel?: Accel; timeoutMs?: number; log?: (m: string) => void }
+export interface BootOptions {
+  name?: string; net?: NetMode; accel?: Accel; timeoutMs?: number; log?: (m: string) => void;
+  /** 'ram': an ordinary VM whose freeze saves RAM into the state stream (the baseline scion is compared with) */
+  memory?: 'file' | 'ram';
+  /** stop at the agent's boot ready, without the template identity (cold-boot measurements) */
+  skipIdentity?: boolean;
+}
 
 export interface Handle { record: VmRecord; qmp: QmpClient; agent: AgentClient }
 
@@ -99,14 +106,20 @@ export async function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}):
   await mkdir(tdir, { recursive: true, mode: 0o700 });
   await makeRunDir(name);
   const desc: VmDescription = {
-    mode: 'template', accel: accel.accel, ramMB: img.ramMB, cpus: 1, memPath: join(tdir, 'mem'), kernel: img.vmlinuz, initrd: img.initrd,
+    mode: 'template', accel: accel.accel, ramMB: img.ramMB, cpus: 1, memory: opts.memory ?? 'file', memPath: join(tdir, 'mem'), kernel: img.vmlinuz, initrd: img.initrd,
     cmdline: img.cmdline, vmgenid: randomUUID(), mac: '02:53:43:00:00:00',
-    net: opts.net === 'none' ? { mode: 'none' } : { mode: 'user', guestIp: USER_NET.templateIp, forwards: [] },
+    net: { mode: 'none' },
     qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console,
   };
-  const record: VmRecord = { name, role: 'template', image: img.dir, accel: accel.accel, createdAt: new Date().toISOString(), templateDir: tdir, generation: 0, ports: {}, desc, making: { ownerPid: process.pid, phase: 'boot' } };
+  const netMode: NetMode = opts.net ?? { mode: 'user' };
+  const np = netParams(netMode);
+  const tplIp = `${np.network.split('/')[0].split('.').slice(0, 3).join('.')}.15`;
+  if (netMode.mode === 'user') desc.net = { mode: 'user', guestIp: tplIp, forwards: [] };
+  else if (netMode.mode === 'bridge') desc.net = { mode: 'bridge', tap: await createTap(netMode) };
+  const record: VmRecord = { name, role: 'template', image: img.dir, accel: accel.accel, createdAt: new Date().toISOString(), templateDir: tdir, generation: 0, ports: {}, desc, netns: netMode.mode === 'bridge' ? netMode.netns : undefined, netMode, making: { ownerPid: process.pid, phase: 'boot' } };
   await writeRecord(record); // before QEMU exists, so gc never mistakes it for an orphan
-  const proc = spawnQemu(desc);
+  const tSpawn = performance.now();
+  const proc = spawnQemu(desc, record.netns);
   record.pid = proc.pid;
   await writeFile(p.pid, String(proc.pid));
   await writeRecord(record);
@@ -122,9 +135,11 @@ export async function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}):
     });
     const info = await agent.call('info');
     if (!info.lastReady) await agent.waitEvent('ready', () => true, timeout);
+    record.timings = { bootReadyMs: Math.round(performance.now() - tSpawn) };
+    if (opts.skipIdentity) { record.making = undefined; await writeRecord(record); return { record, qmp, agent }; }
     // the template's own identity (generation 1): clones start from a known state
     const id = allocateIdentity(0, `${img.name}`);
-    const applied = await agent.call('identity.apply', { generation: 1, hostname: img.name, machineId: id.machineId, interfaces: [{ mac: desc.mac, address: USER_NET.templateIp, prefix: 24, gateway: USER_NET.gateway }], dns: [USER_NET.dns], rngSeed: id.rngSeed, time: Date.now() });
+    const applied = await agent.call('identity.apply', { generation: 1, hostname: img.name, machineId: id.machineId, interfaces: [{ mac: desc.mac, address: tplIp, prefix: Number(np.network.split('/')[1] ?? 24), gateway: np.gateway }], dns: np.dns, rngSeed: id.rngSeed, time: Date.now() });
     record.generation = applied.generation;
     record.making = undefined;
     await writeRecord(record);
@@ -132,6 +147,7 @@ export async function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}):
   } catch (e) {
     killPid(proc.pid);
     await proc.exited;
+    if (desc.net.mode === 'bridge') await deleteTap(desc.net.tap, record.netns);
     await writeRecord(record).catch(() => {});
     throw e;
   }
@@ -148,7 +164,9 @@ export interface TemplateMeta {
   cmdline: string;
   ramMB: number;
   generation: number;
-  memSha256?: string;
+  memory: 'file' | 'ram';
+  /** how the template was networked; clones use the same kind (user-mode networking has migration state) */
+  net: NetMode;
   frozenAt: string;
   freezeMs: number;
   ports: number[];
@@ -168,7 +186,9 @@ export async function freeze(h: Handle, img: ImageArtifacts, log?: (m: string) =
   await h.agent.call('freeze.prepare', {}, 120_000);
   const tPrepared = performance.now();
   await h.qmp.execute('stop');
-  await h.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+  const shared = r.desc.memory !== 'ram';
+  // shared: RAM stays in the memory file, only device state is saved; 'ram': the ordinary full snapshot
+  if (shared) await h.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
   const tmpState = join(tdir, `state.tmp-${process.pid}`);
   await h.qmp.execute('migrate', { uri: `exec:cat > ${tmpState}` });
   for (;;) {
@@ -182,8 +202,11 @@ export async function freeze(h: Handle, img: ImageArtifacts, log?: (m: string) =
   await h.qmp.execute('quit').catch(() => {});
   h.qmp.close(); h.agent.close();
   await waitDead(r.pid);
-  await chmod(join(tdir, 'mem'), 0o444);
+  if (shared) await chmod(join(tdir, 'mem'), 0o444);
+  if (r.desc.net.mode === 'bridge') await deleteTap(r.desc.net.tap, r.netns);
   const meta: TemplateMeta = {
+    memory: shared ? 'file' : 'ram',
+    net: r.netMode ?? { mode: 'user' },
     name: r.name, qemuVersion: qemuVersion(), lineup: deviceLineup(r.desc), accel: r.accel as Accel, image: img.dir, manifestSha256: img.manifestSha256,
     kernel: img.vmlinuz, cmdline: r.desc.cmdline, ramMB: r.desc.ramMB, generation: r.generation, frozenAt: new Date().toISOString(), freezeMs, ports: img.ports,
   };
@@ -204,7 +227,7 @@ async function waitDead(pid: number | undefined, timeoutMs = 10_000) {
   killPid(pid);
 }
 
-export interface ForkOptions { n: number; parallel?: number; hostname?: string; namePrefix?: string; net?: 'user' | 'none'; log?: (m: string) => void; keepOnFailure?: boolean }
+export interface ForkOptions { n: number; parallel?: number; hostname?: string; namePrefix?: string; log?: (m: string) => void; keepOnFailure?: boolean }
 export interface CloneResult { name: string; hostname: string; mac: string; ip: string; machineId: string; vmgenid: string; ports: Record<string, number>; generation: number; timings: Record<string, number>; runDir: string; agentSocket: string; pid: number }
 
 /** Check a template can be forked by this QEMU with this line-up; fail clearly if not. */
@@ -212,10 +235,10 @@ export async function checkTemplate(tdir: string): Promise<TemplateMeta> {
   const meta = await templateMeta(tdir);
   const v = qemuVersion();
   if (meta.qemuVersion !== v) throw new VmError('E_TEMPLATE_QEMU', `template ${meta.name} was frozen with "${meta.qemuVersion}", this host runs "${v}"`, { hint: 'boot and freeze the template again with this QEMU' });
-  for (const f of ['mem', 'state']) {
+  for (const f of meta.memory === 'ram' ? ['state'] : ['mem', 'state']) {
     try { await access(join(tdir, f)); } catch { throw new VmError('E_TEMPLATE_INCOMPLETE', `template ${meta.name}: ${join(tdir, f)} is missing`, { hint: 'freeze the template again' }); }
   }
-  const st = await stat(join(tdir, 'mem'));
+  const st = meta.memory === 'ram' ? { size: meta.ramMB * 1024 * 1024 } : await stat(join(tdir, 'mem'));
   if (st.size !== meta.ramMB * 1024 * 1024) throw new VmError('E_TEMPLATE_INCOMPLETE', `template ${meta.name}: memory file is ${st.size} bytes, expected ${meta.ramMB} MiB`);
   return meta;
 }
@@ -249,29 +272,31 @@ export async function fork(templateName: string, opts: ForkOptions): Promise<Clo
 
 async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: ForkOptions): Promise<CloneResult> {
   const t0 = performance.now();
-  const id = allocateIdentity(index, opts.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`);
+  const netMode: NetMode = meta.net ?? { mode: 'user' };
+  const id = allocateIdentity(index, opts.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`, undefined, netParams(netMode));
   const name = `${opts.namePrefix ?? meta.name.replace(/-tpl$/, '')}-c${index}`;
   const p = paths(name);
   if (existsSync(p.dir)) await removeRunDir(name);
   await makeRunDir(name);
-  const forwards = await Promise.all(meta.ports.map(async (g) => ({ guestPort: g, hostPort: await freePort() })));
-  const net: NetConfig = opts.net === 'none' ? { mode: 'none' } : { mode: 'user', guestIp: id.ip, forwards };
+  const forwards = netMode.mode === 'user' ? await Promise.all(meta.ports.map(async (g) => ({ guestPort: g, hostPort: await freePort() }))) : [];
+  const net: NetConfig = netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards } : netMode.mode === 'bridge' ? { mode: 'bridge', tap: await createTap(netMode) } : { mode: 'none' };
+  const netns = netMode.mode === 'bridge' ? netMode.netns : undefined;
   const desc: VmDescription = {
-    mode: 'clone', accel: meta.accel, ramMB: meta.ramMB, cpus: 1, memPath: join(tdir, 'mem'), kernel: meta.kernel, cmdline: meta.cmdline,
+    mode: 'clone', accel: meta.accel, ramMB: meta.ramMB, cpus: 1, memory: meta.memory ?? 'file', memPath: join(tdir, 'mem'), kernel: meta.kernel, cmdline: meta.cmdline,
     vmgenid: id.vmgenid, mac: id.mac, net, qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console, incoming: true,
   };
   const lineup = deviceLineup(desc);
   if (JSON.stringify(lineup) !== JSON.stringify(meta.lineup)) throw new VmError('E_TEMPLATE_LINEUP', `template ${meta.name} was frozen with another device line-up`, { hint: 'freeze it again with this scion' });
   const record: VmRecord = {
     name, role: 'clone', image: meta.image, accel: meta.accel, createdAt: new Date().toISOString(), template: meta.name, templateDir: tdir,
-    generation: meta.generation, identity: id, ports: Object.fromEntries(forwards.map((f) => [String(f.guestPort), f.hostPort])), desc,
+    generation: meta.generation, identity: id, ports: Object.fromEntries(forwards.map((f) => [String(f.guestPort), f.hostPort])), desc, netns, netMode,
     making: { ownerPid: process.pid, phase: 'fork' },
   };
   const timings: Record<string, number> = {};
   let t = t0;
   const mark = (k: string) => { const n = performance.now(); timings[k] = Math.round((n - t) * 10) / 10; t = n; };
   await writeRecord(record); // before QEMU exists, so gc never mistakes it for an orphan
-  const proc = spawnQemu(desc);
+  const proc = spawnQemu(desc, netns);
   record.pid = proc.pid;
   await writeFile(p.pid, String(proc.pid));
   await writeRecord(record);
@@ -279,7 +304,7 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
   try {
     qmp = await connectQmp(name, p.qmp, proc, 10_000);
     mark('spawn');
-    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+    if (desc.memory === 'file') await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
     await qmp.execute('migrate-incoming', { uri: `exec:cat ${join(tdir, 'state')}` });
     let dead = false;
     proc.exited.then(() => (dead = true));
@@ -326,6 +351,7 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
   } catch (e) {
     killPid(proc.pid);
     await proc.exited;
+    if (net.mode === 'bridge') await deleteTap(net.tap, netns);
     if (!opts.keepOnFailure) await removeRunDir(name);
     throw e instanceof ScionError ? e : new VmError('E_FORK_FAILED', `${name}: ${(e as Error).message}`, { cause: e });
   } finally {
@@ -364,6 +390,7 @@ export async function stopVm(name: string): Promise<void> {
 export async function removeVm(name: string): Promise<void> {
   await stopVm(name);
   const r = await readRecord(name);
+  if (r?.desc.net.mode === 'bridge') await deleteTap(r.desc.net.tap, r.netns);
   if (r?.role === 'template' && r.templateDir) await rm(r.templateDir, { recursive: true, force: true });
   await removeRunDir(name);
 }
@@ -379,6 +406,7 @@ export async function gc(): Promise<{ removed: string[]; killed: number[] }> {
     if (r && !abandoned && (pidIsOurs(r.pid, n) || r.frozen)) continue;
     // dead, or abandoned mid-boot/fork by a scion that was killed: stop its QEMU, drop the run dir
     if (r && pidIsOurs(r.pid, n)) { killPid(r.pid); killed.push(r.pid!); await waitDead(r.pid); }
+    if (r?.desc.net.mode === 'bridge') await deleteTap(r.desc.net.tap, r.netns);
     if (r?.role === 'template' && abandoned && r.templateDir) await rm(r.templateDir, { recursive: true, force: true });
     // a run dir without a record is one whose maker died before writing it; its QEMU (if any) is found below
     await removeRunDir(n);

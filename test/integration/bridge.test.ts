@@ -1,0 +1,64 @@
+/**
+ * Bridge mode: a bridge inside a network namespace this test makes, one tap
+ * per VM; the clones reach each other by IP, with no address conflict.
+ */
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { rmSync } from 'node:fs';
+import { build } from '../../builder/build.ts';
+import * as vm from '../../host/vm.ts';
+import { image, isolateRunDirs } from './helpers.ts';
+
+const isRoot = process.getuid?.() === 0;
+const ns = `scion-br${randomBytes(3).toString('hex')}`;
+const ipNs = (...a: string[]) => execFileSync('ip', ['-n', ns, ...a], { encoding: 'utf8' });
+
+describe.skipIf(!isRoot)('bridge networking (needs root)', () => {
+  const dirs = isolateRunDirs('br');
+  let clones: vm.CloneResult[];
+  beforeAll(async () => {
+    execFileSync('ip', ['netns', 'add', ns]);
+    ipNs('link', 'add', 'br0', 'type', 'bridge');
+    ipNs('addr', 'add', '10.44.0.1/24', 'dev', 'br0');
+    ipNs('link', 'set', 'br0', 'up');
+    const net = { mode: 'bridge' as const, bridge: 'br0', netns: ns, network: '10.44.0.0/24' };
+    const img = await vm.loadImage((await build({ definitionPath: image('minimal') })).dir);
+    const h = await vm.bootTemplate(img, { name: 'br-tpl', net });
+    await vm.freeze(h, img);
+    clones = await vm.fork('br-tpl', { n: 3, parallel: 2 });
+  });
+  afterAll(async () => {
+    for (const v of await vm.list()) await vm.removeVm(v.name).catch(() => {});
+    try { execFileSync('ip', ['netns', 'del', ns]); } catch {}
+    rmSync(dirs.templates, { recursive: true, force: true });
+    rmSync(dirs.run, { recursive: true, force: true });
+  });
+
+  async function sh(name: string, script: string) {
+    const a = await vm.connectAgent(name);
+    try { return await a.call('exec', { argv: ['sh', '-c', script] }); } finally { a.close(); }
+  }
+
+  it('every clone pings every other clone, and sees each at its own MAC', async () => {
+    expect(clones.map((c) => c.ip)).toEqual(['10.44.0.16', '10.44.0.17', '10.44.0.18']);
+    for (const a of clones) {
+      for (const b of clones) {
+        if (a === b) continue;
+        const r = await sh(a.name, `ping -c 1 -W 3 ${b.ip}`);
+        expect(r.exitCode, `${a.name} -> ${b.ip}: ${r.stdout}${r.stderr}`).toBe(0);
+        const neigh = await sh(a.name, `ip neigh show ${b.ip}`);
+        expect(neigh.stdout).toContain(`lladdr ${b.mac}`);
+      }
+    }
+  });
+
+  it('no duplicate address: duplicate-address probes get no answer, and no kernel conflict messages', async () => {
+    for (const c of clones) {
+      const dad = await sh(c.name, `arping -D -c 2 -w 3 -I eth0 ${c.ip}`);
+      expect(dad.exitCode, `${c.name}: ${dad.stdout}`).toBe(0); // 0: nobody else answers for this address
+      const log = await sh(c.name, 'dmesg');
+      expect(log.stdout).not.toMatch(/duplicate address|address conflict/i);
+    }
+  });
+});
