@@ -56,8 +56,12 @@ if (args.includes('--stdio')) {
   // A virtio port reads 0 bytes while no host is connected: poll gently until one is.
   const listeners: ((b: Buffer) => void)[] = [];
   const buf = Buffer.alloc(65536);
+  // Poll fast right after a disconnect (a fork resumes here and the host connects within
+  // ~100 ms), then back off so idle clones cost the host little CPU.
+  let idle = 0;
   const loop = () => read(fd, buf, 0, buf.length, null, (err, n) => {
-    if (err || n === 0) { setTimeout(loop, err ? 100 : 10); return; }
+    if (err || n === 0) { idle++; setTimeout(loop, err ? 100 : idle < 200 ? 10 : idle < 400 ? 50 : 250); return; }
+    idle = 0;
     const chunk = Buffer.from(buf.subarray(0, n));
     for (const l of listeners) l(chunk);
     loop();
@@ -77,7 +81,7 @@ if (args.includes('--stdio')) {
 watchKmsg(() => agent.onVmFork());
 agent.boot().catch((e) => log(`boot: ${e.message}`));
 
-/** Watch the kernel log for the vmgenid fork notice (a non-blocking read every 100 ms; records before start are skipped). */
+/** Watch the kernel log for the vmgenid fork notice (a non-blocking read every 250 ms; records before start are skipped). */
 function watchKmsg(onFork: () => void) {
   if (process.env.SCION_AGENT_KMSG === '0') return;
   let fd: number;
@@ -92,5 +96,5 @@ function watchKmsg(onFork: () => void) {
     }
   };
   drain(true);
-  setInterval(() => drain(false), 100).unref();
+  setInterval(() => drain(false), 250).unref();
 }

@@ -284,6 +284,8 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
   const desc: VmDescription = {
     mode: 'clone', accel: meta.accel, ramMB: meta.ramMB, cpus: 1, memory: meta.memory ?? 'file', memPath: join(tdir, 'mem'), kernel: meta.kernel, cmdline: meta.cmdline,
     vmgenid: id.vmgenid, mac: id.mac, net, qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console, incoming: true,
+    // TCG's translation cache is private to each clone and fills up: a knob between speed and memory
+    tbSizeMB: Number(process.env.SCION_TB_SIZE_MB) || undefined,
   };
   const lineup = deviceLineup(desc);
   if (JSON.stringify(lineup) !== JSON.stringify(meta.lineup)) throw new VmError('E_TEMPLATE_LINEUP', `template ${meta.name} was frozen with another device line-up`, { hint: 'freeze it again with this scion' });
