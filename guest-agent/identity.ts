@@ -24,7 +24,8 @@ export function networkScript(id: Identity, cfg: Pick<SystemConfig, 'setClock' |
   if (cfg.setClock && id.time !== undefined) lines.push(`date -s @${Math.floor(id.time / 1000)} >/dev/null`);
   for (const i of id.interfaces) {
     const dev = i.name ?? cfg.defaultInterface;
-    lines.push(`ip link set dev ${dev} down`, `ip link set dev ${dev} address ${i.mac}`, `ip link set dev ${dev} up`);
+    // virtio-net changes its MAC live (VIRTIO_NET_F_CTRL_MAC_ADDR): no link flap
+    lines.push(`ip link set dev ${dev} address ${i.mac} up`);
     if (cfg.dhcp) {
       lines.push(`udhcpc -i ${dev} -n -q -t 3 -T 1 -s /usr/lib/scion/udhcpc.script >/dev/null 2>&1 || true`);
     } else if (i.address) {

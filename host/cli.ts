@@ -16,6 +16,7 @@ Commands:
                               build (cached), boot, freeze, fork N clones, print them
   boot <image.yaml> [--name T]    boot a template VM and wait for its agent
   freeze <template>           freeze a running template into a template directory
+  freeze <clone> --name T     freeze a running clone as a new template T (forks of a fork)
   fork <template> [-n N]      fork N running clones of a frozen template
   ls                          list VMs (templates and clones) from their run directories
   info <vm>                   the agent's info: identity, fork generation, containers

@@ -75,6 +75,12 @@ export async function run(cmd: string, pos: string[], v: Vals, ctx: Ctx): Promis
     case 'freeze': {
       need(1, 'scion freeze <template>');
       const r = await readRecord(pos[0]);
+      if (r?.role === 'clone') {
+        if (!v.name) throw new ScionError('E_USAGE', 'freezing a clone makes a new template: name it with --name', { hint: `scion freeze ${pos[0]} --name ${pos[0]}-tpl` });
+        const meta = await vm.freezeClone(pos[0], v.name as string, ctx.err);
+        console.log(ctx.json ? JSON.stringify(meta) : `frozen clone ${pos[0]} as template ${v.name}; fork it with: scion fork ${v.name} -n 3`);
+        return 0;
+      }
       if (!r || r.role !== 'template') throw new VmError('E_NO_VM', `no template VM named ${pos[0]}`, { hint: 'scion ls' });
       const { QmpClient } = await import('./qmp.ts');
       const { AgentClient } = await import('./agent-client.ts');

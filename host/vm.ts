@@ -82,6 +82,12 @@ async function connectQmp(name: string, path: string, proc: Spawned, timeoutMs: 
   }
 }
 
+/** Wait for QEMU to exit (at most 5 s). The child is unref'd, so a timer keeps Node alive meanwhile. */
+function exitOf(proc: Spawned, ms = 5000): Promise<unknown> {
+  let t: NodeJS.Timeout | undefined;
+  return Promise.race([proc.exited, new Promise((r) => (t = setTimeout(r, ms)))]).finally(() => clearTimeout(t));
+}
+
 function killPid(pid: number | undefined, sig: NodeJS.Signals = 'SIGKILL') { if (pid) { try { process.kill(pid, sig); } catch {} } }
 
 export interface BootOptions {
@@ -146,7 +152,7 @@ export async function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}):
     return { record, qmp, agent };
   } catch (e) {
     killPid(proc.pid);
-    await proc.exited;
+    await exitOf(proc);
     if (desc.net.mode === 'bridge') await deleteTap(desc.net.tap, record.netns);
     await writeRecord(record).catch(() => {});
     throw e;
@@ -215,6 +221,92 @@ export async function freeze(h: Handle, img: ImageArtifacts, log?: (m: string) =
   await writeRecord(r);
   log?.(`froze ${r.name} in ${freezeMs} ms (prepare ${Math.round(tPrepared - t0)} ms)`);
   return meta;
+}
+
+/**
+ * Freeze a running clone as a new template (a fork of a fork). A clone's RAM
+ * is a private copy-on-write mapping, so it is saved whole, then loaded into
+ * a fresh shared memory file by a paused QEMU that saves the device state the
+ * usual way. The new template's clones carry the clone's generation + 1.
+ */
+export async function freezeClone(cloneName: string, newName: string, log?: (m: string) => void): Promise<TemplateMeta> {
+  const r = await readRecord(cloneName);
+  if (!r || r.role !== 'clone' || !pidIsOurs(r.pid, cloneName)) throw new VmError('E_NO_VM', `no running clone named ${cloneName}`, { hint: 'scion ls' });
+  const tplMeta = await templateMeta(r.templateDir!);
+  if (existsSync(paths(newName).dir)) throw new VmError('E_VM_EXISTS', `a VM named ${newName} already exists`, { hint: `scion rm ${newName}` });
+  const tdir = join(templateRoot(), newName);
+  await rm(tdir, { recursive: true, force: true });
+  await mkdir(tdir, { recursive: true, mode: 0o700 });
+  const full = join(tdir, `full.tmp-${process.pid}`);
+  const t0 = performance.now();
+  // 1. the clone: prepare, stop, save everything (RAM included)
+  const qmp = await connectQmp(cloneName, paths(cloneName).qmp, { pid: r.pid!, exited: new Promise(() => {}), stderr: () => '' }, 5000);
+  const agent = new AgentClient(`${cloneName}/agent`);
+  try {
+    await agent.connect(paths(cloneName).agent);
+    await agent.sync(30_000);
+    await agent.call('freeze.prepare', {}, 120_000);
+    await qmp.execute('stop');
+    // the clone came in with x-ignore-shared; this stream must carry its (private) RAM
+    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: false }] });
+    await qmp.execute('migrate', { uri: `exec:cat > ${full}` });
+    await waitMigration(qmp, cloneName);
+    await qmp.execute('cont'); // the clone goes on running
+  } finally { qmp.close(); agent.close(); }
+  // 2. a paused template QEMU loads it into a shared memory file, then saves device state only
+  await makeRunDir(newName);
+  const p = paths(newName);
+  const desc: VmDescription = { ...r.desc, mode: 'template', memory: 'file', memPath: join(tdir, 'mem'), incoming: true, net: r.desc.net.mode === 'user' ? { ...r.desc.net, forwards: [] } : r.desc.net, qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console, tbSizeMB: undefined };
+  if (desc.net.mode === 'bridge') desc.net = { mode: 'bridge', tap: await createTap(r.netMode as BridgeSpec) };
+  const record: VmRecord = { name: newName, role: 'template', image: r.image, accel: r.accel, createdAt: new Date().toISOString(), templateDir: tdir, generation: r.generation, ports: {}, desc, netns: r.netns, netMode: r.netMode, making: { ownerPid: process.pid, phase: 'freeze' } };
+  await writeRecord(record);
+  const proc = spawnQemu(desc, r.netns);
+  record.pid = proc.pid;
+  await writeRecord(record);
+  try {
+    const q2 = await connectQmp(newName, p.qmp, proc, 10_000);
+    await q2.execute('migrate-incoming', { uri: `exec:cat ${full}` });
+    for (;;) {
+      const st = await q2.execute('query-status');
+      if (st.status === 'paused' || st.status === 'postmigrate') break;
+      await new Promise((res) => setTimeout(res, 20));
+    }
+    await q2.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+    const tmpState = join(tdir, `state.tmp-${process.pid}`);
+    await q2.execute('migrate', { uri: `exec:cat > ${tmpState}` });
+    await waitMigration(q2, newName);
+    await rename(tmpState, join(tdir, 'state'));
+    await q2.execute('quit').catch(() => {});
+    q2.close();
+    await waitDead(proc.pid);
+  } catch (e) {
+    killPid(proc.pid);
+    await exitOf(proc);
+    await removeRunDir(newName);
+    await rm(tdir, { recursive: true, force: true });
+    const why = proc.stderr().trim().split('\n').slice(-2).join(' | ');
+    throw why ? new VmError('E_FREEZE_FAILED', `${newName}: making the template from ${cloneName} failed: ${why}`, { cause: e }) : e;
+  } finally {
+    await rm(full, { force: true });
+    if (desc.net.mode === 'bridge') await deleteTap(desc.net.tap, r.netns);
+  }
+  await chmod(join(tdir, 'mem'), 0o444);
+  const freezeMs = Math.round(performance.now() - t0);
+  const meta: TemplateMeta = { ...tplMeta, name: newName, memory: 'file', generation: r.generation, frozenAt: new Date().toISOString(), freezeMs, lineup: deviceLineup(desc) };
+  await atomicWrite(join(tdir, 'meta.json'), JSON.stringify(meta, null, 2) + '\n');
+  record.frozen = true; record.pid = undefined; record.making = undefined; record.timings = { freezeMs };
+  await writeRecord(record);
+  log?.(`froze clone ${cloneName} as template ${newName} in ${freezeMs} ms`);
+  return meta;
+}
+
+async function waitMigration(q: QmpClient, name: string) {
+  for (;;) {
+    const m = await q.execute('query-migrate');
+    if (m.status === 'completed') return;
+    if (m.status === 'failed' || m.status === 'cancelled') throw new VmError('E_FREEZE_FAILED', `${name}: saving state failed: ${m['error-desc'] ?? m.status}`);
+    await new Promise((res) => setTimeout(res, 5));
+  }
 }
 
 async function waitDead(pid: number | undefined, timeoutMs = 10_000) {
@@ -316,7 +408,7 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
       let s;
       try { s = await qmp.execute('query-status', undefined, 10_000); } catch (e) {
         // QEMU closing the monitor mid-load means the load failed and it exited
-        await Promise.race([proc.exited, new Promise((r) => setTimeout(r, 2000))]);
+        await exitOf(proc, 2000);
         throw dead ? restoreFailed() : e;
       }
       if (s.status === 'paused' || s.status === 'postmigrate') {
@@ -332,13 +424,18 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
     mark('resume');
     agent = new AgentClient(`${name}/agent`);
     await agent.connect(p.agent);
-    await agent.sync(30_000);
-    mark('agentSync');
+    // sync and identity.apply go out back to back: the agent reads them in order, and the
+    // marker before the sync clears anything stale, so no round trip is spent waiting
+    const synced = agent.sync(30_000);
     const generation = meta.generation + 1;
-    const applied = await agent.call('identity.apply', {
+    const applying = agent.call('identity.apply', {
       generation, hostname: id.hostname, machineId: id.machineId, rngSeed: id.rngSeed, time: Date.now(),
       interfaces: [{ mac: id.mac, address: id.ip, prefix: id.prefix, gateway: id.gateway }], dns: id.dns,
     }, 120_000);
+    applying.catch(() => {});
+    await synced;
+    mark('agentSync');
+    const applied = await applying;
     const s = applied.stepsMs ?? {};
     const total = performance.now() - t;
     timings.identity = s.identity ?? 0;
@@ -352,7 +449,7 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
     return { name, hostname: id.hostname, mac: id.mac, ip: id.ip, machineId: id.machineId, vmgenid: id.vmgenid, ports: record.ports, generation, timings, runDir: p.dir, agentSocket: p.agent, pid: proc.pid };
   } catch (e) {
     killPid(proc.pid);
-    await proc.exited;
+    await exitOf(proc);
     if (net.mode === 'bridge') await deleteTap(net.tap, netns);
     if (!opts.keepOnFailure) await removeRunDir(name);
     throw e instanceof ScionError ? e : new VmError('E_FORK_FAILED', `${name}: ${(e as Error).message}`, { cause: e });

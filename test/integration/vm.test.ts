@@ -162,6 +162,26 @@ describe('web image: boot, freeze, fork', () => {
     for (const c of clones) expect((await vm.list()).find((v) => v.name === c.name)?.state).toBe('running');
   });
 
+  it('a clone frozen as a new template forks clones with fresh identities (generation + 1)', async () => {
+    const meta = await vm.freezeClone(clones[0].name, 'web2-tpl');
+    expect(meta.generation).toBe(2);
+    const grand = await vm.fork('web2-tpl', { n: 2, parallel: 2 });
+    const all = [...clones, ...grand];
+    for (const k of ['hostname', 'mac', 'ip', 'machineId', 'vmgenid'] as const) expect(distinct(all.map((c) => c[k])), k).toBe(true);
+    for (const g of grand) {
+      const a = await agentOf(g.name);
+      const info = await a.call('info');
+      a.close();
+      expect(info.generation).toBe(3);
+      expect(info.vmForks).toBe(2); // inherited one from its parent clone, saw one more
+      expect(await (await fetch(`http://127.0.0.1:${g.ports['8080']}/`)).text()).toBe(`hello from ${g.hostname}\n`);
+    }
+    // the parent clone keeps running, unchanged
+    const a = await agentOf(clones[0].name);
+    expect((await a.call('info')).identity.hostname).toBe(clones[0].hostname);
+    a.close();
+  });
+
   it('a template frozen with another QEMU is refused with a clear error', async () => {
     const other = join(dirs.templates, 'old-tpl');
     cpSync(tplDir, other, { recursive: true, dereference: false, filter: (src) => !src.endsWith('/mem') });
