@@ -102,7 +102,7 @@ async function main() {
   results.memoryMB = { fork: {} as any, restore: {} as any };
   for (const [kind, tpl, counts] of [['fork', 'bench-tpl', DENSITY], ['restore', 'bench-stream', DENSITY.filter((n) => n <= 10)]] as const) {
     for (const n of counts) {
-      const cs = await vm.fork(tpl, { n, parallel: 2 });
+      const cs = await vm.fork(tpl, { n, parallel: 1 });
       await new Promise((r) => setTimeout(r, 3000)); // let them settle idle
       const m = cs.map((c) => smaps(c.pid));
       const sum = (k: keyof ReturnType<typeof smaps>) => m.reduce((a, x) => a + x[k], 0);

@@ -21,7 +21,7 @@ import { addPackageFiles, libraryClosure, findModules } from './assemble.ts';
 import { moduleDepends } from './elf.ts';
 import { moduleLoadOrder } from './modules.ts';
 import { cpioChunks } from './cpio.ts';
-import { initScript, AGENT_DIR, MODULE_DIR } from './init.ts';
+import { initScript, AGENT_DIR, MODULE_DIR, UDHCPC_SCRIPT } from './init.ts';
 import { runtimeConfig, readOciImage } from './oci.ts';
 import { fetchRuntime } from './runtime.ts';
 import type { Progress } from './fetch.ts';
@@ -223,6 +223,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   tree.file('/etc/resolv.conf', '');
   tree.file('/etc/machine-id', '');
   tree.file('/init', initScript({ modules: order, hostname: def.name }), 0o755);
+  tree.file(`${AGENT_DIR}/udhcpc.script`, UDHCPC_SCRIPT, 0o755);
 
   // containers: one OCI runtime bundle each
   for (const c of def.containers) {

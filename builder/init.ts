@@ -39,6 +39,9 @@ ip link set lo up
 echo ${opts.hostname} > /proc/sys/kernel/hostname
 echo ${INIT_MARKER}
 
+# A root shell on the serial console (reachable only through the VM's run directory, mode 0700).
+(while true; do setsid cttyhack sh -l </dev/ttyS0 >/dev/ttyS0 2>&1; sleep 1; done) &
+
 # Supervise the agent: restart it whenever it exits, with a short pause.
 while true; do
   ${AGENT_DIR}/node --max-semi-space-size=1 ${AGENT_DIR}/agent.mjs
@@ -47,3 +50,17 @@ while true; do
 done
 `;
 }
+
+/** busybox udhcpc's event script, for images with network.mode: dhcp (the lease is renewed with the new MAC after a fork). */
+export const UDHCPC_SCRIPT = `#!/bin/sh
+case "$1" in
+  deconfig) ip addr flush dev "$interface"; ip link set dev "$interface" up ;;
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/\${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route replace default via \${router%% *} dev "$interface"
+    [ -n "$dns" ] && { for d in $dns; do echo "nameserver $d"; done > /etc/resolv.conf; }
+    ;;
+esac
+exit 0
+`;

@@ -162,12 +162,12 @@ const definition = obj<ImageDefinition>({
   name: { v: str(/^[a-z0-9][a-z0-9_-]{0,62}$/, 'an image name (lowercase letters, digits, - and _)'), required: true },
   debian: {
     v: obj({
-      suite: { v: str(/^[a-z-]+$/, 'a suite name'), dflt: () => 'bookworm' },
+      suite: { v: str(/^[a-z-]+$/, 'a suite name'), dflt: () => 'stable' },
       components: { v: list(oneOf('main', 'contrib', 'non-free', 'non-free-firmware')), dflt: () => ['main'] },
       architecture: { v: oneOf('amd64'), dflt: () => 'amd64' },
       mirror: { v: str(/^https?:\/\/\S+$/, 'an http(s) URL') },
     }),
-    dflt: () => ({ suite: 'bookworm', components: ['main'], architecture: 'amd64' }),
+    dflt: () => ({ suite: 'stable', components: ['main'], architecture: 'amd64' }),
   },
   kernel: {
     v: obj({

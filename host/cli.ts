@@ -12,9 +12,11 @@ Commands:
       --update-lock             re-resolve packages and rewrite <image>.scion.lock
       --compression none|gzip|zstd   initramfs compression (default none: fastest boot under TCG)
       --mirror URL              Debian mirror (default: the definition's, else the host's apt sources)
-  up <image.yaml> [--clones N] [--net user|bridge]
+  up <image.yaml> [--clones N] [--disk D.qcow2]
                               build (cached), boot, freeze, fork N clones, print them
-  boot <image.yaml> [--name T]    boot a template VM and wait for its agent
+  boot out/<image> [--name T] [--disk D.qcow2]
+                              boot a template VM and wait for its agent; with a disk,
+                              the template writes to an overlay and clones to overlays on it
   freeze <template>           freeze a running template into a template directory
   freeze <clone> --name T     freeze a running clone as a new template T (forks of a fork)
   fork <template> [-n N]      fork N running clones of a frozen template
@@ -47,7 +49,7 @@ export async function main(argv: string[]): Promise<number> {
       json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
       'update-lock': { type: 'boolean' }, compression: { type: 'string' }, mirror: { type: 'string' },
       clones: { type: 'string' }, n: { type: 'string', short: 'n' }, net: { type: 'string' }, name: { type: 'string' },
-      all: { type: 'boolean' }, container: { type: 'string' }, timeout: { type: 'string' }, 'keep-template': { type: 'boolean' },
+      all: { type: 'boolean' }, container: { type: 'string' }, disk: { type: 'string' }, timeout: { type: 'string' }, 'keep-template': { type: 'boolean' },
     },
   });
   if (values.help) { console.log(HELP); return 0; }

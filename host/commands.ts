@@ -22,7 +22,7 @@ function count(v: string | boolean | undefined, flag: string, dflt: number): num
   return n;
 }
 
-export async function up(definition: string, clones: number, ctx: Ctx) {
+export async function up(definition: string, clones: number, ctx: Ctx, disk?: string) {
   const log = ctx.err;
   const t0 = performance.now();
   const b = await build({ definitionPath: definition, onEvent: ctx.json ? undefined : buildProgress(log) });
@@ -40,7 +40,7 @@ export async function up(definition: string, clones: number, ctx: Ctx) {
   const tBoot = performance.now();
   if (!meta) {
     log(`[up] booting template ${tplName} (${img.name})…`);
-    const h = await vm.bootTemplate(img, { name: tplName, log: (m) => log(`[up] ${m}`) });
+    const h = await vm.bootTemplate(img, { name: tplName, disk, log: (m) => log(`[up] ${m}`) });
     log(`[up] template ready in ${((performance.now() - tBoot) / 1000).toFixed(1)} s; freezing`);
     meta = await vm.freeze(h, img, (m) => log(`[up] ${m}`));
   } else log(`[up] reusing frozen template ${tplName}`);
@@ -62,11 +62,11 @@ export async function up(definition: string, clones: number, ctx: Ctx) {
 export async function run(cmd: string, pos: string[], v: Vals, ctx: Ctx): Promise<number> {
   const need = (k: number, usage: string) => { if (pos.length < k) throw new ScionError('E_USAGE', `scion ${cmd}: missing argument`, { hint: usage }); };
   switch (cmd) {
-    case 'up': need(1, 'scion up images/web.yaml --clones 3'); return up(pos[0], count(v.clones, '--clones', 3), ctx);
+    case 'up': need(1, 'scion up images/web.yaml --clones 3'); return up(pos[0], count(v.clones, '--clones', 3), ctx, v.disk as string | undefined);
     case 'boot': {
       need(1, 'scion boot out/<image>');
       const img = await vm.loadImage(pos[0]);
-      const h = await vm.bootTemplate(img, { name: v.name as string | undefined, log: ctx.err });
+      const h = await vm.bootTemplate(img, { name: v.name as string | undefined, disk: v.disk as string | undefined, log: ctx.err });
       h.qmp.close(); h.agent.close();
       if (ctx.json) console.log(JSON.stringify({ name: h.record.name, runDir: paths(h.record.name).dir, accel: h.record.accel }));
       else console.log(`template ${h.record.name} is running (${h.record.accel}); freeze it with: scion freeze ${h.record.name}`);

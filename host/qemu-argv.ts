@@ -29,6 +29,8 @@ export interface VmDescription {
   qmpSocket: string;
   agentSocket: string;
   consoleLog: string;
+  /** the serial console, also as a socket for `scion console` */
+  consoleSocket?: string;
   /** state file to restore from (clones) */
   incoming?: boolean;
   disk?: string;
@@ -73,7 +75,7 @@ export function qemuArgv(d: VmDescription): string[] {
     '-object', d.memory === 'ram' ? `memory-backend-ram,id=mem,size=${d.ramMB}M` : `memory-backend-file,id=mem,size=${d.ramMB}M,mem-path=${d.memPath},share=${d.mode === 'template' ? 'on' : 'off'},prealloc=off`,
     '-kernel', d.kernel,
     '-append', d.cmdline,
-    '-chardev', `file,id=console,path=${d.consoleLog}`,
+    '-chardev', d.consoleSocket ? `socket,id=console,path=${d.consoleSocket},server=on,wait=off,logfile=${d.consoleLog},logappend=on` : `file,id=console,path=${d.consoleLog}`,
     '-serial', 'chardev:console',
     '-qmp', `unix:${d.qmpSocket},server=on,wait=off`,
     '-device', 'virtio-serial-pci,id=vser0,bus=pcie.0,addr=0x3',

@@ -48,6 +48,7 @@ export const paths = (name: string) => ({
   qmp: join(vmDir(name), 'qmp.sock'),
   agent: join(vmDir(name), 'agent.sock'),
   console: join(vmDir(name), 'console.log'),
+  consoleSocket: join(vmDir(name), 'console.sock'),
   pid: join(vmDir(name), 'pid'),
 });
 

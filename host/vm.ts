@@ -88,6 +88,13 @@ function exitOf(proc: Spawned, ms = 5000): Promise<unknown> {
   return Promise.race([proc.exited, new Promise((r) => (t = setTimeout(r, ms)))]).finally(() => clearTimeout(t));
 }
 
+/** A qcow2 overlay on `base` (the base is never written through it). */
+async function qcow2Overlay(base: string, overlay: string): Promise<void> {
+  const { execFile } = await import('node:child_process');
+  await new Promise<void>((res, rej) => execFile('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', base, overlay], (e, _o, err) =>
+    e ? rej(new VmError('E_DISK', `qemu-img could not make an overlay on ${base}: ${String(err).trim() || e.message}`, { hint: 'the disk must be a qcow2 image (qemu-img info)' })) : res()));
+}
+
 function killPid(pid: number | undefined, sig: NodeJS.Signals = 'SIGKILL') { if (pid) { try { process.kill(pid, sig); } catch {} } }
 
 export interface BootOptions {
@@ -96,6 +103,8 @@ export interface BootOptions {
   memory?: 'file' | 'ram';
   /** stop at the agent's boot ready, without the template identity (cold-boot measurements) */
   skipIdentity?: boolean;
+  /** a qcow2 disk: the template writes to an overlay on it, clones to overlays on that */
+  disk?: string;
 }
 
 export interface Handle { record: VmRecord; qmp: QmpClient; agent: AgentClient }
@@ -115,8 +124,14 @@ export async function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}):
     mode: 'template', accel: accel.accel, ramMB: img.ramMB, cpus: 1, memory: opts.memory ?? 'file', memPath: join(tdir, 'mem'), kernel: img.vmlinuz, initrd: img.initrd,
     cmdline: img.cmdline, vmgenid: randomUUID(), mac: '02:53:43:00:00:00',
     net: { mode: 'none' },
-    qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console,
+    qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console, consoleSocket: p.consoleSocket,
   };
+  if (opts.disk) {
+    const disk = resolvePath(opts.disk);
+    if (!existsSync(disk)) throw new VmError('E_DISK', `disk ${opts.disk} does not exist`);
+    desc.disk = join(tdir, 'disk.qcow2');
+    await qcow2Overlay(disk, desc.disk);
+  }
   const netMode: NetMode = opts.net ?? { mode: 'user' };
   const np = netParams(netMode);
   const tplIp = `${np.network.split('/')[0].split('.').slice(0, 3).join('.')}.15`;
@@ -171,6 +186,8 @@ export interface TemplateMeta {
   ramMB: number;
   generation: number;
   memory: 'file' | 'ram';
+  /** the template's disk (base of the clones' overlays), if it has one */
+  disk?: string;
   /** how the template was networked; clones use the same kind (user-mode networking has migration state) */
   net: NetMode;
   frozenAt: string;
@@ -209,12 +226,13 @@ export async function freeze(h: Handle, img: ImageArtifacts, log?: (m: string) =
   h.qmp.close(); h.agent.close();
   await waitDead(r.pid);
   if (shared) await chmod(join(tdir, 'mem'), 0o444);
+  if (r.desc.disk) await chmod(r.desc.disk, 0o444); // now the base of every clone's overlay
   if (r.desc.net.mode === 'bridge') await deleteTap(r.desc.net.tap, r.netns);
   const meta: TemplateMeta = {
     memory: shared ? 'file' : 'ram',
     net: r.netMode ?? { mode: 'user' },
     name: r.name, qemuVersion: qemuVersion(), lineup: deviceLineup(r.desc), accel: r.accel as Accel, image: img.dir, manifestSha256: img.manifestSha256,
-    kernel: img.vmlinuz, cmdline: r.desc.cmdline, ramMB: r.desc.ramMB, generation: r.generation, frozenAt: new Date().toISOString(), freezeMs, ports: img.ports,
+    kernel: img.vmlinuz, cmdline: r.desc.cmdline, ramMB: r.desc.ramMB, generation: r.generation, disk: r.desc.disk, frozenAt: new Date().toISOString(), freezeMs, ports: img.ports,
   };
   await atomicWrite(join(tdir, 'meta.json'), JSON.stringify(meta, null, 2) + '\n');
   r.frozen = true; r.pid = undefined; r.timings = { prepareMs: Math.round(tPrepared - t0), freezeMs };
@@ -233,6 +251,7 @@ export async function freezeClone(cloneName: string, newName: string, log?: (m: 
   const r = await readRecord(cloneName);
   if (!r || r.role !== 'clone' || !pidIsOurs(r.pid, cloneName)) throw new VmError('E_NO_VM', `no running clone named ${cloneName}`, { hint: 'scion ls' });
   const tplMeta = await templateMeta(r.templateDir!);
+  if (r.desc.disk) throw new VmError('E_UNSUPPORTED', `${cloneName} has a disk; freezing a clone with a disk as a template is not supported yet`, { hint: 'fork the original template instead' });
   if (existsSync(paths(newName).dir)) throw new VmError('E_VM_EXISTS', `a VM named ${newName} already exists`, { hint: `scion rm ${newName}` });
   const tdir = join(templateRoot(), newName);
   await rm(tdir, { recursive: true, force: true });
@@ -256,7 +275,7 @@ export async function freezeClone(cloneName: string, newName: string, log?: (m: 
   // 2. a paused template QEMU loads it into a shared memory file, then saves device state only
   await makeRunDir(newName);
   const p = paths(newName);
-  const desc: VmDescription = { ...r.desc, mode: 'template', memory: 'file', memPath: join(tdir, 'mem'), incoming: true, net: r.desc.net.mode === 'user' ? { ...r.desc.net, forwards: [] } : r.desc.net, qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console, tbSizeMB: undefined };
+  const desc: VmDescription = { ...r.desc, mode: 'template', memory: 'file', memPath: join(tdir, 'mem'), incoming: true, net: r.desc.net.mode === 'user' ? { ...r.desc.net, forwards: [] } : r.desc.net, qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console, consoleSocket: p.consoleSocket, tbSizeMB: undefined };
   if (desc.net.mode === 'bridge') desc.net = { mode: 'bridge', tap: await createTap(r.netMode as BridgeSpec) };
   const record: VmRecord = { name: newName, role: 'template', image: r.image, accel: r.accel, createdAt: new Date().toISOString(), templateDir: tdir, generation: r.generation, ports: {}, desc, netns: r.netns, netMode: r.netMode, making: { ownerPid: process.pid, phase: 'freeze' } };
   await writeRecord(record);
@@ -375,12 +394,18 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
   const netns = netMode.mode === 'bridge' ? netMode.netns : undefined;
   const desc: VmDescription = {
     mode: 'clone', accel: meta.accel, ramMB: meta.ramMB, cpus: 1, memory: meta.memory ?? 'file', memPath: join(tdir, 'mem'), kernel: meta.kernel, cmdline: meta.cmdline,
-    vmgenid: id.vmgenid, mac: id.mac, net, qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console, incoming: true,
+    vmgenid: id.vmgenid, mac: id.mac, net, qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console, consoleSocket: p.consoleSocket, incoming: true,
     // TCG's translation cache is private to each clone and fills up: a knob between speed and memory
     tbSizeMB: Number(process.env.SCION_TB_SIZE_MB) || undefined,
+    disk: meta.disk ? join(p.dir, 'disk.qcow2') : undefined,
   };
+  if (meta.disk) await qcow2Overlay(meta.disk, desc.disk!);
   const lineup = deviceLineup(desc);
-  if (JSON.stringify(lineup) !== JSON.stringify(meta.lineup)) throw new VmError('E_TEMPLATE_LINEUP', `template ${meta.name} was frozen with another device line-up`, { hint: 'freeze it again with this scion' });
+  if (JSON.stringify(lineup) !== JSON.stringify(meta.lineup)) {
+    if (net.mode === 'bridge') await deleteTap(net.tap, netns);
+    await removeRunDir(name);
+    throw new VmError('E_TEMPLATE_LINEUP', `template ${meta.name} was frozen with another device line-up`, { hint: 'freeze it again with this scion' });
+  }
   const record: VmRecord = {
     name, role: 'clone', image: meta.image, accel: meta.accel, createdAt: new Date().toISOString(), template: meta.name, templateDir: tdir,
     generation: meta.generation, identity: id, ports: Object.fromEntries(forwards.map((f) => [String(f.guestPort), f.hostPort])), desc, netns, netMode,
@@ -396,7 +421,7 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
   await writeRecord(record);
   let qmp: QmpClient | undefined, agent: AgentClient | undefined;
   try {
-    qmp = await connectQmp(name, p.qmp, proc, 10_000);
+    qmp = await connectQmp(name, p.qmp, proc, 30_000); // generous: a loaded host starts QEMU slowly
     mark('spawn');
     if (desc.memory === 'file') await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
     await qmp.execute('migrate-incoming', { uri: `exec:cat ${join(tdir, 'state')}` });

@@ -162,6 +162,44 @@ describe('web image: boot, freeze, fork', () => {
     for (const c of clones) expect((await vm.list()).find((v) => v.name === c.name)?.state).toBe('running');
   });
 
+  it('if the agent dies, init restarts it and the new agent adopts the running container', async () => {
+    const c = clones[1];
+    const crunPid = async () => JSON.parse(await sh(c.name, 'crun state web')).pid as number;
+    const before = await crunPid();
+    const a = await agentOf(c.name);
+    await a.call('exec', { argv: ['sh', '-c', '(sleep 0.5; kill -9 $(pidof node)) >/dev/null 2>&1 &'] });
+    a.close();
+    await new Promise((r) => setTimeout(r, 2500)); // init restarts the agent after 1 s
+    const b = await agentOf(c.name);
+    const info = await b.call('info');
+    b.close();
+    expect(info.agentUptimeS).toBeLessThan(15);
+    expect(info.generation).toBe(2); // its state survived the restart
+    expect(info.identity.hostname).toBe(c.hostname);
+    expect(info.containers[0]).toMatchObject({ name: 'web', state: 'running' });
+    expect(await crunPid()).toBe(before); // adopted, not started again
+    expect(await (await fetch(`http://127.0.0.1:${c.ports['8080']}/`)).text()).toBe(`hello from ${c.hostname}\n`);
+  });
+
+  it('scion console is an interactive root shell on the serial console (driven through a pty)', async () => {
+    const pty = await import('node-pty');
+    const c = clones[2];
+    const term = pty.spawn(process.execPath, [join(ROOT, 'bin/scion.js'), 'console', c.name], { env: process.env as Record<string, string>, cols: 120, rows: 30 });
+    let out = '';
+    term.onData((d) => (out += d));
+    const waitFor = async (what: string, ms = 30_000) => {
+      const end = Date.now() + ms;
+      while (!out.includes(what)) { if (Date.now() > end) throw new Error(`no "${what}" on the console; got: ${out.slice(-500)}`); await new Promise((r) => setTimeout(r, 50)); }
+    };
+    await waitFor('Ctrl-] to leave');
+    term.write('\r');
+    term.write('echo console-$((6*7)) $(cat /proc/sys/kernel/hostname)\r');
+    await waitFor(`console-42 ${c.hostname}`);
+    const exited = new Promise<number>((r) => term.onExit((e) => r(e.exitCode)));
+    term.write('\x1d');
+    expect(await exited).toBe(0);
+  });
+
   it('a clone frozen as a new template forks clones with fresh identities (generation + 1)', async () => {
     const meta = await vm.freezeClone(clones[0].name, 'web2-tpl');
     expect(meta.generation).toBe(2);
