@@ -171,7 +171,9 @@ describe('web image: boot, freeze, fork', () => {
     a.close();
     await new Promise((r) => setTimeout(r, 2500)); // init restarts the agent after 1 s
     const b = await agentOf(c.name);
-    const info = await b.call('info');
+    let info = await b.call('info');
+    // the new agent answers at once; it announces ready once it has looked at crun's state
+    for (let i = 0; i < 300 && !info.lastReady; i++) { await new Promise((r) => setTimeout(r, 100)); info = await b.call('info'); }
     b.close();
     expect(info.agentUptimeS).toBeLessThan(15);
     expect(info.generation).toBe(2); // its state survived the restart
