@@ -22,10 +22,16 @@ process.env.SCION_RUN_DIR = mkdtempSync(join(tmpdir(), 'scion-bench-run-'));
 process.env.SCION_TEMPLATE_DIR = mkdtempSync(join('/dev/shm', 'scion-bench-tpl-'));
 const log = (m: string) => process.stderr.write(`[bench] ${m}\n`);
 
-function smaps(pid: number): { rssMB: number; pssMB: number; privateDirtyMB: number } {
+/**
+ * Private_Dirty overstates a clone's own memory: tmpfs pages are always
+ * "dirty", so template pages that only this clone has touched count as its
+ * Private_Dirty although they are the template's page cache. Anonymous counts
+ * what is really the clone's: its copy-on-write copies and QEMU's own memory.
+ */
+function smaps(pid: number): { rssMB: number; pssMB: number; privateDirtyMB: number; anonMB: number } {
   const t = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
   const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+) kB`, 'm').exec(t)?.[1] ?? 0);
-  return { rssMB: kb('Rss') / 1024, pssMB: kb('Pss') / 1024, privateDirtyMB: kb('Private_Dirty') / 1024 };
+  return { rssMB: kb('Rss') / 1024, pssMB: kb('Pss') / 1024, privateDirtyMB: kb('Private_Dirty') / 1024, anonMB: kb('Anonymous') / 1024 };
 }
 
 async function removeAllClones() {
@@ -106,7 +112,7 @@ async function main() {
       await new Promise((r) => setTimeout(r, 3000)); // let them settle idle
       const m = cs.map((c) => smaps(c.pid));
       const sum = (k: keyof ReturnType<typeof smaps>) => m.reduce((a, x) => a + x[k], 0);
-      results.memoryMB[kind][n] = { rssPerClone: +(sum('rssMB') / n).toFixed(1), pssPerClone: +(sum('pssMB') / n).toFixed(1), privateDirtyPerClone: +(sum('privateDirtyMB') / n).toFixed(1), totalPss: +sum('pssMB').toFixed(0) };
+      results.memoryMB[kind][n] = { rssPerClone: +(sum('rssMB') / n).toFixed(1), pssPerClone: +(sum('pssMB') / n).toFixed(1), privateDirtyPerClone: +(sum('privateDirtyMB') / n).toFixed(1), uniquePerClone: +(sum('anonMB') / n).toFixed(1), totalPss: +sum('pssMB').toFixed(0) };
       log(`${kind} x${n}: ${JSON.stringify(results.memoryMB[kind][n])}`);
       await removeAllClones();
     }
@@ -115,6 +121,8 @@ async function main() {
   const [lf, lr] = [largest('fork'), largest('restore')];
   results.memoryMB.fork.privateDirtyPerClone = lf.privateDirtyPerClone;
   results.memoryMB.restore.privateDirtyPerClone = lr.privateDirtyPerClone;
+  results.memoryMB.fork.uniquePerClone = lf.uniquePerClone;
+  results.memoryMB.restore.uniquePerClone = lr.uniquePerClone;
   results.clonesIn20GiB = { fork: Math.floor((20 * 1024) / lf.pssPerClone), restore: Math.floor((20 * 1024) / lr.pssPerClone) };
 
   // targets
@@ -123,6 +131,7 @@ async function main() {
     httpReadyP50Ms: { target: 600, actual: rs.fork.p50, met: rs.fork.p50 <= 600 },
     coldOverFork: { target: 20, actual: results.ratios.coldOverFork, met: results.ratios.coldOverFork >= 20 },
     privateDirtyPerCloneMB: { target: 40, actual: results.memoryMB.fork.privateDirtyPerClone, met: results.memoryMB.fork.privateDirtyPerClone <= 40 },
+    uniquePerCloneMB: { target: 40, actual: lf.uniquePerClone, met: lf.uniquePerClone <= 40 },
     privateDirtyVsRestore: { target: 0.25, actual: +(results.memoryMB.fork.privateDirtyPerClone / results.memoryMB.restore.privateDirtyPerClone).toFixed(2), met: results.memoryMB.fork.privateDirtyPerClone <= results.memoryMB.restore.privateDirtyPerClone / 4 },
   };
 
@@ -154,9 +163,9 @@ function markdown(r: any): string {
     '|---|---|---|---|---|',
     ...Object.keys(r.forkPhasesMs.sequential20).map((k) => `| ${k} | ${r.forkPhasesMs.sequential20[k].p50.toFixed(0)} | ${r.forkPhasesMs.sequential20[k].p95.toFixed(0)} | ${r.forkPhasesMs.parallel10[k].p50.toFixed(0)} | ${r.forkPhasesMs.parallel10[k].p95.toFixed(0)} |`),
     '',
-    '| idle clones | kind | RSS/clone MB | PSS/clone MB | Private_Dirty/clone MB | total PSS MB |',
-    '|---|---|---|---|---|---|',
-    ...(['fork', 'restore'] as const).flatMap((k) => Object.entries(r.memoryMB[k]).filter(([n]) => /^\d+$/.test(n)).map(([n, m]: any) => `| ${n} | ${k} | ${m.rssPerClone} | ${m.pssPerClone} | ${m.privateDirtyPerClone} | ${m.totalPss} |`)),
+    '| idle clones | kind | RSS/clone MB | PSS/clone MB | Private_Dirty/clone MB | unique (Anonymous)/clone MB | total PSS MB |',
+    '|---|---|---|---|---|---|---|',
+    ...(['fork', 'restore'] as const).flatMap((k) => Object.entries(r.memoryMB[k]).filter(([n]) => /^\d+$/.test(n)).map(([n, m]: any) => `| ${n} | ${k} | ${m.rssPerClone} | ${m.pssPerClone} | ${m.privateDirtyPerClone} | ${m.uniquePerClone} | ${m.totalPss} |`)),
     '',
     `idle clones in 20 GiB (by PSS): fork ${r.clonesIn20GiB.fork}, restore ${r.clonesIn20GiB.restore}`,
     `template boot ${r.templateBootMs} ms; freeze ${r.freezeMs} ms (full-RAM freeze ${r.freezeStreamMs} ms)` + (r.buildMs ? `; build cold cache ${r.buildMs.coldCache} ms, warm ${r.buildMs.warmCache} ms` : ''),
@@ -167,6 +176,7 @@ function markdown(r: any): string {
     `- fork to HTTP serving p50: ${mark(t.httpReadyP50Ms, ' ms')}`,
     `- cold boot / fork: ${mark(t.coldOverFork, 'x')}`,
     `- Private_Dirty per idle clone: ${mark(t.privateDirtyPerCloneMB, ' MB')}`,
+    `- unique memory (Anonymous) per idle clone: ${mark(t.uniquePerCloneMB, ' MB')}`,
     `- fork / restore Private_Dirty: ${mark(t.privateDirtyVsRestore, '')}`,
   ].join('\n');
 }

@@ -96,3 +96,15 @@ export function qemuArgv(d: VmDescription): string[] {
   if (d.incoming) a.push('-incoming', 'defer');
   return a;
 }
+
+/**
+ * What a clone needs of the kernel: a clone restores RAM and never runs the
+ * kernel loader, but QEMU still wants a bzImage for -kernel (it decides the
+ * option ROM, whose RAM block the device state names). The setup header is
+ * enough; QEMU then keeps a few KiB per clone instead of a 12 MB copy.
+ */
+export function kernelStub(bzImage: Buffer): Buffer {
+  if (bzImage.length < 0x210 || bzImage.toString('latin1', 0x202, 0x206) !== 'HdrS') throw new Error('not a bzImage (no HdrS header)');
+  const setupSects = bzImage[0x1f1] || 4;
+  return Buffer.from(bzImage.subarray(0, Math.min(bzImage.length, (setupSects + 1) * 512 + 4096)));
+}

@@ -13,7 +13,7 @@ import { VmError, ScionError } from '../common/errors.ts';
 import { atomicWrite } from '../builder/cache.ts';
 import { QmpClient } from './qmp.ts';
 import { AgentClient } from './agent-client.ts';
-import { qemuArgv, deviceLineup, USER_NET, type VmDescription, type NetConfig, type Accel } from './qemu-argv.ts';
+import { qemuArgv, deviceLineup, kernelStub, type VmDescription, type NetConfig, type Accel } from './qemu-argv.ts';
 import { chooseAccel, qemuVersion, QEMU } from './accel.ts';
 import { allocateIdentity, freeIndices, type CloneIdentity } from './identity.ts';
 import { createTap, deleteTap, netParams, type NetMode, type BridgeSpec } from './net.ts';
@@ -226,13 +226,14 @@ export async function freeze(h: Handle, img: ImageArtifacts, log?: (m: string) =
   h.qmp.close(); h.agent.close();
   await waitDead(r.pid);
   if (shared) await chmod(join(tdir, 'mem'), 0o444);
+  await writeFile(join(tdir, 'kernel-stub'), kernelStub(await readFile(img.vmlinuz)));
   if (r.desc.disk) await chmod(r.desc.disk, 0o444); // now the base of every clone's overlay
   if (r.desc.net.mode === 'bridge') await deleteTap(r.desc.net.tap, r.netns);
   const meta: TemplateMeta = {
     memory: shared ? 'file' : 'ram',
     net: r.netMode ?? { mode: 'user' },
     name: r.name, qemuVersion: qemuVersion(), lineup: deviceLineup(r.desc), accel: r.accel as Accel, image: img.dir, manifestSha256: img.manifestSha256,
-    kernel: img.vmlinuz, cmdline: r.desc.cmdline, ramMB: r.desc.ramMB, generation: r.generation, disk: r.desc.disk, frozenAt: new Date().toISOString(), freezeMs, ports: img.ports,
+    kernel: join(tdir, 'kernel-stub'), cmdline: r.desc.cmdline, ramMB: r.desc.ramMB, generation: r.generation, disk: r.desc.disk, frozenAt: new Date().toISOString(), freezeMs, ports: img.ports,
   };
   await atomicWrite(join(tdir, 'meta.json'), JSON.stringify(meta, null, 2) + '\n');
   r.frozen = true; r.pid = undefined; r.timings = { prepareMs: Math.round(tPrepared - t0), freezeMs };
@@ -311,7 +312,8 @@ export async function freezeClone(cloneName: string, newName: string, log?: (m: 
   }
   await chmod(join(tdir, 'mem'), 0o444);
   const freezeMs = Math.round(performance.now() - t0);
-  const meta: TemplateMeta = { ...tplMeta, name: newName, memory: 'file', generation: r.generation, frozenAt: new Date().toISOString(), freezeMs, lineup: deviceLineup(desc) };
+  await copyFile(tplMeta.kernel, join(tdir, 'kernel-stub'));
+  const meta: TemplateMeta = { ...tplMeta, name: newName, memory: 'file', kernel: join(tdir, 'kernel-stub'), generation: r.generation, frozenAt: new Date().toISOString(), freezeMs, lineup: deviceLineup(desc) };
   await atomicWrite(join(tdir, 'meta.json'), JSON.stringify(meta, null, 2) + '\n');
   record.frozen = true; record.pid = undefined; record.making = undefined; record.timings = { freezeMs };
   await writeRecord(record);
@@ -349,6 +351,7 @@ export async function checkTemplate(tdir: string): Promise<TemplateMeta> {
   for (const f of meta.memory === 'ram' ? ['state'] : ['mem', 'state']) {
     try { await access(join(tdir, f)); } catch { throw new VmError('E_TEMPLATE_INCOMPLETE', `template ${meta.name}: ${join(tdir, f)} is missing`, { hint: 'freeze the template again' }); }
   }
+  try { await access(meta.kernel); } catch { throw new VmError('E_TEMPLATE_INCOMPLETE', `template ${meta.name}: kernel ${meta.kernel} is missing`, { hint: 'freeze the template again' }); }
   const st = meta.memory === 'ram' ? { size: meta.ramMB * 1024 * 1024 } : await stat(join(tdir, 'mem'));
   if (st.size !== meta.ramMB * 1024 * 1024) throw new VmError('E_TEMPLATE_INCOMPLETE', `template ${meta.name}: memory file is ${st.size} bytes, expected ${meta.ramMB} MiB`);
   return meta;

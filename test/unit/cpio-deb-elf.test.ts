@@ -130,3 +130,16 @@ describe('kernel module order', () => {
     expect(() => moduleLoadOrder(['a'], cyc)).toThrow(/cycle: a -> b -> a/);
   });
 });
+
+describe('kernel stub for clones', () => {
+  it('keeps the bzImage setup header and drops the rest', async () => {
+    const { kernelStub } = await import('../../host/qemu-argv.ts');
+    const bz = Buffer.alloc(1 << 20, 7);
+    bz.write('HdrS', 0x202, 'latin1');
+    bz[0x1f1] = 30;
+    const stub = kernelStub(bz);
+    expect(stub.length).toBe(31 * 512 + 4096);
+    expect(stub.equals(bz.subarray(0, stub.length))).toBe(true);
+    expect(() => kernelStub(Buffer.alloc(4096))).toThrow(/not a bzImage/);
+  });
+});
