@@ -214,12 +214,7 @@ export async function freeze(h: Handle, img: ImageArtifacts, log?: (m: string) =
   if (shared) await h.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
   const tmpState = join(tdir, `state.tmp-${process.pid}`);
   await h.qmp.execute('migrate', { uri: `exec:cat > ${tmpState}` });
-  for (;;) {
-    const q = await h.qmp.execute('query-migrate');
-    if (q.status === 'completed') break;
-    if (q.status === 'failed' || q.status === 'cancelled') throw new VmError('E_FREEZE_FAILED', `${r.name}: saving device state failed: ${q['error-desc'] ?? q.status}`);
-    await new Promise((res) => setTimeout(res, 5));
-  }
+  await waitMigration(h.qmp, r.name);
   await rename(tmpState, join(tdir, 'state'));
   const freezeMs = Math.round(performance.now() - tPrepared);
   await h.qmp.execute('quit').catch(() => {});
