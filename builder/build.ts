@@ -337,7 +337,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
 async function zstd(data: Buffer): Promise<Buffer> {
   const { spawn } = await import('node:child_process');
   return new Promise((res, rej) => {
-    const p = spawn('zstd', ['-q', '-c', '-19', '-T1', '--no-check'], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const p = spawn('zstd', ['-q', '-c', '-9', '-T1', '--no-check'], { stdio: ['pipe', 'pipe', 'inherit'] });
     const out: Buffer[] = [];
     p.stdout.on('data', (c) => out.push(c));
     p.on('error', rej);
