@@ -31,7 +31,7 @@ export interface AgentOptions {
   log?: (msg: string) => void;
 }
 
-interface PersistentState { generation: number; identity?: Identity; vmgenid?: string; lastReady?: unknown; vmForks?: number; vmForksAtLastApply?: number }
+interface PersistentState { generation: number; identity?: Identity; vmForks?: number; vmForksAtLastApply?: number }
 
 export class Agent {
   readonly containers: ContainerSupervisor;
@@ -163,7 +163,6 @@ export class Agent {
       image: this.opts.image.name,
       generation: this.state.generation,
       identity: { ...(this.state.identity ?? {}), hostname, machineId, rngSeed: undefined },
-      vmgenid: readVmgenid(),
       vmForks: this.state.vmForks ?? 0,
       containers: this.containers.list(),
       lastReady: this.lastReady ?? null,
@@ -191,7 +190,6 @@ export class Agent {
       this.state.vmForksAtLastApply = this.state.vmForks ?? 0;
       this.state.generation = id.generation;
       this.state.identity = { ...id, rngSeed: undefined };
-      this.state.vmgenid = readVmgenid();
       this.persist();
     }
     const identityMs = Math.round(performance.now() - t0);
@@ -233,14 +231,6 @@ export class Agent {
     this.persist();
     this.emit('forked', { signal: 'vmgenid', generation: this.state.generation, vmForks: this.state.vmForks });
   }
-}
-
-/** The VM generation ID as the kernel exposes it, if it does (sysfs path differs across kernels). */
-export function readVmgenid(): string | undefined {
-  for (const p of ['/sys/bus/acpi/devices/VMGENID:00/guid', '/sys/devices/virtual/misc/vmgenid/guid']) {
-    try { return readFileSync(p, 'utf8').trim(); } catch {}
-  }
-  return undefined;
 }
 
 function run(cmd: string, args: string[]): Promise<string> {

@@ -12,11 +12,13 @@ Commands:
       --update-lock             re-resolve packages and rewrite <image>.scion.lock
       --compression none|gzip|zstd   initramfs compression (default none: fastest boot under TCG)
       --mirror URL              Debian mirror (default: the definition's, else the host's apt sources)
-  up <image.yaml> [--clones N] [--disk D.qcow2]
+  up <image.yaml> [--clones N] [--disk D.qcow2] [--bridge BR [--netns NS] [--network CIDR]]
                               build (cached), boot, freeze, fork N clones, print them
   boot out/<image> [--name T] [--disk D.qcow2]
                               boot a template VM and wait for its agent; with a disk,
-                              the template writes to an overlay and clones to overlays on it
+                              the template writes to an overlay and clones to overlays on it;
+                              with --bridge, each VM gets a tap on bridge BR (in netns NS) and an
+                              address from CIDR (default 10.44.0.0/24; .15 the template, .16+ clones)
   freeze <template>           freeze a running template into a template directory
   freeze <clone> --name T     freeze a running clone as a new template T (forks of a fork)
   fork <template> [-n N]      fork N running clones of a frozen template
@@ -49,7 +51,7 @@ export async function main(argv: string[]): Promise<number> {
       json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
       'update-lock': { type: 'boolean' }, compression: { type: 'string' }, mirror: { type: 'string' },
       clones: { type: 'string' }, n: { type: 'string', short: 'n' }, net: { type: 'string' }, name: { type: 'string' },
-      all: { type: 'boolean' }, container: { type: 'string' }, disk: { type: 'string' }, timeout: { type: 'string' }, 'keep-template': { type: 'boolean' },
+      all: { type: 'boolean' }, container: { type: 'string' }, disk: { type: 'string' }, bridge: { type: 'string' }, netns: { type: 'string' }, network: { type: 'string' }, timeout: { type: 'string' }, 'keep-template': { type: 'boolean' },
     },
   });
   if (values.help) { console.log(HELP); return 0; }

@@ -4,6 +4,7 @@ import { build } from '../builder/build.ts';
 import { buildProgress } from './cli.ts';
 import * as vm from './vm.ts';
 import { paths, readRecord } from './rundir.ts';
+import type { NetMode } from './net.ts';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 
@@ -15,6 +16,17 @@ function table(rows: string[][]): string {
   return rows.map((r) => r.map((c, i) => (c ?? '').padEnd(w[i])).join('  ').trimEnd()).join('\n');
 }
 
+/** --bridge/--netns/--network → a bridge network mode (user-mode networking otherwise). */
+function netFrom(v: Vals): NetMode | undefined {
+  if (!v.bridge) {
+    if (v.netns || v.network) throw new ScionError('E_USAGE', '--netns and --network go with --bridge');
+    return undefined;
+  }
+  const network = (v.network as string | undefined) ?? '10.44.0.0/24';
+  if (!/^\d+\.\d+\.\d+\.0\/24$/.test(network)) throw new ScionError('E_USAGE', `--network ${network}: use a /24 such as 10.44.0.0/24`);
+  return { mode: 'bridge', bridge: v.bridge as string, netns: v.netns as string | undefined, network };
+}
+
 function count(v: string | boolean | undefined, flag: string, dflt: number): number {
   if (v === undefined) return dflt;
   const n = Number(v);
@@ -22,7 +34,7 @@ function count(v: string | boolean | undefined, flag: string, dflt: number): num
   return n;
 }
 
-export async function up(definition: string, clones: number, ctx: Ctx, disk?: string) {
+export async function up(definition: string, clones: number, ctx: Ctx, disk?: string, net?: NetMode) {
   const log = ctx.err;
   const t0 = performance.now();
   const b = await build({ definitionPath: definition, onEvent: ctx.json ? undefined : buildProgress(log) });
@@ -34,13 +46,14 @@ export async function up(definition: string, clones: number, ctx: Ctx, disk?: st
     try {
       meta = await vm.checkTemplate(existing.templateDir!);
       if (meta.manifestSha256 !== img.manifestSha256) { log(`[up] template ${tplName} is from an older build; re-making it`); meta = undefined; }
+      else if (JSON.stringify(meta.net ?? { mode: 'user' }) !== JSON.stringify(net ?? { mode: 'user' }) || !!meta.disk !== !!disk) { log(`[up] template ${tplName} has other networking or disk; re-making it`); meta = undefined; }
     } catch { meta = undefined; }
     if (!meta) await vm.removeVm(tplName);
   } else if (existing) await vm.removeVm(tplName);
   const tBoot = performance.now();
   if (!meta) {
     log(`[up] booting template ${tplName} (${img.name})…`);
-    const h = await vm.bootTemplate(img, { name: tplName, disk, log: (m) => log(`[up] ${m}`) });
+    const h = await vm.bootTemplate(img, { name: tplName, disk, net, log: (m) => log(`[up] ${m}`) });
     log(`[up] template ready in ${((performance.now() - tBoot) / 1000).toFixed(1)} s; freezing`);
     meta = await vm.freeze(h, img, (m) => log(`[up] ${m}`));
   } else log(`[up] reusing frozen template ${tplName}`);
@@ -62,11 +75,11 @@ export async function up(definition: string, clones: number, ctx: Ctx, disk?: st
 export async function run(cmd: string, pos: string[], v: Vals, ctx: Ctx): Promise<number> {
   const need = (k: number, usage: string) => { if (pos.length < k) throw new ScionError('E_USAGE', `scion ${cmd}: missing argument`, { hint: usage }); };
   switch (cmd) {
-    case 'up': need(1, 'scion up images/web.yaml --clones 3'); return up(pos[0], count(v.clones, '--clones', 3), ctx, v.disk as string | undefined);
+    case 'up': need(1, 'scion up images/web.yaml --clones 3'); return up(pos[0], count(v.clones, '--clones', 3), ctx, v.disk as string | undefined, netFrom(v));
     case 'boot': {
       need(1, 'scion boot out/<image>');
       const img = await vm.loadImage(pos[0]);
-      const h = await vm.bootTemplate(img, { name: v.name as string | undefined, disk: v.disk as string | undefined, log: ctx.err });
+      const h = await vm.bootTemplate(img, { name: v.name as string | undefined, disk: v.disk as string | undefined, net: netFrom(v), log: ctx.err });
       h.qmp.close(); h.agent.close();
       if (ctx.json) console.log(JSON.stringify({ name: h.record.name, runDir: paths(h.record.name).dir, accel: h.record.accel }));
       else console.log(`template ${h.record.name} is running (${h.record.accel}); freeze it with: scion freeze ${h.record.name}`);
