@@ -59,7 +59,7 @@ case "$1" in
     ip addr flush dev "$interface"
     ip addr add "$ip/\${mask:-24}" dev "$interface"
     [ -n "$router" ] && ip route replace default via \${router%% *} dev "$interface"
-    [ -n "$dns" ] && { for d in $dns; do echo "nameserver $d"; done > /etc/resolv.conf; }
+    [ -n "$dns" ] && { for d in $dns; do echo "nameserver $d"; done > "$SCION_ROOT/etc/resolv.conf"; }
     ;;
 esac
 exit 0

@@ -19,7 +19,7 @@ export interface SystemConfig {
 }
 
 /** The batched commands for link, address, route, clock and ARP. Pure. */
-export function networkScript(id: Identity, cfg: Pick<SystemConfig, 'setClock' | 'defaultInterface' | 'dhcp'>): string {
+export function networkScript(id: Identity, cfg: Pick<SystemConfig, 'setClock' | 'defaultInterface' | 'dhcp' | 'root'>): string {
   const lines: string[] = ['set -e'];
   if (cfg.setClock && id.time !== undefined) lines.push(`date -s @${Math.floor(id.time / 1000)} >/dev/null`);
   for (const i of id.interfaces) {
@@ -27,7 +27,8 @@ export function networkScript(id: Identity, cfg: Pick<SystemConfig, 'setClock' |
     // virtio-net changes its MAC live (VIRTIO_NET_F_CTRL_MAC_ADDR): no link flap
     lines.push(`ip link set dev ${dev} address ${i.mac} up`);
     if (cfg.dhcp) {
-      lines.push(`udhcpc -i ${dev} -n -q -t 3 -T 1 -s /usr/lib/scion/udhcpc.script >/dev/null 2>&1 || true`);
+      // a fresh lease for the new MAC; the event script writes under the agent's root
+      lines.push(`SCION_ROOT='${cfg.root}' busybox udhcpc -i ${dev} -n -q -t 5 -T 1 -s ${cfg.root}/usr/lib/scion/udhcpc.script >/dev/null 2>&1`);
     } else if (i.address) {
       lines.push(`ip addr flush dev ${dev}`, `ip addr add ${i.address}/${i.prefix ?? 24} dev ${dev}`);
       if (i.gateway) lines.push(`ip route replace default via ${i.gateway} dev ${dev}`);

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pkgs=(qemu-system-x86 qemu-utils gpgv debian-archive-keyring xz-utils zstd cpio libarchive-tools socat iproute2 ca-certificates curl)
+# the DHCP test runs busybox's udhcpd on the host; either busybox package will do
+command -v busybox >/dev/null || pkgs+=(busybox)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ] || [ "${CI:-}" = true ]; then

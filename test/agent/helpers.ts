@@ -3,15 +3,19 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, mkdirSync, writeFileSync, existsSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { UDHCPC_SCRIPT } from '../../builder/init.ts';
 
 export const ROOT = resolve(import.meta.dirname, '../..');
 
 export interface HostAgent { proc: ChildProcess; socket: string; root: string; stop: () => void; stderr: () => string }
 
-export async function startHostAgent(opts: { wrap?: string[]; exec?: boolean } = {}): Promise<HostAgent> {
+export async function startHostAgent(opts: { wrap?: string[]; exec?: boolean; dhcp?: boolean } = {}): Promise<HostAgent> {
   const root = mkdtempSync(join(tmpdir(), 'scion-agent-'));
   mkdirSync(join(root, 'etc/scion'), { recursive: true });
-  writeFileSync(join(root, 'etc/scion/image.json'), JSON.stringify({ name: 'hosttest', exec: opts.exec ?? true, network: { mode: 'static', interface: 'eth0' }, containers: [] }));
+  writeFileSync(join(root, 'etc/scion/image.json'), JSON.stringify({ name: 'hosttest', exec: opts.exec ?? true, network: { mode: opts.dhcp ? 'dhcp' : 'static', interface: 'eth0' }, containers: [] }));
+  // the same udhcpc event script the builder puts in images
+  mkdirSync(join(root, 'usr/lib/scion'), { recursive: true });
+  writeFileSync(join(root, 'usr/lib/scion/udhcpc.script'), UDHCPC_SCRIPT, { mode: 0o755 });
   writeFileSync(join(root, 'etc/machine-id'), '');
   const socket = join(root, 'agent.sock');
   const argv = [...(opts.wrap ?? []), process.execPath, '--import', 'tsx', join(ROOT, 'guest-agent/main.ts'), '--listen', socket];

@@ -4,8 +4,9 @@
  * namespace; after identity.apply, everything is checked from outside.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { execFileSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -87,5 +88,58 @@ describe.skipIf(!isRoot)('identity in namespaces (needs root)', () => {
     expect(r.applied).toBe(true);
     expect(sh('nsenter', ['-t', String(agent.proc.pid), '-u', 'hostname']).trim()).toBe('clone-eight');
     expect(JSON.parse(sh('ip', ['-n', ns, '-j', 'link', 'show', 'eth0']))[0].address).toBe('02:53:43:aa:bb:08');
+  });
+});
+
+describe.skipIf(!isRoot)('DHCP identity in namespaces (needs root)', () => {
+  const tag2 = randomBytes(3).toString('hex');
+  const ns2 = `scion-d${tag2}`;
+  const hostIf2 = `vd${tag2}`;
+  let agent: HostAgent;
+  let client: AgentClient;
+  let server: ChildProcess;
+  beforeAll(async () => {
+    sh('ip', ['netns', 'add', ns2]);
+    sh('ip', ['link', 'add', hostIf2, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns2]);
+    sh('ip', ['addr', 'add', '10.233.0.1/24', 'dev', hostIf2]);
+    sh('ip', ['link', 'set', hostIf2, 'up']);
+    const dir = mkdtempSync(join(tmpdir(), 'scion-udhcpd-'));
+    writeFileSync(join(dir, 'udhcpd.conf'), `start 10.233.0.100\nend 10.233.0.120\ninterface ${hostIf2}\nlease_file ${dir}/leases\noption subnet 255.255.255.0\noption router 10.233.0.1\noption dns 10.233.0.1\n`);
+    writeFileSync(join(dir, 'leases'), '');
+    // a real DHCP server (busybox udhcpd) on the host side of the veth
+    server = spawn('busybox', ['udhcpd', '-f', join(dir, 'udhcpd.conf')], { stdio: 'ignore' });
+    agent = await startHostAgent({ dhcp: true, wrap: ['ip', 'netns', 'exec', ns2, 'unshare', '--uts', '--'] });
+    client = new AgentClient('dhcp-agent');
+    await client.connect(agent.socket);
+    await client.sync(10_000);
+  });
+  afterAll(() => {
+    client?.close();
+    agent?.stop();
+    server?.kill();
+    try { sh('ip', ['link', 'del', hostIf2]); } catch {}
+    try { sh('ip', ['netns', 'del', ns2]); } catch {}
+  });
+
+  it('takes a lease for the new MAC on every fork', async () => {
+    const base = { hostname: 'dhcp-clone', machineId: randomBytes(16).toString('hex'), dns: [] };
+    for (const [generation, mac] of [[1, '02:53:43:dd:00:01'], [2, '02:53:43:dd:00:02']] as const) {
+      const r = await client.call('identity.apply', { ...base, generation, interfaces: [{ mac }] });
+      expect(r.applied).toBe(true);
+      const link = JSON.parse(sh('ip', ['-n', ns2, '-j', 'addr', 'show', 'eth0']))[0];
+      expect(link.address).toBe(mac);
+      const inet = link.addr_info.filter((a: any) => a.family === 'inet');
+      expect(inet).toHaveLength(1);
+      expect(inet[0].local).toMatch(/^10\.233\.0\.(1[01]\d|120)$/);
+      expect(JSON.parse(sh('ip', ['-n', ns2, '-j', 'route', 'show', 'default']))[0]).toMatchObject({ gateway: '10.233.0.1' });
+      expect(readFileSync(join(agent.root, 'etc/resolv.conf'), 'utf8')).toBe('nameserver 10.233.0.1\n');
+      // the leased address answers on the wire with the new MAC
+      const refused = await new Promise<string>((res) => {
+        const s = connect({ host: inet[0].local, port: 9, timeout: 3000 });
+        s.on('error', (e: any) => res(e.code)); s.on('timeout', () => { s.destroy(); res('timeout'); }); s.on('connect', () => { s.destroy(); res('connected'); });
+      });
+      expect(refused).toBe('ECONNREFUSED');
+      expect(sh('ip', ['neigh', 'show', inet[0].local, 'dev', hostIf2])).toContain(`lladdr ${mac}`);
+    }
   });
 });
