@@ -14,30 +14,35 @@ import { AgentClient } from '../../host/agent-client.ts';
 import { startHostAgent, type HostAgent } from './helpers.ts';
 
 const isRoot = process.getuid?.() === 0;
-const tag = randomBytes(3).toString('hex');
-const ns = `scion-t${tag}`;
-const hostIf = `vh${tag}`;
 const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: 'utf8' });
 
-describe.skipIf(!isRoot)('identity in namespaces (needs root)', () => {
-  let agent: HostAgent;
-  let client: AgentClient;
-  beforeAll(async () => {
-    sh('ip', ['netns', 'add', ns]);
-    sh('ip', ['link', 'add', hostIf, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns]);
-    sh('ip', ['addr', 'add', '10.231.0.1/24', 'dev', hostIf]);
-    sh('ip', ['link', 'set', hostIf, 'up']);
-    agent = await startHostAgent({ wrap: ['ip', 'netns', 'exec', ns, 'unshare', '--uts', '--'] });
-    client = new AgentClient('ns-agent');
-    await client.connect(agent.socket);
-    await client.sync(10_000);
-  });
-  afterAll(() => {
-    client?.close();
-    agent?.stop();
+/** A fresh network namespace whose eth0 is a veth to `hostIf` (addressed hostAddr), and the real agent inside it (own UTS namespace too). */
+async function agentInNamespace(prefix: string, hostAddr: string, opts: { dhcp?: boolean; before?: (hostIf: string) => void } = {}) {
+  const tag = randomBytes(3).toString('hex');
+  const ns = `scion-${prefix}${tag}`;
+  const hostIf = `v${prefix}${tag}`;
+  sh('ip', ['netns', 'add', ns]);
+  sh('ip', ['link', 'add', hostIf, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns]);
+  sh('ip', ['addr', 'add', hostAddr, 'dev', hostIf]);
+  sh('ip', ['link', 'set', hostIf, 'up']);
+  opts.before?.(hostIf);
+  const agent = await startHostAgent({ dhcp: opts.dhcp, wrap: ['ip', 'netns', 'exec', ns, 'unshare', '--uts', '--'] });
+  const client = new AgentClient(`${prefix}-agent`);
+  await client.connect(agent.socket);
+  await client.sync(10_000);
+  const cleanup = () => {
+    client.close();
+    agent.stop();
     try { sh('ip', ['link', 'del', hostIf]); } catch {}
     try { sh('ip', ['netns', 'del', ns]); } catch {}
-  });
+  };
+  return { ns, hostIf, agent, client, cleanup };
+}
+
+describe.skipIf(!isRoot)('identity in namespaces (needs root)', () => {
+  let ns: string, hostIf: string, agent: HostAgent, client: AgentClient, cleanup = () => {};
+  beforeAll(async () => ({ ns, hostIf, agent, client, cleanup } = await agentInNamespace('t', '10.231.0.1/24')));
+  afterAll(() => cleanup());
 
   const identity = {
     generation: 7, hostname: 'clone-seven', machineId: randomBytes(16).toString('hex'), rngSeed: randomBytes(32).toString('hex'),
@@ -92,34 +97,21 @@ describe.skipIf(!isRoot)('identity in namespaces (needs root)', () => {
 });
 
 describe.skipIf(!isRoot)('DHCP identity in namespaces (needs root)', () => {
-  const tag2 = randomBytes(3).toString('hex');
-  const ns2 = `scion-d${tag2}`;
-  const hostIf2 = `vd${tag2}`;
-  let agent: HostAgent;
-  let client: AgentClient;
-  let server: ChildProcess;
+  let ns2: string, hostIf2: string, agent: HostAgent, client: AgentClient, cleanup = () => {};
+  let server: ChildProcess | undefined;
   beforeAll(async () => {
-    sh('ip', ['netns', 'add', ns2]);
-    sh('ip', ['link', 'add', hostIf2, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns2]);
-    sh('ip', ['addr', 'add', '10.233.0.1/24', 'dev', hostIf2]);
-    sh('ip', ['link', 'set', hostIf2, 'up']);
-    const dir = mkdtempSync(join(tmpdir(), 'scion-udhcpd-'));
-    writeFileSync(join(dir, 'udhcpd.conf'), `start 10.233.0.100\nend 10.233.0.120\ninterface ${hostIf2}\nlease_file ${dir}/leases\noption subnet 255.255.255.0\noption router 10.233.0.1\noption dns 10.233.0.1\n`);
-    writeFileSync(join(dir, 'leases'), '');
-    // a real DHCP server (busybox udhcpd) on the host side of the veth
-    server = spawn('busybox', ['udhcpd', '-f', join(dir, 'udhcpd.conf')], { stdio: 'ignore' });
-    agent = await startHostAgent({ dhcp: true, wrap: ['ip', 'netns', 'exec', ns2, 'unshare', '--uts', '--'] });
-    client = new AgentClient('dhcp-agent');
-    await client.connect(agent.socket);
-    await client.sync(10_000);
+    ({ ns: ns2, hostIf: hostIf2, agent, client, cleanup } = await agentInNamespace('d', '10.233.0.1/24', {
+      dhcp: true,
+      before: (hostIf) => {
+        const dir = mkdtempSync(join(tmpdir(), 'scion-udhcpd-'));
+        writeFileSync(join(dir, 'udhcpd.conf'), `start 10.233.0.100\nend 10.233.0.120\ninterface ${hostIf}\nlease_file ${dir}/leases\noption subnet 255.255.255.0\noption router 10.233.0.1\noption dns 10.233.0.1\n`);
+        writeFileSync(join(dir, 'leases'), '');
+        // a real DHCP server (busybox udhcpd) on the host side of the veth
+        server = spawn('busybox', ['udhcpd', '-f', join(dir, 'udhcpd.conf')], { stdio: 'ignore' });
+      },
+    }));
   });
-  afterAll(() => {
-    client?.close();
-    agent?.stop();
-    server?.kill();
-    try { sh('ip', ['link', 'del', hostIf2]); } catch {}
-    try { sh('ip', ['netns', 'del', ns2]); } catch {}
-  });
+  afterAll(() => { server?.kill(); cleanup(); });
 
   it('takes a lease for the new MAC on every fork', async () => {
     const base = { hostname: 'dhcp-clone', machineId: randomBytes(16).toString('hex'), dns: [] };
