@@ -66,10 +66,19 @@ export class JsonSession extends EventEmitter {
 export class Pending<T> {
   private map = new Map<string | number, { resolve: (v: T) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
   add(id: string | number, timeoutMs: number, what: string): Promise<T> {
-    return new Promise<T>((resolve, reject) => {
+    const p = new Promise<T>((resolve, reject) => {
       const timer = setTimeout(() => { this.map.delete(id); reject(new SessionError('E_TIMEOUT', `${what} timed out after ${timeoutMs} ms`)); }, timeoutMs);
       this.map.set(id, { resolve, reject, timer });
     });
+    // a caller whose send() then throws never awaits this; its later timeout must not be an unhandled rejection
+    p.catch(() => {});
+    return p;
+  }
+
+  /** Forget a call whose request could not be sent. */
+  drop(id: string | number) {
+    const p = this.map.get(id);
+    if (p) { clearTimeout(p.timer); this.map.delete(id); }
   }
   settle(id: string | number, v: T): boolean {
     const p = this.map.get(id);

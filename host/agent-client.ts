@@ -41,7 +41,7 @@ export class AgentClient {
       const nonce = randomInt(1, 2 ** 47);
       const id = `sync-${nonce}`;
       const p = this.pending.add(id, Math.min(1000, Math.max(50, end - Date.now())), `${this.label}: sync`);
-      this.s.sendRaw(Buffer.concat([Buffer.from([RESYNC_BYTE]), encodeFrame({ id, cmd: 'sync', args: { nonce } })]));
+      try { this.s.sendRaw(Buffer.concat([Buffer.from([RESYNC_BYTE]), encodeFrame({ id, cmd: 'sync', args: { nonce } })])); } catch (e) { this.pending.drop(id); throw e; }
       try {
         const r = await p;
         if (r.ok && r.result?.nonce === nonce) { this.synced = true; return; }
@@ -55,7 +55,7 @@ export class AgentClient {
   async call<T = any>(cmd: string, args: Record<string, unknown> = {}, timeoutMs = 60_000): Promise<T> {
     const id = ++this.seq;
     const p = this.pending.add(id, timeoutMs, `${this.label}: ${cmd}`);
-    this.s.send({ id, cmd, args });
+    try { this.s.send({ id, cmd, args }); } catch (e) { this.pending.drop(id); throw e; }
     const r = await p;
     if (!r.ok) throw new AgentError(r.error?.code ?? 'E_AGENT', `${this.label}: ${cmd}: ${r.error?.message ?? 'failed'}`);
     return r.result as T;

@@ -51,7 +51,7 @@ export class QmpClient {
   async execute<T = any>(command: string, args?: Record<string, unknown>, timeoutMs = 30_000): Promise<T> {
     const id = `q${++this.seq}`;
     const p = this.pending.add(id, timeoutMs, `${this.label}: ${command}`);
-    this.s.send(args ? { execute: command, arguments: args, id } : { execute: command, id });
+    try { this.s.send(args ? { execute: command, arguments: args, id } : { execute: command, id }); } catch (e) { this.pending.drop(id); throw e; }
     const r = await p;
     if (r.error) throw new QmpError(command, r.error.class, r.error.desc);
     return r.return as T;

@@ -432,7 +432,7 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
       try { s = await qmp.execute('query-status', undefined, 10_000); } catch (e) {
         // QEMU closing the monitor mid-load means the load failed and it exited
         await exitOf(proc, 2000);
-        throw dead ? restoreFailed() : e;
+        throw dead ? restoreFailed() : new VmError('E_RESTORE_FAILED', `${name}: QEMU stopped answering while loading the template state (${(e as Error).message})`, { hint: 'the template state file may be corrupt; freeze the template again', cause: e });
       }
       if (s.status === 'paused' || s.status === 'postmigrate') {
         const m = await qmp.execute('query-migrate');
