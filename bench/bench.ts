@@ -21,6 +21,9 @@ const DENSITY = values.density!.split(',').map(Number);
 process.env.SCION_RUN_DIR = mkdtempSync(join(tmpdir(), 'scion-bench-run-'));
 process.env.SCION_TEMPLATE_DIR = mkdtempSync(join('/dev/shm', 'scion-bench-tpl-'));
 const log = (m: string) => process.stderr.write(`[bench] ${m}\n`);
+const scratch: string[] = [process.env.SCION_RUN_DIR!, process.env.SCION_TEMPLATE_DIR!];
+const scratchDir = (prefix: string) => { const d = mkdtempSync(join(tmpdir(), prefix)); scratch.push(d); return d; };
+const cleanScratch = () => { for (const d of scratch) rmSync(d, { recursive: true, force: true }); };
 
 /**
  * Private_Dirty overstates a clone's own memory: tmpfs pages are always
@@ -44,14 +47,13 @@ async function main() {
   // 4a. build, cold and warm cache
   const def = join(ROOT, 'images/web.yaml');
   if (!values['skip-build']) {
-    const cache = mkdtempSync(join(tmpdir(), 'scion-bench-cache-'));
+    const cache = scratchDir('scion-bench-cache-');
     let t = performance.now();
-    await build({ definitionPath: def, cacheDir: cache, outDir: mkdtempSync(join(tmpdir(), 'scion-bench-out-')) });
+    await build({ definitionPath: def, cacheDir: cache, outDir: scratchDir('scion-bench-out-') });
     const cold = performance.now() - t;
     t = performance.now();
-    await build({ definitionPath: def, cacheDir: cache, outDir: mkdtempSync(join(tmpdir(), 'scion-bench-out-')) });
+    await build({ definitionPath: def, cacheDir: cache, outDir: scratchDir('scion-bench-out-') });
     results.buildMs = { coldCache: Math.round(cold), warmCache: Math.round(performance.now() - t) };
-    rmSync(cache, { recursive: true, force: true });
     log(`build: cold ${results.buildMs.coldCache} ms, warm ${results.buildMs.warmCache} ms`);
   }
   const b = await build({ definitionPath: def });
@@ -136,7 +138,7 @@ async function main() {
   };
 
   for (const n of ['bench-tpl', 'bench-stream']) await vm.removeVm(n);
-  rmSync(process.env.SCION_TEMPLATE_DIR!, { recursive: true, force: true });
+  cleanScratch();
 
   const out = join(ROOT, 'bench/results');
   mkdirSync(out, { recursive: true });
@@ -185,6 +187,6 @@ void percentile;
 main().catch(async (e) => {
   console.error(e);
   for (const v of await vm.list().catch(() => [])) await vm.removeVm(v.name).catch(() => {});
-  rmSync(process.env.SCION_TEMPLATE_DIR!, { recursive: true, force: true });
+  cleanScratch();
   process.exit(1);
 });

@@ -17,14 +17,16 @@ const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' }
 process.env.SCION_RUN_DIR = mkdtempSync(join(tmpdir(), 'scion-benchb-run-'));
 process.env.SCION_TEMPLATE_DIR = mkdtempSync(join('/dev/shm', 'scion-benchb-tpl-'));
 const log = (m: string) => process.stderr.write(`[bench:build] ${m}\n`);
+const scratch: string[] = [process.env.SCION_RUN_DIR!, process.env.SCION_TEMPLATE_DIR!];
+const scratchDir = (prefix: string) => { const d = mkdtempSync(join(tmpdir(), prefix)); scratch.push(d); return d; };
 
-const cache = mkdtempSync(join(tmpdir(), 'scion-benchb-cache-'));
+const cache = scratchDir('scion-benchb-cache-');
 const out: Record<string, any> = { image: values.image, date: new Date().toISOString() };
 let t = performance.now();
-await build({ definitionPath: values.image!, cacheDir: cache, outDir: mkdtempSync(join(tmpdir(), 'scion-benchb-out-')) });
+await build({ definitionPath: values.image!, cacheDir: cache, outDir: scratchDir('scion-benchb-out-') });
 out.coldCacheMs = Math.round(performance.now() - t);
 t = performance.now();
-await build({ definitionPath: values.image!, cacheDir: cache, outDir: mkdtempSync(join(tmpdir(), 'scion-benchb-out-')) });
+await build({ definitionPath: values.image!, cacheDir: cache, outDir: scratchDir('scion-benchb-out-') });
 out.warmCacheMs = Math.round(performance.now() - t);
 log(`cold cache ${out.coldCacheMs} ms, warm cache ${out.warmCacheMs} ms`);
 
@@ -33,7 +35,7 @@ const imgs: Record<string, vm.ImageArtifacts> = {};
 out.compression = {};
 for (const c of comps) {
   t = performance.now();
-  const r = await build({ definitionPath: values.image!, cacheDir: cache, outDir: mkdtempSync(join(tmpdir(), `scion-benchb-${c}-`)), compression: c });
+  const r = await build({ definitionPath: values.image!, cacheDir: cache, outDir: scratchDir(`scion-benchb-${c}-`), compression: c });
   out.compression[c] = { buildMs: Math.round(performance.now() - t), initrdBytes: r.sizes.initrd, boots: [] as number[] };
   imgs[c] = await vm.loadImage(r.dir);
 }
@@ -46,8 +48,7 @@ for (let i = 0; i < Number(values.runs); i++) {
     log(`${c}: boot to agent ready ${h.record.timings!.bootReadyMs} ms`);
   }
 }
-rmSync(cache, { recursive: true, force: true });
-rmSync(process.env.SCION_TEMPLATE_DIR!, { recursive: true, force: true });
+for (const d of scratch) rmSync(d, { recursive: true, force: true });
 console.log(`| initramfs | size MiB | build ms (warm) | boot to agent ready p50 ms | runs |\n|---|---|---|---|---|`);
 for (const c of comps) {
   const s = summarise(out.compression[c].boots);

@@ -5,7 +5,7 @@
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { readFileSync, mkdtempSync, writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { connect } from 'node:net';
 import { join } from 'node:path';
@@ -99,11 +99,12 @@ describe.skipIf(!isRoot)('identity in namespaces (needs root)', () => {
 describe.skipIf(!isRoot)('DHCP identity in namespaces (needs root)', () => {
   let ns2: string, hostIf2: string, agent: HostAgent, client: AgentClient, cleanup = () => {};
   let server: ChildProcess | undefined;
+  let dir: string | undefined;
   beforeAll(async () => {
     ({ ns: ns2, hostIf: hostIf2, agent, client, cleanup } = await agentInNamespace('d', '10.233.0.1/24', {
       dhcp: true,
       before: (hostIf) => {
-        const dir = mkdtempSync(join(tmpdir(), 'scion-udhcpd-'));
+        dir = mkdtempSync(join(tmpdir(), 'scion-udhcpd-'));
         writeFileSync(join(dir, 'udhcpd.conf'), `start 10.233.0.100\nend 10.233.0.120\ninterface ${hostIf}\nlease_file ${dir}/leases\noption subnet 255.255.255.0\noption router 10.233.0.1\noption dns 10.233.0.1\n`);
         writeFileSync(join(dir, 'leases'), '');
         // a real DHCP server (busybox udhcpd) on the host side of the veth
@@ -111,7 +112,7 @@ describe.skipIf(!isRoot)('DHCP identity in namespaces (needs root)', () => {
       },
     }));
   });
-  afterAll(() => { server?.kill(); cleanup(); });
+  afterAll(() => { server?.kill(); cleanup(); if (dir) rmSync(dir, { recursive: true, force: true }); });
 
   it('takes a lease for the new MAC on every fork', async () => {
     const base = { hostname: 'dhcp-clone', machineId: randomBytes(16).toString('hex'), dns: [] };

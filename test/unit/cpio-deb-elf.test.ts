@@ -1,6 +1,6 @@
 import { describe, it, expect } from 'vitest';
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync, readFileSync, readlinkSync, statSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, readFileSync, readlinkSync, statSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tar from 'tar-stream';
@@ -38,6 +38,7 @@ describe('cpio newc writer', () => {
     expect(statSync(join(dir, 'usr/bin/tool')).mode & 0o777).toBe(0o755);
     expect(statSync(join(dir, 'etc/hello')).mtimeMs).toBe(1234_000);
     void out;
+    rmSync(dir, { recursive: true, force: true });
   });
   it('gives the same bytes for the same tree whatever the insertion order', () => {
     const a = sampleTree();

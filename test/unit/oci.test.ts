@@ -1,7 +1,7 @@
 import { describe, it, expect } from 'vitest';
-import { mkdtempSync, mkdirSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, dirname } from 'node:path';
 import { createHash } from 'node:crypto';
 import { gzipSync } from 'node:zlib';
 import tar from 'tar-stream';
@@ -38,6 +38,7 @@ describe('OCI images', () => {
     const files = Object.fromEntries([...img.files].filter(([, e]) => e.type === 'file').map(([p, e]) => [p, e.data!.toString()]));
     expect(files).toEqual({ '/etc/b': 'B', '/data/new': 'N', '/bin/tool': 'v2' });
     expect(img.config.config.Cmd).toEqual(['/bin/tool']);
+    rmSync(dir, { recursive: true, force: true });
   });
 
   it('reads a docker-save archive the same way', async () => {
@@ -51,6 +52,7 @@ describe('OCI images', () => {
     const f = join(mkdtempSync(join(tmpdir(), 'scion-oci-')), 'img.tar');
     writeFileSync(f, archive);
     const img = await readOciImage(f);
+    rmSync(dirname(f), { recursive: true, force: true });
     expect([...img.files.keys()].filter((p) => img.files.get(p)!.type === 'file').sort()).toEqual(['/bin/tool', '/data/new', '/etc/b']);
   });
 
