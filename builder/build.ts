@@ -4,13 +4,13 @@
  * pure modules it calls. Outputs are written to a temporary directory and
  * swapped in whole: a failed build leaves the previous artifacts untouched.
  */
-import { readFile, rm, rename, mkdir, stat, writeFile, open } from 'node:fs/promises';
+import { readFile, rm, rename, mkdir, stat, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve as resolvePath, basename } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
-import { BuildError, ArchiveError } from '../common/errors.ts';
-import { BlobCache, sha256, atomicWrite } from './cache.ts';
+import { BuildError } from '../common/errors.ts';
+import { BlobCache, sha256 } from './cache.ts';
 import { DebianArchive, mirrorFromAptSources } from './debian/archive.ts';
 import { extractDeb, decompress, type TarEntry } from './debian/deb.ts';
 import { resolve as resolveDeps, type PackageIndex } from './debian/resolver.ts';
@@ -145,13 +145,8 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
     lock.codename ??= archive.codename;
     const pins = new Map<string, string>();
     for (const ls of Object.values(oldLock?.sets ?? {})) for (const p of ls.packages) pins.set(p.name, p.version);
-    let chosen;
-    try {
-      chosen = resolveDeps(index, s.roots, { pins, follow: s.follow });
-    } catch (e) {
-      // a pin that no longer resolves is retried unpinned only with --update-lock
-      throw e;
-    }
+    // a pin the archive no longer has fails here; --update-lock resolves afresh
+    const chosen = resolveDeps(index, s.roots, { pins, follow: s.follow });
     lock.sets[name] = { roots: s.roots, packages: chosen.map((p) => ({ name: p.name, version: p.version, filename: p.filename, sha256: p.sha256, size: p.size })) };
   }
   step('resolve');

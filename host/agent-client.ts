@@ -12,7 +12,6 @@ export class AgentClient {
   private s: JsonSession;
   private pending = new Pending<any>();
   private seq = 0;
-  private synced = false;
   readonly events: AgentEvent[] = [];
   private listeners: ((e: AgentEvent) => void)[] = [];
 
@@ -44,7 +43,7 @@ export class AgentClient {
       try { this.s.sendRaw(Buffer.concat([Buffer.from([RESYNC_BYTE]), encodeFrame({ id, cmd: 'sync', args: { nonce } })])); } catch (e) { this.pending.drop(id); throw e; }
       try {
         const r = await p;
-        if (r.ok && r.result?.nonce === nonce) { this.synced = true; return; }
+        if (r.ok && r.result?.nonce === nonce) return;
       } catch (e) {
         if ((e as ScionError).code !== 'E_TIMEOUT') throw e;
       }

@@ -6,7 +6,7 @@
 import { spawn } from 'node:child_process';
 import { createServer } from 'node:net';
 import { readFile, stat, chmod, rm, mkdir, rename, writeFile, copyFile, access } from 'node:fs/promises';
-import { existsSync, readFileSync, openSync, closeSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve as resolvePath } from 'node:path';
 import { randomUUID, createHash } from 'node:crypto';
 import { VmError, ScionError } from '../common/errors.ts';
@@ -15,7 +15,7 @@ import { QmpClient } from './qmp.ts';
 import { AgentClient } from './agent-client.ts';
 import { qemuArgv, deviceLineup, kernelStub, type VmDescription, type NetConfig, type Accel } from './qemu-argv.ts';
 import { chooseAccel, qemuVersion, QEMU } from './accel.ts';
-import { allocateIdentity, freeIndices, type CloneIdentity } from './identity.ts';
+import { allocateIdentity, freeIndices } from './identity.ts';
 import { createTap, deleteTap, netParams, type NetMode, type BridgeSpec } from './net.ts';
 import { paths, makeRunDir, writeRecord, readRecord, listRunDirs, removeRunDir, pidIsOurs, processAlive, scionQemuPids, templateRoot, type VmRecord } from './rundir.ts';
 
@@ -352,7 +352,8 @@ export async function checkTemplate(tdir: string): Promise<TemplateMeta> {
   return meta;
 }
 
-export async function usedIndices(template: string): Promise<Set<number>> {
+/** Clone indices in use by any clone (MACs and addresses are unique across templates). */
+export async function usedIndices(): Promise<Set<number>> {
   const used = new Set<number>();
   for (const n of await listRunDirs()) {
     const r = await readRecord(n);
@@ -364,7 +365,7 @@ export async function usedIndices(template: string): Promise<Set<number>> {
 export async function fork(templateName: string, opts: ForkOptions): Promise<CloneResult[]> {
   const tdir = join(templateRoot(), templateName);
   const meta = await checkTemplate(tdir);
-  const indices = freeIndices(await usedIndices(templateName), opts.n);
+  const indices = freeIndices(await usedIndices(), opts.n);
   const results: CloneResult[] = new Array(indices.length);
   let next = 0;
   const errors: Error[] = [];

@@ -63,7 +63,7 @@ describe('agent under garbage', () => {
       ['mid', { machineId: 'xyz' }, /machineId: must be 32 lowercase hex digits/],
       ['gen', { generation: 0 }, /generation: must be an integer >= 1/],
     ];
-    for (const [id, patch, re] of cases) send(JSON.stringify({ id, cmd: 'identity.apply', args: { ...base, ...patch } }) + '\n');
+    for (const [id, patch] of cases) send(JSON.stringify({ id, cmd: 'identity.apply', args: { ...base, ...patch } }) + '\n');
     await new Promise((r) => setTimeout(r, 50));
     for (const [id, , re] of cases) {
       const r = replies.find((x) => x.id === id);

@@ -13,7 +13,7 @@ import { AgentClient } from '../../host/agent-client.ts';
 import { QmpClient } from '../../host/qmp.ts';
 import * as vm from '../../host/vm.ts';
 import { scionQemuPids, paths, readRecord } from '../../host/rundir.ts';
-import { image, isolateRunDirs, ROOT, tmp } from './helpers.ts';
+import { image, isolateRunDirs, ROOT } from './helpers.ts';
 
 const dirs = isolateRunDirs('vm');
 const fileSha = (f: string) => new Promise<string>((res, rej) => {
