@@ -376,7 +376,11 @@ export async function fork(templateName: string, opts: ForkOptions): Promise<Clo
     }
   };
   await Promise.all(Array.from({ length: Math.min(opts.parallel ?? 4, indices.length) }, worker));
-  if (errors.length) throw errors[0];
+  if (errors.length) {
+    // all or nothing: a fork that fails leaves no clone of this call behind
+    for (const r of results) if (r) await removeVm(r.name).catch(() => {});
+    throw errors[0];
+  }
   return results;
 }
 
