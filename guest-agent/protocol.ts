@@ -49,6 +49,8 @@ export interface Identity {
   interfaces: { name?: string; mac: string; address?: string; prefix?: number; gateway?: string }[];
   dns: string[];
   rngSeed?: string; // hex
+  /** the VM generation ID the host gave this VM (the guest cannot read it back; reported in info) */
+  vmgenid?: string;
   time?: number; // ms since epoch
 }
 
@@ -81,7 +83,8 @@ export function validateIdentity(a: Record<string, unknown>): Identity {
   if (!Array.isArray(dns) || dns.some((d) => typeof d !== 'string' || !IPV4.test(d))) bad('dns', 'must be a list of IPv4 addresses');
   if (a.rngSeed !== undefined && (typeof a.rngSeed !== 'string' || !/^([0-9a-f]{2}){16,512}$/.test(a.rngSeed))) bad('rngSeed', 'must be 32..1024 hex digits');
   if (a.time !== undefined && (typeof a.time !== 'number' || !Number.isFinite(a.time) || a.time < 0)) bad('time', 'must be milliseconds since the epoch');
-  return { generation: gen as number, hostname: a.hostname as string, machineId: a.machineId as string, interfaces, dns: dns as string[], rngSeed: a.rngSeed as string | undefined, time: a.time as number | undefined };
+  if (a.vmgenid !== undefined && (typeof a.vmgenid !== 'string' || !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(a.vmgenid))) bad('vmgenid', 'must be a lowercase UUID');
+  return { generation: gen as number, hostname: a.hostname as string, machineId: a.machineId as string, interfaces, dns: dns as string[], rngSeed: a.rngSeed as string | undefined, time: a.time as number | undefined, vmgenid: a.vmgenid as string | undefined };
 }
 
 export function requireString(a: Record<string, unknown>, k: string): string {

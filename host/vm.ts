@@ -457,7 +457,7 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
     const synced = agent.sync(30_000);
     const generation = meta.generation + 1;
     const applying = agent.call('identity.apply', {
-      generation, hostname: id.hostname, machineId: id.machineId, rngSeed: id.rngSeed, time: Date.now(),
+      generation, hostname: id.hostname, machineId: id.machineId, rngSeed: id.rngSeed, time: Date.now(), vmgenid: id.vmgenid,
       interfaces: [{ mac: id.mac, address: id.ip, prefix: id.prefix, gateway: id.gateway }], dns: id.dns,
     }, 120_000);
     applying.catch(() => {});

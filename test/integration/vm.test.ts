@@ -87,7 +87,9 @@ describe('web image: boot, freeze, fork', () => {
       expect(machineId).toBe(c.machineId);
       const q = new QmpClient();
       await q.connect(paths(c.name).qmp);
-      seen.vmgenid.push((await q.execute('query-vm-generation-id')).guid);
+      const guid = (await q.execute('query-vm-generation-id')).guid;
+      expect(info.identity.vmgenid).toBe(guid);
+      seen.vmgenid.push(guid);
       q.close();
       seen.hostname.push(hostname); seen.mac.push(mac); seen.ip.push(addr); seen.machineId.push(machineId); seen.random.push(random);
     }
