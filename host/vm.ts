@@ -8,7 +8,7 @@ import { createServer } from 'node:net';
 import { readFile, stat, chmod, rm, mkdir, rename, writeFile, copyFile, access } from 'node:fs/promises';
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve as resolvePath } from 'node:path';
-import { randomUUID, createHash } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { VmError, ScionError } from '../common/errors.ts';
 import { atomicWrite } from '../builder/cache.ts';
 import { QmpClient } from './qmp.ts';
@@ -88,6 +88,42 @@ function exitOf(proc: Spawned, ms = 5000): Promise<unknown> {
   return Promise.race([proc.exited, new Promise((r) => (t = setTimeout(r, ms)))]).finally(() => clearTimeout(t));
 }
 
+/**
+ * Start QEMU for a VM whose record is ready: the record is written before QEMU
+ * exists (so gc never takes it for an orphan) and again with its pid.
+ */
+async function startQemu(record: VmRecord, desc: VmDescription): Promise<Spawned> {
+  await writeRecord(record);
+  const proc = spawnQemu(desc, record.netns);
+  record.pid = proc.pid;
+  await writeFile(paths(record.name).pid, String(proc.pid));
+  await writeRecord(record);
+  return proc;
+}
+
+/** Wait until an incoming migration has loaded (QEMU paused, migration completed); typed errors if QEMU dies or hangs. */
+async function waitRestored(qmp: QmpClient, name: string, proc: Spawned): Promise<void> {
+  let dead = false;
+  proc.exited.then(() => (dead = true));
+  const restoreFailed = () => new VmError('E_RESTORE_FAILED', `${name}: QEMU exited while loading the template state: ${proc.stderr().trim().split('\n').slice(-2).join(' | ')}`, { hint: 'the template state file may be corrupt or truncated; freeze the template again' });
+  for (;;) {
+    if (dead) throw restoreFailed();
+    let s;
+    try { s = await qmp.execute('query-status', undefined, 10_000); } catch (e) {
+      // QEMU closing the monitor mid-load means the load failed and it exited
+      await exitOf(proc, 2000);
+      throw dead ? restoreFailed() : new VmError('E_RESTORE_FAILED', `${name}: QEMU stopped answering while loading the template state (${(e as Error).message})`, { hint: 'the template state file may be corrupt; freeze the template again', cause: e });
+    }
+    if (s.status === 'paused' || s.status === 'postmigrate') {
+      const m = await qmp.execute('query-migrate');
+      if (m.status === 'completed' || !m.status) return;
+      if (m.status === 'failed') throw new VmError('E_RESTORE_FAILED', `${name}: loading the template state failed: ${m['error-desc'] ?? ''}`);
+    }
+    if (s.status === 'running') return;
+    await new Promise((r) => setTimeout(r, 3));
+  }
+}
+
 /** A qcow2 overlay on `base` (the base is never written through it). */
 async function qcow2Overlay(base: string, overlay: string): Promise<void> {
   const { execFile } = await import('node:child_process');
@@ -120,9 +156,12 @@ export async function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}):
   await rm(tdir, { recursive: true, force: true });
   await mkdir(tdir, { recursive: true, mode: 0o700 });
   await makeRunDir(name);
+  const netMode: NetMode = opts.net ?? { mode: 'user' };
+  // the template's own identity (index 0, generation 1): clones start from a known state
+  const id = allocateIdentity(0, img.name, undefined, netParams(netMode));
   const desc: VmDescription = {
     mode: 'template', accel: accel.accel, ramMB: img.ramMB, cpus: 1, memory: opts.memory ?? 'file', memPath: join(tdir, 'mem'), kernel: img.vmlinuz, initrd: img.initrd,
-    cmdline: img.cmdline, vmgenid: randomUUID(), mac: '02:53:43:00:00:00',
+    cmdline: img.cmdline, vmgenid: id.vmgenid, mac: id.mac,
     net: { mode: 'none' },
     qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console, consoleSocket: p.consoleSocket,
   };
@@ -132,18 +171,11 @@ export async function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}):
     desc.disk = join(tdir, 'disk.qcow2');
     await qcow2Overlay(disk, desc.disk);
   }
-  const netMode: NetMode = opts.net ?? { mode: 'user' };
-  const np = netParams(netMode);
-  const tplIp = `${np.network.split('/')[0].split('.').slice(0, 3).join('.')}.15`;
-  if (netMode.mode === 'user') desc.net = { mode: 'user', guestIp: tplIp, forwards: [] };
+  if (netMode.mode === 'user') desc.net = { mode: 'user', guestIp: id.ip, forwards: [] };
   else if (netMode.mode === 'bridge') desc.net = { mode: 'bridge', tap: await createTap(netMode) };
   const record: VmRecord = { name, role: 'template', image: img.dir, accel: accel.accel, createdAt: new Date().toISOString(), templateDir: tdir, generation: 0, ports: {}, desc, netns: netMode.mode === 'bridge' ? netMode.netns : undefined, netMode, making: { ownerPid: process.pid, phase: 'boot' } };
-  await writeRecord(record); // before QEMU exists, so gc never mistakes it for an orphan
   const tSpawn = performance.now();
-  const proc = spawnQemu(desc, record.netns);
-  record.pid = proc.pid;
-  await writeFile(p.pid, String(proc.pid));
-  await writeRecord(record);
+  const proc = await startQemu(record, desc);
   try {
     const qmp = await connectQmp(name, p.qmp, proc, 10_000);
     const agent = new AgentClient(`${name}/agent`);
@@ -158,9 +190,7 @@ export async function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}):
     if (!info.lastReady) await agent.waitEvent('ready', () => true, timeout);
     record.timings = { bootReadyMs: Math.round(performance.now() - tSpawn) };
     if (opts.skipIdentity) { record.making = undefined; await writeRecord(record); return { record, qmp, agent }; }
-    // the template's own identity (generation 1): clones start from a known state
-    const id = allocateIdentity(0, `${img.name}`);
-    const applied = await agent.call('identity.apply', { generation: 1, hostname: img.name, machineId: id.machineId, interfaces: [{ mac: desc.mac, address: tplIp, prefix: Number(np.network.split('/')[1] ?? 24), gateway: np.gateway }], dns: np.dns, rngSeed: id.rngSeed, time: Date.now() });
+    const applied = await agent.call('identity.apply', { generation: 1, hostname: id.hostname, machineId: id.machineId, interfaces: [{ mac: id.mac, address: id.ip, prefix: id.prefix, gateway: id.gateway }], dns: id.dns, rngSeed: id.rngSeed, time: Date.now(), vmgenid: id.vmgenid });
     record.generation = applied.generation;
     record.making = undefined;
     await writeRecord(record);
@@ -274,18 +304,11 @@ export async function freezeClone(cloneName: string, newName: string, log?: (m: 
   const desc: VmDescription = { ...r.desc, mode: 'template', memory: 'file', memPath: join(tdir, 'mem'), incoming: true, net: r.desc.net.mode === 'user' ? { ...r.desc.net, forwards: [] } : r.desc.net, qmpSocket: p.qmp, agentSocket: p.agent, consoleLog: p.console, consoleSocket: p.consoleSocket, tbSizeMB: undefined };
   if (desc.net.mode === 'bridge') desc.net = { mode: 'bridge', tap: await createTap(r.netMode as BridgeSpec) };
   const record: VmRecord = { name: newName, role: 'template', image: r.image, accel: r.accel, createdAt: new Date().toISOString(), templateDir: tdir, generation: r.generation, ports: {}, desc, netns: r.netns, netMode: r.netMode, making: { ownerPid: process.pid, phase: 'freeze' } };
-  await writeRecord(record);
-  const proc = spawnQemu(desc, r.netns);
-  record.pid = proc.pid;
-  await writeRecord(record);
+  const proc = await startQemu(record, desc);
   try {
     const q2 = await connectQmp(newName, p.qmp, proc, 10_000);
     await q2.execute('migrate-incoming', { uri: `exec:cat ${full}` });
-    for (;;) {
-      const st = await q2.execute('query-status');
-      if (st.status === 'paused' || st.status === 'postmigrate') break;
-      await new Promise((res) => setTimeout(res, 20));
-    }
+    await waitRestored(q2, newName, proc);
     await q2.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
     const tmpState = join(tdir, `state.tmp-${process.pid}`);
     await q2.execute('migrate', { uri: `exec:cat > ${tmpState}` });
@@ -327,11 +350,7 @@ async function waitMigration(q: QmpClient, name: string) {
 
 async function waitDead(pid: number | undefined, timeoutMs = 10_000) {
   const end = Date.now() + timeoutMs;
-  while (pid && Date.now() < end) {
-    try { process.kill(pid, 0); } catch { return; }
-    if (/\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8'))) return;
-    await new Promise((r) => setTimeout(r, 10));
-  }
+  while (processAlive(pid) && Date.now() < end) await new Promise((r) => setTimeout(r, 10));
   killPid(pid);
 }
 
@@ -417,36 +436,14 @@ async function forkOne(tdir: string, meta: TemplateMeta, index: number, opts: Fo
   const timings: Record<string, number> = {};
   let t = t0;
   const mark = (k: string) => { const n = performance.now(); timings[k] = Math.round((n - t) * 10) / 10; t = n; };
-  await writeRecord(record); // before QEMU exists, so gc never mistakes it for an orphan
-  const proc = spawnQemu(desc, netns);
-  record.pid = proc.pid;
-  await writeFile(p.pid, String(proc.pid));
-  await writeRecord(record);
+  const proc = await startQemu(record, desc);
   let qmp: QmpClient | undefined, agent: AgentClient | undefined;
   try {
     qmp = await connectQmp(name, p.qmp, proc, 30_000); // generous: a loaded host starts QEMU slowly
     mark('spawn');
     if (desc.memory === 'file') await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
     await qmp.execute('migrate-incoming', { uri: `exec:cat ${join(tdir, 'state')}` });
-    let dead = false;
-    proc.exited.then(() => (dead = true));
-    const restoreFailed = () => new VmError('E_RESTORE_FAILED', `${name}: QEMU exited while loading the template state: ${proc.stderr().trim().split('\n').slice(-2).join(' | ')}`, { hint: 'the template state file may be corrupt or truncated; freeze the template again' });
-    for (;;) {
-      if (dead) throw restoreFailed();
-      let s;
-      try { s = await qmp.execute('query-status', undefined, 10_000); } catch (e) {
-        // QEMU closing the monitor mid-load means the load failed and it exited
-        await exitOf(proc, 2000);
-        throw dead ? restoreFailed() : new VmError('E_RESTORE_FAILED', `${name}: QEMU stopped answering while loading the template state (${(e as Error).message})`, { hint: 'the template state file may be corrupt; freeze the template again', cause: e });
-      }
-      if (s.status === 'paused' || s.status === 'postmigrate') {
-        const m = await qmp.execute('query-migrate');
-        if (m.status === 'completed' || !m.status) break;
-        if (m.status === 'failed') throw new VmError('E_RESTORE_FAILED', `${name}: loading the template state failed: ${m['error-desc'] ?? ''}`);
-      }
-      if (s.status === 'running') break;
-      await new Promise((r) => setTimeout(r, 3));
-    }
+    await waitRestored(qmp, name, proc);
     mark('restore');
     await qmp.execute('cont');
     mark('resume');
