@@ -10,8 +10,8 @@ import { cpus, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { build } from '../builder/build.ts';
-import * as vm from '../host/vm.ts';
-import { qemuVersion } from '../host/accel.ts';
+import * as vm from '../host/index.ts';
+import { qemuVersion } from '../host/qemu/accel.ts';
 import { percentile, summarise, renderSvg, type Summary } from './stats.ts';
 
 const ROOT = resolve(import.meta.dirname, '..');

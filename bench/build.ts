@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { build, type Compression } from '../builder/build.ts';
-import * as vm from '../host/vm.ts';
+import * as vm from '../host/index.ts';
 import { summarise } from './stats.ts';
 
 const ROOT = resolve(import.meta.dirname, '..');

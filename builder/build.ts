@@ -10,6 +10,7 @@ import { gzipSync } from 'node:zlib';
 import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
 import { BuildError } from '../common/errors.ts';
+import { runBuffer } from '../common/run.ts';
 import { BlobCache, sha256 } from './cache.ts';
 import { DebianArchive, mirrorFromAptSources } from './debian/archive.ts';
 import { extractDeb, decompress, type TarEntry } from './debian/deb.ts';
@@ -330,13 +331,5 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
 }
 
 async function zstd(data: Buffer): Promise<Buffer> {
-  const { spawn } = await import('node:child_process');
-  return new Promise((res, rej) => {
-    const p = spawn('zstd', ['-q', '-c', '-9', '-T1', '--no-check'], { stdio: ['pipe', 'pipe', 'inherit'] });
-    const out: Buffer[] = [];
-    p.stdout.on('data', (c) => out.push(c));
-    p.on('error', rej);
-    p.on('close', (code) => (code === 0 ? res(Buffer.concat(out)) : rej(new BuildError('E_COMPRESS', `zstd exited ${code}`))));
-    p.stdin.end(data);
-  });
+  return runBuffer('zstd', ['-q', '-c', '-9', '-T1', '--no-check'], data, { code: 'E_COMPRESS', what: 'zstd (initramfs compression)' });
 }

@@ -5,9 +5,10 @@
  * one complete copy and never read a half-written one. A blob whose bytes do
  * not match its name is deleted and treated as missing (never used).
  */
-import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readFile, rename, writeFile, unlink } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { mkdir, readFile, unlink } from 'node:fs/promises';
 import { homedir } from 'node:os';
+import { atomicWrite as safeAtomicWrite } from '../common/safe-fs.ts';
 import { join, dirname } from 'node:path';
 
 export function defaultCacheDir(): string {
@@ -17,16 +18,10 @@ export function defaultCacheDir(): string {
 
 export const sha256 = (b: Uint8Array | string) => createHash('sha256').update(b).digest('hex');
 
+/** common/safe-fs atomicWrite, making the directory first (build outputs and the cache live where the user says). */
 export async function atomicWrite(path: string, data: Uint8Array | string, mode = 0o644): Promise<void> {
   await mkdir(dirname(path), { recursive: true });
-  const tmp = `${path}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
-  try {
-    await writeFile(tmp, data, { mode });
-    await rename(tmp, path);
-  } catch (e) {
-    await unlink(tmp).catch(() => {});
-    throw e;
-  }
+  await safeAtomicWrite(path, data, mode);
 }
 
 export class BlobCache {

@@ -4,7 +4,7 @@
  */
 export const PROTOCOL_VERSION = 1;
 export const MAX_FRAME = 1 << 20;
-export const PORT_NAME = 'org.scion.agent.0';
+export { AGENT_PORT_NAME as PORT_NAME } from '../common/contracts.ts';
 
 export type ErrorCode =
   | 'E_FRAME_TOO_LARGE' | 'E_BAD_JSON' | 'E_BAD_REQUEST' | 'E_UNKNOWN_COMMAND' | 'E_BAD_ARGS'

@@ -1,7 +1,11 @@
-/** `scion`: a thin shell over the library API. Every command takes --json. */
+/**
+ * `scion`: a thin shell over the library API. Every command takes --json.
+ * No side effects at import: bin/scion.js calls main() and prints errors.
+ */
 import { parseArgs } from 'node:util';
 import { describeError, ScionError } from '../common/errors.ts';
-import { build, type BuildEvent } from '../builder/build.ts';
+import { build } from '../builder/build.ts';
+import { buildProgress, fmtBytes } from './progress.ts';
 
 const HELP = `scion: fork running QEMU VMs copy-on-write
 
@@ -34,26 +38,37 @@ Commands:
 Global options:
   --json                      machine-readable output on stdout
   -h, --help                  this help
-Environment: SCION_RUN_DIR (default /run/scion for root, else $XDG_RUNTIME_DIR/scion),
-             XDG_CACHE_HOME (package cache under scion/), SOURCE_DATE_EPOCH.`;
+Names of VMs, templates and images: 1-63 characters of a-z, 0-9 and "-", starting with a
+letter or digit.
+Environment: SCION_RUN_DIR (default /run/scion for root, else $XDG_RUNTIME_DIR/scion; made 0700),
+             SCION_TEMPLATE_DIR (default /dev/shm/scion-<uid>/templates; must be tmpfs, made 0700),
+             SCION_UID_BASE (QEMU runs as uid/gid SCION_UID_BASE+n when scion is root; default 1500000000),
+             XDG_CACHE_HOME (package cache under scion/), SOURCE_DATE_EPOCH, SCION_ACCEL=kvm|tcg.
+Exit codes: 0 ok, 1 error (the message names what and why; --json prints {ok:false,error:{code,…}}),
+            2 usage.`;
 
-const fmtBytes = (n: number) => (n > 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : `${(n / 1024).toFixed(0)} KiB`);
 
 export async function main(argv: string[]): Promise<number> {
   const cmd = argv[0];
   const rest = argv.slice(1);
   if (!cmd || cmd === '-h' || cmd === '--help' || cmd === 'help') { console.log(HELP); return cmd ? 0 : 2; }
-  const { values, positionals } = parseArgs({
+  let parsed;
+  try {
+  parsed = parseArgs({
     args: rest,
     allowPositionals: true,
     strict: true,
     options: {
       json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
       'update-lock': { type: 'boolean' }, compression: { type: 'string' }, mirror: { type: 'string' },
-      clones: { type: 'string' }, n: { type: 'string', short: 'n' }, net: { type: 'string' }, name: { type: 'string' },
-      all: { type: 'boolean' }, container: { type: 'string' }, disk: { type: 'string' }, bridge: { type: 'string' }, netns: { type: 'string' }, network: { type: 'string' }, timeout: { type: 'string' }, 'keep-template': { type: 'boolean' },
+      clones: { type: 'string' }, n: { type: 'string', short: 'n' }, name: { type: 'string' },
+      all: { type: 'boolean' }, container: { type: 'string' }, disk: { type: 'string' }, bridge: { type: 'string' }, netns: { type: 'string' }, network: { type: 'string' },
     },
   });
+  } catch (e) {
+    throw new ScionError('E_USAGE', `scion ${cmd}: ${(e as Error).message}`, { hint: 'scion --help' });
+  }
+  const { values, positionals } = parsed;
   if (values.help) { console.log(HELP); return 0; }
   const json = !!values.json;
   const err = (s: string) => process.stderr.write(s + '\n');
@@ -79,28 +94,14 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
-export function buildProgress(err: (s: string) => void) {
-  const isTty = process.stderr.isTTY;
-  return (ev: BuildEvent) => {
-    if (ev.type === 'step') err(`[build] ${ev.step} done in ${(ev.ms / 1000).toFixed(1)} s`);
-    else if (ev.type === 'log') err(`[build] ${ev.message}`);
-    else if (ev.type === 'download' && (ev.done || isTty)) {
-      const rate = ev.received / Math.max(ev.ms, 1) * 1000;
-      const name = ev.url.split('/').pop();
-      const line = `[fetch] ${name} ${fmtBytes(ev.received)}${ev.total ? `/${fmtBytes(ev.total)}` : ''} ${fmtBytes(rate)}/s${ev.done ? '' : '…'}`;
-      if (ev.done) err(line);
-      else process.stderr.write(`\r${line}\x1b[K`);
-    }
-  };
-}
 
-const isMain = process.argv[1] && /scion(\.js)?$|cli\.ts$/.test(process.argv[1]);
-if (isMain) {
-  main(process.argv.slice(2)).then((code) => process.exit(code), (e) => {
-    const json = process.argv.includes('--json');
-    if (json) console.log(JSON.stringify({ ok: false, error: e instanceof ScionError ? e.toJSON() : { code: 'E_INTERNAL', message: String(e?.message ?? e) } }));
+/** Run the CLI: exit code out, errors printed (JSON on stdout with --json). */
+export async function runCli(argv: string[]): Promise<number> {
+  try { return await main(argv); } catch (e) {
+    const json = argv.includes('--json');
+    if (json) console.log(JSON.stringify({ ok: false, error: e instanceof ScionError ? e.toJSON() : { code: 'E_INTERNAL', message: String((e as Error)?.message ?? e) } }));
     process.stderr.write(`scion: ${describeError(e)}\n`);
     if (!(e instanceof ScionError) && process.env.SCION_DEBUG) console.error(e);
-    process.exit(1);
-  });
+    return e instanceof ScionError && e.code === 'E_USAGE' ? 2 : 1;
+  }
 }

@@ -5,21 +5,24 @@
  */
 import { connect } from 'node:net';
 import { existsSync, readFileSync } from 'node:fs';
-import { paths, readRecord, pidIsOurs } from './rundir.ts';
+import { vmPaths, vmsDir } from './store/dirs.ts';
+import { readRecord } from './store/records.ts';
+import { isQemuIn } from './qemu/process.ts';
+import type { ValidName } from '../common/names.ts';
 import { VmError } from '../common/errors.ts';
 
 export const DETACH_BYTE = 0x1d; // Ctrl-]
 
-export async function consoleSession(name: string): Promise<number> {
-  const p = paths(name);
+export async function consoleSession(name: ValidName): Promise<number> {
+  const p = vmPaths(name, vmsDir());
   const r = await readRecord(name);
   if (!r) throw new VmError('E_NO_VM', `no VM named ${name}`, { hint: 'scion ls' });
-  if (!pidIsOurs(r.pid, name) || !existsSync(p.consoleSocket)) throw new VmError('E_VM_NOT_RUNNING', `VM ${name} is not running (its console log is ${p.console})`);
+  if (!isQemuIn(r.pid, p.jail) || !existsSync(p.consoleSocket)) throw new VmError('E_VM_NOT_RUNNING', `VM ${name} is not running (its console log is ${p.console})`);
   const sock = connect(p.consoleSocket);
   await new Promise<void>((res, rej) => { sock.once('connect', res); sock.once('error', (e) => rej(new VmError('E_CONNECT', `cannot connect to ${p.consoleSocket}: ${e.message}`))); });
   process.stderr.write(`[connected to ${name}'s serial console; Ctrl-] to leave]\r\n`);
   // show the last lines so the user sees where the console is
-  try { process.stdout.write(readFileSync(p.console, 'utf8').split('\n').slice(-5).join('\r\n')); } catch {}
+  try { process.stdout.write(readFileSync(p.console, 'utf8').split('\n').slice(-5).join('\r\n')); } catch { /* no log yet: nothing to show */ }
   const stdin = process.stdin;
   if (stdin.isTTY) stdin.setRawMode(true);
   stdin.resume();

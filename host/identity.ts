@@ -1,6 +1,6 @@
 /** Clone identity allocation. Pure given its inputs (randomness is injected). */
 import { randomBytes, randomUUID } from 'node:crypto';
-import { USER_NET } from './qemu-argv.ts';
+import { USER_NET } from './qemu/argv.ts';
 
 export interface CloneIdentity {
   index: number;
@@ -26,16 +26,6 @@ export function macFor(index: number): string {
 export function ipFor(index: number, base = USER_NET.network): string {
   const [a, b, c] = base.split('/')[0].split('.');
   return `${a}.${b}.${c}.${15 + index}`;
-}
-
-/** The lowest `n` indices not in `used`. */
-export function freeIndices(used: Set<number>, n: number): number[] {
-  const out: number[] = [];
-  for (let i = 1; out.length < n; i++) {
-    if (i > MAX_CLONE_INDEX) throw new Error(`no free clone slots: at most ${MAX_CLONE_INDEX} clones per network`);
-    if (!used.has(i)) out.push(i);
-  }
-  return out;
 }
 
 export function allocateIdentity(index: number, hostnamePattern: string, rand: { bytes: (n: number) => Buffer; uuid: () => string } = { bytes: randomBytes, uuid: randomUUID }, net = { network: USER_NET.network, gateway: USER_NET.gateway, dns: [USER_NET.dns] }): CloneIdentity {

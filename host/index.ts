@@ -1,8 +1,13 @@
-/** scion's library API: what the CLI uses, for tests and other programs. */
+/** scion's library API: what the CLI uses, for tests and other programs. Importing it has no side effects. */
 export { build, type BuildOptions, type BuildResult } from '../builder/build.ts';
 export { parseDefinition, type ImageDefinition } from '../builder/schema.ts';
-export { bootTemplate, freeze, fork, list, stopVm, removeVm, gc, loadImage, connectAgent, checkTemplate, type CloneResult, type TemplateMeta } from './vm.ts';
-export { QmpClient, QmpError } from './qmp.ts';
+export { loadImage, type ImageArtifacts } from './image.ts';
+export { bootTemplate, freeze, freezeClone, checkTemplate, type BootOptions, type Handle, type TemplateMeta } from './template.ts';
+export { fork, type ForkOptions, type CloneResult } from './clone.ts';
+export { list, stopVm, removeVm, gc, connectAgent, type VmListing, type VmState } from './lifecycle.ts';
+export { up, templateDecision, type UpOptions, type UpResult } from './up.ts';
+export { QmpClient, QmpError } from './qemu/qmp.ts';
 export { AgentClient, AgentError } from './agent-client.ts';
-export { qemuArgv, deviceLineup, type VmDescription } from './qemu-argv.ts';
+export { qemuArgv, deviceLineup, type VmDescription } from './qemu/argv.ts';
+export { validName, NAME_RULE, NameError, type ValidName } from '../common/names.ts';
 export { ScionError, DefinitionError, ArchiveError, BuildError, VmError } from '../common/errors.ts';

@@ -4,10 +4,10 @@
  * per VM on a Linux bridge (optionally inside a network namespace), so clones
  * reach each other by IP.
  */
-import { execFile } from 'node:child_process';
+import { run } from '../common/run.ts';
 import { randomBytes } from 'node:crypto';
 import { VmError } from '../common/errors.ts';
-import { USER_NET } from './qemu-argv.ts';
+import { USER_NET } from './qemu/argv.ts';
 
 export interface BridgeSpec {
   bridge: string;
@@ -31,20 +31,30 @@ export function netParams(n: NetMode): { network: string; gateway: string; dns: 
 
 function ip(args: string[], netns?: string): Promise<string> {
   const argv = netns ? ['-n', netns, ...args] : args;
-  return new Promise((resolve, reject) => execFile('ip', argv, (e, out, err) => (e ? reject(new VmError('E_NET', `ip ${argv.join(' ')}: ${String(err).trim() || e.message}`)) : resolve(out))));
+  return run('ip', argv, { code: 'E_NET' }).then((r) => r.stdout);
 }
 
-/** A tap on the bridge for one VM; its name fits IFNAMSIZ. */
-export async function createTap(spec: BridgeSpec): Promise<string> {
-  try { await ip(['link', 'show', 'dev', spec.bridge], spec.netns); } catch {
-    throw new VmError('E_NO_BRIDGE', `bridge ${spec.bridge} does not exist${spec.netns ? ` in network namespace ${spec.netns}` : ''}`, { hint: `ip link add ${spec.bridge} type bridge && ip link set ${spec.bridge} up` });
+/**
+ * A tap on the bridge for one VM; its name fits IFNAMSIZ. With `owner`, the
+ * tap belongs to the VM's uid, so its unprivileged QEMU can attach to it.
+ */
+export async function createTap(spec: BridgeSpec, owner?: { uid: number; gid: number }): Promise<string> {
+  try { await ip(['link', 'show', 'dev', spec.bridge], spec.netns); } catch (e) {
+    throw new VmError('E_NO_BRIDGE', `bridge ${spec.bridge} does not exist${spec.netns ? ` in network namespace ${spec.netns}` : ''}`, { hint: `ip link add ${spec.bridge} type bridge && ip link set ${spec.bridge} up`, cause: e });
   }
+  // random names: two scion processes never pick the same one (and `tuntap add` fails if one did)
   const tap = `sct${randomBytes(4).toString('hex')}`;
-  await ip(['tuntap', 'add', 'dev', tap, 'mode', 'tap'], spec.netns);
-  await ip(['link', 'set', 'dev', tap, 'master', spec.bridge, 'up'], spec.netns);
+  await ip(['tuntap', 'add', 'dev', tap, 'mode', 'tap', ...(owner ? ['user', String(owner.uid), 'group', String(owner.gid)] : [])], spec.netns);
+  try { await ip(['link', 'set', 'dev', tap, 'master', spec.bridge, 'up'], spec.netns); } catch (e) {
+    await deleteTap(tap, spec.netns);
+    throw e;
+  }
   return tap;
 }
 
+/** Remove a tap; one already gone (its namespace deleted, or removed by another call) is not an error. */
 export async function deleteTap(tap: string, netns?: string): Promise<void> {
-  await ip(['link', 'del', 'dev', tap], netns).catch(() => {});
+  try { await ip(['link', 'del', 'dev', tap], netns); } catch (e) {
+    if (!/Cannot find device|does not exist|Cannot open network namespace/.test((e as Error).message)) throw e;
+  }
 }

@@ -6,7 +6,7 @@
  * (debian-archive-keyring): it is exactly what apt uses, it is in every Debian
  * install, and it keeps OpenPGP parsing out of our code.
  */
-import { execFile } from 'node:child_process';
+import { run, CommandError } from '../../common/run.ts';
 import { mkdtemp, writeFile, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -52,18 +52,18 @@ export async function gpgvVerify(signed: Buffer, keyring: string): Promise<void>
   try {
     const f = join(dir, 'InRelease');
     await writeFile(f, signed);
-    await new Promise<void>((resolve, reject) => {
-      execFile('gpgv', ['--keyring', keyring, '--status-fd', '1', f], (err, stdout, stderr) => {
-        if ((err as any)?.code === 'ENOENT') return reject(new ArchiveError('E_TOOL_MISSING', 'gpgv is not installed', { hint: 'apt-get install gpgv debian-archive-keyring' }));
-        if (err || !/\[GNUPG:\] VALIDSIG/.test(stdout)) {
-          const why = /BAD signature|NO_PUBKEY|no valid OpenPGP data/.exec(stderr + stdout)?.[0] ?? stderr.trim().split('\n').pop();
-          return reject(new ArchiveError('E_SIGNATURE', `InRelease signature is not valid: ${why}`, {
-            hint: `the mirror served a file not signed by a key in ${keyring}; check the mirror, or the keyring`,
-          }));
-        }
-        resolve();
-      });
+    // gpgv exits non-zero on a bad signature; its status lines say why either way
+    const r = await run('gpgv', ['--keyring', keyring, '--status-fd', '1', f]).catch((e) => {
+      if (e instanceof CommandError && e.code === 'E_COMMAND_MISSING') throw new ArchiveError('E_TOOL_MISSING', 'gpgv is not installed', { hint: 'apt-get install gpgv debian-archive-keyring', cause: e });
+      if (e instanceof CommandError) return { stdout: String((e.cause as any)?.stdout ?? ''), stderr: String((e.cause as any)?.stderr ?? '') };
+      throw e;
     });
+    if (!/\[GNUPG:\] VALIDSIG/.test(r.stdout)) {
+      const why = /BAD signature|NO_PUBKEY|no valid OpenPGP data/.exec(r.stderr + r.stdout)?.[0] ?? r.stderr.trim().split('\n').pop();
+      throw new ArchiveError('E_SIGNATURE', `InRelease signature is not valid: ${why}`, {
+        hint: `the mirror served a file not signed by a key in ${keyring}; check the mirror, or the keyring`,
+      });
+    }
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

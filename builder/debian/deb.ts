@@ -3,7 +3,7 @@
  * tar-stream. xz and zstd are decompressed by the host's xz/zstd tools
  * (Node has neither built in); gzip by zlib.
  */
-import { spawn } from 'node:child_process';
+import { runBuffer, CommandError } from '../../common/run.ts';
 import { gunzipSync } from 'node:zlib';
 import tar from 'tar-stream';
 import { ArchiveError } from '../../common/errors.ts';
@@ -27,18 +27,12 @@ export function parseAr(buf: Buffer): ArMember[] {
   return out;
 }
 
-function pipeThrough(cmd: string, args: string[], input: Buffer): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'] });
-    const chunks: Buffer[] = [];
-    let err = '';
-    p.stdout.on('data', (c) => chunks.push(c));
-    p.stderr.on('data', (c) => (err += c));
-    p.on('error', (e) => reject(new ArchiveError('E_TOOL_MISSING', `cannot run ${cmd}: ${e.message}`, { hint: `install it: apt-get install ${cmd === 'xz' ? 'xz-utils' : cmd}` })));
-    p.on('close', (code) => (code === 0 ? resolve(Buffer.concat(chunks)) : reject(new ArchiveError('E_DECOMPRESS', `${cmd} failed (${code}): ${err.trim()}`))));
-    p.stdin.on('error', () => {});
-    p.stdin.end(input);
-  });
+/** Decompress through a Debian tool; a missing tool or a failure is a typed error naming it. */
+async function pipeThrough(cmd: string, args: string[], input: Buffer): Promise<Buffer> {
+  try { return await runBuffer(cmd, args, input, { code: 'E_DECOMPRESS', what: `${cmd} ${args.join(' ')}` }); } catch (e) {
+    if (e instanceof CommandError && e.code === 'E_COMMAND_MISSING') throw new ArchiveError('E_TOOL_MISSING', e.message, { hint: e.hint, cause: e });
+    throw e;
+  }
 }
 
 export async function decompress(name: string, data: Buffer): Promise<Buffer> {

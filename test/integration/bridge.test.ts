@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { rmSync } from 'node:fs';
 import { build } from '../../builder/build.ts';
-import * as vm from '../../host/vm.ts';
+import * as vm from '../../host/index.ts';
 import { image, isolateRunDirs } from './helpers.ts';
 
 const isRoot = process.getuid?.() === 0;

@@ -5,7 +5,7 @@ import { createHash } from 'node:crypto';
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { build } from '../../builder/build.ts';
-import * as vm from '../../host/vm.ts';
+import * as vm from '../../host/index.ts';
 import { image, isolateRunDirs, tmp, cleanupTmp } from './helpers.ts';
 
 const dirs = isolateRunDirs('disk');

@@ -10,8 +10,8 @@ import { join } from 'node:path';
 import { spawn, execFileSync } from 'node:child_process';
 import { build } from '../../builder/build.ts';
 import { AgentClient } from '../../host/agent-client.ts';
-import { QmpClient } from '../../host/qmp.ts';
-import * as vm from '../../host/vm.ts';
+import { QmpClient } from '../../host/qemu/qmp.ts';
+import * as vm from '../../host/index.ts';
 import { scionQemuPids, paths, readRecord } from '../../host/rundir.ts';
 import { image, isolateRunDirs, ROOT } from './helpers.ts';
 

@@ -5,28 +5,31 @@
  * and looks for the kernel's own words on the console. Cached per QEMU
  * version and kernel. SCION_ACCEL=kvm|tcg overrides.
  */
-import { spawn, execFileSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
+import { run } from '../../common/run.ts';
 import { accessSync, constants, readFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
-import { atomicWrite, defaultCacheDir, sha256 } from '../builder/cache.ts';
-import type { Accel } from './qemu-argv.ts';
+import { atomicWrite, defaultCacheDir, sha256 } from '../../builder/cache.ts';
+import type { Accel } from './argv.ts';
 
 export const QEMU = process.env.SCION_QEMU ?? 'qemu-system-x86_64';
 
-export function qemuVersion(): string {
-  const out = execFileSync(QEMU, ['--version'], { encoding: 'utf8' });
-  return out.split('\n')[0].trim();
+let versionCache: Promise<string> | undefined;
+/** The first line of `qemu-system-x86_64 --version` (E_COMMAND_MISSING, naming the package, if QEMU is not installed). */
+export function qemuVersion(): Promise<string> {
+  versionCache ??= run(QEMU, ['--version'], { what: `${QEMU} --version` }).then((r) => r.stdout.split('\n')[0].trim(), (e) => { versionCache = undefined; throw e; });
+  return versionCache;
 }
 
 export async function chooseAccel(kernel: string, log?: (m: string) => void): Promise<{ accel: Accel; reason: string }> {
   const forced = process.env.SCION_ACCEL;
   if (forced === 'kvm' || forced === 'tcg') return { accel: forced, reason: 'SCION_ACCEL' };
   try { accessSync('/dev/kvm', constants.R_OK | constants.W_OK); } catch { return { accel: 'tcg', reason: '/dev/kvm is not usable' }; }
-  const key = sha256(qemuVersion() + sha256(readFileSync(kernel)));
+  const key = sha256((await qemuVersion()) + sha256(readFileSync(kernel)));
   const cacheFile = join(defaultCacheDir(), `accel-${key.slice(0, 16)}.json`);
-  try { return JSON.parse(await readFile(cacheFile, 'utf8')); } catch {}
+  try { return JSON.parse(await readFile(cacheFile, 'utf8')); } catch { /* no cached answer yet: probe below */ }
   log?.('probing KVM with the guest kernel (once per QEMU and kernel)…');
   const ok = await probeKvm(kernel);
   const r = ok.works ? { accel: 'kvm' as Accel, reason: 'KVM booted the guest kernel' } : { accel: 'tcg' as Accel, reason: `KVM does not run the guest here: ${ok.why}` };
@@ -45,14 +48,15 @@ function probeKvm(kernel: string): Promise<{ works: boolean; why: string }> {
     const done = (works: boolean, why: string) => { clearInterval(t); clearTimeout(to); p.kill('SIGKILL'); rmSync(dir, { recursive: true, force: true }); resolve({ works, why }); };
     const t = setInterval(() => {
       let c = '';
-      try { c = readFileSync(log, 'utf8'); } catch {}
+      try { c = readFileSync(log, 'utf8'); } catch { /* QEMU has not written the log yet */ }
       if (/VFS: Unable to mount root|Kernel panic/.test(c)) done(true, 'ok');
       if (/KVM internal error/.test(err)) done(false, 'KVM internal error');
     }, 200);
     const to = setTimeout(() => done(false, 'no kernel output within 20 s'), 20_000);
+    p.on('error', (e) => done(false, `cannot run ${QEMU}: ${e.message}`));
     p.on('exit', () => {
       let c = '';
-      try { c = readFileSync(log, 'utf8'); } catch {}
+      try { c = readFileSync(log, 'utf8'); } catch { /* QEMU exited before writing the log */ }
       done(/VFS: Unable to mount root|Kernel panic/.test(c), err.trim().split('\n')[0] || 'QEMU exited');
     });
   });

@@ -3,6 +3,10 @@
  * are the same description with a different `mode`; the device line-up is
  * built by one function for both, so they cannot drift apart.
  */
+import { VmError } from '../../common/errors.ts';
+import { AGENT_PORT_NAME } from '../../common/contracts.ts';
+import { JAIL_FILES as JAIL } from '../store/dirs.ts';
+
 export type Accel = 'kvm' | 'tcg';
 
 export interface PortForward { hostPort: number; guestPort: number }
@@ -12,31 +16,43 @@ export type NetConfig =
   | { mode: 'none' };
 
 export interface VmDescription {
+  /** the VM's name, shown in ps (-name) */
+  name: string;
   mode: 'template' | 'clone';
   accel: Accel;
   ramMB: number;
   cpus: number;
   /** guest RAM: a file (template shared, clones private) or, for an ordinary full snapshot, anonymous memory */
   memory: 'file' | 'ram';
-  memPath: string;
-  kernel: string;
-  /** the template boots from it; a clone restores RAM and needs none */
-  initrd?: string;
   cmdline: string;
+  /** the template boots from an initrd; a clone restores RAM and needs none */
+  initrd: boolean;
   vmgenid: string;
   mac: string;
   net: NetConfig;
-  qmpSocket: string;
-  agentSocket: string;
-  consoleLog: string;
-  /** the serial console, also as a socket for `scion console` */
-  consoleSocket?: string;
-  /** state file to restore from (clones) */
+  /** wait for an incoming migration (clones, and the loader of a clone being frozen) */
   incoming?: boolean;
-  disk?: string;
+  /** a qcow2 disk chain: base (read-only) <- template overlay [<- clone overlay] */
+  disk?: DiskChain;
   /** TCG translation cache size (MiB): smaller keeps a clone's private memory down */
   tbSizeMB?: number;
+  /** QEMU's seccomp sandbox (-sandbox on with obsolete, elevateprivileges, spawn and resourcecontrol denied) */
+  sandbox: boolean;
 }
+
+/** Layers of a VM's disk; `top` is the one the VM writes. */
+export interface DiskChain { layers: ('base' | 'template' | 'clone')[] }
+
+/**
+ * QEMU opens nothing by a path outside its jail: scion opens the files and
+ * hands them over as these descriptors (QEMU re-opens /proc/self/fd/N, which
+ * checks the file's own mode, never the directories above it). The socket
+ * files and the console log are made by QEMU in its working directory.
+ */
+export const FD = { mem: 3, kernel: 4, initrd: 5, state: 6, diskBase: 7, diskTemplate: 8, diskClone: 9 } as const;
+const fdPath = (n: number) => `/proc/self/fd/${n}`;
+
+export const SANDBOX = 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny';
 
 export const USER_NET = { network: '10.0.2.0/24', gateway: '10.0.2.2', dns: '10.0.2.3', templateIp: '10.0.2.15' };
 
@@ -51,7 +67,7 @@ export function deviceLineup(d: Pick<VmDescription, 'ramMB' | 'cpus' | 'net' | '
     `smp=${d.cpus}`,
     'serial=isa-serial(console)',
     'virtio-serial-pci,id=vser0,bus=pcie.0,addr=0x3',
-    'virtserialport,bus=vser0.0,nr=1,name=org.scion.agent.0',
+    `virtserialport,bus=vser0.0,nr=1,name=${AGENT_PORT_NAME}`,
     // the backend kind matters: user-mode networking has migration state of its own
     `virtio-net-pci,id=nic0,bus=pcie.0,addr=0x4(${d.net.mode === 'bridge' ? 'tap' : d.net.mode})`,
     'vmgenid,id=vmgenid0',
@@ -63,7 +79,7 @@ export function deviceLineup(d: Pick<VmDescription, 'ramMB' | 'cpus' | 'net' | '
 
 export function qemuArgv(d: VmDescription): string[] {
   const a: string[] = [
-    '-name', 'scion',
+    '-name', `scion:${d.name}`,
     '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
     '-machine', 'q35,memory-backend=mem',
     '-accel', d.accel === 'tcg' ? `tcg,tb-size=${d.tbSizeMB ?? 64}` : 'kvm',
@@ -72,19 +88,21 @@ export function qemuArgv(d: VmDescription): string[] {
     '-smp', String(d.cpus),
     // guest RAM in a file: the template maps it shared (its writes land in the
     // file); clones map it private, so their writes are copy-on-write
-    '-object', d.memory === 'ram' ? `memory-backend-ram,id=mem,size=${d.ramMB}M` : `memory-backend-file,id=mem,size=${d.ramMB}M,mem-path=${d.memPath},share=${d.mode === 'template' ? 'on' : 'off'},prealloc=off`,
-    '-kernel', d.kernel,
+    '-object', d.memory === 'ram' ? `memory-backend-ram,id=mem,size=${d.ramMB}M` : `memory-backend-file,id=mem,size=${d.ramMB}M,mem-path=${fdPath(FD.mem)},share=${d.mode === 'template' ? 'on' : 'off'},prealloc=off`,
+    '-kernel', fdPath(FD.kernel),
     '-append', d.cmdline,
-    '-chardev', d.consoleSocket ? `socket,id=console,path=${d.consoleSocket},server=on,wait=off,logfile=${d.consoleLog},logappend=on` : `file,id=console,path=${d.consoleLog}`,
+    '-chardev', `socket,id=console,path=${JAIL.consoleSocket},server=on,wait=off,logfile=${JAIL.console},logappend=on`,
     '-serial', 'chardev:console',
-    '-qmp', `unix:${d.qmpSocket},server=on,wait=off`,
+    '-qmp', `unix:${JAIL.qmp},server=on,wait=off`,
     '-device', 'virtio-serial-pci,id=vser0,bus=pcie.0,addr=0x3',
-    '-chardev', `socket,id=agent,path=${d.agentSocket},server=on,wait=off`,
-    '-device', 'virtserialport,bus=vser0.0,nr=1,chardev=agent,name=org.scion.agent.0',
+    '-chardev', `socket,id=agent,path=${JAIL.agent},server=on,wait=off`,
+    '-device', `virtserialport,bus=vser0.0,nr=1,chardev=agent,name=${AGENT_PORT_NAME}`,
   ];
-  if (d.initrd) a.push('-initrd', d.initrd);
+  if (d.sandbox) a.push('-sandbox', SANDBOX);
+  if (d.initrd) a.push('-initrd', fdPath(FD.initrd));
   if (d.net.mode === 'user') {
-    const fwd = d.net.forwards.map((f) => `,hostfwd=tcp:127.0.0.1:${f.hostPort}-${d.net.mode === 'user' ? d.net.guestIp : ''}:${f.guestPort}`).join('');
+    const guestIp = d.net.guestIp;
+    const fwd = d.net.forwards.map((f) => `,hostfwd=tcp:127.0.0.1:${f.hostPort}-${guestIp}:${f.guestPort}`).join('');
     a.push('-netdev', `user,id=net0,net=${USER_NET.network}${fwd}`);
   } else if (d.net.mode === 'bridge') {
     a.push('-netdev', `tap,id=net0,ifname=${d.net.tap},script=no,downscript=no`);
@@ -92,8 +110,27 @@ export function qemuArgv(d: VmDescription): string[] {
   a.push('-device', `virtio-net-pci,id=nic0,bus=pcie.0,addr=0x4,mac=${d.mac}${d.net.mode === 'none' ? '' : ',netdev=net0'}`);
   a.push('-device', `vmgenid,id=vmgenid0,guid=${d.vmgenid}`);
   a.push('-object', 'rng-random,id=rng0src,filename=/dev/urandom', '-device', 'virtio-rng-pci,id=rng0,bus=pcie.0,addr=0x5,rng=rng0src');
-  if (d.disk) a.push('-drive', `file=${d.disk},if=none,id=drive0,format=qcow2`, '-device', 'virtio-blk-pci,id=disk0,bus=pcie.0,addr=0x6,drive=drive0');
+  if (d.disk) a.push(...diskArgs(d.disk), '-device', 'virtio-blk-pci,id=disk0,bus=pcie.0,addr=0x6,drive=disk-top');
   if (d.incoming) a.push('-incoming', 'defer');
+  return a;
+}
+
+/**
+ * The disk chain as explicit block nodes, each layer's file given by
+ * descriptor and its backing named here, so QEMU never opens a backing file
+ * by the path written in a qcow2 header.
+ */
+export function diskArgs(chain: DiskChain): string[] {
+  const fds = { base: FD.diskBase, template: FD.diskTemplate, clone: FD.diskClone };
+  const a: string[] = [];
+  chain.layers.forEach((layer, i) => {
+    const top = i === chain.layers.length - 1;
+    const node = top ? 'disk-top' : `disk-${layer}`;
+    const ro = top ? '' : ',read-only=on';
+    a.push('-blockdev', `driver=file,node-name=${node}-file,filename=${fdPath(fds[layer])}${ro}`);
+    const backing = i === 0 ? ',backing=null' : `,backing=disk-${chain.layers[i - 1]}`;
+    a.push('-blockdev', `driver=qcow2,node-name=${node},file=${node}-file${backing}${ro}`);
+  });
   return a;
 }
 
@@ -104,7 +141,7 @@ export function qemuArgv(d: VmDescription): string[] {
  * enough; QEMU then keeps a few KiB per clone instead of a 12 MB copy.
  */
 export function kernelStub(bzImage: Buffer): Buffer {
-  if (bzImage.length < 0x210 || bzImage.toString('latin1', 0x202, 0x206) !== 'HdrS') throw new Error('not a bzImage (no HdrS header)');
+  if (bzImage.length < 0x210 || bzImage.toString('latin1', 0x202, 0x206) !== 'HdrS') throw new VmError('E_IMAGE_KERNEL', 'the image kernel is not a bzImage (no HdrS header)', { hint: 'rebuild the image' });
   const setupSects = bzImage[0x1f1] || 4;
   return Buffer.from(bzImage.subarray(0, Math.min(bzImage.length, (setupSects + 1) * 512 + 4096)));
 }

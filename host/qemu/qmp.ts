@@ -3,8 +3,8 @@
  * or callback-era). Greeting, qmp_capabilities, commands with ids, events,
  * timeouts, typed errors.
  */
-import { JsonSession, Pending, SessionError } from '../common/session.ts';
-import { ScionError } from '../common/errors.ts';
+import { JsonSession, Pending, SessionError } from '../../common/session.ts';
+import { ScionError } from '../../common/errors.ts';
 
 export class QmpError extends ScionError {
   constructor(readonly command: string, readonly qmpClass: string, desc: string) {

@@ -1,0 +1,90 @@
+/**
+ * `up`: from an image definition to running clones. The policy of when a
+ * frozen template is reused lives here, in the library, so every caller
+ * (CLI, tests, the front door) gets the same answer: reused when it was
+ * frozen from this very build (same manifest hash) with the same networking
+ * and disk kind, re-made otherwise. Another process making the same
+ * template is waited for, not raced.
+ */
+import { build, type BuildEvent } from '../builder/build.ts';
+import { ScionError } from '../common/errors.ts';
+import { validName, type ValidName } from '../common/names.ts';
+import { loadImage, type ImageArtifacts } from './image.ts';
+import { bootTemplate, freeze, checkTemplate, type TemplateMeta } from './template.ts';
+import { fork, type CloneResult } from './clone.ts';
+import { removeVm } from './lifecycle.ts';
+import { processAlive, sleep } from './qemu/process.ts';
+import { readRecord, type VmRecord } from './store/records.ts';
+import type { NetMode } from './net.ts';
+
+export interface UpOptions {
+  clones: number;
+  disk?: string;
+  net?: NetMode;
+  log?: (m: string) => void;
+  onBuildEvent?: (e: BuildEvent) => void;
+  parallel?: number;
+}
+
+export type TemplateDecision = { reuse: true } | { reuse: false; why: string };
+
+/** Whether a frozen template can serve this build. Pure. */
+export function templateDecision(meta: TemplateMeta | undefined, img: Pick<ImageArtifacts, 'manifestSha256'>, want: { net?: NetMode; disk?: string }): TemplateDecision {
+  if (!meta) return { reuse: false, why: 'no frozen template' };
+  if (meta.manifestSha256 !== img.manifestSha256) return { reuse: false, why: 'it is from another build of the image' };
+  if (JSON.stringify(meta.net) !== JSON.stringify(want.net ?? { mode: 'user' })) return { reuse: false, why: 'it has other networking' };
+  if (!!meta.disk !== !!want.disk) return { reuse: false, why: want.disk ? 'it has no disk' : 'it has a disk' };
+  return { reuse: true };
+}
+
+/** Wait while another live scion process is making `name`; its record once it is done (or gone). */
+async function waitForOtherMaker(name: ValidName, log?: (m: string) => void, timeoutMs = 600_000): Promise<VmRecord | undefined> {
+  const end = Date.now() + timeoutMs;
+  let said = false;
+  for (;;) {
+    const r = await readRecord(name);
+    if (!r?.making || r.making.ownerPid === process.pid || !processAlive(r.making.ownerPid)) return r;
+    if (!said) { log?.(`template ${name} is being made by scion process ${r.making.ownerPid}; waiting for it`); said = true; }
+    if (Date.now() > end) throw new ScionError('E_VM_BUSY', `template ${name} is still being made by scion process ${r.making.ownerPid}`);
+    await sleep(500);
+  }
+}
+
+export interface UpResult { template: { name: ValidName; image: string; accel: string; generation: number; freezeMs: number; reused: boolean }; clones: CloneResult[]; totalMs: number }
+
+export async function up(definition: string, opts: UpOptions): Promise<UpResult> {
+  const log = opts.log ?? (() => undefined);
+  const t0 = performance.now();
+  const b = await build({ definitionPath: definition, onEvent: opts.onBuildEvent });
+  const img = await loadImage(b.dir);
+  const tplName = validName(`${img.name}-tpl`, 'template');
+  const existing = await waitForOtherMaker(tplName, log);
+  let meta: TemplateMeta | undefined;
+  if (existing?.frozen) {
+    let found: TemplateMeta | undefined;
+    try { found = (await checkTemplate(tplName)).meta; } catch (e) { log(`template ${tplName} cannot be used (${(e as Error).message})`); }
+    const d = templateDecision(found, img, opts);
+    if (d.reuse) meta = found;
+    else log(`template ${tplName}: ${d.why}; re-making it`);
+  }
+  let reused = !!meta;
+  if (!meta) {
+    if (existing) await removeVm(tplName);
+    log(`booting template ${tplName} (${img.name})…`);
+    const tBoot = performance.now();
+    try {
+      const h = await bootTemplate(img, { name: tplName, disk: opts.disk, net: opts.net, log });
+      log(`template ready in ${((performance.now() - tBoot) / 1000).toFixed(1)} s; freezing`);
+      meta = await freeze(h, img, log);
+    } catch (e) {
+      if ((e as ScionError).code !== 'E_VM_EXISTS') throw e;
+      // another process started the same template between our look and our boot: use theirs
+      await waitForOtherMaker(tplName, log);
+      meta = (await checkTemplate(tplName)).meta;
+      reused = true;
+    }
+  } else log(`reusing frozen template ${tplName}`);
+  log(`forking ${opts.clones} clone(s)…`);
+  const clones = await fork(tplName, { n: opts.clones, parallel: opts.parallel ?? 2, log });
+  return { template: { name: tplName, image: img.dir, accel: meta.accel, generation: meta.generation, freezeMs: meta.freezeMs, reused }, clones, totalMs: Math.round(performance.now() - t0) };
+}
