@@ -186,7 +186,7 @@ function markdown(r: any): string {
 void percentile;
 main().catch(async (e) => {
   console.error(e);
-  for (const v of await vm.list().catch(() => [])) await vm.removeVm(v.name).catch(() => {});
+  for (const v of await vm.list().catch(() => [])) await vm.removeVm(v.name).catch((e) => console.error(`cleanup: ${v.name}: ${e.message}`));
   cleanScratch();
   process.exit(1);
 });

@@ -61,6 +61,8 @@ export interface BuildResult {
 const PROJECT_ROOT = resolvePath(dirname(fileURLToPath(import.meta.url)), '..');
 /** Libraries the agent's Node binary links against (see `readelf -d node`). */
 const RUNTIME_LIB_PACKAGES = ['libc6', 'libgcc-s1', 'libstdc++6'];
+/** linuxptp's phc_ctl: the agent's relative clock steps (clock_adjtime ADJ_SETOFFSET; busybox sets whole seconds only). */
+const AGENT_TOOL_PACKAGES = ['linuxptp'];
 
 export function defaultOutDir(): string {
   return join(PROJECT_ROOT, 'out');
@@ -68,7 +70,7 @@ export function defaultOutDir(): string {
 
 /** The package sets the definition asks for: name -> roots. */
 export function packageSets(def: ImageDefinition): Record<string, { roots: string[]; follow?: (n: string) => boolean }> {
-  const guest = new Set(['busybox-static', ...RUNTIME_LIB_PACKAGES, ...def.packages]);
+  const guest = new Set(['busybox-static', ...RUNTIME_LIB_PACKAGES, ...AGENT_TOOL_PACKAGES, ...def.packages]);
   if (def.containers.length) guest.add('crun');
   const sets: Record<string, { roots: string[]; follow?: (n: string) => boolean }> = {
     guest: { roots: [...guest].sort() },

@@ -41,7 +41,7 @@ export class BlobCache {
     }
     if (sha256(data) !== hash) {
       this.corrupt.push(hash);
-      await unlink(this.pathOf(hash)).catch(() => {});
+      await unlink(this.pathOf(hash)).catch(() => undefined); // another build removed the bad blob first
       return undefined;
     }
     return data;

@@ -25,7 +25,7 @@ export async function fetchRuntime(spec: RuntimeSpec, cache: BlobCache, onProgre
   try {
     const hash = (await readFile(ref, 'utf8')).trim();
     tgz = await cache.get(hash);
-  } catch {}
+  } catch { /* not cached yet: downloaded below */ }
   if (!tgz || integrityOf(tgz) !== spec.integrity) {
     const base = spec.package.split('/').pop();
     tgz = await download(`${NPM_REGISTRY}/${spec.package}/-/${base}-${spec.version}.tgz`, onProgress);

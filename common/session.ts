@@ -71,7 +71,7 @@ export class Pending<T> {
       this.map.set(id, { resolve, reject, timer });
     });
     // a caller whose send() then throws never awaits this; its later timeout must not be an unhandled rejection
-    p.catch(() => {});
+    p.catch(() => undefined);
     return p;
   }
 

@@ -11,6 +11,7 @@ import { MAX_FRAME, PROTOCOL_VERSION, ProtocolError, parseRequest, salvageId, va
 import { applyIdentity, type SystemConfig, type Steps } from './identity.ts';
 import { ContainerSupervisor, type ContainerSpec } from './containers.ts';
 import { ShellWorker } from './shell.ts';
+import { ClockKeeper, dateStepSeconds } from './clock.ts';
 
 export const AGENT_VERSION = '0.1.0';
 
@@ -36,6 +37,9 @@ interface PersistentState { generation: number; identity?: Identity; vmForks?: n
 export class Agent {
   readonly containers: ContainerSupervisor;
   readonly shell = new ShellWorker();
+  /** a second shell for the clock keeper, so its steps never wait behind an identity batch */
+  readonly clockShell = new ShellWorker();
+  readonly clock: ClockKeeper;
   private state: PersistentState = { generation: 0 };
   private sessions = new Set<(msg: unknown) => void>();
   private applying?: Promise<unknown>;
@@ -44,13 +48,20 @@ export class Agent {
 
   constructor(readonly opts: AgentOptions) {
     this.containers = new ContainerSupervisor(opts.image.containers, (event, data) => this.emit(event, data), this.shell, opts.logDir, opts.crunBin);
+    this.clock = new ClockKeeper(this.clockShell, opts.system.setClock);
     if (opts.stateFile && existsSync(opts.stateFile)) {
-      try { this.state = JSON.parse(readFileSync(opts.stateFile, 'utf8')); } catch {}
+      try { this.state = JSON.parse(readFileSync(opts.stateFile, 'utf8')); } catch {
+        // a state file cut short by a crash: start from generation 0, the host re-applies the identity
+      }
     }
   }
 
   private persist() {
-    if (this.opts.stateFile) { try { writeFileSync(this.opts.stateFile, JSON.stringify(this.state)); } catch {} }
+    if (this.opts.stateFile) {
+      try { writeFileSync(this.opts.stateFile, JSON.stringify(this.state)); } catch {
+        // the state file is a convenience for agent restarts (tmpfs); the host remains the source of identity
+      }
+    }
   }
 
   emit(event: string, data: unknown) {
@@ -62,6 +73,7 @@ export class Agent {
   async boot(): Promise<void> {
     const t0 = performance.now();
     await this.shell.warm();
+    await this.clockShell.warm();
     await this.containers.startAll();
     const t1 = performance.now();
     const healthy = await this.containers.waitHealthy(120_000);
@@ -75,7 +87,7 @@ export class Agent {
     const decoder = new FrameDecoder(MAX_FRAME);
     let resyncPending = false;
     const send = (msg: unknown, marker = false) => {
-      try { t.write(marker ? Buffer.concat([Buffer.from([RESYNC_BYTE]), encodeFrame(msg)]) : encodeFrame(msg)); } catch {}
+      try { t.write(marker ? Buffer.concat([Buffer.from([RESYNC_BYTE]), encodeFrame(msg)]) : encodeFrame(msg)); } catch { /* the host went away mid-write: the session closes and the host resyncs on reconnect */ }
     };
     const sender = (m: unknown) => send(m);
     this.sessions.add(sender);
@@ -112,12 +124,23 @@ export class Agent {
         if (typeof a.nonce !== 'number' && typeof a.nonce !== 'string') throw new ProtocolError('E_BAD_ARGS', 'nonce: must be a number or string');
         return { nonce: a.nonce, protocol: PROTOCOL_VERSION };
       }
-      case 'ping': return { pong: true, protocol: PROTOCOL_VERSION };
+      case 'ping': return { pong: true, protocol: PROTOCOL_VERSION, time: Date.now() };
+      case 'clock.step': {
+        if (typeof a.deltaMs !== 'number' || !Number.isFinite(a.deltaMs) || Math.abs(a.deltaMs) > 1e12) throw new ProtocolError('E_BAD_ARGS', 'deltaMs: must be a finite number of milliseconds');
+        if (!this.opts.system.setClock) return { stepped: false, clock: this.clock.state };
+        await this.clock.step(a.deltaMs);
+        if (a.calibrate !== false) await this.clock.calibrate();
+        this.clock.kick();
+        return { stepped: true, time: Date.now(), clock: this.clock.state };
+      }
       case 'info': return this.info();
       case 'identity.apply': return this.applyIdentity(validateIdentity(a));
       case 'time.set': {
         if (typeof a.time !== 'number' || !Number.isFinite(a.time) || a.time < 0) throw new ProtocolError('E_BAD_ARGS', 'time: must be milliseconds since the epoch');
-        if (this.opts.system.setClock) await this.shell.runOrThrow(`date -s @${Math.floor(a.time / 1000)} >/dev/null`, 'setting the clock');
+        if (this.opts.system.setClock) {
+          await this.shell.runOrThrow(`date -s @${dateStepSeconds(a.time)} >/dev/null`, 'setting the clock');
+          this.clock.kick(); // refined against the RTC within about a second
+        }
         return { time: Date.now(), set: this.opts.system.setClock };
       }
       case 'containers.list': return { containers: this.containers.list() };
@@ -151,9 +174,9 @@ export class Agent {
 
   info() {
     let hostname = '';
-    try { hostname = readFileSync('/proc/sys/kernel/hostname', 'utf8').trim(); } catch {}
+    try { hostname = readFileSync('/proc/sys/kernel/hostname', 'utf8').trim(); } catch { /* no /proc (a test root): reported empty */ }
     let machineId = '';
-    try { machineId = readFileSync(`${this.opts.system.root}/etc/machine-id`, 'utf8').trim(); } catch {}
+    try { machineId = readFileSync(`${this.opts.system.root}/etc/machine-id`, 'utf8').trim(); } catch { /* not written yet: reported empty */ }
     return {
       agentVersion: AGENT_VERSION,
       protocol: PROTOCOL_VERSION,
@@ -166,12 +189,15 @@ export class Agent {
       vmForks: this.state.vmForks ?? 0,
       containers: this.containers.list(),
       lastReady: this.lastReady ?? null,
+      /** the guest's wall clock (ms) when this answer was made, and how it is kept */
+      time: Date.now(),
+      clock: this.clock.state,
     };
   }
 
   private async applyIdentity(id: Identity) {
     // one fork is handled once: a repeat of the applied generation answers with the current state
-    if (this.applying) await this.applying.catch(() => {});
+    if (this.applying) await this.applying.catch(() => undefined); // its caller gets its error; this one starts afresh
     if (id.generation <= this.state.generation) return { applied: false, generation: this.state.generation, info: this.info() };
     const work = this.doApply(id, false);
     this.applying = work;
@@ -192,6 +218,7 @@ export class Agent {
       this.state.identity = { ...id, rngSeed: undefined };
       this.persist();
     }
+    if (!warmOnly && id.time !== undefined) this.clock.kick(); // refine the whole-second step against the RTC, in the background
     const identityMs = Math.round(performance.now() - t0);
     this.emit('identity-applied', { generation: id.generation, stepsMs: steps, totalMs: identityMs });
     const tc = performance.now();
@@ -213,11 +240,11 @@ export class Agent {
   private async freezePrepare() {
     const t0 = performance.now();
     const cur = this.state.identity;
-    if (cur) await this.doApply({ ...cur, time: undefined }, true).catch(() => {});
+    if (cur) await this.doApply({ ...cur, time: undefined }, true).catch(() => undefined); // warming only: a failure here shows again, reported, at the real apply
     else validateIdentity({ generation: 1, hostname: 'warm', machineId: '0'.repeat(32), interfaces: [{ mac: '02:00:00:00:00:01' }] });
     this.info();
     await this.shell.run('sync');
-    await writeFile('/proc/sys/vm/drop_caches', '3').catch(() => {});
+    await writeFile('/proc/sys/vm/drop_caches', '3').catch(() => undefined); // fewer cached pages in the template is an optimisation, not a need
     return { prepared: true, ms: Math.round(performance.now() - t0), generation: this.state.generation };
   }
 

@@ -45,7 +45,7 @@ class Container {
   startLines(): string[] {
     const n = this.spec.name;
     const exitFile = join(this.sup.logDir, `${n}.${++this.runSeq}.exit`);
-    try { if (statSync(this.logPath).size > LOG_LIMIT) writeFileSync(this.logPath, ''); } catch {}
+    try { if (statSync(this.logPath).size > LOG_LIMIT) writeFileSync(this.logPath, ''); } catch { /* no log yet: nothing to trim */ }
     return [
       `${this.sup.crunBin} delete -f ${n} >/dev/null 2>&1 || true`,
       `rm -f ${join(this.sup.logDir, `${n}.*.exit`)}`,
@@ -161,7 +161,7 @@ export class ContainerSupervisor {
   async startAll(): Promise<void> {
     if (!this.containers.size) return;
     let running: { id: string; pid: number; status: string; created?: string }[] = [];
-    try { running = JSON.parse(await crun(['list', '--format', 'json'], this.crunBin)) ?? []; } catch {}
+    try { running = JSON.parse(await crun(['list', '--format', 'json'], this.crunBin)) ?? []; } catch { /* crun has no state yet (first boot): nothing to adopt */ }
     const toStart: Container[] = [];
     for (const c of this.containers.values()) {
       const r = running.find((x) => x.id === c.spec.name && x.status === 'running' && x.pid > 0);

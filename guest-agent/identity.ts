@@ -7,6 +7,7 @@ import { writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
 import { join } from 'node:path';
 import type { ShellWorker } from './shell.ts';
 import type { Identity } from './protocol.ts';
+import { dateStepSeconds } from './clock.ts';
 
 export interface SystemConfig {
   /** prefix for /etc files (tests run the agent on the host with a scratch root) */
@@ -21,7 +22,8 @@ export interface SystemConfig {
 /** The batched commands for link, address, route, clock and ARP. Pure. */
 export function networkScript(id: Identity, cfg: Pick<SystemConfig, 'setClock' | 'defaultInterface' | 'dhcp' | 'root'>): string {
   const lines: string[] = ['set -e'];
-  if (cfg.setClock && id.time !== undefined) lines.push(`date -s @${Math.floor(id.time / 1000)} >/dev/null`);
+  // whole seconds, rounded; the clock keeper refines it against the RTC right after (clock.ts)
+  if (cfg.setClock && id.time !== undefined) lines.push(`date -s @${dateStepSeconds(id.time)} >/dev/null`);
   for (const i of id.interfaces) {
     const dev = i.name ?? cfg.defaultInterface;
     if (cfg.dhcp) {
@@ -39,8 +41,21 @@ export function networkScript(id: Identity, cfg: Pick<SystemConfig, 'setClock' |
     } else {
       lines.push(`ip link set dev ${dev} address ${i.mac} up`);
     }
+    lines.push(ipv6Renew(dev));
   }
   return lines.join('\n') + '\n';
+}
+
+/**
+ * IPv6 addresses follow the new MAC: turning IPv6 off on the interface drops
+ * every address (the template's link-local and autoconfigured ones); turning
+ * it on makes a link-local address from the current MAC and solicits router
+ * advertisements for new autoconfigured ones. Shell builtins only, no exec.
+ */
+export function ipv6Renew(dev: string): string {
+  const f = `/proc/sys/net/ipv6/conf/${dev}/disable_ipv6`;
+  // busybox's read reports EOF (status 1) on a proc file even when it read the value
+  return `v6=; if [ -w ${f} ]; then read v6 < ${f} || :; fi; if [ "$v6" = 0 ]; then echo 1 > ${f}; echo 0 > ${f}; fi`;
 }
 
 export function prefixToMask(prefix: number): string {

@@ -13,11 +13,11 @@ function findPort(): string | undefined {
   try {
     for (const d of readdirSync('/sys/class/virtio-ports')) {
       if (readFileSync(`/sys/class/virtio-ports/${d}/name`, 'utf8').trim() === PORT_NAME) {
-        try { mkdirSync('/dev/virtio-ports', { recursive: true }); symlinkSync(`/dev/${d}`, link); } catch {}
+        try { mkdirSync('/dev/virtio-ports', { recursive: true }); symlinkSync(`/dev/${d}`, link); } catch { /* udev-less guest: the link exists already or the port is opened by its /dev name */ }
         return `/dev/${d}`;
       }
     }
-  } catch {}
+  } catch { /* no virtio-ports in sysfs (a host-side test): the caller names the device */ }
   return undefined;
 }
 

@@ -18,7 +18,7 @@ export interface Request { id: string | number; cmd: string; args: Record<string
 
 export const COMMANDS = [
   'sync', 'ping', 'info', 'identity.apply', 'time.set', 'containers.list', 'containers.start', 'containers.stop',
-  'containers.restart', 'containers.logs', 'exec', 'freeze.prepare', 'shutdown',
+  'containers.restart', 'containers.logs', 'exec', 'freeze.prepare', 'shutdown', 'clock.step',
 ] as const;
 export type Command = (typeof COMMANDS)[number];
 
@@ -38,7 +38,7 @@ export function salvageId(line: string): string | number | null {
   try {
     const m = JSON.parse(line);
     if (m && (typeof m.id === 'string' || typeof m.id === 'number')) return m.id;
-  } catch {}
+  } catch { /* not JSON at all: no id to salvage */ }
   return null;
 }
 

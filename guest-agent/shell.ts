@@ -52,7 +52,7 @@ export class ShellWorker {
       const p = this.ensure();
       p.stdin.write(`(\n${script}\n) </dev/null 2>&1\necho "__SCION_DONE_${n}_$?__"\n`);
     }));
-    this.queue = job.catch(() => {});
+    this.queue = job.catch(() => undefined); // the caller sees the job's error; the queue only orders jobs
     return job;
   }
 

@@ -18,6 +18,7 @@ import { deviceLineup, kernelStub, type VmDescription, type Accel } from './qemu
 import { chooseAccel, qemuVersion } from './qemu/accel.ts';
 import { spawnQemu, connectQmp, restoreFromFd, migrateToFile, exitOf, killPid, waitDead, credentialsFor, runningAsRoot, qemuDied, type Credentials, type QemuProcess } from './qemu/process.ts';
 import { allocateIdentity } from './identity.ts';
+import { syncGuestClock } from './clock.ts';
 import { createTap, deleteTap, netParams, type NetMode } from './net.ts';
 import { qcow2Overlay } from './disk.ts';
 import { trustedTemplateRoot, vmPaths, vmsDir, templatePaths } from './store/dirs.ts';
@@ -126,6 +127,9 @@ export async function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}):
     if (!opts.skipIdentity) {
       const applied = await agent.call('identity.apply', { generation: 1, hostname: id.hostname, machineId: id.machineId, interfaces: [{ mac: id.mac, address: id.ip, prefix: id.prefix, gateway: id.gateway }], dns: id.dns, rngSeed: id.rngSeed, time: Date.now(), vmgenid: id.vmgenid });
       record.generation = applied.generation;
+      // the clones' clock reference: the template's clock stepped onto the host's, and the RTC's phase against it
+      const c = await syncGuestClock(agent);
+      opts.log?.(`guest clock was ${c.offsetMs.toFixed(0)} ms off (±${c.errorMs.toFixed(0)}); now ${c.after.offsetMs.toFixed(0)} ms (±${c.after.errorMs.toFixed(0)})`);
     }
     record.making = undefined;
     await writeRecord(record);
@@ -245,6 +249,8 @@ export async function freezeClone(cloneName: string, newName: string, log?: (m: 
     await qmp.connect(cp.qmp); await agent.connect(cp.agent); await agent.sync();
     await agent.call('freeze.prepare', {}, 120_000);
     await qmp.execute('stop');
+    // the clone restored with x-ignore-shared on; its private RAM must now go into the stream
+    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: false }] });
     const ccred = r.uid !== undefined && r.gid !== undefined ? { uid: r.uid, gid: r.gid } : undefined;
     try { await migrateToFile(qmp, cname, cp.jail, ccred, full); } finally { await qmp.execute('cont'); }
   } finally { qmp.close(); agent.close(); }

@@ -34,12 +34,12 @@ export interface ArchiveOptions {
 export async function mirrorFromAptSources(): Promise<string | undefined> {
   const { readdir } = await import('node:fs/promises');
   const texts: string[] = [];
-  try { texts.push(await readFile('/etc/apt/sources.list', 'utf8')); } catch {}
+  try { texts.push(await readFile('/etc/apt/sources.list', 'utf8')); } catch { /* deb822-only hosts have none */ }
   try {
     for (const f of (await readdir('/etc/apt/sources.list.d')).sort()) {
       if (f.endsWith('.list') || f.endsWith('.sources')) texts.push(await readFile(join('/etc/apt/sources.list.d', f), 'utf8'));
     }
-  } catch {}
+  } catch { /* no sources.list.d: the definition must name a mirror (reported by the caller) */ }
   for (const t of texts) {
     const m = /^URIs:\s*(http\S*\/debian)\/?\s*$/m.exec(t) ?? /^deb\s+(?:\[[^\]]*\]\s+)?(http\S*\/debian)\/?\s/m.exec(t);
     if (m) return m[1];

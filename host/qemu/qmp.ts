@@ -31,7 +31,7 @@ export class QmpClient {
       const t = setTimeout(() => reject(new SessionError('E_TIMEOUT', `${this.label}: no QMP greeting within ${timeoutMs} ms`)), timeoutMs);
       this.s.once('message', (m: any) => { clearTimeout(t); m?.QMP ? resolve(m) : reject(new SessionError('E_PROTOCOL', `${this.label}: expected a QMP greeting, got ${JSON.stringify(m).slice(0, 200)}`)); });
     });
-    greeted.catch(() => {}); // observed below; never an unhandled rejection if open() fails first
+    greeted.catch(() => undefined); // observed below; never an unhandled rejection if open() fails first
     await this.s.open(path, timeoutMs);
     this.greeting = await greeted;
     this.s.on('message', (m: any) => this.onMessage(m));

@@ -33,8 +33,8 @@ async function agentInNamespace(prefix: string, hostAddr: string, opts: { dhcp?:
   const cleanup = () => {
     client.close();
     agent.stop();
-    try { sh('ip', ['link', 'del', hostIf]); } catch {}
-    try { sh('ip', ['netns', 'del', ns]); } catch {}
+    try { sh('ip', ['link', 'del', hostIf]); } catch { /* gone with the namespace already */ }
+    try { sh('ip', ['netns', 'del', ns]); } catch { /* never made: setup failed earlier, which that test reports */ }
   };
   return { ns, hostIf, agent, client, cleanup };
 }

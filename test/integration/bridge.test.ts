@@ -29,8 +29,8 @@ describe.skipIf(!isRoot)('bridge networking (needs root)', () => {
     clones = await vm.fork('br-tpl', { n: 3, parallel: 2 });
   });
   afterAll(async () => {
-    for (const v of await vm.list()) await vm.removeVm(v.name).catch(() => {});
-    try { execFileSync('ip', ['netns', 'del', ns]); } catch {}
+    for (const v of await vm.list()) await vm.removeVm(v.name);
+    try { execFileSync('ip', ['netns', 'del', ns]); } catch { /* never made: the setup failure is what the run reports */ }
     rmSync(dirs.templates, { recursive: true, force: true });
     rmSync(dirs.run, { recursive: true, force: true });
   });

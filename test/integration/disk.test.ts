@@ -29,7 +29,7 @@ describe('qcow2 disk', () => {
     clones = await vm.fork('disk-tpl', { n: 2, parallel: 2 });
   });
   afterAll(async () => {
-    for (const v of await vm.list()) await vm.removeVm(v.name).catch(() => {});
+    for (const v of await vm.list()) await vm.removeVm(v.name);
     rmSync(dirs.templates, { recursive: true, force: true });
     rmSync(dirs.run, { recursive: true, force: true });
     cleanupTmp();

@@ -17,3 +17,17 @@ export function isolateRunDirs(tag: string): { run: string; templates: string } 
   process.env.SCION_TEMPLATE_DIR = templates;
   return { run, templates };
 }
+
+/** A VM's run-directory paths, as scion lays them out. */
+export async function paths(name: string) {
+  const { vmPaths, vmsDir } = await import('../../host/store/dirs.ts');
+  const { validName } = await import('../../common/names.ts');
+  return vmPaths(validName(name), vmsDir());
+}
+
+/** QEMU processes scion started under this test's run root, found from /proc (not from scion's records). */
+export async function scionQemuPids(): Promise<{ pid: number; runDir: string }[]> {
+  const { qemuPidsUnder } = await import('../../host/qemu/process.ts');
+  const { vmsDir } = await import('../../host/store/dirs.ts');
+  return qemuPidsUnder(vmsDir()).map((q) => ({ pid: q.pid, runDir: q.jail.replace(/\/jail$/, '') }));
+}

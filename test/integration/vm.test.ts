@@ -12,8 +12,9 @@ import { build } from '../../builder/build.ts';
 import { AgentClient } from '../../host/agent-client.ts';
 import { QmpClient } from '../../host/qemu/qmp.ts';
 import * as vm from '../../host/index.ts';
-import { scionQemuPids, paths, readRecord } from '../../host/rundir.ts';
-import { image, isolateRunDirs, ROOT } from './helpers.ts';
+import { readRecord } from '../../host/store/records.ts';
+import { validName } from '../../common/names.ts';
+import { image, isolateRunDirs, ROOT, paths, scionQemuPids } from './helpers.ts';
 
 const dirs = isolateRunDirs('vm');
 const fileSha = (f: string) => new Promise<string>((res, rej) => {
@@ -32,7 +33,7 @@ async function sh(name: string, script: string): Promise<string> {
 const distinct = (xs: string[]) => new Set(xs).size === xs.length;
 
 afterAll(async () => {
-  for (const v of await vm.list()) await vm.removeVm(v.name).catch(() => {});
+  for (const v of await vm.list()) await vm.removeVm(v.name);
   rmSync(dirs.templates, { recursive: true, force: true });
   rmSync(dirs.run, { recursive: true, force: true });
 });
@@ -42,7 +43,7 @@ describe('minimal image', () => {
     const b = await build({ definitionPath: image('minimal') });
     const h = await vm.bootTemplate(await vm.loadImage(b.dir), { name: 'mini-tpl' });
     try {
-      expect(readFileSync(paths('mini-tpl').console, 'utf8')).toContain('SCION-INIT-OK');
+      expect(readFileSync((await paths('mini-tpl')).console, 'utf8')).toContain('SCION-INIT-OK');
       const info = await h.agent.call('info');
       expect(info.kernel).toMatch(/^6\.\d+/);
       expect(info.identity.hostname).toBe('minimal');
@@ -51,7 +52,7 @@ describe('minimal image', () => {
       h.qmp.close(); h.agent.close();
       await vm.removeVm('mini-tpl');
     }
-    expect(scionQemuPids().filter((p) => p.runDir?.endsWith('/mini-tpl'))).toEqual([]);
+    expect((await scionQemuPids()).filter((p) => p.runDir?.endsWith('/mini-tpl'))).toEqual([]);
   });
 });
 
@@ -86,7 +87,7 @@ describe('web image: boot, freeze, fork', () => {
       expect(addr).toBe(`${c.ip}/24`);
       expect(machineId).toBe(c.machineId);
       const q = new QmpClient();
-      await q.connect(paths(c.name).qmp);
+      await q.connect((await paths(c.name)).qmp);
       const guid = (await q.execute('query-vm-generation-id')).guid;
       expect(info.identity.vmgenid).toBe(guid);
       seen.vmgenid.push(guid);
@@ -122,12 +123,12 @@ describe('web image: boot, freeze, fork', () => {
   it('a corrupted or truncated state file, or a missing memory file, fails clearly and leaves nothing behind', async () => {
     const bad = join(dirs.templates, 'bad-tpl');
     mkdirSync(bad, { recursive: true });
-    for (const f of ['meta.json', 'state']) copyFileSync(join(tplDir, f), join(bad, f));
-    execFileSync('ln', ['-s', join(tplDir, 'mem'), join(bad, 'mem')]);
+    for (const f of ['meta.json', 'state', 'kernel-stub']) copyFileSync(join(tplDir, f), join(bad, f));
+    execFileSync('ln', [join(tplDir, 'mem'), join(bad, 'mem')]); // a hard link: symlinks are refused
     const meta = JSON.parse(readFileSync(join(bad, 'meta.json'), 'utf8'));
     writeFileSync(join(bad, 'meta.json'), JSON.stringify({ ...meta, name: 'bad-tpl' }));
     const before = (await vm.list()).map((v) => v.name).sort();
-    const qemusBefore = scionQemuPids().length;
+    const qemusBefore = (await scionQemuPids()).length;
 
     truncateSync(join(bad, 'state'), 4096);
     await expect(vm.fork('bad-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_RESTORE_FAILED', message: expect.stringContaining('QEMU exited while loading the template state') });
@@ -139,7 +140,7 @@ describe('web image: boot, freeze, fork', () => {
     await expect(vm.fork('bad-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_TEMPLATE_INCOMPLETE', message: `template bad-tpl: ${join(bad, 'mem')} is missing` });
 
     expect((await vm.list()).map((v) => v.name).sort()).toEqual(before);
-    expect(scionQemuPids().length).toBe(qemusBefore);
+    expect((await scionQemuPids()).length).toBe(qemusBefore);
   });
 
   it('after scion is killed with SIGKILL mid-fork, ls tells the truth and gc leaves no orphan', async () => {
@@ -148,7 +149,7 @@ describe('web image: boot, freeze, fork', () => {
     const end = Date.now() + 60_000;
     let name: string | undefined;
     while (Date.now() < end && !name) {
-      for (const v of await vm.list()) { const r = await readRecord(v.name); if (r?.making && r.pid) name = v.name; }
+      for (const v of await vm.list()) { const r = await readRecord(validName(v.name)); if (r?.making && r.pid) name = v.name; }
       await new Promise((r) => setTimeout(r, 20));
     }
     child.kill('SIGKILL');
@@ -158,8 +159,8 @@ describe('web image: boot, freeze, fork', () => {
     expect(l.find((v) => v.name === name)?.state).toBe('incomplete');
     const r = await vm.gc();
     expect(r.removed).toContain(name);
-    expect(existsSync(paths(name!).dir)).toBe(false);
-    expect(scionQemuPids().filter((p) => p.runDir?.endsWith(`/${name}`))).toEqual([]);
+    expect(existsSync((await paths(name!)).dir)).toBe(false);
+    expect((await scionQemuPids()).filter((p) => p.runDir?.endsWith(`/${name}`))).toEqual([]);
     // the finished clones are untouched
     for (const c of clones) expect((await vm.list()).find((v) => v.name === c.name)?.state).toBe('running');
   });
@@ -227,7 +228,7 @@ describe('web image: boot, freeze, fork', () => {
   it('a template frozen with another QEMU is refused with a clear error', async () => {
     const other = join(dirs.templates, 'old-tpl');
     cpSync(tplDir, other, { recursive: true, dereference: false, filter: (src) => !src.endsWith('/mem') });
-    execFileSync('ln', ['-s', join(tplDir, 'mem'), join(other, 'mem')]);
+    execFileSync('ln', [join(tplDir, 'mem'), join(other, 'mem')]);
     const meta = JSON.parse(readFileSync(join(other, 'meta.json'), 'utf8'));
     writeFileSync(join(other, 'meta.json'), JSON.stringify({ ...meta, name: 'old-tpl', qemuVersion: 'QEMU emulator version 6.0.0' }));
     await expect(vm.fork('old-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_TEMPLATE_QEMU', message: expect.stringContaining('was frozen with "QEMU emulator version 6.0.0"') });

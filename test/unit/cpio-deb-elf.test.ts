@@ -134,7 +134,7 @@ describe('kernel module order', () => {
 
 describe('kernel stub for clones', () => {
   it('keeps the bzImage setup header and drops the rest', async () => {
-    const { kernelStub } = await import('../../host/qemu-argv.ts');
+    const { kernelStub } = await import('../../host/qemu/argv.ts');
     const bz = Buffer.alloc(1 << 20, 7);
     bz.write('HdrS', 0x202, 'latin1');
     bz[0x1f1] = 30;

@@ -1,0 +1,170 @@
+/**
+ * Keeping a clone's clock on the host's.
+ *
+ * The reference is the emulated RTC, which QEMU drives from the host's wall
+ * clock (-rtc clock=host, its default) in clones and across pauses alike.
+ * It counts whole seconds, and its seconds tick at a phase of their own
+ * (fixed when the template's QEMU started, the same in every clone). So:
+ * - once, in the template, the host steps the clock precisely (it measures
+ *   the offset over a few round trips and sends it: clock.step) and the
+ *   agent measures the RTC's phase against that clock: the moment the RTC's
+ *   seconds change, read from sysfs in a short poll around the expected edge;
+ * - in a clone, and then at an interval that adapts to the corrections
+ *   made, the agent measures again: any change against that phase is the
+ *   system clock's own drift, and it is stepped away.
+ * Steps are relative (clock_adjtime ADJ_SETOFFSET, via linuxptp's phc_ctl),
+ * so the time a process takes to start does not enter the result; busybox
+ * `date -s` (whole seconds) only brings a clone's stale clock near at once.
+ */
+import { readFileSync } from 'node:fs';
+import type { ShellWorker } from './shell.ts';
+
+export const RTC_SECONDS = '/sys/class/rtc/rtc0/since_epoch';
+export const PHC_CTL = '/usr/sbin/phc_ctl';
+
+export interface ClockInfo {
+  source: 'rtc' | 'off';
+  /** system clock minus RTC at the RTC's second edges while the clock is right (ms, under 1000); measured in the template */
+  rtcPhaseMs?: number;
+  checks: number;
+  steps: number;
+  lastCheckAt?: number;
+  /** the system clock's error found by the last check (ms, + = ahead), before it was corrected */
+  lastDriftMs?: number;
+  intervalMs: number;
+  lastError?: string;
+}
+
+/** The next check interval: longer while the drift found is small, shorter when it grows. Pure. */
+export function nextInterval(currentMs: number, driftMs: number, bounds = { min: 10_000, max: 120_000 }): number {
+  const a = Math.abs(driftMs);
+  const n = a < 10 ? currentMs * 2 : a > 30 ? currentMs / 2 : currentMs;
+  return Math.min(bounds.max, Math.max(bounds.min, Math.round(n)));
+}
+
+/** Whole-second step for `date -s @S` from a time in ms: rounded, not truncated. Pure. */
+export function dateStepSeconds(ms: number): number {
+  return Math.round(ms / 1000);
+}
+
+/**
+ * Drift of the system clock from an RTC-edge measurement and the calibrated
+ * phase. Not folded modulo a second: the RTC's whole seconds are the host's
+ * too, so a clock a second or an hour off is seen as such. Pure.
+ */
+export function driftFrom(offsetMs: number, phaseMs: number): number {
+  return offsetMs - phaseMs;
+}
+
+/** `phc_ctl` argument for a relative step of `ms` milliseconds. Pure. */
+export function phcStepArgs(ms: number): string {
+  // "--": a negative step would otherwise read as an option
+  return `${PHC_CTL} -q -Q -- CLOCK_REALTIME adj ${(ms / 1000).toFixed(6)}`;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export class ClockKeeper {
+  private timer?: NodeJS.Timeout;
+  private busy?: Promise<number>;
+  readonly state: ClockInfo;
+
+  constructor(private readonly shell: ShellWorker, readonly enabled: boolean, private readonly rtcFile = RTC_SECONDS) {
+    this.state = { source: enabled ? 'rtc' : 'off', checks: 0, steps: 0, intervalMs: 10_000 };
+  }
+
+  private readRtc(): number { return Number(readFileSync(this.rtcFile, 'utf8')); }
+
+  /**
+   * ms between the RTC's second edge and the system clock at that edge
+   * (system - RTC). Polls tightly only for a few tens of ms around an edge
+   * whose time it knows: from the phase when the clock is near right, else
+   * from a coarse poll (every 10 ms) of one edge first.
+   */
+  async rtcOffset(): Promise<number> {
+    const phase = this.state.rtcPhaseMs;
+    if (phase !== undefined) {
+      const fine = await this.pollEdge(this.untilNext(phase - 60), 150);
+      if (fine !== undefined) return fine;
+    }
+    // coarse: find an edge within ~10 ms, then catch the next one tightly
+    const first = this.readRtc();
+    const end = Date.now() + 1500;
+    let s = first;
+    while (s === first) {
+      if (Date.now() > end) throw new Error(`the RTC (${this.rtcFile}) did not tick within 1.5 s`);
+      await sleep(10);
+      s = this.readRtc();
+    }
+    const edge = Date.now();
+    const fine = await this.pollEdge(Math.max(0, edge + 1000 - 60 - Date.now()), 150);
+    if (fine === undefined) throw new Error(`the RTC (${this.rtcFile}) did not tick when expected`);
+    return fine;
+  }
+
+  /** ms from now until the system clock next reads `phase` modulo a second. */
+  private untilNext(phase: number): number { return (((phase - Date.now()) % 1000) + 1000) % 1000; }
+
+  /** Sleep `waitMs`, then read the RTC in a tight loop for at most `windowMs`; the offset at the edge, if one came. */
+  private async pollEdge(waitMs: number, windowMs: number): Promise<number | undefined> {
+    await sleep(waitMs);
+    const first = this.readRtc();
+    const end = Date.now() + windowMs;
+    for (;;) {
+      const s = this.readRtc();
+      const now = Date.now();
+      if (s !== first) return now - s * 1000;
+      if (now > end) return undefined;
+    }
+  }
+
+  /** Step the system clock by `ms` (relative, so process start-up time does not matter). */
+  async step(ms: number): Promise<void> {
+    const r = await this.shell.run(phcStepArgs(ms));
+    if (r.code !== 0) throw new Error(`phc_ctl failed (exit ${r.code}): ${r.output.trim().slice(-300)}`);
+    this.state.steps++;
+  }
+
+  /** The system clock is right now (the host just stepped it): remember the RTC's phase against it. */
+  async calibrate(): Promise<number> {
+    this.state.rtcPhaseMs = undefined;
+    this.state.rtcPhaseMs = await this.rtcOffset();
+    return this.state.rtcPhaseMs;
+  }
+
+  /** Measure the drift against the RTC and step it away if it is over 5 ms; resolves with the drift found. */
+  check(): Promise<number> {
+    if (!this.enabled || this.state.rtcPhaseMs === undefined) return Promise.resolve(0);
+    this.busy ??= (async () => {
+      const drift = driftFrom(await this.rtcOffset(), this.state.rtcPhaseMs!);
+      this.state.checks++;
+      this.state.lastCheckAt = Date.now();
+      this.state.lastDriftMs = Math.round(drift * 10) / 10;
+      if (Math.abs(drift) > 5) await this.step(-drift);
+      this.state.lastError = undefined;
+      return drift;
+    })().catch((e) => { this.state.lastError = (e as Error).message; throw e; }).finally(() => { this.busy = undefined; });
+    return this.busy;
+  }
+
+  /** Check soon (after a fork or a resume) and then keep checking at the adaptive interval. */
+  kick(): void {
+    if (!this.enabled) return;
+    clearTimeout(this.timer);
+    this.state.intervalMs = 10_000;
+    this.check().then(() => undefined, () => undefined).finally(() => this.schedule()); // errors are kept in state.lastError for info
+  }
+
+  private schedule(): void {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(async () => {
+      try { this.state.intervalMs = nextInterval(this.state.intervalMs, await this.check()); } catch {
+        // kept in state.lastError; the next attempt comes at the same interval
+      }
+      this.schedule();
+    }, this.state.intervalMs);
+    this.timer.unref();
+  }
+
+  stop(): void { clearTimeout(this.timer); }
+}

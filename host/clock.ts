@@ -1,0 +1,35 @@
+/**
+ * The host's side of a guest's clock: estimate its offset over a few round
+ * trips (NTP-style: the sample with the shortest round trip bounds the
+ * error by half of it) and step it by exactly that. Done once per template,
+ * before the freeze; the agent then keeps every clone on the RTC (see
+ * guest-agent/clock.ts).
+ */
+import type { AgentClient } from './agent-client.ts';
+
+export interface OffsetSample { sentMs: number; guestMs: number; receivedMs: number }
+
+/** The guest clock's offset (ms, + = ahead of the host) and its error bound, from the best sample. Pure. */
+export function estimateOffset(samples: OffsetSample[]): { offsetMs: number; errorMs: number } {
+  if (!samples.length) throw new Error('no samples');
+  const best = samples.reduce((a, b) => (b.receivedMs - b.sentMs < a.receivedMs - a.sentMs ? b : a));
+  const rtt = best.receivedMs - best.sentMs;
+  return { offsetMs: best.guestMs - (best.sentMs + best.receivedMs) / 2, errorMs: rtt / 2 };
+}
+
+export async function measureOffset(agent: AgentClient, n = 5): Promise<{ offsetMs: number; errorMs: number }> {
+  const samples: OffsetSample[] = [];
+  for (let i = 0; i < n; i++) {
+    const sentMs = Date.now();
+    const r = await agent.call('ping');
+    samples.push({ sentMs, guestMs: r.time, receivedMs: Date.now() });
+  }
+  return estimateOffset(samples);
+}
+
+/** Step the guest's clock onto the host's and have the agent calibrate its RTC reference against it. */
+export async function syncGuestClock(agent: AgentClient): Promise<{ offsetMs: number; errorMs: number; after: { offsetMs: number; errorMs: number } }> {
+  const before = await measureOffset(agent);
+  await agent.call('clock.step', { deltaMs: -before.offsetMs }, 30_000);
+  return { ...before, after: await measureOffset(agent) };
+}
