@@ -140,12 +140,16 @@ export async function gc(): Promise<{ removed: string[]; killed: number[]; relea
   }
   for (const d of await abandonedTempDirs(processAlive)) await rm(d, { recursive: true, force: true });
   const names = new Set(await listRunDirs());
-  for (const s of await listSlots()) {
-    if (s.pid && processAlive(s.pid) && s.pid !== process.pid) continue; // held by a live scion (maybe before its run dir exists)
-    if (s.vm && names.has(s.vm as ValidName)) {
-      const r = await readRecord(s.vm as ValidName).catch(() => undefined);
-      if (r?.slots.includes(s.slot)) continue;
+  const held = new Set<string>();
+  for (const n of names) {
+    try { for (const sl of (await readRecord(n))?.slots ?? []) held.add(sl); } catch {
+      // an invalid record holds nothing: its VM was removed above
     }
+  }
+  for (const s of await listSlots()) {
+    if (held.has(s.slot)) continue;
+    // reserved by a scion that is still making its VM (its record may not list it yet): not ours to take
+    if (s.pid && processAlive(s.pid)) continue;
     await release(s.slot);
     released.push(s.slot);
   }
