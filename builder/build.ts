@@ -109,7 +109,7 @@ async function mapLimit<T, R>(items: T[], limit: number, fn: (t: T) => Promise<R
 }
 
 export async function build(opts: BuildOptions): Promise<BuildResult> {
-  const emit = opts.onEvent ?? (() => {});
+  const emit = opts.onEvent ?? (() => undefined);
   const steps: Record<string, number> = {};
   let t = performance.now();
   const step = (name: string) => {
@@ -285,6 +285,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   try {
     await writeFile(join(tmpDir, 'vmlinuz'), km.vmlinuz.data!);
     await writeFile(join(tmpDir, 'initrd.img'), initrd);
+    emit({ type: 'log', message: `wrote vmlinuz and initrd.img (${initrd.length} bytes); writing the manifest` });
     const manifest = {
       manifestVersion: 1,
       name: def.name,

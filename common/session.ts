@@ -47,7 +47,7 @@ export class JsonSession extends EventEmitter {
       }
     });
     this.socket.on('close', () => { this.state = 'closed'; this.emit('closed'); });
-    this.socket.on('error', () => {});
+    this.socket.on('error', () => undefined); // a reset is followed by 'close', which fails the pending calls
   }
 
   sendRaw(data: Buffer) {

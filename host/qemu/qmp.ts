@@ -40,6 +40,7 @@ export class QmpClient {
   }
 
   private onMessage(m: any) {
+    if (!m || typeof m !== 'object' || Array.isArray(m)) return; // not a QMP message: ignored, as QEMU never sends one
     if (m.event) {
       this.events.push(m);
       for (const w of [...this.waiters]) if (w.name === m.event && w.pred(m)) { this.waiters.splice(this.waiters.indexOf(w), 1); w.resolve(m); }
@@ -53,7 +54,8 @@ export class QmpClient {
     const p = this.pending.add(id, timeoutMs, `${this.label}: ${command}`);
     try { this.s.send(args ? { execute: command, arguments: args, id } : { execute: command, id }); } catch (e) { this.pending.drop(id); throw e; }
     const r = await p;
-    if (r.error) throw new QmpError(command, r.error.class, r.error.desc);
+    if (r.error) throw new QmpError(command, String(r.error.class ?? 'GenericError'), String(r.error.desc ?? ''));
+    if (!('return' in r)) throw new SessionError('E_PROTOCOL', `${this.label}: ${command}: a reply with neither "return" nor "error": ${JSON.stringify(r).slice(0, 200)}`);
     return r.return as T;
   }
 

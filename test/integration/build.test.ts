@@ -4,7 +4,7 @@
  * user can meet, each with its message.
  */
 import { describe, it, expect, afterAll } from 'vitest';
-import { readFileSync, writeFileSync, copyFileSync, existsSync } from 'node:fs';
+import { readFileSync, writeFileSync, copyFileSync, existsSync, readdirSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { join } from 'node:path';
 import { createHash } from 'node:crypto';
@@ -74,6 +74,22 @@ describe('reproducible builds', () => {
     await expect(build({ definitionPath: def, cacheDir: cacheA, outDir: out })).rejects.toThrow('kernel module "no_such_module" is not in the kernel package');
     expect(sha(join(out, 'minimal', 'initrd.img'))).toBe(good.sha256.initrd);
     expect(JSON.parse(readFileSync(join(out, 'minimal', 'manifest.json'), 'utf8')).outputs['initrd.img'].sha256).toBe(good.sha256.initrd);
+  });
+
+  it('a build that fails after writing new outputs leaves the previous artifacts and no temporary directory', async () => {
+    const dir = tmp('def-late');
+    const out = tmp('out-late');
+    const def = join(dir, 'minimal.yaml');
+    copyFileSync(image('minimal'), def);
+    copyFileSync(image('minimal').replace('.yaml', '.scion.lock'), join(dir, 'minimal.scion.lock'));
+    const good = await build({ definitionPath: def, cacheDir: cacheA, outDir: out });
+    // another initrd (one more file), and a failure once its bytes are written but before the manifest
+    writeFileSync(def, readFileSync(def, 'utf8') + '\nfiles:\n  - path: /etc/late\n    contents: "changed"\n');
+    const failLate = (ev: BuildEvent) => { if (ev.type === 'log' && ev.message.startsWith('wrote vmlinuz and initrd.img')) throw new Error('interrupted after writing'); };
+    await expect(build({ definitionPath: def, cacheDir: cacheA, outDir: out, onEvent: failLate })).rejects.toThrow('interrupted after writing');
+    expect(sha(join(out, 'minimal', 'initrd.img'))).toBe(good.sha256.initrd);
+    expect(JSON.parse(readFileSync(join(out, 'minimal', 'manifest.json'), 'utf8')).outputs['initrd.img'].sha256).toBe(good.sha256.initrd);
+    expect(readdirSync(out)).toEqual(['minimal']);
   });
 });
 
