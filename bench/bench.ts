@@ -42,7 +42,7 @@ async function removeAllClones() {
 }
 
 async function main() {
-  const results: any = { date: new Date().toISOString(), machine: { cpu: cpus()[0]?.model, cores: cpus().length, qemu: qemuVersion(), node: process.version } };
+  const results: any = { date: new Date().toISOString(), machine: { cpu: cpus()[0]?.model, cores: cpus().length, qemu: await qemuVersion(), node: process.version } };
 
   // 4a. build, cold and warm cache
   const def = join(ROOT, 'images/web.yaml');

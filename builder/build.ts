@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
 import { BuildError } from '../common/errors.ts';
 import { runBuffer } from '../common/run.ts';
+import { GUEST_IMAGE_CONFIG, type GuestImageConfig, type ContainerSpec } from '../common/contracts.ts';
 import { BlobCache, sha256 } from './cache.ts';
 import { DebianArchive, mirrorFromAptSources } from './debian/archive.ts';
 import { extractDeb, decompress, type TarEntry } from './debian/deb.ts';
@@ -256,12 +257,13 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
     tree.mkdirp(`${root}/rootfs`);
     tree.file(`${root}/config.json`, JSON.stringify(runtimeConfig(c, def.name), null, 2) + '\n');
   }
-  tree.file('/etc/scion/image.json', JSON.stringify({
+  const guestConfig: GuestImageConfig & { network: unknown; containers: (ContainerSpec & { network: unknown })[] } = {
     name: def.name,
     exec: def.agent.exec,
     network: def.network,
-    containers: def.containers.map((c) => ({ name: c.name, restart: c.restart, healthcheck: c.healthcheck, ports: c.ports, network: c.network, bundle: `/var/lib/scion/containers/${c.name}` })),
-  }, null, 2) + '\n');
+    containers: def.containers.map((c) => ({ name: c.name, restart: c.restart, healthcheck: c.healthcheck as ContainerSpec['healthcheck'], ports: c.ports, network: c.network, bundle: `/var/lib/scion/containers/${c.name}` })),
+  };
+  tree.file(GUEST_IMAGE_CONFIG, JSON.stringify(guestConfig, null, 2) + '\n');
 
   // user files last: they may override anything above
   for (const f of def.files) {

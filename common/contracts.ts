@@ -1,7 +1,8 @@
 /**
  * What builder, guest agent and host agree on, defined once: the agent's
- * virtio-serial port, and the part of
- * manifest.json the builder writes and the host reads.
+ * virtio-serial port, the guest's /etc/scion/image.json (the builder writes
+ * it, the agent reads it), the identity the host sends and the agent applies
+ * (guest-agent/PROTOCOL.md), and the part of manifest.json the host reads.
  */
 
 /** The virtio-serial port name the agent opens (/dev/virtio-ports/<name>) and QEMU creates. */
@@ -18,4 +19,26 @@ export interface ManifestForHost {
   guestRamMB: number;
   /** guest ports the image's containers serve (forwarded per clone in user-mode networking) */
   ports: number[];
+}
+
+/** Where the builder puts the agent's config in the guest. */
+export const GUEST_IMAGE_CONFIG = '/etc/scion/image.json';
+
+export interface HealthCheck { http?: { port: number; path: string }; tcp?: { port: number }; command?: string[]; intervalMs: number; timeoutMs: number }
+export interface ContainerSpec { name: string; restart: 'always' | 'on-failure' | 'no'; healthcheck?: HealthCheck; ports: number[]; bundle: string }
+
+/** /etc/scion/image.json in the guest. */
+export interface GuestImageConfig { name: string; exec: boolean; network: { mode: 'static' | 'dhcp'; interface: string }; containers: ContainerSpec[] }
+
+/** identity.apply's arguments: what makes a clone its own machine. */
+export interface Identity {
+  generation: number;
+  hostname: string;
+  machineId: string;
+  interfaces: { name?: string; mac: string; address?: string; prefix?: number; gateway?: string }[];
+  dns: string[];
+  rngSeed?: string; // hex
+  /** the VM generation ID the host gave this VM (the guest cannot read it back; reported in info) */
+  vmgenid?: string;
+  time?: number; // ms since epoch
 }

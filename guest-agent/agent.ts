@@ -9,13 +9,14 @@ import { release, uptime } from 'node:os';
 import { FrameDecoder, encodeFrame, RESYNC_BYTE } from '../common/framing.ts';
 import { MAX_FRAME, PROTOCOL_VERSION, ProtocolError, parseRequest, salvageId, validateIdentity, requireString, type Identity, type Request } from './protocol.ts';
 import { applyIdentity, type SystemConfig, type Steps } from './identity.ts';
-import { ContainerSupervisor, type ContainerSpec } from './containers.ts';
+import { ContainerSupervisor } from './containers.ts';
 import { ShellWorker } from './shell.ts';
+import type { GuestImageConfig } from '../common/contracts.ts';
 import { ClockKeeper, dateStepSeconds } from './clock.ts';
 
 export const AGENT_VERSION = '0.1.0';
 
-export interface ImageConfig { name: string; exec: boolean; network: { mode: 'static' | 'dhcp'; interface: string }; containers: ContainerSpec[] }
+export type ImageConfig = GuestImageConfig;
 
 export interface Transport {
   write(data: Buffer): void;

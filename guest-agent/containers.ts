@@ -13,8 +13,8 @@ import { request } from 'node:http';
 import { join } from 'node:path';
 import { ProtocolError } from './protocol.ts';
 
-export interface HealthCheck { http?: { port: number; path: string }; tcp?: { port: number }; command?: string[]; intervalMs: number; timeoutMs: number }
-export interface ContainerSpec { name: string; restart: 'always' | 'on-failure' | 'no'; healthcheck?: HealthCheck; ports: number[]; bundle: string }
+import type { ContainerSpec, HealthCheck } from '../common/contracts.ts';
+export type { ContainerSpec, HealthCheck };
 export type ContainerStateName = 'created' | 'running' | 'stopped' | 'restarting';
 export interface ContainerStatus { name: string; state: ContainerStateName; pid?: number; startedAt?: number; restarts: number; exitCode?: number; healthy?: boolean }
 

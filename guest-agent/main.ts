@@ -5,6 +5,7 @@
  */
 import { openSync, readFileSync, readdirSync, read, write, readSync, existsSync, mkdirSync, symlinkSync, constants } from 'node:fs';
 import { Agent, type ImageConfig } from './agent.ts';
+import { GUEST_IMAGE_CONFIG } from '../common/contracts.ts';
 import { PORT_NAME } from './protocol.ts';
 
 function findPort(): string | undefined {
@@ -23,7 +24,7 @@ function findPort(): string | undefined {
 
 const args = process.argv.slice(2);
 const root = process.env.SCION_AGENT_ROOT ?? '';
-const imagePath = process.env.SCION_IMAGE_CONFIG ?? `${root}/etc/scion/image.json`;
+const imagePath = process.env.SCION_IMAGE_CONFIG ?? `${root}${GUEST_IMAGE_CONFIG}`;
 const image: ImageConfig = JSON.parse(readFileSync(imagePath, 'utf8'));
 const agent = new Agent({
   image,

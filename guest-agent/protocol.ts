@@ -42,17 +42,8 @@ export function salvageId(line: string): string | number | null {
   return null;
 }
 
-export interface Identity {
-  generation: number;
-  hostname: string;
-  machineId: string;
-  interfaces: { name?: string; mac: string; address?: string; prefix?: number; gateway?: string }[];
-  dns: string[];
-  rngSeed?: string; // hex
-  /** the VM generation ID the host gave this VM (the guest cannot read it back; reported in info) */
-  vmgenid?: string;
-  time?: number; // ms since epoch
-}
+import type { Identity } from '../common/contracts.ts';
+export type { Identity };
 
 const HOSTNAME = /^(?=.{1,63}$)[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?$/;
 const MAC = /^([0-9a-f]{2}:){5}[0-9a-f]{2}$/;

@@ -5,6 +5,7 @@
  * reach each other by IP.
  */
 import { run } from '../common/run.ts';
+import { chmod, stat } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { VmError } from '../common/errors.ts';
 import { USER_NET } from './qemu/argv.ts';
@@ -42,6 +43,7 @@ export async function createTap(spec: BridgeSpec, owner?: { uid: number; gid: nu
   try { await ip(['link', 'show', 'dev', spec.bridge], spec.netns); } catch (e) {
     throw new VmError('E_NO_BRIDGE', `bridge ${spec.bridge} does not exist${spec.netns ? ` in network namespace ${spec.netns}` : ''}`, { hint: `ip link add ${spec.bridge} type bridge && ip link set ${spec.bridge} up`, cause: e });
   }
+  if (owner) await tunOpenToAll();
   // random names: two scion processes never pick the same one (and `tuntap add` fails if one did)
   const tap = `sct${randomBytes(4).toString('hex')}`;
   await ip(['tuntap', 'add', 'dev', tap, 'mode', 'tap', ...(owner ? ['user', String(owner.uid), 'group', String(owner.gid)] : [])], spec.netns);
@@ -51,6 +53,18 @@ export async function createTap(spec: BridgeSpec, owner?: { uid: number; gid: nu
   }
   return tap;
 }
+
+/**
+ * An unprivileged QEMU opens /dev/net/tun to attach to the tap its uid owns.
+ * Debian's udev rules make the device 0666 (opening it grants nothing: a tap
+ * can only be attached by its owner or with CAP_NET_ADMIN); hosts without
+ * udev leave it 0600, so scion sets the same mode.
+ */
+async function tunOpenToAll(): Promise<void> {
+  const st = await stat(TUN);
+  if ((st.mode & 0o666) !== 0o666) await chmod(TUN, 0o666);
+}
+const TUN = '/dev/net/tun';
 
 /** Remove a tap; one already gone (its namespace deleted, or removed by another call) is not an error. */
 export async function deleteTap(tap: string, netns?: string): Promise<void> {

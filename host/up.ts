@@ -14,7 +14,7 @@ import { bootTemplate, freeze, checkTemplate, type TemplateMeta } from './templa
 import { fork, type CloneResult } from './clone.ts';
 import { removeVm } from './lifecycle.ts';
 import { processAlive, sleep } from './qemu/process.ts';
-import { readRecord, type VmRecord } from './store/records.ts';
+import { readRecord, RecordError, type VmRecord } from './store/records.ts';
 import type { NetMode } from './net.ts';
 
 export interface UpOptions {
@@ -58,7 +58,13 @@ export async function up(definition: string, opts: UpOptions): Promise<UpResult>
   const b = await build({ definitionPath: definition, onEvent: opts.onBuildEvent });
   const img = await loadImage(b.dir);
   const tplName = validName(`${img.name}-tpl`, 'template');
-  const existing = await waitForOtherMaker(tplName, log);
+  let existing: VmRecord | undefined;
+  try { existing = await waitForOtherMaker(tplName, log); } catch (e) {
+    if (!(e instanceof RecordError)) throw e;
+    // a record this scion cannot trust (damaged, or from an older scion): removed by name, then made anew
+    log(`template ${tplName}: ${e.message}; removing it`);
+    await removeVm(tplName);
+  }
   let meta: TemplateMeta | undefined;
   if (existing?.frozen) {
     let found: TemplateMeta | undefined;

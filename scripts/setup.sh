@@ -3,7 +3,7 @@
 # Idempotent: skips apt when everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pkgs=(qemu-system-x86 qemu-utils gpgv debian-archive-keyring xz-utils zstd cpio libarchive-tools socat iproute2 ca-certificates curl)
+pkgs=(qemu-system-x86 qemu-utils gpgv debian-archive-keyring xz-utils zstd cpio libarchive-tools socat iproute2 util-linux ca-certificates curl)
 # the DHCP test runs busybox's udhcpd on the host; either busybox package will do
 command -v busybox >/dev/null || pkgs+=(busybox)
 missing=()

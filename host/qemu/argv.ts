@@ -117,8 +117,9 @@ export function qemuArgv(d: VmDescription): string[] {
 
 /**
  * The disk chain as explicit block nodes, each layer's file given by
- * descriptor and its backing named here, so QEMU never opens a backing file
- * by the path written in a qcow2 header.
+ * descriptor (an fd set: QEMU takes the descriptor itself, with the access
+ * mode scion opened it with, and checks no file mode) and its backing named
+ * here, so QEMU never opens a backing file by the path in a qcow2 header.
  */
 export function diskArgs(chain: DiskChain): string[] {
   const fds = { base: FD.diskBase, template: FD.diskTemplate, clone: FD.diskClone };
@@ -127,8 +128,10 @@ export function diskArgs(chain: DiskChain): string[] {
     const top = i === chain.layers.length - 1;
     const node = top ? 'disk-top' : `disk-${layer}`;
     const ro = top ? '' : ',read-only=on';
-    a.push('-blockdev', `driver=file,node-name=${node}-file,filename=${fdPath(fds[layer])}${ro}`);
-    const backing = i === 0 ? ',backing=null' : `,backing=disk-${chain.layers[i - 1]}`;
+    a.push('-add-fd', `fd=${fds[layer]},set=${fds[layer]}`);
+    a.push('-blockdev', `driver=file,node-name=${node}-file,filename=/dev/fdset/${fds[layer]}${ro}`);
+    // the base is the user's own image: QEMU opens no backing it does not name
+    const backing = i === 0 ? '' : `,backing=disk-${chain.layers[i - 1]}`;
     a.push('-blockdev', `driver=qcow2,node-name=${node},file=${node}-file${backing}${ro}`);
   });
   return a;

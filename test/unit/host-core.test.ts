@@ -4,7 +4,7 @@
  * and device line-up, identity allocation, the up policy, the clock maths.
  */
 import { describe, it, expect, afterAll } from 'vitest';
-import { mkdirSync, mkdtempSync, writeFileSync, symlinkSync, chmodSync, chownSync, rmSync, readFileSync, statSync, statfsSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, writeFileSync, symlinkSync, chmodSync, chownSync, rmSync, readFileSync, readdirSync, statSync, statfsSync } from 'node:fs';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
 import { validName, nameProblem } from '../../common/names.ts';
@@ -147,7 +147,7 @@ describe('QEMU argv', () => {
     expect(SANDBOX).toBe('on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny');
     // no absolute path other than /proc/self/fd and /dev/urandom reaches QEMU
     const paths = a.flatMap((x) => x.match(/(?<![\w.])\/[\w./-]+/g) ?? []);
-    expect(paths.filter((p) => !p.startsWith('/proc/self/fd/') && p !== '/dev/urandom')).toEqual([]);
+    expect(paths.filter((p) => !p.startsWith('/proc/self/fd/') && !p.startsWith('/dev/fdset/') && p !== '/dev/urandom')).toEqual([]);
     expect(a.slice(-2)).toEqual(['-incoming', 'defer']);
   });
   it('template and clone of one VM have the same device line-up, whatever their per-VM values', () => {
@@ -159,9 +159,11 @@ describe('QEMU argv', () => {
   });
   it('builds the disk chain with explicit backing nodes, never a backing path from a qcow2 header', () => {
     expect(diskArgs({ layers: ['base', 'template'] })).toEqual([
-      '-blockdev', `driver=file,node-name=disk-base-file,filename=/proc/self/fd/${FD.diskBase},read-only=on`,
-      '-blockdev', 'driver=qcow2,node-name=disk-base,file=disk-base-file,backing=null,read-only=on',
-      '-blockdev', `driver=file,node-name=disk-top-file,filename=/proc/self/fd/${FD.diskTemplate}`,
+      '-add-fd', `fd=${FD.diskBase},set=${FD.diskBase}`,
+      '-blockdev', `driver=file,node-name=disk-base-file,filename=/dev/fdset/${FD.diskBase},read-only=on`,
+      '-blockdev', 'driver=qcow2,node-name=disk-base,file=disk-base-file,read-only=on',
+      '-add-fd', `fd=${FD.diskTemplate},set=${FD.diskTemplate}`,
+      '-blockdev', `driver=file,node-name=disk-top-file,filename=/dev/fdset/${FD.diskTemplate}`,
       '-blockdev', 'driver=qcow2,node-name=disk-top,file=disk-top-file,backing=disk-base',
     ]);
   });
@@ -217,5 +219,39 @@ describe('clock offset estimate', () => {
       { sentMs: 1000, guestMs: 1600, receivedMs: 1100 },
       { sentMs: 2000, guestMs: 2510, receivedMs: 2020 },
     ])).toEqual({ offsetMs: 500, errorMs: 10 });
+  });
+});
+
+describe('reservations and run directories (the lock files)', () => {
+  it('processes racing for indices each get distinct ones, and a released one is taken again', async () => {
+    const run = mkdtempSync(join(tmpdir(), 'scion-slots-'));
+    const script = `import { reserveFirstFree } from ${JSON.stringify(join(import.meta.dirname, '../../host/store/slots.ts'))};
+      const got = []; for (let i = 0; i < 25; i++) got.push(await reserveFirstFree('index', 1, 238, 'race', 'clone slots'));
+      console.log(JSON.stringify(got));`;
+    const { spawn } = await import('node:child_process');
+    const outs = await Promise.all(Array.from({ length: 4 }, () => new Promise<number[]>((resolve, reject) => {
+      const p = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { env: { ...process.env, SCION_RUN_DIR: run }, stdio: ['ignore', 'pipe', 'inherit'] });
+      let o = ''; p.stdout.on('data', (c) => (o += c)); p.on('exit', (code) => (code === 0 ? resolve(JSON.parse(o)) : reject(new Error(`exit ${code}`))));
+    })));
+    const all = outs.flat();
+    expect(all).toHaveLength(100);
+    expect(new Set(all).size).toBe(100);
+    expect(Math.max(...all)).toBe(100); // the lowest free ones, none skipped
+    const prev = process.env.SCION_RUN_DIR;
+    process.env.SCION_RUN_DIR = run;
+    try {
+      const { release, reserveFirstFree, createRunDir } = await import('../../host/store/slots.ts');
+      await release('index-37');
+      expect(await reserveFirstFree('index', 1, 238, 'again', 'clone slots')).toBe(37);
+      await expect(reserveFirstFree('index', 1, 100, 'full', 'clone slots')).rejects.toMatchObject({ code: 'E_NO_SLOTS' });
+      // a name is claimed once: the second maker gets E_VM_EXISTS and the first one's directory is intact
+      await createRunDir(record() as any);
+      await expect(createRunDir({ ...(record() as any), generation: 9 })).rejects.toMatchObject({ code: 'E_VM_EXISTS', message: 'a VM named web-c1 already exists' });
+      expect(JSON.parse(readFileSync(join(run, 'vms', 'web-c1', 'vm.json'), 'utf8')).generation).toBe(2);
+      expect(readdirSync(join(run, 'vms'))).toEqual(['web-c1']); // no temporary directory left behind
+    } finally {
+      process.env.SCION_RUN_DIR = prev;
+      rmSync(run, { recursive: true, force: true });
+    }
   });
 });
