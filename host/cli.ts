@@ -34,6 +34,17 @@ Commands:
   stop <vm>... | --all        stop VMs (keeps run directories)
   rm <vm>... | --all          stop and remove VMs and their run directories
   gc                          remove run directories of dead VMs; kill QEMUs whose run dir is gone
+  serve <image.yaml|template> --port P [--listen 127.0.0.1:8080]
+                              the front door: forks clones on demand and routes HTTP to guest port P
+      --mode shared|per-request   shared (default): a clone serves up to --concurrency K requests
+                                  (default 10); per-request: a fresh clone per request, removed after it
+      --min N (0) --max N (8)     clones kept at least / at most (pooled ones count)
+      --pool P (0)                clones forked ahead and paused (QMP stop); a claim resumes one
+      --idle 30s                  a shared clone idle this long is removed (scale to zero with --min 0)
+      --queue Q (100) --queue-timeout 10s   requests held while clones fork; past either: 503 + Retry-After
+      --admin 127.0.0.1:9090      /metrics (Prometheus) and /healthz
+      --drain 10s                 SIGTERM: time in-flight requests get before clones are removed
+      Durations: 500ms, 30s, 2m.
 
 Global options:
   --json                      machine-readable output on stdout
@@ -63,6 +74,8 @@ export async function main(argv: string[]): Promise<number> {
       'update-lock': { type: 'boolean' }, compression: { type: 'string' }, mirror: { type: 'string' },
       clones: { type: 'string' }, n: { type: 'string', short: 'n' }, name: { type: 'string' },
       all: { type: 'boolean' }, container: { type: 'string' }, disk: { type: 'string' }, bridge: { type: 'string' }, netns: { type: 'string' }, network: { type: 'string' },
+      listen: { type: 'string' }, port: { type: 'string' }, mode: { type: 'string' }, concurrency: { type: 'string' }, min: { type: 'string' }, max: { type: 'string' },
+      pool: { type: 'string' }, idle: { type: 'string' }, queue: { type: 'string' }, 'queue-timeout': { type: 'string' }, admin: { type: 'string' }, drain: { type: 'string' },
     },
   });
   } catch (e) {

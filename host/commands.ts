@@ -154,6 +154,21 @@ export async function run(cmd: string, pos: string[], v: Vals, ctx: Ctx): Promis
       else console.log(`${verb}: ${done.join(' ') || '(none)'}${busy.length ? `; left (being made by another scion): ${busy.join(' ')}` : ''}`);
       return 0;
     }
+    case 'serve': {
+      const { serveOptions } = await import('./serve/options.ts');
+      const { serve } = await import('./serve/server.ts');
+      const o = serveOptions(pos[0], v);
+      const h = await serve(o, (line) => (o.json ? console.log(line) : ctx.err(line)));
+      await new Promise<void>((resolve) => {
+        const stop = (sig: string) => {
+          ctx.err(o.json ? JSON.stringify({ event: 'signal', signal: sig }) : `[serve] ${sig}: draining, then removing every clone`);
+          h.close().then(resolve, (e) => { ctx.err(`[serve] shutdown: ${(e as Error).message}`); resolve(); });
+        };
+        process.once('SIGTERM', () => stop('SIGTERM'));
+        process.once('SIGINT', () => stop('SIGINT'));
+      });
+      return 0;
+    }
     case 'gc': {
       const r = await gc();
       console.log(ctx.json ? JSON.stringify(r) : `removed ${r.removed.length} dead run dir(s), killed ${r.killed.length} orphan QEMU(s), released ${r.released.length} reservation(s)`);

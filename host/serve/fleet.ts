@@ -1,0 +1,252 @@
+/**
+ * The front door's clones: forked on demand through the host core's library
+ * API (so `scion ls` sees them, owned by this process, and `scion gc` can
+ * clean them), kept paused in a pool, handed to requests, removed when idle
+ * or dead. Decisions (which clone, whether to fork) are pure functions; the
+ * Fleet applies them.
+ */
+import { Agent as HttpAgent } from 'node:http';
+import { fork, type CloneResult } from '../clone.ts';
+import { removeVm } from '../lifecycle.ts';
+import { QmpClient } from '../qemu/qmp.ts';
+import { AgentClient } from '../agent-client.ts';
+import { vmPaths, vmsDir } from '../store/dirs.ts';
+import { validName } from '../../common/names.ts';
+import { ScionError } from '../../common/errors.ts';
+import type { ServeOptions } from './options.ts';
+
+export type MemberState = 'starting' | 'ready' | 'busy' | 'pooled' | 'stopping';
+
+export interface Member {
+  name: string;
+  hostname: string;
+  /** host port forwarded to the guest port */
+  port: number;
+  state: MemberState;
+  active: number;
+  lastUsed: number;
+  /** per-request mode: taken by one request, removed after it */
+  exclusive: boolean;
+  http: HttpAgent;
+  /** pooled clones keep their QMP and agent connections, to resume and set the clock at once */
+  qmp?: QmpClient;
+  agent?: AgentClient;
+}
+
+export class QueueFullError extends ScionError {}
+
+/** Shared mode: the least busy clone with room for one more request. Pure. */
+export function pickShared(members: Iterable<Member>, concurrency: number): Member | undefined {
+  let best: Member | undefined;
+  for (const m of members) {
+    if ((m.state !== 'ready' && m.state !== 'busy') || m.exclusive || m.active >= concurrency) continue;
+    if (!best || m.active < best.active) best = m;
+  }
+  return best;
+}
+
+/** How many clones to fork now for `waiting` requests. Pure. */
+export function forksNeeded(o: { waiting: number; starting: number; total: number; max: number; perClone: number }): number {
+  const coming = o.starting * o.perClone;
+  const want = Math.ceil(Math.max(0, o.waiting - coming) / o.perClone);
+  return Math.max(0, Math.min(want, o.max - o.total));
+}
+
+/** Shared-mode clones to remove: idle past the limit, beyond the minimum, oldest first. Pure. */
+export function idleToRemove(members: Member[], now: number, idleMs: number, min: number): Member[] {
+  const live = members.filter((m) => m.state === 'ready' || m.state === 'busy');
+  const idle = live.filter((m) => m.active === 0 && now - m.lastUsed >= idleMs).sort((a, b) => a.lastUsed - b.lastUsed);
+  return idle.slice(0, Math.max(0, live.length - min));
+}
+
+interface Waiter { resolve: (m: Member) => void; reject: (e: Error) => void; timer: NodeJS.Timeout; exclusive: boolean }
+
+export interface FleetEvents {
+  scale(ev: { direction: 'up' | 'down'; reason: string; clone: string; clones: number; ms?: number }): void;
+  forkFailed(e: Error): void;
+  forked(ms: number): void;
+  claim(hit: boolean): void;
+}
+
+export class Fleet {
+  readonly members = new Map<string, Member>();
+  private waiting: Waiter[] = [];
+  private starting = 0;
+  private closed = false;
+  private timer?: NodeJS.Timeout;
+
+  constructor(readonly template: string, readonly o: ServeOptions, private readonly ev: FleetEvents) {}
+
+  get queueDepth(): number { return this.waiting.length; }
+  total(): number { return this.members.size + this.starting; }
+  counts(): Record<MemberState, number> {
+    const c: Record<MemberState, number> = { starting: this.starting, ready: 0, busy: 0, pooled: 0, stopping: 0 };
+    for (const m of this.members.values()) c[m.state]++;
+    return c;
+  }
+
+  start(): void {
+    this.timer = setInterval(() => this.tick(), 250);
+    this.timer.unref();
+    this.tick();
+  }
+
+  /** A clone for one request (shared: a slot on a clone; per-request: a fresh clone of its own). */
+  acquire(): Promise<Member> {
+    if (this.closed) return Promise.reject(new ScionError('E_CLOSED', 'the front door is shutting down'));
+    const exclusive = this.o.mode === 'per-request';
+    const shared = exclusive ? [...this.members.values()].find((x) => x.state === 'ready' && x.active === 0 && !x.exclusive) : pickShared(this.members.values(), this.o.concurrency);
+    if (shared) { this.take(shared, exclusive); return Promise.resolve(shared); }
+    const pooled = this.claimPooled(exclusive);
+    if (pooled) return pooled;
+    if (this.waiting.length >= this.o.queue) return Promise.reject(new QueueFullError('E_QUEUE_FULL', `${this.waiting.length} requests are already waiting for a clone (--queue ${this.o.queue})`));
+    return new Promise((resolve, reject) => {
+      const w: Waiter = {
+        resolve, reject, exclusive,
+        timer: setTimeout(() => { this.waiting = this.waiting.filter((x) => x !== w); reject(new QueueFullError('E_QUEUE_TIMEOUT', `no clone within ${this.o.queueTimeoutMs} ms (--queue-timeout)`)); }, this.o.queueTimeoutMs),
+      };
+      this.waiting.push(w);
+      if (this.o.pool > 0) this.ev.claim(false);
+      this.scaleForWaiters();
+    });
+  }
+
+  release(m: Member, failed = false): void {
+    m.active = Math.max(0, m.active - 1);
+    m.lastUsed = Date.now();
+    if (failed || m.exclusive) { void this.remove(m, failed ? 'died mid-request' : 'request done'); return; }
+    if (m.state === 'busy' && m.active === 0) m.state = 'ready';
+    this.serveWaiters();
+  }
+
+  private take(m: Member, exclusive: boolean): void {
+    m.active++;
+    m.lastUsed = Date.now();
+    m.exclusive = m.exclusive || exclusive;
+    m.state = 'busy';
+  }
+
+  /** A pooled clone, resumed (QMP cont) with its clock set and taken for one request; undefined if the pool is empty. */
+  private claimPooled(exclusive: boolean): Promise<Member> | undefined {
+    const m = [...this.members.values()].find((x) => x.state === 'pooled');
+    if (!m) return undefined;
+    m.state = 'busy'; // not pooled any more: nobody else claims it
+    this.take(m, exclusive);
+    this.ev.claim(true);
+    this.tick(); // refill the pool in the background
+    return this.resume(m).then(() => m, async (e) => {
+      await this.remove(m, 'could not be resumed');
+      throw e;
+    });
+  }
+
+  /** Resume a pooled clone: cont, then set its clock (it stood still while paused). */
+  private async resume(m: Member): Promise<void> {
+    if (!m.qmp) return;
+    try {
+      await m.qmp.execute('cont');
+      await m.agent?.call('time.set', { time: Date.now() }, 5000);
+    } finally {
+      m.qmp.close(); m.agent?.close();
+      m.qmp = undefined; m.agent = undefined;
+    }
+  }
+
+  private scaleForWaiters(): void {
+    const perClone = this.o.mode === 'per-request' ? 1 : this.o.concurrency;
+    const n = forksNeeded({ waiting: this.waiting.length, starting: this.starting, total: this.total(), max: this.o.max, perClone });
+    for (let i = 0; i < n; i++) void this.forkOne('demand');
+  }
+
+  private serveWaiters(): void {
+    while (this.waiting.length) {
+      const w = this.waiting[0];
+      const shared = w.exclusive ? undefined : pickShared(this.members.values(), this.o.concurrency);
+      if (shared) { this.waiting.shift(); clearTimeout(w.timer); this.take(shared, false); w.resolve(shared); continue; }
+      // a fresh clone (per-request) or a new shared one: any ready clone nobody uses, else a pooled one
+      const fresh = w.exclusive ? [...this.members.values()].find((x) => x.state === 'ready' && x.active === 0 && !x.exclusive) : undefined;
+      if (fresh) { this.waiting.shift(); clearTimeout(w.timer); this.take(fresh, true); w.resolve(fresh); continue; }
+      const pooled = this.claimPooled(w.exclusive);
+      if (!pooled) break;
+      this.waiting.shift();
+      clearTimeout(w.timer);
+      pooled.then(w.resolve, w.reject);
+    }
+    this.scaleForWaiters();
+  }
+
+  private async forkOne(reason: string, pooled = false): Promise<void> {
+    if (this.closed) return;
+    this.starting++;
+    const t0 = performance.now();
+    let c: CloneResult;
+    try {
+      [c] = await fork(this.template, { n: 1, owner: { pid: process.pid, kind: 'serve' } });
+    } catch (e) {
+      this.starting--;
+      this.ev.forkFailed(e as Error);
+      // a waiting request learns at its timeout; try again on the next tick
+      return;
+    }
+    this.starting--;
+    const ms = Math.round(performance.now() - t0);
+    this.ev.forked(ms);
+    const m: Member = { name: c.name, hostname: c.hostname, port: c.ports[String(this.o.guestPort)], state: 'ready', active: 0, lastUsed: Date.now(), exclusive: false, http: new HttpAgent({ keepAlive: true, maxSockets: this.o.concurrency }) };
+    if (pooled) {
+      // paused before anyone can see it: a request never lands on a clone that is being stopped
+      this.starting++;
+      try { await this.pause(m); } catch (e) { this.ev.forkFailed(e as Error); this.members.set(m.name, m); this.starting--; await this.remove(m, 'could not be paused'); return; }
+      this.starting--;
+    }
+    this.members.set(m.name, m);
+    if (this.closed) { await this.remove(m, 'shutting down'); return; }
+    this.ev.scale({ direction: 'up', reason, clone: m.name, clones: this.members.size, ms });
+    this.serveWaiters();
+  }
+
+  /** Pause a fresh clone for the pool: QMP stop; its QMP and agent connections stay open for the claim. */
+  private async pause(m: Member): Promise<void> {
+    const p = vmPaths(validName(m.name), vmsDir());
+    const qmp = new QmpClient(`${m.name}/qmp`);
+    await qmp.connect(p.qmp);
+    const agent = new AgentClient(`${m.name}/agent`);
+    await agent.connect(p.agent);
+    await agent.sync(10_000);
+    await qmp.execute('stop');
+    m.qmp = qmp; m.agent = agent;
+    m.state = 'pooled';
+  }
+
+  async remove(m: Member, reason: string): Promise<void> {
+    if (m.state === 'stopping') return;
+    m.state = 'stopping';
+    m.qmp?.close(); m.agent?.close();
+    m.http.destroy();
+    try { await removeVm(m.name, { force: true }); } catch (e) { this.ev.forkFailed(e as Error); }
+    this.members.delete(m.name);
+    this.ev.scale({ direction: 'down', reason, clone: m.name, clones: this.members.size });
+    if (!this.closed) this.tick();
+  }
+
+  /** Keep the minimum and the pool, remove what idled too long. */
+  private tick(): void {
+    if (this.closed) return;
+    const c = this.counts();
+    for (const m of idleToRemove([...this.members.values()], Date.now(), this.o.idleMs, this.o.min)) void this.remove(m, `idle ${Math.round((Date.now() - m.lastUsed) / 1000)} s`);
+    if (this.o.mode === 'shared') {
+      const live = c.ready + c.busy + c.starting - this.poolStarting;
+      for (let i = live; i < this.o.min && this.total() < this.o.max; i++) void this.forkOne('min');
+    }
+    const poolMissing = this.o.pool - c.pooled - this.poolStarting;
+    for (let i = 0; i < poolMissing && this.total() < this.o.max; i++) { this.poolStarting++; void this.forkOne('pool', true).finally(() => this.poolStarting--); }
+  }
+  private poolStarting = 0;
+
+  /** Stop taking requests; fail the waiting ones; remove every clone this fleet made. */
+  async close(): Promise<void> {
+    this.closed = true;
+    clearInterval(this.timer);
+    for (const w of this.waiting.splice(0)) { clearTimeout(w.timer); w.reject(new ScionError('E_CLOSED', 'the front door is shutting down')); }
+    await Promise.all([...this.members.values()].map((m) => this.remove(m, 'shutting down')));
+  }
+}

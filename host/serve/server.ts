@@ -1,0 +1,173 @@
+/**
+ * `serve`: the front door. An HTTP/1.1 server (keep-alive; WebSocket upgrades
+ * pass through) that hands each request to a clone from the Fleet, holds
+ * requests while clones fork (bounded queue and wait), answers 503 with
+ * Retry-After past either bound and 502 when a clone dies mid-request, and
+ * an admin server with Prometheus metrics and /healthz. It is a client of the
+ * host core's library API: everything it forks, `scion ls` shows as owned
+ * by it and `scion gc` can clean after a SIGKILL.
+ */
+import { createServer, request as httpRequest, type IncomingMessage, type ServerResponse, type Server } from 'node:http';
+import { connect, type Socket } from 'node:net';
+import { Registry, Counter, Gauge, Histogram, collectDefaultMetrics } from 'prom-client';
+import { ScionError } from '../../common/errors.ts';
+import { validName } from '../../common/names.ts';
+import { checkTemplate } from '../template.ts';
+import { up } from '../up.ts';
+import { Fleet, QueueFullError, type Member, type MemberState } from './fleet.ts';
+import type { ServeOptions } from './options.ts';
+
+export interface ServeHandle {
+  address: { host: string; port: number };
+  admin?: { host: string; port: number };
+  template: string;
+  stats(): { clones: Record<MemberState, number>; queue: number; requests: Record<string, number> };
+  /** stop accepting, drain in-flight requests (bounded by drainMs), remove every clone */
+  close(): Promise<void>;
+}
+
+const HOP_BY_HOP = ['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'te', 'trailer', 'upgrade'];
+
+function metrics() {
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry, prefix: 'scion_serve_process_' });
+  return {
+    registry,
+    requests: new Counter({ name: 'scion_serve_requests_total', help: 'Requests by outcome', labelNames: ['outcome'], registers: [registry] }),
+    queue: new Gauge({ name: 'scion_serve_queue_depth', help: 'Requests waiting for a clone', registers: [registry] }),
+    clones: new Gauge({ name: 'scion_serve_clones', help: 'Clones by state', labelNames: ['state'], registers: [registry] }),
+    forkSeconds: new Histogram({ name: 'scion_serve_fork_seconds', help: 'Fork to ready, seconds', buckets: [0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30], registers: [registry] }),
+    pool: new Counter({ name: 'scion_serve_pool_claims_total', help: 'Pool claims: hit (a paused clone was there) or miss', labelNames: ['result'], registers: [registry] }),
+    scale: new Counter({ name: 'scion_serve_scale_events_total', help: 'Clones added (up) or removed (down)', labelNames: ['direction'], registers: [registry] }),
+  };
+}
+
+function listen(server: Server, addr: { host: string; port: number }): Promise<{ host: string; port: number }> {
+  return new Promise((resolve, reject) => {
+    server.once('error', (e) => reject(new ScionError('E_LISTEN', `cannot listen on ${addr.host}:${addr.port}: ${(e as Error).message}`, { hint: 'choose another --listen/--admin address' })));
+    server.listen(addr.port, addr.host, () => { const a = server.address(); resolve({ host: addr.host, port: typeof a === 'object' && a ? a.port : addr.port }); });
+  });
+}
+
+/** Forward one request to a clone; retries a refused connection for a clone that just became ready (no body sent yet). */
+function forward(req: IncomingMessage, res: ServerResponse, m: Member): Promise<'ok' | 'clone-died'> {
+  return new Promise((resolve) => {
+    const headers = { ...req.headers };
+    for (const h of HOP_BY_HOP) delete headers[h];
+    headers['x-forwarded-for'] = req.socket.remoteAddress ?? '';
+    const bodyless = (req.method === 'GET' || req.method === 'HEAD') && !req.headers['content-length'];
+    let tries = 0;
+    const attempt = () => {
+      const up = httpRequest({ host: '127.0.0.1', port: m.port, method: req.method, path: req.url, headers, agent: m.http }, (r) => {
+        res.writeHead(r.statusCode ?? 502, r.statusMessage, Object.fromEntries(Object.entries(r.headers).filter(([k]) => !HOP_BY_HOP.includes(k))));
+        r.pipe(res);
+        r.on('end', () => resolve('ok'));
+        r.on('error', () => { res.destroy(); resolve('clone-died'); });
+      });
+      up.on('error', (e: NodeJS.ErrnoException) => {
+        if (bodyless && e.code === 'ECONNREFUSED' && tries++ < 50 && !res.headersSent) { setTimeout(attempt, 20); return; }
+        if (!res.headersSent) { res.writeHead(502, { 'content-type': 'text/plain' }); res.end(`clone ${m.name} failed: ${e.message}\n`); } else res.destroy();
+        resolve('clone-died');
+      });
+      if (bodyless) up.end(); else req.pipe(up);
+    };
+    attempt();
+  });
+}
+
+export async function serve(o: ServeOptions, log: (line: string) => void = () => undefined): Promise<ServeHandle> {
+  // the template: made from an image definition (the up policy reuses a frozen one), or named
+  let template: string;
+  if (/\.ya?ml$/.test(o.source)) {
+    const r = await up(o.source, { clones: 0, log: (m) => log(o.json ? JSON.stringify({ event: 'prepare', message: m }) : `[serve] ${m}`) });
+    template = r.template.name;
+  } else template = (await checkTemplate(validName(o.source, 'template'))).meta.name;
+  const { meta } = await checkTemplate(template);
+  if (meta.net.mode !== 'user') throw new ScionError('E_UNSUPPORTED', `template ${template} uses ${meta.net.mode} networking; serve forwards to user-mode clones only so far`);
+  if (!meta.ports.includes(o.guestPort)) throw new ScionError('E_USAGE', `--port ${o.guestPort}: the image serves ${meta.ports.join(', ') || 'no ports'}`, { hint: `use one of: ${meta.ports.join(', ')}` });
+
+  const mt = metrics();
+  const say = (ev: Record<string, unknown>, text: string) => log(o.json ? JSON.stringify({ ts: new Date().toISOString(), ...ev }) : `[serve] ${text}`);
+  const fleet = new Fleet(template, o, {
+    scale: (e) => { mt.scale.inc({ direction: e.direction }); say({ event: 'scale', ...e }, `scale ${e.direction}: ${e.clone} (${e.reason}); ${e.clones} clone(s)${e.ms ? `; forked in ${e.ms} ms` : ''}`); },
+    forkFailed: (e) => say({ event: 'error', message: e.message }, `fork failed: ${e.message}`),
+    forked: (ms) => mt.forkSeconds.observe(ms / 1000),
+    claim: (hit) => mt.pool.inc({ result: hit ? 'hit' : 'miss' }),
+  });
+  const counted: Record<string, number> = {};
+  const outcome = (k: string) => { mt.requests.inc({ outcome: k }); counted[k] = (counted[k] ?? 0) + 1; };
+  const inflight = new Set<Promise<unknown>>();
+  const track = <T>(p: Promise<T>) => { inflight.add(p); p.finally(() => inflight.delete(p)); return p; };
+
+  const server = createServer((req, res) => {
+    track((async () => {
+      let m: Member;
+      try { m = await fleet.acquire(); } catch (e) {
+        const code = (e as ScionError).code;
+        outcome(code === 'E_QUEUE_FULL' ? 'queue_full' : code === 'E_QUEUE_TIMEOUT' ? 'queue_timeout' : 'unavailable');
+        res.writeHead(503, { 'retry-after': String(Math.max(1, Math.ceil(o.queueTimeoutMs / 1000))), 'content-type': 'text/plain' });
+        res.end(`${(e as Error).message}\n`);
+        return;
+      }
+      const r = await forward(req, res, m);
+      fleet.release(m, r === 'clone-died');
+      outcome(r === 'ok' ? 'ok' : 'clone_died');
+    })());
+  });
+  server.keepAliveTimeout = 5000;
+  server.on('upgrade', (req, socket: Socket, head) => {
+    track((async () => {
+      let m: Member;
+      try { m = await fleet.acquire(); } catch (e) {
+        outcome('queue_full');
+        socket.end(`HTTP/1.1 503 Service Unavailable\r\nRetry-After: ${Math.ceil(o.queueTimeoutMs / 1000)}\r\nConnection: close\r\n\r\n${(e as Error).message}\n`);
+        return;
+      }
+      await new Promise<void>((resolve) => {
+        const up = connect(m.port, '127.0.0.1', () => {
+          up.write(`${req.method} ${req.url} HTTP/1.1\r\n${Object.entries(req.headers).map(([k, v]) => `${k}: ${v}`).join('\r\n')}\r\n\r\n`);
+          if (head.length) up.write(head);
+          up.pipe(socket); socket.pipe(up);
+        });
+        const done = () => { up.destroy(); socket.destroy(); resolve(); };
+        up.on('error', done); socket.on('error', done); up.on('close', done); socket.on('close', done);
+      });
+      fleet.release(m);
+      outcome('upgraded');
+    })());
+  });
+
+  const address = await listen(server, o.listen);
+  let adminServer: Server | undefined;
+  let admin: { host: string; port: number } | undefined;
+  const refreshGauges = () => { mt.queue.set(fleet.queueDepth); for (const [k, v] of Object.entries(fleet.counts())) mt.clones.set({ state: k }, v); };
+  if (o.admin) {
+    adminServer = createServer(async (req, res) => {
+      if (req.url === '/metrics') { refreshGauges(); res.writeHead(200, { 'content-type': mt.registry.contentType }); res.end(await mt.registry.metrics()); return; }
+      if (req.url === '/healthz') { res.writeHead(200, { 'content-type': 'application/json' }); res.end(JSON.stringify({ ok: true, template, ...fleet.counts(), queue: fleet.queueDepth }) + '\n'); return; }
+      res.writeHead(404); res.end();
+    });
+    admin = await listen(adminServer, o.admin);
+  }
+  fleet.start();
+  say({ event: 'listening', address, admin, template, mode: o.mode }, `listening on ${address.host}:${address.port} (${o.mode}, template ${template})${admin ? `; metrics on http://${admin.host}:${admin.port}/metrics` : ''}`);
+
+  let closing: Promise<void> | undefined;
+  return {
+    address, admin, template,
+    stats: () => ({ clones: fleet.counts(), queue: fleet.queueDepth, requests: { ...counted } }),
+    close: () => closing ??= (async () => {
+      server.close(); // no new connections
+      server.closeIdleConnections();
+      let t: NodeJS.Timeout | undefined;
+      await Promise.race([Promise.allSettled([...inflight]), new Promise((r) => (t = setTimeout(r, o.drainMs)))]);
+      clearTimeout(t);
+      server.closeAllConnections();
+      await fleet.close();
+      adminServer?.close();
+      say({ event: 'closed', requests: counted }, `closed; every clone removed`);
+    })(),
+  };
+}
+
+export { QueueFullError };
