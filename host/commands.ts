@@ -139,7 +139,7 @@ export async function run(cmd: string, pos: string[], v: Vals, ctx: Ctx): Promis
     case 'stop': case 'rm': {
       if (v.all && pos.length) throw new ScionError('E_USAGE', `scion ${cmd}: name VMs or pass --all, not both`);
       const names = v.all ? (await list()).map((x) => x.name) : pos.map((n) => validName(n));
-      if (!names.length) throw new ScionError('E_USAGE', `scion ${cmd}: name VMs or pass --all`);
+      if (!names.length && !v.all) throw new ScionError('E_USAGE', `scion ${cmd}: name VMs or pass --all`);
       const done: string[] = [];
       const busy: string[] = [];
       for (const n of names) {

@@ -109,7 +109,7 @@ export async function removeVm(vm: string, opts: { force?: boolean } = {}): Prom
 
 /**
  * Remove what is dead or abandoned: run directories whose QEMU is gone (not
- * frozen templates) or whose maker died, QEMUs whose run directory is gone,
+ * frozen templates) or whose maker or owning front door died, QEMUs whose run directory is gone,
  * half-made directories and reservations of dead processes, and template
  * directories without a VM.
  */
@@ -125,7 +125,9 @@ export async function gc(): Promise<{ removed: string[]; killed: number[]; relea
     if (r?.making && processAlive(r.making.ownerPid)) continue; // still being made by a live scion
     const p = vmPaths(n, vms);
     const alive = r ? isQemuIn(r.pid, p.jail) : false;
-    if (r && !r.making && (alive || r.frozen)) continue;
+    // a clone owned by a long-running scion (the front door) that died would never be removed by it
+    const ownerGone = !!r?.owner && !processAlive(r.owner.pid);
+    if (r && !r.making && !ownerGone && (alive || r.frozen)) continue;
     if (!r && !invalid) {
       // no record yet: only the maker can be writing it (run directories appear complete, by rename)
       continue;

@@ -28,9 +28,9 @@ export interface Member {
   /** per-request mode: taken by one request, removed after it */
   exclusive: boolean;
   http: HttpAgent;
-  /** pooled clones keep their QMP and agent connections, to resume and set the clock at once */
-  qmp?: QmpClient;
+  /** pooled clones keep their agent connection, to set the clock at once when claimed */
   agent?: AgentClient;
+  paused?: boolean;
 }
 
 export class QueueFullError extends ScionError {}
@@ -142,13 +142,16 @@ export class Fleet {
 
   /** Resume a pooled clone: cont, then set its clock (it stood still while paused). */
   private async resume(m: Member): Promise<void> {
-    if (!m.qmp) return;
+    if (!m.paused) return;
+    const qmp = new QmpClient(`${m.name}/qmp`);
     try {
-      await m.qmp.execute('cont');
+      await qmp.connect(vmPaths(validName(m.name), vmsDir()).qmp);
+      await qmp.execute('cont');
+      m.paused = false;
       await m.agent?.call('time.set', { time: Date.now() }, 5000);
     } finally {
-      m.qmp.close(); m.agent?.close();
-      m.qmp = undefined; m.agent = undefined;
+      qmp.close(); m.agent?.close();
+      m.agent = undefined;
     }
   }
 
@@ -204,23 +207,26 @@ export class Fleet {
     this.serveWaiters();
   }
 
-  /** Pause a fresh clone for the pool: QMP stop; its QMP and agent connections stay open for the claim. */
+  /**
+   * Pause a fresh clone for the pool: QMP stop, so it costs no CPU while it
+   * waits. Its agent connection stays open for the claim's clock; QMP is
+   * closed (QEMU serves one monitor client at a time: others may look).
+   */
   private async pause(m: Member): Promise<void> {
     const p = vmPaths(validName(m.name), vmsDir());
-    const qmp = new QmpClient(`${m.name}/qmp`);
-    await qmp.connect(p.qmp);
     const agent = new AgentClient(`${m.name}/agent`);
     await agent.connect(p.agent);
     await agent.sync(10_000);
-    await qmp.execute('stop');
-    m.qmp = qmp; m.agent = agent;
+    const qmp = new QmpClient(`${m.name}/qmp`);
+    try { await qmp.connect(p.qmp); await qmp.execute('stop'); } finally { qmp.close(); }
+    m.agent = agent; m.paused = true;
     m.state = 'pooled';
   }
 
   async remove(m: Member, reason: string): Promise<void> {
     if (m.state === 'stopping') return;
     m.state = 'stopping';
-    m.qmp?.close(); m.agent?.close();
+    m.agent?.close();
     m.http.destroy();
     try { await removeVm(m.name, { force: true }); } catch (e) { this.ev.forkFailed(e as Error); }
     this.members.delete(m.name);
