@@ -6,6 +6,8 @@ export { bootTemplate, freeze, freezeClone, checkTemplate, type BootOptions, typ
 export { fork, type ForkOptions, type CloneResult } from './clone.ts';
 export { list, stopVm, removeVm, gc, connectAgent, type VmListing, type VmState } from './lifecycle.ts';
 export { up, templateDecision, type UpOptions, type UpResult } from './up.ts';
+export { serve, type ServeHandle } from './serve/server.ts';
+export { serveOptions, parseDuration, type ServeOptions } from './serve/options.ts';
 export { QmpClient, QmpError } from './qemu/qmp.ts';
 export { AgentClient, AgentError } from './agent-client.ts';
 export { qemuArgv, deviceLineup, type VmDescription } from './qemu/argv.ts';

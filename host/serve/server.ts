@@ -21,7 +21,7 @@ export interface ServeHandle {
   address: { host: string; port: number };
   admin?: { host: string; port: number };
   template: string;
-  stats(): { clones: Record<MemberState, number>; queue: number; requests: Record<string, number> };
+  stats(): { clones: Record<MemberState, number>; queue: number; requests: Record<string, number>; forkMs: number[]; maxClones: number };
   /** stop accepting, drain in-flight requests (bounded by drainMs), remove every clone */
   close(): Promise<void>;
 }
@@ -89,12 +89,14 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
   const mt = metrics();
   const say = (ev: Record<string, unknown>, text: string) => log(o.json ? JSON.stringify({ ts: new Date().toISOString(), ...ev }) : `[serve] ${text}`);
   const fleet = new Fleet(template, o, {
-    scale: (e) => { mt.scale.inc({ direction: e.direction }); say({ event: 'scale', ...e }, `scale ${e.direction}: ${e.clone} (${e.reason}); ${e.clones} clone(s)${e.ms ? `; forked in ${e.ms} ms` : ''}`); },
+    scale: (e) => { maxClones = Math.max(maxClones, fleet.total()); mt.scale.inc({ direction: e.direction }); say({ event: 'scale', ...e }, `scale ${e.direction}: ${e.clone} (${e.reason}); ${e.clones} clone(s)${e.ms ? `; forked in ${e.ms} ms` : ''}`); },
     forkFailed: (e) => say({ event: 'error', message: e.message }, `fork failed: ${e.message}`),
-    forked: (ms) => mt.forkSeconds.observe(ms / 1000),
+    forked: (ms) => { mt.forkSeconds.observe(ms / 1000); forkMs.push(ms); },
     claim: (hit) => mt.pool.inc({ result: hit ? 'hit' : 'miss' }),
   });
   const counted: Record<string, number> = {};
+  const forkMs: number[] = [];
+  let maxClones = 0;
   const outcome = (k: string) => { mt.requests.inc({ outcome: k }); counted[k] = (counted[k] ?? 0) + 1; };
   const inflight = new Set<Promise<unknown>>();
   const track = <T>(p: Promise<T>) => { inflight.add(p); p.finally(() => inflight.delete(p)); return p; };
@@ -155,7 +157,7 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
   let closing: Promise<void> | undefined;
   return {
     address, admin, template,
-    stats: () => ({ clones: fleet.counts(), queue: fleet.queueDepth, requests: { ...counted } }),
+    stats: () => ({ clones: fleet.counts(), queue: fleet.queueDepth, requests: { ...counted }, forkMs: [...forkMs], maxClones: Math.max(maxClones, fleet.total()) }),
     close: () => closing ??= (async () => {
       server.close(); // no new connections
       server.closeIdleConnections();
