@@ -178,7 +178,16 @@ export class Fleet {
     this.scaleForWaiters();
   }
 
-  private async forkOne(reason: string, pooled = false): Promise<void> {
+  private forking = new Set<Promise<void>>();
+
+  /** Fork one clone; close() waits for every fork under way, so none outlives the fleet. */
+  private forkOne(reason: string, pooled = false): Promise<void> {
+    const p = this.forkOneNow(reason, pooled);
+    this.forking.add(p);
+    return p.finally(() => this.forking.delete(p));
+  }
+
+  private async forkOneNow(reason: string, pooled: boolean): Promise<void> {
     if (this.closed) return;
     this.starting++;
     const t0 = performance.now();
@@ -223,8 +232,18 @@ export class Fleet {
     m.state = 'pooled';
   }
 
-  async remove(m: Member, reason: string): Promise<void> {
-    if (m.state === 'stopping') return;
+  private removals = new Map<string, Promise<void>>();
+
+  /** Remove a clone (once: a second call waits for the first). */
+  remove(m: Member, reason: string): Promise<void> {
+    const under = this.removals.get(m.name);
+    if (under) return under;
+    const p = this.removeNow(m, reason).finally(() => this.removals.delete(m.name));
+    this.removals.set(m.name, p);
+    return p;
+  }
+
+  private async removeNow(m: Member, reason: string): Promise<void> {
     m.state = 'stopping';
     m.agent?.close();
     m.http.destroy();
@@ -253,6 +272,9 @@ export class Fleet {
     this.closed = true;
     clearInterval(this.timer);
     for (const w of this.waiting.splice(0)) { clearTimeout(w.timer); w.reject(new ScionError('E_CLOSED', 'the front door is shutting down')); }
+    // a fork under way ends by removing its clone (it sees `closed`)
+    await Promise.allSettled([...this.forking]);
     await Promise.all([...this.members.values()].map((m) => this.remove(m, 'shutting down')));
+    await Promise.allSettled([...this.removals.values()]);
   }
 }

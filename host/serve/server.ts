@@ -50,24 +50,31 @@ function listen(server: Server, addr: { host: string; port: number }): Promise<{
 }
 
 /** Forward one request to a clone; retries a refused connection for a clone that just became ready (no body sent yet). */
-function forward(req: IncomingMessage, res: ServerResponse, m: Member): Promise<'ok' | 'clone-died'> {
+function forward(req: IncomingMessage, res: ServerResponse, m: Member): Promise<'ok' | 'clone-died' | 'client-gone'> {
   return new Promise((resolve) => {
+    let settled = false;
+    const done = (r: 'ok' | 'clone-died' | 'client-gone') => { if (!settled) { settled = true; resolve(r); } };
     const headers = { ...req.headers };
     for (const h of HOP_BY_HOP) delete headers[h];
     headers['x-forwarded-for'] = req.socket.remoteAddress ?? '';
     const bodyless = (req.method === 'GET' || req.method === 'HEAD') && !req.headers['content-length'];
     let tries = 0;
+    let current: ReturnType<typeof httpRequest> | undefined;
+    // the client went away before the response was complete: the clone's side is dropped, its slot freed
+    res.on('close', () => { if (!res.writableFinished) { current?.destroy(); done('client-gone'); } });
     const attempt = () => {
-      const up = httpRequest({ host: '127.0.0.1', port: m.port, method: req.method, path: req.url, headers, agent: m.http }, (r) => {
+      const up = current = httpRequest({ host: '127.0.0.1', port: m.port, method: req.method, path: req.url, headers, agent: m.http }, (r) => {
         res.writeHead(r.statusCode ?? 502, r.statusMessage, Object.fromEntries(Object.entries(r.headers).filter(([k]) => !HOP_BY_HOP.includes(k))));
         r.pipe(res);
-        r.on('end', () => resolve('ok'));
-        r.on('error', () => { res.destroy(); resolve('clone-died'); });
+        r.on('end', () => done('ok'));
+        r.on('error', () => { res.destroy(); done('clone-died'); });
       });
       up.on('error', (e: NodeJS.ErrnoException) => {
+        if (settled) return;
         if (bodyless && e.code === 'ECONNREFUSED' && tries++ < 50 && !res.headersSent) { setTimeout(attempt, 20); return; }
-        if (!res.headersSent) { res.writeHead(502, { 'content-type': 'text/plain' }); res.end(`clone ${m.name} failed: ${e.message}\n`); } else res.destroy();
-        resolve('clone-died');
+        // the request body may be unread: close the connection after this answer rather than keep it alive
+        if (!res.headersSent) { res.writeHead(502, { 'content-type': 'text/plain', connection: 'close' }); res.end(`clone ${m.name} failed: ${e.message}\n`); } else res.destroy();
+        done('clone-died');
       });
       if (bodyless) up.end(); else req.pipe(up);
     };
@@ -113,7 +120,7 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
       }
       const r = await forward(req, res, m);
       fleet.release(m, r === 'clone-died');
-      outcome(r === 'ok' ? 'ok' : 'clone_died');
+      outcome(r === 'ok' ? 'ok' : r === 'client-gone' ? 'client_gone' : 'clone_died');
     })());
   });
   server.keepAliveTimeout = 5000;

@@ -27,7 +27,7 @@ const waitFor = async (what: string, cond: () => Promise<boolean> | boolean, ms 
 function heldRequest(port: number): Promise<{ done: () => void; closed: Promise<string> }> {
   return new Promise((resolve) => {
     const s = connect(port, '127.0.0.1', () => {
-      s.write('POST /cgi-bin/visit HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nsome');
+      s.write('POST /cgi-bin/wait HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nsome');
       let got = '';
       s.on('data', (c) => (got += c));
       const closed = new Promise<string>((r) => { s.on('close', () => r(got)); s.on('error', () => r(got)); });
