@@ -2,11 +2,11 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { readFileSync, rmSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { build } from '../../builder/build.ts';
 import * as vm from '../../host/index.ts';
-import { image, isolateRunDirs, tmp, cleanupTmp } from './helpers.ts';
+import { image, isolateRunDirs, tmp, removeEverything } from './helpers.ts';
 
 const dirs = isolateRunDirs('disk');
 const sha = (f: string) => createHash('sha256').update(readFileSync(f)).digest('hex');
@@ -28,12 +28,7 @@ describe('qcow2 disk', () => {
     tplDiskSha = sha(tplDisk);
     clones = await vm.fork('disk-tpl', { n: 2, parallel: 2 });
   });
-  afterAll(async () => {
-    for (const v of await vm.list()) await vm.removeVm(v.name);
-    rmSync(dirs.templates, { recursive: true, force: true });
-    rmSync(dirs.run, { recursive: true, force: true });
-    cleanupTmp();
-  });
+  afterAll(() => removeEverything(dirs));
 
   async function sh(name: string, script: string): Promise<string> {
     const a = await vm.connectAgent(name);

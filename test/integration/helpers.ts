@@ -31,3 +31,20 @@ export async function scionQemuPids(): Promise<{ pid: number; runDir: string }[]
   const { vmsDir } = await import('../../host/store/dirs.ts');
   return qemuPidsUnder(vmsDir()).map((q) => ({ pid: q.pid, runDir: q.jail.replace(/\/jail$/, '') }));
 }
+
+/** Build web.yaml (cached), boot it as `name` and freeze it: the template most test files fork. */
+export async function frozenWebTemplate(name = 'web-tpl'): Promise<void> {
+  const { build } = await import('../../builder/build.ts');
+  const vm = await import('../../host/index.ts');
+  const img = await vm.loadImage((await build({ definitionPath: image('web') })).dir);
+  await vm.freeze(await vm.bootTemplate(img, { name }), img);
+}
+
+/** Remove every VM of this test file, then its run and template directories. */
+export async function removeEverything(dirs: { run: string; templates: string }): Promise<void> {
+  const vm = await import('../../host/index.ts');
+  for (const v of await vm.list()) await vm.removeVm(v.name);
+  rmSync(dirs.templates, { recursive: true, force: true });
+  rmSync(dirs.run, { recursive: true, force: true });
+  cleanupTmp();
+}

@@ -8,11 +8,10 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { spawn } from 'node:child_process';
 import { readFileSync, mkdirSync, chownSync, chmodSync, cpSync, writeFileSync, symlinkSync, rmSync, readdirSync, linkSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { build } from '../../builder/build.ts';
 import * as vm from '../../host/index.ts';
 import { readRecord } from '../../host/store/records.ts';
 import { validName } from '../../common/names.ts';
-import { image, isolateRunDirs, ROOT, tmp, cleanupTmp, scionQemuPids } from './helpers.ts';
+import { isolateRunDirs, ROOT, tmp, scionQemuPids, frozenWebTemplate, removeEverything } from './helpers.ts';
 
 const dirs = isolateRunDirs('core');
 const started = Date.now();
@@ -44,18 +43,8 @@ async function skewOf(name: string): Promise<{ skewMs: number; rttMs: number; cl
 let forked: vm.CloneResult[] = [];
 const forkedAt = new Map<string, number>();
 
-beforeAll(async () => {
-  const img = await vm.loadImage((await build({ definitionPath: image('web') })).dir);
-  const h = await vm.bootTemplate(img, { name: 'web-tpl' });
-  await vm.freeze(h, img);
-});
-
-afterAll(async () => {
-  for (const v of await vm.list()) await vm.removeVm(v.name);
-  rmSync(dirs.templates, { recursive: true, force: true });
-  rmSync(dirs.run, { recursive: true, force: true });
-  cleanupTmp();
-});
+beforeAll(() => frozenWebTemplate());
+afterAll(() => removeEverything(dirs));
 
 describe('concurrency', () => {
   it('four scion fork processes of 3 clones each, started at once beside gc runs, all succeed with distinct clones', async () => {

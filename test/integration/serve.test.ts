@@ -6,14 +6,13 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { spawn } from 'node:child_process';
 import { connect } from 'node:net';
-import { readdirSync, rmSync } from 'node:fs';
+import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { build } from '../../builder/build.ts';
 import * as vm from '../../host/index.ts';
 import { serve, type ServeHandle } from '../../host/serve/server.ts';
 import { serveOptions } from '../../host/serve/options.ts';
 import { QmpClient } from '../../host/qemu/qmp.ts';
-import { image, isolateRunDirs, ROOT, paths, scionQemuPids } from './helpers.ts';
+import { isolateRunDirs, ROOT, paths, scionQemuPids, frozenWebTemplate, removeEverything } from './helpers.ts';
 
 const dirs = isolateRunDirs('serve');
 const options = (v: Record<string, string>) => serveOptions('web-tpl', { port: '8080', listen: '127.0.0.1:0', ...v });
@@ -36,16 +35,8 @@ function heldRequest(port: number): Promise<{ done: () => void; closed: Promise<
   });
 }
 
-beforeAll(async () => {
-  const img = await vm.loadImage((await build({ definitionPath: image('web') })).dir);
-  const h = await vm.bootTemplate(img, { name: 'web-tpl' });
-  await vm.freeze(h, img);
-});
-afterAll(async () => {
-  for (const v of await vm.list()) await vm.removeVm(v.name);
-  rmSync(dirs.templates, { recursive: true, force: true });
-  rmSync(dirs.run, { recursive: true, force: true });
-});
+beforeAll(() => frozenWebTemplate());
+afterAll(() => removeEverything(dirs));
 
 describe('shared mode', () => {
   it('forks from zero on the first request, opens a second clone past K busy requests, and scales back to zero', async () => {

@@ -14,7 +14,7 @@ import { QmpClient } from '../../host/qemu/qmp.ts';
 import * as vm from '../../host/index.ts';
 import { readRecord } from '../../host/store/records.ts';
 import { validName } from '../../common/names.ts';
-import { image, isolateRunDirs, ROOT, paths, scionQemuPids } from './helpers.ts';
+import { image, isolateRunDirs, ROOT, paths, scionQemuPids, removeEverything } from './helpers.ts';
 
 const dirs = isolateRunDirs('vm');
 const fileSha = (f: string) => new Promise<string>((res, rej) => {
@@ -32,11 +32,7 @@ async function sh(name: string, script: string): Promise<string> {
 }
 const distinct = (xs: string[]) => new Set(xs).size === xs.length;
 
-afterAll(async () => {
-  for (const v of await vm.list()) await vm.removeVm(v.name);
-  rmSync(dirs.templates, { recursive: true, force: true });
-  rmSync(dirs.run, { recursive: true, force: true });
-});
+afterAll(() => removeEverything(dirs));
 
 describe('minimal image', () => {
   it('boots under QEMU, prints the init marker, and its agent answers', async () => {
