@@ -42,6 +42,7 @@ Commands:
       --pool P (0)                clones forked ahead and paused (QMP stop); a claim resumes one
       --idle 30s                  a shared clone idle this long is removed (scale to zero with --min 0)
       --queue Q (100) --queue-timeout 10s   requests held while clones fork; past either: 503 + Retry-After
+      --tcp                       plain TCP instead of HTTP: a fresh clone per connection
       --admin 127.0.0.1:9090      /metrics (Prometheus) and /healthz
       --drain 10s                 SIGTERM: time in-flight requests get before clones are removed
       Durations: 500ms, 30s, 2m.
@@ -75,7 +76,7 @@ export async function main(argv: string[]): Promise<number> {
       clones: { type: 'string' }, n: { type: 'string', short: 'n' }, name: { type: 'string' },
       all: { type: 'boolean' }, container: { type: 'string' }, disk: { type: 'string' }, bridge: { type: 'string' }, netns: { type: 'string' }, network: { type: 'string' },
       listen: { type: 'string' }, port: { type: 'string' }, mode: { type: 'string' }, concurrency: { type: 'string' }, min: { type: 'string' }, max: { type: 'string' },
-      pool: { type: 'string' }, idle: { type: 'string' }, queue: { type: 'string' }, 'queue-timeout': { type: 'string' }, admin: { type: 'string' }, drain: { type: 'string' },
+      pool: { type: 'string' }, idle: { type: 'string' }, queue: { type: 'string' }, 'queue-timeout': { type: 'string' }, admin: { type: 'string' }, drain: { type: 'string' }, tcp: { type: 'boolean' },
     },
   });
   } catch (e) {

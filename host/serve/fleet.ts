@@ -179,6 +179,7 @@ export class Fleet {
   }
 
   private forking = new Set<Promise<void>>();
+  private forks = 0;
 
   /** Fork one clone; close() waits for every fork under way, so none outlives the fleet. */
   private forkOne(reason: string, pooled = false): Promise<void> {
@@ -193,7 +194,9 @@ export class Fleet {
     const t0 = performance.now();
     let c: CloneResult;
     try {
-      [c] = await fork(this.template, { n: 1, owner: { pid: process.pid, kind: 'serve' } });
+      // clone indices (and so MACs, IPs, names) are reused once freed; the hostname also carries
+      // this front door's own count, so two requests in a row never see the same one
+      [c] = await fork(this.template, { n: 1, owner: { pid: process.pid, kind: 'serve' }, hostname: `${this.template.replace(/-tpl$/, '').slice(0, 30)}-{n}-${++this.forks}` });
     } catch (e) {
       this.starting--;
       this.ev.forkFailed(e as Error);

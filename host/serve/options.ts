@@ -13,6 +13,8 @@ export interface ServeOptions {
   /** the guest port requests go to */
   guestPort: number;
   mode: ServeMode;
+  /** plain TCP: every connection gets a fresh clone (per-connection), bytes passed through untouched */
+  tcp: boolean;
   /** shared mode: requests one clone serves at once */
   concurrency: number;
   min: number;
@@ -66,7 +68,8 @@ export function serveOptions(source: string | undefined, v: Record<string, strin
     source,
     listen: parseAddress('--listen', str('listen') ?? '127.0.0.1:8080'),
     guestPort: parseCount('--port', str('port'), 0, 1, 65535),
-    mode,
+    mode: v.tcp ? 'per-request' : mode,
+    tcp: !!v.tcp,
     concurrency: parseCount('--concurrency', str('concurrency'), 10, 1, 10_000),
     min: parseCount('--min', str('min'), 0, 0, 200),
     max: parseCount('--max', str('max'), 8, 1, 200),
@@ -78,6 +81,7 @@ export function serveOptions(source: string | undefined, v: Record<string, strin
     drainMs: parseDuration('--drain', str('drain') ?? '10s'),
     json: !!v.json,
   };
+  if (o.tcp && str('mode') === 'shared') throw new ServeOptionError('--mode', 'shared', 'plain TCP (--tcp) is per connection: each connection gets a fresh clone');
   if (o.min > o.max) throw new ServeOptionError('--min', o.min, `more than --max (${o.max})`);
   if (o.pool > o.max) throw new ServeOptionError('--pool', o.pool, `more than --max (${o.max}): pooled clones count toward it`);
   return o;

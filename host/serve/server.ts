@@ -8,7 +8,7 @@
  * by it and `scion gc` can clean after a SIGKILL.
  */
 import { createServer, request as httpRequest, type IncomingMessage, type ServerResponse, type Server } from 'node:http';
-import { connect, type Socket } from 'node:net';
+import { connect, createServer as createTcpServer, type Socket } from 'node:net';
 import { Registry, Counter, Gauge, Histogram, collectDefaultMetrics } from 'prom-client';
 import { ScionError } from '../../common/errors.ts';
 import { validName } from '../../common/names.ts';
@@ -42,7 +42,7 @@ function metrics() {
   };
 }
 
-function listen(server: Server, addr: { host: string; port: number }): Promise<{ host: string; port: number }> {
+function listen(server: Server | import('node:net').Server, addr: { host: string; port: number }): Promise<{ host: string; port: number }> {
   return new Promise((resolve, reject) => {
     server.once('error', (e) => reject(new ScionError('E_LISTEN', `cannot listen on ${addr.host}:${addr.port}: ${(e as Error).message}`, { hint: 'choose another --listen/--admin address' })));
     server.listen(addr.port, addr.host, () => { const a = server.address(); resolve({ host: addr.host, port: typeof a === 'object' && a ? a.port : addr.port }); });
@@ -108,6 +108,32 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
   const inflight = new Set<Promise<unknown>>();
   const track = <T>(p: Promise<T>) => { inflight.add(p); p.finally(() => inflight.delete(p)); return p; };
 
+  // plain TCP: a fresh clone per connection, the bytes passed through both ways
+  const tcpSockets = new Set<Socket>();
+  const tcpServer = o.tcp ? createTcpServer((client) => {
+    tcpSockets.add(client);
+    client.on('close', () => tcpSockets.delete(client));
+    client.pause();
+    client.on('error', () => undefined); // a reset client ends its own piping below
+    track((async () => {
+      let m: Member;
+      try { m = await fleet.acquire(); } catch (e) {
+        outcome((e as ScionError).code === 'E_QUEUE_FULL' ? 'queue_full' : 'queue_timeout');
+        client.destroy();
+        return;
+      }
+      const ok = await new Promise<boolean>((resolve) => {
+        const up = connect(m.port, '127.0.0.1', () => { up.pipe(client); client.pipe(up); client.resume(); });
+        let failed = false;
+        up.on('error', () => { failed = true; });
+        const end = () => { up.destroy(); client.destroy(); resolve(!failed); };
+        up.on('close', end); client.on('close', end);
+      });
+      fleet.release(m, !ok);
+      outcome(ok ? 'ok' : 'clone_died');
+    })());
+  }) : undefined;
+
   const server = createServer((req, res) => {
     track((async () => {
       let m: Member;
@@ -146,7 +172,7 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
     })());
   });
 
-  const address = await listen(server, o.listen);
+  const address = await listen(tcpServer ?? server, o.listen);
   let adminServer: Server | undefined;
   let admin: { host: string; port: number } | undefined;
   const refreshGauges = () => { mt.queue.set(fleet.queueDepth); for (const [k, v] of Object.entries(fleet.counts())) mt.clones.set({ state: k }, v); };
@@ -159,7 +185,7 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
     admin = await listen(adminServer, o.admin);
   }
   fleet.start();
-  say({ event: 'listening', address, admin, template, mode: o.mode }, `listening on ${address.host}:${address.port} (${o.mode}, template ${template})${admin ? `; metrics on http://${admin.host}:${admin.port}/metrics` : ''}`);
+  say({ event: 'listening', address, admin, template, mode: o.tcp ? 'tcp-per-connection' : o.mode }, `listening on ${address.host}:${address.port} (${o.tcp ? 'plain TCP, a clone per connection' : o.mode}, template ${template})${admin ? `; metrics on http://${admin.host}:${admin.port}/metrics` : ''}`);
 
   let closing: Promise<void> | undefined;
   return {
@@ -167,11 +193,13 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
     stats: () => ({ clones: fleet.counts(), queue: fleet.queueDepth, requests: { ...counted }, forkMs: [...forkMs], maxClones: Math.max(maxClones, fleet.total()) }),
     close: () => closing ??= (async () => {
       server.close(); // no new connections
+      tcpServer?.close();
       server.closeIdleConnections();
       let t: NodeJS.Timeout | undefined;
       await Promise.race([Promise.allSettled([...inflight]), new Promise((r) => (t = setTimeout(r, o.drainMs)))]);
       clearTimeout(t);
       server.closeAllConnections();
+      for (const sock of tcpSockets) sock.destroy();
       await fleet.close();
       adminServer?.close();
       say({ event: 'closed', requests: counted }, `closed; every clone removed`);

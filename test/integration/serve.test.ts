@@ -70,8 +70,8 @@ describe('per-request mode', () => {
     const h = await serve(options({ mode: 'per-request' }));
     try {
       const a = await get(h, '/'), b = await get(h, '/');
-      expect(a.text).toMatch(/^hello from web-\d+\n$/);
-      expect(b.text).toMatch(/^hello from web-\d+\n$/);
+      expect(a.text).toMatch(/^hello from web-\d+-\d+\n$/);
+      expect(b.text).toMatch(/^hello from web-\d+-\d+\n$/);
       expect(a.text).not.toBe(b.text);
       // the visit file a request leaves behind is gone for the next one
       expect((await get(h, '/cgi-bin/visit')).text).toBe('fresh\n');
@@ -92,7 +92,29 @@ describe('per-request mode', () => {
       const r = await get(h);
       expect(r.text).toBe(`hello from ${pooled.hostname}\n`); // served by the pooled clone: no fork on the request path
       const m = await (await fetch(`http://127.0.0.1:${h.address.port}/`)).text();
-      expect(m).toMatch(/^hello from web-\d+\n$/);
+      expect(m).toMatch(/^hello from web-\d+-\d+\n$/);
+    } finally { await h.close(); }
+    expect(await clonesOwnedBy(process.pid)).toEqual([]);
+  });
+});
+
+describe('plain TCP', () => {
+  it('gives every connection a fresh clone and passes the bytes through untouched', async () => {
+    const h = await serve(options({ tcp: true as any }));
+    const raw = (): Promise<string> => new Promise((resolve, reject) => {
+      const s = connect(h.address.port, '127.0.0.1', () => s.write('GET / HTTP/1.0\r\n\r\n'));
+      let got = '';
+      s.on('data', (c) => (got += c));
+      s.on('close', () => resolve(got));
+      s.on('error', reject);
+    });
+    try {
+      const a = await raw(), b = await raw();
+      expect(a).toMatch(/^HTTP\/1\.[01] 200 /);
+      const host = (x: string) => /hello from (web-\d+-\d+)/.exec(x)?.[1];
+      expect(host(a)).toBeDefined();
+      expect(host(b)).toBeDefined();
+      expect(host(a)).not.toBe(host(b));
     } finally { await h.close(); }
     expect(await clonesOwnedBy(process.pid)).toEqual([]);
   });

@@ -24,6 +24,8 @@ describe('serve options', () => {
     expect(() => serveOptions('web-tpl', { port: '8080', pool: '9' })).toThrow(/pooled clones count toward it/);
     expect(() => serveOptions('web-tpl', { port: '8080', queue: '-1' })).toThrow(/whole number/);
     expect(() => serveOptions(undefined, { port: '8080' })).toThrow(/needs an image definition or a template name/);
+    expect(serveOptions('web-tpl', { port: '8080', tcp: true })).toMatchObject({ tcp: true, mode: 'per-request' });
+    expect(() => serveOptions('web-tpl', { port: '8080', tcp: true, mode: 'shared' })).toThrow(/plain TCP \(--tcp\) is per connection/);
   });
 });
 
