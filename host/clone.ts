@@ -11,11 +11,11 @@ import { validName, type ValidName } from '../common/names.ts';
 import { AgentClient } from './agent-client.ts';
 import type { QmpClient } from './qemu/qmp.ts';
 import { deviceLineup, type NetConfig, type VmDescription } from './qemu/argv.ts';
-import { spawnQemu, connectQmp, restoreFromFd, exitOf, killPid, credentialsFor, runningAsRoot, type QemuProcess } from './qemu/process.ts';
+import { spawnQemu, connectQmp, restoreFromFd, exitOf, killPid, type QemuProcess } from './qemu/process.ts';
 import { allocateIdentity, MAX_CLONE_INDEX } from './identity.ts';
 import { createTap, deleteTap, netParams, type NetMode } from './net.ts';
 import { qcow2Overlay } from './disk.ts';
-import { checkTemplate, MAX_UID_SLOT, type TemplateMeta } from './template.ts';
+import { checkTemplate, reserveCredentials, type TemplateMeta } from './template.ts';
 import { vmPaths, vmsDir, templatePaths } from './store/dirs.ts';
 import { writeRecord, VM_FORMAT, type VmRecord } from './store/records.ts';
 import { createRunDir, reserveFirstFree, reservePort, release, slotName } from './store/slots.ts';
@@ -116,10 +116,9 @@ async function forkOne(tdir: string, meta: TemplateMeta, prefix: ValidName, opts
         slots: [], making: { ownerPid: process.pid, phase: 'fork' }, owner: opts.owner,
       };
     }, async () => {
-      if (!runningAsRoot()) return {};
-      const n = await reserveFirstFree('uid', 1, MAX_UID_SLOT, `${prefix}-c?`, 'QEMU uids');
+      const { cred, slot } = await reserveCredentials(`${prefix}-c?`);
       // clones run as the template's group: the one allowed to open its memory file
-      return { uid: credentialsFor(n).uid, gid: meta.gid ?? credentialsFor(n).gid, slot: slotName('uid', n) };
+      return cred ? { uid: cred.uid, gid: meta.gid ?? cred.gid, slot } : {};
     });
   } catch (e) { for (const p of reservedPorts) await release(slotName('port', p)); throw e; }
   record.slots.push(...reservedPorts.map((p) => slotName('port', p)));

@@ -5,10 +5,10 @@
  * mem, state, kernel-stub and an optional disk overlay; it is found by name
  * under the checked template root, never by a path read from a file.
  */
-import { chmod, chown, copyFile, lstat, mkdir, rm, stat, truncate, writeFile } from 'node:fs/promises';
-import { constants } from 'node:fs';
+import { chmod, chown, copyFile, lstat, mkdir, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises';
+import { run } from '../common/run.ts';
+import { constants, readFileSync } from 'node:fs';
 import { join, resolve as resolvePath } from 'node:path';
-import { readFileSync } from 'node:fs';
 import { VmError, ScionError } from '../common/errors.ts';
 import { validName, type ValidName } from '../common/names.ts';
 import { dirProblem, writeExclusive } from '../common/safe-fs.ts';
@@ -189,7 +189,7 @@ export async function freeze(h: Handle, img: ImageArtifacts, log?: (m: string) =
   h.qmp.close(); h.agent.close();
   await waitDead(r.pid);
   if (shared) await chmod(t.mem, memMode());
-  await writeFile(t.kernel, kernelStub(await readFileOf(img.vmlinuz)), { mode: 0o644, flag: constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL });
+  await writeFile(t.kernel, kernelStub(await readFile(img.vmlinuz)), { mode: 0o644, flag: constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL });
   if (r.desc.disk) await chmod(t.disk, 0o400); // now the base of every clone's overlay
   if (r.desc.net.mode === 'bridge') await deleteTap(r.desc.net.tap, r.netMode.mode === 'bridge' ? r.netMode.netns : undefined);
   const meta: TemplateMeta = {
@@ -205,12 +205,9 @@ export async function freeze(h: Handle, img: ImageArtifacts, log?: (m: string) =
   return meta;
 }
 
-async function readFileOf(f: string): Promise<Buffer> { const { readFile } = await import('node:fs/promises'); return readFile(f); }
-
 /** The user's base disk under a template's overlay (qemu-img reads it from the overlay's header). */
 async function baseDiskOf(r: VmRecord): Promise<string | undefined> {
   if (!r.desc.disk) return undefined;
-  const { run } = await import('../common/run.ts');
   const info = JSON.parse((await run('qemu-img', ['info', '--output=json', '-U', templatePaths(join(trustedTemplateRoot(), r.name)).disk])).stdout);
   return info['full-backing-filename'] ?? info['backing-filename'];
 }
