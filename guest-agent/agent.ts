@@ -140,7 +140,7 @@ export class Agent {
         if (typeof a.time !== 'number' || !Number.isFinite(a.time) || a.time < 0) throw new ProtocolError('E_BAD_ARGS', 'time: must be milliseconds since the epoch');
         if (this.opts.system.setClock) {
           await this.shell.runOrThrow(`date -s @${dateStepSeconds(a.time)} >/dev/null`, 'setting the clock');
-          this.clock.kick(); // refined against the RTC within about a second
+          this.clock.kick(1000); // refined against the RTC a little later, not during the request that follows a resume
         }
         return { time: Date.now(), set: this.opts.system.setClock };
       }
@@ -219,7 +219,6 @@ export class Agent {
       this.state.identity = { ...id, rngSeed: undefined };
       this.persist();
     }
-    if (!warmOnly && id.time !== undefined) this.clock.kick(); // refine the whole-second step against the RTC, in the background
     const identityMs = Math.round(performance.now() - t0);
     this.emit('identity-applied', { generation: id.generation, stepsMs: steps, totalMs: identityMs });
     const tc = performance.now();
@@ -229,6 +228,9 @@ export class Agent {
     const th = performance.now();
     const healthy = warmOnly ? true : await this.containers.waitHealthy(60_000);
     const healthMs = Math.round(performance.now() - th);
+    // refine the whole-second step against the RTC now that the containers are up: its short busy
+    // poll of the RTC would otherwise compete with their restart for the one vCPU
+    if (!warmOnly && id.time !== undefined) this.clock.kick();
     const result = { applied: !warmOnly, generation: id.generation, stepsMs: { ...steps, identity: identityMs, containers: containersMs, health: healthMs }, totalMs: Math.round(performance.now() - t0), healthy };
     if (!warmOnly) {
       this.lastReady = { generation: id.generation, stepsMs: result.stepsMs, totalMs: result.totalMs };

@@ -147,12 +147,13 @@ export class ClockKeeper {
     return this.busy;
   }
 
-  /** Check soon (after a fork or a resume) and then keep checking at the adaptive interval. */
-  kick(): void {
+  /** Check after `delayMs` (after a fork or a resume) and then keep checking at the adaptive interval. */
+  kick(delayMs = 0): void {
     if (!this.enabled) return;
     clearTimeout(this.timer);
     this.state.intervalMs = 10_000;
-    this.check().then(() => undefined, () => undefined).finally(() => this.schedule()); // errors are kept in state.lastError for info
+    const go = () => this.check().then(() => undefined, () => undefined).finally(() => this.schedule()); // errors are kept in state.lastError for info
+    if (delayMs) { this.timer = setTimeout(go, delayMs); this.timer.unref(); } else void go();
   }
 
   private schedule(): void {
