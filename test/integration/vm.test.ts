@@ -68,7 +68,7 @@ describe('web image: boot, freeze, fork', () => {
   });
 
   it('gives three clones pairwise distinct identities, as the agents and the guests report them', async () => {
-    const seen = { hostname: [] as string[], mac: [] as string[], ip: [] as string[], machineId: [] as string[], vmgenid: [] as string[], random: [] as string[] };
+    const seen = { hostname: [] as string[], mac: [] as string[], ip: [] as string[], machineId: [] as string[], vmgenid: [] as string[], random: [] as string[], bootId: [] as string[] };
     for (const c of clones) {
       const a = await agentOf(c.name);
       const info = await a.call('info');
@@ -77,7 +77,7 @@ describe('web image: boot, freeze, fork', () => {
       expect(info.identity.hostname).toBe(c.hostname);
       expect(info.vmForks).toBe(1); // the kernel saw the vmgenid change
       // from inside the guest, not from what the host asked for
-      const [hostname, mac, addr, machineId, random] = (await sh(c.name, 'cat /proc/sys/kernel/hostname /sys/class/net/eth0/address; ip -4 -o addr show dev eth0 | awk \'{print $4}\'; cat /etc/machine-id; head -c 32 /dev/urandom | od -An -tx1 | tr -d " \\n"')).split('\n');
+      const [hostname, mac, addr, machineId, random, bootId] = (await sh(c.name, 'cat /proc/sys/kernel/hostname /sys/class/net/eth0/address; ip -4 -o addr show dev eth0 | awk \'{print $4}\'; cat /etc/machine-id; head -c 32 /dev/urandom | od -An -tx1 | tr -d " \\n"; echo; cat /proc/sys/kernel/random/boot_id')).split('\n');
       expect(hostname).toBe(c.hostname);
       expect(mac).toBe(c.mac);
       expect(addr).toBe(`${c.ip}/24`);
@@ -88,7 +88,8 @@ describe('web image: boot, freeze, fork', () => {
       expect(info.identity.vmgenid).toBe(guid);
       seen.vmgenid.push(guid);
       q.close();
-      seen.hostname.push(hostname); seen.mac.push(mac); seen.ip.push(addr); seen.machineId.push(machineId); seen.random.push(random);
+      seen.hostname.push(hostname); seen.mac.push(mac); seen.ip.push(addr); seen.machineId.push(machineId); seen.random.push(random); seen.bootId.push(bootId);
+      expect(bootId).toMatch(/^[0-9a-f-]{36}$/);
     }
     for (const [k, xs] of Object.entries(seen)) expect(distinct(xs), `${k}: ${xs.join(' ')}`).toBe(true);
   });
