@@ -149,7 +149,8 @@ describe('bounds and failures', () => {
       expect(await held.closed).toMatch(/^HTTP\/1.1 502 /);
       const next = await get(h);
       expect(next.status).toBe(200);
-      await waitFor('the dead clone removed', async () => !(await vm.list()).some((v) => v.name === c.name));
+      // (its name may come back: the replacement can take the freed index)
+      await waitFor('the dead clone removed', async () => !(await vm.list()).some((v) => v.pid === c.pid) && !(await scionQemuPids()).some((q) => q.pid === c.pid));
     } finally { await h.close(); }
   });
 });
