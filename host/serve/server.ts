@@ -14,7 +14,7 @@ import { ScionError } from '../../common/errors.ts';
 import { validName } from '../../common/names.ts';
 import { checkTemplate } from '../template.ts';
 import { up } from '../up.ts';
-import { Fleet, QueueFullError, type Member, type MemberState } from './fleet.ts';
+import { Fleet, type Member, type MemberState } from './fleet.ts';
 import type { ServeOptions } from './options.ts';
 
 export interface ServeHandle {
@@ -207,4 +207,3 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
   };
 }
 
-export { QueueFullError };
