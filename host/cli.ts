@@ -45,6 +45,7 @@ Commands:
       --tcp                       plain TCP instead of HTTP: a fresh clone per connection
       --admin 127.0.0.1:9090      /metrics (Prometheus) and /healthz
       --drain 10s                 SIGTERM: time in-flight requests get before clones are removed
+      --fork-parallel N           clones forked at once for waiting requests (default: the host's cores)
       Durations: 500ms, 30s, 2m.
 
 Global options:
@@ -76,7 +77,7 @@ export async function main(argv: string[]): Promise<number> {
       clones: { type: 'string' }, n: { type: 'string', short: 'n' }, name: { type: 'string' },
       all: { type: 'boolean' }, container: { type: 'string' }, disk: { type: 'string' }, bridge: { type: 'string' }, netns: { type: 'string' }, network: { type: 'string' },
       listen: { type: 'string' }, port: { type: 'string' }, mode: { type: 'string' }, concurrency: { type: 'string' }, min: { type: 'string' }, max: { type: 'string' },
-      pool: { type: 'string' }, idle: { type: 'string' }, queue: { type: 'string' }, 'queue-timeout': { type: 'string' }, admin: { type: 'string' }, drain: { type: 'string' }, tcp: { type: 'boolean' },
+      pool: { type: 'string' }, idle: { type: 'string' }, queue: { type: 'string' }, 'queue-timeout': { type: 'string' }, admin: { type: 'string' }, drain: { type: 'string' }, tcp: { type: 'boolean' }, 'fork-parallel': { type: 'string' },
     },
   });
   } catch (e) {

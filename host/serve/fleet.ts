@@ -45,11 +45,15 @@ export function pickShared(members: Iterable<Member>, concurrency: number): Memb
   return best;
 }
 
-/** How many clones to fork now for `waiting` requests. Pure. */
-export function forksNeeded(o: { waiting: number; starting: number; total: number; max: number; perClone: number }): number {
+/**
+ * How many clones to fork now for `waiting` requests: enough for them, within
+ * --max, and no more at once than `parallel` (forks share the host's cores:
+ * two at a time finish, and start serving the queue, long before eight would). Pure.
+ */
+export function forksNeeded(o: { waiting: number; starting: number; total: number; max: number; perClone: number; parallel?: number }): number {
   const coming = o.starting * o.perClone;
   const want = Math.ceil(Math.max(0, o.waiting - coming) / o.perClone);
-  return Math.max(0, Math.min(want, o.max - o.total));
+  return Math.max(0, Math.min(want, o.max - o.total, (o.parallel ?? Infinity) - o.starting));
 }
 
 /** Shared-mode clones to remove: idle past the limit, beyond the minimum, oldest first. Pure. */
@@ -157,7 +161,7 @@ export class Fleet {
 
   private scaleForWaiters(): void {
     const perClone = this.o.mode === 'per-request' ? 1 : this.o.concurrency;
-    const n = forksNeeded({ waiting: this.waiting.length, starting: this.starting, total: this.total(), max: this.o.max, perClone });
+    const n = forksNeeded({ waiting: this.waiting.length, starting: this.starting, total: this.total(), max: this.o.max, perClone, parallel: this.o.forkParallel });
     for (let i = 0; i < n; i++) void this.forkOne('demand');
   }
 
@@ -216,7 +220,7 @@ export class Fleet {
     this.members.set(m.name, m);
     if (this.closed) { await this.remove(m, 'shutting down'); return; }
     this.ev.scale({ direction: 'up', reason, clone: m.name, clones: this.members.size, ms });
-    this.serveWaiters();
+    this.serveWaiters(); // serves the queue, and forks the next clones while requests still wait
   }
 
   /**

@@ -2,6 +2,7 @@
  * The front door's options: parsed and checked once, at the edge, with
  * durations written as people write them (30s, 500ms, 2m). Pure.
  */
+import { availableParallelism } from 'node:os';
 import { ScionError } from '../../common/errors.ts';
 
 export type ServeMode = 'shared' | 'per-request';
@@ -25,6 +26,8 @@ export interface ServeOptions {
   queue: number;
   queueTimeoutMs: number;
   admin?: { host: string; port: number };
+  /** clones forked at once for waiting requests (default: the host's cores) */
+  forkParallel: number;
   /** SIGTERM: how long in-flight requests may take to finish */
   drainMs: number;
   json: boolean;
@@ -79,6 +82,7 @@ export function serveOptions(source: string | undefined, v: Record<string, strin
     queueTimeoutMs: parseDuration('--queue-timeout', str('queue-timeout') ?? '10s'),
     admin: str('admin') ? parseAddress('--admin', str('admin')!) : undefined,
     drainMs: parseDuration('--drain', str('drain') ?? '10s'),
+    forkParallel: parseCount('--fork-parallel', str('fork-parallel'), Math.max(1, availableParallelism()), 1, 64),
     json: !!v.json,
   };
   if (o.tcp && str('mode') === 'shared') throw new ServeOptionError('--mode', 'shared', 'plain TCP (--tcp) is per connection: each connection gets a fresh clone');

@@ -43,6 +43,9 @@ describe('fleet decisions', () => {
     expect(forksNeeded({ waiting: 25, starting: 0, total: 6, max: 8, perClone: 10 })).toBe(2);
     expect(forksNeeded({ waiting: 200, starting: 0, total: 0, max: 8, perClone: 1 })).toBe(8);
     expect(forksNeeded({ waiting: 0, starting: 0, total: 0, max: 8, perClone: 1 })).toBe(0);
+    // no more than `parallel` at once: the first ones finish sooner and serve the queue
+    expect(forksNeeded({ waiting: 200, starting: 0, total: 0, max: 8, perClone: 10, parallel: 2 })).toBe(2);
+    expect(forksNeeded({ waiting: 200, starting: 2, total: 2, max: 8, perClone: 10, parallel: 2 })).toBe(0);
   });
   it('removes clones idle past the limit, oldest first, keeping the minimum', () => {
     const ms = [member('old', { lastUsed: 0 }), member('mid', { lastUsed: 10_000 }), member('new', { lastUsed: 50_000 }), member('busy', { state: 'busy', active: 1, lastUsed: 0 })];
