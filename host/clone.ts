@@ -95,10 +95,11 @@ async function forkOne(tdir: string, meta: TemplateMeta, prefix: ValidName, opts
   const reservedPorts: number[] = [];
   let record: VmRecord;
   try {
-    // host ports first (they go into the record the run directory is made with)
-    for (const _ of meta.ports) reservedPorts.push(await reservePort(`${prefix}-c?`));
+    // host ports first (they go into the record the run directory is made with); only user-mode
+    // networking forwards ports: a bridged clone is reached at its own address
+    if (netMode.mode === 'user') for (const _ of meta.ports) reservedPorts.push(await reservePort(`${prefix}-c?`));
   } catch (e) { for (const p of reservedPorts) await release(slotName('port', p)); throw e; }
-  const forwards = meta.ports.map((g, i) => ({ guestPort: g, hostPort: reservedPorts[i] }));
+  const forwards = reservedPorts.map((hostPort, i) => ({ guestPort: meta.ports[i], hostPort }));
   try {
     record = await claimClone(prefix, (index, name) => {
       const id = allocateIdentity(index, opts.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`, undefined, netParams(netMode));

@@ -20,7 +20,8 @@ export type MemberState = 'starting' | 'ready' | 'busy' | 'pooled' | 'stopping';
 export interface Member {
   name: string;
   hostname: string;
-  /** host port forwarded to the guest port */
+  /** where the guest port is reached from the host: 127.0.0.1 and a forwarded port (user-mode), or the clone's address (bridge) */
+  host: string;
   port: number;
   state: MemberState;
   active: number;
@@ -210,7 +211,8 @@ export class Fleet {
     this.starting--;
     const ms = Math.round(performance.now() - t0);
     this.ev.forked(ms);
-    const m: Member = { name: c.name, hostname: c.hostname, port: c.ports[String(this.o.guestPort)], state: 'ready', active: 0, lastUsed: Date.now(), exclusive: false, http: new HttpAgent({ keepAlive: true, maxSockets: this.o.concurrency }) };
+    const bridged = !(String(this.o.guestPort) in c.ports);
+    const m: Member = { name: c.name, hostname: c.hostname, host: bridged ? c.ip : '127.0.0.1', port: bridged ? this.o.guestPort : c.ports[String(this.o.guestPort)], state: 'ready', active: 0, lastUsed: Date.now(), exclusive: false, http: new HttpAgent({ keepAlive: true, maxSockets: this.o.concurrency }) };
     if (pooled) {
       // paused before anyone can see it: a request never lands on a clone that is being stopped
       this.starting++;

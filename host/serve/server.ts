@@ -63,7 +63,7 @@ function forward(req: IncomingMessage, res: ServerResponse, m: Member): Promise<
     // the client went away before the response was complete: the clone's side is dropped, its slot freed
     res.on('close', () => { if (!res.writableFinished) { current?.destroy(); done('client-gone'); } });
     const attempt = () => {
-      const up = current = httpRequest({ host: '127.0.0.1', port: m.port, method: req.method, path: req.url, headers, agent: m.http }, (r) => {
+      const up = current = httpRequest({ host: m.host, port: m.port, method: req.method, path: req.url, headers, agent: m.http }, (r) => {
         res.writeHead(r.statusCode ?? 502, r.statusMessage, Object.fromEntries(Object.entries(r.headers).filter(([k]) => !HOP_BY_HOP.includes(k))));
         r.pipe(res);
         r.on('end', () => done('ok'));
@@ -90,7 +90,10 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
     template = r.template.name;
   } else template = (await checkTemplate(validName(o.source, 'template'))).meta.name;
   const { meta } = await checkTemplate(template);
-  if (meta.net.mode !== 'user') throw new ScionError('E_UNSUPPORTED', `template ${template} uses ${meta.net.mode} networking; serve forwards to user-mode clones only so far`);
+  // user-mode: each clone's guest port is forwarded to a host port; bridge: the host reaches the clone's address
+  // on the bridge, which it can only from the namespace the bridge is in
+  if (meta.net.mode === 'bridge' && meta.net.netns) throw new ScionError('E_UNSUPPORTED', `template ${template}'s bridge ${meta.net.bridge} is in network namespace ${meta.net.netns}, which this process cannot reach`, { hint: 'serve a template whose bridge is in the host namespace (with an address in its network), or user-mode networking' });
+  if (meta.net.mode === 'none') throw new ScionError('E_UNSUPPORTED', `template ${template} has no network`);
   if (!meta.ports.includes(o.guestPort)) throw new ScionError('E_USAGE', `--port ${o.guestPort}: the image serves ${meta.ports.join(', ') || 'no ports'}`, { hint: `use one of: ${meta.ports.join(', ')}` });
 
   const mt = metrics();
@@ -123,7 +126,7 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
         return;
       }
       const ok = await new Promise<boolean>((resolve) => {
-        const up = connect(m.port, '127.0.0.1', () => { up.pipe(client); client.pipe(up); client.resume(); });
+        const up = connect(m.port, m.host, () => { up.pipe(client); client.pipe(up); client.resume(); });
         let failed = false;
         up.on('error', () => { failed = true; });
         const end = () => { up.destroy(); client.destroy(); resolve(!failed); };
@@ -159,7 +162,7 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
         return;
       }
       await new Promise<void>((resolve) => {
-        const up = connect(m.port, '127.0.0.1', () => {
+        const up = connect(m.port, m.host, () => {
           up.write(`${req.method} ${req.url} HTTP/1.1\r\n${Object.entries(req.headers).map(([k, v]) => `${k}: ${v}`).join('\r\n')}\r\n\r\n`);
           if (head.length) up.write(head);
           up.pipe(socket); socket.pipe(up);

@@ -4,15 +4,17 @@
  * killed mid-request, and shutdown by SIGTERM and by SIGKILL + gc.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { spawn } from 'node:child_process';
+import { spawn, execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { connect } from 'node:net';
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import * as vm from '../../host/index.ts';
+import { build } from '../../builder/build.ts';
 import { serve, type ServeHandle } from '../../host/serve/server.ts';
 import { serveOptions } from '../../host/serve/options.ts';
 import { QmpClient } from '../../host/qemu/qmp.ts';
-import { isolateRunDirs, ROOT, paths, scionQemuPids, frozenWebTemplate, removeEverything } from './helpers.ts';
+import { image, isolateRunDirs, ROOT, paths, scionQemuPids, frozenWebTemplate, removeEverything } from './helpers.ts';
 
 const dirs = isolateRunDirs('serve');
 const options = (v: Record<string, string>) => serveOptions('web-tpl', { port: '8080', listen: '127.0.0.1:0', ...v });
@@ -117,6 +119,28 @@ describe('plain TCP', () => {
       expect(host(a)).not.toBe(host(b));
     } finally { await h.close(); }
     expect(await clonesOwnedBy(process.pid)).toEqual([]);
+  });
+});
+
+describe('bridge networking', () => {
+  it('routes to a clone\'s address on a bridge in the host namespace (the test\'s own bridge)', async () => {
+    const br = `scsv${randomBytes(3).toString('hex')}`;
+    execFileSync('ip', ['link', 'add', br, 'type', 'bridge']);
+    try {
+      execFileSync('ip', ['addr', 'add', '10.47.0.1/24', 'dev', br]);
+      execFileSync('ip', ['link', 'set', br, 'up']);
+      const img = await vm.loadImage((await build({ definitionPath: image('web') })).dir);
+      await vm.freeze(await vm.bootTemplate(img, { name: 'webbr-tpl', net: { mode: 'bridge', bridge: br, network: '10.47.0.0/24' } }), img);
+      const h = await serve(serveOptions('webbr-tpl', { port: '8080', listen: '127.0.0.1:0' }));
+      try {
+        const r = await get(h);
+        const [c] = await clonesOwnedBy(process.pid);
+        expect(c.ip).toMatch(/^10\.47\.0\.\d+$/);
+        expect(c.ports).toEqual({}); // nothing forwarded: a bridged clone is reached at its own address
+        expect(r.text).toBe(`hello from ${c.hostname}\n`);
+      } finally { await h.close(); }
+      await vm.removeVm('webbr-tpl');
+    } finally { execFileSync('ip', ['link', 'del', br]); }
   });
 });
 

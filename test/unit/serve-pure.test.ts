@@ -29,7 +29,7 @@ describe('serve options', () => {
   });
 });
 
-const member = (name: string, over: Partial<Member> = {}): Member => ({ name, hostname: name, port: 1, state: 'ready', active: 0, lastUsed: 0, exclusive: false, http: new Agent(), ...over });
+const member = (name: string, over: Partial<Member> = {}): Member => ({ name, hostname: name, host: '127.0.0.1', port: 1, state: 'ready', active: 0, lastUsed: 0, exclusive: false, http: new Agent(), ...over });
 
 describe('fleet decisions', () => {
   it('picks the least busy clone with room, never a pooled, stopping or exclusive one', () => {
