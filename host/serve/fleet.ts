@@ -46,6 +46,12 @@ export function pickShared(members: Iterable<Member>, concurrency: number): Memb
   return best;
 }
 
+/** Per-request mode: a ready clone no request has taken yet. Pure. */
+export function pickFresh(members: Iterable<Member>): Member | undefined {
+  for (const m of members) if (m.state === 'ready' && m.active === 0 && !m.exclusive) return m;
+  return undefined;
+}
+
 /**
  * How many clones to fork now for `waiting` requests: enough for them, within
  * --max, and no more at once than `parallel` (forks share the host's cores:
@@ -100,7 +106,7 @@ export class Fleet {
   acquire(): Promise<Member> {
     if (this.closed) return Promise.reject(new ScionError('E_CLOSED', 'the front door is shutting down'));
     const exclusive = this.o.mode === 'per-request';
-    const shared = exclusive ? [...this.members.values()].find((x) => x.state === 'ready' && x.active === 0 && !x.exclusive) : pickShared(this.members.values(), this.o.concurrency);
+    const shared = exclusive ? pickFresh(this.members.values()) : pickShared(this.members.values(), this.o.concurrency);
     if (shared) { this.take(shared, exclusive); return Promise.resolve(shared); }
     const pooled = this.claimPooled(exclusive);
     if (pooled) return pooled;
@@ -172,7 +178,7 @@ export class Fleet {
       const shared = w.exclusive ? undefined : pickShared(this.members.values(), this.o.concurrency);
       if (shared) { this.waiting.shift(); clearTimeout(w.timer); this.take(shared, false); w.resolve(shared); continue; }
       // a fresh clone (per-request) or a new shared one: any ready clone nobody uses, else a pooled one
-      const fresh = w.exclusive ? [...this.members.values()].find((x) => x.state === 'ready' && x.active === 0 && !x.exclusive) : undefined;
+      const fresh = w.exclusive ? pickFresh(this.members.values()) : undefined;
       if (fresh) { this.waiting.shift(); clearTimeout(w.timer); this.take(fresh, true); w.resolve(fresh); continue; }
       const pooled = this.claimPooled(w.exclusive);
       if (!pooled) break;

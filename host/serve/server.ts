@@ -49,6 +49,12 @@ function listen(server: Server | import('node:net').Server, addr: { host: string
   });
 }
 
+/** The outcome label of a request no clone was found for. */
+function refused(e: unknown): string {
+  const code = (e as ScionError).code;
+  return code === 'E_QUEUE_FULL' ? 'queue_full' : code === 'E_QUEUE_TIMEOUT' ? 'queue_timeout' : 'unavailable';
+}
+
 /** Forward one request to a clone; retries a refused connection for a clone that just became ready (no body sent yet). */
 function forward(req: IncomingMessage, res: ServerResponse, m: Member): Promise<'ok' | 'clone-died' | 'client-gone'> {
   return new Promise((resolve) => {
@@ -121,7 +127,7 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
     track((async () => {
       let m: Member;
       try { m = await fleet.acquire(); } catch (e) {
-        outcome((e as ScionError).code === 'E_QUEUE_FULL' ? 'queue_full' : 'queue_timeout');
+        outcome(refused(e));
         client.destroy();
         return;
       }
@@ -141,8 +147,7 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
     track((async () => {
       let m: Member;
       try { m = await fleet.acquire(); } catch (e) {
-        const code = (e as ScionError).code;
-        outcome(code === 'E_QUEUE_FULL' ? 'queue_full' : code === 'E_QUEUE_TIMEOUT' ? 'queue_timeout' : 'unavailable');
+        outcome(refused(e));
         res.writeHead(503, { 'retry-after': String(Math.max(1, Math.ceil(o.queueTimeoutMs / 1000))), 'content-type': 'text/plain' });
         res.end(`${(e as Error).message}\n`);
         return;
@@ -157,7 +162,7 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
     track((async () => {
       let m: Member;
       try { m = await fleet.acquire(); } catch (e) {
-        outcome('queue_full');
+        outcome(refused(e));
         socket.end(`HTTP/1.1 503 Service Unavailable\r\nRetry-After: ${Math.ceil(o.queueTimeoutMs / 1000)}\r\nConnection: close\r\n\r\n${(e as Error).message}\n`);
         return;
       }
