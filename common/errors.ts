@@ -45,3 +45,22 @@ export function describeError(err: unknown): string {
   if (err instanceof Error) return err.message;
   return String(err);
 }
+
+/**
+ * The CLI's exit codes (README: "Exit codes"). Scripts branch on these; the
+ * JSON error object carries the exact code.
+ */
+export const EXIT = { ok: 0, error: 1, usage: 2, definition: 3, network: 4, verification: 5 } as const;
+
+const DEFINITION_CODES = new Set(['E_DEFINITION', 'E_DEFINITION_MISSING', 'E_LOCK_INVALID', 'E_FILE_SOURCE', 'E_IMAGE_REF']);
+const NETWORK_CODES = new Set(['E_NETWORK', 'E_HTTP', 'E_REGISTRY_UNREACHABLE', 'E_REGISTRY_HTTP', 'E_NO_MIRROR']);
+const VERIFICATION_CODES = new Set(['E_HASH_MISMATCH', 'E_SIGNATURE', 'E_RUNTIME_INTEGRITY', 'E_DIGEST_MISMATCH', 'E_NOT_REPRODUCIBLE', 'E_OCI_DIGEST']);
+
+export function exitCodeFor(err: unknown): number {
+  if (!(err instanceof ScionError)) return EXIT.error;
+  if (err.code === 'E_USAGE') return EXIT.usage;
+  if (err instanceof DefinitionError || DEFINITION_CODES.has(err.code)) return EXIT.definition;
+  if (NETWORK_CODES.has(err.code)) return EXIT.network;
+  if (VERIFICATION_CODES.has(err.code)) return EXIT.verification;
+  return EXIT.error;
+}

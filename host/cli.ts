@@ -3,7 +3,8 @@
  * No side effects at import: bin/scion.js calls main() and prints errors.
  */
 import { parseArgs } from 'node:util';
-import { describeError, ScionError } from '../common/errors.ts';
+import { describeError, exitCodeFor, EXIT, ScionError } from '../common/errors.ts';
+import { SCION_VERSION } from '../common/version.ts';
 import { build } from '../builder/build.ts';
 import { buildProgress, fmtBytes } from './progress.ts';
 
@@ -12,13 +13,22 @@ const HELP = `scion: fork running QEMU VMs copy-on-write
 Usage: scion <command> [options]
 
 Commands:
-  build <image.yaml>          build out/<name>/{vmlinuz,initrd.img,manifest.json}
+  build <image.yaml>          build DIR/<name>/: vmlinuz, initrd.img, manifest.json,
+                              sbom.cdx.json (CycloneDX 1.6), provenance.intoto.json (SLSA v1)
+      --out DIR                 output directory (default ./out)
       --update-lock             re-resolve packages and rewrite <image>.scion.lock
       --compression none|gzip|zstd   initramfs compression (default none: fastest boot under TCG)
       --mirror URL              Debian mirror (default: the definition's, else the host's apt sources)
-  up <image.yaml> [--clones N] [--disk D.qcow2] [--bridge BR [--netns NS] [--network CIDR]]
+  verify <image.yaml>         build twice, each from an empty cache in a temporary directory, and
+                              compare: "identical", or the first differing file (inside the initramfs)
+  push <out/name> <registry>/<repo>:<tag>
+                              upload a built image as one OCI artifact (credentials: ~/.docker/config.json
+                              or $DOCKER_CONFIG; --insecure for plain HTTP on other hosts than loopback)
+  pull <registry>/<repo>:<tag>|@sha256:… --out DIR
+                              download and verify an image into DIR/<name>/ (up and boot take the reference too)
+  up <image.yaml|out/name|ref> [--clones N] [--disk D.qcow2] [--bridge BR [--netns NS] [--network CIDR]]
                               build (cached), boot, freeze, fork N clones, print them
-  boot out/<image> [--name T] [--disk D.qcow2]
+  boot out/<image>|<ref> [--name T] [--disk D.qcow2]
                               boot a template VM and wait for its agent; with a disk,
                               the template writes to an overlay and clones to overlays on it;
                               with --bridge, each VM gets a tap on bridge BR (in netns NS) and an
@@ -57,14 +67,17 @@ Environment: SCION_RUN_DIR (default /run/scion for root, else $XDG_RUNTIME_DIR/s
              SCION_TEMPLATE_DIR (default /dev/shm/scion-<uid>/templates; must be tmpfs, made 0700),
              SCION_UID_BASE (QEMU runs as uid/gid SCION_UID_BASE+n when scion is root; default 1500000000),
              XDG_CACHE_HOME (package cache under scion/), SOURCE_DATE_EPOCH, SCION_ACCEL=kvm|tcg.
-Exit codes: 0 ok, 1 error (the message names what and why; --json prints {ok:false,error:{code,…}}),
-            2 usage.`;
+Exit codes: 0 ok; 1 error (the message names what and why; --json prints {ok:false,error:{code,…}});
+            2 usage; 3 image definition or lock invalid; 4 network (mirror, npm or registry
+            unreachable or answering an error); 5 verification failed (not reproducible, a digest,
+            hash or signature that does not match).`;
 
 
 export async function main(argv: string[]): Promise<number> {
   const cmd = argv[0];
   const rest = argv.slice(1);
   if (!cmd || cmd === '-h' || cmd === '--help' || cmd === 'help') { console.log(HELP); return cmd ? 0 : 2; }
+  if (cmd === '--version' || cmd === '-v' || cmd === 'version') { console.log(SCION_VERSION); return 0; }
   let parsed;
   try {
   parsed = parseArgs({
@@ -73,7 +86,7 @@ export async function main(argv: string[]): Promise<number> {
     strict: true,
     options: {
       json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
-      'update-lock': { type: 'boolean' }, compression: { type: 'string' }, mirror: { type: 'string' },
+      'update-lock': { type: 'boolean' }, out: { type: 'string' }, insecure: { type: 'boolean' }, compression: { type: 'string' }, mirror: { type: 'string' },
       clones: { type: 'string' }, n: { type: 'string', short: 'n' }, name: { type: 'string' },
       all: { type: 'boolean' }, container: { type: 'string' }, disk: { type: 'string' }, bridge: { type: 'string' }, netns: { type: 'string' }, network: { type: 'string' },
       listen: { type: 'string' }, port: { type: 'string' }, mode: { type: 'string' }, concurrency: { type: 'string' }, min: { type: 'string' }, max: { type: 'string' },
@@ -89,18 +102,34 @@ export async function main(argv: string[]): Promise<number> {
   const err = (s: string) => process.stderr.write(s + '\n');
   switch (cmd) {
     case 'build': {
-      if (positionals.length !== 1) throw new ScionError('E_USAGE', 'scion build needs exactly one image definition', { hint: 'scion build images/minimal.yaml' });
-      const comp = values.compression ?? 'none';
-      if (!['none', 'gzip', 'zstd'].includes(comp)) throw new ScionError('E_USAGE', `--compression ${comp}: use none, gzip or zstd`);
-      const r = await build({ definitionPath: positionals[0], updateLock: values['update-lock'], mirror: values.mirror, compression: comp as any, onEvent: json ? undefined : buildProgress(err) });
-      if (json) console.log(JSON.stringify(r, null, 2));
+      if (positionals.length !== 1) throw new ScionError('E_USAGE', 'scion build needs exactly one image definition', { hint: 'scion build images/minimal.yaml --out out' });
+      const r = await build({ definitionPath: positionals[0], outDir: values.out, updateLock: values['update-lock'], mirror: values.mirror, compression: compressionOf(values.compression), onEvent: json ? undefined : buildProgress(err) });
+      if (json) console.log(JSON.stringify({ ok: true, ...r }, null, 2));
       else {
         console.log(`built ${r.name} -> ${r.dir}`);
-        console.log(`  vmlinuz     ${fmtBytes(r.sizes.vmlinuz).padStart(10)}  sha256 ${r.sha256.vmlinuz}`);
-        console.log(`  initrd.img  ${fmtBytes(r.sizes.initrd).padStart(10)}  sha256 ${r.sha256.initrd}`);
+        for (const o of r.outputs) console.log(`  ${o.name.padEnd(23)} ${fmtBytes(o.size).padStart(10)}  sha256 ${o.sha256}`);
         console.log(`  ${r.packages} packages; lock ${r.lockChanged ? 'written' : 'unchanged'}: ${r.lock}`);
+        console.log(`  stripped ${r.stripped.files} ELF file(s): ${fmtBytes(r.stripped.bytes)} of debug sections and symbol tables`);
+        console.log(`  largest files in the initramfs (${fmtBytes(r.sizes.initrdUncompressed)} in all):`);
+        for (const f of r.largest) console.log(`    ${fmtBytes(f.size).padStart(10)}  ${f.path}`);
       }
-      return 0;
+      return EXIT.ok;
+    }
+    case 'verify': {
+      if (positionals.length !== 1) throw new ScionError('E_USAGE', 'scion verify needs exactly one image definition', { hint: 'scion verify images/minimal.yaml' });
+      const { verify } = await import('../builder/verify.ts');
+      const progress = json ? undefined : buildProgress(err);
+      let shown = 0;
+      const r = await verify({ definitionPath: positionals[0], mirror: values.mirror, compression: compressionOf(values.compression), onEvent: progress && ((n, ev) => { if (n !== shown) { shown = n; err(`[verify] build ${n} of 2, from an empty cache`); } progress(ev); }) });
+      if (json) console.log(JSON.stringify({ ok: r.identical, ...r }, null, 2));
+      else if (r.identical) {
+        console.log(`${r.name}: identical: two builds from empty caches gave the same bytes`);
+        for (const o of r.outputs) console.log(`  ${o.name.padEnd(23)} ${fmtBytes(o.size[0]).padStart(10)}  sha256 ${o.sha256[0]}`);
+      } else {
+        const d = r.difference!;
+        console.log(`${r.name}: NOT reproducible: ${d.output}${d.path ? `: ${d.path}` : ''}: ${d.how}`);
+      }
+      return r.identical ? EXIT.ok : EXIT.verification;
     }
     default: {
       const host = await import('./commands.ts');
@@ -110,6 +139,12 @@ export async function main(argv: string[]): Promise<number> {
 }
 
 
+function compressionOf(v: string | undefined): 'none' | 'gzip' | 'zstd' {
+  const c = v ?? 'none';
+  if (c !== 'none' && c !== 'gzip' && c !== 'zstd') throw new ScionError('E_USAGE', `--compression ${c}: use none, gzip or zstd`);
+  return c;
+}
+
 /** Run the CLI: exit code out, errors printed (JSON on stdout with --json). */
 export async function runCli(argv: string[]): Promise<number> {
   try { return await main(argv); } catch (e) {
@@ -117,6 +152,6 @@ export async function runCli(argv: string[]): Promise<number> {
     if (json) console.log(JSON.stringify({ ok: false, error: e instanceof ScionError ? e.toJSON() : { code: 'E_INTERNAL', message: String((e as Error)?.message ?? e) } }));
     process.stderr.write(`scion: ${describeError(e)}\n`);
     if (!(e instanceof ScionError) && process.env.SCION_DEBUG) console.error(e);
-    return e instanceof ScionError && e.code === 'E_USAGE' ? 2 : 1;
+    return exitCodeFor(e);
   }
 }

@@ -102,3 +102,14 @@ export async function extractDeb(deb: Buffer, label = 'package'): Promise<TarEnt
   }
   return entries;
 }
+
+/** The package's own control stanza (control.tar's ./control): Package, Version, Architecture, Depends… */
+export async function readControl(deb: Buffer, label = 'package'): Promise<Record<string, string>> {
+  const { parseStanzas } = await import('./control.ts');
+  const control = parseAr(deb).find((m) => m.name.startsWith('control.tar'));
+  if (!control) throw new ArchiveError('E_DEB_FORMAT', `${label}: no control.tar member in the .deb`);
+  const entries = await readTar(await decompress(control.name, control.data));
+  const file = entries.find((e) => e.path === '/control');
+  if (!file?.data) throw new ArchiveError('E_DEB_FORMAT', `${label}: control.tar has no control file`);
+  return parseStanzas(file.data.toString('utf8'))[0] ?? {};
+}
