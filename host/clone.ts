@@ -27,6 +27,13 @@ export interface ForkOptions {
   keepOnFailure?: boolean;
   /** a long-running process that owns these clones (shown by ls) */
   owner?: { pid: number; kind: string };
+  /**
+   * Do not send identity.apply: the clone keeps the template's hostname,
+   * machine-id, addresses and RNG state. Only for showing that an identity
+   * test fails when re-identification is broken (scion/testing's option of
+   * the same name); never in real use.
+   */
+  skipIdentityApply?: boolean;
 }
 export interface CloneResult { name: ValidName; hostname: string; mac: string; ip: string; machineId: string; vmgenid: string; ports: Record<string, number>; generation: number; timings: Record<string, number>; runDir: string; agentSocket: string; pid: number }
 
@@ -157,7 +164,7 @@ async function forkOne(tdir: string, meta: TemplateMeta, prefix: ValidName, opts
     // marker before the sync clears anything stale, so no round trip is spent waiting
     const synced = agent.sync(30_000);
     const generation = meta.generation + 1;
-    const applying = agent.call('identity.apply', {
+    const applying = opts.skipIdentityApply ? agent.call('ping', {}) : agent.call('identity.apply', {
       generation, hostname: id.hostname, machineId: id.machineId, rngSeed: id.rngSeed, time: Date.now(), vmgenid: id.vmgenid,
       interfaces: [{ mac: id.mac, address: id.ip, prefix: id.prefix, gateway: id.gateway }], dns: id.dns,
     }, 120_000);

@@ -36,6 +36,8 @@ export interface BootOptions {
   skipIdentity?: boolean;
   /** a qcow2 disk: the template writes to an overlay on it, clones to overlays on that */
   disk?: string;
+  /** a process that owns this template (shown by ls; `scion gc` removes it once that process is gone) */
+  owner?: { pid: number; kind: string };
 }
 
 export interface Handle { record: VmRecord; qmp: QmpClient; agent: AgentClient }
@@ -96,7 +98,7 @@ export async function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}):
   if (netMode.mode === 'user') desc.net = { mode: 'user', guestIp: id.ip, forwards: [] };
   const record: VmRecord = {
     format: VM_FORMAT, name, role: 'template', image: img.dir, accel: accel.accel, createdAt: new Date().toISOString(), generation: 0, ports: {}, desc, netMode,
-    uid: cred?.uid, gid: cred?.gid, slots: slot ? [slot] : [], making: { ownerPid: process.pid, phase: 'boot' },
+    uid: cred?.uid, gid: cred?.gid, slots: slot ? [slot] : [], making: { ownerPid: process.pid, phase: 'boot' }, owner: opts.owner,
   };
   try { await createRunDir(record, cred); } catch (e) { if (slot) await release(slot); throw e; }
   let proc: QemuProcess | undefined;
