@@ -44,6 +44,8 @@ export interface BuildOptions {
   outDir?: string; // default: ./out
   cacheDir?: string;
   updateLock?: boolean;
+  /** CI: the lock must exist and stay as it is (a build that would change it fails with E_LOCK_CHANGED, before writing anything) */
+  locked?: boolean;
   mirror?: string;
   compression?: Compression;
   sourceDateEpoch?: number;
@@ -161,7 +163,9 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
     throw new BuildError('E_NO_MIRROR', `${opts.definitionPath}: debian.mirror is not set and the host's apt sources name no Debian mirror`, { hint: 'add `debian: {mirror: http://deb.debian.org/debian}` to the definition' });
   }
   const onProgress: Progress = (p) => emit({ type: 'download', ...p });
+  if (opts.locked && opts.updateLock) throw new BuildError('E_USAGE', '--locked and --update-lock contradict each other');
   const oldLock = opts.updateLock ? undefined : await readLock(lockPath);
+  if (opts.locked && !oldLock) throw new BuildError('E_LOCK_CHANGED', `${opts.definitionPath}: --locked, but there is no lock file ${basename(lockPath)}`, { hint: 'build once without --locked and commit the lock' });
   const suite = oldLock?.codename ?? def.debian.suite;
   const archive = new DebianArchive({ mirror, suite, components: def.debian.components, architecture: def.debian.architecture, cache, onProgress, log: (m) => emit({ type: 'log', message: m }) });
 
@@ -180,6 +184,10 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
     // a pin the archive no longer has fails here; --update-lock resolves afresh
     const chosen = resolveDeps(index, s.roots, { pins, follow: s.follow });
     lock.sets[name] = { roots: s.roots, packages: chosen.map((p) => ({ name: p.name, version: p.version, filename: p.filename, sha256: p.sha256, size: p.size })) };
+  }
+  if (opts.locked && serialiseLock(lock) !== serialiseLock(oldLock!)) {
+    const changed = Object.keys({ ...lock.sets, ...oldLock!.sets }).filter((k) => JSON.stringify(lock.sets[k]) !== JSON.stringify(oldLock!.sets[k]));
+    throw new BuildError('E_LOCK_CHANGED', `${opts.definitionPath}: --locked, but the definition no longer matches ${basename(lockPath)} (package sets ${changed.join(', ')})`, { hint: 'update the lock (scion build without --locked, or --update-lock) and commit it' });
   }
   step('resolve');
 

@@ -52,7 +52,7 @@ export function describeError(err: unknown): string {
  */
 export const EXIT = { ok: 0, error: 1, usage: 2, definition: 3, network: 4, verification: 5 } as const;
 
-const DEFINITION_CODES = new Set(['E_DEFINITION', 'E_DEFINITION_MISSING', 'E_LOCK_INVALID', 'E_FILE_SOURCE', 'E_IMAGE_REF']);
+const DEFINITION_CODES = new Set(['E_DEFINITION', 'E_DEFINITION_MISSING', 'E_LOCK_INVALID', 'E_FILE_SOURCE', 'E_IMAGE_REF', 'E_LOCK_CHANGED']);
 const NETWORK_CODES = new Set(['E_NETWORK', 'E_HTTP', 'E_REGISTRY_UNREACHABLE', 'E_REGISTRY_HTTP', 'E_NO_MIRROR']);
 const VERIFICATION_CODES = new Set(['E_HASH_MISMATCH', 'E_SIGNATURE', 'E_RUNTIME_INTEGRITY', 'E_DIGEST_MISMATCH', 'E_NOT_REPRODUCIBLE', 'E_OCI_DIGEST']);
 

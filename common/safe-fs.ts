@@ -107,7 +107,12 @@ export async function atomicWrite(path: string, data: Uint8Array | string, mode 
 
 /** Read a file, refusing a symlink in its place (ELOOP). */
 export async function readNoFollow(path: string): Promise<string> {
+  return (await readBytesNoFollow(path)).toString('utf8');
+}
+
+/** The bytes of a regular file, never through a symlink at the last component. */
+export async function readBytesNoFollow(path: string): Promise<Buffer> {
   const fh = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW);
-  try { return await fh.readFile('utf8'); } finally { await fh.close(); }
+  try { return await fh.readFile(); } finally { await fh.close(); }
 }
 

@@ -17,6 +17,7 @@ Commands:
                               sbom.cdx.json (CycloneDX 1.6), provenance.intoto.json (SLSA v1)
       --out DIR                 output directory (default ./out)
       --update-lock             re-resolve packages and rewrite <image>.scion.lock
+      --locked                  CI: fail (exit 3) if the lock is missing or would change
       --compression none|gzip|zstd   initramfs compression (default none: fastest boot under TCG)
       --mirror URL              Debian mirror (default: the definition's, else the host's apt sources)
   verify <image.yaml>         build twice, each from an empty cache in a temporary directory, and
@@ -86,7 +87,7 @@ export async function main(argv: string[]): Promise<number> {
     strict: true,
     options: {
       json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
-      'update-lock': { type: 'boolean' }, out: { type: 'string' }, insecure: { type: 'boolean' }, compression: { type: 'string' }, mirror: { type: 'string' },
+      'update-lock': { type: 'boolean' }, locked: { type: 'boolean' }, out: { type: 'string' }, insecure: { type: 'boolean' }, compression: { type: 'string' }, mirror: { type: 'string' },
       clones: { type: 'string' }, n: { type: 'string', short: 'n' }, name: { type: 'string' },
       all: { type: 'boolean' }, container: { type: 'string' }, disk: { type: 'string' }, bridge: { type: 'string' }, netns: { type: 'string' }, network: { type: 'string' },
       listen: { type: 'string' }, port: { type: 'string' }, mode: { type: 'string' }, concurrency: { type: 'string' }, min: { type: 'string' }, max: { type: 'string' },
@@ -103,7 +104,7 @@ export async function main(argv: string[]): Promise<number> {
   switch (cmd) {
     case 'build': {
       if (positionals.length !== 1) throw new ScionError('E_USAGE', 'scion build needs exactly one image definition', { hint: 'scion build images/minimal.yaml --out out' });
-      const r = await build({ definitionPath: positionals[0], outDir: values.out, updateLock: values['update-lock'], mirror: values.mirror, compression: compressionOf(values.compression), onEvent: json ? undefined : buildProgress(err) });
+      const r = await build({ definitionPath: positionals[0], outDir: values.out, updateLock: values['update-lock'], locked: values.locked, mirror: values.mirror, compression: compressionOf(values.compression), onEvent: json ? undefined : buildProgress(err) });
       if (json) console.log(JSON.stringify({ ok: true, ...r }, null, 2));
       else {
         console.log(`built ${r.name} -> ${r.dir}`);

@@ -49,7 +49,7 @@ export async function run(cmd: string, pos: string[], v: Vals, ctx: Ctx): Promis
   switch (cmd) {
     case 'up': {
       need(1, 'scion up images/web.yaml --clones 3');
-      const r = await up(pos[0], { clones: count(v.clones, '--clones', 3), disk: v.disk as string | undefined, net: netFrom(v), log: (m) => ctx.err(`[up] ${m}`), onBuildEvent: ctx.json ? undefined : buildProgress(ctx.err) });
+      const r = await up(pos[0], { insecure: !!v.insecure, clones: count(v.clones, '--clones', 3), disk: v.disk as string | undefined, net: netFrom(v), log: (m) => ctx.err(`[up] ${m}`), onBuildEvent: ctx.json ? undefined : buildProgress(ctx.err) });
       if (ctx.json) console.log(JSON.stringify(r, null, 2));
       else {
         console.log(table([['NAME', 'HOSTNAME', 'MAC', 'IP', 'PORTS', 'FORK→READY'], ...r.clones.map((c) => [c.name, c.hostname, c.mac, c.ip, Object.entries(c.ports).map(([g, h]) => `127.0.0.1:${h}->${g}`).join(',') || '-', `${c.timings.ready.toFixed(0)} ms`])]));
@@ -59,7 +59,8 @@ export async function run(cmd: string, pos: string[], v: Vals, ctx: Ctx): Promis
     }
     case 'boot': {
       need(1, 'scion boot out/<image>');
-      const img = await loadImage(pos[0]);
+      const { resolveImage } = await import('./image-source.ts');
+      const img = await loadImage((await resolveImage(pos[0], { insecure: !!v.insecure, log: ctx.err, onBuildEvent: ctx.json ? undefined : buildProgress(ctx.err) })).dir);
       const h = await bootTemplate(img, { name: v.name === undefined ? undefined : validName(v.name, 'template'), disk: v.disk as string | undefined, net: netFrom(v), log: ctx.err });
       h.qmp.close(); h.agent.close();
       if (ctx.json) console.log(JSON.stringify({ name: h.record.name, runDir: vmPaths(validName(h.record.name), vmsDir()).dir, accel: h.record.accel }));
@@ -167,6 +168,20 @@ export async function run(cmd: string, pos: string[], v: Vals, ctx: Ctx): Promis
         process.once('SIGTERM', () => stop('SIGTERM'));
         process.once('SIGINT', () => stop('SIGINT'));
       });
+      return 0;
+    }
+    case 'push': {
+      need(2, 'scion push out/web 127.0.0.1:5000/scion/web:1.0');
+      const { push } = await import('../registry/transfer.ts');
+      const r = await push(pos[0], pos[1], { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[push] ${m}`) });
+      console.log(ctx.json ? JSON.stringify({ ok: true, ...r }, null, 2) : `pushed ${r.reference}\n  uploaded: ${r.uploaded.join(', ') || 'nothing (the registry had every blob)'}; already there: ${r.skipped.join(', ') || 'none'}`);
+      return 0;
+    }
+    case 'pull': {
+      need(1, 'scion pull 127.0.0.1:5000/scion/web:1.0 --out images-dir');
+      const { pull } = await import('../registry/transfer.ts');
+      const r = await pull(pos[0], (v.out as string | undefined) ?? 'out', { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[pull] ${m}`) });
+      console.log(ctx.json ? JSON.stringify({ ok: true, ...r }, null, 2) : `pulled ${r.reference} -> ${r.dir} (every digest checked)`);
       return 0;
     }
     case 'gc': {

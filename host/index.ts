@@ -8,6 +8,11 @@ export { bootTemplate, freeze, freezeClone, checkTemplate, type BootOptions, typ
 export { fork, type ForkOptions, type CloneResult } from './clone.ts';
 export { list, stopVm, removeVm, gc, connectAgent, type VmListing, type VmState } from './lifecycle.ts';
 export { up, templateDecision, type UpOptions, type UpResult } from './up.ts';
+export { resolveImage, type ImageSourceKind } from './image-source.ts';
+export { push, pull, type PushOptions, type PushResult, type PullOptions, type PullResult } from '../registry/transfer.ts';
+export { parseReference, type Reference } from '../registry/reference.ts';
+export { RegistryError } from '../registry/client.ts';
+export { ARTIFACT_TYPE, LAYER_TYPES } from '../registry/artifact.ts';
 export { serve, type ServeHandle } from './serve/server.ts';
 export { serveOptions, parseDuration, type ServeOptions } from './serve/options.ts';
 export { QmpClient, QmpError } from './qemu/qmp.ts';

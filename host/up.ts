@@ -6,7 +6,8 @@
  * and disk kind, re-made otherwise. Another process making the same
  * template is waited for, not raced.
  */
-import { build, type BuildEvent } from '../builder/build.ts';
+import type { BuildEvent } from '../builder/build.ts';
+import { resolveImage } from './image-source.ts';
 import { ScionError } from '../common/errors.ts';
 import { validName, type ValidName } from '../common/names.ts';
 import { loadImage, type ImageArtifacts } from './image.ts';
@@ -24,6 +25,8 @@ export interface UpOptions {
   log?: (m: string) => void;
   onBuildEvent?: (e: BuildEvent) => void;
   parallel?: number;
+  /** plain HTTP to a registry that is not on loopback (an OCI reference as the image) */
+  insecure?: boolean;
 }
 
 export type TemplateDecision = { reuse: true } | { reuse: false; why: string };
@@ -52,11 +55,12 @@ async function waitForOtherMaker(name: ValidName, log?: (m: string) => void, tim
 
 export interface UpResult { template: { name: ValidName; image: string; accel: string; generation: number; freezeMs: number; reused: boolean }; clones: CloneResult[]; totalMs: number }
 
-export async function up(definition: string, opts: UpOptions): Promise<UpResult> {
+/** From an image definition, a built image directory or an OCI reference to running clones. */
+export async function up(source: string, opts: UpOptions): Promise<UpResult> {
   const log = opts.log ?? (() => undefined);
   const t0 = performance.now();
-  const b = await build({ definitionPath: definition, onEvent: opts.onBuildEvent });
-  const img = await loadImage(b.dir);
+  const { dir } = await resolveImage(source, { onBuildEvent: opts.onBuildEvent, log, insecure: opts.insecure });
+  const img = await loadImage(dir);
   const tplName = validName(`${img.name}-tpl`, 'template');
   let existing: VmRecord | undefined;
   try { existing = await waitForOtherMaker(tplName, log); } catch (e) {

@@ -1,0 +1,132 @@
+/**
+ * `scion push` and `scion pull`: a built image directory to and from one OCI
+ * artifact. Push checks the directory is a complete, self-consistent build
+ * before a byte leaves, skips blobs the registry has, and checks the
+ * manifest digest the registry states. Pull checks every byte against the
+ * manifest's digests while it writes into a temporary directory, and only
+ * then renames it into place: a refused pull leaves nothing behind and the
+ * previous copy as it was.
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { validName } from '../common/names.ts';
+import { SCION_VERSION } from '../common/version.ts';
+import { ScionError } from '../common/errors.ts';
+import { readBytesNoFollow } from '../common/safe-fs.ts';
+import { artifactManifest, checkArtifactManifest, ArtifactError, LAYER_TYPES, MANIFEST_MEDIA_TYPE, EMPTY_CONFIG, TITLE } from './artifact.ts';
+import { RegistryClient, RegistryError, type ClientOptions } from './client.ts';
+import { parseReference, formatReference } from './reference.ts';
+
+export const DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024;
+const sha256 = (b: Uint8Array | string) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
+
+export interface PushOptions extends ClientOptions { chunkBytes?: number; log?: (m: string) => void }
+export interface PushResult { reference: string; digest: string; uploaded: string[]; skipped: string[]; bytesUploaded: number; requests: RegistryClient['counts'] }
+
+/** The files of a build directory, checked against its manifest.json. */
+async function readBuildDir(dir: string): Promise<{ name: string; files: { name: string; data: Buffer; digest: string }[] }> {
+  const files: { name: string; data: Buffer; digest: string }[] = [];
+  for (const name of Object.keys(LAYER_TYPES)) {
+    let data: Buffer;
+    try { data = await readBytesNoFollow(join(dir, name)); } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT' && (name === 'sbom.cdx.json' || name === 'provenance.intoto.json')) continue;
+      throw new ScionError('E_IMAGE_DIR', `${dir}: cannot read ${name} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`, { hint: 'push a directory that `scion build` wrote, e.g. out/web' });
+    }
+    files.push({ name, data, digest: sha256(data) });
+  }
+  let manifest: any;
+  try { manifest = JSON.parse(files.find((f) => f.name === 'manifest.json')!.data.toString('utf8')); } catch { throw new ScionError('E_IMAGE_DIR', `${dir}/manifest.json is not JSON`); }
+  const name = validName(manifest?.name, 'image');
+  for (const f of ['vmlinuz', 'initrd.img']) {
+    const want = manifest?.outputs?.[f]?.sha256;
+    const got = files.find((x) => x.name === f)!.digest.slice(7);
+    if (want !== got) throw new ScionError('E_DIGEST_MISMATCH', `${dir}/${f} does not match the SHA-256 in its manifest.json (${String(want).slice(0, 12)}… vs ${got.slice(0, 12)}…)`, { hint: 'rebuild the image; the directory was changed after the build' });
+  }
+  return { name, files };
+}
+
+export async function push(dir: string, refText: string, opts: PushOptions = {}): Promise<PushResult> {
+  const ref = parseReference(refText);
+  if (!ref.tag || ref.digest) throw new ScionError('E_USAGE', `scion push ${refText}: push to a tag (registry/repository:tag), not a digest`);
+  const { name, files } = await readBuildDir(dir);
+  const client = new RegistryClient(ref, opts);
+  const chunk = opts.chunkBytes ?? DEFAULT_CHUNK_BYTES;
+  const uploaded: string[] = [];
+  const skipped: string[] = [];
+  let bytesUploaded = 0;
+  const blobs = [{ name: 'config (empty)', data: Buffer.from(EMPTY_CONFIG.data, 'base64'), digest: EMPTY_CONFIG.digest }, ...files];
+  for (const b of blobs) {
+    if (await client.hasBlob(b.digest)) { skipped.push(b.name); opts.log?.(`${b.name}: the registry has it (${b.digest.slice(0, 19)}…)`); continue; }
+    opts.log?.(`${b.name}: uploading ${b.data.length} bytes${b.data.length > chunk ? ` in ${Math.ceil(b.data.length / chunk)} chunks` : ''}`);
+    await client.uploadBlob(b.data, b.digest, chunk);
+    uploaded.push(b.name);
+    bytesUploaded += b.data.length;
+  }
+  const manifest = JSON.stringify(artifactManifest(name, files.map((f) => ({ name: f.name, digest: f.digest, size: f.data.length })), { 'org.opencontainers.image.version': ref.tag, 'dev.scion.version': SCION_VERSION }));
+  const digest = sha256(manifest);
+  const stated = await client.putManifest(ref.tag, manifest, MANIFEST_MEDIA_TYPE);
+  if (stated && stated !== digest) throw new RegistryError('E_DIGEST_MISMATCH', `${ref.registry}: the registry stored the manifest as ${stated}, scion sent ${digest}`, { hint: 'the registry altered the manifest; do not trust this tag' });
+  return { reference: formatReference({ ...ref, digest }), digest, uploaded, skipped, bytesUploaded, requests: client.counts };
+}
+
+export interface PullOptions extends ClientOptions { log?: (m: string) => void }
+export interface PullResult { reference: string; digest: string; name: string; dir: string; files: { name: string; size: number; digest: string }[] }
+
+/** Stream a blob into `path` (created exclusively), checking size and digest; a mismatch throws and the caller removes the temp dir. */
+async function fetchBlobTo(client: RegistryClient, title: string, digest: string, size: number, path: string): Promise<void> {
+  const res = await client.getBlob(digest);
+  const h = createHash('sha256');
+  const fh = await open(path, 'wx', 0o644);
+  let n = 0;
+  try {
+    for await (const c of res.body as any as AsyncIterable<Uint8Array>) {
+      n += c.length;
+      if (n > size) throw new RegistryError('E_DIGEST_MISMATCH', `${title} (${digest}): the registry sent more than the ${size} bytes the manifest states`, { hint: 'the registry holds damaged or altered data; nothing was written' });
+      h.update(c);
+      await fh.write(c);
+    }
+  } finally { await fh.close(); }
+  const got = `sha256:${h.digest('hex')}`;
+  if (n !== size) throw new RegistryError('E_DIGEST_MISMATCH', `${title} (${digest}): received ${n} bytes, the manifest states ${size}`, { hint: 'the registry holds damaged or altered data; nothing was written' });
+  if (got !== digest) throw new RegistryError('E_DIGEST_MISMATCH', `${title}: the bytes the registry sent hash to ${got}, the manifest names ${digest}`, { hint: 'the registry holds damaged or altered data; nothing was written' });
+}
+
+export async function pull(refText: string, outDir: string, opts: PullOptions = {}): Promise<PullResult> {
+  const ref = parseReference(refText);
+  const client = new RegistryClient(ref, opts);
+  const { bytes, statedDigest } = await client.getManifest(ref.digest ?? ref.tag!, MANIFEST_MEDIA_TYPE);
+  const digest = sha256(bytes);
+  if (ref.digest && digest !== ref.digest) throw new RegistryError('E_DIGEST_MISMATCH', `${refText}: the manifest the registry sent hashes to ${digest}`, { hint: 'the registry holds damaged or altered data' });
+  if (statedDigest && statedDigest !== digest) throw new RegistryError('E_DIGEST_MISMATCH', `${refText}: the registry states manifest digest ${statedDigest}, the bytes hash to ${digest}`);
+  let raw: unknown;
+  try { raw = JSON.parse(bytes.toString('utf8')); } catch { throw new ArtifactError('E_NOT_SCION_IMAGE', `${refText}: the manifest is not JSON`); }
+  const m = checkArtifactManifest(refText, raw);
+  await mkdir(outDir, { recursive: true });
+  const tmp = join(outDir, `.pull-${process.pid}-${randomBytes(4).toString('hex')}`);
+  await mkdir(tmp, { mode: 0o755 });
+  try {
+    for (const l of m.layers) {
+      const title = l.annotations![TITLE];
+      opts.log?.(`${title}: ${l.size} bytes`);
+      await fetchBlobTo(client, title, l.digest, l.size, join(tmp, title));
+    }
+    let inner: any;
+    try { inner = JSON.parse(await readFile(join(tmp, 'manifest.json'), 'utf8')); } catch { throw new ArtifactError('E_NOT_SCION_IMAGE', `${refText}: its manifest.json is not JSON`); }
+    const name = validName(inner?.name, 'image');
+    for (const f of ['vmlinuz', 'initrd.img']) {
+      const layer = m.layers.find((x) => x.annotations![TITLE] === f)!;
+      if (`sha256:${inner?.outputs?.[f]?.sha256}` !== layer.digest) throw new ArtifactError('E_DIGEST_MISMATCH', `${refText}: ${f} is not the one its manifest.json names`, { hint: 'the artifact was assembled from different builds; push it again from one build directory' });
+    }
+    const finalDir = join(outDir, name);
+    const old = `${finalDir}.old-${process.pid}-${randomBytes(3).toString('hex')}`;
+    const hadOld = await stat(finalDir).then(() => true, () => false);
+    if (hadOld) await rename(finalDir, old);
+    await rename(tmp, finalDir);
+    if (hadOld) await rm(old, { recursive: true, force: true });
+    return { reference: formatReference({ ...ref, digest }), digest, name, dir: finalDir, files: m.layers.map((l) => ({ name: l.annotations![TITLE], size: l.size, digest: l.digest })) };
+  } catch (e) {
+    await rm(tmp, { recursive: true, force: true });
+    throw e;
+  }
+}
