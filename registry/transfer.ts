@@ -63,7 +63,7 @@ export async function push(dir: string, refText: string, opts: PushOptions = {})
     uploaded.push(b.name);
     bytesUploaded += b.data.length;
   }
-  const manifest = JSON.stringify(artifactManifest(name, files.map((f) => ({ name: f.name, digest: f.digest, size: f.data.length })), { 'org.opencontainers.image.version': ref.tag, 'dev.scion.version': SCION_VERSION }));
+  const manifest = JSON.stringify(artifactManifest(name, files.map((f) => ({ name: f.name, digest: f.digest, size: f.data.length })), { 'dev.scion.version': SCION_VERSION }));
   const digest = sha256(manifest);
   const stated = await client.putManifest(ref.tag, manifest, MANIFEST_MEDIA_TYPE);
   if (stated && stated !== digest) throw new RegistryError('E_DIGEST_MISMATCH', `${ref.registry}: the registry stored the manifest as ${stated}, scion sent ${digest}`, { hint: 'the registry altered the manifest; do not trust this tag' });
