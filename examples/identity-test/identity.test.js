@@ -45,7 +45,7 @@ test('clones read different bytes from /dev/urandom', async ({ clones }) => {
 
 test("each clone's container sees its clone's new hostname", async ({ clones }) => {
   for (const c of clones) {
-    const page = await c.http('/');
+    const page = await c.http('/', { timeoutMs: 10_000 });
     expect(page.status).toBe(200);
     expect(page.body.trim()).toBe((await c.info()).identity.hostname);
     expect(page.body.trim()).toBe(c.assigned.hostname);
