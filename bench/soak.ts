@@ -6,7 +6,7 @@
  *   npm run soak -- [--cycles 200] [--parallel 4] [--net bridge|user] [--json]
  */
 import { parseArgs } from 'node:util';
-import { execFileSync } from 'node:child_process';
+import { $ } from 'zx';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { tmpdir } from 'node:os';
@@ -22,7 +22,7 @@ const { qemuPidsUnder } = await import('../host/qemu/process.ts');
 const { vmsDir } = await import('../host/store/dirs.ts');
 
 const ns = `scion-soak${randomBytes(3).toString('hex')}`;
-const ipNs = (...a: string[]) => execFileSync('ip', ['-n', ns, ...a], { encoding: 'utf8' });
+const ipNs = (...a: string[]) => $.sync({ quiet: true })`ip -n ${ns} ${a}`.stdout;
 const log = (m: string) => { if (!values.json) console.error(`[soak] ${m}`); };
 
 function snapshot() {
@@ -42,8 +42,10 @@ function snapshot() {
 
 let net: any;
 if (values.net === 'bridge') {
-  execFileSync('ip', ['netns', 'add', ns]);
-  ipNs('link', 'add', 'br0', 'type', 'bridge'); ipNs('addr', 'add', '10.45.0.1/24', 'dev', 'br0'); ipNs('link', 'set', 'br0', 'up');
+  await $`ip netns add ${ns}`;
+  await $`ip -n ${ns} link add br0 type bridge`;
+  await $`ip -n ${ns} addr add 10.45.0.1/24 dev br0`;
+  await $`ip -n ${ns} link set br0 up`;
   net = { mode: 'bridge', bridge: 'br0', netns: ns, network: '10.45.0.0/24' };
 }
 try {
@@ -85,7 +87,7 @@ try {
   process.exitCode = failures.length || Object.values(leaks).some((v) => v > 0) ? 1 : 0;
 } finally {
   for (const v of await vm.list()) await vm.removeVm(v.name).catch((e) => console.error(`cleanup ${v.name}: ${(e as Error).message}`));
-  if (values.net === 'bridge') execFileSync('ip', ['netns', 'del', ns]);
+  if (values.net === 'bridge') await $`ip netns del ${ns}`;
   rmSync(process.env.SCION_RUN_DIR!, { recursive: true, force: true });
   rmSync(process.env.SCION_TEMPLATE_DIR!, { recursive: true, force: true });
 }

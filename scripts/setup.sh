@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pkgs=(qemu-system-x86 qemu-utils gpgv debian-archive-keyring xz-utils zstd cpio libarchive-tools socat iproute2 util-linux ca-certificates curl)
+# the test suite's own tools: a real OCI registry and a client that reads it, bcrypt htpasswd for its
+# auth, a C compiler for an ELF with debug sections to strip, readelf to check the result
+pkgs+=(docker-registry skopeo apache2-utils gcc libc6-dev binutils)
 # the DHCP test runs busybox's udhcpd on the host; either busybox package will do
 command -v busybox >/dev/null || pkgs+=(busybox)
 missing=()

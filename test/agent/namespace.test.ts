@@ -4,7 +4,8 @@
  * namespace; after identity.apply, everything is checked from outside.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { $ } from 'zx';
 import { readFileSync, mkdtempSync, writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { connect } from 'node:net';
@@ -14,17 +15,18 @@ import { AgentClient } from '../../host/agent-client.ts';
 import { startHostAgent, type HostAgent } from './helpers.ts';
 
 const isRoot = process.getuid?.() === 0;
-const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: 'utf8' });
+/** A command's stdout (zx: every argument quoted, a failure throws with its stderr). */
+const sh = (cmd: string, args: string[]) => $.sync({ quiet: true })`${cmd} ${args}`.stdout;
 
 /** A fresh network namespace whose eth0 is a veth to `hostIf` (addressed hostAddr), and the real agent inside it (own UTS namespace too). */
 async function agentInNamespace(prefix: string, hostAddr: string, opts: { dhcp?: boolean; before?: (hostIf: string) => void } = {}) {
   const tag = randomBytes(3).toString('hex');
   const ns = `scion-${prefix}${tag}`;
   const hostIf = `v${prefix}${tag}`;
-  sh('ip', ['netns', 'add', ns]);
-  sh('ip', ['link', 'add', hostIf, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns]);
-  sh('ip', ['addr', 'add', hostAddr, 'dev', hostIf]);
-  sh('ip', ['link', 'set', hostIf, 'up']);
+  await $`ip netns add ${ns}`;
+  await $`ip link add ${hostIf} type veth peer name eth0 netns ${ns}`;
+  await $`ip addr add ${hostAddr} dev ${hostIf}`;
+  await $`ip link set ${hostIf} up`;
   opts.before?.(hostIf);
   const agent = await startHostAgent({ dhcp: opts.dhcp, wrap: ['ip', 'netns', 'exec', ns, 'unshare', '--uts', '--'] });
   const client = new AgentClient(`${prefix}-agent`);
@@ -33,8 +35,8 @@ async function agentInNamespace(prefix: string, hostAddr: string, opts: { dhcp?:
   const cleanup = () => {
     client.close();
     agent.stop();
-    try { sh('ip', ['link', 'del', hostIf]); } catch { /* gone with the namespace already */ }
-    try { sh('ip', ['netns', 'del', ns]); } catch { /* never made: setup failed earlier, which that test reports */ }
+    $.sync({ quiet: true, nothrow: true })`ip link del ${hostIf}`; // gone with the namespace already, or never made
+    $.sync({ quiet: true, nothrow: true })`ip netns del ${ns}`; // never made: setup failed earlier, which that test reports
   };
   return { ns, hostIf, agent, client, cleanup };
 }

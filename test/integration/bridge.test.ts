@@ -3,7 +3,7 @@
  * per VM; the clones reach each other by IP, with no address conflict.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { execFileSync } from 'node:child_process';
+import { $ } from 'zx';
 import { randomBytes } from 'node:crypto';
 import { rmSync } from 'node:fs';
 import { build } from '../../builder/build.ts';
@@ -12,16 +12,15 @@ import { image, isolateRunDirs } from './helpers.ts';
 
 const isRoot = process.getuid?.() === 0;
 const ns = `scion-br${randomBytes(3).toString('hex')}`;
-const ipNs = (...a: string[]) => execFileSync('ip', ['-n', ns, ...a], { encoding: 'utf8' });
 
 describe.skipIf(!isRoot)('bridge networking (needs root)', () => {
   const dirs = isolateRunDirs('br');
   let clones: vm.CloneResult[];
   beforeAll(async () => {
-    execFileSync('ip', ['netns', 'add', ns]);
-    ipNs('link', 'add', 'br0', 'type', 'bridge');
-    ipNs('addr', 'add', '10.44.0.1/24', 'dev', 'br0');
-    ipNs('link', 'set', 'br0', 'up');
+    await $`ip netns add ${ns}`;
+    await $`ip -n ${ns} link add br0 type bridge`;
+    await $`ip -n ${ns} addr add 10.44.0.1/24 dev br0`;
+    await $`ip -n ${ns} link set br0 up`;
     const net = { mode: 'bridge' as const, bridge: 'br0', netns: ns, network: '10.44.0.0/24' };
     const img = await vm.loadImage((await build({ definitionPath: image('minimal') })).dir);
     const h = await vm.bootTemplate(img, { name: 'br-tpl', net });
@@ -30,7 +29,7 @@ describe.skipIf(!isRoot)('bridge networking (needs root)', () => {
   });
   afterAll(async () => {
     for (const v of await vm.list()) await vm.removeVm(v.name);
-    try { execFileSync('ip', ['netns', 'del', ns]); } catch { /* never made: the setup failure is what the run reports */ }
+    await $({ nothrow: true, quiet: true })`ip netns del ${ns}`; // never made: the setup failure is what the run reports
     rmSync(dirs.templates, { recursive: true, force: true });
     rmSync(dirs.run, { recursive: true, force: true });
   });

@@ -4,7 +4,8 @@
  * killed mid-request, and shutdown by SIGTERM and by SIGKILL + gc.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { spawn, execFileSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
+import { $ } from 'zx';
 import { randomBytes } from 'node:crypto';
 import { connect } from 'node:net';
 import { readdirSync } from 'node:fs';
@@ -125,10 +126,10 @@ describe('plain TCP', () => {
 describe('bridge networking', () => {
   it('routes to a clone\'s address on a bridge in the host namespace (the test\'s own bridge)', async () => {
     const br = `scsv${randomBytes(3).toString('hex')}`;
-    execFileSync('ip', ['link', 'add', br, 'type', 'bridge']);
+    await $`ip link add ${br} type bridge`;
     try {
-      execFileSync('ip', ['addr', 'add', '10.47.0.1/24', 'dev', br]);
-      execFileSync('ip', ['link', 'set', br, 'up']);
+      await $`ip addr add 10.47.0.1/24 dev ${br}`;
+      await $`ip link set ${br} up`;
       const img = await vm.loadImage((await build({ definitionPath: image('web') })).dir);
       await vm.freeze(await vm.bootTemplate(img, { name: 'webbr-tpl', net: { mode: 'bridge', bridge: br, network: '10.47.0.0/24' } }), img);
       const h = await serve(serveOptions('webbr-tpl', { port: '8080', listen: '127.0.0.1:0' }));
@@ -140,7 +141,7 @@ describe('bridge networking', () => {
         expect(r.text).toBe(`hello from ${c.hostname}\n`);
       } finally { await h.close(); }
       await vm.removeVm('webbr-tpl');
-    } finally { execFileSync('ip', ['link', 'del', br]); }
+    } finally { await $`ip link del ${br}`; }
   });
 });
 
