@@ -119,9 +119,8 @@ export async function main(argv: string[]): Promise<number> {
     case 'verify': {
       if (positionals.length !== 1) throw new ScionError('E_USAGE', 'scion verify needs exactly one image definition', { hint: 'scion verify images/minimal.yaml' });
       const { verify } = await import('../builder/verify.ts');
-      const progress = json ? undefined : buildProgress(err);
-      let shown = 0;
-      const r = await verify({ definitionPath: positionals[0], mirror: values.mirror, compression: compressionOf(values.compression), onEvent: progress && ((n, ev) => { if (n !== shown) { shown = n; err(`[verify] build ${n} of 2, from an empty cache`); } progress(ev); }) });
+      if (!json) err('[verify] two builds, one after the other, each from an empty cache in a temporary directory');
+      const r = await verify({ definitionPath: positionals[0], mirror: values.mirror, compression: compressionOf(values.compression), onEvent: json ? undefined : (n, ev) => { if (ev.type === 'step') err(`[verify] build ${n}: ${ev.step} done in ${(ev.ms / 1000).toFixed(1)} s`); } });
       if (json) console.log(JSON.stringify({ ok: r.identical, ...r }, null, 2));
       else if (r.identical) {
         console.log(`${r.name}: identical: two builds from empty caches gave the same bytes`);

@@ -92,6 +92,25 @@ async function fetchBlobTo(client: RegistryClient, title: string, digest: string
   if (got !== digest) throw new RegistryError('E_DIGEST_MISMATCH', `${title}: the bytes the registry sent hash to ${got}, the manifest names ${digest}`, { hint: 'the registry holds damaged or altered data; nothing was written' });
 }
 
+/** Replace `finalDir` by `tmp` whole. Another pull finishing in between (the same directory appears again) gets one retry. */
+async function swapInto(tmp: string, finalDir: string): Promise<void> {
+  for (let attempt = 0; ; attempt++) {
+    const old = `${finalDir}.old-${process.pid}-${randomBytes(3).toString('hex')}`;
+    const hadOld = await stat(finalDir).then(() => true, () => false);
+    if (hadOld) await rename(finalDir, old).catch((e) => { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e; });
+    try {
+      await rename(tmp, finalDir);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if ((code === 'ENOTEMPTY' || code === 'EEXIST') && attempt === 0) continue;
+      throw e;
+    } finally {
+      if (hadOld) await rm(old, { recursive: true, force: true });
+    }
+    return;
+  }
+}
+
 export async function pull(refText: string, outDir: string, opts: PullOptions = {}): Promise<PullResult> {
   const ref = parseReference(refText);
   const client = new RegistryClient(ref, opts);
@@ -119,11 +138,7 @@ export async function pull(refText: string, outDir: string, opts: PullOptions = 
       if (`sha256:${inner?.outputs?.[f]?.sha256}` !== layer.digest) throw new ArtifactError('E_DIGEST_MISMATCH', `${refText}: ${f} is not the one its manifest.json names`, { hint: 'the artifact was assembled from different builds; push it again from one build directory' });
     }
     const finalDir = join(outDir, name);
-    const old = `${finalDir}.old-${process.pid}-${randomBytes(3).toString('hex')}`;
-    const hadOld = await stat(finalDir).then(() => true, () => false);
-    if (hadOld) await rename(finalDir, old);
-    await rename(tmp, finalDir);
-    if (hadOld) await rm(old, { recursive: true, force: true });
+    await swapInto(tmp, finalDir);
     return { reference: formatReference({ ...ref, digest }), digest, name, dir: finalDir, files: m.layers.map((l) => ({ name: l.annotations![TITLE], size: l.size, digest: l.digest })) };
   } catch (e) {
     await rm(tmp, { recursive: true, force: true });
