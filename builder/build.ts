@@ -11,9 +11,9 @@ import { randomBytes } from 'node:crypto';
 import { BuildError } from '../common/errors.ts';
 import { runBuffer } from '../common/run.ts';
 import { GUEST_IMAGE_CONFIG, type GuestImageConfig, type ContainerSpec } from '../common/contracts.ts';
-import { BlobCache, sha256 } from './cache.ts';
+import { BlobCache, sha256, atomicWrite } from './cache.ts';
 import { DebianArchive, mirrorFromAptSources } from './debian/archive.ts';
-import { extractDeb, decompress, type TarEntry } from './debian/deb.ts';
+import { debDataTar, dataTarEntries, decompress, type TarEntry } from './debian/deb.ts';
 import { resolve as resolveDeps, type PackageIndex } from './debian/resolver.ts';
 import { parseDefinition, type ImageDefinition } from './schema.ts';
 import { readLock, writeLock, sameRoots, serialiseLock, type Lockfile, type LockedPackage } from './lock.ts';
@@ -139,6 +139,22 @@ async function mapLimit<T, R>(items: T[], limit: number, fn: (t: T) => Promise<R
   return out;
 }
 
+/** A .deb this large (the kernel's) keeps its decompressed data.tar in the cache: xz costs seconds per build. */
+const DATA_TAR_CACHE_MIN_BYTES = 8 * 1024 * 1024;
+
+/** The decompressed data.tar of a .deb, from the cache when this .deb was decompressed before (content-addressed: a damaged copy is never used). */
+async function cachedDataTar(cache: BlobCache, p: LockedPackage, deb: Buffer): Promise<Buffer> {
+  const label = `${p.name} ${p.version}`;
+  if (deb.length < DATA_TAR_CACHE_MIN_BYTES) return debDataTar(deb, label);
+  const ref = cache.refPath(`data-tar-${p.sha256}`);
+  const hash = await readFile(ref, 'utf8').then((t) => t.trim(), () => undefined);
+  const hit = hash && /^[0-9a-f]{64}$/.test(hash) ? await cache.get(hash) : undefined;
+  if (hit) return hit;
+  const tar = await debDataTar(deb, label);
+  await atomicWrite(ref, await cache.put(tar));
+  return tar;
+}
+
 export async function build(opts: BuildOptions): Promise<BuildResult> {
   const emit = opts.onEvent ?? (() => undefined);
   const steps: Record<string, number> = {};
@@ -205,7 +221,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   const controls = new Map<string, Record<string, string>>();
   await mapLimit([...all.values()], 2, async (p) => {
     const deb = debs.get(p.sha256)!;
-    extracted.set(p.sha256, await extractDeb(deb, `${p.name} ${p.version}`));
+    extracted.set(p.sha256, await dataTarEntries(await cachedDataTar(cache, p, deb)));
     controls.set(p.sha256, await readControl(deb, `${p.name} ${p.version}`));
   });
   debs.clear();

@@ -86,12 +86,16 @@ export function readTar(buf: Buffer): Promise<TarEntry[]> {
   });
 }
 
-/** The files of a .deb's data.tar, in archive order. */
-export async function extractDeb(deb: Buffer, label = 'package'): Promise<TarEntry[]> {
-  const members = parseAr(deb);
-  const data = members.find((m) => m.name.startsWith('data.tar'));
+/** The .deb's data.tar, decompressed. */
+export async function debDataTar(deb: Buffer, label = 'package'): Promise<Buffer> {
+  const data = parseAr(deb).find((m) => m.name.startsWith('data.tar'));
   if (!data) throw new ArchiveError('E_DEB_FORMAT', `${label}: no data.tar member in the .deb`);
-  const entries = await readTar(await decompress(data.name, data.data));
+  return decompress(data.name, data.data);
+}
+
+/** The files of a decompressed data.tar, in archive order; hard links get their target's bytes. */
+export async function dataTarEntries(tarBytes: Buffer): Promise<TarEntry[]> {
+  const entries = await readTar(tarBytes);
   // hard links in a data.tar point at an earlier path; give them its bytes
   const byPath = new Map(entries.map((e) => [e.path, e]));
   for (const e of entries) {
@@ -101,6 +105,11 @@ export async function extractDeb(deb: Buffer, label = 'package'): Promise<TarEnt
     }
   }
   return entries;
+}
+
+/** The files of a .deb's data.tar, in archive order. */
+export async function extractDeb(deb: Buffer, label = 'package'): Promise<TarEntry[]> {
+  return dataTarEntries(await debDataTar(deb, label));
 }
 
 /** The package's own control stanza (control.tar's ./control): Package, Version, Architecture, Depends… */
