@@ -1,16 +1,15 @@
 /**
  * What `up` and `boot` accept as an image: a definition (built, cached), a
  * built image directory, or an OCI reference (pulled and verified into the
- * cache, one directory per reference).
+ * cache, one directory per manifest digest; downloaded once).
  */
 import { stat } from 'node:fs/promises';
-import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { build, type BuildEvent } from '../builder/build.ts';
 import { defaultCacheDir } from '../builder/cache.ts';
 import { ScionError } from '../common/errors.ts';
 import { looksLikeReference } from '../registry/reference.ts';
-import { pull } from '../registry/transfer.ts';
+import { pullCached } from '../registry/transfer.ts';
 
 export interface ImageSourceOptions { onBuildEvent?: (e: BuildEvent) => void; log?: (m: string) => void; insecure?: boolean; cacheDir?: string }
 
@@ -30,10 +29,8 @@ export async function resolveImage(arg: string, opts: ImageSourceOptions = {}): 
   if (kind === 'definition') return { dir: (await build({ definitionPath: arg, onEvent: opts.onBuildEvent })).dir, kind };
   if (kind === 'directory') return { dir: arg, kind };
   if (kind === 'reference') {
-    const slot = createHash('sha256').update(arg).digest('hex').slice(0, 16);
-    opts.log?.(`pulling ${arg}`);
-    const r = await pull(arg, join(opts.cacheDir ?? defaultCacheDir(), 'images', slot), { insecure: opts.insecure, log: opts.log });
-    opts.log?.(`pulled ${r.name} (${r.digest})`);
+    const r = await pullCached(arg, join(opts.cacheDir ?? defaultCacheDir(), 'images'), { insecure: opts.insecure, log: opts.log });
+    opts.log?.(r.cached ? `${arg}: ${r.name} (${r.digest}) is in the cache, every digest checked` : `pulled ${r.name} (${r.digest})`);
     return { dir: r.dir, kind };
   }
   throw new ScionError('E_IMAGE_MISSING', `${arg}: neither an image definition (.yaml), a built image directory, nor a registry reference`, { hint: 'e.g. images/web.yaml, out/web, or 127.0.0.1:5000/scion/web:1.0' });

@@ -8,7 +8,7 @@
  * previous copy as it was.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { validName } from '../common/names.ts';
 import { SCION_VERSION } from '../common/version.ts';
@@ -111,16 +111,22 @@ async function swapInto(tmp: string, finalDir: string): Promise<void> {
   }
 }
 
-export async function pull(refText: string, outDir: string, opts: PullOptions = {}): Promise<PullResult> {
-  const ref = parseReference(refText);
-  const client = new RegistryClient(ref, opts);
+/** The artifact manifest a reference names, its digest checked. */
+async function fetchManifest(client: RegistryClient, refText: string) {
+  const ref = client.ref;
   const { bytes, statedDigest } = await client.getManifest(ref.digest ?? ref.tag!, MANIFEST_MEDIA_TYPE);
   const digest = sha256(bytes);
   if (ref.digest && digest !== ref.digest) throw new RegistryError('E_DIGEST_MISMATCH', `${refText}: the manifest the registry sent hashes to ${digest}`, { hint: 'the registry holds damaged or altered data' });
   if (statedDigest && statedDigest !== digest) throw new RegistryError('E_DIGEST_MISMATCH', `${refText}: the registry states manifest digest ${statedDigest}, the bytes hash to ${digest}`);
   let raw: unknown;
   try { raw = JSON.parse(bytes.toString('utf8')); } catch { throw new ArtifactError('E_NOT_SCION_IMAGE', `${refText}: the manifest is not JSON`); }
-  const m = checkArtifactManifest(refText, raw);
+  return { digest, manifest: checkArtifactManifest(refText, raw) };
+}
+
+export async function pull(refText: string, outDir: string, opts: PullOptions = {}): Promise<PullResult> {
+  const ref = parseReference(refText);
+  const client = new RegistryClient(ref, opts);
+  const { digest, manifest: m } = await fetchManifest(client, refText);
   await mkdir(outDir, { recursive: true });
   const tmp = join(outDir, `.pull-${process.pid}-${randomBytes(4).toString('hex')}`);
   await mkdir(tmp, { mode: 0o755 });
@@ -144,4 +150,24 @@ export async function pull(refText: string, outDir: string, opts: PullOptions = 
     await rm(tmp, { recursive: true, force: true });
     throw e;
   }
+}
+
+/**
+ * Pull into `<cacheDir>/<manifest digest>/`, unless that directory already
+ * holds every file of this manifest with its digest (checked, not assumed):
+ * `up` and `boot` with a reference download an image once.
+ */
+export async function pullCached(refText: string, cacheDir: string, opts: PullOptions = {}): Promise<PullResult & { cached: boolean }> {
+  const ref = parseReference(refText);
+  const client = new RegistryClient(ref, opts);
+  const { digest, manifest } = await fetchManifest(client, refText);
+  const slot = join(cacheDir, digest.replace(':', '-'));
+  const names = await readdir(slot).catch(() => [] as string[]);
+  const image = names.find((n) => !n.startsWith('.'));
+  if (image) {
+    const dir = join(slot, image);
+    const same = await Promise.all(manifest.layers.map(async (l) => sha256(await readBytesNoFollow(join(dir, l.annotations![TITLE])).catch(() => Buffer.alloc(0))) === l.digest));
+    if (same.every(Boolean)) return { reference: formatReference({ ...ref, digest }), digest, name: image, dir, files: manifest.layers.map((l) => ({ name: l.annotations![TITLE], size: l.size, digest: l.digest })), cached: true };
+  }
+  return { ...(await pull(formatReference({ ...ref, tag: undefined, digest }), slot, opts)), cached: false };
 }

@@ -11,7 +11,7 @@ import { readFileSync, writeFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { $ } from 'zx';
 import { build } from '../../builder/build.ts';
-import { push, pull } from '../../registry/transfer.ts';
+import { push, pull, pullCached } from '../../registry/transfer.ts';
 import { ARTIFACT_TYPE, LAYER_TYPES } from '../../registry/artifact.ts';
 import { image, tmp, cleanupTmp, isolateRunDirs, removeEverything, scionQemuPids, ROOT } from './helpers.ts';
 import { startRegistry, type TestRegistry } from './registry-helper.ts';
@@ -104,6 +104,20 @@ describe('push and pull', () => {
     for (const f of Object.keys(LAYER_TYPES)) writeFileSync(join(copy, f), readFileSync(join(dir, f)));
     writeFileSync(join(copy, 'vmlinuz'), Buffer.concat([readFileSync(join(dir, 'vmlinuz')), Buffer.from('x')]));
     await expect(push(copy, `${reg.host}/scion/minimal:changed`)).rejects.toMatchObject({ code: 'E_DIGEST_MISMATCH', message: expect.stringContaining('vmlinuz does not match the SHA-256 in its manifest.json') });
+  });
+
+  it('a reference is downloaded once into the cache (by manifest digest); a damaged cached copy is pulled again', async () => {
+    const cache = tmp('image-cache');
+    const a = await pullCached(`${reg.host}/scion/minimal:1.0`, cache);
+    expect(a).toMatchObject({ cached: false, digest, dir: join(cache, digest.replace(':', '-'), 'minimal') });
+    const gets = reg.requests('GET', '/blobs/');
+    const b = await pullCached(`${reg.host}/scion/minimal:1.1`, cache); // the same build under another tag
+    expect(b).toMatchObject({ cached: true, dir: a.dir });
+    expect(reg.requests('GET', '/blobs/')).toBe(gets);
+    writeFileSync(join(a.dir, 'vmlinuz'), 'not a kernel');
+    const c = await pullCached(`${reg.host}/scion/minimal:1.0`, cache);
+    expect(c.cached).toBe(false);
+    expect(readFileSync(join(c.dir, 'vmlinuz')).equals(readFileSync(join(dir, 'vmlinuz')))).toBe(true);
   });
 
   it('scion boot <reference> pulls, verifies and boots it', async () => {
