@@ -9,6 +9,7 @@ import { dirname, join, resolve as resolvePath, basename } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { randomBytes } from 'node:crypto';
 import { BuildError } from '../common/errors.ts';
+import { removeOnInterrupt } from '../common/interrupt.ts';
 import { runBuffer } from '../common/run.ts';
 import { GUEST_IMAGE_CONFIG, type GuestImageConfig, type ContainerSpec } from '../common/contracts.ts';
 import { BlobCache, sha256, atomicWrite } from './cache.ts';
@@ -359,6 +360,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   const finalDir = join(outRoot, def.name);
   const tmpDir = join(outRoot, `.${def.name}.tmp-${process.pid}-${randomBytes(3).toString('hex')}`);
   await mkdir(tmpDir, { recursive: true });
+  const forget = removeOnInterrupt(tmpDir);
   try {
     await writeFile(join(tmpDir, 'vmlinuz'), km.vmlinuz.data!);
     await writeFile(join(tmpDir, 'initrd.img'), initrd);
@@ -436,6 +438,8 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   } catch (e) {
     await rm(tmpDir, { recursive: true, force: true });
     throw e;
+  } finally {
+    forget();
   }
 }
 

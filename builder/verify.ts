@@ -11,6 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { runBuffer } from '../common/run.ts';
+import { removeOnInterrupt } from '../common/interrupt.ts';
 import { build, OUTPUT_FILES, type BuildEvent, type BuildResult, type Compression } from './build.ts';
 import { parseCpio, firstCpioDifference, firstLineDifference } from './compare.ts';
 
@@ -64,6 +65,7 @@ export async function compareBuilds(a: BuildResult, b: BuildResult, compression:
 
 export async function verify(opts: VerifyOptions): Promise<VerifyResult> {
   const root = await mkdtemp(join(opts.tmpDir ?? tmpdir(), 'scion-verify-'));
+  const forget = removeOnInterrupt(root);
   try {
     const results: BuildResult[] = [];
     const ms: number[] = [];
@@ -93,5 +95,6 @@ export async function verify(opts: VerifyOptions): Promise<VerifyResult> {
     };
   } finally {
     await rm(root, { recursive: true, force: true });
+    forget();
   }
 }

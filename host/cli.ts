@@ -5,6 +5,7 @@
 import { parseArgs } from 'node:util';
 import { describeError, exitCodeFor, EXIT, ScionError } from '../common/errors.ts';
 import { SCION_VERSION } from '../common/version.ts';
+import { installInterruptCleanup } from '../common/interrupt.ts';
 import { build } from '../builder/build.ts';
 import { buildProgress, fmtBytes } from './progress.ts';
 
@@ -71,7 +72,8 @@ Environment: SCION_RUN_DIR (default /run/scion for root, else $XDG_RUNTIME_DIR/s
 Exit codes: 0 ok; 1 error (the message names what and why; --json prints {ok:false,error:{code,…}});
             2 usage; 3 image definition or lock invalid; 4 network (mirror, npm or registry
             unreachable or answering an error); 5 verification failed (not reproducible, a digest,
-            hash or signature that does not match).`;
+            hash or signature that does not match); 130/143 interrupted (build, verify
+            and pull remove their temporary directories first).`;
 
 
 export async function main(argv: string[]): Promise<number> {
@@ -101,6 +103,8 @@ export async function main(argv: string[]): Promise<number> {
   if (values.help) { console.log(HELP); return 0; }
   const json = !!values.json;
   const err = (s: string) => process.stderr.write(s + '\n');
+  // long file-making steps: an interrupt removes their temporary directories (serve, up and the VM commands keep their own handling)
+  if (['build', 'verify', 'pull', 'push'].includes(cmd)) installInterruptCleanup((m) => err(`scion: ${m}`));
   switch (cmd) {
     case 'build': {
       if (positionals.length !== 1) throw new ScionError('E_USAGE', 'scion build needs exactly one image definition', { hint: 'scion build images/minimal.yaml --out out' });

@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { validName } from '../common/names.ts';
 import { SCION_VERSION } from '../common/version.ts';
 import { ScionError } from '../common/errors.ts';
+import { removeOnInterrupt } from '../common/interrupt.ts';
 import { readBytesNoFollow } from '../common/safe-fs.ts';
 import { artifactManifest, checkArtifactManifest, ArtifactError, LAYER_TYPES, MANIFEST_MEDIA_TYPE, EMPTY_CONFIG, TITLE } from './artifact.ts';
 import { RegistryClient, RegistryError, type ClientOptions } from './client.ts';
@@ -130,6 +131,7 @@ export async function pull(refText: string, outDir: string, opts: PullOptions = 
   await mkdir(outDir, { recursive: true });
   const tmp = join(outDir, `.pull-${process.pid}-${randomBytes(4).toString('hex')}`);
   await mkdir(tmp, { mode: 0o755 });
+  const forget = removeOnInterrupt(tmp);
   try {
     for (const l of m.layers) {
       const title = l.annotations![TITLE];
@@ -149,6 +151,8 @@ export async function pull(refText: string, outDir: string, opts: PullOptions = 
   } catch (e) {
     await rm(tmp, { recursive: true, force: true });
     throw e;
+  } finally {
+    forget();
   }
 }
 

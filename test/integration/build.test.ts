@@ -61,6 +61,19 @@ describe('reproducible builds', () => {
     expect(readdirSync(tmpdir()).filter((d) => d.startsWith('scion-verify-'))).toEqual([]);
   });
 
+  it('an interrupted `scion verify` (SIGINT) removes its temporary builds and exits 130', async () => {
+    const t = tmp('verify-int');
+    const p = $({ nothrow: true, quiet: true, env: { ...process.env, TMPDIR: t } })`${process.execPath} ${join(ROOT, 'bin/scion.js')} verify ${image('minimal')}`;
+    for (let i = 0; i < 300 && !readdirSync(t).some((d) => d.startsWith('scion-verify-') && readdirSync(join(t, d)).length); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(readdirSync(t).filter((d) => d.startsWith('scion-verify-'))).toHaveLength(1); // it started making them
+    await new Promise((r) => setTimeout(r, 1000)); // into the download
+    p.kill('SIGINT');
+    const r = await p;
+    expect(r.exitCode).toBe(130);
+    expect(r.stderr).toMatch(/scion: interrupted: removed .*scion-verify-/);
+    expect(readdirSync(t).filter((d) => d.startsWith('scion-'))).toEqual([]); // (tsx, which runs the checkout's CLI, keeps its cache there)
+  });
+
   it('the SBOM is valid CycloneDX 1.6 and lists exactly the packages of the lock, with purls, hashes and relations', async () => {
     const text = readFileSync(first.sbom, 'utf8');
     expect(await new CDX.Validation.JsonStrictValidator(CDX.Spec.Version.v1dot6).validate(text)).toBeNull();
