@@ -122,7 +122,8 @@ export class RegistryClient {
       const headers: Record<string, string> = { ...init.headers, ...(this.#auth ? { authorization: this.#auth } : {}) };
       const res = await this.fetch(url, { method, headers, body: init.body as BodyInit | undefined, redirect: 'follow' });
       if (res.status === 401 && attempt === 0) { await res.body?.cancel(); await this.authenticate(res, scope); continue; }
-      if (res.status === 401 || res.status === 403) { await res.body?.cancel(); throw this.denied(res.status, this.#auth ? 'refused the credentials in the Docker config' : 'needs credentials'); }
+      if (res.status === 403) { await res.body?.cancel(); throw this.denied(403, this.#auth ? 'denies these credentials access to the repository' : 'denies anonymous access to the repository'); }
+      if (res.status === 401) { await res.body?.cancel(); throw this.denied(401, this.#auth ? 'refused the credentials in the Docker config' : 'needs credentials'); }
       return res;
     }
   }

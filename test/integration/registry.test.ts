@@ -142,6 +142,20 @@ describe('credentials', () => {
     return d;
   };
 
+  it('403 (an account without access) says so', async () => {
+    // a stand-in, said plainly: Debian's registry with htpasswd has no per-repository access
+    // rules, so it can never answer 403; a token service with ACLs is what would
+    const { createServer } = await import('node:http');
+    const server = createServer((req, res) => { res.writeHead(403, { 'content-type': 'application/json' }); res.end('{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}'); });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    try {
+      const host = `127.0.0.1:${(server.address() as any).port}`;
+      await expect(push(dir, `${host}/scion/minimal:1.0`, { dockerConfig: join(withConfig('ci:s3cret'), 'config.json') })).rejects.toMatchObject({
+        code: 'E_REGISTRY_DENIED', message: `${host}/scion/minimal: HTTP 403: the registry denies anonymous access to the repository`, hint: expect.stringContaining('no access to this repository'),
+      });
+    } finally { server.close(); }
+  });
+
   it('401 without credentials, 401 with wrong ones (each says what to do), and a push with the right ones', async () => {
     await expect(push(dir, `${locked.host}/scion/minimal:1.0`, { dockerConfig: join(withConfig(), 'config.json') })).rejects.toMatchObject({
       code: 'E_REGISTRY_AUTH', message: `${locked.host}/scion/minimal: HTTP 401: the registry asks for credentials and the Docker config has none for it`,

@@ -38,6 +38,12 @@ describe('OCI images', () => {
     const files = Object.fromEntries([...img.files].filter(([, e]) => e.type === 'file').map(([p, e]) => [p, e.data!.toString()]));
     expect(files).toEqual({ '/etc/b': 'B', '/data/new': 'N', '/bin/tool': 'v2' });
     expect(img.config.config.Cmd).toEqual(['/bin/tool']);
+    // the layers by digest, for the SBOM and the provenance
+    expect(img.layers).toEqual([l1, l2].map((l) => ({ ...l, mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip' })));
+    // a layer whose bytes do not match its digest is refused
+    const victim = join(dir, 'blobs/sha256', l2.digest.slice(7));
+    writeFileSync(victim, Buffer.concat([readFileSync(victim), Buffer.from('x')]));
+    await expect(readOciImage(dir)).rejects.toMatchObject({ code: 'E_OCI_DIGEST', message: `${dir}: layer ${l2.digest} does not match its digest` });
     rmSync(dir, { recursive: true, force: true });
   });
 
