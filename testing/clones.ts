@@ -83,7 +83,8 @@ function startReaper(): { stop(): void } {
   const here = fileURLToPath(new URL('.', import.meta.url));
   const js = `${here}reaper.js`;
   const ts = `${here}reaper.ts`;
-  const args = existsSync(js) ? [js] : ['--import', 'tsx', ts]; // a checkout runs the source through tsx
+  // a checkout runs the source through tsx (resolved from here, not from the caller's working directory)
+  const args = existsSync(js) ? [js] : ['--import', import.meta.resolve('tsx'), ts];
   const child = spawn(process.execPath, [...args, String(process.pid)], { detached: true, stdio: 'ignore', env: process.env });
   child.unref();
   return { stop: () => { try { process.kill(child.pid!, 'SIGTERM'); } catch { /* already gone */ } } };
