@@ -4,12 +4,13 @@
  * pure modules it calls. Outputs are written to a temporary directory and
  * swapped in whole: a failed build leaves the previous artifacts untouched.
  */
-import { readFile, rm, rename, mkdir, stat, writeFile } from 'node:fs/promises';
+import { readFile, rm, mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve as resolvePath, basename } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { randomBytes } from 'node:crypto';
 import { BuildError } from '../common/errors.ts';
 import { removeOnInterrupt } from '../common/interrupt.ts';
+import { replaceDirectory } from '../common/safe-fs.ts';
 import { runBuffer } from '../common/run.ts';
 import { GUEST_IMAGE_CONFIG, type GuestImageConfig, type ContainerSpec } from '../common/contracts.ts';
 import { BlobCache, sha256, atomicWrite } from './cache.ts';
@@ -407,11 +408,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
     await writeFile(join(tmpDir, 'provenance.intoto.json'), provenanceText);
     const outputs: BuildOutput[] = ([['vmlinuz', km.vmlinuz.data!], ['initrd.img', initrd], ['manifest.json', manifestText], ['sbom.cdx.json', sbomText], ['provenance.intoto.json', provenanceText]] as [string, Buffer | string][])
       .map(([name, data]) => ({ name, path: join(finalDir, name), size: Buffer.byteLength(data), sha256: sha256(data) }));
-    const old = `${finalDir}.old-${process.pid}`;
-    const hadOld = await stat(finalDir).then(() => true, () => false);
-    if (hadOld) await rename(finalDir, old);
-    await rename(tmpDir, finalDir);
-    if (hadOld) await rm(old, { recursive: true, force: true });
+    await replaceDirectory(tmpDir, finalDir);
     const newLockText = lockText;
     const oldLockText = await readFile(lockPath, 'utf8').catch(() => '');
     const lockChanged = newLockText !== oldLockText;

@@ -5,7 +5,6 @@
  * one complete copy and never read a half-written one. A blob whose bytes do
  * not match its name is deleted and treated as missing (never used).
  */
-import { createHash } from 'node:crypto';
 import { mkdir, readFile, unlink } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { atomicWrite as safeAtomicWrite } from '../common/safe-fs.ts';
@@ -16,7 +15,8 @@ export function defaultCacheDir(): string {
   return join(base, 'scion');
 }
 
-export const sha256 = (b: Uint8Array | string) => createHash('sha256').update(b).digest('hex');
+import { sha256 } from './digest.ts';
+export { sha256, ociDigest } from './digest.ts';
 
 /** common/safe-fs atomicWrite, making the directory first (build outputs and the cache live where the user says). */
 export async function atomicWrite(path: string, data: Uint8Array | string, mode = 0o644): Promise<void> {

@@ -5,7 +5,7 @@
  */
 import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { createHash } from 'node:crypto';
+import { ociDigest } from './digest.ts';
 import { gunzipSync } from 'node:zlib';
 import { BuildError } from '../common/errors.ts';
 import type { ContainerDef } from './schema.ts';
@@ -77,7 +77,6 @@ async function readBlob(layoutDir: string, digest: string): Promise<Buffer> {
 /** Read an OCI image layout directory (skopeo copy oci:, umoci) or a `docker save`/OCI tar archive. */
 export interface LayerDescriptor { digest: string; size: number; mediaType: string }
 
-const digestOf = (b: Buffer) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
 
 export async function readOciImage(path: string): Promise<{ files: Map<string, TarEntry>; config: any; layers: LayerDescriptor[] }> {
   let st;
@@ -92,7 +91,7 @@ export async function readOciImage(path: string): Promise<{ files: Map<string, T
     const descriptors: LayerDescriptor[] = [];
     for (const l of manifest.layers) {
       let data = await readBlob(path, l.digest);
-      if (digestOf(data) !== l.digest) throw new BuildError('E_OCI_DIGEST', `${path}: layer ${l.digest} does not match its digest`, { hint: 'the image layout is damaged; copy the image again' });
+      if (ociDigest(data) !== l.digest) throw new BuildError('E_OCI_DIGEST', `${path}: layer ${l.digest} does not match its digest`, { hint: 'the image layout is damaged; copy the image again' });
       descriptors.push({ digest: l.digest, size: data.length, mediaType: String(l.mediaType) });
       if (String(l.mediaType).includes('gzip') || (data[0] === 0x1f && data[1] === 0x8b)) data = gunzipSync(data);
       layers.push(await readTar(data));
@@ -111,7 +110,7 @@ export async function readOciImage(path: string): Promise<{ files: Map<string, T
     for (const l of m.Layers as string[]) {
       let data = byPath.get(normalisePath(l))?.data;
       if (!data) throw new BuildError('E_OCI_FORMAT', `${path}: layer ${l} is missing`);
-      descriptors.push({ digest: digestOf(data), size: data.length, mediaType: data[0] === 0x1f && data[1] === 0x8b ? 'application/vnd.docker.image.rootfs.diff.tar.gzip' : 'application/vnd.docker.image.rootfs.diff.tar' });
+      descriptors.push({ digest: ociDigest(data), size: data.length, mediaType: data[0] === 0x1f && data[1] === 0x8b ? 'application/vnd.docker.image.rootfs.diff.tar.gzip' : 'application/vnd.docker.image.rootfs.diff.tar' });
       if (data[0] === 0x1f && data[1] === 0x8b) data = gunzipSync(data);
       layers.push(await readTar(data));
     }

@@ -3,8 +3,10 @@
  * Provenance v1. Pure and deterministic: no timestamps, no invocation id, no
  * host names; what the build read is named by digest. Sign it with any
  * in-toto tool, e.g. `cosign attest-blob --type slsaprovenance1 --predicate …`
- * (README: "Signing the provenance").
+ * (README: "In CI").
  */
+import { integrityHex } from './digest.ts';
+
 export const BUILD_TYPE = 'https://scion.dev/buildtypes/image/v1';
 export const BUILDER_ID = 'https://scion.dev/builder/scion-build';
 
@@ -30,7 +32,7 @@ export function provenanceJson(i: ProvenanceInput): string {
   const mirror = i.mirror.replace(/\/+$/, '');
   const byUri = new Map<string, { uri: string; name?: string; digest: Record<string, string>; annotations?: Record<string, string> }>();
   for (const p of i.packages) byUri.set(`${mirror}/${p.filename}`, { uri: `${mirror}/${p.filename}`, name: `${p.name}_${p.version}`, digest: { sha256: p.sha256 } });
-  const rt = { uri: i.runtime.url, name: `${i.runtime.package}@${i.runtime.version}`, digest: { sha256: i.runtime.sha256, sha512: Buffer.from(i.runtime.integrity.replace(/^sha512-/, ''), 'base64').toString('hex') } };
+  const rt = { uri: i.runtime.url, name: `${i.runtime.package}@${i.runtime.version}`, digest: { sha256: i.runtime.sha256, sha512: integrityHex(i.runtime.integrity) } };
   const layers = i.containerImages.flatMap((c) => c.layers.map((l) => ({ uri: `oci-layout:${c.path}@${l.digest}`, name: `${c.name} layer`, digest: { sha256: l.digest.replace(/^sha256:/, '') } })));
   const files = i.userFiles.filter((f) => f.source).map((f) => ({ uri: `file:${f.source}`, name: f.path, digest: { sha256: f.sha256 } }));
   const statement = {

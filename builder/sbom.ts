@@ -15,6 +15,7 @@ import { createHash } from 'node:crypto';
 import * as CDX from '@cyclonedx/cyclonedx-library';
 import { PackageURL } from 'packageurl-js';
 import { parseDepends } from './debian/control.ts';
+import { integrityHex } from './digest.ts';
 
 export interface SbomPackage {
   name: string;
@@ -62,7 +63,6 @@ export function debPurl(p: { name: string; version: string; architecture: string
   return new PackageURL('deb', 'debian', p.name, p.version, { arch: p.architecture, distro: codename }, undefined).toString();
 }
 
-const hexOfIntegrity = (integrity: string) => Buffer.from(integrity.replace(/^sha512-/, ''), 'base64').toString('hex');
 
 export function sbomJson(input: SbomInput): string {
   const { Models, Enums, Spec, Serialize } = CDX;
@@ -104,7 +104,7 @@ export function sbomJson(input: SbomInput): string {
     purl: new PackageURL('npm', undefined, rt.package, rt.version, undefined, undefined).toString(),
     description: 'the Node.js runtime of the guest agent',
   });
-  runtime.hashes.set(Enums.HashAlgorithm['SHA-512'], hexOfIntegrity(rt.integrity));
+  runtime.hashes.set(Enums.HashAlgorithm['SHA-512'], integrityHex(rt.integrity));
   sha256(runtime, rt.tarballSha256);
   runtime.properties.add(new Models.Property('scion:npm:integrity', rt.integrity));
   bom.components.add(runtime);

@@ -9,7 +9,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { constants, lstatSync, mkdirSync, realpathSync, statfsSync, type Stats } from 'node:fs';
-import { open, rename, unlink } from 'node:fs/promises';
+import { open, rename, rm, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { ScionError } from './errors.ts';
 
@@ -116,3 +116,26 @@ export async function readBytesNoFollow(path: string): Promise<Buffer> {
   try { return await fh.readFile(); } finally { await fh.close(); }
 }
 
+
+/**
+ * Put the complete directory `tmp` in place of `dir`, whole: the old one is
+ * renamed aside, the new one renamed in, the old one removed. A reader sees
+ * the old or the new directory, never a mix. If another process puts its own
+ * copy there in between, one more round replaces it.
+ */
+export async function replaceDirectory(tmp: string, dir: string): Promise<void> {
+  for (let attempt = 0; ; attempt++) {
+    const old = `${dir}.old-${process.pid}-${randomBytes(3).toString('hex')}`;
+    const hadOld = await rename(dir, old).then(() => true, (e) => { if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false; throw e; });
+    try {
+      await rename(tmp, dir);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if ((code === 'ENOTEMPTY' || code === 'EEXIST') && attempt === 0) continue;
+      throw e;
+    } finally {
+      if (hadOld) await rm(old, { recursive: true, force: true });
+    }
+    return;
+  }
+}

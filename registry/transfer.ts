@@ -8,19 +8,20 @@
  * previous copy as it was.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { ociDigest } from '../builder/digest.ts';
 import { validName } from '../common/names.ts';
 import { SCION_VERSION } from '../common/version.ts';
 import { ScionError } from '../common/errors.ts';
 import { removeOnInterrupt } from '../common/interrupt.ts';
-import { readBytesNoFollow } from '../common/safe-fs.ts';
+import { readBytesNoFollow, replaceDirectory } from '../common/safe-fs.ts';
 import { artifactManifest, checkArtifactManifest, ArtifactError, LAYER_TYPES, MANIFEST_MEDIA_TYPE, EMPTY_CONFIG, TITLE } from './artifact.ts';
 import { RegistryClient, RegistryError, type ClientOptions } from './client.ts';
 import { parseReference, formatReference } from './reference.ts';
 
 export const DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024;
-const sha256 = (b: Uint8Array | string) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
+const sha256 = ociDigest;
 
 export interface PushOptions extends ClientOptions { chunkBytes?: number; log?: (m: string) => void }
 export interface PushResult { reference: string; digest: string; uploaded: string[]; skipped: string[]; bytesUploaded: number; requests: RegistryClient['counts'] }
@@ -93,25 +94,6 @@ async function fetchBlobTo(client: RegistryClient, title: string, digest: string
   if (got !== digest) throw new RegistryError('E_DIGEST_MISMATCH', `${title}: the bytes the registry sent hash to ${got}, the manifest names ${digest}`, { hint: 'the registry holds damaged or altered data; nothing was written' });
 }
 
-/** Replace `finalDir` by `tmp` whole. Another pull finishing in between (the same directory appears again) gets one retry. */
-async function swapInto(tmp: string, finalDir: string): Promise<void> {
-  for (let attempt = 0; ; attempt++) {
-    const old = `${finalDir}.old-${process.pid}-${randomBytes(3).toString('hex')}`;
-    const hadOld = await stat(finalDir).then(() => true, () => false);
-    if (hadOld) await rename(finalDir, old).catch((e) => { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e; });
-    try {
-      await rename(tmp, finalDir);
-    } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      if ((code === 'ENOTEMPTY' || code === 'EEXIST') && attempt === 0) continue;
-      throw e;
-    } finally {
-      if (hadOld) await rm(old, { recursive: true, force: true });
-    }
-    return;
-  }
-}
-
 /** The artifact manifest a reference names, its digest checked. */
 async function fetchManifest(client: RegistryClient, refText: string) {
   const ref = client.ref;
@@ -146,7 +128,7 @@ export async function pull(refText: string, outDir: string, opts: PullOptions = 
       if (`sha256:${inner?.outputs?.[f]?.sha256}` !== layer.digest) throw new ArtifactError('E_DIGEST_MISMATCH', `${refText}: ${f} is not the one its manifest.json names`, { hint: 'the artifact was assembled from different builds; push it again from one build directory' });
     }
     const finalDir = join(outDir, name);
-    await swapInto(tmp, finalDir);
+    await replaceDirectory(tmp, finalDir);
     return { reference: formatReference({ ...ref, digest }), digest, name, dir: finalDir, files: m.layers.map((l) => ({ name: l.annotations![TITLE], size: l.size, digest: l.digest })) };
   } catch (e) {
     await rm(tmp, { recursive: true, force: true });
