@@ -11,7 +11,7 @@ import { ScionError } from '../common/errors.ts';
 import { looksLikeReference } from '../registry/reference.ts';
 import { pullCached } from '../registry/transfer.ts';
 
-export interface ImageSourceOptions { onBuildEvent?: (e: BuildEvent) => void; log?: (m: string) => void; insecure?: boolean; cacheDir?: string }
+export interface ImageSourceOptions { onBuildEvent?: (e: BuildEvent) => void; log?: (m: string) => void; insecure?: boolean; cacheDir?: string; /** where a definition is built (default ./out) */ outDir?: string }
 
 export type ImageSourceKind = 'definition' | 'directory' | 'reference';
 
@@ -26,7 +26,7 @@ export function sourceKind(arg: string, exists: boolean): ImageSourceKind | unde
 export async function resolveImage(arg: string, opts: ImageSourceOptions = {}): Promise<{ dir: string; kind: ImageSourceKind }> {
   const exists = await stat(arg).then(() => true, () => false);
   const kind = sourceKind(arg, exists);
-  if (kind === 'definition') return { dir: (await build({ definitionPath: arg, onEvent: opts.onBuildEvent })).dir, kind };
+  if (kind === 'definition') return { dir: (await build({ definitionPath: arg, outDir: opts.outDir, onEvent: opts.onBuildEvent })).dir, kind };
   if (kind === 'directory') return { dir: arg, kind };
   if (kind === 'reference') {
     const r = await pullCached(arg, join(opts.cacheDir ?? defaultCacheDir(), 'images'), { insecure: opts.insecure, log: opts.log });

@@ -10,7 +10,8 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { build, type BuildEvent } from '../builder/build.ts';
+import type { BuildEvent } from '../builder/build.ts';
+import { resolveImage } from '../host/image-source.ts';
 import { ScionError } from '../common/errors.ts';
 import { validName } from '../common/names.ts';
 import { loadImage } from '../host/image.ts';
@@ -20,7 +21,7 @@ import { removeVm, connectAgent } from '../host/lifecycle.ts';
 import type { AgentClient } from '../host/agent-client.ts';
 
 export interface ClonesOptions {
-  /** the image definition (YAML) or a built image directory (out/<name>) */
+  /** the image definition (YAML), a built image directory (out/<name>) or an OCI reference (pulled into the cache) */
   image: string;
   /** how many clones (default 2) */
   count?: number;
@@ -94,7 +95,7 @@ export async function startClones(opts: ClonesOptions): Promise<CloneSet> {
   const log = opts.log ?? (() => undefined);
   const count = opts.count ?? 2;
   if (!Number.isInteger(count) || count < 1 || count > 64) throw new ScionError('E_USAGE', `count ${count}: use 1 to 64 clones`);
-  const dir = /\.ya?ml$/.test(opts.image) ? (await build({ definitionPath: opts.image, outDir: opts.outDir, onEvent: opts.onBuildEvent })).dir : opts.image;
+  const { dir } = await resolveImage(opts.image, { outDir: opts.outDir, onBuildEvent: opts.onBuildEvent, log });
   const img = await loadImage(dir);
   const owner = { pid: process.pid, kind: 'test' };
   // a template of our own: parallel test files and other scion users never share or remove it
