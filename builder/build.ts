@@ -9,6 +9,7 @@ import { dirname, join, resolve as resolvePath, basename } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { randomBytes } from 'node:crypto';
 import { BuildError } from '../common/errors.ts';
+import { config } from '../common/config.ts';
 import { removeOnInterrupt } from '../common/interrupt.ts';
 import { replaceDirectory } from '../common/safe-fs.ts';
 import { runBuffer } from '../common/run.ts';
@@ -32,7 +33,7 @@ import { stripElf } from './strip.ts';
 import { sbomJson, debArchitecture, resolvedDepends, type SbomPackage } from './sbom.ts';
 import { provenanceJson } from './provenance.ts';
 import { readControl } from './debian/deb.ts';
-import { SCION_VERSION, PACKAGE_ROOT } from '../common/version.ts';
+import { SCION_VERSION, packageRoot } from '../common/version.ts';
 import { existsSync } from 'node:fs';
 
 export type Compression = 'none' | 'gzip' | 'zstd';
@@ -79,7 +80,6 @@ export interface BuildResult {
   stepsMs: Record<string, number>;
 }
 
-const PROJECT_ROOT = PACKAGE_ROOT;
 /** Output file names, in the order a listing shows them. */
 export const OUTPUT_FILES = ['vmlinuz', 'initrd.img', 'manifest.json', 'sbom.cdx.json', 'provenance.intoto.json'] as const;
 /** Libraries the agent's Node binary links against (see `readelf -d node`). */
@@ -107,10 +107,10 @@ export function packageSets(def: ImageDefinition): Record<string, { roots: strin
 }
 
 /** Where `npm pack` puts the prebuilt agent (scripts/prepack.mjs); a checkout bundles from source instead. */
-export const PREBUILT_AGENT = join(PROJECT_ROOT, 'dist', 'guest-agent', 'agent.mjs');
+export const prebuiltAgentPath = (): string => join(packageRoot(), 'dist', 'guest-agent', 'agent.mjs');
 
 export async function bundleAgent(): Promise<Buffer> {
-  if (!existsSync(join(PROJECT_ROOT, 'guest-agent', 'main.ts'))) return readFile(PREBUILT_AGENT);
+  if (!existsSync(join(packageRoot(), 'guest-agent', 'main.ts'))) return readFile(prebuiltAgentPath());
   return bundleAgentFromSource();
 }
 
@@ -118,7 +118,7 @@ export async function bundleAgent(): Promise<Buffer> {
 export async function bundleAgentFromSource(): Promise<Buffer> {
   const esbuild = await import('esbuild');
   const r = await esbuild.build({
-    entryPoints: [join(PROJECT_ROOT, 'guest-agent', 'main.ts')],
+    entryPoints: [join(packageRoot(), 'guest-agent', 'main.ts')],
     bundle: true,
     platform: 'node',
     format: 'esm',
@@ -127,7 +127,7 @@ export async function bundleAgentFromSource(): Promise<Buffer> {
     minify: false,
     legalComments: 'none',
     banner: { js: '// scion guest agent (bundled)' },
-    absWorkingDir: PROJECT_ROOT,
+    absWorkingDir: packageRoot(),
   });
   return Buffer.from(r.outputFiles[0].contents);
 }
@@ -352,7 +352,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   step('assemble');
 
   // 5. write artifacts: temp dir, then swap
-  const mtime = opts.sourceDateEpoch ?? (Number(process.env.SOURCE_DATE_EPOCH) || 0);
+  const mtime = opts.sourceDateEpoch ?? config().sourceDateEpoch;
   const compression = opts.compression ?? 'none';
   const chunks = cpioChunks(tree, mtime);
   const raw = Buffer.concat(chunks);

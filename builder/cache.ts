@@ -6,13 +6,12 @@
  * not match its name is deleted and treated as missing (never used).
  */
 import { mkdir, readFile, unlink } from 'node:fs/promises';
-import { homedir } from 'node:os';
+import { config } from '../common/config.ts';
 import { atomicWrite as safeAtomicWrite } from '../common/safe-fs.ts';
 import { join, dirname } from 'node:path';
 
 export function defaultCacheDir(): string {
-  const base = process.env.XDG_CACHE_HOME || join(homedir(), '.cache');
-  return join(base, 'scion');
+  return config().cacheDir;
 }
 
 import { sha256 } from './digest.ts';

@@ -7,20 +7,20 @@ import { createHash } from 'node:crypto';
 import { gunzipSync } from 'node:zlib';
 import { readFile } from 'node:fs/promises';
 import { BuildError } from '../common/errors.ts';
+import { config } from '../common/config.ts';
 import { atomicWrite, type BlobCache } from './cache.ts';
 import { readTar } from './debian/deb.ts';
 import { download, type Progress } from './fetch.ts';
 
 export interface RuntimeSpec { package: string; version: string; integrity: string }
 
-export const NPM_REGISTRY = process.env.SCION_NPM_REGISTRY || 'https://registry.npmjs.org';
 
 function integrityOf(data: Buffer): string {
   return 'sha512-' + createHash('sha512').update(data).digest('base64');
 }
 
 export function runtimeUrl(spec: { package: string; version: string }): string {
-  return `${NPM_REGISTRY}/${spec.package}/-/${spec.package.split('/').pop()}-${spec.version}.tgz`;
+  return `${config().npmRegistry}/${spec.package}/-/${spec.package.split('/').pop()}-${spec.version}.tgz`;
 }
 
 export async function fetchRuntime(spec: RuntimeSpec, cache: BlobCache, onProgress?: Progress): Promise<{ node: Buffer; tarballSha256: string }> {

@@ -6,6 +6,7 @@ import { parseArgs } from 'node:util';
 import { describeError, exitCodeFor, EXIT, ScionError } from '../common/errors.ts';
 import { SCION_VERSION } from '../common/version.ts';
 import { installInterruptCleanup } from '../common/interrupt.ts';
+import { config } from '../common/config.ts';
 import { build } from '../builder/build.ts';
 import { buildProgress, fmtBytes } from './progress.ts';
 
@@ -155,7 +156,7 @@ export async function runCli(argv: string[]): Promise<number> {
     const json = argv.includes('--json');
     if (json) console.log(JSON.stringify({ ok: false, error: e instanceof ScionError ? e.toJSON() : { code: 'E_INTERNAL', message: String((e as Error)?.message ?? e) } }));
     process.stderr.write(`scion: ${describeError(e)}\n`);
-    if (!(e instanceof ScionError) && process.env.SCION_DEBUG) console.error(e);
+    if (!(e instanceof ScionError) && config().debug) console.error(e);
     return exitCodeFor(e);
   }
 }

@@ -20,6 +20,7 @@ import { vmPaths, vmsDir, templatePaths } from './store/dirs.ts';
 import { writeRecord, VM_FORMAT, type VmRecord } from './store/records.ts';
 import { createRunDir, reserveFirstFree, reservePort, release, slotName } from './store/slots.ts';
 import { removeVm } from './lifecycle.ts';
+import { config } from '../common/config.ts';
 
 export interface ForkOptions {
   n: number; parallel?: number; hostname?: string; namePrefix?: string; log?: (m: string) => void;
@@ -115,7 +116,7 @@ async function forkOne(tdir: string, meta: TemplateMeta, prefix: ValidName, opts
         name, mode: 'clone', accel: meta.accel, ramMB: meta.ramMB, cpus: 1, memory: meta.memory, cmdline: meta.cmdline, initrd: false,
         vmgenid: id.vmgenid, mac: id.mac, net, incoming: true, sandbox: true,
         // TCG's translation cache is private to each clone and fills up: a knob between speed and memory
-        tbSizeMB: Number(process.env.SCION_TB_SIZE_MB) || undefined,
+        tbSizeMB: config().tbSizeMB,
         disk: meta.disk ? { layers: ['base', 'template', 'clone'] } : undefined,
       };
       return {

@@ -13,19 +13,26 @@ import { join } from 'node:path';
 import { tmpdir } from 'node:os';
 import { atomicWrite, defaultCacheDir, sha256 } from '../../builder/cache.ts';
 import type { Accel } from './argv.ts';
+import { config } from '../../common/config.ts';
 
-export const QEMU = process.env.SCION_QEMU ?? 'qemu-system-x86_64';
+/** The QEMU binary (SCION_QEMU), read at each call. */
+export const qemuBinary = (): string => config().qemu;
 
-let versionCache: Promise<string> | undefined;
-/** The first line of `qemu-system-x86_64 --version` (E_COMMAND_MISSING, naming the package, if QEMU is not installed). */
+const versionCache = new Map<string, Promise<string>>();
+/** The first line of `qemu-system-x86_64 --version` (E_COMMAND_MISSING, naming the package, if QEMU is not installed); cached per binary. */
 export function qemuVersion(): Promise<string> {
-  versionCache ??= run(QEMU, ['--version'], { what: `${QEMU} --version` }).then((r) => r.stdout.split('\n')[0].trim(), (e) => { versionCache = undefined; throw e; });
-  return versionCache;
+  const qemu = qemuBinary();
+  let v = versionCache.get(qemu);
+  if (!v) {
+    v = run(qemu, ['--version'], { what: `${qemu} --version` }).then((r) => r.stdout.split('\n')[0].trim(), (e) => { versionCache.delete(qemu); throw e; });
+    versionCache.set(qemu, v);
+  }
+  return v;
 }
 
 export async function chooseAccel(kernel: string, log?: (m: string) => void): Promise<{ accel: Accel; reason: string }> {
-  const forced = process.env.SCION_ACCEL;
-  if (forced === 'kvm' || forced === 'tcg') return { accel: forced, reason: 'SCION_ACCEL' };
+  const forced = config().accel;
+  if (forced) return { accel: forced, reason: 'SCION_ACCEL' };
   try { accessSync('/dev/kvm', constants.R_OK | constants.W_OK); } catch { return { accel: 'tcg', reason: '/dev/kvm is not usable' }; }
   const key = sha256((await qemuVersion()) + sha256(readFileSync(kernel)));
   const cacheFile = join(defaultCacheDir(), `accel-${key.slice(0, 16)}.json`);
@@ -41,7 +48,8 @@ function probeKvm(kernel: string): Promise<{ works: boolean; why: string }> {
   const dir = mkdtempSync(join(tmpdir(), 'scion-kvm-'));
   const log = join(dir, 'console');
   return new Promise((resolve) => {
-    const p = spawn(QEMU, ['-accel', 'kvm', '-M', 'q35', '-cpu', 'host', '-m', '256M', '-nodefaults', '-display', 'none', '-no-reboot', '-kernel', kernel,
+    const qemu = qemuBinary();
+    const p = spawn(qemu, ['-accel', 'kvm', '-M', 'q35', '-cpu', 'host', '-m', '256M', '-nodefaults', '-display', 'none', '-no-reboot', '-kernel', kernel,
       '-append', 'console=ttyS0 panic=-1', '-serial', `file:${log}`], { stdio: ['ignore', 'ignore', 'pipe'] });
     let err = '';
     p.stderr.on('data', (c) => (err += c));
@@ -53,7 +61,7 @@ function probeKvm(kernel: string): Promise<{ works: boolean; why: string }> {
       if (/KVM internal error/.test(err)) done(false, 'KVM internal error');
     }, 200);
     const to = setTimeout(() => done(false, 'no kernel output within 20 s'), 20_000);
-    p.on('error', (e) => done(false, `cannot run ${QEMU}: ${e.message}`));
+    p.on('error', (e) => done(false, `cannot run ${qemu}: ${e.message}`));
     p.on('exit', () => {
       let c = '';
       try { c = readFileSync(log, 'utf8'); } catch { /* QEMU exited before writing the log */ }

@@ -14,13 +14,13 @@ import { VmError, ScionError } from '../../common/errors.ts';
 import { missingCommand, tailOf } from '../../common/run.ts';
 import { QmpClient } from './qmp.ts';
 import { qemuArgv, FD, type VmDescription } from './argv.ts';
-import { QEMU } from './accel.ts';
+import { qemuBinary } from './accel.ts';
+import { config } from '../../common/config.ts';
 
 export interface Credentials { uid: number; gid: number }
 
-/** First uid/gid of the range QEMU processes run as when scion is root (one per VM, as Firecracker's jailer does). */
-export const UID_BASE = Number(process.env.SCION_UID_BASE) || 1_500_000_000;
-export const credentialsFor = (slot: number): Credentials => ({ uid: UID_BASE + slot, gid: UID_BASE + slot });
+/** The uid/gid of slot n: SCION_UID_BASE+n, when scion is root (one per VM, as Firecracker's jailer does). */
+export const credentialsFor = (slot: number): Credentials => { const base = config().uidBase; return { uid: base + slot, gid: base + slot }; };
 export const runningAsRoot = () => process.getuid?.() === 0;
 
 /** Files QEMU gets as descriptors (see FD in argv.ts); each opened here, by scion, with the right mode. */
@@ -42,7 +42,8 @@ export async function spawnQemu(desc: VmDescription, o: { jail: string; files: Q
   const openFd = (path: string | undefined, flags: number) => { if (!path) return 'ignore' as const; const fd = openSync(path, flags | constants.O_NOFOLLOW); fds.push(fd); return fd; };
   const stdio: (number | 'ignore' | 'pipe')[] = ['ignore', 'ignore', 'pipe'];
   let child;
-  let cmd = QEMU;
+  const qemu = qemuBinary();
+  let cmd = qemu;
   try {
     const slots: [number, string | undefined, number][] = [
       [FD.mem, o.files.mem, desc.mode === 'template' && desc.memory === 'file' ? constants.O_RDWR : constants.O_RDONLY],
@@ -54,8 +55,8 @@ export async function spawnQemu(desc: VmDescription, o: { jail: string; files: Q
     const argv = qemuArgv(desc);
     // entering a network namespace needs root, so setpriv drops to the VM's uid after `ip netns exec`
     const [c, args, cred] = o.netns
-      ? ['ip', ['netns', 'exec', o.netns, ...(o.cred ? ['setpriv', `--reuid=${o.cred.uid}`, `--regid=${o.cred.gid}`, '--clear-groups', '--'] : []), QEMU, ...argv], undefined]
-      : [QEMU, argv, o.cred];
+      ? ['ip', ['netns', 'exec', o.netns, ...(o.cred ? ['setpriv', `--reuid=${o.cred.uid}`, `--regid=${o.cred.gid}`, '--clear-groups', '--'] : []), qemu, ...argv], undefined]
+      : [qemu, argv, o.cred];
     cmd = c;
     child = spawn(c, args, { stdio, detached: true, cwd: o.jail, ...(cred ? { uid: cred.uid, gid: cred.gid } : {}) });
   } finally {
@@ -79,7 +80,7 @@ export async function spawnQemu(desc: VmDescription, o: { jail: string; files: Q
 /** A typed error for a QEMU that exited: the command, its exit and the tail of its stderr. */
 export function qemuDied(name: string, proc: QemuProcess, doing: string, hint?: string): VmError {
   const t = proc.stderrTail();
-  return new VmError('E_QEMU_EXITED', `${name}: QEMU (${QEMU}) exited while ${doing}${t ? `: ${t}` : ''}`, { hint });
+  return new VmError('E_QEMU_EXITED', `${name}: QEMU (${qemuBinary()}) exited while ${doing}${t ? `: ${t}` : ''}`, { hint });
 }
 
 /** Connect QMP as soon as QEMU listens (the socket file appears a moment before it accepts). */

@@ -8,16 +8,15 @@ import { join } from 'node:path';
 import { mkdirSync } from 'node:fs';
 import { ensureTrustedDir } from '../../common/safe-fs.ts';
 import type { ValidName } from '../../common/names.ts';
+import { config } from '../../common/config.ts';
 
 export function runRoot(): string {
-  if (process.env.SCION_RUN_DIR) return process.env.SCION_RUN_DIR;
-  if (process.getuid?.() === 0) return '/run/scion';
-  return join(process.env.XDG_RUNTIME_DIR ?? '/tmp', 'scion');
+  return config().runDir;
 }
 
 /** Template memory files must be on tmpfs so clones share page cache. */
 export function templateRoot(): string {
-  return process.env.SCION_TEMPLATE_DIR ?? join('/dev/shm', `scion-${process.getuid?.() ?? 0}`, 'templates');
+  return config().templateDir;
 }
 
 function trustedSub(root: string, sub: string, what: string, env: string): string {

@@ -1,0 +1,73 @@
+/**
+ * scion's configuration from the environment, in one place and read at call
+ * time (never at import: a library caller, a test or the bench may set a
+ * variable after importing scion, and every call must see the same value).
+ * The README's "Environment" section lists these; a value that is set but
+ * malformed is refused with the variable's name, not silently replaced.
+ */
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { ScionError } from './errors.ts';
+
+export type Env = Record<string, string | undefined>;
+
+export interface ScionConfig {
+  /** SCION_RUN_DIR: run directories and reservations (default /run/scion for root, else $XDG_RUNTIME_DIR/scion) */
+  runDir: string;
+  /** SCION_TEMPLATE_DIR: frozen templates, on tmpfs (default /dev/shm/scion-<uid>/templates) */
+  templateDir: string;
+  /** SCION_UID_BASE: QEMU runs as uid/gid base+n when scion is root */
+  uidBase: number;
+  /** SCION_QEMU: the QEMU binary */
+  qemu: string;
+  /** SCION_ACCEL: force kvm or tcg (default: probe) */
+  accel?: 'kvm' | 'tcg';
+  /** SCION_TB_SIZE_MB: TCG translation buffer of each clone, in MiB (default: QEMU's) */
+  tbSizeMB?: number;
+  /** XDG_CACHE_HOME: the package cache is $XDG_CACHE_HOME/scion (default ~/.cache/scion) */
+  cacheDir: string;
+  /** SCION_NPM_REGISTRY: where the agent runtime's npm tarball comes from */
+  npmRegistry: string;
+  /** SOURCE_DATE_EPOCH: the timestamp builds write (default 0) */
+  sourceDateEpoch: number;
+  /** SCION_REGISTRY_STALL_S: a registry response that sends no byte for this long fails (default 30) */
+  registryStallMs: number;
+  /** SCION_DEBUG: print stack traces of unexpected errors */
+  debug: boolean;
+}
+
+export class ConfigError extends ScionError {}
+
+function integer(env: Env, name: string, min: number, max: number): number | undefined {
+  const v = env[name];
+  if (v === undefined || v === '') return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < min || n > max) throw new ConfigError('E_CONFIG', `${name}=${JSON.stringify(v)}: use a whole number from ${min} to ${max}`, { hint: `unset ${name} for the default` });
+  return n;
+}
+
+/** The configuration as the environment says now. Pure over `env`. */
+export function config(env: Env = process.env): ScionConfig {
+  const uid = process.getuid?.() ?? 0;
+  const accel = env.SCION_ACCEL || undefined;
+  if (accel !== undefined && accel !== 'kvm' && accel !== 'tcg') throw new ConfigError('E_CONFIG', `SCION_ACCEL=${JSON.stringify(accel)}: use kvm or tcg`, { hint: 'unset it to let scion probe KVM' });
+  return {
+    runDir: env.SCION_RUN_DIR || (uid === 0 ? '/run/scion' : join(env.XDG_RUNTIME_DIR || '/tmp', 'scion')),
+    templateDir: env.SCION_TEMPLATE_DIR || join('/dev/shm', `scion-${uid}`, 'templates'),
+    uidBase: integer(env, 'SCION_UID_BASE', 1000, 4_000_000_000) ?? 1_500_000_000,
+    qemu: env.SCION_QEMU || 'qemu-system-x86_64',
+    accel,
+    tbSizeMB: integer(env, 'SCION_TB_SIZE_MB', 1, 2048),
+    cacheDir: join(env.XDG_CACHE_HOME || join(homedir(), '.cache'), 'scion'),
+    npmRegistry: env.SCION_NPM_REGISTRY || 'https://registry.npmjs.org',
+    sourceDateEpoch: integer(env, 'SOURCE_DATE_EPOCH', 0, 2 ** 40) ?? 0,
+    registryStallMs: (integer(env, 'SCION_REGISTRY_STALL_S', 1, 3600) ?? 30) * 1000,
+    debug: !!env.SCION_DEBUG,
+  };
+}
+
+/** The variables config() reads, for the README and `scion --help`. */
+export const CONFIG_VARIABLES = [
+  'SCION_RUN_DIR', 'SCION_TEMPLATE_DIR', 'SCION_UID_BASE', 'SCION_QEMU', 'SCION_ACCEL', 'SCION_TB_SIZE_MB',
+  'XDG_CACHE_HOME', 'SCION_NPM_REGISTRY', 'SOURCE_DATE_EPOCH', 'SCION_REGISTRY_STALL_S', 'SCION_DEBUG',
+] as const;
