@@ -64,7 +64,7 @@ async function main() {
   let t = performance.now();
   const h = await vm.bootTemplate(img, { name: 'bench-tpl' });
   results.templateBootMs = Math.round(performance.now() - t);
-  results.accelerator = h.record.accel;
+  results.accelerator = h.info().accel;
   const meta = await vm.freeze(h, img);
   results.freezeMs = meta.freezeMs;
   const hs = await vm.bootTemplate(img, { name: 'bench-stream', memory: 'ram' });
@@ -78,8 +78,8 @@ async function main() {
   for (let i = 0; i < RUNS; i++) {
     t = performance.now();
     const c = await vm.bootTemplate(img, { name: `bench-cold-${i}`, skipIdentity: true });
-    ready.cold.push(c.record.timings?.bootReadyMs ?? performance.now() - t);
-    c.qmp.close(); c.agent.close();
+    ready.cold.push(c.info().timings.bootReadyMs ?? performance.now() - t);
+    c.close();
     await vm.removeVm(`bench-cold-${i}`);
     const [r] = await vm.fork('bench-stream', { n: 1 });
     ready.restore.push(r.timings.ready);

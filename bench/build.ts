@@ -42,10 +42,10 @@ for (const c of comps) {
 for (let i = 0; i < Number(values.runs); i++) {
   for (const c of comps) {
     const h = await vm.bootTemplate(imgs[c], { name: `b-${c}-${i}`, skipIdentity: true });
-    out.compression[c].boots.push(h.record.timings!.bootReadyMs);
-    h.qmp.close(); h.agent.close();
+    out.compression[c].boots.push(h.info().timings.bootReadyMs);
+    h.close();
     await vm.removeVm(`b-${c}-${i}`);
-    log(`${c}: boot to agent ready ${h.record.timings!.bootReadyMs} ms`);
+    log(`${c}: boot to agent ready ${h.info().timings.bootReadyMs} ms`);
   }
 }
 for (const d of scratch) rmSync(d, { recursive: true, force: true });

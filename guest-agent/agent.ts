@@ -12,6 +12,7 @@ import { applyIdentity, type SystemConfig, type Steps } from './identity.ts';
 import { ContainerSupervisor } from './containers.ts';
 import { ShellWorker } from './shell.ts';
 import type { GuestImageConfig } from '../common/contracts.ts';
+import type { AgentCommand, AgentEventName, AgentEvents, AgentInfo, AppliedIdentity, IdentityNotApplied, ResultOf } from '../common/agent-protocol.ts';
 import { ClockKeeper, dateStepSeconds } from './clock.ts';
 
 export const AGENT_VERSION = '0.1.0';
@@ -65,7 +66,7 @@ export class Agent {
     }
   }
 
-  emit(event: string, data: unknown) {
+  emit<E extends AgentEventName>(event: E, data: AgentEvents[E]) {
     const msg = { event, data, ts: Date.now() };
     for (const send of this.sessions) send(msg);
   }
@@ -119,61 +120,67 @@ export class Agent {
   }
 
   async handle(req: Request): Promise<unknown> {
-    const a = req.args;
-    switch (req.cmd) {
-      case 'sync': {
-        if (typeof a.nonce !== 'number' && typeof a.nonce !== 'string') throw new ProtocolError('E_BAD_ARGS', 'nonce: must be a number or string');
-        return { nonce: a.nonce, protocol: PROTOCOL_VERSION };
-      }
-      case 'ping': return { pong: true, protocol: PROTOCOL_VERSION, time: Date.now() };
-      case 'clock.step': {
-        if (typeof a.deltaMs !== 'number' || !Number.isFinite(a.deltaMs) || Math.abs(a.deltaMs) > 1e12) throw new ProtocolError('E_BAD_ARGS', 'deltaMs: must be a finite number of milliseconds');
-        if (!this.opts.system.setClock) return { stepped: false, clock: this.clock.state };
-        await this.clock.step(a.deltaMs);
-        if (a.calibrate !== false) await this.clock.calibrate();
-        this.clock.kick();
-        return { stepped: true, time: Date.now(), clock: this.clock.state };
-      }
-      case 'info': return this.info();
-      case 'identity.apply': return this.applyIdentity(validateIdentity(a));
-      case 'time.set': {
-        if (typeof a.time !== 'number' || !Number.isFinite(a.time) || a.time < 0) throw new ProtocolError('E_BAD_ARGS', 'time: must be milliseconds since the epoch');
-        if (this.opts.system.setClock) {
-          await this.shell.runOrThrow(`date -s @${dateStepSeconds(a.time)} >/dev/null`, 'setting the clock');
-          this.clock.kick(1000); // refined against the RTC a little later, not during the request that follows a resume
-        }
-        return { time: Date.now(), set: this.opts.system.setClock };
-      }
-      case 'containers.list': return { containers: this.containers.list() };
-      case 'containers.start': { const c = this.containers.get(requireString(a, 'name')); await c.start(); return c.status; }
-      case 'containers.stop': { const c = this.containers.get(requireString(a, 'name')); await c.stop(); return c.status; }
-      case 'containers.restart': {
-        const c = this.containers.get(requireString(a, 'name'));
-        await c.stop(); c.resetBackoff(); await c.start(); c.status.restarts++;
-        this.emit('container-restarted', { name: c.spec.name, restarts: c.status.restarts, reason: 'request' });
-        return c.status;
-      }
-      case 'containers.logs': {
-        const tail = a.tailBytes === undefined ? undefined : Number(a.tailBytes);
-        if (tail !== undefined && (!Number.isInteger(tail) || tail < 1 || tail > 1 << 20)) throw new ProtocolError('E_BAD_ARGS', 'tailBytes: must be 1..1048576');
-        return { name: a.name, logs: await this.containers.logs(requireString(a, 'name'), tail) };
-      }
-      case 'exec': {
-        if (!this.opts.image.exec) throw new ProtocolError('E_EXEC_DISABLED', 'exec is disabled in this image; set agent.exec: true in the image definition');
-        if (!Array.isArray(a.argv) || !a.argv.length || a.argv.some((x) => typeof x !== 'string')) throw new ProtocolError('E_BAD_ARGS', 'argv: must be a non-empty list of strings');
-        const timeout = typeof a.timeoutMs === 'number' ? a.timeoutMs : 30_000;
-        return execCapture(a.argv as string[], timeout);
-      }
-      case 'freeze.prepare': return this.freezePrepare();
-      case 'shutdown': {
-        setTimeout(() => { run('poweroff', ['-f']).catch(() => process.exit(0)); }, 50);
-        return { shuttingDown: true };
-      }
-    }
-    throw new ProtocolError('E_UNKNOWN_COMMAND', `unknown command ${req.cmd}`);
+    return this.handlers[req.cmd](req.args);
   }
 
-  info() {
+  /**
+   * One handler per command of the typed protocol map (common/agent-protocol.ts): a command
+   * missing here, or a result of the wrong shape, fails the type check. Arguments arrive
+   * untrusted and are validated by each handler.
+   */
+  private readonly handlers: { [C in AgentCommand]: (a: Record<string, unknown>) => ResultOf<C> | Promise<ResultOf<C>> } = {
+    'sync': (a) => {
+      if (typeof a.nonce !== 'number' && typeof a.nonce !== 'string') throw new ProtocolError('E_BAD_ARGS', 'nonce: must be a number or string');
+      return { nonce: a.nonce, protocol: PROTOCOL_VERSION };
+    },
+    'ping': () => ({ pong: true, protocol: PROTOCOL_VERSION, time: Date.now() }),
+    'clock.step': async (a) => {
+      if (typeof a.deltaMs !== 'number' || !Number.isFinite(a.deltaMs) || Math.abs(a.deltaMs) > 1e12) throw new ProtocolError('E_BAD_ARGS', 'deltaMs: must be a finite number of milliseconds');
+      if (!this.opts.system.setClock) return { stepped: false, clock: this.clock.state };
+      await this.clock.step(a.deltaMs);
+      if (a.calibrate !== false) await this.clock.calibrate();
+      this.clock.kick();
+      return { stepped: true, time: Date.now(), clock: this.clock.state };
+    },
+    'info': () => this.info(),
+    'identity.apply': (a) => this.applyIdentity(validateIdentity(a)),
+    'time.set': async (a) => {
+      if (typeof a.time !== 'number' || !Number.isFinite(a.time) || a.time < 0) throw new ProtocolError('E_BAD_ARGS', 'time: must be milliseconds since the epoch');
+      if (this.opts.system.setClock) {
+        await this.shell.runOrThrow(`date -s @${dateStepSeconds(a.time)} >/dev/null`, 'setting the clock');
+        this.clock.kick(1000); // refined against the RTC a little later, not during the request that follows a resume
+      }
+      return { time: Date.now(), set: this.opts.system.setClock };
+    },
+    'containers.list': () => ({ containers: this.containers.list() }),
+    'containers.start': async (a) => { const c = this.containers.get(requireString(a, 'name')); await c.start(); return c.status; },
+    'containers.stop': async (a) => { const c = this.containers.get(requireString(a, 'name')); await c.stop(); return c.status; },
+    'containers.restart': async (a) => {
+      const c = this.containers.get(requireString(a, 'name'));
+      await c.stop(); c.resetBackoff(); await c.start(); c.status.restarts++;
+      this.emit('container-restarted', { name: c.spec.name, restarts: c.status.restarts, reason: 'request' });
+      return c.status;
+    },
+    'containers.logs': async (a) => {
+      const tail = a.tailBytes === undefined ? undefined : Number(a.tailBytes);
+      if (tail !== undefined && (!Number.isInteger(tail) || tail < 1 || tail > 1 << 20)) throw new ProtocolError('E_BAD_ARGS', 'tailBytes: must be 1..1048576');
+      const name = requireString(a, 'name');
+      return { name, logs: await this.containers.logs(name, tail) };
+    },
+    'exec': (a) => {
+      if (!this.opts.image.exec) throw new ProtocolError('E_EXEC_DISABLED', 'exec is disabled in this image; set agent.exec: true in the image definition');
+      if (!Array.isArray(a.argv) || !a.argv.length || a.argv.some((x) => typeof x !== 'string')) throw new ProtocolError('E_BAD_ARGS', 'argv: must be a non-empty list of strings');
+      const timeout = typeof a.timeoutMs === 'number' ? a.timeoutMs : 30_000;
+      return execCapture(a.argv as string[], timeout);
+    },
+    'freeze.prepare': () => this.freezePrepare(),
+    'shutdown': () => {
+      setTimeout(() => { run('poweroff', ['-f']).catch(() => process.exit(0)); }, 50);
+      return { shuttingDown: true };
+    },
+  };
+
+  info(): AgentInfo {
     let hostname = '';
     try { hostname = readFileSync('/proc/sys/kernel/hostname', 'utf8').trim(); } catch { /* no /proc (a test root): reported empty */ }
     let machineId = '';
@@ -196,13 +203,13 @@ export class Agent {
     };
   }
 
-  private async applyIdentity(id: Identity) {
+  private async applyIdentity(id: Identity): Promise<AppliedIdentity | IdentityNotApplied> {
     // one fork is handled once: a repeat of the applied generation answers with the current state
     if (this.applying) await this.applying.catch(() => undefined); // its caller gets its error; this one starts afresh
     if (id.generation <= this.state.generation) return { applied: false, generation: this.state.generation, info: this.info() };
     const work = this.doApply(id, false);
     this.applying = work;
-    try { return await work; } finally { this.applying = undefined; }
+    try { return { ...(await work), applied: true }; } finally { this.applying = undefined; }
   }
 
   private async doApply(id: Identity, warmOnly: boolean) {
@@ -240,7 +247,7 @@ export class Agent {
   }
 
   /** Before the template is frozen: flush, drop caches, and warm the post-fork path so clones inherit it JIT-compiled. */
-  private async freezePrepare() {
+  private async freezePrepare(): Promise<ResultOf<'freeze.prepare'>> {
     const t0 = performance.now();
     const cur = this.state.identity;
     if (cur) await this.doApply({ ...cur, time: undefined }, true).catch(() => undefined); // warming only: a failure here shows again, reported, at the real apply

@@ -18,22 +18,12 @@
  */
 import { readFileSync } from 'node:fs';
 import type { ShellWorker } from './shell.ts';
+import type { ClockInfo } from '../common/agent-protocol.ts';
 
 export const RTC_SECONDS = '/sys/class/rtc/rtc0/since_epoch';
 export const PHC_CTL = '/usr/sbin/phc_ctl';
 
-export interface ClockInfo {
-  source: 'rtc' | 'off';
-  /** system clock minus RTC at the RTC's second edges while the clock is right (ms, under 1000); measured in the template */
-  rtcPhaseMs?: number;
-  checks: number;
-  steps: number;
-  lastCheckAt?: number;
-  /** the system clock's error found by the last check (ms, + = ahead), before it was corrected */
-  lastDriftMs?: number;
-  intervalMs: number;
-  lastError?: string;
-}
+export type { ClockInfo };
 
 /** The next check interval: longer while the drift found is small, shorter when it grows. Pure. */
 export function nextInterval(currentMs: number, driftMs: number, bounds = { min: 10_000, max: 120_000 }): number {

@@ -15,8 +15,8 @@ import { ProtocolError } from './protocol.ts';
 
 import type { ContainerSpec, HealthCheck } from '../common/contracts.ts';
 export type { ContainerSpec, HealthCheck };
-export type ContainerStateName = 'created' | 'running' | 'stopped' | 'restarting';
-export interface ContainerStatus { name: string; state: ContainerStateName; pid?: number; startedAt?: number; restarts: number; exitCode?: number; healthy?: boolean }
+import type { ContainerStatus, ContainerStateName, AgentEventName, AgentEvents } from '../common/agent-protocol.ts';
+export type { ContainerStatus, ContainerStateName };
 
 const LOG_LIMIT = 256 * 1024;
 
@@ -142,7 +142,7 @@ function tcpOk(port: number, timeoutMs: number): Promise<boolean> {
 
 export class ContainerSupervisor {
   readonly containers = new Map<string, Container>();
-  constructor(specs: ContainerSpec[], readonly emit: (event: string, data: unknown) => void, readonly shell: ShellWorker, readonly logDir = '/run/scion/logs', readonly crunBin = 'crun') {
+  constructor(specs: ContainerSpec[], readonly emit: <E extends AgentEventName>(event: E, data: AgentEvents[E]) => void, readonly shell: ShellWorker, readonly logDir = '/run/scion/logs', readonly crunBin = 'crun') {
     for (const s of specs) this.containers.set(s.name, new Container(s, this));
   }
 

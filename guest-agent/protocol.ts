@@ -2,25 +2,19 @@
  * The agent protocol, version 1 (see PROTOCOL.md). Pure: message shapes and
  * argument validation; no I/O.
  */
-export const PROTOCOL_VERSION = 1;
+export { PROTOCOL_VERSION, COMMANDS, type AgentCommand as Command } from '../common/agent-protocol.ts';
+import { COMMANDS, type AgentErrorCode, type AgentCommand } from '../common/agent-protocol.ts';
 export const MAX_FRAME = 1 << 20;
 export { AGENT_PORT_NAME as PORT_NAME } from '../common/contracts.ts';
 
-export type ErrorCode =
-  | 'E_FRAME_TOO_LARGE' | 'E_BAD_JSON' | 'E_BAD_REQUEST' | 'E_UNKNOWN_COMMAND' | 'E_BAD_ARGS'
-  | 'E_EXEC_DISABLED' | 'E_NO_CONTAINER' | 'E_APPLY_FAILED' | 'E_INTERNAL' | 'E_BUSY';
+export type ErrorCode = AgentErrorCode;
 
 export class ProtocolError extends Error {
   constructor(readonly code: ErrorCode, message: string) { super(message); }
 }
 
-export interface Request { id: string | number; cmd: string; args: Record<string, unknown> }
+export interface Request { id: string | number; cmd: AgentCommand; args: Record<string, unknown> }
 
-export const COMMANDS = [
-  'sync', 'ping', 'info', 'identity.apply', 'time.set', 'containers.list', 'containers.start', 'containers.stop',
-  'containers.restart', 'containers.logs', 'exec', 'freeze.prepare', 'shutdown', 'clock.step',
-] as const;
-export type Command = (typeof COMMANDS)[number];
 
 export function parseRequest(line: string): Request {
   let msg: any;
@@ -30,7 +24,7 @@ export function parseRequest(line: string): Request {
   if (typeof msg.cmd !== 'string') throw new ProtocolError('E_BAD_REQUEST', 'request.cmd must be a string');
   if (msg.args !== undefined && (typeof msg.args !== 'object' || msg.args === null || Array.isArray(msg.args))) throw new ProtocolError('E_BAD_ARGS', 'request.args must be an object');
   if (!(COMMANDS as readonly string[]).includes(msg.cmd)) throw new ProtocolError('E_UNKNOWN_COMMAND', `unknown command "${String(msg.cmd).slice(0, 64)}"; known: ${COMMANDS.join(', ')}`);
-  return { id: msg.id, cmd: msg.cmd, args: msg.args ?? {} };
+  return { id: msg.id, cmd: msg.cmd as AgentCommand, args: msg.args ?? {} };
 }
 
 /** Best effort: the id of a frame that failed to parse fully, so the error can be matched. */

@@ -1,25 +1,49 @@
-/** Host side of the agent protocol (guest-agent/PROTOCOL.md) over the VM's agent socket. */
+/**
+ * Host side of the agent protocol (guest-agent/PROTOCOL.md) over the VM's
+ * agent socket, typed by the protocol map in common/agent-protocol.ts: a call
+ * names a command, its arguments are checked against that command's, and its
+ * result has that command's type. Bounded over a long life: pending calls are
+ * removed when they settle, and only the last few events are kept.
+ */
 import { randomInt } from 'node:crypto';
 import { JsonSession, Pending, SessionError } from '../common/session.ts';
 import { ScionError } from '../common/errors.ts';
 import { RESYNC_BYTE, encodeFrame } from '../common/framing.ts';
+import { AGENT_ERROR_CODES, type AgentCommand, type ArgsOf, type ResultOf, type AgentEvent, type AgentEventName, type AgentErrorCode } from '../common/agent-protocol.ts';
 
 export class AgentError extends ScionError {}
 
-export interface AgentEvent { event: string; data: any; ts: number }
+export type { AgentEvent };
+
+/** Events kept for waitEvent() to find one that came before it was called. */
+const RECENT_EVENTS = 32;
+
+type CallArgs<C extends AgentCommand> = {} extends ArgsOf<C> ? [args?: ArgsOf<C>, timeoutMs?: number] : [args: ArgsOf<C>, timeoutMs?: number];
+
+interface WireResponse { id?: string | number | null; ok?: boolean; result?: unknown; error?: { code?: unknown; message?: unknown } }
+
+const agentCode = (c: unknown): AgentErrorCode | 'E_AGENT' => ((AGENT_ERROR_CODES as readonly unknown[]).includes(c) ? (c as AgentErrorCode) : 'E_AGENT');
 
 export class AgentClient {
   private s: JsonSession;
-  private pending = new Pending<any>();
+  private pending = new Pending<WireResponse>();
   private seq = 0;
-  readonly events: AgentEvent[] = [];
-  private listeners: ((e: AgentEvent) => void)[] = [];
+  private recent: AgentEvent[] = [];
+  private listeners = new Set<(e: AgentEvent) => void>();
 
   constructor(readonly label = 'agent') {
     this.s = new JsonSession(label);
-    this.s.on('message', (m: any) => {
-      if (m?.event) { this.events.push(m); for (const l of this.listeners) l(m); return; }
-      if (m && m.id !== undefined && m.id !== null) this.pending.settle(m.id, m);
+    this.s.on('message', (m: unknown) => {
+      if (!m || typeof m !== 'object') return;
+      if ('event' in m) {
+        const e = m as AgentEvent;
+        this.recent.push(e);
+        if (this.recent.length > RECENT_EVENTS) this.recent.shift();
+        for (const l of [...this.listeners]) l(e);
+        return;
+      }
+      const r = m as WireResponse;
+      if (r.id !== undefined && r.id !== null) this.pending.settle(r.id, r);
     });
     this.s.on('closed', () => this.pending.failAll(new SessionError('E_CLOSED', `${this.label}: connection closed`)));
   }
@@ -43,7 +67,7 @@ export class AgentClient {
       try { this.s.sendRaw(Buffer.concat([Buffer.from([RESYNC_BYTE]), encodeFrame({ id, cmd: 'sync', args: { nonce } })])); } catch (e) { this.pending.drop(id); throw e; }
       try {
         const r = await p;
-        if (r.ok && r.result?.nonce === nonce) return;
+        if (r.ok && (r.result as ResultOf<'sync'> | undefined)?.nonce === nonce) return;
       } catch (e) {
         if ((e as ScionError).code !== 'E_TIMEOUT') throw e;
       }
@@ -51,24 +75,30 @@ export class AgentClient {
     throw new AgentError('E_AGENT_TIMEOUT', `${this.label}: the agent did not answer within ${timeoutMs} ms`);
   }
 
-  async call<T = any>(cmd: string, args: Record<string, unknown> = {}, timeoutMs = 60_000): Promise<T> {
+  /** One command of the protocol; the agent's error comes back as an AgentError with the agent's code. */
+  async call<C extends AgentCommand>(cmd: C, ...[args, timeoutMs = 60_000]: CallArgs<C>): Promise<ResultOf<C>> {
     const id = ++this.seq;
     const p = this.pending.add(id, timeoutMs, `${this.label}: ${cmd}`);
-    try { this.s.send({ id, cmd, args }); } catch (e) { this.pending.drop(id); throw e; }
+    try { this.s.send({ id, cmd, args: args ?? {} }); } catch (e) { this.pending.drop(id); throw e; }
     const r = await p;
-    if (!r.ok) throw new AgentError(r.error?.code ?? 'E_AGENT', `${this.label}: ${cmd}: ${r.error?.message ?? 'failed'}`);
-    return r.result as T;
+    if (!r.ok) throw new AgentError(agentCode(r.error?.code), `${this.label}: ${cmd}: ${typeof r.error?.message === 'string' ? r.error.message : 'failed'}`);
+    return r.result as ResultOf<C>;
   }
 
-  onEvent(l: (e: AgentEvent) => void) { this.listeners.push(l); }
+  /** Listen to every event; returns a function that stops listening. */
+  onEvent(l: (e: AgentEvent) => void): () => void {
+    this.listeners.add(l);
+    return () => { this.listeners.delete(l); };
+  }
 
-  waitEvent(name: string, pred: (e: AgentEvent) => boolean = () => true, timeoutMs = 60_000): Promise<AgentEvent> {
-    const seen = this.events.find((e) => e.event === name && pred(e));
+  /** The next event of this name (or one of the last few already received) that `pred` accepts. */
+  waitEvent<E extends AgentEventName>(name: E, pred: (e: AgentEvent<E>) => boolean = () => true, timeoutMs = 60_000): Promise<AgentEvent<E>> {
+    const match = (e: AgentEvent): e is AgentEvent<E> => e.event === name && pred(e as AgentEvent<E>);
+    const seen = this.recent.find(match);
     if (seen) return Promise.resolve(seen);
     return new Promise((resolve, reject) => {
-      const l = (e: AgentEvent) => { if (e.event === name && pred(e)) { clearTimeout(t); this.listeners.splice(this.listeners.indexOf(l), 1); resolve(e); } };
-      const t = setTimeout(() => { this.listeners.splice(this.listeners.indexOf(l), 1); reject(new AgentError('E_AGENT_TIMEOUT', `${this.label}: no ${name} event within ${timeoutMs} ms`)); }, timeoutMs);
-      this.listeners.push(l);
+      const stop = this.onEvent((e) => { if (match(e)) { clearTimeout(t); stop(); resolve(e); } });
+      const t = setTimeout(() => { stop(); reject(new AgentError('E_AGENT_TIMEOUT', `${this.label}: no ${name} event within ${timeoutMs} ms`)); }, timeoutMs);
     });
   }
 

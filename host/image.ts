@@ -6,7 +6,7 @@ import { z } from 'zod';
 import { VmError } from '../common/errors.ts';
 import { NAME_PATTERN, type ValidName } from '../common/names.ts';
 import type { ManifestForHost } from '../common/contracts.ts';
-import { describeIssues } from './store/records.ts';
+import { describeIssues } from '../common/validation.ts';
 
 export interface ImageArtifacts { name: ValidName; dir: string; vmlinuz: string; initrd: string; cmdline: string; ramMB: number; ports: number[]; manifestSha256: string }
 

@@ -1,23 +1,32 @@
-/** scion's library API: what the CLI uses, for tests and other programs. Importing it has no side effects. */
-export { build, OUTPUT_FILES, type BuildOptions, type BuildResult, type BuildOutput, type BuildEvent } from '../builder/build.ts';
+/**
+ * scion's library API: the package's `.` export, deliberately small (the
+ * README's API section documents each name). Everything that makes or drives
+ * a VM goes through `Machine`; the rest are the steps `up` is made of, the
+ * builder, the registry and the front door. Importing it has no side effects.
+ */
+// build and check images
+export { build, type BuildOptions, type BuildResult, type BuildOutput, type BuildEvent, type Compression } from '../builder/build.ts';
 export { verify, type VerifyOptions, type VerifyResult, type Difference } from '../builder/verify.ts';
-export { stripElf } from '../builder/strip.ts';
-export { parseDefinition, type ImageDefinition } from '../builder/schema.ts';
 export { loadImage, type ImageArtifacts } from './image.ts';
-export { bootTemplate, freeze, freezeClone, checkTemplate, type BootOptions, type Handle, type TemplateMeta } from './template.ts';
+// VMs
+export { Machine, type MachineInfo, type BootOptions, type ForkOptions as MachineForkOptions, type Owner, type NetMode, type TemplateMeta } from './machine/machine.ts';
+export { up, type UpOptions, type UpResult } from './up.ts';
+export { bootTemplate, freeze, freezeClone } from './template.ts';
 export { fork, type ForkOptions, type CloneResult } from './clone.ts';
 export { list, stopVm, removeVm, gc, connectAgent, type VmListing, type VmState } from './lifecycle.ts';
-export { up, templateDecision, type UpOptions, type UpResult } from './up.ts';
-export { resolveImage, type ImageSourceKind } from './image-source.ts';
+export type { AgentClient } from './agent-client.ts';
+export type { AgentCommands, AgentCommand, ArgsOf, ResultOf, AgentEvents, AgentEvent, AgentInfo, ContainerStatus, Identity } from '../common/agent-protocol.ts';
+// images in registries
 export { push, pull, type PushOptions, type PushResult, type PullOptions, type PullResult } from '../registry/transfer.ts';
 export { parseReference, type Reference } from '../registry/reference.ts';
-export { RegistryError } from '../registry/client.ts';
-export { ARTIFACT_TYPE, LAYER_TYPES } from '../registry/artifact.ts';
+// the front door
 export { serve, type ServeHandle } from './serve/server.ts';
-export { serveOptions, parseDuration, type ServeOptions } from './serve/options.ts';
-export { QmpClient, QmpError } from './qemu/qmp.ts';
-export { AgentClient, AgentError } from './agent-client.ts';
-export { qemuArgv, deviceLineup, type VmDescription } from './qemu/argv.ts';
-export { validName, NAME_RULE, NameError, type ValidName } from '../common/names.ts';
+export { serveOptions, type ServeOptions } from './serve/options.ts';
+// names, errors, version
+export { validName, NameError, type ValidName } from '../common/names.ts';
 export { ScionError, DefinitionError, ArchiveError, BuildError, VmError, EXIT, exitCodeFor } from '../common/errors.ts';
+export { RegistryError } from '../registry/client.ts';
+export { AgentError } from './agent-client.ts';
+export { QmpError } from './machine/machine.ts';
+export { ConfigError, config, type ScionConfig } from '../common/config.ts';
 export { SCION_VERSION } from '../common/version.ts';

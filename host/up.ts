@@ -14,9 +14,8 @@ import { loadImage, type ImageArtifacts } from './image.ts';
 import { bootTemplate, freeze, checkTemplate, type TemplateMeta } from './template.ts';
 import { fork, type CloneResult } from './clone.ts';
 import { removeVm } from './lifecycle.ts';
-import { processAlive, sleep } from './qemu/process.ts';
-import { readRecord, RecordError, type VmRecord } from './store/records.ts';
-import type { NetMode } from './net.ts';
+import { Machine, RecordError } from './machine/machine.ts';
+import type { NetMode } from './machine/machine.ts';
 
 export interface UpOptions {
   clones: number;
@@ -40,16 +39,17 @@ export function templateDecision(meta: TemplateMeta | undefined, img: Pick<Image
   return { reuse: true };
 }
 
-/** Wait while another live scion process is making `name`; its record once it is done (or gone). */
-async function waitForOtherMaker(name: ValidName, log?: (m: string) => void, timeoutMs = 600_000): Promise<VmRecord | undefined> {
+/** Wait while another live scion process is making `name`; its handle once it is done (or gone). */
+async function waitForOtherMaker(name: ValidName, log?: (m: string) => void, timeoutMs = 600_000): Promise<Machine | undefined> {
   const end = Date.now() + timeoutMs;
   let said = false;
   for (;;) {
-    const r = await readRecord(name);
-    if (!r?.making || r.making.ownerPid === process.pid || !processAlive(r.making.ownerPid)) return r;
-    if (!said) { log?.(`template ${name} is being made by scion process ${r.making.ownerPid}; waiting for it`); said = true; }
-    if (Date.now() > end) throw new ScionError('E_VM_BUSY', `template ${name} is still being made by scion process ${r.making.ownerPid}`);
-    await sleep(500);
+    const m = await Machine.find(name);
+    if (!m?.beingMadeElsewhere()) return m;
+    const maker = m.info().making!.ownerPid;
+    if (!said) { log?.(`template ${name} is being made by scion process ${maker}; waiting for it`); said = true; }
+    if (Date.now() > end) throw new ScionError('E_VM_BUSY', `template ${name} is still being made by scion process ${maker}`);
+    await new Promise((r) => setTimeout(r, 500));
   }
 }
 
@@ -62,7 +62,7 @@ export async function up(source: string, opts: UpOptions): Promise<UpResult> {
   const { dir } = await resolveImage(source, { onBuildEvent: opts.onBuildEvent, log, insecure: opts.insecure });
   const img = await loadImage(dir);
   const tplName = validName(`${img.name}-tpl`, 'template');
-  let existing: VmRecord | undefined;
+  let existing: Machine | undefined;
   try { existing = await waitForOtherMaker(tplName, log); } catch (e) {
     if (!(e instanceof RecordError)) throw e;
     // a record this scion cannot trust (damaged, or from an older scion): removed by name, then made anew
@@ -70,7 +70,7 @@ export async function up(source: string, opts: UpOptions): Promise<UpResult> {
     await removeVm(tplName);
   }
   let meta: TemplateMeta | undefined;
-  if (existing?.frozen) {
+  if (existing?.info().frozen) {
     let found: TemplateMeta | undefined;
     try { found = (await checkTemplate(tplName)).meta; } catch (e) { log(`template ${tplName} cannot be used (${(e as Error).message})`); }
     const d = templateDecision(found, img, opts);

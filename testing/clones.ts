@@ -19,6 +19,7 @@ import { bootTemplate, freeze } from '../host/template.ts';
 import { fork, type CloneResult } from '../host/clone.ts';
 import { removeVm, connectAgent } from '../host/lifecycle.ts';
 import type { AgentClient } from '../host/agent-client.ts';
+import type { AgentCommand, AgentInfo, ArgsOf, ResultOf } from '../common/agent-protocol.ts';
 
 export interface ClonesOptions {
   /** the image definition (YAML), a built image directory (out/<name>) or an OCI reference (pulled into the cache) */
@@ -50,13 +51,13 @@ export class TestClone {
   /** guest port -> host port (user-mode networking forwards them to 127.0.0.1) */
   get ports() { return this.vm.ports; }
 
-  /** A raw agent call (guest-agent/PROTOCOL.md). */
-  async call<T = any>(method: string, params: Record<string, unknown> = {}, timeoutMs = 60_000): Promise<T> {
+  /** Any agent call (guest-agent/PROTOCOL.md), typed by the protocol map: `call('containers.logs', { name: 'web' })`. */
+  async call<C extends AgentCommand>(method: C, params?: ArgsOf<C>, timeoutMs = 60_000): Promise<ResultOf<C>> {
     this.#agent ??= await connectAgent(this.vm.name);
-    return this.#agent.call(method, params, timeoutMs);
+    return (this.#agent.call as (m: C, a: ArgsOf<C> | undefined, t: number) => Promise<ResultOf<C>>)(method, params, timeoutMs);
   }
   /** The agent's info: identity, generation, containers. */
-  info(): Promise<any> { return this.call('info'); }
+  info(): Promise<AgentInfo> { return this.call('info'); }
   /** Run a command in the guest (the image must allow exec); a string runs through /bin/sh -c. */
   exec(cmd: string | string[]): Promise<ExecResult> {
     return this.call('exec', { argv: typeof cmd === 'string' ? ['/bin/sh', '-c', cmd] : cmd });

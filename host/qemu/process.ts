@@ -15,6 +15,9 @@ import { missingCommand, tailOf } from '../../common/run.ts';
 import { QmpClient } from './qmp.ts';
 import { qemuArgv, FD, type VmDescription } from './argv.ts';
 import { qemuBinary } from './accel.ts';
+import { processAlive, sleep } from '../../common/proc.ts';
+
+export { processAlive, sleep };
 import { config } from '../../common/config.ts';
 
 export interface Credentials { uid: number; gid: number }
@@ -100,7 +103,6 @@ export async function connectQmp(name: string, path: string, proc: QemuProcess, 
   }
 }
 
-export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Wait for QEMU to exit (at most `ms`); the child is unref'd, so a timer keeps Node alive meanwhile. */
 export function exitOf(proc: QemuProcess, ms = 5000): Promise<unknown> {
@@ -187,12 +189,6 @@ export async function migrateToFile(qmp: QmpClient, name: string, jail: string, 
     server?.close();
     await unlink(sockPath).catch(() => undefined); // gone with the server on most kernels
   }
-}
-
-export function processAlive(pid: number | undefined): boolean {
-  if (!pid) return false;
-  try { process.kill(pid, 0); } catch { return false; } // ESRCH: no such process
-  try { return !/\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8')); } catch { return false; } // gone between the two looks
 }
 
 export function killPid(pid: number | undefined, sig: NodeJS.Signals = 'SIGKILL'): void {

@@ -8,10 +8,7 @@
 import { Agent as HttpAgent } from 'node:http';
 import { fork, type CloneResult } from '../clone.ts';
 import { removeVm } from '../lifecycle.ts';
-import { QmpClient } from '../qemu/qmp.ts';
-import { AgentClient } from '../agent-client.ts';
-import { vmPaths, vmsDir } from '../store/dirs.ts';
-import { validName } from '../../common/names.ts';
+import { Machine } from '../machine/machine.ts';
 import { ScionError } from '../../common/errors.ts';
 import type { ServeOptions } from './options.ts';
 
@@ -29,8 +26,8 @@ export interface Member {
   /** per-request mode: taken by one request, removed after it */
   exclusive: boolean;
   http: HttpAgent;
-  /** pooled clones keep their agent connection, to set the clock at once when claimed */
-  agent?: AgentClient;
+  /** pooled clones keep their handle (and its agent connection), to resume and set the clock at once when claimed */
+  machine?: Machine;
   paused?: boolean;
 }
 
@@ -153,16 +150,13 @@ export class Fleet {
 
   /** Resume a pooled clone: cont, then set its clock (it stood still while paused). */
   private async resume(m: Member): Promise<void> {
-    if (!m.paused) return;
-    const qmp = new QmpClient(`${m.name}/qmp`);
+    if (!m.paused || !m.machine) return;
     try {
-      await qmp.connect(vmPaths(validName(m.name), vmsDir()).qmp);
-      await qmp.execute('cont');
+      await m.machine.resume({ setClock: true });
       m.paused = false;
-      await m.agent?.call('time.set', { time: Date.now() }, 5000);
     } finally {
-      qmp.close(); m.agent?.close();
-      m.agent = undefined;
+      m.machine.close();
+      m.machine = undefined;
     }
   }
 
@@ -233,17 +227,18 @@ export class Fleet {
 
   /**
    * Pause a fresh clone for the pool: QMP stop, so it costs no CPU while it
-   * waits. Its agent connection stays open for the claim's clock; QMP is
-   * closed (QEMU serves one monitor client at a time: others may look).
+   * waits. Its handle keeps the agent connection (synced now) for the claim's
+   * clock; the claim reconnects QMP (QEMU serves one monitor client at a time,
+   * so it is not held meanwhile: others may look).
    */
   private async pause(m: Member): Promise<void> {
-    const p = vmPaths(validName(m.name), vmsDir());
-    const agent = new AgentClient(`${m.name}/agent`);
-    await agent.connect(p.agent);
-    await agent.sync(10_000);
-    const qmp = new QmpClient(`${m.name}/qmp`);
-    try { await qmp.connect(p.qmp); await qmp.execute('stop'); } finally { qmp.close(); }
-    m.agent = agent; m.paused = true;
+    const machine = await Machine.open(m.name);
+    try {
+      await machine.agent(10_000);
+      await machine.pause();
+      machine.closeMonitor();
+    } catch (e) { machine.close(); throw e; }
+    m.machine = machine; m.paused = true;
     m.state = 'pooled';
   }
 
@@ -260,7 +255,8 @@ export class Fleet {
 
   private async removeNow(m: Member, reason: string): Promise<void> {
     m.state = 'stopping';
-    m.agent?.close();
+    m.machine?.close();
+    m.machine = undefined;
     m.http.destroy();
     try { await removeVm(m.name, { force: true }); } catch (e) { this.ev.forkFailed(e as Error); }
     this.members.delete(m.name);

@@ -9,6 +9,7 @@
 import { join, isAbsolute } from 'node:path';
 import { z } from 'zod';
 import { ScionError } from '../../common/errors.ts';
+import { describeIssues } from '../../common/validation.ts';
 import { NAME_PATTERN, type ValidName } from '../../common/names.ts';
 import { atomicWrite, readNoFollow } from '../../common/safe-fs.ts';
 import { vmPaths, vmsDir, templatePaths } from './dirs.ts';
@@ -113,10 +114,7 @@ export const TemplateMetaSchema = z.object({
 
 export type TemplateMeta = z.infer<typeof TemplateMetaSchema>;
 
-/** One line per problem: "field.path: what is wrong". */
-export function describeIssues(e: z.ZodError): string {
-  return e.issues.slice(0, 4).map((i) => `${i.path.join('.') || '(top)'}: ${i.message}`).join('; ');
-}
+export { describeIssues };
 
 function parseVersioned<T>(file: string, text: string, schema: z.ZodType<T>, format: string, what: string): T {
   let raw: any;

@@ -54,7 +54,7 @@ describe.skipIf(!isRoot)('identity in namespaces (needs root)', () => {
   it('really changes hostname, MAC, address, route and machine-id in the namespace', async () => {
     const before = JSON.parse(sh('ip', ['-n', ns, '-j', 'link', 'show', 'eth0']))[0].address;
     const r = await client.call('identity.apply', identity);
-    expect(r.applied).toBe(true);
+    if (!r.applied) throw new Error(`not applied: ${JSON.stringify(r)}`);
     expect(Object.keys(r.stepsMs)).toEqual(expect.arrayContaining(['hostname', 'machineId', 'network', 'rng']));
 
     expect(sh('nsenter', ['-t', String(agent.proc.pid), '-u', 'hostname']).trim()).toBe('clone-seven');

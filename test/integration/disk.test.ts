@@ -21,7 +21,7 @@ describe('qcow2 disk', () => {
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', base, '64M']);
     const img = await vm.loadImage((await build({ definitionPath: image('minimal') })).dir);
     const h = await vm.bootTemplate(img, { name: 'disk-tpl', disk: base });
-    const w = await h.agent.call('exec', { argv: ['sh', '-c', 'echo written-by-template | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null'] });
+    const w = await (await h.agent()).call('exec', { argv: ['sh', '-c', 'echo written-by-template | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null'] });
     expect(w.exitCode).toBe(0);
     await vm.freeze(h, img);
     tplDisk = join(dirs.templates, 'disk-tpl', 'disk.qcow2');

@@ -40,12 +40,12 @@ describe('minimal image', () => {
     const h = await vm.bootTemplate(await vm.loadImage(b.dir), { name: 'mini-tpl' });
     try {
       expect(readFileSync((await paths('mini-tpl')).console, 'utf8')).toContain('SCION-INIT-OK');
-      const info = await h.agent.call('info');
+      const info = await (await h.agent()).call('info');
       expect(info.kernel).toMatch(/^6\.\d+/);
       expect(info.identity.hostname).toBe('minimal');
       expect(info.generation).toBe(1);
     } finally {
-      h.qmp.close(); h.agent.close();
+      h.close();
       await vm.removeVm('mini-tpl');
     }
     expect((await scionQemuPids()).filter((p) => p.runDir?.endsWith('/mini-tpl'))).toEqual([]);

@@ -11,10 +11,10 @@ import { validName, nameProblem } from '../../common/names.ts';
 import { ensureTrustedDir, writeExclusive, atomicWrite, readNoFollow } from '../../common/safe-fs.ts';
 import { parseVmRecord, parseTemplateMeta, VM_FORMAT, TEMPLATE_FORMAT } from '../../host/store/records.ts';
 import { qemuArgv, deviceLineup, diskArgs, FD, SANDBOX, type VmDescription } from '../../host/qemu/argv.ts';
-import { allocateIdentity, macFor, ipFor } from '../../host/identity.ts';
+import { allocateIdentity, macFor, ipFor } from '../../host/machine/identity.ts';
 import { templateDecision } from '../../host/up.ts';
-import { estimateOffset } from '../../host/clock.ts';
-import { netFrom, count } from '../../host/commands.ts';
+import { estimateOffset } from '../../host/machine/clock.ts';
+import { netFrom, count } from '../../cli/commands.ts';
 
 const scratch = mkdtempSync(join(tmpdir(), 'scion-unit-'));
 afterAll(() => rmSync(scratch, { recursive: true, force: true }));

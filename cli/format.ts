@@ -17,3 +17,9 @@ export function buildProgress(err: (s: string) => void) {
     }
   };
 }
+
+/** A plain-text table: columns padded to their widest cell. */
+export function table(rows: string[][]): string {
+  const w = rows[0].map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
+  return rows.map((r) => r.map((c, i) => (c ?? '').padEnd(w[i])).join('  ').trimEnd()).join('\n');
+}

@@ -1,8 +1,8 @@
 /** qcow2 overlays: the template writes to one on the user's disk, each clone to one on the template's. */
 import { chown } from 'node:fs/promises';
-import { run, CommandError } from '../common/run.ts';
-import { VmError } from '../common/errors.ts';
-import type { Credentials } from './qemu/process.ts';
+import { run, CommandError } from '../../common/run.ts';
+import { VmError } from '../../common/errors.ts';
+import type { Credentials } from '../qemu/process.ts';
 
 /** A new overlay on `base` (never written through it), owned by the VM that writes it. */
 export async function qcow2Overlay(base: string, overlay: string, owner?: Credentials): Promise<void> {

@@ -4,11 +4,11 @@
  * per VM on a Linux bridge (optionally inside a network namespace), so clones
  * reach each other by IP.
  */
-import { run } from '../common/run.ts';
+import { run } from '../../common/run.ts';
 import { chmod, stat } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
-import { VmError } from '../common/errors.ts';
-import { USER_NET } from './qemu/argv.ts';
+import { VmError } from '../../common/errors.ts';
+import { USER_NET } from '../qemu/argv.ts';
 
 export interface BridgeSpec {
   bridge: string;

@@ -5,7 +5,7 @@
  * before the freeze; the agent then keeps every clone on the RTC (see
  * guest-agent/clock.ts).
  */
-import type { AgentClient } from './agent-client.ts';
+import type { AgentClient } from '../agent-client.ts';
 
 export interface OffsetSample { sentMs: number; guestMs: number; receivedMs: number }
 

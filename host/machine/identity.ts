@@ -1,6 +1,6 @@
 /** Clone identity allocation. Pure given its inputs (randomness is injected). */
 import { randomBytes, randomUUID } from 'node:crypto';
-import { USER_NET } from './qemu/argv.ts';
+import { USER_NET } from '../qemu/argv.ts';
 
 export interface CloneIdentity {
   index: number;

@@ -1,0 +1,104 @@
+/**
+ * The agent protocol (guest-agent/PROTOCOL.md) as one typed map: command ->
+ * arguments -> result, and events -> data. The agent's handlers and the
+ * host's AgentClient are both checked against it, so neither can drift from
+ * the other (or from the doc, which a test holds against COMMANDS). Types
+ * only, plus the command list: no runtime, so the guest bundle can use it.
+ */
+import type { Identity, ContainerSpec } from './contracts.ts';
+
+export const PROTOCOL_VERSION = 1;
+
+/** Error codes the agent answers with (PROTOCOL.md "Error codes"). */
+export const AGENT_ERROR_CODES = [
+  'E_FRAME_TOO_LARGE', 'E_BAD_JSON', 'E_BAD_REQUEST', 'E_UNKNOWN_COMMAND', 'E_BAD_ARGS',
+  'E_EXEC_DISABLED', 'E_NO_CONTAINER', 'E_APPLY_FAILED', 'E_INTERNAL', 'E_BUSY',
+] as const;
+export type AgentErrorCode = (typeof AGENT_ERROR_CODES)[number];
+
+export type Steps = Record<string, number>;
+
+export type ContainerStateName = 'created' | 'running' | 'stopped' | 'restarting';
+export interface ContainerStatus { name: string; state: ContainerStateName; pid?: number; startedAt?: number; restarts: number; exitCode?: number; healthy?: boolean }
+
+export interface ClockInfo {
+  source: 'rtc' | 'off';
+  /** system clock minus RTC at the RTC's second edges while the clock is right (ms, under 1000); measured in the template */
+  rtcPhaseMs?: number;
+  checks: number;
+  steps: number;
+  lastCheckAt?: number;
+  /** the system clock's error found by the last check (ms, + = ahead), before it was corrected */
+  lastDriftMs?: number;
+  intervalMs: number;
+  lastError?: string;
+}
+
+export interface ReadyInfo { generation: number; stepsMs: Steps; totalMs: number }
+
+export interface AgentInfo {
+  agentVersion: string;
+  protocol: number;
+  kernel: string;
+  uptimeS: number;
+  agentUptimeS: number;
+  image: string;
+  generation: number;
+  /** what the host applied last (the RNG seed is never reported), with the hostname and machine-id the guest has now */
+  identity: Partial<Identity> & { hostname: string; machineId: string };
+  vmForks: number;
+  containers: ContainerStatus[];
+  lastReady: ReadyInfo | null;
+  /** the guest's wall clock (ms) when this answer was made */
+  time: number;
+  clock: ClockInfo;
+}
+
+export interface AppliedIdentity { applied: true; generation: number; stepsMs: Steps; totalMs: number; healthy: boolean }
+export interface IdentityNotApplied { applied: false; generation: number; info: AgentInfo }
+
+/** Every command: its arguments and its result. */
+export interface AgentCommands {
+  'sync': { args: { nonce: number | string }; result: { nonce: number | string; protocol: number } };
+  'ping': { args: Record<string, never>; result: { pong: true; protocol: number; time: number } };
+  'info': { args: Record<string, never>; result: AgentInfo };
+  'identity.apply': { args: Identity; result: AppliedIdentity | IdentityNotApplied };
+  'time.set': { args: { time: number }; result: { time: number; set: boolean } };
+  'clock.step': { args: { deltaMs: number; calibrate?: boolean }; result: { stepped: boolean; time?: number; clock: ClockInfo } };
+  'containers.list': { args: Record<string, never>; result: { containers: ContainerStatus[] } };
+  'containers.start': { args: { name: string }; result: ContainerStatus };
+  'containers.stop': { args: { name: string }; result: ContainerStatus };
+  'containers.restart': { args: { name: string }; result: ContainerStatus };
+  'containers.logs': { args: { name: string; tailBytes?: number }; result: { name: string; logs: string } };
+  'exec': { args: { argv: string[]; timeoutMs?: number }; result: { exitCode: number; stdout: string; stderr: string } };
+  'freeze.prepare': { args: Record<string, never>; result: { prepared: true; ms: number; generation: number } };
+  'shutdown': { args: Record<string, never>; result: { shuttingDown: true } };
+}
+
+export type AgentCommand = keyof AgentCommands;
+export type ArgsOf<C extends AgentCommand> = AgentCommands[C]['args'];
+export type ResultOf<C extends AgentCommand> = AgentCommands[C]['result'];
+
+/** The commands in PROTOCOL.md's order (the agent refuses any other). */
+export const COMMANDS = [
+  'sync', 'ping', 'info', 'identity.apply', 'time.set', 'containers.list', 'containers.start', 'containers.stop',
+  'containers.restart', 'containers.logs', 'exec', 'freeze.prepare', 'shutdown', 'clock.step',
+] as const satisfies readonly AgentCommand[];
+
+/** Every event: its data. */
+export interface AgentEvents {
+  'ready': ReadyInfo & { healthy: boolean; boot?: boolean };
+  'identity-applied': { generation: number; stepsMs: Steps; totalMs: number };
+  'forked': { signal: 'vmgenid' | 'identity.apply'; generation: number; vmForks?: number };
+  'container-exited': { name: string; exitCode: number | null };
+  'container-restarted': { name: string; restarts: number; reason: 'exited' | 'identity' | 'request' };
+}
+export type AgentEventName = keyof AgentEvents;
+export interface AgentEvent<E extends AgentEventName = AgentEventName> { event: E; data: AgentEvents[E]; ts: number }
+
+/** The wire shapes. */
+export type AgentResponse =
+  | { id: string | number; ok: true; result: unknown }
+  | { id: string | number | null; ok: false; error: { code: AgentErrorCode; message: string } };
+
+export type { Identity, ContainerSpec };

@@ -1,0 +1,545 @@
+/**
+ * Machine: the one handle on a VM, and the one construction path for it.
+ *
+ * Three ways make a VM, as Firecracker's builder has one path for boot and
+ * for restore: from a built image (a template, booted), from a frozen
+ * template (a clone, restored copy-on-write) and from a running clone (a new
+ * template, its RAM copied into a shared memory file). Each is a plan run by
+ * `construct`: claim the name and numbers, make the run directory, prepare
+ * files and tap, spawn QEMU, connect QMP, restore, resume, then the plan's
+ * own finish (agent ready and identity, or the freeze of the loader). Any
+ * failure on the way undoes all of it: QEMU killed, tap deleted, template
+ * directory, reservations and run directory removed.
+ *
+ * `Machine.open(name)` gives the handle of an existing VM. Everything above
+ * this layer (template, clone, lifecycle, serve, the CLI, the fixtures, the
+ * shim) drives VMs through these handles and never touches QMP sockets, run
+ * directories or records itself.
+ */
+import { chmod, copyFile, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { constants, existsSync, readFileSync } from 'node:fs';
+import { connect, type Socket } from 'node:net';
+import { join, resolve as resolvePath } from 'node:path';
+import { VmError, ScionError } from '../../common/errors.ts';
+import { config } from '../../common/config.ts';
+import { validName, type ValidName } from '../../common/names.ts';
+import type { Identity } from '../../common/contracts.ts';
+import { AgentClient } from '../agent-client.ts';
+import type { ImageArtifacts } from '../image.ts';
+import { QmpClient } from '../qemu/qmp.ts';
+import { deviceLineup, kernelStub, type VmDescription, type Accel, type NetConfig } from '../qemu/argv.ts';
+import { chooseAccel, qemuVersion } from '../qemu/accel.ts';
+import { spawnQemu, processAlive, connectQmp, restoreFromFd, migrateToFile, exitOf, killPid, waitDead, isQemuIn, qemuDied, type Credentials, type QemuFiles, type QemuProcess } from '../qemu/process.ts';
+import { vmPaths, vmsDir, templatePaths } from '../store/dirs.ts';
+import { writeRecord, writeTemplateMeta, readRecord, TEMPLATE_FORMAT, VM_FORMAT, type VmRecord, type TemplateMeta } from '../store/records.ts';
+import { slotName, release } from '../store/slots.ts';
+import { allocateIdentity, type CloneIdentity } from './identity.ts';
+import { syncGuestClock } from './clock.ts';
+import { createTap, deleteTap, netParams, type NetMode } from './net.ts';
+import { qcow2Overlay } from './disk.ts';
+import { claimClone, claimNamed, reservePorts } from './claim.ts';
+import { checkTemplate, makeTemplateDir, makeMemFile, memMode, baseDiskOf, templateDir, type FrozenTemplate } from './templates.ts';
+import { readRecordOrThrow, removeVm, quitQemu } from './inventory.ts';
+
+export type { TemplateMeta, NetMode, Accel, VmDescription, FrozenTemplate, CloneIdentity };
+export { RecordError } from '../store/records.ts';
+export { QmpError } from '../qemu/qmp.ts';
+
+export interface Owner { pid: number; kind: string }
+
+export interface BootOptions {
+  name?: string; net?: NetMode; accel?: Accel; timeoutMs?: number; log?: (m: string) => void;
+  /** 'ram': an ordinary VM whose freeze saves RAM into the state stream (the baseline scion is compared with) */
+  memory?: 'file' | 'ram';
+  /** stop at the agent's boot ready, without the template identity (cold-boot measurements) */
+  skipIdentity?: boolean;
+  /** a qcow2 disk: the template writes to an overlay on it, clones to overlays on that */
+  disk?: string;
+  /** a process that owns this template (shown by ls; `scion gc` removes it once that process is gone) */
+  owner?: Owner;
+  /** keep a failed VM's run directory for inspection */
+  keepOnFailure?: boolean;
+}
+
+export interface ForkOptions {
+  /** clone names are <prefix>-c<index> */
+  prefix: ValidName;
+  /** hostname pattern with {n} for the clone index (default <template without -tpl>-{n}) */
+  hostname?: string;
+  owner?: Owner;
+  keepOnFailure?: boolean;
+  /** QEMU's TCG translation buffer (MiB); default SCION_TB_SIZE_MB, else QEMU's */
+  tbSizeMB?: number;
+  /** how long the agent may take to answer after the resume (default 30 s) */
+  agentTimeoutMs?: number;
+  /**
+   * Do not send identity.apply: the clone keeps the template's hostname,
+   * machine-id, addresses and RNG state. Only for showing that an identity
+   * test fails when re-identification is broken; never in real use.
+   */
+  skipIdentityApply?: boolean;
+  log?: (m: string) => void;
+}
+
+/** What a caller may read of a VM (a copy of its record's public part). */
+export interface MachineInfo {
+  name: ValidName; role: 'template' | 'clone'; pid?: number; accel: Accel; generation: number; template?: string;
+  identity?: CloneIdentity; ports: Record<string, number>; netMode: NetMode; runDir: string; agentSocket: string; console: string;
+  frozen: boolean; timings: Record<string, number>;
+  /** the built image directory it was booted from */
+  image: string;
+  owner?: Owner;
+  /** set while a scion process is still making it */
+  making?: { ownerPid: number; phase: string };
+}
+
+/** One construction: what differs between boot, fork and making a template from a clone. */
+interface Plan {
+  /** claim name and numbers; resolves once the run directory exists (from then on, undo removes it) */
+  claim(): Promise<VmRecord>;
+  /** files QEMU gets, prepared inside the run or template directory */
+  files(r: VmRecord, cred?: Credentials): Promise<QemuFiles>;
+  /** a device line-up QEMU must reproduce (a clone's template's) */
+  lineup?: string[];
+  restore?: { ignoreShared: boolean };
+  resume: boolean;
+  qmpTimeoutMs: number;
+  /** what the caller's process is doing, for a QEMU that exits on the way */
+  doing: string;
+  finish(m: Machine, proc: QemuProcess): Promise<void>;
+  keepOnFailure?: boolean;
+  /** told when QEMU answers QMP ('spawn'), has loaded the state ('restore') and runs ('resume') */
+  mark?(step: 'spawn' | 'restore' | 'resume'): void;
+}
+
+const credOf = (r: VmRecord): Credentials | undefined => (r.uid !== undefined && r.gid !== undefined ? { uid: r.uid, gid: r.gid } : undefined);
+const netnsOf = (n: NetMode): string | undefined => (n.mode === 'bridge' ? n.netns : undefined);
+
+export class Machine {
+  #qmp?: QmpClient;
+  #agent?: AgentClient;
+
+  private constructor(private record: VmRecord) {}
+
+  get name(): ValidName { return this.record.name as ValidName; }
+  get pid(): number | undefined { return this.record.pid; }
+
+  info(): MachineInfo {
+    const r = this.record;
+    const p = vmPaths(this.name, vmsDir());
+    return {
+      name: this.name, role: r.role, pid: r.pid, accel: r.accel, generation: r.generation, template: r.template,
+      identity: r.identity ? { ...r.identity } : undefined, ports: { ...r.ports }, netMode: r.netMode,
+      runDir: p.dir, agentSocket: p.agent, console: p.console, frozen: !!r.frozen, timings: { ...(r.timings ?? {}) },
+      image: r.image, owner: r.owner, making: r.making,
+    };
+  }
+
+  /** The handle of an existing VM, by name (E_NO_VM if there is none). */
+  static async open(vm: string): Promise<Machine> {
+    const name = validName(vm);
+    const r = await readRecordOrThrow(name);
+    if (!r) throw new VmError('E_NO_VM', `VM ${name} is still being made (it has no record yet)`, { hint: 'scion ls' });
+    return new Machine(r);
+  }
+
+  /**
+   * The handle of `vm` if it exists with a record; undefined if there is no
+   * such VM (or it is still being made and has no record yet). A record that
+   * cannot be trusted throws a RecordError.
+   */
+  static async find(vm: string): Promise<Machine | undefined> {
+    const r = await readRecord(validName(vm));
+    return r ? new Machine(r) : undefined;
+  }
+
+  /** Whether another live scion process is still making this VM. */
+  beingMadeElsewhere(): boolean {
+    const mk = this.record.making;
+    return !!mk && mk.ownerPid !== process.pid && processAlive(mk.ownerPid);
+  }
+
+  /** Whether this VM's QEMU runs now. */
+  running(): boolean { return isQemuIn(this.record.pid, vmPaths(this.name, vmsDir()).jail); }
+
+  private assertRunning(doing: string): void {
+    if (!this.running()) throw new VmError('E_VM_NOT_RUNNING', `cannot ${doing} ${this.name}: it is not running`, { hint: 'scion ls' });
+  }
+
+  /** Its QMP connection (made on first use, kept until close()). */
+  async qmp(timeoutMs = 5000): Promise<QmpClient> {
+    if (this.#qmp) return this.#qmp;
+    this.assertRunning('reach the monitor of');
+    const q = new QmpClient(`${this.name}/qmp`);
+    try { await q.connect(vmPaths(this.name, vmsDir()).qmp, timeoutMs); } catch (e) { q.close(); throw e; }
+    return (this.#qmp = q);
+  }
+
+  /** Its agent, resynchronised (made on first use, kept until close()). */
+  async agent(timeoutMs = 10_000): Promise<AgentClient> {
+    if (this.#agent) return this.#agent;
+    this.assertRunning('reach the agent of');
+    const a = new AgentClient(`${this.name}/agent`);
+    try { await a.connect(vmPaths(this.name, vmsDir()).agent); await a.sync(timeoutMs); } catch (e) { a.close(); throw e; }
+    return (this.#agent = a);
+  }
+
+  /** Stop its vCPUs (QMP stop): it costs no CPU while paused. Its clock stands still meanwhile. */
+  async pause(): Promise<void> {
+    await (await this.qmp()).execute('stop');
+  }
+
+  /** Resume (QMP cont) and, if it was paused, set its clock to the host's at once. */
+  async resume(o: { setClock?: boolean } = {}): Promise<void> {
+    await (await this.qmp()).execute('cont');
+    if (o.setClock !== false) await (await this.agent()).call('time.set', { time: Date.now() }, 5000);
+  }
+
+  /** Send this VM its identity (the one its record holds) as generation `generation`. */
+  async applyIdentity(generation: number, timeoutMs = 120_000): Promise<Record<string, number>> {
+    const id = this.record.identity;
+    if (!id) throw new VmError('E_NO_VM', `${this.name} has no identity to apply (a template takes its own at boot)`);
+    const agent = await this.agent();
+    const applied = await agent.call('identity.apply', identityArgs(id, generation), timeoutMs);
+    if (!applied.applied) throw new VmError('E_FORK_FAILED', `${this.name}: the agent is already at generation ${applied.generation}; identity ${generation} was not applied`);
+    this.record.generation = generation;
+    await writeRecord(this.record);
+    return applied.stepsMs;
+  }
+
+  /** Its serial console log so far (QEMU appends to it in the jail). */
+  async consoleLog(): Promise<string> {
+    const file = vmPaths(this.name, vmsDir()).console;
+    return readFile(file, 'utf8').catch((e) => { throw new VmError('E_NO_VM', `no console log for ${this.name} (${file})`, { hint: 'scion ls', cause: e }); });
+  }
+
+  /** A connection to its serial console, which QEMU serves on a socket in the jail; the caller owns it. */
+  async openConsole(): Promise<Socket> {
+    const sockPath = vmPaths(this.name, vmsDir()).consoleSocket;
+    if (!this.running() || !existsSync(sockPath)) throw new VmError('E_VM_NOT_RUNNING', `VM ${this.name} is not running (its console log is ${vmPaths(this.name, vmsDir()).console})`);
+    const sock = connect(sockPath);
+    await new Promise<void>((res, rej) => { sock.once('connect', res); sock.once('error', (e) => rej(new VmError('E_CONNECT', `cannot connect to ${sockPath}: ${e.message}`))); });
+    return sock;
+  }
+
+  /** Close the QMP connection only (QEMU serves one monitor client at a time); the agent's stays. */
+  closeMonitor(): void {
+    this.#qmp?.close();
+    this.#qmp = undefined;
+  }
+
+  /** Close the connections this handle holds (the VM runs on). */
+  close(): void {
+    this.#qmp?.close(); this.#agent?.close();
+    this.#qmp = undefined; this.#agent = undefined;
+  }
+
+  /** Stop its QEMU (the run directory stays). */
+  async stop(): Promise<void> {
+    this.close();
+    await quitQemu(this.name, this.record);
+  }
+
+  /** Stop and remove it: QEMU, tap, reservations, run directory (and a template's directory). */
+  async remove(o: { force?: boolean } = {}): Promise<void> {
+    this.close();
+    await removeVm(this.name, o);
+  }
+
+  // ---- construction ----
+
+  /** The one construction path; undoes everything it made if any step fails. */
+  private static async construct(plan: Plan): Promise<Machine> {
+    const record = await plan.claim();
+    const m = new Machine(record);
+    const cred = credOf(record);
+    const netns = netnsOf(record.netMode);
+    let proc: QemuProcess | undefined;
+    try {
+      await writeRecord(record);
+      const files = await plan.files(record, cred);
+      if (record.netMode.mode === 'bridge') {
+        record.desc.net = { mode: 'bridge', tap: await createTap(record.netMode, cred) };
+        await writeRecord(record); // before QEMU: removing the VM deletes the tap its record names
+      }
+      if (plan.lineup && JSON.stringify(deviceLineup(record.desc)) !== JSON.stringify(plan.lineup)) throw new VmError('E_TEMPLATE_LINEUP', `${record.template ?? record.name}: the template was frozen with another device line-up`, { hint: 'freeze it again with this scion' });
+      const p = vmPaths(m.name, vmsDir());
+      proc = await spawnQemu(record.desc, { jail: p.jail, cred, netns, files });
+      record.pid = proc.pid;
+      await writeRecord(record);
+      m.#qmp = await connectQmp(m.name, p.qmp, proc, plan.qmpTimeoutMs);
+      plan.mark?.('spawn');
+      if (plan.restore) { await restoreFromFd(m.#qmp, m.name, proc, plan.restore.ignoreShared); plan.mark?.('restore'); }
+      if (plan.resume && plan.restore) { await m.#qmp.execute('cont'); plan.mark?.('resume'); }
+      await plan.finish(m, proc);
+      return m;
+    } catch (e) {
+      m.close();
+      if (proc) { killPid(proc.pid); await exitOf(proc); }
+      const err = e instanceof ScionError ? e : proc?.isDead() ? qemuDied(m.name, proc, plan.doing) : new VmError(plan.restore ? 'E_FORK_FAILED' : 'E_BOOT_FAILED', `${m.name}: ${(e as Error).message}`, { cause: e });
+      if (!plan.keepOnFailure) await removeVm(m.name, { force: true }).catch(() => undefined); // ours, made by this call; gc finds it if this fails too
+      else if (record.desc.net.mode === 'bridge') await deleteTap(record.desc.net.tap, netns).catch(() => undefined); // best effort: the construction's own error is what the caller needs
+      throw err;
+    }
+  }
+
+  /** Mark construction done: clear `making`, keep timings. */
+  private async finished(timings: Record<string, number>): Promise<void> {
+    this.record.making = undefined;
+    this.record.timings = timings;
+    await writeRecord(this.record);
+  }
+
+  /** Boot a template VM from a built image and wait for its agent's ready (and, unless skipped, give it the template identity). */
+  static async boot(img: ImageArtifacts, o: BootOptions = {}): Promise<Machine> {
+    const name = validName(o.name ?? `${img.name}-tpl`, 'template');
+    const accel = o.accel ? { accel: o.accel, reason: 'requested' } : await chooseAccel(img.vmlinuz, o.log);
+    o.log?.(`accelerator: ${accel.accel} (${accel.reason})`);
+    const netMode: NetMode = o.net ?? { mode: 'user' };
+    const baseDisk = o.disk ? resolvePath(o.disk) : undefined;
+    if (baseDisk && !(await stat(baseDisk).then((s) => s.isFile(), () => false))) throw new VmError('E_DISK', `disk ${o.disk} does not exist or is not a file`);
+    // the template's own identity (index 0, generation 1): clones start from a known state
+    const id = allocateIdentity(0, img.name, undefined, netParams(netMode));
+    const memory = o.memory ?? 'file';
+    const timeout = o.timeoutMs ?? 180_000;
+    return Machine.construct({
+      doing: 'booting', qmpTimeoutMs: 10_000, resume: false, keepOnFailure: o.keepOnFailure,
+      claim: () => claimNamed(name, (cred) => ({
+        format: VM_FORMAT, name, role: 'template', image: img.dir, accel: accel.accel, createdAt: new Date().toISOString(), generation: 0, ports: {}, netMode,
+        desc: {
+          name, mode: 'template', accel: accel.accel, ramMB: img.ramMB, cpus: 1, memory, cmdline: img.cmdline, initrd: true, vmgenid: id.vmgenid, mac: id.mac,
+          net: netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards: [] } : { mode: 'none' }, sandbox: true, disk: baseDisk ? { layers: ['base', 'template'] } : undefined,
+        },
+        uid: cred?.uid, gid: cred?.gid, slots: [], making: { ownerPid: process.pid, phase: 'boot' }, owner: o.owner,
+      })),
+      files: async (r, cred) => {
+        const t = await makeTemplateDir(name);
+        if (memory === 'file') await makeMemFile(t.mem, img.ramMB, cred?.gid);
+        if (baseDisk) await qcow2Overlay(baseDisk, t.disk);
+        return { mem: memory === 'file' ? t.mem : undefined, kernel: img.vmlinuz, initrd: img.initrd, diskBase: baseDisk, diskTemplate: baseDisk ? t.disk : undefined };
+      },
+      finish: async (m, proc) => {
+        const tSpawn = performance.now();
+        const console = vmPaths(name, vmsDir()).console;
+        const agent = new AgentClient(`${name}/agent`);
+        m.#agent = agent;
+        await agent.connect(vmPaths(name, vmsDir()).agent);
+        const died = proc.exited.then(() => { throw new VmError('E_BOOT_FAILED', `${name}: QEMU exited during boot${proc.stderrTail() ? ` (${proc.stderrTail()})` : ''}; console:\n${consoleTail(console)}`); });
+        died.catch(() => undefined); // raced below; a later exit is not this call's error
+        await Promise.race([agent.sync(timeout), died]).catch((e) => {
+          if (e instanceof VmError) throw e;
+          throw new VmError('E_BOOT_TIMEOUT', `${name}: the agent did not answer within ${timeout / 1000} s; last console lines:\n${consoleTail(console)}`, { cause: e });
+        });
+        const info = await agent.call('info');
+        if (!info.lastReady) await agent.waitEvent('ready', () => true, timeout);
+        const timings = { bootReadyMs: Math.round(performance.now() - tSpawn) };
+        if (!o.skipIdentity) {
+          const applied = await agent.call('identity.apply', identityArgs(id, 1));
+          m.record.generation = applied.generation;
+          // the clones' clock reference: the template's clock stepped onto the host's, and the RTC's phase against it
+          const c = await syncGuestClock(agent);
+          o.log?.(`guest clock was ${c.offsetMs.toFixed(0)} ms off (±${c.errorMs.toFixed(0)}); now ${c.after.offsetMs.toFixed(0)} ms (±${c.after.errorMs.toFixed(0)})`);
+        }
+        await m.finished(timings);
+      },
+    });
+  }
+
+  /** Fork one running clone of a frozen template: mapped copy-on-write, restored, resumed, re-identified. */
+  static async fork(tpl: FrozenTemplate, o: ForkOptions): Promise<Machine> {
+    const t0 = performance.now();
+    const { meta, dir: tdir, files: t } = tpl;
+    const netMode: NetMode = meta.net;
+    // host ports first (they go into the record the run directory is made with); only user-mode
+    // networking forwards ports: a bridged clone is reached at its own address
+    const ports = netMode.mode === 'user' ? await reservePorts(meta.ports.length, `${o.prefix}-c?`) : [];
+    const forwards = ports.map((hostPort, i) => ({ guestPort: meta.ports[i], hostPort }));
+    const tbSizeMB = o.tbSizeMB ?? config().tbSizeMB;
+    const timings: Record<string, number> = {};
+    let tm = t0;
+    const mark = (k: string): void => { const n = performance.now(); timings[k] = Math.round((n - tm) * 10) / 10; tm = n; };
+    const generation = meta.generation + 1;
+    const cloneDisk = (name: ValidName) => join(vmPaths(name, vmsDir()).dir, 'disk.qcow2');
+    return Machine.construct({
+      doing: 'restoring the template', qmpTimeoutMs: 30_000 /* generous: a loaded host starts QEMU slowly */, restore: { ignoreShared: meta.memory === 'file' }, resume: true,
+      lineup: meta.lineup, keepOnFailure: o.keepOnFailure, mark,
+      claim: async () => {
+        try {
+          const r = await claimClone(o.prefix, (index, name) => {
+            const id = allocateIdentity(index, o.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`, undefined, netParams(netMode));
+            const net: NetConfig = netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards } : { mode: 'none' };
+            return {
+              format: VM_FORMAT, name, role: 'clone', image: meta.image, accel: meta.accel, createdAt: new Date().toISOString(), template: meta.name,
+              generation: meta.generation, identity: id, ports: Object.fromEntries(forwards.map((f) => [String(f.guestPort), f.hostPort])), netMode,
+              desc: {
+                name, mode: 'clone', accel: meta.accel, ramMB: meta.ramMB, cpus: 1, memory: meta.memory, cmdline: meta.cmdline, initrd: false,
+                vmgenid: id.vmgenid, mac: id.mac, net, incoming: true, sandbox: true, tbSizeMB, disk: meta.disk ? { layers: ['base', 'template', 'clone'] } : undefined,
+              },
+              slots: ports.map((p) => slotName('port', p)), making: { ownerPid: process.pid, phase: 'fork' }, owner: o.owner,
+            };
+          }, meta.gid);
+          return r;
+        } catch (e) {
+          for (const p of ports) await release(slotName('port', p));
+          throw e;
+        }
+      },
+      files: async (r) => {
+        if (meta.disk) await qcow2Overlay(join(tdir, meta.disk), cloneDisk(r.name as ValidName));
+        return { mem: meta.memory === 'file' ? t.mem : undefined, kernel: join(tdir, meta.kernel), state: t.state, diskBase: meta.baseDisk, diskTemplate: meta.disk ? join(tdir, meta.disk) : undefined, diskClone: meta.disk ? cloneDisk(r.name as ValidName) : undefined };
+      },
+      finish: async (m) => {
+        const id = m.record.identity!;
+        const agent = new AgentClient(`${m.name}/agent`);
+        m.#agent = agent;
+        await agent.connect(vmPaths(m.name, vmsDir()).agent);
+        // sync and identity.apply go out back to back: the agent reads them in order, and the
+        // marker before the sync clears anything stale, so no round trip is spent waiting
+        const synced = agent.sync(o.agentTimeoutMs ?? 30_000);
+        const applying = o.skipIdentityApply ? agent.call('ping', {}).then(() => undefined) : agent.call('identity.apply', identityArgs(id, generation), 120_000);
+        applying.catch(() => undefined); // awaited below, after the sync
+        await synced.catch((e) => { throw new VmError('E_AGENT_TIMEOUT', `${m.name}: the agent did not answer after the resume (${(e as Error).message})`, { cause: e }); });
+        mark('agentSync');
+        const applied = await applying.catch((e) => { throw new VmError('E_IDENTITY_REFUSED', `${m.name}: the guest refused its identity: ${(e as Error).message}`, { cause: e, hint: 'the agent names the field it refused' }); });
+        if (applied && !applied.applied) throw new VmError('E_IDENTITY_REFUSED', `${m.name}: the agent is already at generation ${applied.generation}; identity ${generation} was not applied`);
+        const s = applied?.stepsMs ?? {};
+        timings.identity = s.identity ?? 0;
+        timings.containers = (s.containers ?? 0) + (s.health ?? 0);
+        timings.applyRoundTrip = Math.round((performance.now() - tm) * 10) / 10;
+        timings.ready = Math.round((performance.now() - t0) * 10) / 10;
+        m.record.generation = generation;
+        await m.finished(timings);
+        o.log?.(`forked ${m.name} (${id.hostname}, ${id.ip}) in ${timings.ready.toFixed(0)} ms`);
+      },
+    });
+  }
+
+  /**
+   * Freeze this running template: the agent prepares, the CPU stops, device
+   * state goes to the template directory (RAM stays in the memory file), QEMU
+   * quits. Returns the template's metadata.
+   */
+  async freeze(img: ImageArtifacts, log?: (m: string) => void): Promise<TemplateMeta> {
+    const r = this.record;
+    if (r.role !== 'template') throw new VmError('E_NO_VM', `${this.name} is a clone; freeze it as a new template with a name (scion freeze ${this.name} --name T)`);
+    if (r.frozen) throw new VmError('E_FROZEN', `template ${this.name} is already frozen`, { hint: `scion fork ${this.name} -n 3` });
+    const t = templatePaths(templateDir(this.name));
+    const p = vmPaths(this.name, vmsDir());
+    const t0 = performance.now();
+    const agent = await this.agent();
+    const qmp = await this.qmp();
+    await agent.call('freeze.prepare', {}, 120_000);
+    const tPrepared = performance.now();
+    await qmp.execute('stop');
+    const shared = r.desc.memory !== 'ram';
+    // shared: RAM stays in the memory file, only device state is saved; 'ram': the ordinary full snapshot
+    if (shared) await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+    await migrateToFile(qmp, this.name, p.jail, credOf(r), t.state);
+    const freezeMs = Math.round(performance.now() - tPrepared);
+    await qmp.execute('quit').catch(() => undefined); // QEMU may close the monitor before answering
+    this.close();
+    await waitDead(r.pid);
+    if (shared) await chmod(t.mem, memMode());
+    await writeFile(t.kernel, kernelStub(await readFile(img.vmlinuz)), { mode: 0o644, flag: constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL });
+    if (r.desc.disk) await chmod(t.disk, 0o400); // now the base of every clone's overlay
+    if (r.desc.net.mode === 'bridge') await deleteTap(r.desc.net.tap, netnsOf(r.netMode));
+    const meta: TemplateMeta = {
+      format: TEMPLATE_FORMAT, memory: shared ? 'file' : 'ram', net: r.netMode,
+      name: this.name, qemuVersion: await qemuVersion(), lineup: deviceLineup(r.desc), accel: r.accel, image: img.dir, manifestSha256: img.manifestSha256,
+      kernel: 'kernel-stub', cmdline: r.desc.cmdline, ramMB: r.desc.ramMB, generation: r.generation, disk: r.desc.disk ? 'disk.qcow2' : undefined, baseDisk: r.desc.disk ? await baseDiskOf(t.disk) : undefined,
+      gid: r.gid, frozenAt: new Date().toISOString(), freezeMs, ports: img.ports,
+    };
+    await writeTemplateMeta(t.dir, meta);
+    r.frozen = true; r.pid = undefined; r.timings = { prepareMs: Math.round(tPrepared - t0), freezeMs };
+    await writeRecord(r);
+    log?.(`froze ${this.name} in ${freezeMs} ms (prepare ${Math.round(tPrepared - t0)} ms)`);
+    return meta;
+  }
+
+  /**
+   * Freeze this running clone as a new template `newName` (a fork of a
+   * fork). A clone's RAM is a private copy-on-write mapping, so it is saved
+   * whole, then loaded into a fresh shared memory file by a paused template
+   * QEMU (constructed like any VM) that saves the device state the usual way.
+   * The new template's clones carry the clone's generation + 1.
+   */
+  async freezeAsTemplate(newName: string, log?: (m: string) => void): Promise<TemplateMeta> {
+    const r = this.record;
+    const tname = validName(newName, 'template');
+    if (r.role !== 'clone' || !r.template) throw new VmError('E_NO_VM', `no clone named ${this.name}`, { hint: 'scion ls' });
+    if (r.desc.disk) throw new VmError('E_UNSUPPORTED', `${this.name} has a disk; freezing a clone with a disk is not supported yet`);
+    this.assertRunning('freeze');
+    const { meta: parent, dir: parentDir } = await checkTemplate(r.template);
+    const t0 = performance.now();
+    const desc: VmDescription = { ...r.desc, name: tname, mode: 'template', memory: 'file', incoming: true, initrd: false, tbSizeMB: undefined, net: r.desc.net.mode === 'user' ? { ...r.desc.net, forwards: [] } : r.desc.net };
+    let full: string | undefined;
+    let meta: TemplateMeta | undefined;
+    await Machine.construct({
+      doing: `making the template from ${this.name}`, qmpTimeoutMs: 10_000, restore: { ignoreShared: false }, resume: false,
+      claim: () => claimNamed(tname, (cred) => ({
+        format: VM_FORMAT, name: tname, role: 'template', image: r.image, accel: r.accel, createdAt: new Date().toISOString(), generation: r.generation, ports: {}, desc, netMode: r.netMode,
+        uid: cred?.uid, gid: cred?.gid, slots: [], making: { ownerPid: process.pid, phase: 'freeze' },
+      })),
+      files: async (nr, cred) => {
+        const t = await makeTemplateDir(tname);
+        full = join(t.dir, 'full-state');
+        // 1. the running clone's whole RAM and devices, then it goes on running
+        await this.saveWhole(full);
+        await makeMemFile(t.mem, desc.ramMB, cred?.gid);
+        return { mem: t.mem, kernel: join(parentDir, parent.kernel), state: full };
+      },
+      // 2. the loader, paused with the clone's RAM in the shared file, saves device state only
+      finish: async (m) => {
+        const t = templatePaths(templateDir(tname));
+        const q = await m.qmp();
+        await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+        await migrateToFile(q, tname, vmPaths(tname, vmsDir()).jail, credOf(m.record), t.state);
+        await q.execute('quit').catch(() => undefined); // QEMU may close the monitor before answering
+        m.close();
+        await waitDead(m.record.pid);
+        await rm(full!, { force: true });
+        if (m.record.desc.net.mode === 'bridge') await deleteTap(m.record.desc.net.tap, netnsOf(r.netMode));
+        await chmod(t.mem, memMode());
+        const freezeMs = Math.round(performance.now() - t0);
+        await copyFile(join(parentDir, parent.kernel), t.kernel, constants.COPYFILE_EXCL);
+        meta = { ...parent, name: tname, memory: 'file', kernel: 'kernel-stub', generation: r.generation, frozenAt: new Date().toISOString(), freezeMs, lineup: deviceLineup(desc), gid: m.record.gid };
+        await writeTemplateMeta(t.dir, meta);
+        m.record.frozen = true; m.record.pid = undefined;
+        await m.finished({ freezeMs });
+        log?.(`froze clone ${this.name} as template ${tname} in ${freezeMs} ms`);
+      },
+    });
+    return meta!;
+  }
+
+  /** Save this running VM's whole state (RAM included) to `dest`; it runs on afterwards. */
+  private async saveWhole(dest: string): Promise<void> {
+    const agent = await this.agent();
+    const qmp = await this.qmp();
+    await agent.call('freeze.prepare', {}, 120_000);
+    await qmp.execute('stop');
+    try {
+      // a clone restored with x-ignore-shared on; its private RAM must now go into the stream
+      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: false }] });
+      await migrateToFile(qmp, this.name, vmPaths(this.name, vmsDir()).jail, credOf(this.record), dest);
+    } finally { await qmp.execute('cont'); this.close(); }
+  }
+
+  /** Re-read the record (another process may have changed it). */
+  async refresh(): Promise<void> {
+    const r = await readRecord(this.name);
+    if (r) this.record = r;
+  }
+}
+
+/** identity.apply's arguments for a clone identity. Pure. */
+export function identityArgs(id: CloneIdentity, generation: number): Identity {
+  return {
+    generation, hostname: id.hostname, machineId: id.machineId, rngSeed: id.rngSeed, time: Date.now(), vmgenid: id.vmgenid,
+    interfaces: [{ mac: id.mac, address: id.ip, prefix: id.prefix, gateway: id.gateway }], dns: id.dns,
+  };
+}
+
+function consoleTail(file: string, lines = 15): string {
+  try { return readFileSync(file, 'utf8').split('\n').filter((l) => l.trim()).slice(-lines).join('\n'); } catch { return '(no console output)'; } // QEMU died before writing any
+}
