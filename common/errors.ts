@@ -3,10 +3,14 @@
  * one-line human message that names the file, field or VM, and a hint that
  * says what to do. The CLI prints `message` (and `hint`); scripts match `code`.
  */
+import { DEFINITION_CODES, NETWORK_CODES, VERIFICATION_CODES, type ErrorCode } from './error-codes.ts';
+
+export type { ErrorCode };
+
 export class ScionError extends Error {
-  readonly code: string;
+  readonly code: ErrorCode;
   readonly hint?: string;
-  constructor(code: string, message: string, opts: { hint?: string; cause?: unknown } = {}) {
+  constructor(code: ErrorCode, message: string, opts: { hint?: string; cause?: unknown } = {}) {
     super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
     this.name = new.target.name;
     this.code = code;
@@ -52,15 +56,13 @@ export function describeError(err: unknown): string {
  */
 export const EXIT = { ok: 0, error: 1, usage: 2, definition: 3, network: 4, verification: 5 } as const;
 
-const DEFINITION_CODES = new Set(['E_DEFINITION', 'E_DEFINITION_MISSING', 'E_LOCK_INVALID', 'E_FILE_SOURCE', 'E_IMAGE_REF', 'E_LOCK_CHANGED']);
-const NETWORK_CODES = new Set(['E_NETWORK', 'E_HTTP', 'E_REGISTRY_UNREACHABLE', 'E_REGISTRY_HTTP', 'E_NO_MIRROR']);
-const VERIFICATION_CODES = new Set(['E_HASH_MISMATCH', 'E_SIGNATURE', 'E_RUNTIME_INTEGRITY', 'E_DIGEST_MISMATCH', 'E_NOT_REPRODUCIBLE', 'E_OCI_DIGEST']);
+const inGroup = (group: readonly ErrorCode[], code: ErrorCode) => group.includes(code);
 
 export function exitCodeFor(err: unknown): number {
   if (!(err instanceof ScionError)) return EXIT.error;
   if (err.code === 'E_USAGE') return EXIT.usage;
-  if (err instanceof DefinitionError || DEFINITION_CODES.has(err.code)) return EXIT.definition;
-  if (NETWORK_CODES.has(err.code)) return EXIT.network;
-  if (VERIFICATION_CODES.has(err.code)) return EXIT.verification;
+  if (err instanceof DefinitionError || inGroup(DEFINITION_CODES, err.code)) return EXIT.definition;
+  if (inGroup(NETWORK_CODES, err.code)) return EXIT.network;
+  if (inGroup(VERIFICATION_CODES, err.code)) return EXIT.verification;
   return EXIT.error;
 }

@@ -6,10 +6,10 @@
  * agent keeps its own pre-fork shell.)
  */
 import { execa, ExecaError, type Options } from 'execa';
-import { ScionError } from './errors.ts';
+import { ScionError, type ErrorCode } from './errors.ts';
 
 export class CommandError extends ScionError {
-  constructor(code: string, message: string, readonly command: string, readonly exitCode: number | undefined, readonly stderrTail: string, opts: { hint?: string; cause?: unknown } = {}) {
+  constructor(code: ErrorCode, message: string, readonly command: string, readonly exitCode: number | undefined, readonly stderrTail: string, opts: { hint?: string; cause?: unknown } = {}) {
     super(code, message, opts);
   }
 }
@@ -29,7 +29,7 @@ export function missingCommand(cmd: string, cause?: unknown): CommandError {
 export interface RunResult { stdout: string; stderr: string }
 
 /** Run `cmd args…`, resolve with its output; a missing program, a signal or a non-zero exit is a CommandError. */
-export async function run(cmd: string, args: string[], opts: { input?: string | Buffer; code?: string; what?: string; timeoutMs?: number; encoding?: 'utf8' | 'buffer' } = {}): Promise<RunResult> {
+export async function run(cmd: string, args: string[], opts: { input?: string | Buffer; code?: ErrorCode; what?: string; timeoutMs?: number; encoding?: 'utf8' | 'buffer' } = {}): Promise<RunResult> {
   const o: Options = { input: opts.input, reject: true, stripFinalNewline: false, timeout: opts.timeoutMs, maxBuffer: 512 * 1024 * 1024 };
   try {
     const r = await execa(cmd, args, o);
@@ -46,7 +46,7 @@ export async function run(cmd: string, args: string[], opts: { input?: string | 
 }
 
 /** The same, for bytes in and out (decompressors). */
-export async function runBuffer(cmd: string, args: string[], input: Buffer, opts: { code?: string; what?: string } = {}): Promise<Buffer> {
+export async function runBuffer(cmd: string, args: string[], input: Buffer, opts: { code?: ErrorCode; what?: string } = {}): Promise<Buffer> {
   try {
     const r = await execa(cmd, args, { input, encoding: 'buffer', reject: true, maxBuffer: 2 * 1024 * 1024 * 1024, stripFinalNewline: false });
     return Buffer.from(r.stdout as Uint8Array);

@@ -3,12 +3,20 @@
  * monolithic and chunked uploads, manifests. Credentials come from the
  * Docker config file ($DOCKER_CONFIG/config.json, else ~/.docker/config.json):
  * Basic auth, or a Bearer token fetched from the realm the registry names.
- * Every failure is a ScionError naming the registry and what to do.
+ * Every failure is a RegistryError naming the registry and what to do.
+ *
+ * Bounded against a hostile or broken registry: every body is read with a
+ * cap (error and token bodies a few KiB, manifests 4 MiB; a blob is checked
+ * against the size its manifest states by the caller), and instead of a
+ * whole-request time limit, which a large blob over a slow but healthy link
+ * would hit, a stall limit: no byte for SCION_REGISTRY_STALL_S seconds
+ * (default 30) fails the request (E_REGISTRY_STALLED).
  */
 import { readFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { ScionError } from '../common/errors.ts';
+import { config } from '../common/config.ts';
 import { registryBaseUrl, type Reference } from './reference.ts';
 
 export class RegistryError extends ScionError {}
@@ -47,7 +55,17 @@ export function parseChallenge(header: string): { scheme: string; params: Record
   return { scheme: m[1].toLowerCase(), params };
 }
 
-export interface ClientOptions { insecure?: boolean; dockerConfig?: string; timeoutMs?: number }
+export interface ClientOptions {
+  insecure?: boolean; dockerConfig?: string;
+  /** a response that sends no byte for this long fails (default: SCION_REGISTRY_STALL_S, 30 s) */
+  stallMs?: number;
+}
+
+/** Caps on what scion reads of a response body it keeps in memory. */
+export const BODY_CAPS = { error: 4 * 1024, token: 64 * 1024, manifest: 4 * 1024 * 1024 } as const;
+
+/** An upload's answer may come only once its body is sent: allow this rate (bytes/s) on top of the stall limit. */
+const SLOWEST_UPLOAD_BYTES_PER_S = 64 * 1024;
 
 export class RegistryClient {
   readonly base: string;
@@ -85,10 +103,14 @@ export class RegistryClient {
       if (params.service) u.searchParams.set('service', params.service);
       u.searchParams.set('scope', params.scope ?? `repository:${this.ref.repository}:${scope}`);
       const t = await this.fetch(u.toString(), { headers: basic ? { authorization: basic } : {} });
-      if (t.status === 401 || t.status === 403) throw this.denied(t.status, basic ? 'refused the credentials in the Docker config' : 'gives no anonymous token');
-      if (!t.ok) throw new RegistryError('E_REGISTRY_HTTP', `${this.ref.registry}: token service answered HTTP ${t.status}`);
-      const body = await t.json() as { token?: string; access_token?: string };
-      const token = body.token ?? body.access_token;
+      if (t.status === 401 || t.status === 403) { await t.body?.cancel(); throw this.denied(t.status, basic ? 'refused the credentials in the Docker config' : 'gives no anonymous token'); }
+      if (!t.ok) { await t.body?.cancel(); throw new RegistryError('E_REGISTRY_HTTP', `${this.ref.registry}: token service answered HTTP ${t.status}`); }
+      let body: { token?: unknown; access_token?: unknown };
+      try { body = JSON.parse((await this.readCapped(t, BODY_CAPS.token, 'the token service\'s answer')).toString('utf8')); } catch (e) {
+        if (e instanceof RegistryError) throw e;
+        throw new RegistryError('E_REGISTRY_HTTP', `${this.ref.registry}: the token service's answer is not JSON`);
+      }
+      const token = typeof body?.token === 'string' ? body.token : typeof body?.access_token === 'string' ? body.access_token : undefined;
       if (!token) throw new RegistryError('E_REGISTRY_HTTP', `${this.ref.registry}: the token service sent no token`);
       this.#auth = `Bearer ${token}`;
       return;
@@ -104,15 +126,70 @@ export class RegistryClient {
     });
   }
 
-  private async fetch(url: string, init: RequestInit): Promise<Response> {
+  private get stallMs(): number { return this.opts.stallMs ?? config().registryStallMs; }
+
+  private stalled(what: string): RegistryError {
+    return new RegistryError('E_REGISTRY_STALLED', `${this.ref.registry}: ${what}: no data for ${this.stallMs / 1000} s`, { hint: 'the registry or the link to it stalled; try again (SCION_REGISTRY_STALL_S sets the limit)' });
+  }
+
+  /** One HTTP exchange: the answer's headers must come within the stall limit (plus the upload's time at the slowest rate allowed). */
+  private async fetch(url: string, init: Omit<RequestInit, 'body'> & { body?: Uint8Array | string }): Promise<Response> {
+    const ctrl = new AbortController();
+    const bodyBytes = init.body === undefined ? 0 : typeof init.body === 'string' ? Buffer.byteLength(init.body) : init.body.length;
+    const limit = this.stallMs + Math.ceil(bodyBytes / SLOWEST_UPLOAD_BYTES_PER_S) * 1000;
+    let timedOut = false;
+    const timer = setTimeout(() => { timedOut = true; ctrl.abort(); }, limit);
     try {
-      return await fetch(url, { ...init, signal: AbortSignal.timeout(this.opts.timeoutMs ?? 120_000) });
+      const res = await fetch(url, { ...init, body: init.body as BodyInit | undefined, signal: ctrl.signal });
+      this.#controllers.set(res, ctrl);
+      return res;
     } catch (e) {
+      if (timedOut) throw this.stalled(`${init.method ?? 'GET'} ${url.split('?')[0]}: no answer`);
       const cause = (e as any)?.cause?.code ?? (e as any)?.cause?.message ?? (e as Error).message;
       throw new RegistryError('E_REGISTRY_UNREACHABLE', `cannot reach the registry ${this.ref.registry} (${url.split('?')[0]}): ${cause}`, {
         hint: `check the address and that the registry runs${this.base.startsWith('https') ? '; for a plain-HTTP registry not on loopback pass --insecure' : ''}`, cause: e,
       });
+    } finally { clearTimeout(timer); }
+  }
+
+  /** Each response's abort handle: a stalled body read aborts its connection. */
+  #controllers = new WeakMap<Response, AbortController>();
+
+  /**
+   * A response body as it arrives, each chunk within the stall limit of the
+   * one before. A failed or stalled read is a RegistryError; the connection
+   * is aborted then, and when the caller stops early.
+   */
+  async *stream(res: Response, what: string): AsyncGenerator<Uint8Array> {
+    if (!res.body) return;
+    const reader = res.body.getReader();
+    const abort = () => { this.#controllers.get(res)?.abort(); reader.cancel().catch(() => undefined); };
+    let done = false;
+    try {
+      for (;;) {
+        let timer: NodeJS.Timeout | undefined;
+        const stall = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(this.stalled(what)), this.stallMs); });
+        let r: ReadableStreamReadResult<Uint8Array>;
+        try { r = await Promise.race([reader.read(), stall]); } catch (e) {
+          if (e instanceof RegistryError) throw e;
+          throw new RegistryError('E_REGISTRY_UNREACHABLE', `${this.ref.registry}: ${what}: the connection failed (${(e as any)?.cause?.code ?? (e as Error).message})`, { hint: 'try again', cause: e });
+        } finally { clearTimeout(timer); }
+        if (r.done) { done = true; return; }
+        yield r.value;
+      }
+    } finally { if (!done) abort(); }
+  }
+
+  /** A whole body, at most `cap` bytes (E_REGISTRY_RESPONSE_TOO_LARGE past it). */
+  async readCapped(res: Response, cap: number, what: string): Promise<Buffer> {
+    const chunks: Buffer[] = [];
+    let n = 0;
+    for await (const c of this.stream(res, what)) {
+      n += c.length;
+      if (n > cap) throw new RegistryError('E_REGISTRY_RESPONSE_TOO_LARGE', `${this.ref.registry}: ${what} is larger than ${cap} bytes`, { hint: 'the registry answers with more than a registry sends; check its address' });
+      chunks.push(Buffer.from(c));
     }
+    return Buffer.concat(chunks);
   }
 
   /** A request with auth: a 401 is answered once (credentials or a token), then retried. */
@@ -120,7 +197,7 @@ export class RegistryClient {
     const scope = init.scope ?? 'pull';
     for (let attempt = 0; ; attempt++) {
       const headers: Record<string, string> = { ...init.headers, ...(this.#auth ? { authorization: this.#auth } : {}) };
-      const res = await this.fetch(url, { method, headers, body: init.body as BodyInit | undefined, redirect: 'follow' });
+      const res = await this.fetch(url, { method, headers, body: init.body, redirect: 'follow' });
       if (res.status === 401 && attempt === 0) { await res.body?.cancel(); await this.authenticate(res, scope); continue; }
       if (res.status === 403) { await res.body?.cancel(); throw this.denied(403, this.#auth ? 'denies these credentials access to the repository' : 'denies anonymous access to the repository'); }
       if (res.status === 401) { await res.body?.cancel(); throw this.denied(401, this.#auth ? 'refused the credentials in the Docker config' : 'needs credentials'); }
@@ -186,14 +263,8 @@ export class RegistryClient {
       throw new RegistryError('E_UNKNOWN_TAG', `${this.ref.registry}/${this.ref.repository}: no manifest ${reference} (unknown tag or digest)`, { hint: `list what exists with: skopeo list-tags docker://${this.ref.registry}/${this.ref.repository}` });
     }
     if (!res.ok) throw await this.httpError(res, `GET manifest ${reference}`);
-    const chunks: Buffer[] = [];
-    let n = 0;
-    for await (const c of res.body as any as AsyncIterable<Uint8Array>) {
-      n += c.length;
-      if (n > 4 * 1024 * 1024) throw new RegistryError('E_NOT_SCION_IMAGE', `${this.ref.registry}: manifest ${reference} is larger than 4 MiB`);
-      chunks.push(Buffer.from(c));
-    }
-    return { bytes: Buffer.concat(chunks), statedDigest: res.headers.get('docker-content-digest') ?? undefined };
+    const bytes = await this.readCapped(res, BODY_CAPS.manifest, `manifest ${reference}`);
+    return { bytes, statedDigest: res.headers.get('docker-content-digest') ?? undefined };
   }
 
   private location(res: Response): string {
@@ -203,7 +274,14 @@ export class RegistryClient {
   }
 
   private async httpError(res: Response, what: string): Promise<RegistryError> {
-    const text = (await res.text().catch(() => '')).slice(0, 300);
+    // the body only helps explain the status: read its first few KiB, never more
+    let text = '';
+    try {
+      const chunks: Buffer[] = [];
+      let n = 0;
+      for await (const c of this.stream(res, `${what} (error body)`)) { chunks.push(Buffer.from(c)); n += c.length; if (n >= BODY_CAPS.error) break; }
+      text = Buffer.concat(chunks).subarray(0, BODY_CAPS.error).toString('utf8').slice(0, 300);
+    } catch { /* an unreadable error body: the status says enough */ }
     let detail = text;
     try { const j = JSON.parse(text); if (Array.isArray(j.errors)) detail = j.errors.map((e: any) => `${e.code}: ${e.message}`).join('; '); } catch { /* not JSON: shown as text */ }
     return new RegistryError('E_REGISTRY_HTTP', `${this.ref.registry}/${this.ref.repository}: ${what}: HTTP ${res.status}${detail ? ` (${detail})` : ''}`);

@@ -8,8 +8,8 @@
  * previous copy as it was.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, open, readdir, readFile, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { mkdir, open, readdir, readFile, rm, rmdir } from 'node:fs/promises';
+import { dirname, join, resolve as resolvePath } from 'node:path';
 import { ociDigest } from '../builder/digest.ts';
 import { validName } from '../common/names.ts';
 import { SCION_VERSION } from '../common/version.ts';
@@ -82,7 +82,7 @@ async function fetchBlobTo(client: RegistryClient, title: string, digest: string
   const fh = await open(path, 'wx', 0o644);
   let n = 0;
   try {
-    for await (const c of res.body as any as AsyncIterable<Uint8Array>) {
+    for await (const c of client.stream(res, `blob ${title}`)) {
       n += c.length;
       if (n > size) throw new RegistryError('E_DIGEST_MISMATCH', `${title} (${digest}): the registry sent more than the ${size} bytes the manifest states`, { hint: 'the registry holds damaged or altered data; nothing was written' });
       h.update(c);
@@ -110,7 +110,8 @@ export async function pull(refText: string, outDir: string, opts: PullOptions = 
   const ref = parseReference(refText);
   const client = new RegistryClient(ref, opts);
   const { digest, manifest: m } = await fetchManifest(client, refText);
-  await mkdir(outDir, { recursive: true });
+  // the first directory this pull had to make, if any: a failed pull removes it again (when still empty)
+  const created = await mkdir(outDir, { recursive: true });
   const tmp = join(outDir, `.pull-${process.pid}-${randomBytes(4).toString('hex')}`);
   await mkdir(tmp, { mode: 0o755 });
   const forget = removeOnInterrupt(tmp);
@@ -132,9 +133,21 @@ export async function pull(refText: string, outDir: string, opts: PullOptions = 
     return { reference: formatReference({ ...ref, digest }), digest, name, dir: finalDir, files: m.layers.map((l) => ({ name: l.annotations![TITLE], size: l.size, digest: l.digest })) };
   } catch (e) {
     await rm(tmp, { recursive: true, force: true });
+    if (created) await removeEmptyDirs(outDir, created);
     throw e;
   } finally {
     forget();
+  }
+}
+
+/** Remove `dir` and its parents up to `top` (inclusive) while they are empty: what a failed step made, and nothing another process put there. */
+async function removeEmptyDirs(dir: string, top: string): Promise<void> {
+  let d = resolvePath(dir);
+  const stop = resolvePath(top);
+  for (;;) {
+    try { await rmdir(d); } catch { return; } // not empty (someone else's) or gone: leave it
+    if (d === stop || dirname(d) === d) return;
+    d = dirname(d);
   }
 }
 
