@@ -12,7 +12,8 @@ import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { runBuffer } from '../common/run.ts';
 import { removeOnInterrupt } from '../common/interrupt.ts';
-import { build, OUTPUT_FILES, type BuildEvent, type BuildResult, type Compression } from './build.ts';
+import { build, type BuildEvent, type BuildResult, type Compression } from './build.ts';
+import { IMAGE_FILES as OUTPUT_FILES } from '../common/image-layout.ts';
 import { parseCpio, firstCpioDifference, firstLineDifference } from './compare.ts';
 
 export interface VerifyOptions {

@@ -2,24 +2,11 @@
  * What builder, guest agent and host agree on, defined once: the agent's
  * virtio-serial port, the guest's /etc/scion/image.json (the builder writes
  * it, the agent reads it), the identity the host sends and the agent applies
- * (guest-agent/PROTOCOL.md), and the part of manifest.json the host reads.
+ * (guest-agent/PROTOCOL.md). The built image's layout is common/image-layout.ts.
  */
 
 /** The virtio-serial port name the agent opens (/dev/virtio-ports/<name>) and QEMU creates. */
 export const AGENT_PORT_NAME = 'org.scion.agent.0';
-
-/**
- * The part of a built image's manifest.json that the host reads (the builder
- * writes more: packages, outputs, hashes). host/image.ts validates it.
- */
-export interface ManifestForHost {
-  manifestVersion: 1;
-  name: string;
-  kernel: { cmdline: string };
-  guestRamMB: number;
-  /** guest ports the image's containers serve (forwarded per clone in user-mode networking) */
-  ports: number[];
-}
 
 /** Where the builder puts the agent's config in the guest. */
 export const GUEST_IMAGE_CONFIG = '/etc/scion/image.json';

@@ -16,7 +16,8 @@ import { SCION_VERSION } from '../common/version.ts';
 import { ScionError } from '../common/errors.ts';
 import { removeOnInterrupt } from '../common/interrupt.ts';
 import { readBytesNoFollow, replaceDirectory } from '../common/safe-fs.ts';
-import { artifactManifest, checkArtifactManifest, ArtifactError, LAYER_TYPES, MANIFEST_MEDIA_TYPE, EMPTY_CONFIG, TITLE } from './artifact.ts';
+import { artifactManifest, checkArtifactManifest, ArtifactError, MANIFEST_MEDIA_TYPE, EMPTY_CONFIG, TITLE } from './artifact.ts';
+import { IMAGE_FILES, REQUIRED_IMAGE_FILES, parseImageManifest, type ImageFile, type ImageManifest } from '../common/image-layout.ts';
 import { RegistryClient, RegistryError, type ClientOptions } from './client.ts';
 import { parseReference, formatReference } from './reference.ts';
 
@@ -27,21 +28,22 @@ export interface PushOptions extends ClientOptions { chunkBytes?: number; log?: 
 export interface PushResult { reference: string; digest: string; uploaded: string[]; skipped: string[]; bytesUploaded: number; requests: RegistryClient['counts'] }
 
 /** The files of a build directory, checked against its manifest.json. */
-async function readBuildDir(dir: string): Promise<{ name: string; files: { name: string; data: Buffer; digest: string }[] }> {
-  const files: { name: string; data: Buffer; digest: string }[] = [];
-  for (const name of Object.keys(LAYER_TYPES)) {
+async function readBuildDir(dir: string): Promise<{ name: string; files: { name: ImageFile; data: Buffer; digest: string }[] }> {
+  const files: { name: ImageFile; data: Buffer; digest: string }[] = [];
+  for (const name of IMAGE_FILES) {
     let data: Buffer;
     try { data = await readBytesNoFollow(join(dir, name)); } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT' && (name === 'sbom.cdx.json' || name === 'provenance.intoto.json')) continue;
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT' && !REQUIRED_IMAGE_FILES.includes(name)) continue;
       throw new ScionError('E_IMAGE_DIR', `${dir}: cannot read ${name} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`, { hint: 'push a directory that `scion build` wrote, e.g. out/web' });
     }
     files.push({ name, data, digest: sha256(data) });
   }
-  let manifest: any;
-  try { manifest = JSON.parse(files.find((f) => f.name === 'manifest.json')!.data.toString('utf8')); } catch { throw new ScionError('E_IMAGE_DIR', `${dir}/manifest.json is not JSON`); }
-  const name = validName(manifest?.name, 'image');
-  for (const f of ['vmlinuz', 'initrd.img']) {
-    const want = manifest?.outputs?.[f]?.sha256;
+  const parsed = parseImageManifest(files.find((f) => f.name === 'manifest.json')!.data.toString('utf8'));
+  if (!parsed.ok) throw new ScionError('E_IMAGE_DIR', `${dir}/manifest.json is ${parsed.why}`, { hint: 'push a directory that this scion built' });
+  const manifest = parsed.manifest;
+  const name = validName(manifest.name, 'image');
+  for (const f of ['vmlinuz', 'initrd.img'] as const) {
+    const want = manifest.outputs[f].sha256;
     const got = files.find((x) => x.name === f)!.digest.slice(7);
     if (want !== got) throw new ScionError('E_DIGEST_MISMATCH', `${dir}/${f} does not match the SHA-256 in its manifest.json (${String(want).slice(0, 12)}… vs ${got.slice(0, 12)}…)`, { hint: 'rebuild the image; the directory was changed after the build' });
   }
@@ -121,12 +123,13 @@ export async function pull(refText: string, outDir: string, opts: PullOptions = 
       opts.log?.(`${title}: ${l.size} bytes`);
       await fetchBlobTo(client, title, l.digest, l.size, join(tmp, title));
     }
-    let inner: any;
-    try { inner = JSON.parse(await readFile(join(tmp, 'manifest.json'), 'utf8')); } catch { throw new ArtifactError('E_NOT_SCION_IMAGE', `${refText}: its manifest.json is not JSON`); }
-    const name = validName(inner?.name, 'image');
-    for (const f of ['vmlinuz', 'initrd.img']) {
+    const parsed = parseImageManifest(await readFile(join(tmp, 'manifest.json'), 'utf8'));
+    if (!parsed.ok) throw new ArtifactError('E_NOT_SCION_IMAGE', `${refText}: its manifest.json is ${parsed.why}`);
+    const inner: ImageManifest = parsed.manifest;
+    const name = validName(inner.name, 'image');
+    for (const f of ['vmlinuz', 'initrd.img'] as const) {
       const layer = m.layers.find((x) => x.annotations![TITLE] === f)!;
-      if (`sha256:${inner?.outputs?.[f]?.sha256}` !== layer.digest) throw new ArtifactError('E_DIGEST_MISMATCH', `${refText}: ${f} is not the one its manifest.json names`, { hint: 'the artifact was assembled from different builds; push it again from one build directory' });
+      if (`sha256:${inner.outputs[f].sha256}` !== layer.digest) throw new ArtifactError('E_DIGEST_MISMATCH', `${refText}: ${f} is not the one its manifest.json names`, { hint: 'the artifact was assembled from different builds; push it again from one build directory' });
     }
     const finalDir = join(outDir, name);
     await replaceDirectory(tmp, finalDir);

@@ -20,7 +20,7 @@ for (const f of await fs.readdir(path.join(root, 'dist'), { recursive: true })) 
 // the agent bundle, by the same function a checkout's builds use
 const { register } = await import('tsx/esm/api');
 register();
-const { bundleAgentFromSource } = await import('../builder/build.ts');
+const { bundleAgentFromSource } = await import('../builder/agent-bundle.ts');
 await fs.mkdir(path.join(root, 'dist', 'guest-agent'), { recursive: true });
 await fs.writeFile(path.join(root, 'dist', 'guest-agent', 'agent.mjs'), await bundleAgentFromSource());
 console.error('[prepack] dist/ ready: compiled library, declarations, agent bundle');

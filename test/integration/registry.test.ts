@@ -12,7 +12,8 @@ import { join } from 'node:path';
 import { $ } from 'zx';
 import { build } from '../../builder/build.ts';
 import { push, pull, pullCached } from '../../registry/transfer.ts';
-import { ARTIFACT_TYPE, LAYER_TYPES } from '../../registry/artifact.ts';
+import { ARTIFACT_TYPE } from '../../registry/artifact.ts';
+import { LAYER_MEDIA_TYPES as LAYER_TYPES } from '../../common/image-layout.ts';
 import { image, tmp, cleanupTmp, isolateRunDirs, removeEverything, scionQemuPids, ROOT } from './helpers.ts';
 import { startRegistry, type TestRegistry } from './registry-helper.ts';
 

@@ -17,6 +17,7 @@ import { FileTree } from '../../builder/tree.ts';
 import { sbomJson, resolvedDepends, debArchitecture, type SbomInput } from '../../builder/sbom.ts';
 import { provenanceJson, type ProvenanceInput } from '../../builder/provenance.ts';
 import { sourceKind } from '../../host/image-source.ts';
+import type { ImageFile } from '../../common/image-layout.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'scion-unit-pkg-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -55,7 +56,7 @@ describe('OCI references', () => {
 });
 
 describe('artifact manifests', () => {
-  const files = [{ name: 'vmlinuz', digest: 'sha256:' + '1'.repeat(64), size: 10 }, { name: 'initrd.img', digest: 'sha256:' + '2'.repeat(64), size: 20 }, { name: 'manifest.json', digest: 'sha256:' + '3'.repeat(64), size: 30 }];
+  const files: { name: ImageFile; digest: string; size: number }[] = [{ name: 'vmlinuz', digest: 'sha256:' + '1'.repeat(64), size: 10 }, { name: 'initrd.img', digest: 'sha256:' + '2'.repeat(64), size: 20 }, { name: 'manifest.json', digest: 'sha256:' + '3'.repeat(64), size: 30 }];
   it('round-trips through the check', () => {
     const m = artifactManifest('web', files);
     expect(m.artifactType).toBe(ARTIFACT_TYPE);
