@@ -115,7 +115,7 @@ export async function writeOutputs(i: WriteInput): Promise<Written> {
   try {
     const tmpPaths = imagePaths(tmpDir);
     for (const f of IMAGE_FILES) await writeFile(tmpPaths[f], files[f]);
-    i.log(`wrote ${IMAGE_FILES.join(', ')} (initrd.img ${Buffer.byteLength(files['initrd.img'])} bytes)`);
+    i.log(`wrote vmlinuz and initrd.img (${Buffer.byteLength(files['initrd.img'])} bytes), the manifest, SBOM and provenance; swapping them in`);
     const finalPaths = imagePaths(finalDir);
     const outputs = IMAGE_FILES.map((name) => ({ name, path: finalPaths[name], size: Buffer.byteLength(files[name]), sha256: sha256(files[name]) }));
     await replaceDirectory(tmpDir, finalDir);

@@ -24,7 +24,7 @@ export { serve, type ServeHandle } from './serve/server.ts';
 export { serveOptions, type ServeOptions } from './serve/options.ts';
 // names, errors, version
 export { validName, NameError, type ValidName } from '../common/names.ts';
-export { ScionError, DefinitionError, ArchiveError, BuildError, VmError, EXIT, exitCodeFor } from '../common/errors.ts';
+export { ScionError, DefinitionError, ArchiveError, BuildError, VmError, EXIT, exitCodeFor, type ErrorCode } from '../common/errors.ts';
 export { RegistryError } from '../registry/client.ts';
 export { AgentError } from './agent-client.ts';
 export { QmpError } from './machine/machine.ts';

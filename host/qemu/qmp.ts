@@ -12,6 +12,8 @@ export class QmpError extends ScionError {
   }
 }
 
+const RECENT_EVENTS = 32;
+
 export interface QmpEvent { event: string; data?: any; timestamp: { seconds: number; microseconds: number } }
 
 export class QmpClient {
@@ -19,7 +21,8 @@ export class QmpClient {
   private pending = new Pending<any>();
   private seq = 0;
   greeting?: any;
-  readonly events: QmpEvent[] = [];
+  /** the last few events, for waitEvent() to find one that came before it was called (bounded: a VM emits events all its life) */
+  private recent: QmpEvent[] = [];
   private waiters: { name: string; pred: (e: QmpEvent) => boolean; resolve: (e: QmpEvent) => void }[] = [];
 
   constructor(readonly label = 'qmp') {
@@ -42,7 +45,8 @@ export class QmpClient {
   private onMessage(m: any) {
     if (!m || typeof m !== 'object' || Array.isArray(m)) return; // not a QMP message: ignored, as QEMU never sends one
     if (m.event) {
-      this.events.push(m);
+      this.recent.push(m);
+      if (this.recent.length > RECENT_EVENTS) this.recent.shift();
       for (const w of [...this.waiters]) if (w.name === m.event && w.pred(m)) { this.waiters.splice(this.waiters.indexOf(w), 1); w.resolve(m); }
       return;
     }
@@ -59,9 +63,9 @@ export class QmpClient {
     return r.return as T;
   }
 
-  /** Wait for an event (including one already received since `since`). */
-  waitEvent(name: string, pred: (e: QmpEvent) => boolean = () => true, timeoutMs = 30_000, since = 0): Promise<QmpEvent> {
-    const seen = this.events.slice(since).find((e) => e.event === name && pred(e));
+  /** Wait for an event (including one of the last few already received). */
+  waitEvent(name: string, pred: (e: QmpEvent) => boolean = () => true, timeoutMs = 30_000): Promise<QmpEvent> {
+    const seen = this.recent.find((e) => e.event === name && pred(e));
     if (seen) return Promise.resolve(seen);
     return new Promise((resolve, reject) => {
       const w = { name, pred, resolve: (e: QmpEvent) => { clearTimeout(t); resolve(e); } };

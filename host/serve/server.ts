@@ -17,10 +17,14 @@ import { up } from '../up.ts';
 import { Fleet, type Member, type MemberState } from './fleet.ts';
 import type { ServeOptions } from './options.ts';
 
+/** Fork times stats() keeps: a front door forks clones all its life. */
+export const FORK_TIMES_KEPT = 1000;
+
 export interface ServeHandle {
   address: { host: string; port: number };
   admin?: { host: string; port: number };
   template: string;
+  /** forkMs: the last FORK_TIMES_KEPT fork-to-ready times (the histogram in /metrics has them all) */
   stats(): { clones: Record<MemberState, number>; queue: number; requests: Record<string, number>; forkMs: number[]; maxClones: number };
   /** stop accepting, drain in-flight requests (bounded by drainMs), remove every clone */
   close(): Promise<void>;
@@ -107,7 +111,7 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
   const fleet = new Fleet(template, o, {
     scale: (e) => { maxClones = Math.max(maxClones, fleet.total()); mt.scale.inc({ direction: e.direction }); say({ event: 'scale', ...e }, `scale ${e.direction}: ${e.clone} (${e.reason}); ${e.clones} clone(s)${e.ms ? `; forked in ${e.ms} ms` : ''}`); },
     forkFailed: (e) => say({ event: 'error', message: e.message }, `fork failed: ${e.message}`),
-    forked: (ms) => { mt.forkSeconds.observe(ms / 1000); forkMs.push(ms); },
+    forked: (ms) => { mt.forkSeconds.observe(ms / 1000); forkMs.push(ms); if (forkMs.length > FORK_TIMES_KEPT) forkMs.shift(); },
     claim: (hit) => mt.pool.inc({ result: hit ? 'hit' : 'miss' }),
   });
   const counted: Record<string, number> = {};

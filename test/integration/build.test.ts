@@ -186,7 +186,7 @@ describe('reproducible builds', () => {
     copyFileSync(image('minimal'), def);
     copyFileSync(image('minimal').replace('.yaml', '.scion.lock'), join(dir, 'minimal.scion.lock'));
     const good = await build({ definitionPath: def, cacheDir: cacheA, outDir: out });
-    // another initrd (one more file), and a failure once its bytes are written but before the manifest
+    // another initrd (one more file), and a failure once every output is written but before they are swapped in
     writeFileSync(def, readFileSync(def, 'utf8') + '\nfiles:\n  - path: /etc/late\n    contents: "changed"\n');
     const failLate = (ev: BuildEvent) => { if (ev.type === 'log' && ev.message.startsWith('wrote vmlinuz and initrd.img')) throw new Error('interrupted after writing'); };
     await expect(build({ definitionPath: def, cacheDir: cacheA, outDir: out, onEvent: failLate })).rejects.toThrow('interrupted after writing');

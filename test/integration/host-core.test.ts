@@ -186,6 +186,44 @@ describe('directories and files another user could have touched', () => {
   });
 });
 
+describe('a fork that fails leaves nothing behind (the one Machine construction path)', () => {
+  /** What a fork could leave: run directories, reservation files, QEMU processes (from /proc). */
+  const snapshot = async () => ({
+    runDirs: readdirSync(join(dirs.run, 'vms')).sort(),
+    slots: readdirSync(join(dirs.run, 'slots')).sort(),
+    qemus: (await scionQemuPids()).map((q) => q.pid).sort(),
+  });
+
+  it('whose QEMU fails to start', async () => {
+    // the real QEMU, given an option it refuses: it exits at once with its own error
+    const bin = tmp('badqemu');
+    chmodSync(bin, 0o755); // the VM's unprivileged uid runs it
+    const wrapper = join(bin, 'qemu-refusing');
+    writeFileSync(wrapper, '#!/bin/sh\n[ "$1" = --version ] && exec qemu-system-x86_64 "$@"\nexec qemu-system-x86_64 "$@" -no-such-option\n', { mode: 0o755 });
+    const before = await snapshot();
+    process.env.SCION_QEMU = wrapper;
+    try {
+      await expect(vm.fork('web-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_QEMU_EXITED', message: expect.stringContaining('-no-such-option') });
+    } finally { delete process.env.SCION_QEMU; }
+    expect(await snapshot()).toEqual(before);
+  });
+
+  it('whose agent never answers', async () => {
+    // a deadline no agent can meet stands in for a guest whose agent hangs (one cannot be made on
+    // demand): QEMU has really started and restored the clone when the wait gives up
+    const before = await snapshot();
+    await expect(vm.fork('web-tpl', { n: 1, agentTimeoutMs: 1 })).rejects.toMatchObject({ code: 'E_AGENT_TIMEOUT' });
+    expect(await snapshot()).toEqual(before);
+  });
+
+  it('whose identity the guest refuses', async () => {
+    // the host accepts the pattern; the guest's agent refuses "bad-N-" (a host name cannot end in "-")
+    const before = await snapshot();
+    await expect(vm.fork('web-tpl', { n: 2, hostname: 'bad-{n}-' })).rejects.toMatchObject({ code: 'E_IDENTITY_REFUSED', message: expect.stringContaining('hostname: must be a valid host name') });
+    expect(await snapshot()).toEqual(before);
+  });
+});
+
 describe('clone clocks', () => {
   it('stay within 100 ms of the host right after the fork and after 2 minutes idle (agent round trip as the error bar)', async () => {
     const sample = forked.slice(0, 3);

@@ -1,0 +1,122 @@
+/**
+ * The shape of the code, checked from the code itself: the import graph
+ * (esbuild's metafile: every static and dynamic import, resolved), function
+ * sizes in the builder's stages, the declarations the host's agent client
+ * publishes (emitted by tsc), the CLI's help against its command table, the
+ * package API against the README, and the constants that mirror files.
+ */
+import { describe, it, expect, afterAll } from 'vitest';
+import { readFileSync, readdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, relative } from 'node:path';
+import { execFileSync } from 'node:child_process';
+import * as esbuild from 'esbuild';
+import { COMMANDS } from '../../cli/commands.ts';
+import { helpText } from '../../cli/main.ts';
+import { SCION_VERSION } from '../../common/version.ts';
+import { ERROR_CODES } from '../../common/error-codes.ts';
+import { config, ConfigError } from '../../common/config.ts';
+
+const ROOT = join(import.meta.dirname, '../..');
+const scratch = mkdtempSync(join(tmpdir(), 'scion-shape-'));
+afterAll(() => rmSync(scratch, { recursive: true, force: true }));
+
+const tsFiles = (dir: string): string[] => readdirSync(join(ROOT, dir), { recursive: true, withFileTypes: true })
+  .filter((e) => e.isFile() && e.name.endsWith('.ts') && !e.name.endsWith('.d.ts'))
+  .map((e) => relative(ROOT, join(e.parentPath, e.name)));
+
+/** file -> the project files it imports (statically or dynamically), as esbuild resolves them. */
+async function importGraph(entries: string[]): Promise<Map<string, string[]>> {
+  const r = await esbuild.build({ entryPoints: entries.map((e) => join(ROOT, e)), bundle: true, metafile: true, write: false, platform: 'node', format: 'esm', packages: 'external', absWorkingDir: ROOT, outdir: scratch, logLevel: 'silent' });
+  return new Map(Object.entries(r.metafile!.inputs).map(([f, i]) => [f, i.imports.map((x) => x.path).filter((p) => !p.startsWith('node:') && !p.includes('node_modules'))]));
+}
+
+describe('the Machine is the only way down to QEMU and the run directories', () => {
+  it('no module above host/machine imports host/qemu or host/store', async () => {
+    const below = /^host\/(machine|qemu|store)\//;
+    const above = [...tsFiles('host'), ...tsFiles('cli'), ...tsFiles('testing')].filter((f) => !below.test(f));
+    expect(above.length).toBeGreaterThan(15);
+    const graph = await importGraph(above);
+    const offending = above.flatMap((f) => (graph.get(f) ?? []).filter((i) => /^host\/(qemu|store)\//.test(i)).map((i) => `${f} -> ${i}`));
+    expect(offending).toEqual([]);
+    // and the graph is real: the machine layer itself does reach them
+    expect(graph.get('host/machine/machine.ts')).toEqual(expect.arrayContaining(['host/qemu/process.ts', 'host/store/records.ts']));
+  });
+});
+
+describe('the builder in stages', () => {
+  /** Top-level functions (declarations and arrow constants) and their length in lines. */
+  function functionLengths(file: string): { name: string; lines: number }[] {
+    const lines = readFileSync(join(ROOT, file), 'utf8').split('\n');
+    const out: { name: string; lines: number }[] = [];
+    lines.forEach((l, i) => {
+      const m = /^(?:export )?(?:async )?function\*? (\w+)|^(?:export )?const (\w+) = (?:async )?\(/.exec(l);
+      if (!m) return;
+      const end = lines.findIndex((x, k) => k > i && /^(\}|\};|\}\);)$/.test(x));
+      out.push({ name: m[1] ?? m[2], lines: (end < 0 ? lines.length : end) - i + 1 });
+    });
+    return out;
+  }
+  it.each(['builder/build.ts', 'builder/packages.ts', 'builder/guest.ts', 'builder/outputs.ts'])('%s has no function over 80 lines', (file) => {
+    const fns = functionLengths(file);
+    expect(fns.length).toBeGreaterThan(1);
+    expect(fns.filter((f) => f.lines > 80)).toEqual([]);
+  });
+});
+
+describe('typed contracts', () => {
+  it("the agent client's published types have no `any`", () => {
+    const cfg = join(scratch, 'tsconfig.json');
+    writeFileSync(cfg, JSON.stringify({ extends: join(ROOT, 'tsconfig.json'), compilerOptions: { noEmit: false, declaration: true, emitDeclarationOnly: true, rewriteRelativeImportExtensions: true, rootDir: ROOT, outDir: join(scratch, 'd'), typeRoots: [join(ROOT, 'node_modules/@types')] }, files: [join(ROOT, 'host/agent-client.ts')], include: [] }));
+    execFileSync(process.execPath, [join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', cfg], { cwd: ROOT });
+    const code = (f: string) => readFileSync(join(scratch, 'd', f), 'utf8').replace(/\/\*[\s\S]*?\*\//g, '').replace(/\/\/.*$/gm, ''); // comments may say "any"
+    const dts = code('host/agent-client.d.ts');
+    expect(dts).toContain('call<C extends AgentCommand>');
+    expect(dts).not.toMatch(/\bany\b/);
+    // and the protocol map its signatures come from
+    expect(code('common/agent-protocol.d.ts')).not.toMatch(/\bany\b/);
+  });
+  it('error codes are listed once each', () => {
+    expect(new Set(ERROR_CODES).size).toBe(ERROR_CODES.length);
+  });
+  it("the version literal is package.json's", () => {
+    expect(SCION_VERSION).toBe(JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).version);
+  });
+});
+
+describe('configuration', () => {
+  it('is read when asked, from the environment given', () => {
+    expect(config({ SCION_RUN_DIR: '/x/run', SCION_TB_SIZE_MB: '16' })).toMatchObject({ runDir: '/x/run', tbSizeMB: 16, uidBase: 1_500_000_000, registryStallMs: 30_000 });
+    expect(config({ SCION_REGISTRY_STALL_S: '2', SCION_UID_BASE: '2000000' })).toMatchObject({ registryStallMs: 2000, uidBase: 2_000_000 });
+  });
+  it.each([['SCION_TB_SIZE_MB', 'lots'], ['SCION_UID_BASE', '-5'], ['SCION_ACCEL', 'xen'], ['SCION_REGISTRY_STALL_S', '0']])('refuses %s=%s by name', (k, v) => {
+    expect(() => config({ [k]: v })).toThrow(ConfigError);
+    expect(() => config({ [k]: v })).toThrow(k);
+  });
+  it('nothing reads SCION_* variables outside common/config.ts (the guest agent reads its own)', () => {
+    const files = ['host', 'cli', 'builder', 'registry', 'testing', 'common'].flatMap(tsFiles).filter((f) => f !== 'common/config.ts');
+    const reads = files.filter((f) => /process\.env\.(SCION_|XDG_CACHE|SOURCE_DATE)/.test(readFileSync(join(ROOT, f), 'utf8')));
+    expect(reads).toEqual([]);
+  });
+});
+
+describe('the face', () => {
+  it("the CLI's help lists every command of the table, with its options", () => {
+    const help = helpText();
+    for (const c of COMMANDS) {
+      expect(help).toMatch(new RegExp(`^  ${c.name}\\b`, 'm'));
+      for (const o of Object.keys(c.options)) expect(help, `${c.name} --${o}`).toContain(`--${o}`);
+    }
+    const printed = execFileSync(process.execPath, [join(ROOT, 'bin/scion.js'), '--help'], { encoding: 'utf8' });
+    expect(printed.trim()).toBe(help.trim());
+    expect(COMMANDS.map((c) => c.name)).toEqual(expect.arrayContaining(['build', 'verify', 'push', 'pull', 'up', 'boot', 'freeze', 'fork', 'ls', 'info', 'exec', 'logs', 'console', 'stop', 'rm', 'gc', 'serve']));
+  });
+
+  it("the package's runtime exports are exactly the names the README's API section documents", async () => {
+    const readme = readFileSync(join(ROOT, 'README.md'), 'utf8');
+    const section = readme.slice(readme.indexOf('\n### API'), readme.indexOf('\n## ', readme.indexOf('\n### API')));
+    const documented = new Set([...section.matchAll(/^\| `([A-Za-z_]\w*)`/gm)].map((m) => m[1]));
+    const api = await import('../../host/index.ts');
+    expect([...documented].sort()).toEqual(Object.keys(api).sort());
+  });
+});
