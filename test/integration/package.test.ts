@@ -52,12 +52,19 @@ describe('the packed package', () => {
     const help = await $({ cwd: p, quiet: true })`npx scion --help`;
     expect(help.stdout).toContain('scion: fork running QEMU VMs copy-on-write');
     expect(help.stdout).toContain('verify <image.yaml>');
+    // the API the README documents, and nothing else: every name imported by name from the installed package
+    const readme = readFileSync(join(ROOT, 'README.md'), 'utf8');
+    const section = readme.slice(readme.indexOf('\n### API'), readme.indexOf('\n## ', readme.indexOf('\n### API')));
+    const documented = [...section.matchAll(/^\| `([A-Za-z_]\w*)`/gm)].map((m) => m[1]).sort();
+    expect(documented).toEqual(expect.arrayContaining(['build', 'up', 'fork', 'serve', 'verify', 'push', 'pull', 'list', 'Machine', 'SCION_VERSION', 'validName', 'ScionError']));
     writeFileSync(join(p, 'use.mjs'), [
-      "import { build, up, fork, serve, verify, push, pull, list, SCION_VERSION, validName } from 'scion';",
-      "console.log(JSON.stringify({ fns: [build, up, fork, serve, verify, push, pull, list].map((f) => typeof f), version: SCION_VERSION, name: validName('web-1') }));",
+      `import { ${documented.join(', ')} } from 'scion';`,
+      "import * as all from 'scion';",
+      `const named = { ${documented.join(', ')} };`,
+      "console.log(JSON.stringify({ missing: Object.entries(named).filter(([, v]) => v === undefined).map(([k]) => k), exported: Object.keys(all).sort(), version: SCION_VERSION, name: validName('web-1'), machine: typeof Machine.open }));",
     ].join('\n'));
     const r = JSON.parse((await $({ cwd: p, quiet: true })`node use.mjs`).stdout);
-    expect(r).toEqual({ fns: Array(8).fill('function'), version: JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).version, name: 'web-1' });
+    expect(r).toEqual({ missing: [], exported: documented, version: JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).version, name: 'web-1', machine: 'function' });
   });
 });
 
