@@ -19,10 +19,26 @@ export const AGENT_VERSION = '0.1.0';
 
 export type ImageConfig = GuestImageConfig;
 
+/**
+ * A byte stream to one host. Backpressure: `write` returns false once the
+ * stream holds more than it wants buffered, and `onDrain` fires when it took
+ * it; `pause`/`resume` stop and restart reading. A transport without them
+ * (a test's in-memory one) is never backed up.
+ */
 export interface Transport {
-  write(data: Buffer): void;
+  write(data: Buffer): boolean | void;
   onData(cb: (chunk: Buffer) => void): void;
+  onDrain?(cb: () => void): void;
+  pause?(): void;
+  resume?(): void;
 }
+
+/**
+ * Requests read but not yet answered, at most: past this the session stops
+ * reading until answers have gone out, so a client that pipelines without
+ * end meets backpressure instead of lost answers or an agent that grows.
+ */
+export const MAX_IN_FLIGHT = 64;
 
 export interface AgentOptions {
   image: ImageConfig;
@@ -88,9 +104,22 @@ export class Agent {
   attach(t: Transport): () => void {
     const decoder = new FrameDecoder(MAX_FRAME);
     let resyncPending = false;
-    const send = (msg: unknown, marker = false) => {
-      try { t.write(marker ? Buffer.concat([Buffer.from([RESYNC_BYTE]), encodeFrame(msg)]) : encodeFrame(msg)); } catch { /* the host went away mid-write: the session closes and the host resyncs on reconnect */ }
+    // reading stops while too many requests wait for their answer or the stream is backed up
+    let inFlight = 0;
+    let backedUp = false;
+    let paused = false;
+    const flow = () => {
+      const stop = inFlight >= MAX_IN_FLIGHT || backedUp;
+      if (stop && !paused) { paused = true; t.pause?.(); } else if (!stop && paused) { paused = false; t.resume?.(); }
     };
+    t.onDrain?.(() => { backedUp = false; flow(); });
+    const send = (msg: unknown, marker = false) => {
+      try {
+        const ok = t.write(marker ? Buffer.concat([Buffer.from([RESYNC_BYTE]), encodeFrame(msg)]) : encodeFrame(msg));
+        if (ok === false) { backedUp = true; flow(); }
+      } catch { /* the host went away mid-write: the session closes and the host resyncs on reconnect */ }
+    };
+    const answered = () => { inFlight--; flow(); };
     const sender = (m: unknown) => send(m);
     this.sessions.add(sender);
     t.onData((chunk) => {
@@ -107,14 +136,16 @@ export class Agent {
         }
         const marker = resyncPending && req.cmd === 'sync';
         if (req.cmd === 'sync') resyncPending = false;
+        inFlight++;
         this.handle(req).then(
           (result) => send({ id: req.id, ok: true, result }, marker),
           (err) => {
             const code = err instanceof ProtocolError ? err.code : 'E_INTERNAL';
             send({ id: req.id, ok: false, error: { code, message: String(err?.message ?? err).slice(0, 2000) } }, marker);
           },
-        );
+        ).finally(answered);
       }
+      flow();
     });
     return () => { this.sessions.delete(sender); };
   }

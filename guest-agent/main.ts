@@ -38,7 +38,10 @@ process.on('unhandledRejection', (e) => log(`unhandled: ${(e as Error)?.stack ??
 
 const listenAt = args.indexOf('--listen');
 if (args.includes('--stdio')) {
-  agent.attach({ write: (b) => process.stdout.write(b), onData: (cb) => process.stdin.on('data', cb) });
+  agent.attach({
+    write: (b) => process.stdout.write(b), onData: (cb) => process.stdin.on('data', cb), onDrain: (cb) => process.stdout.on('drain', cb),
+    pause: () => process.stdin.pause(), resume: () => process.stdin.resume(),
+  });
 } else if (listenAt >= 0) {
   // a unix socket standing in for the virtio port (host-side tests, or a VM-less agent)
   const path = args[listenAt + 1];
@@ -46,7 +49,10 @@ if (args.includes('--stdio')) {
   const { rmSync } = await import('node:fs');
   rmSync(path, { force: true });
   createServer((sock) => {
-    const detach = agent.attach({ write: (b) => { if (!sock.destroyed) sock.write(b); }, onData: (cb) => sock.on('data', cb) });
+    const detach = agent.attach({
+      write: (b) => (sock.destroyed ? true : sock.write(b)), onData: (cb) => sock.on('data', cb), onDrain: (cb) => sock.on('drain', cb),
+      pause: () => sock.pause(), resume: () => sock.resume(),
+    });
     sock.on('close', detach);
     sock.on('error', () => {});
   }).listen(path, () => log(`serving on ${path}`));
@@ -56,26 +62,47 @@ if (args.includes('--stdio')) {
   const fd = openSync(port, 'r+');
   // A virtio port reads 0 bytes while no host is connected: poll gently until one is.
   const listeners: ((b: Buffer) => void)[] = [];
+  const drained: (() => void)[] = [];
   const buf = Buffer.alloc(65536);
   // Poll fast right after a disconnect (a fork resumes here and the host connects within
   // ~100 ms), then back off so idle clones cost the host little CPU.
   let idle = 0;
-  const loop = () => read(fd, buf, 0, buf.length, null, (err, n) => {
-    if (err || n === 0) { idle++; setTimeout(loop, err ? 100 : idle < 200 ? 10 : idle < 400 ? 50 : 250); return; }
-    idle = 0;
-    const chunk = Buffer.from(buf.subarray(0, n));
-    for (const l of listeners) l(chunk);
-    loop();
-  });
+  let reading = false;
+  let paused = false;
+  const loop = () => {
+    if (paused) { reading = false; return; }
+    reading = true;
+    read(fd, buf, 0, buf.length, null, (err, n) => {
+      if (err || n === 0) { idle++; setTimeout(loop, err ? 100 : idle < 200 ? 10 : idle < 400 ? 50 : 250); return; }
+      idle = 0;
+      const chunk = Buffer.from(buf.subarray(0, n));
+      for (const l of listeners) l(chunk);
+      loop();
+    });
+  };
+  // answers wait here for the port; past the high-water mark the session stops reading
+  // requests (backpressure) until the queue is down to the low-water mark: nothing is dropped
+  const HIGH_WATER = 256 * 1024, LOW_WATER = 64 * 1024;
   const queue: Buffer[] = [];
+  let queued = 0;
   let writing = false;
+  let full = false;
   const pump = () => {
     if (writing || !queue.length) return;
     writing = true;
     const b = queue.shift()!;
-    write(fd, b, 0, b.length, null, () => { writing = false; pump(); });
+    write(fd, b, 0, b.length, null, () => {
+      writing = false;
+      queued -= b.length;
+      if (full && queued <= LOW_WATER) { full = false; for (const d of drained) d(); }
+      pump();
+    });
   };
-  agent.attach({ write: (b) => { if (queue.length < 1024) queue.push(b); pump(); }, onData: (cb) => listeners.push(cb) });
+  agent.attach({
+    write: (b) => { queue.push(b); queued += b.length; pump(); if (queued > HIGH_WATER) full = true; return !full; },
+    onData: (cb) => listeners.push(cb), onDrain: (cb) => drained.push(cb),
+    pause: () => { paused = true; }, resume: () => { if (!paused) return; paused = false; if (!reading) loop(); },
+  });
   loop();
   log(`serving on ${port}`);
 }

@@ -89,7 +89,7 @@ describe('agent under garbage', () => {
     const agent = new Agent({ image: { name: 's', exec: false, network: { mode: 'static', interface: 'eth0' }, containers: [] }, system: { root: '/x', setClock: false, defaultInterface: 'eth0', dhcp: false } });
     const out: Buffer[] = [];
     let feed: (b: Buffer) => void = () => {};
-    agent.attach({ write: (b) => out.push(b), onData: (cb) => (feed = cb) });
+    agent.attach({ write: (b) => { out.push(b); }, onData: (cb) => (feed = cb) });
     feed(Buffer.from('{"id":1,"cmd":"pi')); // a stale half frame
     feed(Buffer.concat([Buffer.from([0xff]), Buffer.from('{"id":"s","cmd":"sync","args":{"nonce":77}}\n')]));
     await new Promise((r) => setTimeout(r, 20));

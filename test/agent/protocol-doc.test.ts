@@ -4,6 +4,7 @@
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { connect, type Socket } from 'node:net';
+import { readFileSync } from 'node:fs';
 import { startHostAgent, type HostAgent } from './helpers.ts';
 
 class PlainClient {
@@ -68,5 +69,35 @@ describe('agent protocol, as documented', () => {
     c.s.write('not json\n');
     expect(JSON.parse(await c.line())).toMatchObject({ id: null, ok: false, error: { code: 'E_BAD_JSON' } });
     expect((await c.call(7, 'containers.list')).result).toEqual({ containers: [] });
+  });
+
+  it('10,000 requests pipelined on one connection get exactly one answer each, also when the client reads late', async () => {
+    const s = connect(agent.socket);
+    await new Promise((r) => s.once('connect', r));
+    const p = new PlainClient(s);
+    await p.sync();
+    const N = 10_000;
+    const rssKB = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${agent.proc.pid}/status`, 'utf8'))![1]);
+    const before = rssKB();
+    // every request at once, then nothing read for a second: the agent must stop reading
+    // (its answers back up) rather than drop answers or buffer without bound
+    s.pause();
+    s.write(Array.from({ length: N }, (_, i) => JSON.stringify({ id: 100_000 + i, cmd: 'ping' })).join('\n') + '\n');
+    await new Promise((r) => setTimeout(r, 1000));
+    const during = rssKB();
+    s.resume();
+    const seen = new Map<number, number>();
+    while (seen.size < N) {
+      const m = JSON.parse(await p.line());
+      seen.set(m.id, (seen.get(m.id) ?? 0) + 1);
+      expect(m.ok).toBe(true);
+    }
+    expect([...seen.keys()].sort((a, b) => a - b)).toEqual(Array.from({ length: N }, (_, i) => 100_000 + i));
+    expect([...seen.values()].every((n) => n === 1)).toBe(true);
+    // nothing more comes: one answer per request, not more
+    const extra = await Promise.race([p.line().then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 300))]);
+    expect(extra).toBe(false);
+    expect(during - before, 'agent RSS growth (KB) while its answers backed up').toBeLessThan(32 * 1024);
+    s.destroy();
   });
 });
