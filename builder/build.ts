@@ -19,7 +19,7 @@ import { fetchRuntime } from './runtime.ts';
 import type { Progress } from './fetch.ts';
 import { bundleAgent } from './agent-bundle.ts';
 import { packageSets, resolveLock, lockedPackages, fetchAndExtract } from './packages.ts';
-import { assembleGuest } from './guest.ts';
+import { assembleGuest, type PackageContribution } from './guest.ts';
 import { writeOutputs, type BuildOutput, type Compression } from './outputs.ts';
 
 export type { BuildOutput, Compression };
@@ -58,6 +58,10 @@ export interface BuildResult {
   largest: { path: string; size: number }[];
   /** ELF files stripped of debug sections and symbol tables, and the bytes that removed */
   stripped: { files: number; bytes: number };
+  /** files the exclude globs left out (defaults: static libraries, headers; and the definition's) */
+  excluded: { files: number; bytes: number };
+  /** what each package contributes to the initramfs (bytes, files), largest first */
+  packageSizes: PackageContribution[];
   lock: string;
   lockChanged: boolean;
   sha256: { vmlinuz: string; initrd: string };
@@ -113,7 +117,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
     step(s);
   });
 
-  const guest = await assembleGuest({ def, sets, lock, files, runtime: runtime.node, agentBundle: await bundleAgent(), definitionPath: opts.definitionPath, defPath, log });
+  const guest = await assembleGuest({ def, sets, lock, files, runtime: { bytes: runtime.node, name: `${def.agent.runtime.package} ${def.agent.runtime.version}` }, agentBundle: await bundleAgent(), definitionPath: opts.definitionPath, defPath, log });
   files.clear();
   step('assemble');
 
@@ -123,14 +127,14 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
     sourceDateEpoch: opts.sourceDateEpoch ?? config().sourceDateEpoch, outRoot: opts.outDir ?? defaultOutDir(), log,
   });
   step('write');
-  return buildResult(w.manifest, w.dir, w, { lockPath, packages: packages.length, stepsMs: steps, largest: guest.largest, stripped: guest.stripped });
+  return buildResult(w.manifest, w.dir, w, { lockPath, packages: packages.length, stepsMs: steps, largest: guest.largest, stripped: guest.stripped, excluded: guest.excluded, packageSizes: guest.packages });
 }
 
-function buildResult(m: ImageManifest, dir: string, w: Awaited<ReturnType<typeof writeOutputs>>, more: { lockPath: string; packages: number; stepsMs: Record<string, number>; largest: BuildResult['largest']; stripped: BuildResult['stripped'] }): BuildResult {
+function buildResult(m: ImageManifest, dir: string, w: Awaited<ReturnType<typeof writeOutputs>>, more: { lockPath: string; packages: number; stepsMs: Record<string, number>; largest: BuildResult['largest']; stripped: BuildResult['stripped']; excluded: BuildResult['excluded']; packageSizes: BuildResult['packageSizes'] }): BuildResult {
   const path = (name: string) => join(dir, name);
   return {
     name: m.name, dir, vmlinuz: path('vmlinuz'), initrd: path('initrd.img'), manifest: path('manifest.json'), sbom: path('sbom.cdx.json'), provenance: path('provenance.intoto.json'),
-    outputs: w.outputs, largest: more.largest, stripped: more.stripped, lock: more.lockPath, lockChanged: w.lockChanged,
+    outputs: w.outputs, largest: more.largest, stripped: more.stripped, excluded: more.excluded, packageSizes: more.packageSizes, lock: more.lockPath, lockChanged: w.lockChanged,
     sha256: { vmlinuz: m.outputs.vmlinuz.sha256, initrd: m.outputs['initrd.img'].sha256 }, sizes: w.sizes, packages: more.packages, stepsMs: more.stepsMs,
   };
 }

@@ -13,21 +13,29 @@ import { sha256 } from './cache.ts';
 import { decompress, type TarEntry } from './debian/deb.ts';
 import type { ImageDefinition } from './schema.ts';
 import type { Lockfile, LockedPackage } from './lock.ts';
-import { FileTree } from './tree.ts';
+import { FileTree, canonical } from './tree.ts';
+import { DEFAULT_EXCLUDES, globToRegExp, matchingPaths } from './globs.ts';
 import { addPackageFiles, libraryClosure, findModules } from './assemble.ts';
 import { moduleDepends } from './elf.ts';
 import { moduleLoadOrder } from './modules.ts';
 import { initScript, AGENT_DIR, MODULE_DIR, UDHCPC_SCRIPT } from './init.ts';
 import { runtimeConfig, readOciImage, type LayerDescriptor } from './oci.ts';
 import { stripElf } from './strip.ts';
-import { RUNTIME_LIB_PACKAGES, type PackageSets } from './packages.ts';
+import { RUNTIME_LIB_PACKAGES, AGENT_TOOLS, type PackageSets } from './packages.ts';
 
 export interface ContainerImageRef { name: string; path: string; layers: LayerDescriptor[] }
 export interface UserFile { path: string; source?: string; sha256: string }
 export interface KernelParts { vmlinuz: Buffer; version: string; modules: string[] }
 
+/** What each package (or scion itself) puts in the image, in bytes, largest first. */
+export interface PackageContribution { name: string; bytes: number; files: number }
+
 export interface GuestTree {
   tree: FileTree;
+  /** bytes of files each package contributes to the initramfs, after exclusion and stripping */
+  packages: PackageContribution[];
+  /** files the exclude globs left out (the defaults and the definition's) */
+  excluded: { files: number; bytes: number };
   kernel: KernelParts;
   agentBundle: Buffer;
   containerImages: ContainerImageRef[];
@@ -38,17 +46,28 @@ export interface GuestTree {
 
 const packageFiles = (files: Map<string, TarEntry[]>, p: LockedPackage) => files.get(p.sha256)!;
 
+/** path in the guest tree -> the package its bytes came from */
+type Owners = Map<string, string>;
+const own = (owners: Owners, entries: TarEntry[], name: string, prefix = '') => { for (const e of entries) if (e.type === 'file') owners.set(prefix + canonical(e.path), name); };
+
 /** The guest packages the definition names (dependencies only where a library needs them), the agent and its runtime. */
-function addGuestPackages(tree: FileTree, def: ImageDefinition, sets: PackageSets, lock: Lockfile, files: Map<string, TarEntry[]>, runtime: Buffer, agentBundle: Buffer): void {
+function addGuestPackages(tree: FileTree, owners: Owners, def: ImageDefinition, sets: PackageSets, lock: Lockfile, files: Map<string, TarEntry[]>, runtime: { bytes: Buffer; name: string }, agentBundle: Buffer): void {
   const guestRoots = new Set(sets.guest.roots.filter((r) => !RUNTIME_LIB_PACKAGES.includes(r) || def.packages.includes(r)));
   const staging = new FileTree();
   for (const p of lock.sets.guest.packages) {
     const f = packageFiles(files, p);
     addPackageFiles(staging, f);
+    own(owners, f, p.name);
     if (guestRoots.has(p.name)) addPackageFiles(tree, f);
   }
-  tree.file(`${AGENT_DIR}/node`, runtime, 0o755);
+  tree.file(`${AGENT_DIR}/node`, runtime.bytes, 0o755);
+  owners.set(`${AGENT_DIR}/node`, runtime.name);
   tree.file(`${AGENT_DIR}/agent.mjs`, agentBundle, 0o644);
+  // of a package only the agent needs, only the files it uses (their libraries follow below)
+  for (const [pkg, keep] of Object.entries(AGENT_TOOLS)) {
+    if (def.packages.includes(pkg)) continue;
+    for (const [path, owner] of owners) if (owner === pkg && !keep.includes(path) && tree.nodes.get(path)?.type === 'file') tree.nodes.delete(path);
+  }
   const closure = libraryClosure(tree, staging);
   if (closure.missing.length) {
     const m = closure.missing[0];
@@ -57,9 +76,11 @@ function addGuestPackages(tree: FileTree, def: ImageDefinition, sets: PackageSet
 }
 
 /** The kernel image and the modules the definition asks for, with their dependencies, in load order. */
-async function addKernel(tree: FileTree, def: ImageDefinition, lock: Lockfile, files: Map<string, TarEntry[]>): Promise<KernelParts> {
+async function addKernel(tree: FileTree, owners: Owners, def: ImageDefinition, lock: Lockfile, files: Map<string, TarEntry[]>): Promise<KernelParts> {
   const kernelPkgs = lock.sets.kernel.packages;
   const km = findModules(kernelPkgs.flatMap((p) => packageFiles(files, p)));
+  const kernelOwners: Owners = new Map();
+  for (const p of kernelPkgs) own(kernelOwners, packageFiles(files, p), p.name);
   if (!km.vmlinuz) throw new BuildError('E_KERNEL_MISSING', `kernel.package ${def.kernel.package} resolved to ${kernelPkgs.map((p) => p.name).join(', ')}, which ship no /boot/vmlinuz-*`);
   const depMap = new Map<string, string[]>();
   const koBytes = new Map<string, Buffer>();
@@ -76,7 +97,7 @@ async function addKernel(tree: FileTree, def: ImageDefinition, lock: Lockfile, f
     queue.push(...deps);
   }
   const order = moduleLoadOrder(def.kernel.modules, depMap, km.builtin);
-  order.forEach((m, i) => tree.file(`${MODULE_DIR}/${String(i).padStart(2, '0')}-${m}.ko`, koBytes.get(m)!, 0o644));
+  order.forEach((m, i) => owners.set(tree.file(`${MODULE_DIR}/${String(i).padStart(2, '0')}-${m}.ko`, koBytes.get(m)!, 0o644), kernelOwners.get(canonical(km.files.get(m)!.path)) ?? def.kernel.package));
   return { vmlinuz: km.vmlinuz.data!, version: km.version!, modules: order }; // set with vmlinuz, from its file name
 }
 
@@ -97,13 +118,14 @@ function addBaseFiles(tree: FileTree, def: ImageDefinition, modules: string[]): 
 }
 
 /** One container's root file system: its packages (with the libraries they need), or an OCI image's layers. */
-async function containerRootfs(c: ImageDefinition['containers'][number], lock: Lockfile, files: Map<string, TarEntry[]>, defDir: string): Promise<{ rootfs: FileTree; image?: ContainerImageRef }> {
+async function containerRootfs(c: ImageDefinition['containers'][number], owners: Owners, lock: Lockfile, files: Map<string, TarEntry[]>, defDir: string): Promise<{ rootfs: FileTree; image?: ContainerImageRef }> {
   const rootfs = new FileTree();
   if ('packages' in c.image) {
     const staging = new FileTree();
     const roots = new Set(c.image.packages);
     for (const p of lock.sets[`container:${c.name}`].packages) {
       const f = packageFiles(files, p);
+      own(owners, f, `${p.name} (container ${c.name})`, `/var/lib/scion/containers/${c.name}/rootfs`);
       addPackageFiles(staging, f);
       if (roots.has(p.name)) addPackageFiles(rootfs, f);
     }
@@ -121,12 +143,12 @@ async function containerRootfs(c: ImageDefinition['containers'][number], lock: L
 }
 
 /** Containers: one OCI runtime bundle each, and the agent's config naming them. */
-async function addContainers(tree: FileTree, def: ImageDefinition, lock: Lockfile, files: Map<string, TarEntry[]>, defDir: string): Promise<ContainerImageRef[]> {
+async function addContainers(tree: FileTree, owners: Owners, def: ImageDefinition, lock: Lockfile, files: Map<string, TarEntry[]>, defDir: string): Promise<ContainerImageRef[]> {
   const images: ContainerImageRef[] = [];
   for (const c of def.containers) {
     const root = `/var/lib/scion/containers/${c.name}`;
-    const { rootfs, image } = await containerRootfs(c, lock, files, defDir);
-    if (image) images.push(image);
+    const { rootfs, image } = await containerRootfs(c, owners, lock, files, defDir);
+    if (image) { images.push(image); for (const [p, n] of rootfs.nodes) if (n.type === 'file') owners.set(`${root}/rootfs${p}`, `OCI image ${image.path} (container ${c.name})`); }
     for (const d of ['/proc', '/dev', '/sys', '/tmp', '/etc']) rootfs.mkdirp(d);
     rootfs.file('/etc/resolv.conf', '');
     rootfs.file('/etc/hosts', '');
@@ -171,6 +193,36 @@ function stripTree(tree: FileTree): { files: number; bytes: number } {
   return stripped;
 }
 
+/** Paths the exclude globs match, taken out (a directory with everything under it); refused if the guest could not boot without them. */
+function excludeFiles(tree: FileTree, globs: string[], mustKeep: string[]): { files: number; bytes: number } {
+  const hit = new Set(matchingPaths(tree.nodes.keys(), globs));
+  for (const p of [...hit]) if (tree.nodes.get(p)?.type === 'directory') for (const q of tree.nodes.keys()) if (q.startsWith(`${p}/`)) hit.add(q);
+  for (const k of mustKeep) {
+    if (hit.has(k)) throw new BuildError('E_DEFINITION', `exclude: ${globs.find((g) => globToRegExp(g).test(k)) ?? 'a pattern'} would leave out ${k}, which the guest needs`, { hint: 'narrow the pattern' });
+  }
+  const out = { files: 0, bytes: 0 };
+  for (const p of hit) {
+    const n = tree.nodes.get(p);
+    if (p === '/' || !n) continue;
+    if (n.type === 'file') { out.files++; out.bytes += n.data.length; }
+    tree.nodes.delete(p);
+  }
+  return out;
+}
+
+/** Bytes per owning package of the final tree's files; scion's own files (init, config, agent) as "scion". Pure. */
+export function contributions(tree: FileTree, owners: Map<string, string>): PackageContribution[] {
+  const by = new Map<string, PackageContribution>();
+  for (const [p, n] of tree.nodes) {
+    if (n.type !== 'file') continue;
+    const name = owners.get(p) ?? 'scion (init, agent, config, files:)';
+    const c = by.get(name) ?? { name, bytes: 0, files: 0 };
+    c.bytes += n.data.length; c.files++;
+    by.set(name, c);
+  }
+  return [...by.values()].sort((a, b) => b.bytes - a.bytes || (a.name < b.name ? -1 : 1));
+}
+
 /** The ten largest files, largest first. Pure. */
 export function largestFiles(tree: FileTree, n = 10): { path: string; size: number }[] {
   return [...tree.nodes].flatMap(([path, node]) => (node.type === 'file' ? [{ path, size: node.data.length }] : []))
@@ -178,15 +230,19 @@ export function largestFiles(tree: FileTree, n = 10): { path: string; size: numb
 }
 
 /** The whole guest tree. */
-export async function assembleGuest(o: { def: ImageDefinition; sets: PackageSets; lock: Lockfile; files: Map<string, TarEntry[]>; runtime: Buffer; agentBundle: Buffer; definitionPath: string; defPath: string; log: (m: string) => void }): Promise<GuestTree> {
+export async function assembleGuest(o: { def: ImageDefinition; sets: PackageSets; lock: Lockfile; files: Map<string, TarEntry[]>; runtime: { bytes: Buffer; name: string }; agentBundle: Buffer; definitionPath: string; defPath: string; log: (m: string) => void }): Promise<GuestTree> {
   const tree = new FileTree();
+  const owners: Owners = new Map();
   const defDir = dirname(o.defPath);
-  addGuestPackages(tree, o.def, o.sets, o.lock, o.files, o.runtime, o.agentBundle);
-  const kernel = await addKernel(tree, o.def, o.lock, o.files);
+  addGuestPackages(tree, owners, o.def, o.sets, o.lock, o.files, o.runtime, o.agentBundle);
+  const kernel = await addKernel(tree, owners, o.def, o.lock, o.files);
   addBaseFiles(tree, o.def, kernel.modules);
-  const containerImages = await addContainers(tree, o.def, o.lock, o.files, defDir);
+  const containerImages = await addContainers(tree, owners, o.def, o.lock, o.files, defDir);
+  // the defaults and the definition's globs; then the user's own files, which may put anything back
+  const excluded = excludeFiles(tree, [...DEFAULT_EXCLUDES, ...o.def.exclude], ['/init', GUEST_IMAGE_CONFIG, `${AGENT_DIR}/agent.mjs`, `${AGENT_DIR}/node`]);
+  if (excluded.files) o.log(`left out ${excluded.files} file(s), ${excluded.bytes} bytes (exclude globs)`);
   const userFiles = await addUserFiles(tree, o.def, o.definitionPath, defDir);
   const stripped = stripTree(tree);
   if (stripped.files) o.log(`stripped ${stripped.files} ELF file(s) of debug sections and symbol tables: ${stripped.bytes} bytes`);
-  return { tree, kernel, agentBundle: o.agentBundle, containerImages, userFiles, stripped, largest: largestFiles(tree) };
+  return { tree, kernel, agentBundle: o.agentBundle, containerImages, userFiles, stripped, excluded, largest: largestFiles(tree), packages: contributions(tree, owners) };
 }

@@ -15,8 +15,14 @@ import { sameRoots, serialiseLock, type Lockfile, type LockedPackage } from './l
 
 /** Libraries the agent's Node binary links against (see `readelf -d node`). */
 export const RUNTIME_LIB_PACKAGES = ['libc6', 'libgcc-s1', 'libstdc++6'];
-/** linuxptp's phc_ctl: the agent's relative clock steps (clock_adjtime ADJ_SETOFFSET; busybox sets whole seconds only). */
-const AGENT_TOOL_PACKAGES = ['linuxptp'];
+/**
+ * Packages the agent needs a few files of, and those files: linuxptp's
+ * phc_ctl makes the agent's relative clock steps (clock_adjtime
+ * ADJ_SETOFFSET; busybox sets whole seconds only). The rest of such a package
+ * stays out unless the definition lists it in `packages:`.
+ */
+export const AGENT_TOOLS: Record<string, string[]> = { linuxptp: ['/usr/sbin/phc_ctl'] };
+const AGENT_TOOL_PACKAGES = Object.keys(AGENT_TOOLS);
 
 export type PackageSets = Record<string, { roots: string[]; follow?: (n: string) => boolean }>;
 

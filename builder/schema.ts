@@ -35,6 +35,8 @@ export interface ImageDefinition {
   packages: string[];
   agent: { runtime: { package: string; version: string; integrity: string }; exec: boolean };
   files: FileDef[];
+  /** path globs left out of the guest (after the defaults: static libraries, headers) */
+  exclude: string[];
   containers: ContainerDef[];
   network: { mode: 'static' | 'dhcp'; interface: string; guestRamMB: number };
 }
@@ -193,6 +195,7 @@ const definition = obj<ImageDefinition>({
     required: true,
   },
   files: { v: list(fileDef), dflt: () => [] },
+  exclude: { v: list(str(/^\/[^\0\n]*$/, 'an absolute path glob such as /usr/share/zoneinfo/**')), dflt: () => [] },
   containers: {
     v: (n, p, c) => {
       const cs = list(container)(n, p, c);

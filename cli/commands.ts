@@ -100,6 +100,8 @@ export const COMMANDS: CommandSpec[] = [
       ctx.out(`  stripped ${r.stripped.files} ELF file(s): ${fmtBytes(r.stripped.bytes)} of debug sections and symbol tables`);
       ctx.out(`  largest files in the initramfs (${fmtBytes(r.sizes.initrdUncompressed)} in all):`);
       for (const f of r.largest) ctx.out(`    ${fmtBytes(f.size).padStart(10)}  ${f.path}`);
+      ctx.out(`  what each package contributes (left out by exclude globs: ${r.excluded.files} file(s), ${fmtBytes(r.excluded.bytes)}):`);
+      for (const p of r.packageSizes.slice(0, 10)) ctx.out(`    ${fmtBytes(p.bytes).padStart(10)}  ${p.name} (${p.files} files)`);
       return EXIT.ok;
     },
   },

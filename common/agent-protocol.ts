@@ -54,7 +54,8 @@ export interface AgentInfo {
   clock: ClockInfo;
 }
 
-export interface AppliedIdentity { applied: true; generation: number; stepsMs: Steps; totalMs: number; healthy: boolean }
+/** `time`: the guest's clock when it answered (ms since the epoch) */
+export interface AppliedIdentity { applied: true; generation: number; stepsMs: Steps; totalMs: number; healthy: boolean; time: number }
 export interface IdentityNotApplied { applied: false; generation: number; info: AgentInfo }
 
 /** Every command: its arguments and its result. */

@@ -13,7 +13,7 @@ import { ContainerSupervisor } from './containers.ts';
 import { ShellWorker } from './shell.ts';
 import type { GuestImageConfig } from '../common/contracts.ts';
 import type { AgentCommand, AgentEventName, AgentEvents, AgentInfo, AppliedIdentity, IdentityNotApplied, ResultOf } from '../common/agent-protocol.ts';
-import { ClockKeeper, dateStepSeconds } from './clock.ts';
+import { ClockKeeper } from './clock.ts';
 
 export const AGENT_VERSION = '0.1.0';
 
@@ -178,8 +178,9 @@ export class Agent {
     'time.set': async (a) => {
       if (typeof a.time !== 'number' || !Number.isFinite(a.time) || a.time < 0) throw new ProtocolError('E_BAD_ARGS', 'time: must be milliseconds since the epoch');
       if (this.opts.system.setClock) {
-        await this.shell.runOrThrow(`date -s @${dateStepSeconds(a.time)} >/dev/null`, 'setting the clock');
-        this.clock.kick(1000); // refined against the RTC a little later, not during the request that follows a resume
+        // relative, so the time phc_ctl takes to start does not count; exact to the millisecond
+        await this.clock.step(a.time - Date.now());
+        this.clock.kick(1000); // checked against the RTC a little later, not during the request that follows a resume
       }
       return { time: Date.now(), set: this.opts.system.setClock };
     },
@@ -269,7 +270,8 @@ export class Agent {
     // refine the whole-second step against the RTC now that the containers are up: its short busy
     // poll of the RTC would otherwise compete with their restart for the one vCPU
     if (!warmOnly && id.time !== undefined) this.clock.kick();
-    const result = { applied: !warmOnly, generation: id.generation, stepsMs: { ...steps, identity: identityMs, containers: containersMs, health: healthMs }, totalMs: Math.round(performance.now() - t0), healthy };
+    // the guest's clock as it reports ready: the host checks it against its own (PROTOCOL.md)
+    const result = { applied: !warmOnly, generation: id.generation, stepsMs: { ...steps, identity: identityMs, containers: containersMs, health: healthMs }, totalMs: Math.round(performance.now() - t0), healthy, time: Date.now() };
     if (!warmOnly) {
       this.lastReady = { generation: id.generation, stepsMs: result.stepsMs, totalMs: result.totalMs };
       this.emit('ready', { ...this.lastReady, healthy });

