@@ -17,6 +17,7 @@ import { fork } from '../host/clone.ts';
 import { list, stopVm, removeVm, gc, connectAgent } from '../host/lifecycle.ts';
 import { up } from '../host/up.ts';
 import { Machine, type NetMode } from '../host/machine/machine.ts';
+import type { AgentClient } from '../host/agent-client.ts';
 import { push, pull } from '../registry/transfer.ts';
 import { serve } from '../host/serve/server.ts';
 import { serveOptions } from '../host/serve/options.ts';
@@ -39,6 +40,11 @@ export interface CommandSpec {
 }
 
 const str = (v: OptionValues, k: string): string | undefined => (typeof v[k] === 'string' ? (v[k] as string) : undefined);
+/** `fn` with a synced agent connection to `vm`, closed afterwards. */
+async function withAgent<T>(vm: string, fn: (a: AgentClient) => Promise<T>): Promise<T> {
+  const a = await connectAgent(validName(vm));
+  try { return await fn(a); } finally { a.close(); }
+}
 const need = (pos: string[], k: number, cmd: string, usage: string) => { if (pos.length < k) throw new ScionError('E_USAGE', `scion ${cmd}: missing argument`, { hint: usage }); };
 
 /** --bridge/--netns/--network → a bridge network mode (user-mode networking otherwise). */
@@ -219,11 +225,8 @@ export const COMMANDS: CommandSpec[] = [
     name: 'info', args: '<vm>', summary: "the agent's info: identity, fork generation, containers", options: {},
     async run(pos, _v, ctx) {
       need(pos, 1, 'info', 'scion info <vm>');
-      const a = await connectAgent(validName(pos[0]));
-      try {
-        const info = await a.call('info');
-        ctx.out(ctx.json ? JSON.stringify(info, null, 2) : `${pos[0]}: ${info.identity.hostname} generation ${info.generation}, kernel ${info.kernel}, containers: ${info.containers.map((c) => `${c.name}=${c.state}`).join(' ') || 'none'}`);
-      } finally { a.close(); }
+      const info = await withAgent(pos[0], (a) => a.call('info'));
+      ctx.out(ctx.json ? JSON.stringify(info, null, 2) : `${pos[0]}: ${info.identity.hostname} generation ${info.generation}, kernel ${info.kernel}, containers: ${info.containers.map((c) => `${c.name}=${c.state}`).join(' ') || 'none'}`);
       return EXIT.ok;
     },
   },
@@ -231,27 +234,21 @@ export const COMMANDS: CommandSpec[] = [
     name: 'exec', args: '<vm> -- CMD...', summary: 'run a command in the guest (if the image allows exec); exits with its status', options: {},
     async run(pos, _v, ctx) {
       need(pos, 2, 'exec', 'scion exec <vm> -- cmd args…');
-      const a = await connectAgent(validName(pos[0]));
-      try {
-        const r = await a.call('exec', { argv: pos.slice(1) });
-        if (ctx.json) ctx.out(JSON.stringify(r));
-        else { process.stdout.write(r.stdout); process.stderr.write(r.stderr); }
-        return r.exitCode;
-      } finally { a.close(); }
+      const r = await withAgent(pos[0], (a) => a.call('exec', { argv: pos.slice(1) }));
+      if (ctx.json) ctx.out(JSON.stringify(r));
+      else { process.stdout.write(r.stdout); process.stderr.write(r.stderr); }
+      return r.exitCode;
     },
   },
   {
     name: 'logs', args: '<vm>', summary: "the console log, or a container's log",
     options: { container: { type: 'string', value: 'C', help: "container C's stdout and stderr instead" } },
-    async run(pos, v, ctx) {
+    async run(pos, v) {
       need(pos, 1, 'logs', 'scion logs <vm> [--container NAME]');
       const name = validName(pos[0]);
       const container = str(v, 'container');
-      if (container) {
-        const a = await connectAgent(name);
-        try { process.stdout.write((await a.call('containers.logs', { name: container })).logs); } finally { a.close(); }
-      } else process.stdout.write(await (await Machine.open(name)).consoleLog());
-      void ctx;
+      if (container) process.stdout.write((await withAgent(name, (a) => a.call('containers.logs', { name: container }))).logs);
+      else process.stdout.write(await (await Machine.open(name)).consoleLog());
       return EXIT.ok;
     },
   },
