@@ -71,9 +71,12 @@ async function main() {
   const metaStream = await vm.freeze(hs, img);
   results.freezeStreamMs = metaStream.freezeMs;
   log(`template boot ${results.templateBootMs} ms, freeze ${results.freezeMs} ms (full-RAM stream freeze ${results.freezeStreamMs} ms)`);
+  // the same container with on_fork: keep (images/web-keep.yaml): not restarted after a fork
+  const imgKeep = await vm.loadImage((await build({ definitionPath: join(ROOT, 'images/web-keep.yaml') })).dir);
+  await vm.freeze(await vm.bootTemplate(imgKeep, { name: 'bench-keep-tpl' }), imgKeep);
 
   // 1. time to ready, three ways, interleaved
-  const ready = { cold: [] as number[], restore: [] as number[], fork: [] as number[] };
+  const ready = { cold: [] as number[], restore: [] as number[], fork: [] as number[], keep: [] as number[] };
   const agentReady = { fork: [] as number[], restore: [] as number[] };
   for (let i = 0; i < RUNS; i++) {
     t = performance.now();
@@ -89,9 +92,12 @@ async function main() {
     ready.fork.push(f.timings.ready);
     agentReady.fork.push(f.timings.ready - f.timings.containers);
     await removeAllClones();
-    log(`run ${i + 1}/${RUNS}: cold ${ready.cold.at(-1)!.toFixed(0)} ms, restore ${r.timings.ready.toFixed(0)} ms, fork ${f.timings.ready.toFixed(0)} ms`);
+    const [k] = await vm.fork('bench-keep-tpl', { n: 1 });
+    ready.keep.push(k.timings.ready);
+    await removeAllClones();
+    log(`run ${i + 1}/${RUNS}: cold ${ready.cold.at(-1)!.toFixed(0)} ms, restore ${r.timings.ready.toFixed(0)} ms, fork ${f.timings.ready.toFixed(0)} ms, fork (container kept) ${k.timings.ready.toFixed(0)} ms`);
   }
-  const rs = { cold: summarise(ready.cold), restore: summarise(ready.restore), fork: summarise(ready.fork) };
+  const rs = { cold: summarise(ready.cold), restore: summarise(ready.restore), fork: summarise(ready.fork), keep: summarise(ready.keep) };
   results.readyMs = rs;
   results.agentReadyMs = { fork: summarise(agentReady.fork), restore: summarise(agentReady.restore) };
   results.ratios = { coldOverFork: +(rs.cold.p50 / rs.fork.p50).toFixed(1), restoreOverFork: +(rs.restore.p50 / rs.fork.p50).toFixed(1) };
@@ -157,7 +163,7 @@ function markdown(r: any): string {
     '',
     '| time to ready (images/web.yaml, HTTP serving) | p50 ms | p95 ms | runs |',
     '|---|---|---|---|',
-    row('cold boot', r.readyMs.cold), row('ordinary restore (RAM in the stream)', r.readyMs.restore), row('scion fork', r.readyMs.fork),
+    row('cold boot', r.readyMs.cold), row('ordinary restore (RAM in the stream)', r.readyMs.restore), row('scion fork', r.readyMs.fork), ...(r.readyMs.keep ? [row('scion fork, container kept (on_fork: keep, web-keep.yaml)', r.readyMs.keep)] : []),
     '',
     `cold/fork ${r.ratios.coldOverFork}x, restore/fork ${r.ratios.restoreOverFork}x; fork to agent ready (identity applied) p50 ${r.agentReadyMs.fork.p50.toFixed(0)} ms, p95 ${r.agentReadyMs.fork.p95.toFixed(0)} ms`,
     '',

@@ -160,7 +160,7 @@ async function addContainers(tree: FileTree, owners: Owners, def: ImageDefinitio
     name: def.name,
     exec: def.agent.exec,
     network: def.network,
-    containers: def.containers.map((c) => ({ name: c.name, restart: c.restart, healthcheck: c.healthcheck as ContainerSpec['healthcheck'], ports: c.ports, network: c.network, bundle: `/var/lib/scion/containers/${c.name}` })),
+    containers: def.containers.map((c) => ({ name: c.name, restart: c.restart, onFork: c.onFork, healthcheck: c.healthcheck as ContainerSpec['healthcheck'], ports: c.ports, network: c.network, bundle: `/var/lib/scion/containers/${c.name}` })),
   };
   tree.file(GUEST_IMAGE_CONFIG, JSON.stringify(guestConfig, null, 2) + '\n');
   return images;

@@ -22,6 +22,8 @@ export interface ContainerDef {
   command: string[];
   env: Record<string, string>;
   restart: 'always' | 'on-failure' | 'no';
+  /** after a fork: restart it with the new hostname, or keep it running and change what it sees in place */
+  onFork: 'restart' | 'keep';
   healthcheck?: HealthCheck;
   ports: number[];
   network: 'host' | 'none';
@@ -148,7 +150,8 @@ const container = obj<ContainerDef>({
   healthcheck: { v: healthcheck },
   ports: { v: list(port), dflt: () => [] },
   network: { v: oneOf('host', 'none'), dflt: () => 'host' },
-});
+  on_fork: { v: oneOf('restart', 'keep'), dflt: () => 'restart' },
+}, (v) => { v.onFork = v.on_fork; delete v.on_fork; });
 
 const fileDef = obj<FileDef>({
   path: { v: absPath, required: true },

@@ -12,7 +12,8 @@ export const AGENT_PORT_NAME = 'org.scion.agent.0';
 export const GUEST_IMAGE_CONFIG = '/etc/scion/image.json';
 
 export interface HealthCheck { http?: { port: number; path: string }; tcp?: { port: number }; command?: string[]; intervalMs: number; timeoutMs: number }
-export interface ContainerSpec { name: string; restart: 'always' | 'on-failure' | 'no'; healthcheck?: HealthCheck; ports: number[]; bundle: string }
+/** `onFork`: restart the container after a fork (default), or keep it running and update its UTS hostname in place */
+export interface ContainerSpec { name: string; restart: 'always' | 'on-failure' | 'no'; onFork?: 'restart' | 'keep'; healthcheck?: HealthCheck; ports: number[]; bundle: string }
 
 /** /etc/scion/image.json in the guest. */
 export interface GuestImageConfig { name: string; exec: boolean; network: { mode: 'static' | 'dhcp'; interface: string }; containers: ContainerSpec[] }

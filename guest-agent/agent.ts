@@ -262,7 +262,8 @@ export class Agent {
     this.emit('identity-applied', { generation: id.generation, stepsMs: steps, totalMs: identityMs });
     const tc = performance.now();
     await this.containers.setHostname(id.hostname);
-    if (!warmOnly) await this.containers.restartAll();
+    // the template's warm-up runs the kept containers' update too (same hostname: no change), so clones inherit it warm
+    await this.containers.afterFork(id.hostname, !warmOnly);
     const containersMs = Math.round(performance.now() - tc);
     const th = performance.now();
     const healthy = warmOnly ? true : await this.containers.waitHealthy(60_000);

@@ -142,7 +142,7 @@ function tcpOk(port: number, timeoutMs: number): Promise<boolean> {
 
 export class ContainerSupervisor {
   readonly containers = new Map<string, Container>();
-  constructor(specs: ContainerSpec[], readonly emit: <E extends AgentEventName>(event: E, data: AgentEvents[E]) => void, readonly shell: ShellWorker, readonly logDir = '/run/scion/logs', readonly crunBin = 'crun') {
+  constructor(specs: ContainerSpec[], readonly emit: <E extends AgentEventName>(event: E, data: AgentEvents[E]) => void, readonly shell: ShellWorker, readonly logDir = '/run/scion/logs', readonly crunBin = 'crun', readonly crunRoot = '/run/crun') {
     for (const s of specs) this.containers.set(s.name, new Container(s, this));
   }
 
@@ -184,10 +184,43 @@ export class ContainerSupervisor {
     }
   }
 
+  /**
+   * After a fork (`restart` false: the template's warm-up before its freeze):
+   * containers with `onFork: keep` keep running and get the new UTS hostname
+   * in place (nsenter into their UTS namespace; with host networking they
+   * see the new addresses already); the others are restarted with it. One
+   * shell batch for all; a kept container that cannot be updated is restarted.
+   */
+  async afterFork(hostname: string, restart = true): Promise<void> {
+    const keep: Container[] = [];
+    const again: Container[] = [];
+    for (const c of this.containers.values()) {
+      const pid = c.spec.onFork === 'keep' && c.status.state === 'running' ? this.initPid(c.spec.name) : undefined;
+      if (pid) keep.push(c); else again.push(c);
+    }
+    if (keep.length) {
+      // the hostname is checked by the protocol (letters, digits, -): safe in a shell line
+      const out = await this.shell.runOrThrow(keep.map((c) => `busybox nsenter -t ${this.initPid(c.spec.name)} -u busybox hostname ${hostname} || echo "kept-failed ${c.spec.name}"`).join('\n'), 'updating kept containers');
+      for (const m of out.matchAll(/^kept-failed (\S+)$/gm)) again.push(this.get(m[1]));
+    }
+    if (restart) await this.restart(again);
+  }
+
+  /** The container's init pid from crun's state (`<crun root>/<name>/status`), if it runs. */
+  private initPid(name: string): number | undefined {
+    try {
+      const pid = Number(JSON.parse(readFileSync(join(this.crunRoot, name, 'status'), 'utf8')).pid);
+      return Number.isInteger(pid) && pid > 1 && existsSync(`/proc/${pid}`) ? pid : undefined;
+    } catch { return undefined; } // no state: not running under crun
+  }
+
   /** Restart every container in one shell batch (one round trip, no spawn from Node). */
   async restartAll(): Promise<void> {
-    if (!this.containers.size) return;
-    const cs = [...this.containers.values()];
+    await this.restart([...this.containers.values()]);
+  }
+
+  private async restart(cs: Container[]): Promise<void> {
+    if (!cs.length) return;
     for (const c of cs) { c.stopping = true; c.resetBackoff(); }
     await mkdir(this.logDir, { recursive: true });
     const out = await this.shell.runOrThrow(cs.flatMap((c) => c.startLines()).join('\n'), 'restarting containers');
