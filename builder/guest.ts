@@ -103,7 +103,7 @@ async function addKernel(tree: FileTree, owners: Owners, def: ImageDefinition, l
 
 /** Directories, devices, identity files and the init. */
 function addBaseFiles(tree: FileTree, def: ImageDefinition, modules: string[]): void {
-  for (const d of ['/proc', '/sys', '/dev', '/newroot', '/run', '/root', '/var/lib/scion', '/etc/scion']) tree.mkdirp(d);
+  for (const d of ['/proc', '/sys', '/dev', '/run', '/root', '/var/lib/scion', '/etc/scion']) tree.mkdirp(d);
   tree.mkdirp('/tmp', 0o1777);
   tree.chardev('/dev/console', 5, 1, 0o600);
   tree.chardev('/dev/null', 1, 3, 0o666);

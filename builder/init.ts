@@ -11,19 +11,8 @@ export function initScript(opts: { modules: string[]; hostname: string }): strin
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 bb=/bin/busybox
 
-if [ ! -e /.scion-stage2 ]; then
-  # Stage 1 runs on the initramfs (rootfs), which cannot be pivot_root'ed:
-  # copy the tree into a tmpfs and switch_root so containers can pivot_root.
-  $bb mount -t tmpfs -o mode=0755 root /newroot
-  for e in /* /.[!.]*; do
-    case "$e" in /newroot|/proc|/sys|/dev|'/.[!.]*') ;; *) $bb cp -a "$e" /newroot/ ;; esac
-  done
-  $bb mkdir -p /newroot/proc /newroot/sys /newroot/dev
-  $bb touch /newroot/.scion-stage2
-  exec $bb switch_root /newroot /init
-  echo "scion-init: switch_root failed" >/dev/console
-fi
-
+# The initramfs is used in place, never copied: it cannot be pivot_root'ed,
+# so containers run with crun --no-pivot (the guest has no other tenant).
 $bb mount -t proc proc /proc
 $bb mount -t sysfs sysfs /sys
 $bb mount -t devtmpfs devtmpfs /dev

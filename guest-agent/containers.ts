@@ -49,7 +49,8 @@ class Container {
     return [
       `${this.sup.crunBin} delete -f ${n} >/dev/null 2>&1 || true`,
       `rm -f ${join(this.sup.logDir, `${n}.*.exit`)}`,
-      `( ${this.sup.crunBin} run --bundle ${this.spec.bundle} ${n} >>${this.logPath} 2>&1; echo $? >${exitFile} ) >/dev/null 2>&1 &`,
+      // --no-pivot: the root is the initramfs itself (rootfs cannot be pivot_root'ed; see builder/init.ts)
+      `( ${this.sup.crunBin} run --no-pivot --bundle ${this.spec.bundle} ${n} >>${this.logPath} 2>&1; echo $? >${exitFile} ) >/dev/null 2>&1 &`,
       `echo "pid ${n} $! ${exitFile}"`,
     ];
   }
