@@ -189,7 +189,7 @@ export class Machine {
     await (await this.qmp()).execute('stop');
   }
 
-  /** Resume (QMP cont) and, if it was paused, set its clock to the host's at once. */
+  /** Resume (QMP cont) and set its clock to the host's at once (it stood still while paused), unless `setClock` is false. */
   async resume(o: { setClock?: boolean } = {}): Promise<void> {
     await (await this.qmp()).execute('cont');
     if (o.setClock !== false) await (await this.agent()).call('time.set', { time: Date.now() }, 5000);
