@@ -69,6 +69,13 @@ export function count(v: string | boolean | undefined, flag: string, dflt: numbe
   return n;
 }
 
+function tbSize(v: string | boolean | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1 || n > 2048) throw new ScionError('E_USAGE', `--tb-size ${v}: use a whole number of MiB from 1 to 2048`);
+  return n;
+}
+
 function compressionOf(v: string | undefined): Compression {
   const c = v ?? 'none';
   if (c !== 'none' && c !== 'gzip' && c !== 'zstd') throw new ScionError('E_USAGE', `--compression ${c}: use none, gzip or zstd`);
@@ -203,10 +210,13 @@ export const COMMANDS: CommandSpec[] = [
   },
   {
     name: 'fork', args: '<template>', summary: 'fork N running clones of a frozen template',
-    options: { n: { type: 'string', short: 'n', value: 'N', help: 'how many clones (default 1)' } },
+    options: {
+      n: { type: 'string', short: 'n', value: 'N', help: 'how many clones (default 1)' },
+      'tb-size': { type: 'string', value: 'MB', help: "each clone's TCG translation buffer (default SCION_TB_SIZE_MB, else 64): smaller saves memory, costs speed (README: Benchmarks)" },
+    },
     async run(pos, v, ctx) {
       need(pos, 1, 'fork', 'scion fork <template> -n 3');
-      const cs = await fork(validName(pos[0], 'template'), { n: count(v.n, '-n', 1), log: ctx.json ? undefined : ctx.err });
+      const cs = await fork(validName(pos[0], 'template'), { n: count(v.n, '-n', 1), tbSizeMB: tbSize(v['tb-size']), log: ctx.json ? undefined : ctx.err });
       ctx.out(ctx.json ? JSON.stringify({ clones: cs }, null, 2) : table([['NAME', 'HOSTNAME', 'IP', 'READY'], ...cs.map((c) => [c.name, c.hostname, c.ip, `${c.timings.ready} ms`])]));
       return EXIT.ok;
     },

@@ -113,6 +113,23 @@ describe('QEMU sandbox', () => {
   });
 });
 
+describe('translation buffer', () => {
+  it('`scion fork --tb-size` gives each clone\'s QEMU that TCG buffer (default 64), and the clone serves', async () => {
+    const cmdline = (pid: number) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    // under KVM there is no translation buffer: the accelerator is named alone
+    const forkedAccel = (await vm.list()).find((v) => v.name === forked[0].name)!.accel;
+    const accel = (size: number) => (forkedAccel === 'kvm' ? 'kvm' : `tcg,tb-size=${size}`);
+    expect(cmdline(forked[0].pid)).toContain(accel(64));
+    const r = await scion(['fork', 'web-tpl', '--tb-size', '16', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    const [c] = JSON.parse(r.stdout).clones as vm.CloneResult[];
+    try {
+      expect(cmdline(c.pid)).toContain(accel(16));
+      expect(await (await fetch(`http://127.0.0.1:${c.ports['8080']}/`)).text()).toBe(`hello from ${c.hostname}\n`);
+    } finally { await vm.removeVm(c.name); }
+  });
+});
+
 describe('bad names are refused before anything is touched', () => {
   const bad: [string, string][] = [['', 'empty'], ['..', 'looks like a path'], ['a/b', 'looks like a path'], ['a b', 'contains " "'], ['x;reboot', 'contains ";"']];
   it.each(['rm', 'stop', 'info', 'fork', 'freeze'])('scion %s', async (cmd) => {
