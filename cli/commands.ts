@@ -62,19 +62,18 @@ export function netFrom(v: OptionValues): NetMode | undefined {
   return { mode: 'bridge', bridge, netns, network };
 }
 
-export function count(v: string | boolean | undefined, flag: string, dflt: number): number {
-  if (v === undefined) return dflt;
+/** A whole-number option within bounds, or E_USAGE naming the flag. */
+function wholeNumber(v: string | boolean, flag: string, min: number, max: number, unit = ''): number {
   const n = Number(v);
-  if (!Number.isInteger(n) || n < 1 || n > 200) throw new ScionError('E_USAGE', `${flag} ${v}: use a whole number from 1 to 200`);
+  if (!Number.isInteger(n) || n < min || n > max) throw new ScionError('E_USAGE', `${flag} ${v}: use a whole number${unit} from ${min} to ${max}`);
   return n;
 }
 
-function tbSize(v: string | boolean | undefined): number | undefined {
-  if (v === undefined) return undefined;
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 1 || n > 2048) throw new ScionError('E_USAGE', `--tb-size ${v}: use a whole number of MiB from 1 to 2048`);
-  return n;
+export function count(v: string | boolean | undefined, flag: string, dflt: number): number {
+  return v === undefined ? dflt : wholeNumber(v, flag, 1, 200);
 }
+
+const tbSize = (v: string | boolean | undefined): number | undefined => (v === undefined ? undefined : wholeNumber(v, '--tb-size', 1, 2048, ' of MiB'));
 
 function compressionOf(v: string | undefined): Compression {
   const c = v ?? 'none';

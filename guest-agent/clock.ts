@@ -32,10 +32,6 @@ export function nextInterval(currentMs: number, driftMs: number, bounds = { min:
   return Math.min(bounds.max, Math.max(bounds.min, Math.round(n)));
 }
 
-/** Whole-second step for `date -s @S` from a time in ms: rounded, not truncated. Pure. */
-export function dateStepSeconds(ms: number): number {
-  return Math.round(ms / 1000);
-}
 
 /**
  * Drift of the system clock from an RTC-edge measurement and the calibrated

@@ -193,15 +193,15 @@ export class ContainerSupervisor {
    * shell batch for all; a kept container that cannot be updated is restarted.
    */
   async afterFork(hostname: string, restart = true): Promise<void> {
-    const keep: Container[] = [];
+    const keep: { c: Container; pid: number }[] = [];
     const again: Container[] = [];
     for (const c of this.containers.values()) {
       const pid = c.spec.onFork === 'keep' && c.status.state === 'running' ? this.initPid(c.spec.name) : undefined;
-      if (pid) keep.push(c); else again.push(c);
+      if (pid) keep.push({ c, pid }); else again.push(c);
     }
     if (keep.length) {
       // the hostname is checked by the protocol (letters, digits, -): safe in a shell line
-      const out = await this.shell.runOrThrow(keep.map((c) => `busybox nsenter -t ${this.initPid(c.spec.name)} -u busybox hostname ${hostname} || echo "kept-failed ${c.spec.name}"`).join('\n'), 'updating kept containers');
+      const out = await this.shell.runOrThrow(keep.map(({ c, pid }) => `busybox nsenter -t ${pid} -u busybox hostname ${hostname} || echo "kept-failed ${c.spec.name}"`).join('\n'), 'updating kept containers');
       for (const m of out.matchAll(/^kept-failed (\S+)$/gm)) again.push(this.get(m[1]));
     }
     if (restart) await this.restart(again);

@@ -7,16 +7,8 @@
 import { validName } from '../common/names.ts';
 import type { AgentClient } from './agent-client.ts';
 import { Machine } from './machine/machine.ts';
-import { assertNotBusy, readRecordOrThrow } from './machine/inventory.ts';
 
-export { list, removeVm, gc, type VmListing, type VmState } from './machine/inventory.ts';
-
-export async function stopVm(vm: string): Promise<void> {
-  const name = validName(vm);
-  const r = await readRecordOrThrow(name);
-  assertNotBusy(r, name, 'stop');
-  if (r) await (await Machine.open(name)).stop();
-}
+export { list, stopVm, removeVm, gc, type VmListing, type VmState } from './machine/inventory.ts';
 
 /** A synced agent connection to a running VM; the caller closes it. */
 export async function connectAgent(vm: string, timeoutMs = 10_000): Promise<AgentClient> {

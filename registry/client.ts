@@ -180,14 +180,19 @@ export class RegistryClient {
     } finally { if (!done) abort(); }
   }
 
-  /** A whole body, at most `cap` bytes (E_REGISTRY_RESPONSE_TOO_LARGE past it). */
-  async readCapped(res: Response, cap: number, what: string): Promise<Buffer> {
+  /**
+   * A whole body, at most `cap` bytes: past it E_REGISTRY_RESPONSE_TOO_LARGE,
+   * or with `truncate` its first `cap` bytes (the rest is not read).
+   */
+  async readCapped(res: Response, cap: number, what: string, o: { truncate?: boolean } = {}): Promise<Buffer> {
     const chunks: Buffer[] = [];
     let n = 0;
     for await (const c of this.stream(res, what)) {
-      n += c.length;
-      if (n > cap) throw new RegistryError('E_REGISTRY_RESPONSE_TOO_LARGE', `${this.ref.registry}: ${what} is larger than ${cap} bytes`, { hint: 'the registry answers with more than a registry sends; check its address' });
       chunks.push(Buffer.from(c));
+      n += c.length;
+      if (n <= cap) continue;
+      if (o.truncate) return Buffer.concat(chunks).subarray(0, cap);
+      throw new RegistryError('E_REGISTRY_RESPONSE_TOO_LARGE', `${this.ref.registry}: ${what} is larger than ${cap} bytes`, { hint: 'the registry answers with more than a registry sends; check its address' });
     }
     return Buffer.concat(chunks);
   }
@@ -276,12 +281,9 @@ export class RegistryClient {
   private async httpError(res: Response, what: string): Promise<RegistryError> {
     // the body only helps explain the status: read its first few KiB, never more
     let text = '';
-    try {
-      const chunks: Buffer[] = [];
-      let n = 0;
-      for await (const c of this.stream(res, `${what} (error body)`)) { chunks.push(Buffer.from(c)); n += c.length; if (n >= BODY_CAPS.error) break; }
-      text = Buffer.concat(chunks).subarray(0, BODY_CAPS.error).toString('utf8').slice(0, 300);
-    } catch { /* an unreadable error body: the status says enough */ }
+    try { text = (await this.readCapped(res, BODY_CAPS.error, `${what} (error body)`, { truncate: true })).toString('utf8').slice(0, 300); } catch {
+      // an unreadable error body: the status says enough
+    }
     let detail = text;
     try { const j = JSON.parse(text); if (Array.isArray(j.errors)) detail = j.errors.map((e: any) => `${e.code}: ${e.message}`).join('; '); } catch { /* not JSON: shown as text */ }
     return new RegistryError('E_REGISTRY_HTTP', `${this.ref.registry}/${this.ref.repository}: ${what}: HTTP ${res.status}${detail ? ` (${detail})` : ''}`);

@@ -51,10 +51,13 @@ export async function list(): Promise<VmListing[]> {
   return out;
 }
 
+/** Whether another live scion process is still making this VM. */
+export const makingElsewhere = (r: VmRecord | undefined): boolean => !!r?.making && r.making.ownerPid !== process.pid && processAlive(r.making.ownerPid);
+
 /** Refuse to touch a VM another live scion process is still making. */
 export function assertNotBusy(r: VmRecord | undefined, name: string, doing: string): void {
-  if (r?.making && r.making.ownerPid !== process.pid && processAlive(r.making.ownerPid)) {
-    throw new VmError('E_VM_BUSY', `cannot ${doing} ${name}: scion process ${r.making.ownerPid} is still making it (${r.making.phase})`, { hint: 'wait for it to finish; if that process hangs, kill it and run scion gc' });
+  if (makingElsewhere(r)) {
+    throw new VmError('E_VM_BUSY', `cannot ${doing} ${name}: scion process ${r!.making!.ownerPid} is still making it (${r!.making!.phase})`, { hint: 'wait for it to finish; if that process hangs, kill it and run scion gc' });
   }
 }
 

@@ -24,12 +24,13 @@ import { VmError, ScionError } from '../../common/errors.ts';
 import { config } from '../../common/config.ts';
 import { validName, type ValidName } from '../../common/names.ts';
 import type { Identity } from '../../common/contracts.ts';
+import type { AppliedIdentity } from '../../common/agent-protocol.ts';
 import { AgentClient } from '../agent-client.ts';
 import type { ImageArtifacts } from '../image.ts';
 import { QmpClient } from '../qemu/qmp.ts';
 import { deviceLineup, kernelStub, type VmDescription, type Accel, type NetConfig } from '../qemu/argv.ts';
 import { chooseAccel, qemuVersion } from '../qemu/accel.ts';
-import { spawnQemu, processAlive, connectQmp, restoreFromFd, migrateToFile, exitOf, killPid, waitDead, isQemuIn, qemuDied, type Credentials, type QemuFiles, type QemuProcess } from '../qemu/process.ts';
+import { spawnQemu, connectQmp, restoreFromFd, migrateToFile, exitOf, killPid, waitDead, isQemuIn, qemuDied, type Credentials, type QemuFiles, type QemuProcess } from '../qemu/process.ts';
 import { vmPaths, vmsDir, templatePaths } from '../store/dirs.ts';
 import { writeRecord, writeTemplateMeta, readRecord, TEMPLATE_FORMAT, VM_FORMAT, type VmRecord, type TemplateMeta } from '../store/records.ts';
 import { slotName, release } from '../store/slots.ts';
@@ -39,7 +40,7 @@ import { createTap, deleteTap, netParams, type NetMode } from './net.ts';
 import { qcow2Overlay } from './disk.ts';
 import { claimClone, claimNamed, reservePorts } from './claim.ts';
 import { checkTemplate, makeTemplateDir, makeMemFile, memMode, baseDiskOf, templateDir, type FrozenTemplate } from './templates.ts';
-import { readRecordOrThrow, removeVm, quitQemu } from './inventory.ts';
+import { readRecordOrThrow, removeVm, quitQemu, makingElsewhere } from './inventory.ts';
 
 export type { TemplateMeta, NetMode, Accel, VmDescription, FrozenTemplate, CloneIdentity };
 export { RecordError } from '../store/records.ts';
@@ -155,8 +156,7 @@ export class Machine {
 
   /** Whether another live scion process is still making this VM. */
   beingMadeElsewhere(): boolean {
-    const mk = this.record.making;
-    return !!mk && mk.ownerPid !== process.pid && processAlive(mk.ownerPid);
+    return makingElsewhere(this.record);
   }
 
   /** Whether this VM's QEMU runs now. */
@@ -195,16 +195,23 @@ export class Machine {
     if (o.setClock !== false) await (await this.agent()).call('time.set', { time: Date.now() }, 5000);
   }
 
-  /** Send this VM its identity (the one its record holds) as generation `generation`. */
+  /** Send this VM its identity (the one its record holds) as generation `generation`; its record keeps the generation. */
   async applyIdentity(generation: number, timeoutMs = 120_000): Promise<Record<string, number>> {
-    const id = this.record.identity;
-    if (!id) throw new VmError('E_NO_VM', `${this.name} has no identity to apply (a template takes its own at boot)`);
-    const agent = await this.agent();
-    const applied = await agent.call('identity.apply', identityArgs(id, generation), timeoutMs);
-    if (!applied.applied) throw new VmError('E_FORK_FAILED', `${this.name}: the agent is already at generation ${applied.generation}; identity ${generation} was not applied`);
-    this.record.generation = generation;
+    const applied = await this.sendIdentity(generation, timeoutMs);
     await writeRecord(this.record);
     return applied.stepsMs;
+  }
+
+  /** identity.apply with the record's identity; E_IDENTITY_REFUSED if the guest refuses it or is past that generation. */
+  private async sendIdentity(generation: number, timeoutMs = 120_000): Promise<AppliedIdentity> {
+    const id = this.record.identity;
+    if (!id) throw new VmError('E_NO_VM', `${this.name} has no identity to apply (a template takes its own at boot)`);
+    const applied = await (await this.agent()).call('identity.apply', identityArgs(id, generation), timeoutMs).catch((e) => {
+      throw new VmError('E_IDENTITY_REFUSED', `${this.name}: the guest refused its identity: ${(e as Error).message}`, { cause: e, hint: 'the agent names the field it refused' });
+    });
+    if (!applied.applied) throw new VmError('E_IDENTITY_REFUSED', `${this.name}: the agent is already at generation ${applied.generation}; identity ${generation} was not applied`);
+    this.record.generation = generation;
+    return applied;
   }
 
   /** Its serial console log so far (QEMU appends to it in the jail). */
@@ -399,9 +406,7 @@ export class Machine {
         // round trip more, and the clock check below no longer fires on an idle host.
         await agent.sync(o.agentTimeoutMs ?? 30_000).catch((e) => { throw new VmError('E_AGENT_TIMEOUT', `${m.name}: the agent did not answer after the resume (${(e as Error).message})`, { cause: e }); });
         mark('agentSync');
-        const applying = o.skipIdentityApply ? agent.call('ping', {}).then(() => undefined) : agent.call('identity.apply', identityArgs(id, generation), 120_000);
-        const applied = await applying.catch((e) => { throw new VmError('E_IDENTITY_REFUSED', `${m.name}: the guest refused its identity: ${(e as Error).message}`, { cause: e, hint: 'the agent names the field it refused' }); });
-        if (applied && !applied.applied) throw new VmError('E_IDENTITY_REFUSED', `${m.name}: the agent is already at generation ${applied.generation}; identity ${generation} was not applied`);
+        const applied = o.skipIdentityApply ? await agent.call('ping', {}).then(() => undefined) : await m.sendIdentity(generation);
         if (applied) timings.clockFix = await clockRightAtReady(agent, applied.time, Date.now());
         const s = applied?.stepsMs ?? {};
         timings.identity = s.identity ?? 0;
@@ -425,7 +430,6 @@ export class Machine {
     if (r.role !== 'template') throw new VmError('E_NO_VM', `${this.name} is a clone; freeze it as a new template with a name (scion freeze ${this.name} --name T)`);
     if (r.frozen) throw new VmError('E_FROZEN', `template ${this.name} is already frozen`, { hint: `scion fork ${this.name} -n 3` });
     const t = templatePaths(templateDir(this.name));
-    const p = vmPaths(this.name, vmsDir());
     const t0 = performance.now();
     const agent = await this.agent();
     const qmp = await this.qmp();
@@ -434,16 +438,12 @@ export class Machine {
     await qmp.execute('stop');
     const shared = r.desc.memory !== 'ram';
     // shared: RAM stays in the memory file, only device state is saved; 'ram': the ordinary full snapshot
-    if (shared) await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-    await migrateToFile(qmp, this.name, p.jail, credOf(r), t.state);
+    await this.saveState(t.state, shared);
     const freezeMs = Math.round(performance.now() - tPrepared);
-    await qmp.execute('quit').catch(() => undefined); // QEMU may close the monitor before answering
-    this.close();
-    await waitDead(r.pid);
+    await this.endAfterFreeze();
     if (shared) await chmod(t.mem, memMode());
     await writeFile(t.kernel, kernelStub(await readFile(img.vmlinuz)), { mode: 0o644, flag: constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL });
     if (r.desc.disk) await chmod(t.disk, 0o400); // now the base of every clone's overlay
-    if (r.desc.net.mode === 'bridge') await deleteTap(r.desc.net.tap, netnsOf(r.netMode));
     const meta: TemplateMeta = {
       format: TEMPLATE_FORMAT, memory: shared ? 'file' : 'ram', net: r.netMode,
       name: this.name, qemuVersion: await qemuVersion(), lineup: deviceLineup(r.desc), accel: r.accel, image: img.dir, manifestSha256: img.manifestSha256,
@@ -492,14 +492,9 @@ export class Machine {
       // 2. the loader, paused with the clone's RAM in the shared file, saves device state only
       finish: async (m) => {
         const t = templatePaths(templateDir(tname));
-        const q = await m.qmp();
-        await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-        await migrateToFile(q, tname, vmPaths(tname, vmsDir()).jail, credOf(m.record), t.state);
-        await q.execute('quit').catch(() => undefined); // QEMU may close the monitor before answering
-        m.close();
-        await waitDead(m.record.pid);
+        await m.saveState(t.state, true);
+        await m.endAfterFreeze();
         await rm(full!, { force: true });
-        if (m.record.desc.net.mode === 'bridge') await deleteTap(m.record.desc.net.tap, netnsOf(r.netMode));
         await chmod(t.mem, memMode());
         const freezeMs = Math.round(performance.now() - t0);
         await copyFile(join(parentDir, parent.kernel), t.kernel, constants.COPYFILE_EXCL);
@@ -519,17 +514,27 @@ export class Machine {
     const qmp = await this.qmp();
     await agent.call('freeze.prepare', {}, 120_000);
     await qmp.execute('stop');
-    try {
-      // a clone restored with x-ignore-shared on; its private RAM must now go into the stream
-      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: false }] });
-      await migrateToFile(qmp, this.name, vmPaths(this.name, vmsDir()).jail, credOf(this.record), dest);
-    } finally { await qmp.execute('cont'); this.close(); }
+    // a clone restored with x-ignore-shared on; its private RAM must now go into the stream
+    try { await this.saveState(dest, false); } finally { await qmp.execute('cont'); this.close(); }
   }
 
-  /** Re-read the record (another process may have changed it). */
-  async refresh(): Promise<void> {
-    const r = await readRecord(this.name);
-    if (r) this.record = r;
+  /**
+   * Save this stopped VM's migration stream to `dest`: device state only
+   * (`ignoreShared`: RAM stays in the shared memory file), or with its RAM.
+   * The capability is set both ways: a clone was restored with it on.
+   */
+  private async saveState(dest: string, ignoreShared: boolean): Promise<void> {
+    const qmp = await this.qmp();
+    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: ignoreShared }] });
+    await migrateToFile(qmp, this.name, vmPaths(this.name, vmsDir()).jail, credOf(this.record), dest);
+  }
+
+  /** End this VM's QEMU after a freeze (its state is saved) and delete its tap; the run directory stays. */
+  private async endAfterFreeze(): Promise<void> {
+    await (await this.qmp()).execute('quit').catch(() => undefined); // QEMU may close the monitor before answering
+    this.close();
+    await waitDead(this.record.pid);
+    if (this.record.desc.net.mode === 'bridge') await deleteTap(this.record.desc.net.tap, netnsOf(this.record.netMode));
   }
 }
 
