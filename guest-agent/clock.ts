@@ -34,6 +34,15 @@ export function nextInterval(currentMs: number, driftMs: number, bounds = { min:
 
 
 /**
+ * Whole-second step for `date -s @S` from a time in ms: rounded, not truncated.
+ * time.set uses it: a busybox applet is far cheaper to start than phc_ctl right
+ * after a pool clone resumes; the keeper refines it against the RTC a second later. Pure.
+ */
+export function dateStepSeconds(ms: number): number {
+  return Math.round(ms / 1000);
+}
+
+/**
  * Drift of the system clock from an RTC-edge measurement and the calibrated
  * phase. Not folded modulo a second: the RTC's whole seconds are the host's
  * too, so a clock a second or an hour off is seen as such. Pure.

@@ -1,7 +1,7 @@
 /** The guest agent's pure parts: the post-fork network batch and the clock maths. */
 import { describe, it, expect } from 'vitest';
 import { networkScript, ipv6Renew, prefixToMask } from '../../guest-agent/identity.ts';
-import { nextInterval, driftFrom, phcStepArgs } from '../../guest-agent/clock.ts';
+import { nextInterval, dateStepSeconds, driftFrom, phcStepArgs } from '../../guest-agent/clock.ts';
 
 const id = { generation: 2, hostname: 'web-1', machineId: 'a'.repeat(32), dns: ['10.0.2.3'], time: 1_795_000_000_600, interfaces: [{ mac: '02:53:43:00:00:01', address: '10.0.2.16', prefix: 24, gateway: '10.0.2.2' }] };
 const cfg = { setClock: true, defaultInterface: 'eth0', dhcp: false, root: '' };
@@ -36,6 +36,10 @@ describe('networkScript', () => {
 });
 
 describe('clock maths', () => {
+  it('rounds the whole-second step', () => {
+    expect(dateStepSeconds(1_000_499)).toBe(1000);
+    expect(dateStepSeconds(1_000_500)).toBe(1001);
+  });
   it('sees whole seconds of drift, not only the fraction', () => {
     expect(driftFrom(891 - 980, 891)).toBe(-980);
     expect(driftFrom(891 + 3000, 891)).toBe(3000);
