@@ -62,7 +62,10 @@ describe('shared mode', () => {
       expect(second.text).toBe(`hello from ${owned.find((c) => c.name !== c1.name)!.hostname}\n`);
       held.done();
       // idle past --idle: no QEMU left, seen from /proc rather than from scion's state
-      await waitFor('scale to zero', async () => (await scionQemuPids()).length === 0, 30_000);
+      // (QEMU quits before its run directory is removed: wait for both, not one then the other)
+      await waitFor('scale to zero', async () => (await scionQemuPids()).length === 0
+        && (await clonesOwnedBy(process.pid)).length === 0, 30_000);
+      expect(await scionQemuPids()).toEqual([]);
       expect(await clonesOwnedBy(process.pid)).toEqual([]);
     } finally { await h.close(); }
   });
