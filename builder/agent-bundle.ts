@@ -16,15 +16,17 @@ export async function bundleAgent(): Promise<Buffer> {
   return bundleAgentFromSource();
 }
 
-/** esbuild over guest-agent/main.ts: a checkout's builds, and the pack step. */
+/** esbuild over guest-agent/main.ts, for QuickJS (`qjs -m`): a checkout's builds, and the pack step. */
 export async function bundleAgentFromSource(): Promise<Buffer> {
   const esbuild = await import('esbuild');
   const r = await esbuild.build({
     entryPoints: [join(packageRoot(), 'guest-agent', 'main.ts')],
     bundle: true,
-    platform: 'node',
+    // QuickJS: no Node built-ins; its own `std` and `os` modules stay imports
+    platform: 'neutral',
     format: 'esm',
-    target: 'node22',
+    target: 'es2023',
+    external: ['std', 'os'],
     write: false,
     minify: false,
     legalComments: 'none',

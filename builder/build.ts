@@ -15,10 +15,9 @@ import { BlobCache } from './cache.ts';
 import { DebianArchive, mirrorFromAptSources } from './debian/archive.ts';
 import { parseDefinition, type ImageDefinition } from './schema.ts';
 import { readLock, type Lockfile } from './lock.ts';
-import { fetchRuntime } from './runtime.ts';
 import type { Progress } from './fetch.ts';
 import { bundleAgent } from './agent-bundle.ts';
-import { packageSets, resolveLock, lockedPackages, fetchAndExtract } from './packages.ts';
+import { packageSets, resolveLock, lockedPackages, fetchAndExtract, agentRuntime } from './packages.ts';
 import { assembleGuest, type PackageContribution } from './guest.ts';
 import { writeOutputs, type BuildOutput, type Compression } from './outputs.ts';
 
@@ -111,19 +110,18 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   step('resolve');
 
   const packages = [...lockedPackages(lock).values()];
-  const runtime = await fetchRuntime(def.agent.runtime, cache, onProgress);
   const { files, controls } = await fetchAndExtract(archive, cache, packages, (s) => {
     if (s === 'download') for (const h of cache.corrupt) log(`cached blob ${h} did not match its SHA-256: discarded and fetched again`);
     step(s);
   });
 
-  const guest = await assembleGuest({ def, sets, lock, files, runtime: { bytes: runtime.node, name: `${def.agent.runtime.package} ${def.agent.runtime.version}` }, agentBundle: await bundleAgent(), definitionPath: opts.definitionPath, defPath, log });
+  const guest = await assembleGuest({ def, sets, lock, files, agentBundle: await bundleAgent(), definitionPath: opts.definitionPath, defPath, log });
   files.clear();
   step('assemble');
 
   const w = await writeOutputs({
     def, definitionPath: opts.definitionPath, defPath, definitionText: text, lockPath, lock, packages, controls, guest,
-    runtime: { ...def.agent.runtime, tarballSha256: runtime.tarballSha256 }, mirror, compression: opts.compression ?? 'none',
+    runtime: agentRuntime(lock, def.agent.runtime), mirror, compression: opts.compression ?? 'none',
     sourceDateEpoch: opts.sourceDateEpoch ?? config().sourceDateEpoch, outRoot: opts.outDir ?? defaultOutDir(), log,
   });
   step('write');

@@ -18,10 +18,10 @@ import { DEFAULT_EXCLUDES, globToRegExp, matchingPaths } from './globs.ts';
 import { addPackageFiles, libraryClosure, findModules } from './assemble.ts';
 import { moduleDepends } from './elf.ts';
 import { moduleLoadOrder } from './modules.ts';
-import { initScript, AGENT_DIR, MODULE_DIR, UDHCPC_SCRIPT } from './init.ts';
+import { initScript, AGENT_DIR, AGENT_COMMAND, MODULE_DIR, UDHCPC_SCRIPT } from './init.ts';
 import { runtimeConfig, readOciImage, type LayerDescriptor } from './oci.ts';
 import { stripElf } from './strip.ts';
-import { RUNTIME_LIB_PACKAGES, AGENT_TOOLS, type PackageSets } from './packages.ts';
+import { AGENT_TOOLS, type PackageSets } from './packages.ts';
 
 export interface ContainerImageRef { name: string; path: string; layers: LayerDescriptor[] }
 export interface UserFile { path: string; source?: string; sha256: string }
@@ -50,9 +50,9 @@ const packageFiles = (files: Map<string, TarEntry[]>, p: LockedPackage) => files
 type Owners = Map<string, string>;
 const own = (owners: Owners, entries: TarEntry[], name: string, prefix = '') => { for (const e of entries) if (e.type === 'file') owners.set(prefix + canonical(e.path), name); };
 
-/** The guest packages the definition names (dependencies only where a library needs them), the agent and its runtime. */
-function addGuestPackages(tree: FileTree, owners: Owners, def: ImageDefinition, sets: PackageSets, lock: Lockfile, files: Map<string, TarEntry[]>, runtime: { bytes: Buffer; name: string }, agentBundle: Buffer): void {
-  const guestRoots = new Set(sets.guest.roots.filter((r) => !RUNTIME_LIB_PACKAGES.includes(r) || def.packages.includes(r)));
+/** The guest packages the definition names (dependencies only where a library needs them), the agent and its runtime (a package: QuickJS). */
+function addGuestPackages(tree: FileTree, owners: Owners, def: ImageDefinition, sets: PackageSets, lock: Lockfile, files: Map<string, TarEntry[]>, agentBundle: Buffer): void {
+  const guestRoots = new Set(sets.guest.roots);
   const staging = new FileTree();
   for (const p of lock.sets.guest.packages) {
     const f = packageFiles(files, p);
@@ -60,8 +60,6 @@ function addGuestPackages(tree: FileTree, owners: Owners, def: ImageDefinition, 
     own(owners, f, p.name);
     if (guestRoots.has(p.name)) addPackageFiles(tree, f);
   }
-  tree.file(`${AGENT_DIR}/node`, runtime.bytes, 0o755);
-  owners.set(`${AGENT_DIR}/node`, runtime.name);
   tree.file(`${AGENT_DIR}/agent.mjs`, agentBundle, 0o644);
   // of a package only the agent needs, only the files it uses (their libraries follow below)
   for (const [pkg, keep] of Object.entries(AGENT_TOOLS)) {
@@ -230,16 +228,16 @@ export function largestFiles(tree: FileTree, n = 10): { path: string; size: numb
 }
 
 /** The whole guest tree. */
-export async function assembleGuest(o: { def: ImageDefinition; sets: PackageSets; lock: Lockfile; files: Map<string, TarEntry[]>; runtime: { bytes: Buffer; name: string }; agentBundle: Buffer; definitionPath: string; defPath: string; log: (m: string) => void }): Promise<GuestTree> {
+export async function assembleGuest(o: { def: ImageDefinition; sets: PackageSets; lock: Lockfile; files: Map<string, TarEntry[]>; agentBundle: Buffer; definitionPath: string; defPath: string; log: (m: string) => void }): Promise<GuestTree> {
   const tree = new FileTree();
   const owners: Owners = new Map();
   const defDir = dirname(o.defPath);
-  addGuestPackages(tree, owners, o.def, o.sets, o.lock, o.files, o.runtime, o.agentBundle);
+  addGuestPackages(tree, owners, o.def, o.sets, o.lock, o.files, o.agentBundle);
   const kernel = await addKernel(tree, owners, o.def, o.lock, o.files);
   addBaseFiles(tree, o.def, kernel.modules);
   const containerImages = await addContainers(tree, owners, o.def, o.lock, o.files, defDir);
   // the defaults and the definition's globs; then the user's own files, which may put anything back
-  const excluded = excludeFiles(tree, [...DEFAULT_EXCLUDES, ...o.def.exclude], ['/init', GUEST_IMAGE_CONFIG, `${AGENT_DIR}/agent.mjs`, `${AGENT_DIR}/node`]);
+  const excluded = excludeFiles(tree, [...DEFAULT_EXCLUDES, ...o.def.exclude], ['/init', GUEST_IMAGE_CONFIG, `${AGENT_DIR}/agent.mjs`, AGENT_COMMAND.split(' ')[0]]);
   if (excluded.files) o.log(`left out ${excluded.files} file(s), ${excluded.bytes} bytes (exclude globs)`);
   const userFiles = await addUserFiles(tree, o.def, o.definitionPath, defDir);
   const stripped = stripTree(tree);

@@ -4,6 +4,13 @@ export const INIT_MARKER = 'SCION-INIT-OK';
 export const AGENT_DIR = '/usr/lib/scion';
 export const MODULE_DIR = '/usr/lib/modules/scion';
 
+/**
+ * How init starts the agent: QuickJS's interpreter on the bundle. Unhandled
+ * rejections are logged, not fatal: one failed background task must not
+ * take the agent (and every session) down.
+ */
+export const AGENT_COMMAND = `/usr/bin/qjs --no-unhandled-rejection -m ${AGENT_DIR}/agent.mjs`;
+
 export function initScript(opts: { modules: string[]; hostname: string }): string {
   const insmods = opts.modules.map((m, i) => `insmod ${MODULE_DIR}/${String(i).padStart(2, '0')}-${m}.ko || echo "scion-init: insmod ${m} failed" >/dev/console`).join('\n');
   return `#!/bin/busybox sh
@@ -33,7 +40,7 @@ echo ${INIT_MARKER}
 
 # Supervise the agent: restart it whenever it exits, with a short pause.
 while true; do
-  ${AGENT_DIR}/node --max-semi-space-size=1 ${AGENT_DIR}/agent.mjs
+  ${AGENT_COMMAND}
   echo "scion-init: agent exited ($?); restarting"
   sleep 1
 done

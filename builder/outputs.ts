@@ -18,7 +18,6 @@ import type { ImageDefinition } from './schema.ts';
 import { serialiseLock, writeLock, type Lockfile, type LockedPackage } from './lock.ts';
 import { cpioChunks } from './cpio.ts';
 import { AGENT_DIR } from './init.ts';
-import { runtimeUrl, type RuntimeSpec } from './runtime.ts';
 import { sbomJson, debArchitecture, resolvedDepends, type SbomPackage } from './sbom.ts';
 import { provenanceJson } from './provenance.ts';
 import type { GuestTree } from './guest.ts';
@@ -31,7 +30,9 @@ export interface BuildOutput { name: ImageFile; path: string; size: number; sha2
 export interface WriteInput {
   def: ImageDefinition; definitionPath: string; defPath: string; definitionText: string; lockPath: string;
   lock: Lockfile; packages: LockedPackage[]; controls: Map<string, Record<string, string>>;
-  guest: GuestTree; runtime: RuntimeSpec & { tarballSha256: string };
+  guest: GuestTree;
+  /** the agent's runtime package, as locked */
+  runtime: { package: string; version: string; sha256: string };
   mirror: string; compression: Compression; sourceDateEpoch: number; outRoot: string;
   log: (m: string) => void;
 }
@@ -88,7 +89,7 @@ async function outputBytes(i: WriteInput): Promise<{ files: Record<ImageFile, Bu
   const manifestText = JSON.stringify(manifest, null, 2) + '\n';
   const sbomText = sbomJson({
     image: def.name, scionVersion: SCION_VERSION, codename: i.lock.codename ?? def.debian.suite, sourceDateEpoch: i.sourceDateEpoch, sets: sbomSets(i.lock, i.controls),
-    runtime: i.runtime, agentBundleSha256: sha256(guest.agentBundle),
+    runtime: { package: i.runtime.package, version: i.runtime.version }, agentBundleSha256: sha256(guest.agentBundle),
     containers: def.containers.map((c) => ({ name: c.name, set: 'packages' in c.image ? `container:${c.name}` : undefined, layers: guest.containerImages.find((x) => x.name === c.name)?.layers })),
   });
   const lockText = serialiseLock(i.lock);
@@ -98,7 +99,7 @@ async function outputBytes(i: WriteInput): Promise<{ files: Record<ImageFile, Bu
     outputs: subjects.map(([name, data]) => ({ name, sha256: sha256(data) })),
     definition: { path: basename(i.defPath), sha256: sha256(i.definitionText) }, lock: { path: basename(i.lockPath), sha256: sha256(lockText) },
     compression: i.compression, sourceDateEpoch: i.sourceDateEpoch, mirror: i.mirror, suite: def.debian.suite, codename: i.lock.codename ?? def.debian.suite, architecture: def.debian.architecture,
-    packages: i.packages, runtime: { package: i.runtime.package, version: i.runtime.version, integrity: i.runtime.integrity, url: runtimeUrl(i.runtime), sha256: i.runtime.tarballSha256 },
+    packages: i.packages,
     containerImages: guest.containerImages, userFiles: guest.userFiles,
   });
   const files = { vmlinuz: guest.kernel.vmlinuz, 'initrd.img': initrd, 'manifest.json': manifestText, 'sbom.cdx.json': sbomText, 'provenance.intoto.json': provenanceText };

@@ -13,22 +13,22 @@ import { resolve as resolveDeps, type PackageIndex } from './debian/resolver.ts'
 import type { ImageDefinition } from './schema.ts';
 import { sameRoots, serialiseLock, type Lockfile, type LockedPackage } from './lock.ts';
 
-/** Libraries the agent's Node binary links against (see `readelf -d node`). */
-export const RUNTIME_LIB_PACKAGES = ['libc6', 'libgcc-s1', 'libstdc++6'];
 /**
- * Packages the agent needs a few files of, and those files: linuxptp's
- * phc_ctl makes the agent's relative clock steps (clock_adjtime
- * ADJ_SETOFFSET; busybox sets whole seconds only). The rest of such a package
- * stays out unless the definition lists it in `packages:`.
+ * Packages the agent needs a few files of, and those files: QuickJS's
+ * interpreter (not its compiler, qjsc, nor its examples); linuxptp's phc_ctl
+ * for the agent's relative clock steps (clock_adjtime ADJ_SETOFFSET; busybox
+ * sets whole seconds only). The rest of such a package stays out unless the
+ * definition lists it in `packages:`; the libraries they link come in by
+ * the guest's library closure.
  */
-export const AGENT_TOOLS: Record<string, string[]> = { linuxptp: ['/usr/sbin/phc_ctl'] };
+export const AGENT_TOOLS: Record<string, string[]> = { quickjs: ['/usr/bin/qjs'], linuxptp: ['/usr/sbin/phc_ctl'] };
 const AGENT_TOOL_PACKAGES = Object.keys(AGENT_TOOLS);
 
 export type PackageSets = Record<string, { roots: string[]; follow?: (n: string) => boolean }>;
 
 /** The package sets the definition asks for: name -> roots. Pure. */
 export function packageSets(def: ImageDefinition): PackageSets {
-  const guest = new Set(['busybox-static', ...RUNTIME_LIB_PACKAGES, ...AGENT_TOOL_PACKAGES, ...def.packages]);
+  const guest = new Set(['busybox-static', def.agent.runtime, ...AGENT_TOOL_PACKAGES, ...def.packages]);
   if (def.containers.length) guest.add('crun');
   const sets: PackageSets = {
     guest: { roots: [...guest].sort() },
@@ -113,4 +113,11 @@ export async function fetchAndExtract(archive: DebianArchive, cache: BlobCache, 
   debs.clear();
   step('extract');
   return { files, controls };
+}
+
+/** The agent's runtime package as the guest set locked it. */
+export function agentRuntime(lock: Lockfile, name: string): { package: string; version: string; sha256: string } {
+  const p = lock.sets.guest?.packages.find((x) => x.name === name);
+  if (!p) throw new BuildError('E_LOCK_STALE', `the lock's guest set has no ${name}, the agent's runtime`, { hint: 'build without --locked to resolve the guest set again' });
+  return { package: p.name, version: p.version, sha256: p.sha256 };
 }

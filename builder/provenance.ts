@@ -5,7 +5,6 @@
  * in-toto tool, e.g. `cosign attest-blob --type slsaprovenance1 --predicate …`
  * (README: "In CI").
  */
-import { integrityHex } from './digest.ts';
 
 export const BUILD_TYPE = 'https://scion.dev/buildtypes/image/v1';
 export const BUILDER_ID = 'https://scion.dev/builder/scion-build';
@@ -23,7 +22,6 @@ export interface ProvenanceInput {
   codename: string;
   architecture: string;
   packages: { name: string; version: string; filename: string; sha256: string }[];
-  runtime: { package: string; version: string; url: string; sha256: string; integrity: string };
   containerImages: { name: string; path: string; layers: { digest: string }[] }[];
   userFiles: { path: string; source?: string; sha256: string }[];
 }
@@ -32,7 +30,6 @@ export function provenanceJson(i: ProvenanceInput): string {
   const mirror = i.mirror.replace(/\/+$/, '');
   const byUri = new Map<string, { uri: string; name?: string; digest: Record<string, string>; annotations?: Record<string, string> }>();
   for (const p of i.packages) byUri.set(`${mirror}/${p.filename}`, { uri: `${mirror}/${p.filename}`, name: `${p.name}_${p.version}`, digest: { sha256: p.sha256 } });
-  const rt = { uri: i.runtime.url, name: `${i.runtime.package}@${i.runtime.version}`, digest: { sha256: i.runtime.sha256, sha512: integrityHex(i.runtime.integrity) } };
   const layers = i.containerImages.flatMap((c) => c.layers.map((l) => ({ uri: `oci-layout:${c.path}@${l.digest}`, name: `${c.name} layer`, digest: { sha256: l.digest.replace(/^sha256:/, '') } })));
   const files = i.userFiles.filter((f) => f.source).map((f) => ({ uri: `file:${f.source}`, name: f.path, digest: { sha256: f.sha256 } }));
   const statement = {
@@ -52,7 +49,6 @@ export function provenanceJson(i: ProvenanceInput): string {
           { uri: i.definition.path, digest: { sha256: i.definition.sha256 } },
           { uri: i.lock.path, digest: { sha256: i.lock.sha256 } },
           ...[...byUri.values()].sort((a, b) => (a.uri < b.uri ? -1 : 1)),
-          rt,
           ...layers,
           ...files,
         ],

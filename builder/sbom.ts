@@ -15,7 +15,6 @@ import { createHash } from 'node:crypto';
 import * as CDX from '@cyclonedx/cyclonedx-library';
 import { PackageURL } from 'packageurl-js';
 import { parseDepends } from './debian/control.ts';
-import { integrityHex } from './digest.ts';
 
 export interface SbomPackage {
   name: string;
@@ -33,7 +32,8 @@ export interface SbomInput {
   sourceDateEpoch: number;
   /** set name (guest, kernel, container:web) -> roots and packages */
   sets: Record<string, { roots: string[]; packages: SbomPackage[] }>;
-  runtime: { package: string; version: string; integrity: string; tarballSha256: string };
+  /** the agent's runtime: a package of the guest set */
+  runtime: { package: string; version: string };
   agentBundleSha256: string;
   containers: { name: string; set?: string; layers?: { digest: string; size: number; mediaType: string }[] }[];
 }
@@ -98,16 +98,8 @@ export function sbomJson(input: SbomInput): string {
     }
   }
 
-  const rt = input.runtime;
-  const runtime = new Models.Component(Enums.ComponentType.Application, rt.package, {
-    bomRef: `npm:${rt.package}@${rt.version}`, version: rt.version,
-    purl: new PackageURL('npm', undefined, rt.package, rt.version, undefined, undefined).toString(),
-    description: 'the Node.js runtime of the guest agent',
-  });
-  runtime.hashes.set(Enums.HashAlgorithm['SHA-512'], integrityHex(rt.integrity));
-  sha256(runtime, rt.tarballSha256);
-  runtime.properties.add(new Models.Property('scion:npm:integrity', rt.integrity));
-  bom.components.add(runtime);
+  const runtime = ref.get(pkgRef(input.runtime.package, input.runtime.version));
+  if (!runtime) throw new Error(`the agent's runtime ${input.runtime.package} ${input.runtime.version} is not among the image's packages`);
 
   const agent = new Models.Component(Enums.ComponentType.Application, 'scion-guest-agent', { bomRef: 'scion:guest-agent', version: input.scionVersion, description: 'the guest agent bundle (/opt/scion/agent.mjs)' });
   sha256(agent, input.agentBundleSha256);

@@ -35,13 +35,18 @@ export interface ImageDefinition {
   debian: { suite: string; components: string[]; architecture: string; mirror?: string };
   kernel: { package: string; modules: string[]; cmdline: string };
   packages: string[];
-  agent: { runtime: { package: string; version: string; integrity: string }; exec: boolean };
+  /** runtime: the Debian package whose interpreter runs the agent (QuickJS's), locked like every package */
+  agent: { runtime: AgentRuntime; exec: boolean };
   files: FileDef[];
   /** path globs left out of the guest (after the defaults: static libraries, headers) */
   exclude: string[];
   containers: ContainerDef[];
   network: { mode: 'static' | 'dhcp'; interface: string; guestRamMB: number };
 }
+
+/** The runtimes the agent's bundle is built for. */
+export const AGENT_RUNTIMES = ['quickjs'] as const;
+export type AgentRuntime = typeof AGENT_RUNTIMES[number];
 
 type Loc = { line: number; col: number };
 type Validator<T> = (node: Node | null | undefined, path: string, ctx: Ctx) => T;
@@ -162,6 +167,18 @@ const fileDef = obj<FileDef>({
   if ((v.contents === undefined) === (v.source === undefined)) fail(c, n, p, 'a file needs exactly one of contents or source');
 });
 
+/** The agent's runtime: a Debian package name; the Node runtime of earlier definitions is refused with what to write instead. */
+const agentRuntime: Validator<AgentRuntime> = (n, p, c) => {
+  const instead = 'write `runtime: quickjs` (or leave agent.runtime out); the next build without --locked adds it to the lock';
+  if (isMap(n)) {
+    const pkg = n.get('package');
+    fail(c, n, p, `the agent no longer runs on Node${typeof pkg === 'string' ? ` (${pkg})` : ''}: it runs on QuickJS, from Debian's quickjs package, locked like every other package`, instead);
+  }
+  const v = str(PKG, 'a Debian package name')(n, p, c);
+  if (!(AGENT_RUNTIMES as readonly string[]).includes(v)) fail(c, n, p, `${JSON.stringify(v)} is not a runtime the agent is built for; it runs on: ${AGENT_RUNTIMES.join(', ')}`, instead);
+  return v as AgentRuntime;
+};
+
 const definition = obj<ImageDefinition>({
   schema: { v: int(1, 1), required: true },
   name: { v: str(/^[a-z0-9][a-z0-9_-]{0,62}$/, 'an image name (lowercase letters, digits, - and _)'), required: true },
@@ -185,17 +202,10 @@ const definition = obj<ImageDefinition>({
   packages: { v: list(pkgName), dflt: () => [] },
   agent: {
     v: obj({
-      runtime: {
-        v: obj({
-          package: { v: str(/^[a-z0-9@/._-]+$/, 'an npm package name'), required: true },
-          version: { v: str(/^\d+\.\d+\.\d+$/, 'an exact version such as 22.23.3'), required: true },
-          integrity: { v: str(/^sha512-[A-Za-z0-9+/=]{86,88}$/, 'an npm integrity string (sha512-...)'), required: true },
-        }),
-        required: true,
-      },
+      runtime: { v: agentRuntime, dflt: () => 'quickjs' },
       exec: { v: bool, dflt: () => false },
     }),
-    required: true,
+    dflt: () => ({ runtime: 'quickjs', exec: false }),
   },
   files: { v: list(fileDef), dflt: () => [] },
   exclude: { v: list(str(/^\/[^\0\n]*$/, 'an absolute path glob such as /usr/share/zoneinfo/**')), dflt: () => [] },

@@ -50,9 +50,9 @@ Environment (read when a command runs; a malformed value is refused by name):
   SCION_ACCEL         kvm or tcg (default: KVM if it really boots the guest, probed once)
   SCION_TB_SIZE_MB    TCG translation buffer per clone, MiB (default 64)
   SCION_REGISTRY_STALL_S  a registry response silent this long fails (default 30)
-  SCION_NPM_REGISTRY, XDG_CACHE_HOME (package cache under scion/), SOURCE_DATE_EPOCH, SCION_DEBUG
+  XDG_CACHE_HOME (package cache under scion/), SOURCE_DATE_EPOCH, SCION_DEBUG
 Exit codes: 0 ok; 1 error (the message names what and why; --json prints {ok:false,error:{code,…}});
-            2 usage; 3 image definition or lock invalid; 4 network (mirror, npm or registry
+            2 usage; 3 image definition or lock invalid; 4 network (mirror or registry
             unreachable or answering an error); 5 verification failed (not reproducible, a digest,
             hash or signature that does not match); 130/143 interrupted (build, verify, push
             and pull remove their temporary directories first).`;

@@ -26,8 +26,6 @@ export interface ScionConfig {
   tbSizeMB?: number;
   /** XDG_CACHE_HOME: the package cache is $XDG_CACHE_HOME/scion (default ~/.cache/scion) */
   cacheDir: string;
-  /** SCION_NPM_REGISTRY: where the agent runtime's npm tarball comes from */
-  npmRegistry: string;
   /** SOURCE_DATE_EPOCH: the timestamp builds write (default 0) */
   sourceDateEpoch: number;
   /** SCION_REGISTRY_STALL_S: a registry response that sends no byte for this long fails (default 30) */
@@ -59,7 +57,6 @@ export function config(env: Env = process.env): ScionConfig {
     accel,
     tbSizeMB: integer(env, 'SCION_TB_SIZE_MB', 1, 2048),
     cacheDir: join(env.XDG_CACHE_HOME || join(homedir(), '.cache'), 'scion'),
-    npmRegistry: env.SCION_NPM_REGISTRY || 'https://registry.npmjs.org',
     sourceDateEpoch: integer(env, 'SOURCE_DATE_EPOCH', 0, 2 ** 40) ?? 0,
     registryStallMs: (integer(env, 'SCION_REGISTRY_STALL_S', 1, 3600) ?? 30) * 1000,
     debug: !!env.SCION_DEBUG,
@@ -69,5 +66,5 @@ export function config(env: Env = process.env): ScionConfig {
 /** The variables config() reads, for the README and `scion --help`. */
 export const CONFIG_VARIABLES = [
   'SCION_RUN_DIR', 'SCION_TEMPLATE_DIR', 'SCION_UID_BASE', 'SCION_QEMU', 'SCION_ACCEL', 'SCION_TB_SIZE_MB',
-  'XDG_CACHE_HOME', 'SCION_NPM_REGISTRY', 'SOURCE_DATE_EPOCH', 'SCION_REGISTRY_STALL_S', 'SCION_DEBUG',
+  'XDG_CACHE_HOME', 'SOURCE_DATE_EPOCH', 'SCION_REGISTRY_STALL_S', 'SCION_DEBUG',
 ] as const;

@@ -4,20 +4,33 @@
  * decoder skips to the next newline, so a peer cannot make it grow without
  * end. The byte 0xFF (never valid in UTF-8 JSON) is a resync marker: any
  * partial frame before it is discarded, as in qemu-guest-agent's
- * guest-sync-delimited.
+ * guest-sync-delimited. Bytes are Uint8Array (a Buffer is one): the guest
+ * agent runs on QuickJS, which has no Buffer.
  */
+import { utf8Decode, utf8Encode } from './utf8.ts';
+
 export const RESYNC_BYTE = 0xff;
 export const DEFAULT_MAX_FRAME = 1 << 20;
 
 export type FrameEvent = { frame: string } | { oversize: number } | { resync: true };
 
+export function concatBytes(parts: Uint8Array[]): Uint8Array {
+  if (parts.length === 1) return parts[0];
+  let n = 0;
+  for (const p of parts) n += p.length;
+  const out = new Uint8Array(n);
+  let o = 0;
+  for (const p of parts) { out.set(p, o); o += p.length; }
+  return out;
+}
+
 export class FrameDecoder {
-  private parts: Buffer[] = [];
+  private parts: Uint8Array[] = [];
   private size = 0;
   private skipping = false;
   constructor(readonly maxFrame = DEFAULT_MAX_FRAME) {}
 
-  push(chunk: Buffer): FrameEvent[] {
+  push(chunk: Uint8Array): FrameEvent[] {
     const out: FrameEvent[] = [];
     let start = 0;
     for (let i = 0; i < chunk.length; i++) {
@@ -32,7 +45,7 @@ export class FrameDecoder {
       }
       if (this.skipping) { this.skipping = false; this.parts = []; this.size = 0; continue; }
       if (this.size + piece.length > this.maxFrame) { out.push({ oversize: this.size + piece.length }); this.parts = []; this.size = 0; continue; }
-      const line = Buffer.concat([...this.parts, piece]).toString('utf8').replace(/\r$/, '');
+      const line = utf8Decode(concatBytes([...this.parts, piece])).replace(/\r$/, '');
       this.parts = []; this.size = 0;
       if (line.trim()) out.push({ frame: line });
     }
@@ -42,7 +55,7 @@ export class FrameDecoder {
         out.push({ oversize: this.size + rest.length });
         this.parts = []; this.size = 0; this.skipping = true;
       } else {
-        this.parts.push(Buffer.from(rest));
+        this.parts.push(rest.slice());
         this.size += rest.length;
       }
     }
@@ -50,6 +63,6 @@ export class FrameDecoder {
   }
 }
 
-export function encodeFrame(msg: unknown): Buffer {
-  return Buffer.from(JSON.stringify(msg) + '\n');
+export function encodeFrame(msg: unknown): Uint8Array {
+  return utf8Encode(JSON.stringify(msg) + '\n');
 }

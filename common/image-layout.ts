@@ -46,7 +46,8 @@ export const ImageManifestSchema = z.object({
   /** guest ports the image's containers serve (forwarded per clone in user-mode networking) */
   ports: z.array(z.number().int().min(1).max(65535)),
   compression: z.enum(['none', 'gzip', 'zstd']),
-  agent: z.object({ sha256: sha256Hex, runtime: z.object({ package: z.string(), version: z.string(), integrity: z.string(), tarballSha256: sha256Hex }).strict() }).strict(),
+  /** the agent bundle, and the Debian package (from the lock) whose interpreter runs it */
+  agent: z.object({ sha256: sha256Hex, runtime: z.object({ package: z.string(), version: z.string(), sha256: sha256Hex }).strict() }).strict(),
   packages: z.array(z.object({ set: z.string(), name: z.string(), version: z.string(), sha256: sha256Hex }).strict()),
   outputs: z.object({
     vmlinuz: z.object({ sha256: sha256Hex, size }).strict(),

@@ -50,7 +50,7 @@ export class JsonSession extends EventEmitter {
     this.socket.on('error', () => undefined); // a reset is followed by 'close', which fails the pending calls
   }
 
-  sendRaw(data: Buffer) {
+  sendRaw(data: Uint8Array) {
     if (this.state !== 'running' || !this.socket) throw new SessionError('E_STATE', `${this.label}: send needs state running, found ${this.state}`);
     this.socket.write(data);
   }

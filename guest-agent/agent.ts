@@ -2,11 +2,8 @@
  * The agent: protocol session over any duplex byte stream, command handlers,
  * fork handling. System effects go through identity.ts and containers.ts.
  */
-import { execFile } from 'node:child_process';
-import { readFileSync, writeFileSync, existsSync } from 'node:fs';
-import { writeFile } from 'node:fs/promises';
-import { release, uptime } from 'node:os';
-import { FrameDecoder, encodeFrame, RESYNC_BYTE } from '../common/framing.ts';
+import { FrameDecoder, encodeFrame, concatBytes, RESYNC_BYTE } from '../common/framing.ts';
+import type { Platform, Transport } from './platform.ts';
 import { MAX_FRAME, PROTOCOL_VERSION, ProtocolError, parseRequest, salvageId, validateIdentity, requireString, type Identity, type Request } from './protocol.ts';
 import { applyIdentity, type SystemConfig, type Steps } from './identity.ts';
 import { ContainerSupervisor } from './containers.ts';
@@ -20,18 +17,11 @@ export const AGENT_VERSION = '0.1.0';
 export type ImageConfig = GuestImageConfig;
 
 /**
- * A byte stream to one host. Backpressure: `write` returns false once the
- * stream holds more than it wants buffered, and `onDrain` fires when it took
- * it; `pause`/`resume` stop and restart reading. A transport without them
- * (a test's in-memory one) is never backed up.
+ * A byte stream to one host (platform.ts). Backpressure: `write` returns
+ * false once the stream holds more than it wants buffered, and `onDrain`
+ * fires when it took it; `pause`/`resume` stop and restart reading.
  */
-export interface Transport {
-  write(data: Buffer): boolean | void;
-  onData(cb: (chunk: Buffer) => void): void;
-  onDrain?(cb: () => void): void;
-  pause?(): void;
-  resume?(): void;
-}
+export type { Transport };
 
 /**
  * Requests read but not yet answered, at most: past this the session stops
@@ -41,6 +31,7 @@ export interface Transport {
 export const MAX_IN_FLIGHT = 64;
 
 export interface AgentOptions {
+  platform: Platform;
   image: ImageConfig;
   system: SystemConfig;
   /** file that survives an agent restart (not a fork: RAM is cloned, so it forks with the VM) */
@@ -54,9 +45,10 @@ interface PersistentState { generation: number; identity?: Identity; vmForks?: n
 
 export class Agent {
   readonly containers: ContainerSupervisor;
-  readonly shell = new ShellWorker();
+  readonly shell: ShellWorker;
   /** a second shell for the clock keeper, so its steps never wait behind an identity batch */
-  readonly clockShell = new ShellWorker();
+  readonly clockShell: ShellWorker;
+  private readonly p: Platform;
   readonly clock: ClockKeeper;
   private state: PersistentState = { generation: 0 };
   private sessions = new Set<(msg: unknown) => void>();
@@ -65,10 +57,13 @@ export class Agent {
   lastReady?: { generation: number; stepsMs: Steps; totalMs: number };
 
   constructor(readonly opts: AgentOptions) {
-    this.containers = new ContainerSupervisor(opts.image.containers, (event, data) => this.emit(event, data), this.shell, opts.logDir, opts.crunBin);
-    this.clock = new ClockKeeper(this.clockShell, opts.system.setClock);
-    if (opts.stateFile && existsSync(opts.stateFile)) {
-      try { this.state = JSON.parse(readFileSync(opts.stateFile, 'utf8')); } catch {
+    this.p = opts.platform;
+    this.shell = new ShellWorker(this.p);
+    this.clockShell = new ShellWorker(this.p);
+    this.containers = new ContainerSupervisor(this.p, opts.image.containers, (event, data) => this.emit(event, data), this.shell, opts.logDir, opts.crunBin);
+    this.clock = new ClockKeeper(this.p, this.clockShell, opts.system.setClock);
+    if (opts.stateFile && this.p.exists(opts.stateFile)) {
+      try { this.state = JSON.parse(this.p.readText(opts.stateFile)); } catch {
         // a state file cut short by a crash: start from generation 0, the host re-applies the identity
       }
     }
@@ -76,7 +71,7 @@ export class Agent {
 
   private persist() {
     if (this.opts.stateFile) {
-      try { writeFileSync(this.opts.stateFile, JSON.stringify(this.state)); } catch {
+      try { this.p.writeText(this.opts.stateFile, JSON.stringify(this.state)); } catch {
         // the state file is a convenience for agent restarts (tmpfs); the host remains the source of identity
       }
     }
@@ -89,14 +84,14 @@ export class Agent {
 
   /** Start containers (adopting running ones) and announce readiness. */
   async boot(): Promise<void> {
-    const t0 = performance.now();
+    const t0 = this.p.monotonic();
     await this.shell.warm();
     await this.clockShell.warm();
     await this.containers.startAll();
-    const t1 = performance.now();
+    const t1 = this.p.monotonic();
     const healthy = await this.containers.waitHealthy(120_000);
-    const stepsMs = { containers: Math.round(t1 - t0), health: Math.round(performance.now() - t1) };
-    this.lastReady = { generation: this.state.generation, stepsMs, totalMs: Math.round(performance.now() - t0) };
+    const stepsMs = { containers: Math.round(t1 - t0), health: Math.round(this.p.monotonic() - t1) };
+    this.lastReady = { generation: this.state.generation, stepsMs, totalMs: Math.round(this.p.monotonic() - t0) };
     this.emit('ready', { ...this.lastReady, healthy, boot: true });
   }
 
@@ -115,7 +110,7 @@ export class Agent {
     t.onDrain?.(() => { backedUp = false; flow(); });
     const send = (msg: unknown, marker = false) => {
       try {
-        const ok = t.write(marker ? Buffer.concat([Buffer.from([RESYNC_BYTE]), encodeFrame(msg)]) : encodeFrame(msg));
+        const ok = t.write(marker ? concatBytes([Uint8Array.of(RESYNC_BYTE), encodeFrame(msg)]) : encodeFrame(msg));
         if (ok === false) { backedUp = true; flow(); }
       } catch { /* the host went away mid-write: the session closes and the host resyncs on reconnect */ }
     };
@@ -198,31 +193,30 @@ export class Agent {
       const tail = a.tailBytes === undefined ? undefined : Number(a.tailBytes);
       if (tail !== undefined && (!Number.isInteger(tail) || tail < 1 || tail > 1 << 20)) throw new ProtocolError('E_BAD_ARGS', 'tailBytes: must be 1..1048576');
       const name = requireString(a, 'name');
-      return { name, logs: await this.containers.logs(name, tail) };
+      return { name, logs: this.containers.logs(name, tail) };
     },
     'exec': (a) => {
       if (!this.opts.image.exec) throw new ProtocolError('E_EXEC_DISABLED', 'exec is disabled in this image; set agent.exec: true in the image definition');
       if (!Array.isArray(a.argv) || !a.argv.length || a.argv.some((x) => typeof x !== 'string')) throw new ProtocolError('E_BAD_ARGS', 'argv: must be a non-empty list of strings');
       const timeout = typeof a.timeoutMs === 'number' ? a.timeoutMs : 30_000;
-      return execCapture(a.argv as string[], timeout);
+      return this.p.run(a.argv as string[], { timeoutMs: timeout, maxOutput: 1 << 20 });
     },
     'freeze.prepare': () => this.freezePrepare(),
     'shutdown': () => {
-      setTimeout(() => { run('poweroff', ['-f']).catch(() => process.exit(0)); }, 50);
+      this.p.setTimeout(() => { void this.p.run(['poweroff', '-f']).then((r) => { if (r.exitCode !== 0) this.p.exit(0); }); }, 50);
       return { shuttingDown: true };
     },
   };
 
   info(): AgentInfo {
-    let hostname = '';
-    try { hostname = readFileSync('/proc/sys/kernel/hostname', 'utf8').trim(); } catch { /* no /proc (a test root): reported empty */ }
-    let machineId = '';
-    try { machineId = readFileSync(`${this.opts.system.root}/etc/machine-id`, 'utf8').trim(); } catch { /* not written yet: reported empty */ }
+    const read = (path: string) => { try { return this.p.readText(path).trim(); } catch { return ''; } }; // not there (yet): reported empty
+    const hostname = read('/proc/sys/kernel/hostname');
+    const machineId = read(`${this.opts.system.root}/etc/machine-id`);
     return {
       agentVersion: AGENT_VERSION,
       protocol: PROTOCOL_VERSION,
-      kernel: release(),
-      uptimeS: uptime(),
+      kernel: read('/proc/sys/kernel/osrelease'),
+      uptimeS: Number(read('/proc/uptime').split(' ')[0]) || 0,
       agentUptimeS: (Date.now() - this.started) / 1000,
       image: this.opts.image.name,
       generation: this.state.generation,
@@ -246,9 +240,9 @@ export class Agent {
   }
 
   private async doApply(id: Identity, warmOnly: boolean) {
-    const t0 = performance.now();
+    const t0 = this.p.monotonic();
     let steps: Steps;
-    try { steps = await applyIdentity(id, this.opts.system, this.shell); } catch (e) {
+    try { steps = await applyIdentity(id, this.opts.system, this.shell, this.p); } catch (e) {
       throw new ProtocolError('E_APPLY_FAILED', (e as Error).message);
     }
     if (!warmOnly) {
@@ -259,21 +253,21 @@ export class Agent {
       this.state.identity = { ...id, rngSeed: undefined };
       this.persist();
     }
-    const identityMs = Math.round(performance.now() - t0);
+    const identityMs = Math.round(this.p.monotonic() - t0);
     this.emit('identity-applied', { generation: id.generation, stepsMs: steps, totalMs: identityMs });
-    const tc = performance.now();
+    const tc = this.p.monotonic();
     await this.containers.setHostname(id.hostname);
     // the template's warm-up runs the kept containers' update too (same hostname: no change), so clones inherit it warm
     await this.containers.afterFork(id.hostname, !warmOnly);
-    const containersMs = Math.round(performance.now() - tc);
-    const th = performance.now();
+    const containersMs = Math.round(this.p.monotonic() - tc);
+    const th = this.p.monotonic();
     const healthy = warmOnly ? true : await this.containers.waitHealthy(60_000);
-    const healthMs = Math.round(performance.now() - th);
+    const healthMs = Math.round(this.p.monotonic() - th);
     // refine the whole-second step against the RTC now that the containers are up: its short busy
     // poll of the RTC would otherwise compete with their restart for the one vCPU
     if (!warmOnly && id.time !== undefined) this.clock.kick();
     // the guest's clock as it reports ready: the host checks it against its own (PROTOCOL.md)
-    const result = { applied: !warmOnly, generation: id.generation, stepsMs: { ...steps, identity: identityMs, containers: containersMs, health: healthMs }, totalMs: Math.round(performance.now() - t0), healthy, time: Date.now() };
+    const result = { applied: !warmOnly, generation: id.generation, stepsMs: { ...steps, identity: identityMs, containers: containersMs, health: healthMs }, totalMs: Math.round(this.p.monotonic() - t0), healthy, time: Date.now() };
     if (!warmOnly) {
       this.lastReady = { generation: id.generation, stepsMs: result.stepsMs, totalMs: result.totalMs };
       this.emit('ready', { ...this.lastReady, healthy });
@@ -281,16 +275,16 @@ export class Agent {
     return result;
   }
 
-  /** Before the template is frozen: flush, drop caches, and warm the post-fork path so clones inherit it JIT-compiled. */
+  /** Before the template is frozen: flush, drop caches, and run the post-fork path once so clones inherit it warm (compiled, its pages touched). */
   private async freezePrepare(): Promise<ResultOf<'freeze.prepare'>> {
-    const t0 = performance.now();
+    const t0 = this.p.monotonic();
     const cur = this.state.identity;
     if (cur) await this.doApply({ ...cur, time: undefined }, true).catch(() => undefined); // warming only: a failure here shows again, reported, at the real apply
     else validateIdentity({ generation: 1, hostname: 'warm', machineId: '0'.repeat(32), interfaces: [{ mac: '02:00:00:00:00:01' }] });
     this.info();
     await this.shell.run('sync');
-    await writeFile('/proc/sys/vm/drop_caches', '3').catch(() => undefined); // fewer cached pages in the template is an optimisation, not a need
-    return { prepared: true, ms: Math.round(performance.now() - t0), generation: this.state.generation };
+    try { this.p.writeText('/proc/sys/vm/drop_caches', '3'); } catch { /* fewer cached pages in the template is an optimisation, not a need */ }
+    return { prepared: true, ms: Math.round(this.p.monotonic() - t0), generation: this.state.generation };
   }
 
   /**
@@ -303,16 +297,4 @@ export class Agent {
     this.persist();
     this.emit('forked', { signal: 'vmgenid', generation: this.state.generation, vmForks: this.state.vmForks });
   }
-}
-
-function run(cmd: string, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => execFile(cmd, args, { timeout: 30_000 }, (e, out) => (e ? reject(e) : resolve(out))));
-}
-
-function execCapture(argv: string[], timeout: number): Promise<{ exitCode: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(argv[0], argv.slice(1), { timeout, maxBuffer: 1 << 20 }, (e: any, stdout, stderr) => {
-      resolve({ exitCode: e ? (typeof e.code === 'number' ? e.code : 127) : 0, stdout: String(stdout), stderr: String(stderr || (e && typeof e.code !== 'number' ? e.message : '')) });
-    });
-  });
 }

@@ -16,8 +16,8 @@
  * so the time a process takes to start does not enter the result; busybox
  * `date -s` (whole seconds) only brings a clone's stale clock near at once.
  */
-import { readFileSync } from 'node:fs';
 import type { ShellWorker } from './shell.ts';
+import { sleep, type Platform, type Timer } from './platform.ts';
 import type { ClockInfo } from '../common/agent-protocol.ts';
 
 export const RTC_SECONDS = '/sys/class/rtc/rtc0/since_epoch';
@@ -57,18 +57,16 @@ export function phcStepArgs(ms: number): string {
   return `${PHC_CTL} -q -Q -- CLOCK_REALTIME adj ${(ms / 1000).toFixed(6)}`;
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
 export class ClockKeeper {
-  private timer?: NodeJS.Timeout;
+  private timer?: Timer;
   private busy?: Promise<number>;
   readonly state: ClockInfo;
 
-  constructor(private readonly shell: ShellWorker, readonly enabled: boolean, private readonly rtcFile = RTC_SECONDS) {
+  constructor(private readonly platform: Platform, private readonly shell: ShellWorker, readonly enabled: boolean, private readonly rtcFile = RTC_SECONDS) {
     this.state = { source: enabled ? 'rtc' : 'off', checks: 0, steps: 0, intervalMs: 10_000 };
   }
 
-  private readRtc(): number { return Number(readFileSync(this.rtcFile, 'utf8')); }
+  private readRtc(): number { return Number(this.platform.readText(this.rtcFile)); }
 
   /**
    * ms between the RTC's second edge and the system clock at that edge
@@ -88,7 +86,7 @@ export class ClockKeeper {
     let s = first;
     while (s === first) {
       if (Date.now() > end) throw new Error(`the RTC (${this.rtcFile}) did not tick within 1.5 s`);
-      await sleep(10);
+      await sleep(this.platform, 10);
       s = this.readRtc();
     }
     const edge = Date.now();
@@ -102,7 +100,7 @@ export class ClockKeeper {
 
   /** Sleep `waitMs`, then read the RTC in a tight loop for at most `windowMs`; the offset at the edge, if one came. */
   private async pollEdge(waitMs: number, windowMs: number): Promise<number | undefined> {
-    await sleep(waitMs);
+    await sleep(this.platform, waitMs);
     const first = this.readRtc();
     const end = Date.now() + windowMs;
     for (;;) {
@@ -145,22 +143,21 @@ export class ClockKeeper {
   /** Check after `delayMs` (after a fork or a resume) and then keep checking at the adaptive interval. */
   kick(delayMs = 0): void {
     if (!this.enabled) return;
-    clearTimeout(this.timer);
+    this.platform.clearTimeout(this.timer);
     this.state.intervalMs = 10_000;
     const go = () => this.check().then(() => undefined, () => undefined).finally(() => this.schedule()); // errors are kept in state.lastError for info
-    if (delayMs) { this.timer = setTimeout(go, delayMs); this.timer.unref(); } else void go();
+    if (delayMs) this.timer = this.platform.setTimeout(go, delayMs); else void go();
   }
 
   private schedule(): void {
-    clearTimeout(this.timer);
-    this.timer = setTimeout(async () => {
+    this.platform.clearTimeout(this.timer);
+    this.timer = this.platform.setTimeout(async () => {
       try { this.state.intervalMs = nextInterval(this.state.intervalMs, await this.check()); } catch {
         // kept in state.lastError; the next attempt comes at the same interval
       }
       this.schedule();
     }, this.state.intervalMs);
-    this.timer.unref();
   }
 
-  stop(): void { clearTimeout(this.timer); }
+  stop(): void { this.platform.clearTimeout(this.timer); }
 }

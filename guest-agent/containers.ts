@@ -4,14 +4,11 @@
  * per-container log file, so it survives an agent restart; a new agent adopts
  * running containers from crun's state instead of starting duplicates.
  */
-import { execFile } from 'node:child_process';
-import { readFile, writeFile, mkdir } from 'node:fs/promises';
-import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
-import { ShellWorker } from './shell.ts';
-import { connect } from 'node:net';
-import { request } from 'node:http';
-import { join } from 'node:path';
+import type { ShellWorker } from './shell.ts';
 import { ProtocolError } from './protocol.ts';
+import { sleep, type Platform, type Timer } from './platform.ts';
+import { listeningOn, tcpTables, httpCheckArgv } from './health.ts';
+import { utf8Decode } from '../common/utf8.ts';
 
 import type { ContainerSpec, HealthCheck } from '../common/contracts.ts';
 export type { ContainerSpec, HealthCheck };
@@ -20,22 +17,17 @@ export type { ContainerStatus, ContainerStateName };
 
 const LOG_LIMIT = 256 * 1024;
 
-function crun(args: string[], crunBin: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(crunBin, args, { timeout: 30_000 }, (err, stdout, stderr) => (err ? reject(new Error(`crun ${args[0]}: ${stderr.trim() || err.message}`)) : resolve(stdout)));
-  });
-}
-
 class Container {
   status: ContainerStatus;
   stopping = false;
   private backoffMs = 200;
-  private watch?: NodeJS.Timeout;
+  private watch?: Timer;
   private runSeq = 0;
   constructor(readonly spec: ContainerSpec, readonly sup: ContainerSupervisor) {
     this.status = { name: spec.name, state: 'created', restarts: 0 };
   }
-  get logPath() { return join(this.sup.logDir, `${this.spec.name}.log`); }
+  get logPath() { return `${this.sup.logDir}/${this.spec.name}.log`; }
+  private get p() { return this.sup.platform; }
 
   /**
    * Shell lines that (re)start this container: crun in the foreground inside
@@ -44,11 +36,11 @@ class Container {
    */
   startLines(): string[] {
     const n = this.spec.name;
-    const exitFile = join(this.sup.logDir, `${n}.${++this.runSeq}.exit`);
-    try { if (statSync(this.logPath).size > LOG_LIMIT) writeFileSync(this.logPath, ''); } catch { /* no log yet: nothing to trim */ }
+    const exitFile = `${this.sup.logDir}/${n}.${++this.runSeq}.exit`;
+    try { if ((this.p.fileSize(this.logPath) ?? 0) > LOG_LIMIT) this.p.writeText(this.logPath, ''); } catch { /* the log cannot be trimmed now: it is tried again at the next start */ }
     return [
       `${this.sup.crunBin} delete -f ${n} >/dev/null 2>&1 || true`,
-      `rm -f ${join(this.sup.logDir, `${n}.*.exit`)}`,
+      `rm -f ${this.sup.logDir}/${n}.*.exit`,
       // --no-pivot: the root is the initramfs itself (rootfs cannot be pivot_root'ed; see builder/init.ts)
       `( ${this.sup.crunBin} run --no-pivot --bundle ${this.spec.bundle} ${n} >>${this.logPath} 2>&1; echo $? >${exitFile} ) >/dev/null 2>&1 &`,
       `echo "pid ${n} $! ${exitFile}"`,
@@ -63,7 +55,7 @@ class Container {
   }
 
   async start(): Promise<void> {
-    await mkdir(this.sup.logDir, { recursive: true });
+    this.p.mkdirp(this.sup.logDir);
     const out = await this.sup.shell.runOrThrow(this.startLines().join('\n'), `starting container ${this.spec.name}`);
     this.sup.trackFromOutput(out);
   }
@@ -74,17 +66,17 @@ class Container {
     this.watchPid(pid);
   }
 
+  /** The wrapper is the shell's child, not the agent's: its end is seen from /proc, every 250 ms. */
   private watchPid(pid: number, exitFile?: string) {
-    clearInterval(this.watch);
-    const w = setInterval(() => {
-      if (existsSync(`/proc/${pid}`) && !/\) Z /.test(safeRead(`/proc/${pid}/stat`))) return;
-      clearInterval(w);
+    this.p.clearTimeout(this.watch);
+    const tick = () => {
       if (this.watch !== w) return;
-      const code = exitFile ? Number(safeRead(exitFile).trim() || NaN) : NaN;
+      if (this.p.exists(`/proc/${pid}`) && !/\) Z /.test(this.sup.safeRead(`/proc/${pid}/stat`))) { w = this.watch = this.p.setTimeout(tick, 250); return; }
+      this.watch = undefined;
+      const code = exitFile ? Number(this.sup.safeRead(exitFile).trim() || NaN) : NaN;
       this.exited(Number.isFinite(code) ? code : undefined);
-    }, 250);
-    w.unref();
-    this.watch = w;
+    };
+    let w: Timer = this.watch = this.p.setTimeout(tick, 250);
   }
 
   private exited(code: number | undefined) {
@@ -96,16 +88,16 @@ class Container {
     this.status.state = 'restarting';
     const delay = this.backoffMs;
     this.backoffMs = Math.min(this.backoffMs * 2, 10_000);
-    setTimeout(() => {
+    this.p.setTimeout(() => {
       if (this.stopping) return;
       this.status.restarts++;
       this.start().then(() => this.sup.emit('container-restarted', { name: this.spec.name, restarts: this.status.restarts, reason: 'exited' }), () => {});
-    }, delay).unref();
+    }, delay);
   }
 
   async stop(): Promise<void> {
     this.stopping = true;
-    clearInterval(this.watch);
+    this.p.clearTimeout(this.watch);
     this.watch = undefined;
     await this.sup.shell.run(`${this.sup.crunBin} delete -f ${this.spec.name} >/dev/null 2>&1 || true`);
     this.status = { ...this.status, state: 'stopped', pid: undefined };
@@ -114,38 +106,24 @@ class Container {
   async healthy(): Promise<boolean> {
     const h = this.spec.healthcheck;
     if (!h) return this.status.state === 'running';
-    if (h.http) return httpOk(h.http.port, h.http.path, h.timeoutMs);
-    if (h.tcp) return tcpOk(h.tcp.port, h.timeoutMs);
+    if (h.tcp) {
+      const port = h.tcp.port;
+      return tcpTables(this.sup.initPid(this.spec.name)).some((t) => listeningOn(this.sup.safeRead(t), port));
+    }
+    if (h.http) return (await this.p.run(httpCheckArgv(h.http.port, h.http.path, h.timeoutMs), { timeoutMs: h.timeoutMs + 1000, maxOutput: 4096 })).exitCode === 0;
     const q = (a: string) => `'${a.replace(/'/g, `'\\''`)}'`;
     return (await this.sup.shell.run(`${this.sup.crunBin} exec ${this.spec.name} ${h.command!.map(q).join(' ')} >/dev/null 2>&1`)).code === 0;
   }
   resetBackoff() { this.backoffMs = 200; }
 }
 
-function safeRead(p: string): string { try { return readFileSync(p, 'utf8'); } catch { return ''; } }
-
-function httpOk(port: number, path: string, timeoutMs: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const req = request({ host: '127.0.0.1', port, path, timeout: timeoutMs, agent: false }, (res) => { res.resume(); resolve((res.statusCode ?? 500) < 400); });
-    req.on('error', () => resolve(false));
-    req.on('timeout', () => { req.destroy(); resolve(false); });
-    req.end();
-  });
-}
-function tcpOk(port: number, timeoutMs: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = connect({ host: '127.0.0.1', port, timeout: timeoutMs });
-    s.on('connect', () => { s.destroy(); resolve(true); });
-    s.on('error', () => resolve(false));
-    s.on('timeout', () => { s.destroy(); resolve(false); });
-  });
-}
-
 export class ContainerSupervisor {
   readonly containers = new Map<string, Container>();
-  constructor(specs: ContainerSpec[], readonly emit: <E extends AgentEventName>(event: E, data: AgentEvents[E]) => void, readonly shell: ShellWorker, readonly logDir = '/run/scion/logs', readonly crunBin = 'crun', readonly crunRoot = '/run/crun') {
+  constructor(readonly platform: Platform, specs: ContainerSpec[], readonly emit: <E extends AgentEventName>(event: E, data: AgentEvents[E]) => void, readonly shell: ShellWorker, readonly logDir = '/run/scion/logs', readonly crunBin = 'crun', readonly crunRoot = '/run/crun') {
     for (const s of specs) this.containers.set(s.name, new Container(s, this));
   }
+
+  safeRead(p: string): string { try { return this.platform.readText(p); } catch { return ''; } }
 
   /** Pick up the `pid <name> <pid> <exit file>` lines a start batch printed. */
   trackFromOutput(out: string) {
@@ -162,7 +140,8 @@ export class ContainerSupervisor {
   async startAll(): Promise<void> {
     if (!this.containers.size) return;
     let running: { id: string; pid: number; status: string; created?: string }[] = [];
-    try { running = JSON.parse(await crun(['list', '--format', 'json'], this.crunBin)) ?? []; } catch { /* crun has no state yet (first boot): nothing to adopt */ }
+    const listed = await this.platform.run([this.crunBin, 'list', '--format', 'json'], { timeoutMs: 30_000 });
+    try { if (listed.exitCode === 0) running = JSON.parse(listed.stdout) ?? []; } catch { /* crun has no state yet (first boot): nothing to adopt */ }
     const toStart: Container[] = [];
     for (const c of this.containers.values()) {
       const r = running.find((x) => x.id === c.spec.name && x.status === 'running' && x.pid > 0);
@@ -170,18 +149,18 @@ export class ContainerSupervisor {
       else toStart.push(c);
     }
     if (!toStart.length) return;
-    await mkdir(this.logDir, { recursive: true });
+    this.platform.mkdirp(this.logDir);
     this.trackFromOutput(await this.shell.runOrThrow(toStart.flatMap((c) => c.startLines()).join('\n'), 'starting containers'));
   }
 
   /** Point each bundle's UTS hostname at `hostname` (done before a restart after a fork). */
   async setHostname(hostname: string): Promise<void> {
     for (const c of this.containers.values()) {
-      const p = join(c.spec.bundle, 'config.json');
-      const cfg = JSON.parse(await readFile(p, 'utf8'));
+      const p = `${c.spec.bundle}/config.json`;
+      const cfg = JSON.parse(this.platform.readText(p));
       if (cfg.hostname === hostname) continue;
       cfg.hostname = hostname;
-      await writeFile(p, JSON.stringify(cfg, null, 2) + '\n');
+      this.platform.writeText(p, JSON.stringify(cfg, null, 2) + '\n');
     }
   }
 
@@ -208,14 +187,14 @@ export class ContainerSupervisor {
   }
 
   /** The container's init pid from crun's state (`<crun root>/<name>/status`), if it runs. */
-  private initPid(name: string): number | undefined {
+  initPid(name: string): number | undefined {
     try {
-      const pid = Number(JSON.parse(readFileSync(join(this.crunRoot, name, 'status'), 'utf8')).pid);
-      return Number.isInteger(pid) && pid > 1 && existsSync(`/proc/${pid}`) ? pid : undefined;
+      const pid = Number(JSON.parse(this.platform.readText(`${this.crunRoot}/${name}/status`)).pid);
+      return Number.isInteger(pid) && pid > 1 && this.platform.exists(`/proc/${pid}`) ? pid : undefined;
     } catch { return undefined; } // no state: not running under crun
   }
 
-  /** Restart every container in one shell batch (one round trip, no spawn from Node). */
+  /** Restart every container in one shell batch (one round trip). */
   async restartAll(): Promise<void> {
     await this.restart([...this.containers.values()]);
   }
@@ -223,7 +202,7 @@ export class ContainerSupervisor {
   private async restart(cs: Container[]): Promise<void> {
     if (!cs.length) return;
     for (const c of cs) { c.stopping = true; c.resetBackoff(); }
-    await mkdir(this.logDir, { recursive: true });
+    this.platform.mkdirp(this.logDir);
     const out = await this.shell.runOrThrow(cs.flatMap((c) => c.startLines()).join('\n'), 'restarting containers');
     this.trackFromOutput(out);
     for (const c of cs) {
@@ -240,7 +219,7 @@ export class ContainerSupervisor {
       for (const c of [...pending]) {
         if (await c.healthy()) { c.status.healthy = true; pending.delete(c); }
       }
-      if (pending.size) await new Promise((r) => setTimeout(r, Math.min(...[...pending].map((c) => c.spec.healthcheck?.intervalMs ?? 100))));
+      if (pending.size) await sleep(this.platform, Math.min(...[...pending].map((c) => c.spec.healthcheck?.intervalMs ?? 100)));
     }
     for (const c of pending) c.status.healthy = false;
     return pending.size === 0;
@@ -250,11 +229,10 @@ export class ContainerSupervisor {
     return [...this.containers.values()].map((c) => ({ ...c.status }));
   }
 
-  async logs(name: string, tailBytes = 64 * 1024): Promise<string> {
+  logs(name: string, tailBytes = 64 * 1024): string {
     const c = this.get(name);
-    try {
-      const buf = await readFile(c.logPath);
-      return buf.subarray(Math.max(0, buf.length - tailBytes)).toString('utf8');
-    } catch { return ''; }
+    let buf: Uint8Array;
+    try { buf = this.platform.readBytes(c.logPath); } catch { return ''; }
+    return utf8Decode(buf.subarray(Math.max(0, buf.length - tailBytes)));
   }
 }

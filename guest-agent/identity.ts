@@ -3,9 +3,8 @@
  * job, and one batched shell for what needs commands (link, address, route,
  * clock, gratuitous ARP), since every process spawn costs 50-100 ms under TCG.
  */
-import { writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
-import { join } from 'node:path';
 import type { ShellWorker } from './shell.ts';
+import type { Platform } from './platform.ts';
 import type { Identity } from './protocol.ts';
 import { phcStepArgs } from './clock.ts';
 
@@ -75,32 +74,33 @@ export function hostsFile(hostname: string, address?: string): string {
 
 export type Steps = Record<string, number>;
 
-/**
- * Files are written synchronously: each is one small write, and a round trip
- * through the thread pool costs more than the write itself under TCG.
- */
-export async function applyIdentity(id: Identity, cfg: SystemConfig, shell: ShellWorker): Promise<Steps> {
-  const steps: Steps = {};
-  let t = performance.now();
-  const mark = (k: string) => { const n = performance.now(); steps[k] = Math.round((n - t) * 10) / 10; t = n; };
-  const etc = (f: string) => join(cfg.root, 'etc', f);
+/** The bytes of a hex string. Pure. */
+export function hexBytes(hex: string): Uint8Array {
+  const out = new Uint8Array(hex.length >> 1);
+  for (let i = 0; i < out.length; i++) out[i] = parseInt(hex.slice(2 * i, 2 * i + 2), 16);
+  return out;
+}
 
-  // the batched commands run in the long-lived shell while Node writes the files
+/** Files are written directly (each is one small write); commands go to the shell in one batch, started first. */
+export async function applyIdentity(id: Identity, cfg: SystemConfig, shell: ShellWorker, platform: Platform): Promise<Steps> {
+  const steps: Steps = {};
+  let t = platform.monotonic();
+  const mark = (k: string) => { const n = platform.monotonic(); steps[k] = Math.round((n - t) * 10) / 10; t = n; };
+  const etc = (f: string) => `${cfg.root}/etc/${f}`;
+
+  // the batched commands run in the long-lived shell while the agent writes the files
   const network = shell.runOrThrow(networkScript(id, cfg, Date.now()), 'network setup');
-  writeFileSync('/proc/sys/kernel/hostname', id.hostname);
+  platform.writeText('/proc/sys/kernel/hostname', id.hostname);
   mark('hostname');
-  writeFileSync(etc('machine-id'), id.machineId + '\n');
+  platform.writeText(etc('machine-id'), id.machineId + '\n');
   mark('machineId');
   const addr = id.interfaces[0]?.address;
-  writeFileSync(etc('hostname'), id.hostname + '\n');
-  writeFileSync(etc('hosts'), hostsFile(id.hostname, addr));
-  writeFileSync(etc('resolv.conf'), id.dns.map((d) => `nameserver ${d}\n`).join(''));
+  platform.writeText(etc('hostname'), id.hostname + '\n');
+  platform.writeText(etc('hosts'), hostsFile(id.hostname, addr));
+  platform.writeText(etc('resolv.conf'), id.dns.map((d) => `nameserver ${d}\n`).join(''));
   mark('files');
-  if (id.rngSeed) {
-    // writing to /dev/urandom mixes the bytes into the pool (without crediting entropy)
-    const fd = openSync('/dev/urandom', 'w');
-    try { writeSync(fd, Buffer.from(id.rngSeed, 'hex')); } finally { closeSync(fd); }
-  }
+  // writing to /dev/urandom mixes the bytes into the pool (without crediting entropy)
+  if (id.rngSeed) platform.writeBytes('/dev/urandom', hexBytes(id.rngSeed));
   mark('rng');
   await network;
   mark('network');

@@ -1,31 +1,42 @@
 /**
  * A long-lived shell that runs command batches for the agent. It is started
  * once (in the template, before the freeze), so a clone inherits it running:
- * the post-fork path spawns no process from Node, whose fork of a 100+ MB
- * process is what costs under TCG; the shell's own forks of busybox are cheap.
+ * the post-fork path starts no shell of its own, and the shell's own forks
+ * of busybox are cheap.
  */
-import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import type { Child, Platform } from './platform.ts';
+import { utf8Decode } from '../common/utf8.ts';
+
+export interface ShellResult { code: number; output: string }
+
+/** The marker that ends batch `n`'s output, with its status. Pure. */
+export const DONE_MARKER = /__SCION_DONE_(\d+)_(\d+)__\n/;
+
+/** The text sent to the shell for batch `n`: a subshell (so `set -e` and `exit` stay inside), then the marker. Pure. */
+export function batchText(n: number, script: string): string {
+  return `(\n${script}\n) </dev/null 2>&1\necho "__SCION_DONE_${n}_$?__"\n`;
+}
 
 export class ShellWorker {
-  private proc?: ChildProcessWithoutNullStreams;
+  private proc?: Child;
+  private alive = false;
   private seq = 0;
   private out = '';
-  private waiting = new Map<number, (r: { code: number; output: string }) => void>();
+  private waiting = new Map<number, (r: ShellResult) => void>();
   private queue: Promise<unknown> = Promise.resolve();
 
-  constructor(readonly shell = 'sh') {}
+  constructor(private readonly platform: Platform, readonly shell = 'sh') {}
 
-  private ensure(): ChildProcessWithoutNullStreams {
-    if (this.proc && this.proc.exitCode === null && !this.proc.killed) return this.proc;
-    const p = spawn(this.shell, [], { stdio: ['pipe', 'pipe', 'pipe'] });
-    p.stdout.setEncoding('utf8');
-    p.stdout.on('data', (c: string) => this.onOut(c));
-    p.stderr.on('data', () => {});
-    p.on('exit', () => {
+  private ensure(): Child {
+    if (this.proc && this.alive) return this.proc;
+    const p = this.platform.spawn([this.shell]);
+    this.alive = true;
+    p.onStdout((c) => this.onOut(utf8Decode(c)));
+    void p.exited.then(() => {
+      if (this.proc === p) this.alive = false;
       for (const [, w] of this.waiting) w({ code: 127, output: 'shell worker exited' });
       this.waiting.clear();
     });
-    p.stdin.on('error', () => {});
     this.proc = p;
     return p;
   }
@@ -33,7 +44,7 @@ export class ShellWorker {
   private onOut(c: string) {
     this.out += c;
     for (;;) {
-      const m = /__SCION_DONE_(\d+)_(\d+)__\n/.exec(this.out);
+      const m = DONE_MARKER.exec(this.out);
       if (!m) break;
       const output = this.out.slice(0, m.index);
       this.out = this.out.slice(m.index + m[0].length);
@@ -44,13 +55,12 @@ export class ShellWorker {
     if (this.out.length > 1 << 20) this.out = this.out.slice(-65536);
   }
 
-  /** Run a script in a subshell (so `set -e` and `exit` stay inside); resolves with its status and output. */
-  run(script: string): Promise<{ code: number; output: string }> {
-    const job = this.queue.then(() => new Promise<{ code: number; output: string }>((resolve) => {
+  /** Run a script in a subshell; resolves with its status and output (stdout and stderr). */
+  run(script: string): Promise<ShellResult> {
+    const job = this.queue.then(() => new Promise<ShellResult>((resolve) => {
       const n = ++this.seq;
       this.waiting.set(n, resolve);
-      const p = this.ensure();
-      p.stdin.write(`(\n${script}\n) </dev/null 2>&1\necho "__SCION_DONE_${n}_$?__"\n`);
+      this.ensure().write(batchText(n, script));
     }));
     this.queue = job.catch(() => undefined); // the caller sees the job's error; the queue only orders jobs
     return job;

