@@ -4,7 +4,7 @@
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { connect, type Socket } from 'node:net';
-import { readFileSync } from 'node:fs';
+import { readFileSync, readlinkSync } from 'node:fs';
 import { startHostAgent, type HostAgent } from './helpers.ts';
 
 class PlainClient {
@@ -53,6 +53,13 @@ describe('agent protocol, as documented', () => {
     c = new PlainClient(s);
   });
   afterAll(() => { c?.s.destroy(); agent?.stop(); });
+
+  it('is the bundle running under the image\'s own qjs, not Node', () => {
+    const argv = readFileSync(`/proc/${agent.proc.pid}/cmdline`, 'utf8').split('\0');
+    expect(readlinkSync(`/proc/${agent.proc.pid}/exe`)).toMatch(/\/agent-runtime\/[^/]+\/usr\/lib\/x86_64-linux-gnu\/ld-linux-x86-64\.so\.2$/);
+    expect(argv.find((a) => a.endsWith('/usr/bin/qjs'))).toMatch(/\/agent-runtime\//);
+    expect(argv).toContain('--stdio');
+  });
 
   it('handshake, commands, errors and events', async () => {
     // stale garbage before the handshake is discarded by the resync marker

@@ -196,7 +196,7 @@ describe('web image: boot, freeze, fork', () => {
     const crunPid = async () => JSON.parse(await sh(c.name, 'crun state web')).pid as number;
     const before = await crunPid();
     const a = await agentOf(c.name);
-    await a.call('exec', { argv: ['sh', '-c', '(sleep 0.5; kill -9 $(pidof node)) >/dev/null 2>&1 &'] });
+    await a.call('exec', { argv: ['sh', '-c', '(sleep 0.5; kill -9 $(pidof qjs)) >/dev/null 2>&1 &'] });
     a.close();
     await new Promise((r) => setTimeout(r, 2500)); // init restarts the agent after 1 s
     const b = await agentOf(c.name);
