@@ -7,6 +7,9 @@ pkgs=(qemu-system-x86 qemu-utils gpgv debian-archive-keyring xz-utils zstd cpio 
 # the test suite's own tools: a real OCI registry and a client that reads it, bcrypt htpasswd for its
 # auth, a C compiler for an ELF with debug sections to strip, readelf to check the result
 pkgs+=(docker-registry skopeo apache2-utils gcc libc6-dev binutils)
+# the containerd runtime (shim/): containerd (with ctr and runc) the tests start on their own
+# sockets; the .proto files the shim's messages come from; CNI plugins; erofs for pod rootfs images
+pkgs+=(containerd golang-github-containerd-containerd-dev golang-github-containerd-ttrpc-dev golang-gogoprotobuf-dev golang-google-genproto-dev containernetworking-plugins erofs-utils)
 # the DHCP test runs busybox's udhcpd on the host; either busybox package will do
 command -v busybox >/dev/null || pkgs+=(busybox)
 missing=()

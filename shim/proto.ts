@@ -1,0 +1,43 @@
+/**
+ * The shim's protobuf messages, from shim/proto/descriptors.json (generated
+ * from Debian's .proto files: scripts/gen-proto.ts). Encode and decode by
+ * fully qualified type name; field names are protobufjs's camelCase.
+ */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import protobuf from 'protobufjs';
+
+let root: protobuf.Root | undefined;
+export function protoRoot(): protobuf.Root {
+  root ??= protobuf.Root.fromJSON(JSON.parse(readFileSync(join(import.meta.dirname, 'proto', 'descriptors.json'), 'utf8')));
+  return root;
+}
+
+export type Msg = Record<string, unknown>;
+
+export function encode(type: string, value: Msg): Uint8Array {
+  const t = protoRoot().lookupType(type);
+  return t.encode(t.fromObject(value)).finish();
+}
+
+/** Decode to a plain object: 64-bit integers as numbers, enums as numbers, bytes as Buffers, defaults filled. */
+export function decode<T = Msg>(type: string, bytes: Uint8Array): T {
+  const t = protoRoot().lookupType(type);
+  return t.toObject(t.decode(bytes), { longs: Number, enums: Number, bytes: Buffer, defaults: true, arrays: true, objects: true }) as T;
+}
+
+/** A google.protobuf.Any holding `value` of `type`. */
+export function any(type: string, value: Msg): Msg {
+  return { typeUrl: `${type}`, value: encode(type, value) };
+}
+
+/** google.protobuf.Timestamp for a time in ms. */
+export function timestamp(ms: number): Msg {
+  return { seconds: Math.floor(ms / 1000), nanos: Math.round((ms % 1000) * 1e6) };
+}
+
+/** A service's methods: name -> fully qualified request and response type names. */
+export function methods(service: string): Map<string, { request: string; response: string }> {
+  const name = (t: protobuf.Type | null | undefined) => t!.fullName.replace(/^\./, '');
+  return new Map(protoRoot().lookupService(service).methodsArray.map((m) => { m.resolve(); return [m.name, { request: name(m.resolvedRequestType), response: name(m.resolvedResponseType) }]; }));
+}
