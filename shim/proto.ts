@@ -26,9 +26,9 @@ export function decode<T = Msg>(type: string, bytes: Uint8Array): T {
   return t.toObject(t.decode(bytes), { longs: Number, enums: Number, bytes: Buffer, defaults: true, arrays: true, objects: true }) as T;
 }
 
-/** A google.protobuf.Any holding `value` of `type`. */
+/** A google.protobuf.Any holding `value` of `type` (protobufjs keeps Any's field names as written: type_url). */
 export function any(type: string, value: Msg): Msg {
-  return { typeUrl: `${type}`, value: encode(type, value) };
+  return { type_url: type, value: encode(type, value) };
 }
 
 /** google.protobuf.Timestamp for a time in ms. */

@@ -1,0 +1,49 @@
+/**
+ * A containerd of the test's own: its root, state, sockets and config under a
+ * temporary directory (nothing touches a system containerd), `native`
+ * snapshots (works on any filesystem), started and stopped by the test.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, writeFileSync, existsSync, rmSync, mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { $ } from 'zx';
+
+export interface TestContainerd { dir: string; address: string; ttrpcAddress: string; proc: ChildProcess; log: () => string; ctr: (args: string[], opts?: { namespace?: string; nothrow?: boolean }) => Promise<{ stdout: string; stderr: string; exitCode: number | null }>; stop: () => Promise<void> }
+
+export async function startContainerd(opts: { path?: string[]; cri?: boolean } = {}): Promise<TestContainerd> {
+  const dir = mkdtempSync(join(tmpdir(), 'scion-containerd-'));
+  const address = join(dir, 'containerd.sock');
+  mkdirSync(join(dir, 'root')); mkdirSync(join(dir, 'state'));
+  writeFileSync(join(dir, 'config.toml'), [
+    'version = 2',
+    `root = "${dir}/root"`,
+    `state = "${dir}/state"`,
+    opts.cri ? '' : 'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+    '[grpc]', `  address = "${address}"`,
+    '[ttrpc]', `  address = "${address}.ttrpc"`,
+    '[debug]', `  address = "${dir}/debug.sock"`, '  level = "debug"',
+    '[plugins."io.containerd.monitor.v1.cgroups"]', '  no_prometheus = true',
+  ].join('\n') + '\n');
+  let log = '';
+  const env = { ...process.env, PATH: [...(opts.path ?? []), process.env.PATH].join(':') };
+  const proc = spawn('containerd', ['--config', join(dir, 'config.toml')], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  proc.stdout!.on('data', (c) => (log += c)); proc.stderr!.on('data', (c) => (log = (log + c).slice(-200_000)));
+  const end = Date.now() + 30_000;
+  while (!existsSync(address) || !/containerd successfully booted/.test(log)) {
+    if (proc.exitCode !== null || Date.now() > end) { proc.kill('SIGKILL'); throw new Error(`containerd did not start: ${log.slice(-3000)}`); }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const ctr = async (args: string[], o: { namespace?: string; nothrow?: boolean } = {}) => {
+    const r = await $({ env, nothrow: o.nothrow ?? false, quiet: true })`ctr --address ${address} --namespace ${o.namespace ?? 'scion-test'} ${args}`;
+    return { stdout: r.stdout, stderr: r.stderr, exitCode: r.exitCode };
+  };
+  const stop = async () => {
+    proc.kill('SIGTERM');
+    await new Promise((r) => { if (proc.exitCode !== null) r(undefined); else proc.once('exit', r); setTimeout(r, 10_000); });
+    if (proc.exitCode === null) proc.kill('SIGKILL');
+    await $({ nothrow: true, quiet: true })`umount -R ${dir}/root ${dir}/state`;
+    rmSync(dir, { recursive: true, force: true });
+  };
+  return { dir, address, ttrpcAddress: `${address}.ttrpc`, proc, log: () => log, ctr, stop };
+}
