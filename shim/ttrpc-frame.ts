@@ -24,12 +24,12 @@ export function encodeFrame(f: Omit<Frame, 'flags'> & { flags?: number }): Buffe
 
 /** Cuts a byte stream into frames; an oversized payload is skipped as it arrives (never buffered). */
 export class FrameReader {
-  private buf = Buffer.alloc(0);
+  private buf: Buffer = Buffer.alloc(0);
   private skip?: Oversize & { left: number };
 
   push(chunk: Uint8Array): (Frame | { oversize: Oversize })[] {
     const out: (Frame | { oversize: Oversize })[] = [];
-    let data = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
+    let data: Buffer = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
     if (this.skip) {
       const n = Math.min(this.skip.left, data.length);
       this.skip.left -= n;
