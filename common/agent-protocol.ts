@@ -12,7 +12,7 @@ export const PROTOCOL_VERSION = 1;
 /** Error codes the agent answers with (PROTOCOL.md "Error codes"). */
 export const AGENT_ERROR_CODES = [
   'E_FRAME_TOO_LARGE', 'E_BAD_JSON', 'E_BAD_REQUEST', 'E_UNKNOWN_COMMAND', 'E_BAD_ARGS',
-  'E_EXEC_DISABLED', 'E_NO_CONTAINER', 'E_APPLY_FAILED', 'E_INTERNAL', 'E_BUSY',
+  'E_EXEC_DISABLED', 'E_NO_CONTAINER', 'E_APPLY_FAILED', 'E_INTERNAL', 'E_BUSY', 'E_NO_TASK', 'E_NO_DISK',
 ] as const;
 export type AgentErrorCode = (typeof AGENT_ERROR_CODES)[number];
 
@@ -74,6 +74,13 @@ export interface AgentCommands {
   'exec': { args: { argv: string[]; timeoutMs?: number }; result: { exitCode: number; stdout: string; stderr: string } };
   'freeze.prepare': { args: Record<string, never>; result: { prepared: true; ms: number; generation: number } };
   'shutdown': { args: Record<string, never>; result: { shuttingDown: true } };
+  'task.create': { args: { id: string; disk: string; spec: Record<string, unknown> }; result: { id: string; device: string; rootfs: string } };
+  'task.start': { args: { id: string }; result: { id: string; pid: number } };
+  'task.exec': { args: { id: string; execId: string; process: Record<string, unknown> }; result: { id: string; execId: string; pid: number } };
+  'task.input': { args: { id: string; execId?: string; data: string; close?: boolean }; result: { written: number } };
+  'task.kill': { args: { id: string; execId?: string; signal: number; all?: boolean }; result: { id: string; signal: number } };
+  'task.pids': { args: { id: string }; result: { id: string; pids: number[] } };
+  'task.delete': { args: { id: string }; result: { id: string; exitCode?: number } };
 }
 
 export type AgentCommand = keyof AgentCommands;
@@ -84,6 +91,7 @@ export type ResultOf<C extends AgentCommand> = AgentCommands[C]['result'];
 export const COMMANDS = [
   'sync', 'ping', 'info', 'identity.apply', 'time.set', 'containers.list', 'containers.start', 'containers.stop',
   'containers.restart', 'containers.logs', 'exec', 'freeze.prepare', 'shutdown', 'clock.step',
+  'task.create', 'task.start', 'task.exec', 'task.input', 'task.kill', 'task.pids', 'task.delete',
 ] as const satisfies readonly AgentCommand[];
 
 /** Every event: its data. */
@@ -93,6 +101,10 @@ export interface AgentEvents {
   'forked': { signal: 'vmgenid' | 'identity.apply'; generation: number; vmForks?: number };
   'container-exited': { name: string; exitCode: number | null };
   'container-restarted': { name: string; restarts: number; reason: 'exited' | 'identity' | 'request' };
+  /** a task's output, base64 (execId '' for the task's own process) */
+  'task-output': { id: string; execId: string; stream: 'stdout' | 'stderr'; data: string };
+  /** a task's process ended; every task-output of it came before */
+  'task-exit': { id: string; execId: string; exitCode: number; pid: number; exitedAt: number };
 }
 export type AgentEventName = keyof AgentEvents;
 export interface AgentEvent<E extends AgentEventName = AgentEventName> { event: E; data: AgentEvents[E]; ts: number }

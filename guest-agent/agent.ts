@@ -8,6 +8,7 @@ import { MAX_FRAME, PROTOCOL_VERSION, ProtocolError, parseRequest, salvageId, va
 import { applyIdentity, type SystemConfig, type Steps } from './identity.ts';
 import { ContainerSupervisor } from './containers.ts';
 import { ShellWorker } from './shell.ts';
+import { TaskRunner } from './tasks.ts';
 import type { GuestImageConfig } from '../common/contracts.ts';
 import type { AgentCommand, AgentEventName, AgentEvents, AgentInfo, AppliedIdentity, IdentityNotApplied, ResultOf } from '../common/agent-protocol.ts';
 import { ClockKeeper, dateStepSeconds } from './clock.ts';
@@ -50,6 +51,7 @@ export class Agent {
   readonly clockShell: ShellWorker;
   private readonly p: Platform;
   readonly clock: ClockKeeper;
+  readonly tasks: TaskRunner;
   private state: PersistentState = { generation: 0 };
   private sessions = new Set<(msg: unknown) => void>();
   private applying?: Promise<unknown>;
@@ -62,6 +64,7 @@ export class Agent {
     this.clockShell = new ShellWorker(this.p);
     this.containers = new ContainerSupervisor(this.p, opts.image.containers, (event, data) => this.emit(event, data), this.shell, opts.logDir, opts.crunBin);
     this.clock = new ClockKeeper(this.p, this.clockShell, opts.system.setClock);
+    this.tasks = new TaskRunner(this.p, this.shell, (event, data) => this.emit(event, data), opts.crunBin);
     if (opts.stateFile && this.p.exists(opts.stateFile)) {
       try { this.state = JSON.parse(this.p.readText(opts.stateFile)); } catch {
         // a state file cut short by a crash: start from generation 0, the host re-applies the identity
@@ -202,11 +205,24 @@ export class Agent {
       return this.p.run(a.argv as string[], { timeoutMs: timeout, maxOutput: 1 << 20 });
     },
     'freeze.prepare': () => this.freezePrepare(),
+    // tasks run what the host sends, as exec does: only where exec is allowed
+    'task.create': (a) => this.tasksAllowed().create(a),
+    'task.start': (a) => this.tasksAllowed().start(a),
+    'task.exec': (a) => this.tasksAllowed().exec(a),
+    'task.input': (a) => this.tasksAllowed().input(a),
+    'task.kill': (a) => this.tasksAllowed().kill(a),
+    'task.pids': (a) => this.tasksAllowed().pids(a),
+    'task.delete': (a) => this.tasksAllowed().delete(a),
     'shutdown': () => {
       this.p.setTimeout(() => { void this.p.run(['poweroff', '-f']).then((r) => { if (r.exitCode !== 0) this.p.exit(0); }); }, 50);
       return { shuttingDown: true };
     },
   };
+
+  private tasksAllowed(): TaskRunner {
+    if (!this.opts.image.exec) throw new ProtocolError('E_EXEC_DISABLED', 'tasks are disabled in this image; set agent.exec: true in the image definition');
+    return this.tasks;
+  }
 
   info(): AgentInfo {
     const read = (path: string) => { try { return this.p.readText(path).trim(); } catch { return ''; } }; // not there (yet): reported empty

@@ -70,6 +70,13 @@ export class FdWriter {
     return !this.full;
   }
   onDrain(cb: () => void) { this.drained.push(cb); }
+  /** close the fd once the queue is empty (a child's stdin: it then reads EOF) */
+  end(): void {
+    this.ending = true;
+    if (!this.waiting) this.flush();
+  }
+  private ending = false;
+  closed = false;
   /** bytes not yet taken by the fd */
   pending(): number { return this.failed ? 0 : this.queued; }
 
@@ -85,6 +92,7 @@ export class FdWriter {
     }
     this.wait(false);
     if (this.full && this.queued <= this.lowWater) { this.full = false; for (const d of this.drained) d(); }
+    if (this.ending && !this.closed) { this.closed = true; os.close(this.fd); }
   };
 
   private wait(on: boolean) {
@@ -135,7 +143,7 @@ function readUntilEof(fd: number, onChunk: (c: Uint8Array) => void, onEnd?: () =
   });
 }
 
-function spawnWith(argv: string[], stderr: 'discard' | 'pipe'): Child & { stderr?: (cb: (c: Uint8Array) => void) => void; ended: Promise<void> } {
+function spawnWith(argv: string[], stderr: 'discard' | 'pipe'): Child {
   const inPipe = os.pipe(), outPipe = os.pipe(), errPipe = stderr === 'pipe' ? os.pipe() : null;
   if (!inPipe || !outPipe || (stderr === 'pipe' && !errPipe)) throw new Error(`${argv[0]}: cannot make pipes (out of file descriptors?)`);
   const devnull = errPipe ? -1 : check(os.open('/dev/null', os.O_WRONLY), 'open', '/dev/null');
@@ -153,12 +161,14 @@ function spawnWith(argv: string[], stderr: 'discard' | 'pipe'): Child & { stderr
   const done = () => { if (--open === 0) endStreams(); };
   readUntilEof(outPipe[0], (c) => { for (const l of outListeners) l(c); }, done);
   if (errPipe) readUntilEof(errPipe[0], (c) => { for (const l of errListeners) l(c); }, done);
-  const exited = exitOf(pid).then((code) => { os.setWriteHandler(stdin.fd, null); os.close(stdin.fd); return code; });
+  const exited = exitOf(pid).then((code) => { if (!stdin.closed) { stdin.closed = true; os.setWriteHandler(stdin.fd, null); os.close(stdin.fd); } return code; });
   return {
     pid, exited, ended,
     write: (text) => { stdin.write(utf8Encode(text)); },
+    writeBytes: (data) => { stdin.write(data); },
+    closeStdin: () => stdin.end(),
     onStdout: (cb) => { outListeners.push(cb); },
-    stderr: (cb) => { errListeners.push(cb); },
+    onStderr: (cb) => { errListeners.push(cb); },
     kill: (sig = os.SIGTERM) => { os.kill(pid, sig); },
   };
 }
@@ -170,8 +180,8 @@ async function runToEnd(argv: string[], opts: { timeoutMs?: number; maxOutput?: 
   const out: Uint8Array[] = [], err: Uint8Array[] = [];
   let outN = 0, errN = 0;
   c.onStdout((b) => { if (outN < max) { out.push(b.slice(0, max - outN)); outN += b.length; } });
-  c.stderr!((b) => { if (errN < max) { err.push(b.slice(0, max - errN)); errN += b.length; } });
-  c.write(''); // nothing for its stdin
+  c.onStderr((b) => { if (errN < max) { err.push(b.slice(0, max - errN)); errN += b.length; } });
+  c.closeStdin(); // nothing for its stdin
   const timer = os.setTimeout(() => c.kill(9), opts.timeoutMs ?? 30_000);
   const exitCode = await c.exited;
   os.clearTimeout(timer);
@@ -209,7 +219,7 @@ export const qjsPlatform: Platform = {
     const [st, err] = os.stat(path);
     return err === 0 ? st.size : undefined;
   },
-  spawn: (argv) => spawnWith(argv, 'discard'),
+  spawn: (argv, opts) => spawnWith(argv, opts?.stderr ?? 'discard'),
   run: runToEnd,
   setTimeout: (cb, ms) => os.setTimeout(cb, ms),
   clearTimeout: (t) => { if (t !== undefined) os.clearTimeout(t); },

@@ -26,6 +26,14 @@ export interface Child {
   write(text: string): void;
   /** its stdout, as it comes */
   onStdout(cb: (chunk: Uint8Array) => void): void;
+  /** its stderr, as it comes (only when started with stderr: 'pipe') */
+  onStderr(cb: (chunk: Uint8Array) => void): void;
+  /** write raw bytes to its stdin */
+  writeBytes(data: Uint8Array): void;
+  /** close its stdin once what is queued has gone (the process then reads EOF) */
+  closeStdin(): void;
+  /** resolves once its stdout (and stderr, if piped) reached EOF: all output has been delivered */
+  readonly ended: Promise<void>;
   /** resolves with the exit status (128 + signal when killed) */
   readonly exited: Promise<number>;
   kill(signal?: number): void;
@@ -44,8 +52,8 @@ export interface Platform {
   readdir(path: string): string[];
   /** size in bytes, or undefined if there is no such file */
   fileSize(path: string): number | undefined;
-  /** start argv[0] (found on PATH) with stdin and stdout as pipes, stderr discarded */
-  spawn(argv: string[]): Child;
+  /** start argv[0] (found on PATH) with stdin and stdout as pipes, stderr discarded unless piped too */
+  spawn(argv: string[], opts?: { stderr?: 'discard' | 'pipe' }): Child;
   /** run argv to its end (or timeoutMs, then SIGKILL), capturing up to maxOutput bytes of each stream */
   run(argv: string[], opts?: { timeoutMs?: number; maxOutput?: number }): Promise<RunResult>;
   setTimeout(cb: () => void, ms: number): Timer;

@@ -16,7 +16,7 @@
  * shim) drives VMs through these handles and never touches QMP sockets, run
  * directories or records itself.
  */
-import { chmod, copyFile, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, copyFile, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { constants, existsSync, readFileSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { join, resolve as resolvePath } from 'node:path';
@@ -28,7 +28,7 @@ import type { AppliedIdentity } from '../../common/agent-protocol.ts';
 import { AgentClient } from '../agent-client.ts';
 import type { ImageArtifacts } from '../image.ts';
 import { QmpClient } from '../qemu/qmp.ts';
-import { deviceLineup, kernelStub, type VmDescription, type Accel, type NetConfig } from '../qemu/argv.ts';
+import { deviceLineup, kernelStub, HOTPLUG_PORTS, type VmDescription, type Accel, type NetConfig } from '../qemu/argv.ts';
 import { chooseAccel, qemuVersion } from '../qemu/accel.ts';
 import { spawnQemu, connectQmp, restoreFromFd, migrateToFile, exitOf, killPid, waitDead, isQemuIn, qemuDied, type Credentials, type QemuFiles, type QemuProcess } from '../qemu/process.ts';
 import { vmPaths, vmsDir, templatePaths } from '../store/dirs.ts';
@@ -242,6 +242,47 @@ export class Machine {
   }
 
   /** Stop its QEMU (the run directory stays). */
+  /**
+   * Plug a read-only disk image into a free hotplug port of the running VM
+   * (a pod's container rootfs: shim/). The file is moved into the VM's jail,
+   * the only place its QEMU can open anything, and given to the VM's uid,
+   * read-only; the guest finds the disk by `serial` (/sys/block/vd*\/serial).
+   */
+  async attachDisk(file: string, serial: string): Promise<{ port: string }> {
+    if (!/^[a-z0-9][a-z0-9-]{0,19}$/.test(serial)) throw new VmError('E_DISK_ATTACH', `disk serial ${JSON.stringify(serial)}: 1-20 lowercase letters, digits or -`);
+    this.assertRunning('attach a disk to');
+    const name = `disk-${serial}.img`;
+    const dest = join(vmPaths(this.name, vmsDir()).jail, name);
+    await rename(file, dest).catch(async () => { await copyFile(file, dest, constants.COPYFILE_EXCL); await rm(file, { force: true }); });
+    const cred = credOf(this.record);
+    if (cred) await chown(dest, cred.uid, cred.gid);
+    await chmod(dest, 0o400);
+    const qmp = await this.qmp();
+    try {
+      await qmp.execute('blockdev-add', { driver: 'raw', 'node-name': `n-${serial}`, 'read-only': true, file: { driver: 'file', filename: name, 'read-only': true } });
+    } catch (e) { await rm(dest, { force: true }); throw new VmError('E_DISK_ATTACH', `${this.name}: QEMU refused disk ${serial}: ${(e as Error).message}`); }
+    const errors: string[] = [];
+    for (const p of HOTPLUG_PORTS) {
+      try {
+        await qmp.execute('device_add', { driver: 'virtio-blk-pci', id: `d-${serial}`, drive: `n-${serial}`, bus: p.id, serial });
+        return { port: p.id };
+      } catch (e) { errors.push(`${p.id}: ${(e as Error).message}`); } // taken: the next port
+    }
+    await qmp.execute('blockdev-del', { 'node-name': `n-${serial}` }).catch(() => undefined);
+    await rm(dest, { force: true });
+    throw new VmError('E_DISK_ATTACH', `${this.name}: no free hotplug port for disk ${serial} (${errors.join('; ')})`, { hint: `a VM has ${HOTPLUG_PORTS.length} ports; detach a disk first` });
+  }
+
+  /** Unplug a disk attach() plugged (the guest must have let go of it), and remove its file. */
+  async detachDisk(serial: string, timeoutMs = 20_000): Promise<void> {
+    const qmp = await this.qmp();
+    const gone = qmp.waitEvent('DEVICE_DELETED', (e) => (e.data as { device?: string })?.device === `d-${serial}`, timeoutMs);
+    try { await qmp.execute('device_del', { id: `d-${serial}` }); } catch (e) { gone.catch(() => undefined); throw new VmError('E_DISK_DETACH', `${this.name}: ${(e as Error).message}`); }
+    await gone;
+    await qmp.execute('blockdev-del', { 'node-name': `n-${serial}` });
+    await rm(join(vmPaths(this.name, vmsDir()).jail, `disk-${serial}.img`), { force: true });
+  }
+
   async stop(): Promise<void> {
     this.close();
     await quitQemu(this.name, this.record);
@@ -353,6 +394,11 @@ export class Machine {
   }
 
   /** Fork one running clone of a frozen template: mapped copy-on-write, restored, resumed, re-identified. */
+  /** Fork one clone of the template named `template` (checked first), named <prefix>-c<n>. */
+  static async forkTemplate(template: string, o: Omit<ForkOptions, 'prefix'> & { prefix: string }): Promise<Machine> {
+    return Machine.fork(await checkTemplate(template), { ...o, prefix: validName(o.prefix, 'clone prefix') });
+  }
+
   static async fork(tpl: FrozenTemplate, o: ForkOptions): Promise<Machine> {
     const t0 = performance.now();
     const { meta, dir: tdir, files: t } = tpl;

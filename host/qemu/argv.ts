@@ -74,8 +74,17 @@ export function deviceLineup(d: Pick<VmDescription, 'ramMB' | 'cpus' | 'net' | '
     'virtio-rng-pci,id=rng0,bus=pcie.0,addr=0x5',
   ];
   if (d.disk) l.push('virtio-blk-pci,id=disk0,bus=pcie.0,addr=0x6');
+  l.push(...HOTPLUG_PORTS.map((p) => `pcie-root-port,id=${p.id},bus=pcie.0,addr=${p.addr}`));
   return l;
 }
+
+/**
+ * Empty PCIe root ports a running VM can take devices on (q35's root bus has
+ * no hotplug): a pod's container rootfs arrives as a virtio-blk disk plugged
+ * into one after the fork (shim/). Every VM has them, so templates and their
+ * clones agree.
+ */
+export const HOTPLUG_PORTS = [{ id: 'hp0', addr: '0x8', chassis: 1 }, { id: 'hp1', addr: '0x9', chassis: 2 }, { id: 'hp2', addr: '0xa', chassis: 3 }, { id: 'hp3', addr: '0xb', chassis: 4 }];
 
 export function qemuArgv(d: VmDescription): string[] {
   const a: string[] = [
@@ -111,6 +120,7 @@ export function qemuArgv(d: VmDescription): string[] {
   a.push('-device', `vmgenid,id=vmgenid0,guid=${d.vmgenid}`);
   a.push('-object', 'rng-random,id=rng0src,filename=/dev/urandom', '-device', 'virtio-rng-pci,id=rng0,bus=pcie.0,addr=0x5,rng=rng0src');
   if (d.disk) a.push(...diskArgs(d.disk), '-device', 'virtio-blk-pci,id=disk0,bus=pcie.0,addr=0x6,drive=disk-top');
+  for (const p of HOTPLUG_PORTS) a.push('-device', `pcie-root-port,id=${p.id},bus=pcie.0,addr=${p.addr},chassis=${p.chassis}`);
   if (d.incoming) a.push('-incoming', 'defer');
   return a;
 }

@@ -1,0 +1,184 @@
+/**
+ * Tasks: the containers of a containerd pod (shim/). Each arrives as an OCI
+ * runtime config from the host and a read-only erofs disk (its rootfs) the
+ * host plugged in after the fork; it runs under crun over a tmpfs overlay
+ * (the image stays read-only and shared, writes stay in the guest), with its
+ * stdio piped through the agent: output as `task-output` events, input by
+ * `task.input`, the end as a `task-exit` event. Execs run in it by crun exec.
+ */
+import type { Child, Platform } from './platform.ts';
+import type { ShellWorker } from './shell.ts';
+import { ProtocolError } from './protocol.ts';
+import { base64Decode, base64Encode } from '../common/base64.ts';
+import type { AgentEventName, AgentEvents } from '../common/agent-protocol.ts';
+
+export const TASK_ROOT = '/run/scion/tasks';
+const ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
+const SERIAL = /^[a-z0-9][a-z0-9-]{0,19}$/;
+
+/** The task's directory layout in the guest. Pure. */
+export function taskPaths(id: string) {
+  const dir = `${TASK_ROOT}/${id}`;
+  return { dir, lower: `${dir}/lower`, upper: `${dir}/rw/upper`, work: `${dir}/rw/work`, rw: `${dir}/rw`, rootfs: `${dir}/rootfs`, config: `${dir}/config.json`, pidFile: `${dir}/init.pid` };
+}
+
+/** Shell lines that mount the task's disk read-only and a writable overlay on it. Pure (ids and devices are checked by the caller). */
+export function mountScript(id: string, device: string): string {
+  const p = taskPaths(id);
+  return [
+    'set -e',
+    `mkdir -p ${p.lower} ${p.rw} ${p.rootfs}`,
+    `mount -t erofs -o ro ${device} ${p.lower}`,
+    `mount -t tmpfs -o mode=0755 tmpfs ${p.rw}`,
+    `mkdir -p ${p.upper} ${p.work}`,
+    `mount -t overlay -o lowerdir=${p.lower},upperdir=${p.upper},workdir=${p.work} overlay ${p.rootfs}`,
+  ].join('\n');
+}
+
+export function unmountScript(id: string): string {
+  const p = taskPaths(id);
+  return [`umount ${p.rootfs} 2>/dev/null || true`, `umount ${p.rw} 2>/dev/null || true`, `umount ${p.lower} 2>/dev/null || true`, `rm -rf ${p.dir}`].join('\n');
+}
+
+interface Proc { execId: string; child: Child; pid?: number; exitCode?: number }
+interface Task { id: string; device: string; init?: Proc; execs: Map<string, Proc> }
+
+export class TaskRunner {
+  private readonly tasks = new Map<string, Task>();
+
+  constructor(private readonly p: Platform, private readonly shell: ShellWorker, private readonly emit: <E extends AgentEventName>(e: E, d: AgentEvents[E]) => void, readonly crunBin = 'crun') {}
+
+  private get(id: string): Task {
+    const t = this.tasks.get(id);
+    if (!t) throw new ProtocolError('E_NO_TASK', `no task "${String(id).slice(0, 130)}"`);
+    return t;
+  }
+
+  /** The guest's device for the disk the host plugged in with this serial (waits for the hotplug to be seen). */
+  private async deviceFor(serial: string, timeoutMs = 10_000): Promise<string> {
+    const end = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        for (const d of this.p.readdir('/sys/block')) {
+          let s = '';
+          try { s = this.p.readText(`/sys/block/${d}/serial`).trim(); } catch { continue; } // not virtio-blk
+          if (s === serial) return `/dev/${d}`;
+        }
+      } catch { /* no sysfs: reported below */ }
+      if (Date.now() > end) throw new ProtocolError('E_NO_DISK', `no disk with serial ${serial} appeared within ${timeoutMs} ms`);
+      await new Promise((r) => this.p.setTimeout(() => r(undefined), 50));
+    }
+  }
+
+  async create(a: Record<string, unknown>): Promise<{ id: string; device: string; rootfs: string }> {
+    const id = String(a.id ?? '');
+    if (!ID.test(id)) throw new ProtocolError('E_BAD_ARGS', 'id: 1-128 letters, digits, _ . - (starting with a letter or digit)');
+    if (this.tasks.has(id)) throw new ProtocolError('E_BAD_ARGS', `task ${id} exists already`);
+    const serial = String(a.disk ?? '');
+    if (!SERIAL.test(serial)) throw new ProtocolError('E_BAD_ARGS', 'disk: the serial of a plugged-in disk (1-20 lowercase letters, digits, -)');
+    if (!a.spec || typeof a.spec !== 'object' || Array.isArray(a.spec)) throw new ProtocolError('E_BAD_ARGS', 'spec: an OCI runtime config object');
+    const device = await this.deviceFor(serial);
+    const paths = taskPaths(id);
+    await this.shell.runOrThrow(mountScript(id, device), `mounting the rootfs of task ${id}`);
+    const spec = { ...(a.spec as Record<string, unknown>), root: { path: paths.rootfs, readonly: false } };
+    this.p.writeText(paths.config, JSON.stringify(spec));
+    this.tasks.set(id, { id, device, execs: new Map() });
+    return { id, device, rootfs: paths.rootfs };
+  }
+
+  /** Pipe a process's output to events and its end to a task-exit event. */
+  private watch(id: string, proc: Proc) {
+    const out = (stream: 'stdout' | 'stderr') => (c: Uint8Array) => this.emit('task-output', { id, execId: proc.execId, stream, data: base64Encode(c) });
+    proc.child.onStdout(out('stdout'));
+    proc.child.onStderr(out('stderr'));
+    void proc.child.exited.then(async (code) => {
+      await proc.child.ended; // all output delivered before the exit
+      proc.exitCode = code;
+      this.emit('task-exit', { id, execId: proc.execId, exitCode: code, pid: proc.pid ?? 0, exitedAt: Date.now() });
+    });
+  }
+
+  private async pidFrom(file: string, child: Child): Promise<number> {
+    for (let i = 0; i < 400; i++) {
+      try { const n = Number(this.p.readText(file).trim()); if (n > 0) return n; } catch { /* not written yet */ }
+      const done = await Promise.race([child.exited.then(() => true), new Promise<boolean>((r) => this.p.setTimeout(() => r(false), 10))]);
+      if (done) return 0;
+    }
+    return 0;
+  }
+
+  async start(a: Record<string, unknown>): Promise<{ id: string; pid: number }> {
+    const t = this.get(String(a.id));
+    if (t.init) throw new ProtocolError('E_BAD_ARGS', `task ${t.id} was started already`);
+    const paths = taskPaths(t.id);
+    const child = this.p.spawn([this.crunBin, 'run', '--no-pivot', '--pid-file', paths.pidFile, '--bundle', paths.dir, t.id], { stderr: 'pipe' });
+    t.init = { execId: '', child };
+    this.watch(t.id, t.init);
+    t.init.pid = await this.pidFrom(paths.pidFile, child);
+    return { id: t.id, pid: t.init.pid };
+  }
+
+  async exec(a: Record<string, unknown>): Promise<{ id: string; execId: string; pid: number }> {
+    const t = this.get(String(a.id));
+    const execId = String(a.execId ?? '');
+    if (!ID.test(execId) || t.execs.has(execId)) throw new ProtocolError('E_BAD_ARGS', 'execId: a new id (1-128 letters, digits, _ . -)');
+    if (!a.process || typeof a.process !== 'object') throw new ProtocolError('E_BAD_ARGS', 'process: an OCI process object');
+    const file = `${taskPaths(t.id).dir}/exec-${execId}.json`;
+    const pidFile = `${taskPaths(t.id).dir}/exec-${execId}.pid`;
+    this.p.writeText(file, JSON.stringify({ ...(a.process as object), terminal: false }));
+    const child = this.p.spawn([this.crunBin, 'exec', '--process', file, '--pid-file', pidFile, t.id], { stderr: 'pipe' });
+    const proc: Proc = { execId, child };
+    t.execs.set(execId, proc);
+    this.watch(t.id, proc);
+    proc.pid = await this.pidFrom(pidFile, child);
+    return { id: t.id, execId, pid: proc.pid };
+  }
+
+  private proc(a: Record<string, unknown>): { t: Task; proc: Proc } {
+    const t = this.get(String(a.id));
+    const execId = String(a.execId ?? '');
+    const proc = execId ? t.execs.get(execId) : t.init;
+    if (!proc) throw new ProtocolError('E_NO_TASK', `task ${t.id} has no ${execId ? `exec ${execId}` : 'started process'}`);
+    return { t, proc };
+  }
+
+  input(a: Record<string, unknown>): { written: number } {
+    const { proc } = this.proc(a);
+    let data: Uint8Array;
+    try { data = base64Decode(String(a.data ?? '')); } catch (e) { throw new ProtocolError('E_BAD_ARGS', `data: ${(e as Error).message}`); }
+    proc.child.writeBytes(data);
+    if (a.close === true) proc.child.closeStdin();
+    return { written: data.length };
+  }
+
+  async kill(a: Record<string, unknown>): Promise<{ id: string; signal: number }> {
+    const { t, proc } = this.proc(a);
+    const signal = Number(a.signal ?? 15);
+    if (!Number.isInteger(signal) || signal < 1 || signal > 64) throw new ProtocolError('E_BAD_ARGS', 'signal: 1..64');
+    if (proc.exitCode !== undefined) return { id: t.id, signal };
+    if (proc === t.init) {
+      const r = await this.p.run([this.crunBin, 'kill', ...(a.all === true ? ['--all'] : []), t.id, String(signal)], { timeoutMs: 10_000 });
+      if (r.exitCode !== 0 && proc.exitCode === undefined) throw new ProtocolError('E_INTERNAL', `crun kill ${t.id}: ${r.stderr.trim().slice(0, 300)}`);
+    } else if (proc.pid) {
+      await this.p.run(['kill', `-${signal}`, String(proc.pid)], { timeoutMs: 5000 });
+    }
+    return { id: t.id, signal };
+  }
+
+  async pids(a: Record<string, unknown>): Promise<{ id: string; pids: number[] }> {
+    const t = this.get(String(a.id));
+    const r = await this.p.run([this.crunBin, 'ps', '--format', 'json', t.id], { timeoutMs: 10_000 });
+    let pids: number[] = [];
+    try { pids = JSON.parse(r.stdout); } catch { /* not running: none */ }
+    return { id: t.id, pids: Array.isArray(pids) ? pids.filter((x) => typeof x === 'number') : [] };
+  }
+
+  async delete(a: Record<string, unknown>): Promise<{ id: string; exitCode?: number }> {
+    const t = this.get(String(a.id));
+    await this.p.run([this.crunBin, 'delete', '--force', t.id], { timeoutMs: 10_000 });
+    if (t.init && t.init.exitCode === undefined) await Promise.race([t.init.child.exited, new Promise((r) => this.p.setTimeout(() => r(undefined), 5000))]);
+    await this.shell.run(unmountScript(t.id));
+    this.tasks.delete(t.id);
+    return { id: t.id, exitCode: t.init?.exitCode };
+  }
+}

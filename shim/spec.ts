@@ -1,0 +1,47 @@
+/**
+ * containerd's OCI runtime config, made fit for the pod's guest. Pure.
+ * The VM is the pod's sandbox: its network is the pod's network, so the
+ * container shares it (no network namespace of its own); anything that names
+ * a host path (namespaces to join, bind mounts of host files, hooks, the cgroup
+ * path) means nothing inside the VM and is left out; the host's
+ * /etc/hosts, /etc/hostname and /etc/resolv.conf binds become the guest's own
+ * files (which the agent wrote with the pod's identity). Resource limits are
+ * the VM's own size; they are not applied again inside it.
+ */
+export type OciSpec = Record<string, any>;
+
+/** Guest files that stand in for the host's bind mounts of the same name. */
+const GUEST_FILES = new Set(['/etc/hosts', '/etc/hostname', '/etc/resolv.conf']);
+/** Mount types the guest makes itself (no host source). */
+const SELF_MADE = new Set(['proc', 'sysfs', 'tmpfs', 'devpts', 'mqueue', 'cgroup', 'cgroup2', 'shm']);
+
+export interface GuestSpecResult { spec: OciSpec; dropped: string[] }
+
+export function guestSpec(host: OciSpec, o: { hostname?: string } = {}): GuestSpecResult {
+  const dropped: string[] = [];
+  const spec: OciSpec = structuredClone(host);
+  delete spec.root; // the agent points it at the task's overlay
+  if (spec.hooks) { dropped.push('hooks'); delete spec.hooks; }
+  if (spec.process) spec.process = { ...spec.process, terminal: false };
+  if (o.hostname && !spec.hostname) spec.hostname = o.hostname;
+  const linux = spec.linux ?? {};
+  if (Array.isArray(linux.namespaces)) {
+    linux.namespaces = linux.namespaces.filter((n: { type: string; path?: string }) => {
+      if (n.type === 'network') { dropped.push('network namespace (the VM is the pod network)'); return false; }
+      if (n.path) { dropped.push(`${n.type} namespace at ${n.path}`); return false; }
+      return true;
+    });
+  }
+  if (linux.cgroupsPath) { dropped.push('cgroupsPath'); delete linux.cgroupsPath; }
+  if (linux.resources) { dropped.push('resources (the VM is the limit)'); delete linux.resources; }
+  spec.linux = linux;
+  if (Array.isArray(spec.mounts)) {
+    spec.mounts = spec.mounts.flatMap((m: { destination: string; type?: string; source?: string; options?: string[] }) => {
+      if (GUEST_FILES.has(m.destination)) return [{ destination: m.destination, type: 'bind', source: m.destination, options: ['rbind', 'ro'] }];
+      if (SELF_MADE.has(m.type ?? '') || (m.type === 'bind' && m.source && m.source.startsWith('/dev/'))) return [m];
+      if (m.type === 'bind' || (m.options ?? []).includes('bind') || (m.options ?? []).includes('rbind')) { dropped.push(`bind mount ${m.source} -> ${m.destination}`); return []; }
+      return [m];
+    });
+  }
+  return { spec, dropped };
+}
