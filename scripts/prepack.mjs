@@ -23,4 +23,7 @@ register();
 const { bundleAgentFromSource } = await import('../builder/agent-bundle.ts');
 await fs.mkdir(path.join(root, 'dist', 'guest-agent'), { recursive: true });
 await fs.writeFile(path.join(root, 'dist', 'guest-agent', 'agent.mjs'), await bundleAgentFromSource());
-console.error('[prepack] dist/ ready: compiled library, declarations, agent bundle');
+// the shim's protobuf descriptors (generated from Debian's .proto files: npm run gen:proto)
+await fs.mkdir(path.join(root, 'dist', 'shim', 'proto'), { recursive: true });
+await fs.copyFile(path.join(root, 'shim', 'proto', 'descriptors.json'), path.join(root, 'dist', 'shim', 'proto', 'descriptors.json'));
+console.error('[prepack] dist/ ready: compiled library, declarations, agent bundle, shim descriptors');

@@ -4,12 +4,22 @@
  * snapshots (works on any filesystem), started and stopped by the test.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, writeFileSync, existsSync, rmSync, mkdirSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, existsSync, rmSync, mkdirSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { $ } from 'zx';
 
 export interface TestContainerd { dir: string; address: string; ttrpcAddress: string; proc: ChildProcess; log: () => string; ctr: (args: string[], opts?: { namespace?: string; nothrow?: boolean }) => Promise<{ stdout: string; stderr: string; exitCode: number | null }>; stop: () => Promise<void> }
+
+/** Shim processes whose working directory (their bundle) is under `dir`. */
+export function shimPids(dir: string): number[] {
+  return readdirSync('/proc').filter((p) => /^\d+$/.test(p)).flatMap((p) => {
+    try {
+      if (!readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('containerd-shim-scion-v2')) return [];
+      return readlinkSync(`/proc/${p}/cwd`).startsWith(dir) ? [Number(p)] : [];
+    } catch { return []; } // ended meanwhile
+  });
+}
 
 export async function startContainerd(opts: { path?: string[]; cri?: boolean } = {}): Promise<TestContainerd> {
   const dir = mkdtempSync(join(tmpdir(), 'scion-containerd-'));
@@ -39,6 +49,15 @@ export async function startContainerd(opts: { path?: string[]; cri?: boolean } =
     return { stdout: r.stdout, stderr: r.stderr, exitCode: r.exitCode };
   };
   const stop = async () => {
+    // what a test left: its tasks killed and deleted through containerd (their shims then exit), then any
+    // shim still serving from this containerd's bundles killed (it would outlive containerd, by design)
+    const ids = (await ctr(['tasks', 'ls', '-q'], { nothrow: true })).stdout.trim().split('\n').filter(Boolean);
+    for (const id of ids) {
+      await ctr(['tasks', 'kill', '--signal', 'SIGKILL', id], { nothrow: true });
+      for (let i = 0; i < 50 && (await ctr(['tasks', 'delete', id], { nothrow: true })).exitCode !== 0; i++) await new Promise((r) => setTimeout(r, 100));
+    }
+    for (const id of (await ctr(['containers', 'ls', '-q'], { nothrow: true })).stdout.trim().split('\n').filter(Boolean)) await ctr(['containers', 'delete', id], { nothrow: true });
+    for (const pid of shimPids(dir)) { try { process.kill(pid, 'SIGKILL'); } catch { /* gone meanwhile */ } }
     proc.kill('SIGTERM');
     await new Promise((r) => { if (proc.exitCode !== null) r(undefined); else proc.once('exit', r); setTimeout(r, 10_000); });
     if (proc.exitCode === null) proc.kill('SIGKILL');

@@ -17,10 +17,11 @@ const sha = (b: Uint8Array | string) => createHash('sha256').update(b).digest('h
 async function tarOf(entries: { name: string; data?: Buffer; linkname?: string; mode?: number; type?: 'file' | 'symlink' | 'directory' }[]): Promise<Buffer> {
   const pack = tar.pack();
   const chunks: Buffer[] = [];
-  pack.on('data', (c: Buffer) => chunks.push(c));
-  const done = new Promise((r) => pack.on('end', r));
+  pack.on('data', (c: unknown) => chunks.push(c as Buffer));
+  const done = new Promise<void>((r) => pack.on('end', () => r()));
   for (const e of entries) {
-    await new Promise<void>((res, rej) => pack.entry({ name: e.name, type: e.type ?? 'file', mode: e.mode ?? 0o644, linkname: e.linkname, mtime: new Date(0) }, e.data ?? (e.type === 'file' || !e.type ? Buffer.alloc(0) : undefined), (err) => (err ? rej(err) : res())));
+    const header = { name: e.name, type: e.type ?? 'file', mode: e.mode ?? 0o644, linkname: e.linkname, mtime: new Date(0) };
+    await new Promise<void>((res, rej) => { if (header.type === 'file') pack.entry(header, e.data ?? Buffer.alloc(0), (err) => (err ? rej(err) : res())); else { pack.entry(header); res(); } });
   }
   pack.finalize();
   await done;

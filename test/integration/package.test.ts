@@ -37,6 +37,8 @@ describe('the packed package', () => {
     expect(files).toContain('package/dist/testing/index.js');
     expect(files).toContain('package/dist/guest-agent/agent.mjs');
     expect(files).toContain('package/bin/scion.js');
+    // the containerd shim runs from the package too: its code and the protobuf descriptors it reads
+    expect(files).toEqual(expect.arrayContaining(['package/bin/containerd-shim-scion-v2', 'package/dist/shim/main.js', 'package/dist/shim/proto/descriptors.json']));
     expect(files.filter((f) => f.endsWith('.ts') && !f.endsWith('.d.ts'))).toEqual([]);
     expect(files.filter((f) => /^package\/(test|examples|bench|scripts)\//.test(f))).toEqual([]);
     const dts = (await $`tar -xzOf ${tarball} package/dist/host/index.d.ts`.quiet()).stdout;
@@ -52,6 +54,15 @@ describe('the packed package', () => {
     const help = await $({ cwd: p, quiet: true })`npx scion --help`;
     expect(help.stdout).toContain('scion: fork running QEMU VMs copy-on-write');
     expect(help.stdout).toContain('verify <image.yaml>');
+    // the installed shim starts (compiled code, its descriptors found) and refuses arguments containerd would never give
+    const shim = await $({ cwd: p, quiet: true, nothrow: true })`npx containerd-shim-scion-v2 -namespace default -id x bogus`;
+    expect(shim.exitCode).toBe(2);
+    expect(shim.stderr).toContain('unknown action "bogus"');
+    // `delete` after a shim that is gone answers containerd with a DeleteResponse, encoded from the packaged descriptors
+    const del = await $({ cwd: p, quiet: true, nothrow: true })`npx containerd-shim-scion-v2 -namespace default -id gone delete`;
+    expect(del.exitCode).toBe(0);
+    const { decode } = await import('../../shim/proto.ts');
+    expect(decode('containerd.task.v2.DeleteResponse', del.buffer())).toMatchObject({ exitStatus: 137 });
     // the API the README documents, and nothing else: every name imported by name from the installed package
     const readme = readFileSync(join(ROOT, 'README.md'), 'utf8');
     const section = readme.slice(readme.indexOf('\n### API'), readme.indexOf('\n## ', readme.indexOf('\n### API')));

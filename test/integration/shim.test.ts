@@ -1,15 +1,133 @@
 /**
  * scion as a containerd runtime, against a real containerd the test starts
- * (its own root, state and sockets).
+ * (its own root, state and sockets; nothing touches a system containerd):
+ * `ctr` drives containerd-shim-scion-v2 from bin/, each task a pod VM forked
+ * from a template the test freezes from images/pod.yaml, its image Debian's
+ * busybox imported into containerd's own store.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { spawn } from 'node:child_process';
-import { startContainerd, type TestContainerd } from './containerd.ts';
+import { join } from 'node:path';
+import { readdirSync, existsSync, readFileSync } from 'node:fs';
+import { startContainerd, shimPids, type TestContainerd } from './containerd.ts';
+import { busyboxOciArchive } from './oci-busybox.ts';
+import { isolateRunDirs, removeEverything, image, scionQemuPids } from './helpers.ts';
 import { EventPublisher } from '../../shim/events.ts';
 
+const ROOT = join(import.meta.dirname, '../..');
+const IMAGE = 'docker.io/scion/busybox:test';
+const RUNTIME = ['--runtime', 'io.containerd.scion.v2', '--snapshotter', 'native'];
+const dirs = isolateRunDirs('shim');
 let cd: TestContainerd;
-beforeAll(async () => { cd = await startContainerd(); }, 60_000);
-afterAll(async () => { await cd?.stop(); });
+
+beforeAll(async () => {
+  const { build } = await import('../../builder/build.ts');
+  const vm = await import('../../host/index.ts');
+  const img = await vm.loadImage((await build({ definitionPath: image('pod') })).dir);
+  await vm.freeze(await vm.bootTemplate(img, { name: 'pod-tpl' }), img);
+  // the shim finds scion's run and template directories, and its template, through containerd's environment
+  cd = await startContainerd({ path: [join(ROOT, 'bin')] });
+  await cd.ctr(['images', 'import', await busyboxOciArchive(cd.dir, IMAGE)]);
+}, 180_000);
+afterAll(async () => { await cd?.stop(); await removeEverything(dirs); });
+
+/** `ctr tasks ls` once the task is no longer running (or after 10 s). */
+async function stopped(id: string): Promise<string> {
+  let ls = '';
+  for (let i = 0; i < 100; i++) { ls = (await cd.ctr(['tasks', 'ls'])).stdout; if (new RegExp(`${id}\\s+\\d+\\s+STOPPED`).test(ls)) break; await new Promise((r) => setTimeout(r, 100)); }
+  return ls;
+}
+
+/** VMs scion knows of, other than the template. */
+async function pods(): Promise<string[]> {
+  const vm = await import('../../host/index.ts');
+  return (await vm.list()).filter((v) => v.role === 'clone').map((v) => v.name);
+}
+
+describe('ctr run --runtime io.containerd.scion.v2', () => {
+  it('prints the command\'s output (stdout and stderr) and exits with its status; the pod VM is gone after --rm', async () => {
+    const r = await cd.ctr(['run', '--rm', ...RUNTIME, IMAGE, 'run1', 'sh', '-c', 'echo hello from $(hostname); echo to-stderr >&2; exit 7'], { nothrow: true });
+    expect(r.stdout).toMatch(/^hello from pod-\d+\n$/);
+    expect(r.stderr).toBe('to-stderr\n');
+    expect(r.exitCode).toBe(7);
+    expect(await pods()).toEqual([]);
+    expect((await cd.ctr(['tasks', 'ls', '-q'])).stdout.trim()).toBe('');
+  });
+
+  it('runs in a VM of its own: another kernel\'s view, the image\'s files, the pod\'s hostname', async () => {
+    const r = await cd.ctr(['run', '--rm', ...RUNTIME, IMAGE, 'run2', 'sh', '-c', 'uname -r; ls /bin | wc -l; cat /proc/1/cmdline | tr "\\0" " "'], { nothrow: true });
+    const [kernel, count, init] = r.stdout.trim().split('\n');
+    expect(kernel).toMatch(/deb13-amd64$/); // the guest's trixie kernel, not the host's
+    expect(Number(count)).toBeGreaterThan(10);
+    expect(init.trim()).toBe('sh -c uname -r; ls /bin | wc -l; cat /proc/1/cmdline | tr "\\0" " "'); // pid 1 of its own pid namespace
+    expect(r.exitCode).toBe(0);
+  });
+
+  it('a detached task: exec in it (output, status), ps, kill with SIGTERM (143), delete; events in order', async () => {
+    const watcher = spawn('ctr', ['--address', cd.address, 'events'], { stdio: ['ignore', 'pipe', 'ignore'] });
+    let seen = '';
+    watcher.stdout.on('data', (c) => (seen += c));
+    try {
+      // pid 1 of its namespace: SIGTERM reaches it only through a handler (as under runc)
+      await cd.ctr(['run', '-d', ...RUNTIME, IMAGE, 'svc', 'sh', '-c', 'trap "exit 143" TERM; while true; do sleep 1; done']);
+      expect(await pods()).toHaveLength(1);
+      const ex = await cd.ctr(['tasks', 'exec', '--exec-id', 'e1', 'svc', 'sh', '-c', 'echo exec sees $(hostname); exit 4'], { nothrow: true });
+      expect(ex.stdout).toMatch(/^exec sees pod-\d+\n$/);
+      expect(ex.exitCode).toBe(4);
+      const ps = await cd.ctr(['tasks', 'ps', 'svc']);
+      expect(ps.stdout.trim().split('\n').length).toBeGreaterThanOrEqual(2); // header + the sleep
+      await cd.ctr(['tasks', 'kill', '--signal', 'SIGTERM', 'svc']);
+      expect(await stopped('svc')).toMatch(/svc\s+\d+\s+STOPPED/);
+      await cd.ctr(['tasks', 'delete', 'svc']);
+      await cd.ctr(['containers', 'delete', 'svc']);
+      expect(await pods()).toEqual([]);
+      const end = Date.now() + 5000;
+      while (!seen.includes('/tasks/delete') && Date.now() < end) await new Promise((r) => setTimeout(r, 50));
+    } finally { watcher.kill(); }
+    const topics = seen.split('\n').filter((l) => l.includes('"svc"')).map((l) => /\s(\/tasks\/\S+)\s/.exec(l)?.[1]).filter(Boolean);
+    expect(topics).toEqual(['/tasks/create', '/tasks/start', '/tasks/exec-added', '/tasks/exec-started', '/tasks/exit', '/tasks/exit', '/tasks/delete']);
+    const exits = seen.split('\n').filter((l) => l.includes('/tasks/exit') && l.includes('"svc"')).map((l) => JSON.parse(l.slice(l.indexOf('{'))).exit_status);
+    expect(exits).toEqual([4, 143]);
+  });
+
+  it('SIGKILL (ctr kill -s 9) ends the task with 137', async () => {
+    const watcher = spawn('ctr', ['--address', cd.address, 'events'], { stdio: ['ignore', 'pipe', 'ignore'] });
+    let seen = '';
+    watcher.stdout.on('data', (c) => (seen += c));
+    try {
+      await cd.ctr(['run', '-d', ...RUNTIME, IMAGE, 'k9', 'sleep', '300']);
+      await cd.ctr(['tasks', 'kill', '--signal', 'SIGKILL', 'k9']);
+      expect(await stopped('k9')).toMatch(/k9\s+\d+\s+STOPPED/);
+      await cd.ctr(['tasks', 'delete', 'k9']);
+      await cd.ctr(['containers', 'delete', 'k9']);
+    } finally { watcher.kill(); }
+    const exit = seen.split('\n').find((l) => l.includes('/tasks/exit') && l.includes('"k9"'))!;
+    expect(JSON.parse(exit.slice(exit.indexOf('{')))).toMatchObject({ container_id: 'k9', exit_status: 137 });
+    expect(await pods()).toEqual([]);
+  });
+
+  it('a shim killed mid-task: containerd sees the task end, delete and gc leave nothing of scion', async () => {
+    await cd.ctr(['run', '-d', ...RUNTIME, IMAGE, 'doomed', 'sleep', '300']);
+    expect(await pods()).toHaveLength(1);
+    const [shimPid] = shimPids(cd.dir).filter((p) => readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('\0doomed\0'));
+    expect(shimPid).toBeGreaterThan(0);
+    process.kill(shimPid, 'SIGKILL');
+    let ls = '';
+    for (let i = 0; i < 100; i++) { ls = (await cd.ctr(['tasks', 'ls'])).stdout; if (!/doomed\s+\d+\s+RUNNING/.test(ls)) break; await new Promise((r) => setTimeout(r, 100)); }
+    expect(ls).not.toMatch(/doomed\s+\d+\s+RUNNING/);
+    await cd.ctr(['tasks', 'delete', 'doomed'], { nothrow: true });
+    await cd.ctr(['containers', 'delete', 'doomed']);
+    const vm = await import('../../host/index.ts');
+    await vm.gc();
+    expect(await pods()).toEqual([]);
+    expect(await scionQemuPids()).toEqual([]); // a frozen template runs no QEMU
+    // containerd's clean-up runs the shim binary's `delete` in the background: give it its time
+    for (let i = 0; i < 100 && shimPids(cd.dir).length; i++) await new Promise((r) => setTimeout(r, 100));
+    expect(shimPids(cd.dir)).toEqual([]);
+    const shimDir = join(dirs.run, 'shim');
+    expect(existsSync(shimDir) ? readdirSync(shimDir).filter((f) => f.endsWith('.sock') || f.endsWith('.erofs')) : []).toEqual([]);
+  });
+});
 
 describe('task events', () => {
   it('reach containerd over its ttrpc socket, in order, as `ctr events` shows them', async () => {
