@@ -69,8 +69,8 @@ function wholeNumber(v: string | boolean, flag: string, min: number, max: number
   return n;
 }
 
-export function count(v: string | boolean | undefined, flag: string, dflt: number): number {
-  return v === undefined ? dflt : wholeNumber(v, flag, 1, 200);
+export function count(v: string | boolean | undefined, flag: string, dflt: number, min = 1): number {
+  return v === undefined ? dflt : wholeNumber(v, flag, min, 200);
 }
 
 const tbSize = (v: string | boolean | undefined): number | undefined => (v === undefined ? undefined : wholeNumber(v, '--tb-size', 1, 2048, ' of MiB'));
@@ -161,13 +161,13 @@ export const COMMANDS: CommandSpec[] = [
   {
     name: 'up', args: '<image.yaml|out/name|ref>', summary: 'build (cached), boot, freeze, fork N clones, print them',
     options: {
-      clones: { type: 'string', value: 'N', help: 'how many clones (default 3)' },
+      clones: { type: 'string', value: 'N', help: 'how many clones (default 3; 0: only the template)' },
       disk: { type: 'string', value: 'D.qcow2', help: 'a disk: the template writes to an overlay on it, clones to overlays on that' },
       ...NET_OPTIONS, ...INSECURE,
     },
     async run(pos, v, ctx) {
       need(pos, 1, 'up', 'scion up images/web.yaml --clones 3');
-      const r = await up(pos[0], { insecure: !!v.insecure, clones: count(v.clones, '--clones', 3), disk: str(v, 'disk'), net: netFrom(v), log: (m) => ctx.err(`[up] ${m}`), onBuildEvent: ctx.json ? undefined : buildProgress(ctx.err) });
+      const r = await up(pos[0], { insecure: !!v.insecure, clones: count(v.clones, '--clones', 3, 0), disk: str(v, 'disk'), net: netFrom(v), log: (m) => ctx.err(`[up] ${m}`), onBuildEvent: ctx.json ? undefined : buildProgress(ctx.err) });
       if (ctx.json) { ctx.out(JSON.stringify(r, null, 2)); return EXIT.ok; }
       ctx.out(table([['NAME', 'HOSTNAME', 'MAC', 'IP', 'PORTS', 'FORK→READY'], ...r.clones.map((c) => [c.name, c.hostname, c.mac, c.ip, Object.entries(c.ports).map(([g, h]) => `127.0.0.1:${h}->${g}`).join(',') || '-', `${c.timings.ready.toFixed(0)} ms`])]));
       ctx.out(`\nclones keep running; \`scion ls\` lists them, \`scion rm --all\` removes them.`);
@@ -211,7 +211,7 @@ export const COMMANDS: CommandSpec[] = [
     name: 'fork', args: '<template>', summary: 'fork N running clones of a frozen template',
     options: {
       n: { type: 'string', short: 'n', value: 'N', help: 'how many clones (default 1)' },
-      'tb-size': { type: 'string', value: 'MB', help: "each clone's TCG translation buffer (default SCION_TB_SIZE_MB, else 64): smaller saves memory, costs speed (README: Benchmarks)" },
+      'tb-size': { type: 'string', value: 'MB', help: "each clone's TCG translation buffer (default SCION_TB_SIZE_MB, else 32): smaller saves memory, costs speed (README: Benchmarks)" },
     },
     async run(pos, v, ctx) {
       need(pos, 1, 'fork', 'scion fork <template> -n 3');

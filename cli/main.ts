@@ -48,7 +48,7 @@ Environment (read when a command runs; a malformed value is refused by name):
   SCION_UID_BASE      QEMU runs as uid/gid SCION_UID_BASE+n when scion is root (default 1500000000)
   SCION_QEMU          the QEMU binary (default qemu-system-x86_64)
   SCION_ACCEL         kvm or tcg (default: KVM if it really boots the guest, probed once)
-  SCION_TB_SIZE_MB    TCG translation buffer per clone, MiB (default 64)
+  SCION_TB_SIZE_MB    TCG translation buffer per clone, MiB (default 32)
   SCION_REGISTRY_STALL_S  a registry response silent this long fails (default 30)
   XDG_CACHE_HOME (package cache under scion/), SOURCE_DATE_EPOCH, SCION_DEBUG
 Exit codes: 0 ok; 1 error (the message names what and why; --json prints {ok:false,error:{code,…}});

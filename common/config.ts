@@ -22,7 +22,7 @@ export interface ScionConfig {
   qemu: string;
   /** SCION_ACCEL: force kvm or tcg (default: probe) */
   accel?: 'kvm' | 'tcg';
-  /** SCION_TB_SIZE_MB: TCG translation buffer of each clone, in MiB (default: QEMU's) */
+  /** SCION_TB_SIZE_MB: TCG translation buffer of each clone, in MiB (default: host/qemu/argv.ts CLONE_TB_SIZE_MB, 32) */
   tbSizeMB?: number;
   /** XDG_CACHE_HOME: the package cache is $XDG_CACHE_HOME/scion (default ~/.cache/scion) */
   cacheDir: string;

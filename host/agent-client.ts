@@ -85,6 +85,9 @@ export class AgentClient {
     return r.result as ResultOf<C>;
   }
 
+  /** Call `l` once the connection has closed (the VM went away, or close() was called). */
+  onClosed(l: () => void): void { this.s.on('closed', l); }
+
   /** Listen to every event; returns a function that stops listening. */
   onEvent(l: (e: AgentEvent) => void): () => void {
     this.listeners.add(l);

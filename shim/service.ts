@@ -102,6 +102,11 @@ export class TaskService {
       await m.attachDisk(image, 'rootfs');
       this.agent = await m.agent();
       this.agent.onEvent(this.onAgentEvent);
+      // the VM went away under the task (its QEMU killed, or removed): every process of it ended, as if SIGKILLed
+      this.agent.onClosed(() => {
+        if (!this.machine) return;
+        for (const p of this.procs.values()) if (p.status !== Status.STOPPED) this.onAgentEvent({ event: 'task-exit', data: { id: this.o.id, execId: p.execId, exitCode: 137, exitedAt: Date.now() } });
+      });
       const { spec, dropped } = guestSpec(config, { hostname: m.info().identity?.hostname });
       if (dropped.length) this.o.log(`${req.id}: left out in the guest: ${dropped.join('; ')}`);
       await this.agent.call('task.create', { id: req.id, disk: 'rootfs', spec }, 60_000);

@@ -114,12 +114,12 @@ describe('QEMU sandbox', () => {
 });
 
 describe('translation buffer', () => {
-  it('`scion fork --tb-size` gives each clone\'s QEMU that TCG buffer (default 64), and the clone serves', async () => {
+  it('`scion fork --tb-size` gives each clone\'s QEMU that TCG buffer (default 32), and the clone serves', async () => {
     const cmdline = (pid: number) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
     // under KVM there is no translation buffer: the accelerator is named alone
     const forkedAccel = (await vm.list()).find((v) => v.name === forked[0].name)!.accel;
     const accel = (size: number) => (forkedAccel === 'kvm' ? 'kvm' : `tcg,tb-size=${size}`);
-    expect(cmdline(forked[0].pid)).toContain(accel(64));
+    expect(cmdline(forked[0].pid)).toContain(accel(32));
     const r = await scion(['fork', 'web-tpl', '--tb-size', '16', '--json']);
     expect(r.code, r.stderr).toBe(0);
     const [c] = JSON.parse(r.stdout).clones as vm.CloneResult[];

@@ -34,7 +34,7 @@ async function importGraph(entries: string[]): Promise<Map<string, string[]>> {
 describe('the Machine is the only way down to QEMU and the run directories', () => {
   it('no module above host/machine imports host/qemu or host/store', async () => {
     const below = /^host\/(machine|qemu|store)\//;
-    const above = [...tsFiles('host'), ...tsFiles('cli'), ...tsFiles('testing')].filter((f) => !below.test(f));
+    const above = [...tsFiles('host'), ...tsFiles('cli'), ...tsFiles('testing'), ...tsFiles('shim')].filter((f) => !below.test(f));
     expect(above.length).toBeGreaterThan(15);
     const graph = await importGraph(above);
     const offending = above.flatMap((f) => (graph.get(f) ?? []).filter((i) => /^host\/(qemu|store)\//.test(i)).map((i) => `${f} -> ${i}`));
