@@ -50,6 +50,7 @@ Environment (read when a command runs; a malformed value is refused by name):
   SCION_ACCEL         kvm or tcg (default: KVM if it really boots the guest, probed once)
   SCION_TB_SIZE_MB    TCG translation buffer per clone, MiB (default 32)
   SCION_REGISTRY_STALL_S  a registry response silent this long fails (default 30)
+  SCION_SHIM_TEMPLATE the template the containerd shim forks pods from (default pod-tpl)
   XDG_CACHE_HOME (package cache under scion/), SOURCE_DATE_EPOCH, SCION_DEBUG
 Exit codes: 0 ok; 1 error (the message names what and why; --json prints {ok:false,error:{code,…}});
             2 usage; 3 image definition or lock invalid; 4 network (mirror or registry

@@ -8,6 +8,7 @@
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { ScionError } from './errors.ts';
+import { validName } from './names.ts';
 
 export type Env = Record<string, string | undefined>;
 
@@ -32,6 +33,8 @@ export interface ScionConfig {
   registryStallMs: number;
   /** SCION_DEBUG: print stack traces of unexpected errors */
   debug: boolean;
+  /** SCION_SHIM_TEMPLATE: the template containerd-shim-scion-v2 forks pods from (default pod-tpl) */
+  shimTemplate: string;
 }
 
 export class ConfigError extends ScionError {}
@@ -60,11 +63,12 @@ export function config(env: Env = process.env): ScionConfig {
     sourceDateEpoch: integer(env, 'SOURCE_DATE_EPOCH', 0, 2 ** 40) ?? 0,
     registryStallMs: (integer(env, 'SCION_REGISTRY_STALL_S', 1, 3600) ?? 30) * 1000,
     debug: !!env.SCION_DEBUG,
+    shimTemplate: env.SCION_SHIM_TEMPLATE ? validName(env.SCION_SHIM_TEMPLATE, 'SCION_SHIM_TEMPLATE') : 'pod-tpl',
   };
 }
 
 /** The variables config() reads, for the README and `scion --help`. */
 export const CONFIG_VARIABLES = [
   'SCION_RUN_DIR', 'SCION_TEMPLATE_DIR', 'SCION_UID_BASE', 'SCION_QEMU', 'SCION_ACCEL', 'SCION_TB_SIZE_MB',
-  'XDG_CACHE_HOME', 'SOURCE_DATE_EPOCH', 'SCION_REGISTRY_STALL_S', 'SCION_DEBUG',
+  'XDG_CACHE_HOME', 'SOURCE_DATE_EPOCH', 'SCION_REGISTRY_STALL_S', 'SCION_DEBUG', 'SCION_SHIM_TEMPLATE',
 ] as const;

@@ -16,9 +16,6 @@ import { EventPublisher } from './events.ts';
 import { TaskService, VM_FILE } from './service.ts';
 import { encode, timestamp } from './proto.ts';
 
-/** The template pods fork from, unless the container's annotation io.scion.template names another. */
-export const DEFAULT_TEMPLATE = 'pod-tpl';
-
 const shimDir = () => join(config().runDir, 'shim');
 
 /** A socket path per namespace and task, short enough for sun_path. */
@@ -67,7 +64,7 @@ async function serve(a: ShimArgs): Promise<number> {
   const server = new TtrpcServer();
   let done!: () => void;
   const finished = new Promise<void>((r) => { done = r; });
-  const service = new TaskService({ namespace: a.namespace, id: a.id, publisher, template: process.env.SCION_SHIM_TEMPLATE || DEFAULT_TEMPLATE, workDir: shimDir(), log, onShutdown: done });
+  const service = new TaskService({ namespace: a.namespace, id: a.id, publisher, template: config().shimTemplate, workDir: shimDir(), log, onShutdown: done });
   server.onError = (e) => log(`internal error: ${e.stack ?? e.message}`);
   server.register('containerd.task.v2.Task', service.handlers, ['containerd.task.v3.Task']);
   await server.listen(a.socket!);

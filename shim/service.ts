@@ -6,7 +6,7 @@
  * task-output events / task.input. One shim process serves one task (and
  * its execs), as `ctr run` starts them.
  */
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { createReadStream, type WriteStream, createWriteStream } from 'node:fs';
 import { join } from 'node:path';
 import { Machine } from '../host/index.ts';
@@ -93,23 +93,41 @@ export class TaskService {
       this.bundle = req.bundle;
       const config = JSON.parse(await readFile(join(req.bundle, 'config.json'), 'utf8'));
       const template = config.annotations?.['io.scion.template'] ?? this.o.template;
-      const image = await packRootfs(req.rootfs, this.o.workDir);
-      const m = await Machine.forkTemplate(template, { prefix: 'pod', owner: { pid: process.pid, kind: 'shim' } }).catch((e) => {
-        throw new TtrpcError(Code.FAILED_PRECONDITION, `cannot fork a pod VM from template ${template}: ${(e as Error).message}`);
-      });
+      // the fork and the packing of the rootfs go side by side; whatever fails, neither stays
+      const [forked, packed] = await Promise.allSettled([
+        Machine.forkTemplate(template, { prefix: 'pod', owner: { pid: process.pid, kind: 'shim' } }),
+        packRootfs(req.rootfs, this.o.workDir),
+      ]);
+      if (forked.status === 'rejected' || packed.status === 'rejected') {
+        if (forked.status === 'fulfilled') await forked.value.remove({ force: true }).catch(() => undefined);
+        if (packed.status === 'fulfilled') await rm(packed.value, { force: true });
+        if (forked.status === 'rejected') {
+          const e = forked.reason as Error & { hint?: string };
+          throw new TtrpcError(Code.FAILED_PRECONDITION, `cannot fork a pod VM from template ${template}: ${e.message}${e.hint ? ` (${e.hint}; the template comes from the annotation io.scion.template, else SCION_SHIM_TEMPLATE, else ${this.o.template})` : ''}`);
+        }
+        throw new TtrpcError(Code.INTERNAL, `cannot pack the rootfs of ${req.id}: ${((packed as PromiseRejectedResult).reason as Error).message}`);
+      }
+      const m = forked.value;
       this.machine = m;
-      await writeFile(join(req.bundle, VM_FILE), m.name + '\n');
-      await m.attachDisk(image, 'rootfs');
-      this.agent = await m.agent();
-      this.agent.onEvent(this.onAgentEvent);
-      // the VM went away under the task (its QEMU killed, or removed): every process of it ended, as if SIGKILLed
-      this.agent.onClosed(() => {
-        if (!this.machine) return;
-        for (const p of this.procs.values()) if (p.status !== Status.STOPPED) this.onAgentEvent({ event: 'task-exit', data: { id: this.o.id, execId: p.execId, exitCode: 137, exitedAt: Date.now() } });
-      });
-      const { spec, dropped } = guestSpec(config, { hostname: m.info().identity?.hostname });
-      if (dropped.length) this.o.log(`${req.id}: left out in the guest: ${dropped.join('; ')}`);
-      await this.agent.call('task.create', { id: req.id, disk: 'rootfs', spec }, 60_000);
+      try {
+        await writeFile(join(req.bundle, VM_FILE), m.name + '\n');
+        await m.attachDisk(packed.value, 'rootfs');
+        this.agent = await m.agent();
+        this.agent.onEvent(this.onAgentEvent);
+        // the VM went away under the task (its QEMU killed, or removed): every process of it ended, as if SIGKILLed
+        this.agent.onClosed(() => {
+          if (!this.machine) return;
+          for (const p of this.procs.values()) if (p.status !== Status.STOPPED) this.onAgentEvent({ event: 'task-exit', data: { id: this.o.id, execId: p.execId, exitCode: 137, exitedAt: Date.now() } });
+        });
+        const { spec, dropped } = guestSpec(config, { hostname: m.info().identity?.hostname });
+        if (dropped.length) this.o.log(`${req.id}: left out in the guest: ${dropped.join('; ')}`);
+        await this.agent.call('task.create', { id: req.id, disk: 'rootfs', spec }, 60_000);
+      } catch (e) {
+        this.machine = undefined;
+        await m.remove({ force: true }).catch(() => undefined);
+        await rm(packed.value, { force: true }); // if it was not moved into the VM's jail yet
+        throw new TtrpcError(Code.INTERNAL, `${req.id}: ${(e as Error).message}`);
+      }
       const p = this.newProc('', req);
       await this.o.publisher.publish('/tasks/create', { containerId: req.id, bundle: req.bundle, rootfs: req.rootfs, io: { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: false }, pid: p.pid });
       return { pid: p.pid };

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { $ } from 'zx';
 
-export interface TestContainerd { dir: string; address: string; ttrpcAddress: string; proc: ChildProcess; log: () => string; ctr: (args: string[], opts?: { namespace?: string; nothrow?: boolean }) => Promise<{ stdout: string; stderr: string; exitCode: number | null }>; stop: () => Promise<void> }
+export interface TestContainerd { dir: string; address: string; ttrpcAddress: string; readonly proc: ChildProcess; log: () => string; restart: () => Promise<void>; ctr: (args: string[], opts?: { namespace?: string; nothrow?: boolean }) => Promise<{ stdout: string; stderr: string; exitCode: number | null }>; stop: () => Promise<void> }
 
 /** Shim processes whose working directory (their bundle) is under `dir`. */
 export function shimPids(dir: string): number[] {
@@ -37,13 +37,19 @@ export async function startContainerd(opts: { path?: string[]; cri?: boolean } =
   ].join('\n') + '\n');
   let log = '';
   const env = { ...process.env, PATH: [...(opts.path ?? []), process.env.PATH].join(':') };
-  const proc = spawn('containerd', ['--config', join(dir, 'config.toml')], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-  proc.stdout!.on('data', (c) => (log += c)); proc.stderr!.on('data', (c) => (log = (log + c).slice(-200_000)));
-  const end = Date.now() + 30_000;
-  while (!existsSync(address) || !/containerd successfully booted/.test(log)) {
-    if (proc.exitCode !== null || Date.now() > end) { proc.kill('SIGKILL'); throw new Error(`containerd did not start: ${log.slice(-3000)}`); }
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  const launch = async (): Promise<ChildProcess> => {
+    log = '';
+    const p = spawn('containerd', ['--config', join(dir, 'config.toml')], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    p.stdout!.on('data', (c) => (log += c)); p.stderr!.on('data', (c) => (log = (log + c).slice(-200_000)));
+    const end = Date.now() + 30_000;
+    while (!existsSync(address) || !/containerd successfully booted/.test(log)) {
+      if (p.exitCode !== null || Date.now() > end) { p.kill('SIGKILL'); throw new Error(`containerd did not start: ${log.slice(-3000)}`); }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    return p;
+  };
+  let proc = await launch();
+  const exited = (p: ChildProcess) => new Promise((r) => { if (p.exitCode !== null || p.signalCode !== null) r(undefined); else p.once('exit', r); });
   const ctr = async (args: string[], o: { namespace?: string; nothrow?: boolean } = {}) => {
     const r = await $({ env, nothrow: o.nothrow ?? false, quiet: true })`ctr --address ${address} --namespace ${o.namespace ?? 'scion-test'} ${args}`;
     return { stdout: r.stdout, stderr: r.stderr, exitCode: r.exitCode };
@@ -59,10 +65,16 @@ export async function startContainerd(opts: { path?: string[]; cri?: boolean } =
     for (const id of (await ctr(['containers', 'ls', '-q'], { nothrow: true })).stdout.trim().split('\n').filter(Boolean)) await ctr(['containers', 'delete', id], { nothrow: true });
     for (const pid of shimPids(dir)) { try { process.kill(pid, 'SIGKILL'); } catch { /* gone meanwhile */ } }
     proc.kill('SIGTERM');
-    await new Promise((r) => { if (proc.exitCode !== null) r(undefined); else proc.once('exit', r); setTimeout(r, 10_000); });
+    await Promise.race([exited(proc), new Promise((r) => setTimeout(r, 10_000))]);
     if (proc.exitCode === null) proc.kill('SIGKILL');
     await $({ nothrow: true, quiet: true })`umount -R ${dir}/root ${dir}/state`;
     rmSync(dir, { recursive: true, force: true });
   };
-  return { dir, address, ttrpcAddress: `${address}.ttrpc`, proc, log: () => log, ctr, stop };
+  /** containerd killed (SIGKILL: no clean shutdown) and started again on the same root, state and sockets; shims go on. */
+  const restart = async () => {
+    proc.kill('SIGKILL');
+    await exited(proc);
+    proc = await launch();
+  };
+  return { dir, address, ttrpcAddress: `${address}.ttrpc`, get proc() { return proc; }, log: () => log, ctr, stop, restart };
 }

@@ -106,6 +106,29 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     expect(await pods()).toEqual([]);
   });
 
+  it('containerd restarted while a task runs: it finds the shim again through the address file, and the task goes on', async () => {
+    await cd.ctr(['run', '-d', ...RUNTIME, IMAGE, 'survivor', 'sh', '-c', 'trap "exit 143" TERM; while true; do sleep 1; done']);
+    const before = (await cd.ctr(['tasks', 'ls'])).stdout;
+    await cd.restart();
+    expect((await cd.ctr(['tasks', 'ls'])).stdout).toBe(before); // same task, same pid, RUNNING
+    const ex = await cd.ctr(['tasks', 'exec', '--exec-id', 'after', 'survivor', 'sh', '-c', 'echo still $(hostname)'], { nothrow: true });
+    expect(ex.stdout).toMatch(/^still pod-\d+\n$/);
+    await cd.ctr(['tasks', 'kill', 'survivor']);
+    expect(await stopped('survivor')).toMatch(/survivor\s+\d+\s+STOPPED/);
+    await cd.ctr(['tasks', 'delete', 'survivor']);
+    await cd.ctr(['containers', 'delete', 'survivor']);
+    expect(await pods()).toEqual([]);
+  });
+
+  it('a template that does not exist: the run fails, saying which template and how to make it, and leaves nothing', async () => {
+    const r = await cd.ctr(['run', '--rm', ...RUNTIME, '--annotation', 'io.scion.template=no-such-tpl', IMAGE, 'notpl', 'true'], { nothrow: true });
+    expect(r.exitCode).not.toBe(0);
+    expect(r.stderr).toMatch(/cannot fork a pod VM from template no-such-tpl: no frozen template named no-such-tpl \(.*scion freeze <template> makes one/);
+    expect(await pods()).toEqual([]);
+    await cd.ctr(['containers', 'delete', 'notpl'], { nothrow: true });
+    expect(readdirSync(join(dirs.run, 'shim')).filter((f) => f.endsWith('.erofs'))).toEqual([]); // the packed rootfs did not stay
+  });
+
   it('a shim killed mid-task: containerd sees the task end, delete and gc leave nothing of scion', async () => {
     await cd.ctr(['run', '-d', ...RUNTIME, IMAGE, 'doomed', 'sleep', '300']);
     expect(await pods()).toHaveLength(1);
