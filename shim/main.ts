@@ -13,7 +13,7 @@ import { Machine } from '../host/index.ts';
 import { parseShimArgs, serveArgs, ShimUsageError, type ShimArgs } from './args.ts';
 import { TtrpcServer } from './ttrpc.ts';
 import { EventPublisher } from './events.ts';
-import { TaskService, VM_FILE } from './service.ts';
+import { TaskService, VM_FILE, taskKind } from './service.ts';
 import { encode, timestamp } from './proto.ts';
 
 const shimDir = () => join(config().runDir, 'shim');
@@ -24,6 +24,16 @@ export function socketPath(namespace: string, id: string): string {
 }
 
 async function start(a: ShimArgs, bin: string[]): Promise<number> {
+  // a CRI container joins the shim of its pod sandbox (one shim, one VM per pod)
+  const config = JSON.parse(await readFile(join(process.cwd(), 'config.json'), 'utf8').catch(() => '{}'));
+  const { kind, sandboxId } = taskKind(config.annotations);
+  if (kind === 'container' && sandboxId) {
+    const podSock = socketPath(a.namespace, sandboxId);
+    if (!existsSync(podSock)) { process.stderr.write(`scion shim: the pod sandbox ${sandboxId} of ${a.id} has no shim serving it\n`); return 1; }
+    await writeFile(join(process.cwd(), 'address'), `unix://${podSock}`);
+    process.stdout.write(`unix://${podSock}`);
+    return 0;
+  }
   const sock = socketPath(a.namespace, a.id);
   await mkdir(shimDir(), { recursive: true, mode: 0o700 });
   await rm(sock, { force: true });
@@ -41,12 +51,16 @@ async function start(a: ShimArgs, bin: string[]): Promise<number> {
   return 0;
 }
 
+const alive = (pid: number) => { try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; } };
+
 async function deleteAfter(a: ShimArgs): Promise<number> {
   const bundle = a.bundle ?? process.cwd();
   const vm = (await readFile(join(bundle, VM_FILE), 'utf8').catch(() => '')).trim();
   if (vm) {
     const m = await Machine.find(vm).catch(() => undefined);
-    await m?.remove({ force: true }).catch((e) => process.stderr.write(`scion shim: removing ${vm}: ${(e as Error).message}\n`));
+    // only a VM whose shim is gone: containerd also runs this after an orderly shutdown
+    const owner = m?.info().owner?.pid;
+    if (m && !(owner && owner !== process.pid && alive(owner))) await m.remove({ force: true }).catch((e) => process.stderr.write(`scion shim: removing ${vm}: ${(e as Error).message}\n`));
   }
   await rm(socketPath(a.namespace, a.id), { force: true });
   process.stdout.write(encode('containerd.task.v2.DeleteResponse', { pid: 0, exitStatus: 137, exitedAt: timestamp(Date.now()) }));
@@ -64,7 +78,7 @@ async function serve(a: ShimArgs): Promise<number> {
   const server = new TtrpcServer();
   let done!: () => void;
   const finished = new Promise<void>((r) => { done = r; });
-  const service = new TaskService({ namespace: a.namespace, id: a.id, publisher, template: config().shimTemplate, workDir: shimDir(), log, onShutdown: done });
+  const service = new TaskService({ namespace: a.namespace, publisher, template: config().shimTemplate, workDir: shimDir(), log, onShutdown: done });
   server.onError = (e) => log(`internal error: ${e.stack ?? e.message}`);
   server.register('containerd.task.v2.Task', service.handlers, ['containerd.task.v3.Task']);
   await server.listen(a.socket!);

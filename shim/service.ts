@@ -1,213 +1,284 @@
 /**
- * The Task service containerd calls (containerd.task.v2.Task): each task a
- * pod VM forked from a frozen template through the host library's Machine,
- * its rootfs a hot-plugged erofs disk, its process run by the guest agent
- * under crun, its stdio relayed between containerd's FIFOs and the agent's
- * task-output events / task.input. One shim process serves one task (and
- * its execs), as `ctr run` starts them.
+ * The Task service containerd calls (containerd.task.v2.Task). A shim
+ * serves one pod: a VM forked from a frozen template through the host
+ * library's Machine. Its tasks are
+ * - the pod sandbox (CRI: annotation io.kubernetes.cri.container-type =
+ *   sandbox): the VM itself; no process runs for it, its pid is QEMU's, it
+ *   ends when killed;
+ * - the pod's containers (container-type = container, same sandbox-id):
+ *   each rootfs packed to erofs and hot-plugged, run by the agent under crun;
+ * - a lone task (`ctr run`: no CRI annotations): a pod of its own.
+ * Stdio goes between containerd's FIFOs and the agent's task-output events /
+ * task.input; exits come from the agent's task-exit events.
  */
 import { readFile, rm, writeFile } from 'node:fs/promises';
 import { createReadStream, type WriteStream, createWriteStream } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { Machine } from '../host/index.ts';
 import type { AgentClient } from '../host/index.ts';
 import { base64Decode, base64Encode } from '../common/base64.ts';
 import { TtrpcError, Code, type Handler } from './ttrpc.ts';
 import { EventPublisher } from './events.ts';
-import { guestSpec } from './spec.ts';
+import { guestSpec, type OciSpec } from './spec.ts';
 import { packRootfs, type Mount } from './rootfs.ts';
-import { timestamp, decode, type Msg } from './proto.ts';
+import { timestamp } from './proto.ts';
 
 /** containerd.v1.types.Status */
 export const Status = { UNKNOWN: 0, CREATED: 1, RUNNING: 2, STOPPED: 3 } as const;
-/** The file in the bundle naming the task's VM, for `delete` after the shim is gone. */
+/** The file in a bundle naming the pod's VM, for `delete` after the shim is gone. */
 export const VM_FILE = 'scion-vm';
+export const CRI_TYPE = 'io.kubernetes.cri.container-type';
+export const CRI_SANDBOX = 'io.kubernetes.cri.sandbox-id';
+export const TEMPLATE_ANNOTATION = 'io.scion.template';
+
+export type TaskKind = 'sandbox' | 'container' | 'lone';
+const HOSTNAME = /^(?=.{1,63}$)[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?$/;
+
+/** What a task is, from its OCI annotations. Pure. */
+export function taskKind(annotations: Record<string, string> | undefined): { kind: TaskKind; sandboxId?: string } {
+  const t = annotations?.[CRI_TYPE];
+  if (t === 'sandbox') return { kind: 'sandbox' };
+  if (t === 'container' && annotations?.[CRI_SANDBOX]) return { kind: 'container', sandboxId: annotations[CRI_SANDBOX] };
+  return { kind: 'lone' };
+}
+
+/** The serial the guest finds a task's rootfs disk by (virtio-blk serials hold 20 bytes). Pure. */
+export function diskSerial(id: string): string {
+  return `r${createHash('sha256').update(id).digest('hex').slice(0, 16)}`;
+}
 
 interface Proc {
   execId: string; pid: number; status: number; exitStatus: number; exitedAt?: number;
-  stdin: string; stdout: string; stderr: string; terminal: boolean;
+  stdin: string; stdout: string; stderr: string;
   spec?: Record<string, unknown>;
   exited: Promise<void>; resolveExit: () => void;
   out?: WriteStream; err?: WriteStream;
 }
+interface Task { id: string; bundle: string; kind: TaskKind; procs: Map<string, Proc>; disk?: string }
 
-export interface ShimOptions { namespace: string; id: string; publisher: EventPublisher; template: string; workDir: string; log: (m: string) => void; onShutdown: () => void }
+export interface ShimOptions { namespace: string; publisher: EventPublisher; template: string; workDir: string; log: (m: string) => void; onShutdown: () => void }
 
 export class TaskService {
   private machine?: Machine;
   private agent?: AgentClient;
-  private bundle = '';
-  private readonly procs = new Map<string, Proc>();
+  private forking?: Promise<Machine>;
+  private readonly tasks = new Map<string, Task>();
 
   constructor(private readonly o: ShimOptions) {}
 
-  private proc(execId: string): Proc {
-    const p = this.procs.get(execId);
-    if (!p) throw new TtrpcError(Code.NOT_FOUND, `${this.o.id}: no ${execId ? `exec ${execId}` : 'task'}`);
-    return p;
+  private task(id: string): Task {
+    const t = this.tasks.get(id);
+    if (!t) throw new TtrpcError(Code.NOT_FOUND, `task ${id} not found`);
+    return t;
   }
 
-  private newProc(execId: string, io: { stdin: string; stdout: string; stderr: string; terminal: boolean }): Proc {
+  private proc(id: string, execId: string): { t: Task; p: Proc } {
+    const t = this.task(id);
+    const p = t.procs.get(execId);
+    if (!p) throw new TtrpcError(Code.NOT_FOUND, `${id}: no ${execId ? `exec ${execId}` : 'process'}`);
+    return { t, p };
+  }
+
+  private newProc(t: Task, execId: string, io: { stdin: string; stdout: string; stderr: string }): Proc {
     let resolveExit!: () => void;
     const exited = new Promise<void>((r) => { resolveExit = r; });
-    const p: Proc = { execId, pid: 0, status: Status.CREATED, exitStatus: 0, ...io, exited, resolveExit };
-    this.procs.set(execId, p);
+    const p: Proc = { execId, pid: 0, status: Status.CREATED, exitStatus: 0, stdin: io.stdin, stdout: io.stdout, stderr: io.stderr, exited, resolveExit };
+    t.procs.set(execId, p);
     return p;
   }
 
   /** Output FIFOs are opened for writing once (containerd holds their read ends). */
-  private openOutputs(p: Proc) {
-    if (p.stdout) p.out = createWriteStream(p.stdout, { flags: 'w' }).on('error', (e) => this.o.log(`stdout of ${p.execId || this.o.id}: ${e.message}`));
-    if (p.stderr) p.err = createWriteStream(p.stderr, { flags: 'w' }).on('error', (e) => this.o.log(`stderr of ${p.execId || this.o.id}: ${e.message}`));
+  private openOutputs(t: Task, p: Proc) {
+    const name = p.execId || t.id;
+    if (p.stdout) p.out = createWriteStream(p.stdout, { flags: 'w' }).on('error', (e) => this.o.log(`stdout of ${name}: ${e.message}`));
+    if (p.stderr) p.err = createWriteStream(p.stderr, { flags: 'w' }).on('error', (e) => this.o.log(`stderr of ${name}: ${e.message}`));
   }
 
   /** Relay the stdin FIFO to the process; its end closes the process's stdin. */
-  private relayInput(p: Proc) {
+  private relayInput(t: Task, p: Proc) {
     if (!p.stdin) return;
+    const args = { id: t.id, execId: p.execId || undefined };
     const s = createReadStream(p.stdin);
-    s.on('data', (c) => { void this.agent?.call('task.input', { id: this.o.id, execId: p.execId || undefined, data: base64Encode(c as Buffer) }).catch((e) => this.o.log(`stdin: ${e.message}`)); });
-    s.on('end', () => { void this.agent?.call('task.input', { id: this.o.id, execId: p.execId || undefined, data: '', close: true }).catch(() => undefined); });
-    s.on('error', (e) => this.o.log(`stdin of ${p.execId || this.o.id}: ${e.message}`));
+    s.on('data', (c) => { void this.agent?.call('task.input', { ...args, data: base64Encode(c as Buffer) }).catch((e) => this.o.log(`stdin: ${e.message}`)); });
+    s.on('end', () => { void this.agent?.call('task.input', { ...args, data: '', close: true }).catch(() => undefined); });
+    s.on('error', (e) => this.o.log(`stdin of ${p.execId || t.id}: ${e.message}`));
+  }
+
+  /** A process ended: close its outputs, tell containerd, release its waiters. */
+  private ended(t: Task, p: Proc, exitCode: number, exitedAt: number) {
+    if (p.status === Status.STOPPED) return;
+    p.status = Status.STOPPED; p.exitStatus = exitCode; p.exitedAt = exitedAt;
+    const closed = Promise.all([p.out, p.err].map((s) => s && new Promise((r) => s.end(r))));
+    void closed.then(() => this.o.publisher.publish('/tasks/exit', { containerId: t.id, id: p.execId || t.id, pid: p.pid, exitStatus: exitCode, exitedAt: timestamp(exitedAt) })).then(() => p.resolveExit());
   }
 
   private onAgentEvent = (e: { event: string; data: unknown }) => {
     if (e.event === 'task-output') {
       const d = e.data as { id: string; execId: string; stream: string; data: string };
-      const p = d.id === this.o.id ? this.procs.get(d.execId) : undefined;
+      const p = this.tasks.get(d.id)?.procs.get(d.execId);
       (d.stream === 'stderr' ? p?.err : p?.out)?.write(base64Decode(d.data));
     } else if (e.event === 'task-exit') {
       const d = e.data as { id: string; execId: string; exitCode: number; exitedAt: number };
-      const p = d.id === this.o.id ? this.procs.get(d.execId) : undefined;
-      if (!p || p.status === Status.STOPPED) return;
-      p.status = Status.STOPPED; p.exitStatus = d.exitCode; p.exitedAt = d.exitedAt;
-      const closed = Promise.all([p.out, p.err].map((s) => s && new Promise((r) => s.end(r))));
-      void closed.then(() => this.o.publisher.publish('/tasks/exit', { containerId: this.o.id, id: p.execId || this.o.id, pid: p.pid, exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt!) })).then(() => p.resolveExit());
+      const t = this.tasks.get(d.id);
+      const p = t?.procs.get(d.execId);
+      if (t && p) this.ended(t, p, d.exitCode, d.exitedAt);
     }
   };
+
+  /** The pod's VM: forked once, by its first task. */
+  private async pod(template: string, hostname?: string): Promise<Machine> {
+    if (this.machine) return this.machine;
+    this.forking ??= (async () => {
+      const m = await Machine.forkTemplate(template, { prefix: 'pod', hostname, owner: { pid: process.pid, kind: 'shim' } }).catch((e: Error & { hint?: string }) => {
+        throw new TtrpcError(Code.FAILED_PRECONDITION, `cannot fork a pod VM from template ${template}: ${e.message}${e.hint ? ` (${e.hint}; the template comes from the annotation ${TEMPLATE_ANNOTATION}, else SCION_SHIM_TEMPLATE, else pod-tpl)` : ''}`);
+      });
+      try {
+        this.agent = await m.agent();
+      } catch (e) { await m.remove({ force: true }).catch(() => undefined); throw e; }
+      this.agent.onEvent(this.onAgentEvent);
+      // the VM went away under the pod (its QEMU killed, or removed): every process of it ended, as if SIGKILLed
+      this.agent.onClosed(() => {
+        if (this.machine !== m) return;
+        for (const t of this.tasks.values()) for (const p of t.procs.values()) this.ended(t, p, 137, Date.now());
+      });
+      this.machine = m;
+      return m;
+    })();
+    try { return await this.forking; } finally { this.forking = undefined; }
+  }
+
+  /** A container's rootfs into the pod's VM and its config into the agent. */
+  private async createContainer(t: Task, config: OciSpec, rootfs: Mount[]): Promise<void> {
+    const m = this.machine!;
+    const image = await packRootfs(rootfs, this.o.workDir);
+    try {
+      await m.attachDisk(image, t.disk!);
+    } catch (e) { await rm(image, { force: true }); throw e; }
+    const { spec, dropped } = guestSpec(config, { hostname: m.info().identity?.hostname });
+    if (dropped.length) this.o.log(`${t.id}: left out in the guest: ${dropped.join('; ')}`);
+    await this.agent!.call('task.create', { id: t.id, disk: t.disk!, spec }, 60_000);
+  }
 
   readonly handlers: Record<string, Handler> = {
     Create: async (r) => {
       const req = r as { id: string; bundle: string; rootfs: Mount[]; terminal: boolean; stdin: string; stdout: string; stderr: string };
       if (req.terminal) throw new TtrpcError(Code.UNIMPLEMENTED, 'a terminal (tty) is not supported by the scion shim yet: run without -t');
-      if (this.procs.has('')) throw new TtrpcError(Code.ALREADY_EXISTS, `task ${req.id} exists`);
-      this.bundle = req.bundle;
-      const config = JSON.parse(await readFile(join(req.bundle, 'config.json'), 'utf8'));
-      const template = config.annotations?.['io.scion.template'] ?? this.o.template;
-      // the fork and the packing of the rootfs go side by side; whatever fails, neither stays
-      const [forked, packed] = await Promise.allSettled([
-        Machine.forkTemplate(template, { prefix: 'pod', owner: { pid: process.pid, kind: 'shim' } }),
-        packRootfs(req.rootfs, this.o.workDir),
-      ]);
-      if (forked.status === 'rejected' || packed.status === 'rejected') {
-        if (forked.status === 'fulfilled') await forked.value.remove({ force: true }).catch(() => undefined);
-        if (packed.status === 'fulfilled') await rm(packed.value, { force: true });
-        if (forked.status === 'rejected') {
-          const e = forked.reason as Error & { hint?: string };
-          throw new TtrpcError(Code.FAILED_PRECONDITION, `cannot fork a pod VM from template ${template}: ${e.message}${e.hint ? ` (${e.hint}; the template comes from the annotation io.scion.template, else SCION_SHIM_TEMPLATE, else ${this.o.template})` : ''}`);
-        }
-        throw new TtrpcError(Code.INTERNAL, `cannot pack the rootfs of ${req.id}: ${((packed as PromiseRejectedResult).reason as Error).message}`);
-      }
-      const m = forked.value;
-      this.machine = m;
+      if (this.tasks.has(req.id)) throw new TtrpcError(Code.ALREADY_EXISTS, `task ${req.id} exists`);
+      const config = JSON.parse(await readFile(join(req.bundle, 'config.json'), 'utf8')) as OciSpec;
+      const { kind } = taskKind(config.annotations);
+      if (kind === 'container' && !this.machine) throw new TtrpcError(Code.FAILED_PRECONDITION, `${req.id}: its pod sandbox is not served by this shim`);
+      const t: Task = { id: req.id, bundle: req.bundle, kind, procs: new Map(), disk: kind === 'sandbox' ? undefined : diskSerial(req.id) };
+      this.tasks.set(t.id, t);
       try {
-        await writeFile(join(req.bundle, VM_FILE), m.name + '\n');
-        await m.attachDisk(packed.value, 'rootfs');
-        this.agent = await m.agent();
-        this.agent.onEvent(this.onAgentEvent);
-        // the VM went away under the task (its QEMU killed, or removed): every process of it ended, as if SIGKILLed
-        this.agent.onClosed(() => {
-          if (!this.machine) return;
-          for (const p of this.procs.values()) if (p.status !== Status.STOPPED) this.onAgentEvent({ event: 'task-exit', data: { id: this.o.id, execId: p.execId, exitCode: 137, exitedAt: Date.now() } });
-        });
-        const { spec, dropped } = guestSpec(config, { hostname: m.info().identity?.hostname });
-        if (dropped.length) this.o.log(`${req.id}: left out in the guest: ${dropped.join('; ')}`);
-        await this.agent.call('task.create', { id: req.id, disk: 'rootfs', spec }, 60_000);
+        // a pod sandbox's VM takes the pod's hostname (a DNS label, as Kubernetes gives it)
+        const hostname = kind === 'sandbox' && typeof config.hostname === 'string' && HOSTNAME.test(config.hostname) ? config.hostname : undefined;
+        const m = await this.pod(config.annotations?.[TEMPLATE_ANNOTATION] ?? this.o.template, hostname);
+        // the pod's owners (its sandbox, or a lone task) name its VM for `delete` after a crash; a container does not
+        if (kind !== 'container') await writeFile(join(req.bundle, VM_FILE), m.name + '\n');
+        if (kind !== 'sandbox') await this.createContainer(t, config, req.rootfs);
       } catch (e) {
-        this.machine = undefined;
-        await m.remove({ force: true }).catch(() => undefined);
-        await rm(packed.value, { force: true }); // if it was not moved into the VM's jail yet
+        this.tasks.delete(t.id);
+        if (!this.tasks.size) await this.teardown();
+        if (e instanceof TtrpcError) throw e;
         throw new TtrpcError(Code.INTERNAL, `${req.id}: ${(e as Error).message}`);
       }
-      const p = this.newProc('', req);
+      const p = this.newProc(t, '', req);
+      if (kind === 'sandbox') p.pid = this.machine!.info().pid ?? 0; // the pod is the VM: its process is QEMU
       await this.o.publisher.publish('/tasks/create', { containerId: req.id, bundle: req.bundle, rootfs: req.rootfs, io: { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: false }, pid: p.pid });
       return { pid: p.pid };
     },
     Start: async (r) => {
       const execId = String(r.execId ?? '');
-      const p = this.proc(execId);
-      this.openOutputs(p);
-      const res = execId
-        ? await this.agent!.call('task.exec', { id: this.o.id, execId, process: p.spec! }, 60_000)
-        : await this.agent!.call('task.start', { id: this.o.id }, 60_000);
-      p.pid = res.pid; p.status = p.status === Status.STOPPED ? Status.STOPPED : Status.RUNNING;
-      this.relayInput(p);
-      if (execId) await this.o.publisher.publish('/tasks/exec-started', { containerId: this.o.id, execId, pid: p.pid });
-      else await this.o.publisher.publish('/tasks/start', { containerId: this.o.id, pid: p.pid });
+      const { t, p } = this.proc(String(r.id), execId);
+      if (t.kind === 'sandbox') {
+        p.status = Status.RUNNING;
+      } else {
+        this.openOutputs(t, p);
+        const res = execId
+          ? await this.agent!.call('task.exec', { id: t.id, execId, process: p.spec! }, 60_000)
+          : await this.agent!.call('task.start', { id: t.id }, 60_000);
+        p.pid = res.pid;
+        if (p.status !== Status.STOPPED) p.status = Status.RUNNING;
+        this.relayInput(t, p);
+      }
+      if (execId) await this.o.publisher.publish('/tasks/exec-started', { containerId: t.id, execId, pid: p.pid });
+      else await this.o.publisher.publish('/tasks/start', { containerId: t.id, pid: p.pid });
       return { pid: p.pid };
     },
     Exec: async (r) => {
-      const req = r as { execId: string; terminal: boolean; stdin: string; stdout: string; stderr: string; spec: { value: Buffer } };
+      const req = r as { id: string; execId: string; terminal: boolean; stdin: string; stdout: string; stderr: string; spec: { value: Buffer } };
       if (req.terminal) throw new TtrpcError(Code.UNIMPLEMENTED, 'a terminal (tty) is not supported by the scion shim yet: exec without -t');
-      if (this.procs.has(req.execId)) throw new TtrpcError(Code.ALREADY_EXISTS, `exec ${req.execId} exists`);
-      this.proc('');
-      const p = this.newProc(req.execId, req);
+      const t = this.task(req.id);
+      if (t.kind === 'sandbox') throw new TtrpcError(Code.FAILED_PRECONDITION, `${t.id} is a pod sandbox: exec in one of its containers`);
+      if (t.procs.has(req.execId)) throw new TtrpcError(Code.ALREADY_EXISTS, `exec ${req.execId} exists`);
+      const p = this.newProc(t, req.execId, req);
       p.spec = JSON.parse(Buffer.from(req.spec.value).toString('utf8'));
-      await this.o.publisher.publish('/tasks/exec-added', { containerId: this.o.id, execId: req.execId });
+      await this.o.publisher.publish('/tasks/exec-added', { containerId: t.id, execId: req.execId });
       return {};
     },
     State: (r) => {
-      const p = this.proc(String(r.execId ?? ''));
-      return { id: p.execId || this.o.id, bundle: this.bundle, pid: p.pid, status: p.status, stdin: p.stdin, stdout: p.stdout, stderr: p.stderr, terminal: false, exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt ?? 0), execId: p.execId };
+      const { t, p } = this.proc(String(r.id), String(r.execId ?? ''));
+      return { id: p.execId || t.id, bundle: t.bundle, pid: p.pid, status: p.status, stdin: p.stdin, stdout: p.stdout, stderr: p.stderr, terminal: false, exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt ?? 0), execId: p.execId };
     },
     Wait: async (r) => {
-      const p = this.proc(String(r.execId ?? ''));
+      const { p } = this.proc(String(r.id), String(r.execId ?? ''));
       await p.exited;
       return { exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt ?? Date.now()) };
     },
     Kill: async (r) => {
       const execId = String(r.execId ?? '');
-      const p = this.proc(execId);
+      const { t, p } = this.proc(String(r.id), execId);
+      const signal = Number(r.signal) || 15;
+      if (p.status === Status.STOPPED) return {};
+      // the sandbox ends when told to: its containers' processes stay until they are killed or the VM goes
+      if (t.kind === 'sandbox') { this.ended(t, p, 128 + signal, Date.now()); return {}; }
       if (p.status !== Status.RUNNING) return {};
-      await this.agent!.call('task.kill', { id: this.o.id, execId: execId || undefined, signal: Number(r.signal) || 15, all: r.all === true }, 15_000);
+      await this.agent!.call('task.kill', { id: t.id, execId: execId || undefined, signal, all: r.all === true }, 15_000);
       return {};
     },
-    Pids: async () => {
-      const r = await this.agent!.call('task.pids', { id: this.o.id }, 15_000);
-      return { processes: r.pids.map((pid: number) => ({ pid })) };
+    Pids: async (r) => {
+      const t = this.task(String(r.id));
+      if (t.kind === 'sandbox') return { processes: [{ pid: t.procs.get('')?.pid ?? 0 }] };
+      const res = await this.agent!.call('task.pids', { id: t.id }, 15_000);
+      return { processes: res.pids.map((pid: number) => ({ pid })) };
     },
     CloseIO: async (r) => {
       const execId = String(r.execId ?? '');
-      this.proc(execId);
-      if (r.stdin) await this.agent!.call('task.input', { id: this.o.id, execId: execId || undefined, data: '', close: true }, 15_000);
+      const { t } = this.proc(String(r.id), execId);
+      if (r.stdin && t.kind !== 'sandbox') await this.agent!.call('task.input', { id: t.id, execId: execId || undefined, data: '', close: true }, 15_000);
       return {};
     },
     ResizePty: () => { throw new TtrpcError(Code.UNIMPLEMENTED, 'no terminal: the scion shim runs tasks without a tty'); },
     Delete: async (r) => {
       const execId = String(r.execId ?? '');
-      const p = this.proc(execId);
-      if (execId) { this.procs.delete(execId); return { pid: p.pid, exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt ?? Date.now()) }; }
-      await this.teardown();
-      await this.o.publisher.publish('/tasks/delete', { containerId: this.o.id, id: this.o.id, pid: p.pid, exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt ?? Date.now()) });
-      this.procs.delete('');
-      return { pid: p.pid, exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt ?? Date.now()) };
+      const { t, p } = this.proc(String(r.id), execId);
+      const answer = { pid: p.pid, exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt ?? Date.now()) };
+      if (execId) { t.procs.delete(execId); return answer; }
+      if (t.kind !== 'sandbox' && this.machine) {
+        try { await this.agent?.call('task.delete', { id: t.id }, 20_000); } catch (e) { this.o.log(`task.delete ${t.id}: ${(e as Error).message}`); }
+        if (t.kind === 'container') await this.machine.detachDisk(t.disk!).catch((e) => this.o.log(`unplugging ${t.id}'s rootfs: ${(e as Error).message}`));
+      }
+      this.tasks.delete(t.id);
+      // the pod's VM goes with its sandbox (CRI) or its only task (ctr)
+      if (t.kind !== 'container' || !this.tasks.size) await this.teardown();
+      await this.o.publisher.publish('/tasks/delete', { containerId: t.id, id: t.id, pid: p.pid, exitStatus: p.exitStatus, exitedAt: answer.exitedAt });
+      return answer;
     },
-    Connect: () => ({ shimPid: process.pid, taskPid: this.procs.get('')?.pid ?? 0, version: '2' }),
+    Connect: (r) => ({ shimPid: process.pid, taskPid: this.tasks.get(String(r.id))?.procs.get('')?.pid ?? 0, version: '2' }),
     Shutdown: () => {
-      if (this.procs.size) return {}; // containerd asks after each delete; the shim stays while it has a task
+      if (this.tasks.size) return {}; // containerd asks after each delete; the shim stays while it has a task
       setTimeout(() => this.o.onShutdown(), 10);
       return {};
     },
   };
 
-  /** The pod VM and everything of it go (the agent first lets go of the rootfs). */
+  /** The pod VM and everything of it go. */
   async teardown(): Promise<void> {
     const m = this.machine;
     this.machine = undefined;
     if (!m) return;
-    try { await this.agent?.call('task.delete', { id: this.o.id }, 20_000); } catch (e) { this.o.log(`task.delete: ${(e as Error).message}`); }
-    await m.remove({ force: true });
+    await m.remove({ force: true }).catch((e: Error & { code?: string }) => { if (e.code !== 'E_NO_VM') throw e; }); // gone already: nothing to do
     m.close();
   }
 }
-
-export { decode, type Msg };

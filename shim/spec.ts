@@ -23,15 +23,18 @@ export function guestSpec(host: OciSpec, o: { hostname?: string } = {}): GuestSp
   delete spec.root; // the agent points it at the task's overlay
   if (spec.hooks) { dropped.push('hooks'); delete spec.hooks; }
   if (spec.process) spec.process = { ...spec.process, terminal: false };
-  if (o.hostname && !spec.hostname) spec.hostname = o.hostname;
   const linux = spec.linux ?? {};
+  if (o.hostname && !spec.hostname && (linux.namespaces ?? []).some((n: { type: string }) => n.type === 'uts')) spec.hostname = o.hostname;
   if (Array.isArray(linux.namespaces)) {
-    linux.namespaces = linux.namespaces.filter((n: { type: string; path?: string }) => {
-      if (n.type === 'network') { dropped.push('network namespace (the VM is the pod network)'); return false; }
-      if (n.path) { dropped.push(`${n.type} namespace at ${n.path}`); return false; }
-      return true;
+    // a namespace to join names a host process (CRI: the sandbox's); in the guest the container gets a new one of
+    // that type instead (the pod's containers do not share pid, ipc or uts namespaces inside the VM yet)
+    linux.namespaces = linux.namespaces.flatMap((n: { type: string; path?: string }) => {
+      if (n.type === 'network') { dropped.push('network namespace (the VM is the pod network)'); return []; }
+      if (n.path) { dropped.push(`${n.type} namespace at ${n.path} (a new one instead)`); return [{ type: n.type }]; }
+      return [n];
     });
   }
+  if (spec.hostname && !(linux.namespaces ?? []).some((n: { type: string }) => n.type === 'uts')) delete spec.hostname; // crun sets a hostname only in a UTS namespace of its own
   if (linux.cgroupsPath) { dropped.push('cgroupsPath'); delete linux.cgroupsPath; }
   if (linux.resources) { dropped.push('resources (the VM is the limit)'); delete linux.resources; }
   spec.linux = linux;

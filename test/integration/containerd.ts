@@ -21,7 +21,18 @@ export function shimPids(dir: string): number[] {
   });
 }
 
-export async function startContainerd(opts: { path?: string[]; cri?: boolean } = {}): Promise<TestContainerd> {
+/** The CRI plugin's configuration: runtime `scion` (our shim), the sandbox image the test imported, native snapshots. */
+export function criConfig(o: { sandboxImage: string; cniConfDir?: string }): string[] {
+  return [
+    '[plugins."io.containerd.grpc.v1.cri"]', `  sandbox_image = "${o.sandboxImage}"`,
+    '[plugins."io.containerd.grpc.v1.cri".containerd]', '  snapshotter = "native"', '  default_runtime_name = "runc"',
+    '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]', '  runtime_type = "io.containerd.runc.v2"',
+    '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.scion]', '  runtime_type = "io.containerd.scion.v2"', '  pod_annotations = ["io.scion.*"]',
+    '[plugins."io.containerd.grpc.v1.cri".cni]', '  bin_dir = "/usr/lib/cni"', `  conf_dir = "${o.cniConfDir ?? '/nonexistent'}"`,
+  ];
+}
+
+export async function startContainerd(opts: { path?: string[]; cri?: { sandboxImage: string; cniConfDir?: string } } = {}): Promise<TestContainerd> {
   const dir = mkdtempSync(join(tmpdir(), 'scion-containerd-'));
   const address = join(dir, 'containerd.sock');
   mkdirSync(join(dir, 'root')); mkdirSync(join(dir, 'state'));
@@ -30,6 +41,7 @@ export async function startContainerd(opts: { path?: string[]; cri?: boolean } =
     `root = "${dir}/root"`,
     `state = "${dir}/state"`,
     opts.cri ? '' : 'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+    ...(opts.cri ? criConfig(opts.cri) : []),
     '[grpc]', `  address = "${address}"`,
     '[ttrpc]', `  address = "${address}.ttrpc"`,
     '[debug]', `  address = "${dir}/debug.sock"`, '  level = "debug"',

@@ -1,0 +1,104 @@
+/**
+ * What the kubelet does for a pod, through containerd's CRI plugin with the
+ * runtime `scion` (runtime_type io.containerd.scion.v2), from a gRPC client
+ * whose messages come from the containerd binary itself (cri.ts). The pods
+ * use the node's network (no CNI yet: issue 16); each pod is one VM forked
+ * from the test's template, its containers run in it.
+ */
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { startContainerd, type TestContainerd } from './containerd.ts';
+import { busyboxOciArchive } from './oci-busybox.ts';
+import { criClient } from './cri.ts';
+import { isolateRunDirs, removeEverything, image } from './helpers.ts';
+
+const ROOT = join(import.meta.dirname, '../..');
+const IMAGE = 'docker.io/scion/busybox:test';
+const dirs = isolateRunDirs('cri');
+const logs = mkdtempSync(join(tmpdir(), 'scion-podlogs-'));
+let cd: TestContainerd;
+let cri: ReturnType<typeof criClient>;
+
+beforeAll(async () => {
+  const { build } = await import('../../builder/build.ts');
+  const vm = await import('../../host/index.ts');
+  const img = await vm.loadImage((await build({ definitionPath: image('pod') })).dir);
+  await vm.freeze(await vm.bootTemplate(img, { name: 'pod-tpl' }), img);
+  cd = await startContainerd({ path: [join(ROOT, 'bin')], cri: { sandboxImage: IMAGE } });
+  await cd.ctr(['images', 'import', await busyboxOciArchive(cd.dir, IMAGE)], { namespace: 'k8s.io' });
+  cri = criClient(cd.address);
+}, 180_000);
+afterAll(async () => { cri?.close(); await cd?.stop(); await removeEverything(dirs); });
+
+const podConfig = (name: string) => ({
+  metadata: { name, uid: `uid-${name}`, namespace: 'default', attempt: 0 }, hostname: name, log_directory: join(logs, name),
+  linux: { security_context: { namespace_options: { network: 'NODE' } } },
+});
+
+async function clones() {
+  const vm = await import('../../host/index.ts');
+  return (await vm.list()).filter((v) => v.role === 'clone');
+}
+
+describe('the kubelet\'s calls for a pod, runtime_handler scion', () => {
+  it('run the pod as one forked VM: sandbox, container, status, logs, exec, stop and remove, nothing left', async () => {
+    expect((await cri.runtime.Version({})).runtime_name).toBe('containerd');
+    const cfg = podConfig('web-pod');
+    const { pod_sandbox_id: sb } = await cri.runtime.RunPodSandbox({ config: cfg, runtime_handler: 'scion' });
+    expect((await cri.runtime.PodSandboxStatus({ pod_sandbox_id: sb })).status.state).toBe('SANDBOX_READY');
+    const vms = await clones();
+    expect(vms).toHaveLength(1); // the pod is a clone of the template
+    expect(vms[0].hostname).toBe('web-pod'); // with the pod's hostname as its identity
+    const { container_id: ct } = await cri.runtime.CreateContainer({ pod_sandbox_id: sb, config: { metadata: { name: 'app' }, image: { image: IMAGE }, command: ['sh', '-c', 'echo started in $(hostname); trap "exit 0" TERM; while true; do sleep 1; done'], log_path: 'app.log' }, sandbox_config: cfg });
+    await cri.runtime.StartContainer({ container_id: ct });
+    expect(await clones()).toHaveLength(1); // the container runs inside the pod's VM, no VM of its own
+    expect((await cri.runtime.ContainerStatus({ container_id: ct })).status.state).toBe('CONTAINER_RUNNING');
+    let log = '';
+    for (let i = 0; i < 50 && !log.includes('started'); i++) { await new Promise((r) => setTimeout(r, 100)); try { log = readFileSync(join(logs, 'web-pod', 'app.log'), 'utf8'); } catch { /* not yet */ } }
+    expect(log).toMatch(/ stdout F started in web-pod\n/); // CRI's log format, from the container's stdout
+    const ex = await cri.runtime.ExecSync({ container_id: ct, cmd: ['sh', '-c', 'echo exec in $(hostname); echo err >&2; exit 3'], timeout: 30 });
+    expect({ out: ex.stdout.toString(), err: ex.stderr.toString(), code: ex.exit_code }).toEqual({ out: 'exec in web-pod\n', err: 'err\n', code: 3 });
+    await cri.runtime.StopContainer({ container_id: ct, timeout: 10 });
+    const st = (await cri.runtime.ContainerStatus({ container_id: ct })).status;
+    expect({ state: st.state, exit: st.exit_code }).toEqual({ state: 'CONTAINER_EXITED', exit: 0 }); // its TERM trap ran
+    await cri.runtime.RemoveContainer({ container_id: ct });
+    await cri.runtime.StopPodSandbox({ pod_sandbox_id: sb });
+    await cri.runtime.RemovePodSandbox({ pod_sandbox_id: sb });
+    expect(await clones()).toEqual([]);
+    expect((await cri.runtime.ListPodSandbox({})).items).toEqual([]);
+  });
+
+  it('two pods at once are two VMs with their own hostnames and machine-ids', async () => {
+    const pods = await Promise.all(['pod-a', 'pod-b'].map(async (name) => (await cri.runtime.RunPodSandbox({ config: podConfig(name), runtime_handler: 'scion' })).pod_sandbox_id as string));
+    try {
+      const vms = await clones();
+      expect(vms.map((v) => v.hostname).sort()).toEqual(['pod-a', 'pod-b']);
+      // (the agent's port is the shim's while the pod runs: the identity each VM was given is read from its record)
+      const vm = await import('../../host/index.ts');
+      const ids = await Promise.all(vms.map(async (v) => { const m = await vm.Machine.open(v.name); try { return m.info().identity!; } finally { m.close(); } }));
+      expect(new Set(ids.map((i) => i.machineId)).size).toBe(2);
+      expect(new Set(ids.map((i) => i.mac)).size).toBe(2);
+      // and from inside: a container in each pod sees its pod's hostname
+      for (const [i, sb] of pods.entries()) {
+        const name = ['pod-a', 'pod-b'][i];
+        const { container_id: ct } = await cri.runtime.CreateContainer({ pod_sandbox_id: sb, config: { metadata: { name: 'c' }, image: { image: IMAGE }, command: ['sleep', '300'], log_path: 'c.log' }, sandbox_config: podConfig(name) });
+        await cri.runtime.StartContainer({ container_id: ct });
+        expect((await cri.runtime.ExecSync({ container_id: ct, cmd: ['hostname'], timeout: 30 })).stdout.toString()).toBe(`${name}\n`);
+        await cri.runtime.StopContainer({ container_id: ct, timeout: 1 });
+        await cri.runtime.RemoveContainer({ container_id: ct });
+      }
+    } finally {
+      for (const sb of pods) { await cri.runtime.StopPodSandbox({ pod_sandbox_id: sb }); await cri.runtime.RemovePodSandbox({ pod_sandbox_id: sb }); }
+    }
+    expect(await clones()).toEqual([]);
+  });
+
+  it('an unknown template named by a pod annotation fails RunPodSandbox with a clear error, and nothing stays', async () => {
+    // (a map in the binary's descriptor is its entries: key, value)
+    const cfg = { ...podConfig('bad-tpl'), annotations: [{ key: 'io.scion.template', value: 'no-such-tpl' }] };
+    await expect(cri.runtime.RunPodSandbox({ config: cfg, runtime_handler: 'scion' })).rejects.toThrow(/cannot fork a pod VM from template no-such-tpl: no frozen template named no-such-tpl/);
+    expect(await clones()).toEqual([]);
+  });
+});

@@ -1,0 +1,82 @@
+/** The shim's pure parts: its command line, what a task is, the guest's OCI config, the rootfs argv. */
+import { describe, it, expect } from 'vitest';
+import { parseShimArgs, serveArgs, ShimUsageError } from '../../shim/args.ts';
+import { taskKind, diskSerial } from '../../shim/service.ts';
+import { guestSpec } from '../../shim/spec.ts';
+import { mountArgv, mkfsArgv } from '../../shim/rootfs.ts';
+import { envelope } from '../../shim/events.ts';
+import { decode } from '../../shim/proto.ts';
+
+describe('the shim command line (containerd runtime v2, Go flag style)', () => {
+  it('reads what containerd passes to start and delete, and what serve needs', () => {
+    expect(parseShimArgs(['-namespace', 'k8s.io', '-address', '/run/c.sock', '-publish-binary', '/usr/bin/containerd', '-id', 'abc', '-debug', 'start']))
+      .toEqual({ action: 'start', namespace: 'k8s.io', id: 'abc', address: '/run/c.sock', publishBinary: '/usr/bin/containerd', bundle: undefined, socket: undefined, debug: true });
+    expect(parseShimArgs(['--namespace=default', '-id=x', '-bundle', '/b', 'delete'])).toMatchObject({ action: 'delete', bundle: '/b' });
+    const a = parseShimArgs(['-namespace', 'n', '-id', 'i', '-address', '/a', 'start']);
+    expect(parseShimArgs(serveArgs(a, '/s.sock'))).toMatchObject({ action: 'serve', socket: '/s.sock', namespace: 'n', id: 'i' });
+  });
+  it('refuses what containerd would never send, saying what', () => {
+    expect(() => parseShimArgs(['-namespace', 'n', '-id', 'i'])).toThrow(ShimUsageError);
+    expect(() => parseShimArgs(['-namespace', 'n', '-id', '../x', 'start'])).toThrow(/-id/);
+    expect(() => parseShimArgs(['-namespace', 'n', '-id', 'i', '-bogus', 'start'])).toThrow(/unknown flag -bogus/);
+    expect(() => parseShimArgs(['-namespace', 'n', '-id', 'i', 'serve'])).toThrow(/-socket/);
+  });
+});
+
+describe('tasks', () => {
+  it('are told apart by the CRI annotations', () => {
+    expect(taskKind({ 'io.kubernetes.cri.container-type': 'sandbox' })).toEqual({ kind: 'sandbox' });
+    expect(taskKind({ 'io.kubernetes.cri.container-type': 'container', 'io.kubernetes.cri.sandbox-id': 's1' })).toEqual({ kind: 'container', sandboxId: 's1' });
+    expect(taskKind(undefined)).toEqual({ kind: 'lone' });
+  });
+  it('name their rootfs disk by a serial that fits virtio-blk (20 bytes) and the agent\'s rule', () => {
+    const s = diskSerial('f8649f88152866a01c2f8b366132a7d7fb3841ba90f2c1007cf0624780149473');
+    expect(s).toMatch(/^[a-z0-9][a-z0-9-]{0,19}$/);
+    expect(diskSerial('a')).not.toBe(diskSerial('b'));
+  });
+});
+
+describe('the guest\'s OCI config', () => {
+  const cri = {
+    process: { args: ['sh'], terminal: true }, hostname: 'web-pod', hooks: { prestart: [{ path: '/usr/bin/x' }] },
+    mounts: [
+      { destination: '/proc', type: 'proc', source: 'proc' },
+      { destination: '/etc/hosts', type: 'bind', source: '/var/lib/containerd/sandboxes/s/hosts', options: ['rbind', 'rw'] },
+      { destination: '/dev/shm', type: 'bind', source: '/run/containerd/sandboxes/s/shm', options: ['rbind'] },
+      { destination: '/data', type: 'bind', source: '/host/data', options: ['rbind'] },
+    ],
+    linux: { cgroupsPath: '/k8s.io/c', resources: { memory: { limit: 1 } }, namespaces: [{ type: 'pid', path: '/proc/9/ns/pid' }, { type: 'uts', path: '/proc/9/ns/uts' }, { type: 'mount' }, { type: 'network', path: '/proc/9/ns/net' }] },
+    root: { path: 'rootfs' },
+  };
+  it('shares the VM\'s network, gets new namespaces for host ones, leaves host paths, hooks and limits out', () => {
+    const { spec, dropped } = guestSpec(cri, { hostname: 'pod-1' });
+    expect(spec.linux.namespaces).toEqual([{ type: 'pid' }, { type: 'uts' }, { type: 'mount' }]);
+    expect(spec.linux.cgroupsPath).toBeUndefined();
+    expect(spec.linux.resources).toBeUndefined();
+    expect(spec.hooks).toBeUndefined();
+    expect(spec.root).toBeUndefined();
+    expect(spec.process.terminal).toBe(false);
+    expect(spec.hostname).toBe('web-pod');
+    expect(spec.mounts).toEqual([{ destination: '/proc', type: 'proc', source: 'proc' }, { destination: '/etc/hosts', type: 'bind', source: '/etc/hosts', options: ['rbind', 'ro'] }]);
+    expect(dropped.join('; ')).toMatch(/hooks.*network namespace.*cgroupsPath.*resources.*\/run\/containerd\/sandboxes\/s\/shm.*\/host\/data/);
+    expect(cri.linux.namespaces).toHaveLength(4); // the input is left as it was
+  });
+  it('sets a hostname only where the container has a UTS namespace of its own', () => {
+    expect(guestSpec({ linux: { namespaces: [{ type: 'mount' }] }, hostname: 'x' }).spec.hostname).toBeUndefined();
+    expect(guestSpec({ linux: { namespaces: [{ type: 'uts' }] } }, { hostname: 'pod-3' }).spec.hostname).toBe('pod-3');
+  });
+});
+
+describe('rootfs and events', () => {
+  it('mounts containerd\'s snapshot and packs it reproducibly', () => {
+    expect(mountArgv({ type: 'bind', source: '/snap/1/fs', options: ['rbind', 'ro'] }, '/t')).toEqual(['mount', '-t', 'none', '-o', 'rbind,ro', '/snap/1/fs', '/t']);
+    expect(mountArgv({ type: 'overlay', source: 'overlay', options: ['lowerdir=/a:/b', 'upperdir=/u', 'workdir=/w'] }, '/t')).toEqual(['mount', '-t', 'overlay', '-o', 'lowerdir=/a:/b,upperdir=/u,workdir=/w', 'overlay', '/t']);
+    expect(mkfsArgv('/i.erofs', '/t')).toEqual(['mkfs.erofs', '--quiet', '-T0', '/i.erofs', '/t']);
+  });
+  it('an event envelope carries its message as an Any named by its full protobuf name', () => {
+    const e = envelope('k8s.io', '/tasks/exit', { containerId: 'c', exitStatus: 137 }, 1500) as any;
+    expect(e.envelope).toMatchObject({ namespace: 'k8s.io', topic: '/tasks/exit', timestamp: { seconds: 1, nanos: 500_000_000 } });
+    expect(e.envelope.event.type_url).toBe('containerd.events.TaskExit');
+    expect(decode('containerd.events.TaskExit', e.envelope.event.value)).toMatchObject({ containerId: 'c', exitStatus: 137 });
+  });
+});
