@@ -43,6 +43,16 @@ export function taskKind(annotations: Record<string, string> | undefined): { kin
   return { kind: 'lone' };
 }
 
+/**
+ * The network namespace CNI set up for a pod sandbox, by name (`ip netns`
+ * keeps them in /var/run/netns): none for a pod on the node's network. Pure.
+ */
+export function podNetns(config: OciSpec): string | undefined {
+  const ns = (config.linux?.namespaces ?? []).find((n: { type: string; path?: string }) => n.type === 'network' && n.path);
+  const m = ns ? /^\/(?:var\/)?run\/netns\/([A-Za-z0-9_.-]{1,64})$/.exec(ns.path) : null;
+  return m?.[1];
+}
+
 /** The serial the guest finds a task's rootfs disk by (virtio-blk serials hold 20 bytes). Pure. */
 export function diskSerial(id: string): string {
   return `r${createHash('sha256').update(id).digest('hex').slice(0, 16)}`;
@@ -127,10 +137,10 @@ export class TaskService {
   };
 
   /** The pod's VM: forked once, by its first task. */
-  private async pod(template: string, hostname?: string): Promise<Machine> {
+  private async pod(template: string, hostname?: string, netns?: string): Promise<Machine> {
     if (this.machine) return this.machine;
     this.forking ??= (async () => {
-      const m = await Machine.forkTemplate(template, { prefix: 'pod', hostname, owner: { pid: process.pid, kind: 'shim' } }).catch((e: Error & { hint?: string }) => {
+      const m = await Machine.forkTemplate(template, { prefix: 'pod', hostname, pod: netns ? { netns, dev: 'eth0' } : undefined, owner: { pid: process.pid, kind: 'shim' } }).catch((e: Error & { hint?: string }) => {
         throw new TtrpcError(Code.FAILED_PRECONDITION, `cannot fork a pod VM from template ${template}: ${e.message}${e.hint ? ` (${e.hint}; the template comes from the annotation ${TEMPLATE_ANNOTATION}, else SCION_SHIM_TEMPLATE, else pod-tpl)` : ''}`);
       });
       try {
@@ -173,7 +183,7 @@ export class TaskService {
       try {
         // a pod sandbox's VM takes the pod's hostname (a DNS label, as Kubernetes gives it)
         const hostname = kind === 'sandbox' && typeof config.hostname === 'string' && HOSTNAME.test(config.hostname) ? config.hostname : undefined;
-        const m = await this.pod(config.annotations?.[TEMPLATE_ANNOTATION] ?? this.o.template, hostname);
+        const m = await this.pod(config.annotations?.[TEMPLATE_ANNOTATION] ?? this.o.template, hostname, kind === 'sandbox' ? podNetns(config) : undefined);
         // the pod's owners (its sandbox, or a lone task) name its VM for `delete` after a crash; a container does not
         if (kind !== 'container') await writeFile(join(req.bundle, VM_FILE), m.name + '\n');
         if (kind !== 'sandbox') await this.createContainer(t, config, req.rootfs);

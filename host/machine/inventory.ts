@@ -10,7 +10,7 @@ import { VmError, ScionError } from '../../common/errors.ts';
 import { validName, type ValidName } from '../../common/names.ts';
 import { QmpClient } from '../qemu/qmp.ts';
 import { isQemuIn, processAlive, killPid, waitDead, qemuPidsUnder } from '../qemu/process.ts';
-import { deleteTap } from './net.ts';
+import { deleteTap, netnsOf } from './net.ts';
 import { vmPaths, vmsDir, trustedTemplateRoot } from '../store/dirs.ts';
 import { readRecord, type VmRecord } from '../store/records.ts';
 import { listRunDirs, listSlots, release, abandonedTempDirs } from '../store/slots.ts';
@@ -104,7 +104,8 @@ export async function removeVm(vm: string, opts: { force?: boolean } = {}): Prom
   if (!opts.force) assertNotBusy(r, name, 'remove');
   if (r) await quitQemu(name, r);
   for (const q of qemuPidsUnder(vms)) if (q.jail === p.jail) { killPid(q.pid); await waitDead(q.pid, 3000); }
-  if (r?.desc.net.mode === 'bridge') await deleteTap(r.desc.net.tap, r.netMode.mode === 'bridge' ? r.netMode.netns : undefined);
+  // (a pod's tc redirect on its interface goes with the pod's namespace, which CRI removes)
+  if (r?.desc.net.mode === 'bridge') await deleteTap(r.desc.net.tap, netnsOf(r.netMode));
   // the template directory is found by name under the checked root, never by a path from the record
   if (r?.role === 'template' || untrusted) await rm(join(trustedTemplateRoot(), name), { recursive: true, force: true });
   for (const s of r?.slots ?? []) await release(s);

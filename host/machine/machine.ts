@@ -36,7 +36,7 @@ import { writeRecord, writeTemplateMeta, readRecord, TEMPLATE_FORMAT, VM_FORMAT,
 import { slotName, release } from '../store/slots.ts';
 import { allocateIdentity, type CloneIdentity } from './identity.ts';
 import { syncGuestClock, measureOffset } from './clock.ts';
-import { createTap, deleteTap, netParams, type NetMode } from './net.ts';
+import { createTap, createPodTap, deleteTap, netParams, netnsOf, readPodNetwork, type NetMode, type PodNetSpec } from './net.ts';
 import { qcow2Overlay } from './disk.ts';
 import { claimClone, claimNamed, reservePorts } from './claim.ts';
 import { checkTemplate, makeTemplateDir, makeMemFile, memMode, baseDiskOf, templateDir, type FrozenTemplate } from './templates.ts';
@@ -73,6 +73,8 @@ export interface ForkOptions {
   tbSizeMB?: number;
   /** how long the agent may take to answer after the resume (default 30 s) */
   agentTimeoutMs?: number;
+  /** a pod's network namespace (CNI's): the VM's tap goes there, joined to `dev`, and the VM takes its addresses */
+  pod?: PodNetSpec;
   /**
    * Do not send identity.apply: the clone keeps the template's hostname,
    * machine-id, addresses and RNG state. Only for showing that an identity
@@ -114,7 +116,6 @@ interface Plan {
 }
 
 const credOf = (r: VmRecord): Credentials | undefined => (r.uid !== undefined && r.gid !== undefined ? { uid: r.uid, gid: r.gid } : undefined);
-const netnsOf = (n: NetMode): string | undefined => (n.mode === 'bridge' ? n.netns : undefined);
 
 export class Machine {
   #qmp?: QmpClient;
@@ -306,8 +307,8 @@ export class Machine {
     try {
       await writeRecord(record);
       const files = await plan.files(record, cred);
-      if (record.netMode.mode === 'bridge') {
-        record.desc.net = { mode: 'bridge', tap: await createTap(record.netMode, cred) };
+      if (record.netMode.mode === 'bridge' || record.netMode.mode === 'pod') {
+        record.desc.net = { mode: 'bridge', tap: record.netMode.mode === 'pod' ? await createPodTap(record.netMode, cred) : await createTap(record.netMode, cred) };
         await writeRecord(record); // before QEMU: removing the VM deletes the tap its record names
       }
       if (plan.lineup && JSON.stringify(deviceLineup(record.desc)) !== JSON.stringify(plan.lineup)) throw new VmError('E_TEMPLATE_LINEUP', `${record.template ?? record.name}: the template was frozen with another device line-up`, { hint: 'freeze it again with this scion' });
@@ -402,7 +403,10 @@ export class Machine {
   static async fork(tpl: FrozenTemplate, o: ForkOptions): Promise<Machine> {
     const t0 = performance.now();
     const { meta, dir: tdir, files: t } = tpl;
-    const netMode: NetMode = meta.net;
+    if (o.pod && meta.net.mode !== 'bridge') throw new VmError('E_NET', `${meta.name}: a pod's VM needs a template booted with a tap (scion up … --bridge BR), not ${meta.net.mode} networking`, { hint: 'the tap in the pod\'s namespace must match the template\'s device line-up' });
+    const netMode: NetMode = o.pod ? { mode: 'pod', ...o.pod } : meta.net;
+    // a pod's VM takes what CNI gave the pod's interface
+    const podNet = o.pod ? await readPodNetwork(o.pod) : undefined;
     // host ports first (they go into the record the run directory is made with); only user-mode
     // networking forwards ports: a bridged clone is reached at its own address
     const ports = netMode.mode === 'user' ? await reservePorts(meta.ports.length, `${o.prefix}-c?`) : [];
@@ -419,7 +423,8 @@ export class Machine {
       claim: async () => {
         try {
           const r = await claimClone(o.prefix, (index, name) => {
-            const id = allocateIdentity(index, o.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`, undefined, netParams(netMode));
+            const allocated = allocateIdentity(index, o.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`, undefined, netMode.mode === 'pod' ? netParams({ mode: 'user' }) : netParams(netMode));
+            const id = podNet ? { ...allocated, mac: podNet.mac, ip: podNet.ip, prefix: podNet.prefix, gateway: podNet.gateway ?? allocated.gateway, dns: [] } : allocated;
             const net: NetConfig = netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards } : { mode: 'none' };
             return {
               format: VM_FORMAT, name, role: 'clone', image: meta.image, accel: meta.accel, createdAt: new Date().toISOString(), template: meta.name,

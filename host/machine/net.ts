@@ -20,7 +20,50 @@ export interface BridgeSpec {
   dns?: string[];
 }
 
-export type NetMode = { mode: 'user' } | ({ mode: 'bridge' } & BridgeSpec) | { mode: 'none' };
+/**
+ * A pod's network namespace as CNI made it (containerd's CRI): the VM's tap
+ * lives in it, and tc redirects every frame between the tap and the pod's
+ * interface (`dev`, CNI's eth0) both ways, as Kata does; the VM takes that
+ * interface's MAC, address and routes, so for the network the VM is the pod.
+ */
+export interface PodNetSpec { netns: string; dev: string }
+
+export type NetMode = { mode: 'user' } | ({ mode: 'bridge' } & BridgeSpec) | ({ mode: 'pod' } & PodNetSpec) | { mode: 'none' };
+
+/** The network namespace a VM's tap lives in, if any. */
+export const netnsOf = (n: NetMode): string | undefined => (n.mode === 'bridge' || n.mode === 'pod' ? n.netns : undefined);
+
+/** What CNI gave the pod's interface: its MAC, first IPv4 address and the default route. */
+export async function readPodNetwork(spec: PodNetSpec): Promise<{ mac: string; ip: string; prefix: number; gateway?: string }> {
+  const link = JSON.parse(await ip(['-j', 'addr', 'show', 'dev', spec.dev], spec.netns))[0];
+  const inet = (link?.addr_info ?? []).find((a: { family: string }) => a.family === 'inet');
+  if (!link?.address || !inet) throw new VmError('E_NET', `network namespace ${spec.netns}: ${spec.dev} has no IPv4 address (did CNI run?)`);
+  const routes = JSON.parse(await ip(['-j', 'route', 'show', 'default'], spec.netns)) as { gateway?: string }[];
+  return { mac: String(link.address).toLowerCase(), ip: inet.local, prefix: inet.prefixlen, gateway: routes[0]?.gateway };
+}
+
+function tc(args: string[], netns: string): Promise<unknown> {
+  return run('tc', ['-n', netns, ...args], { code: 'E_NET' });
+}
+
+/** A tap for the VM in the pod's namespace, owned by its uid, joined to the pod's interface by tc redirects. */
+export async function createPodTap(spec: PodNetSpec, owner?: { uid: number; gid: number }): Promise<string> {
+  if (owner) await tunOpenToAll();
+  const tap = `sct${randomBytes(4).toString('hex')}`;
+  await ip(['tuntap', 'add', 'dev', tap, 'mode', 'tap', ...(owner ? ['user', String(owner.uid), 'group', String(owner.gid)] : [])], spec.netns);
+  try {
+    await ip(['link', 'set', 'dev', tap, 'up'], spec.netns);
+    for (const [from, to] of [[spec.dev, tap], [tap, spec.dev]]) {
+      await tc(['qdisc', 'add', 'dev', from, 'ingress'], spec.netns);
+      await tc(['filter', 'add', 'dev', from, 'parent', 'ffff:', 'protocol', 'all', 'u32', 'match', 'u8', '0', '0', 'action', 'mirred', 'egress', 'redirect', 'dev', to], spec.netns);
+    }
+  } catch (e) {
+    await deleteTap(tap, spec.netns);
+    await tc(['qdisc', 'del', 'dev', spec.dev, 'ingress'], spec.netns).catch(() => undefined);
+    throw e;
+  }
+  return tap;
+}
 
 export function netParams(n: NetMode): { network: string; gateway: string; dns: string[] } {
   if (n.mode === 'bridge') {

@@ -13,6 +13,9 @@ import { startContainerd, type TestContainerd } from './containerd.ts';
 import { busyboxOciArchive } from './oci-busybox.ts';
 import { criClient } from './cri.ts';
 import { isolateRunDirs, removeEverything, image } from './helpers.ts';
+import { randomBytes } from 'node:crypto';
+import { writeFileSync, mkdirSync } from 'node:fs';
+import { $ } from 'zx';
 
 const ROOT = join(import.meta.dirname, '../..');
 const IMAGE = 'docker.io/scion/busybox:test';
@@ -20,17 +23,37 @@ const dirs = isolateRunDirs('cri');
 const logs = mkdtempSync(join(tmpdir(), 'scion-podlogs-'));
 let cd: TestContainerd;
 let cri: ReturnType<typeof criClient>;
+// CNI: a bridge (host-local addresses) the test's containerd gives each pod a veth on
+const tag = randomBytes(2).toString('hex');
+const cniBridge = `scnb${tag}`, subnet = `10.88.${parseInt(tag.slice(0, 2), 16)}`;
+const cniDir = mkdtempSync(join(tmpdir(), 'scion-cni-'));
+// the template of CNI pods boots with a tap (on a scratch bridge), as the pods' VMs will have one
+const tplNs = `scion-tpl${tag}`;
 
 beforeAll(async () => {
   const { build } = await import('../../builder/build.ts');
   const vm = await import('../../host/index.ts');
   const img = await vm.loadImage((await build({ definitionPath: image('pod') })).dir);
   await vm.freeze(await vm.bootTemplate(img, { name: 'pod-tpl' }), img);
-  cd = await startContainerd({ path: [join(ROOT, 'bin')], cri: { sandboxImage: IMAGE } });
+  await $`ip netns add ${tplNs}`;
+  await $`ip -n ${tplNs} link add br0 type bridge`;
+  await $`ip -n ${tplNs} link set br0 up`;
+  await vm.freeze(await vm.bootTemplate(img, { name: 'podnet-tpl', net: { mode: 'bridge', bridge: 'br0', netns: tplNs, network: '10.45.0.0/24' } }), img);
+  await $`ip netns del ${tplNs}`;
+  mkdirSync(join(cniDir, 'conf')); mkdirSync(join(cniDir, 'ipam'));
+  writeFileSync(join(cniDir, 'conf', '10-scion-test.conflist'), JSON.stringify({
+    cniVersion: '0.4.0', name: `scion-test-${tag}`,
+    plugins: [{ type: 'bridge', bridge: cniBridge, isGateway: true, ipMasq: false, ipam: { type: 'host-local', dataDir: join(cniDir, 'ipam'), ranges: [[{ subnet: `${subnet}.0/24` }]], routes: [{ dst: '0.0.0.0/0' }] } }],
+  }));
+  cd = await startContainerd({ path: [join(ROOT, 'bin')], cri: { sandboxImage: IMAGE, cniConfDir: join(cniDir, 'conf') } });
   await cd.ctr(['images', 'import', await busyboxOciArchive(cd.dir, IMAGE)], { namespace: 'k8s.io' });
   cri = criClient(cd.address);
 }, 180_000);
-afterAll(async () => { cri?.close(); await cd?.stop(); await removeEverything(dirs); });
+afterAll(async () => {
+  cri?.close(); await cd?.stop(); await removeEverything(dirs);
+  await $({ nothrow: true, quiet: true })`ip link del ${cniBridge}`; // never made if no pod ran: nothing to remove
+  await $({ nothrow: true, quiet: true })`ip netns del ${tplNs}`;
+});
 
 const podConfig = (name: string) => ({
   metadata: { name, uid: `uid-${name}`, namespace: 'default', attempt: 0 }, hostname: name, log_directory: join(logs, name),
@@ -91,6 +114,38 @@ describe('the kubelet\'s calls for a pod, runtime_handler scion', () => {
       }
     } finally {
       for (const sb of pods) { await cri.runtime.StopPodSandbox({ pod_sandbox_id: sb }); await cri.runtime.RemovePodSandbox({ pod_sandbox_id: sb }); }
+    }
+    expect(await clones()).toEqual([]);
+  });
+
+  it('with CNI: the pod VM takes the IP and MAC CNI gave the pod, and the host reaches the container inside at that IP', async () => {
+    const cfg = { metadata: { name: 'web-cni', uid: 'uid-cni', namespace: 'default', attempt: 0 }, hostname: 'web-cni', log_directory: join(logs, 'web-cni'), annotations: [{ key: 'io.scion.template', value: 'podnet-tpl' }] };
+    const { pod_sandbox_id: sb } = await cri.runtime.RunPodSandbox({ config: cfg, runtime_handler: 'scion' });
+    try {
+      const podIp = (await cri.runtime.PodSandboxStatus({ pod_sandbox_id: sb })).status.network.ip as string;
+      expect(podIp.startsWith(`${subnet}.`)).toBe(true);
+      const [v] = await clones();
+      expect(v.ip).toBe(podIp);
+      const { container_id: ct } = await cri.runtime.CreateContainer({ pod_sandbox_id: sb, config: { metadata: { name: 'web' }, image: { image: IMAGE }, command: ['sh', '-c', 'mkdir -p /www && echo "hello from $(hostname)" > /www/index.html && exec httpd -f -p 8080 -h /www'], log_path: 'web.log' }, sandbox_config: cfg });
+      await cri.runtime.StartContainer({ container_id: ct });
+      let body = '';
+      for (let i = 0; i < 100 && !body; i++) {
+        try { body = await (await fetch(`http://${podIp}:8080/`, { signal: AbortSignal.timeout(2000) })).text(); } catch { await new Promise((r) => setTimeout(r, 200)); }
+      }
+      expect(body).toBe('hello from web-cni\n');
+      // the pod's interface in its namespace has no process behind it: frames go to the VM, whose MAC it is
+      const mac = (await cri.runtime.ExecSync({ container_id: ct, cmd: ['cat', '/sys/class/net/eth0/address'], timeout: 30 })).stdout.toString().trim();
+      const m = await (await import('../../host/index.ts')).Machine.open(v.name);
+      try { expect(mac).toBe(m.info().identity!.mac); } finally { m.close(); }
+      // and it is the MAC CNI gave the pod's veth (read in the pod's namespace, from the sandbox's netns)
+      const netns = JSON.parse((await $`ip -j netns list`.quiet()).stdout).map((n: { name: string }) => n.name).filter((n: string) => n.startsWith('cni-'));
+      const macs = await Promise.all(netns.map(async (n: string) => JSON.parse((await $({ nothrow: true, quiet: true })`ip -n ${n} -j link show dev eth0`).stdout || '[]')[0]?.address));
+      expect(macs).toContain(mac);
+      await cri.runtime.StopContainer({ container_id: ct, timeout: 1 });
+      await cri.runtime.RemoveContainer({ container_id: ct });
+    } finally {
+      await cri.runtime.StopPodSandbox({ pod_sandbox_id: sb });
+      await cri.runtime.RemovePodSandbox({ pod_sandbox_id: sb });
     }
     expect(await clones()).toEqual([]);
   });

@@ -28,7 +28,7 @@ async function tarOf(entries: { name: string; data?: Buffer; linkname?: string; 
   return Buffer.concat(chunks);
 }
 
-const APPLETS = ['sh', 'echo', 'cat', 'sleep', 'hostname', 'ls', 'ps', 'wc', 'true', 'false', 'id', 'env', 'pwd', 'uname', 'tr'];
+const APPLETS = ['sh', 'echo', 'cat', 'sleep', 'hostname', 'ls', 'ps', 'wc', 'true', 'false', 'id', 'env', 'pwd', 'uname', 'tr', 'mkdir', 'httpd', 'ip'];
 
 /** Write `<dir>/busybox-oci.tar` (image name `name`); returns its path. */
 export async function busyboxOciArchive(dir: string, name: string): Promise<string> {
