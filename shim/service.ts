@@ -13,9 +13,9 @@
  */
 import { readFile, rm, writeFile } from 'node:fs/promises';
 import { createReadStream, type WriteStream, createWriteStream } from 'node:fs';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { Machine } from '../host/index.ts';
+import { Machine, loadImage } from '../host/index.ts';
 import type { AgentClient } from '../host/index.ts';
 import { base64Decode, base64Encode } from '../common/base64.ts';
 import { TtrpcError, Code, type Handler } from './ttrpc.ts';
@@ -31,6 +31,8 @@ export const VM_FILE = 'scion-vm';
 export const CRI_TYPE = 'io.kubernetes.cri.container-type';
 export const CRI_SANDBOX = 'io.kubernetes.cri.sandbox-id';
 export const TEMPLATE_ANNOTATION = 'io.scion.template';
+/** `cold`: boot the pod's VM from the template's image instead of forking it (a baseline for benchmarks) */
+export const BOOT_ANNOTATION = 'io.scion.boot';
 
 export type TaskKind = 'sandbox' | 'container' | 'lone';
 const HOSTNAME = /^(?=.{1,63}$)[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?$/;
@@ -137,10 +139,12 @@ export class TaskService {
   };
 
   /** The pod's VM: forked once, by its first task. */
-  private async pod(template: string, hostname?: string, netns?: string): Promise<Machine> {
+  private async pod(template: string, hostname?: string, netns?: string, cold = false): Promise<Machine> {
     if (this.machine) return this.machine;
     this.forking ??= (async () => {
-      const m = await Machine.forkTemplate(template, { prefix: 'pod', hostname, pod: netns ? { netns, dev: 'eth0' } : undefined, owner: { pid: process.pid, kind: 'shim' } }).catch((e: Error & { hint?: string }) => {
+      const pod = netns ? { netns, dev: 'eth0' } : undefined;
+      const owner = { pid: process.pid, kind: 'shim' };
+      const m = await (cold ? this.coldBoot(template, hostname, pod, owner) : Machine.forkTemplate(template, { prefix: 'pod', hostname, pod, owner })).catch((e: Error & { hint?: string }) => {
         throw new TtrpcError(Code.FAILED_PRECONDITION, `cannot fork a pod VM from template ${template}: ${e.message}${e.hint ? ` (${e.hint}; the template comes from the annotation ${TEMPLATE_ANNOTATION}, else SCION_SHIM_TEMPLATE, else pod-tpl)` : ''}`);
       });
       try {
@@ -156,6 +160,19 @@ export class TaskService {
       return m;
     })();
     try { return await this.forking; } finally { this.forking = undefined; }
+  }
+
+  /**
+   * No template: boot the template's image afresh for this pod (annotation
+   * io.scion.boot: cold), as a VM runtime without templating does: the
+   * baseline bench:cri compares the fork with.
+   */
+  private async coldBoot(template: string, hostname: string | undefined, pod: { netns: string; dev: string } | undefined, owner: { pid: number; kind: string }): Promise<Machine> {
+    const tpl = await Machine.find(template);
+    if (!tpl) throw new TtrpcError(Code.FAILED_PRECONDITION, `no template ${template} to take the image of`);
+    const img = await loadImage(tpl.info().image);
+    tpl.close();
+    return Machine.boot(img, { name: `pod-cold-${randomBytes(4).toString('hex')}`, hostname, net: pod ? { mode: 'pod', ...pod } : undefined, owner });
   }
 
   /** A container's rootfs into the pod's VM and its config into the agent. */
@@ -183,7 +200,7 @@ export class TaskService {
       try {
         // a pod sandbox's VM takes the pod's hostname (a DNS label, as Kubernetes gives it)
         const hostname = kind === 'sandbox' && typeof config.hostname === 'string' && HOSTNAME.test(config.hostname) ? config.hostname : undefined;
-        const m = await this.pod(config.annotations?.[TEMPLATE_ANNOTATION] ?? this.o.template, hostname, kind === 'sandbox' ? podNetns(config) : undefined);
+        const m = await this.pod(config.annotations?.[TEMPLATE_ANNOTATION] ?? this.o.template, hostname, kind === 'sandbox' ? podNetns(config) : undefined, config.annotations?.[BOOT_ANNOTATION] === 'cold');
         // the pod's owners (its sandbox, or a lone task) name its VM for `delete` after a crash; a container does not
         if (kind !== 'container') await writeFile(join(req.bundle, VM_FILE), m.name + '\n');
         if (kind !== 'sandbox') await this.createContainer(t, config, req.rootfs);

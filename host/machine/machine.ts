@@ -50,6 +50,8 @@ export interface Owner { pid: number; kind: string }
 
 export interface BootOptions {
   name?: string; net?: NetMode; accel?: Accel; timeoutMs?: number; log?: (m: string) => void;
+  /** its hostname (default: the image's name) */
+  hostname?: string;
   /** 'ram': an ordinary VM whose freeze saves RAM into the state stream (the baseline scion is compared with) */
   memory?: 'file' | 'ram';
   /** stop at the agent's boot ready, without the template identity (cold-boot measurements) */
@@ -347,8 +349,10 @@ export class Machine {
     const netMode: NetMode = o.net ?? { mode: 'user' };
     const baseDisk = o.disk ? resolvePath(o.disk) : undefined;
     if (baseDisk && !(await stat(baseDisk).then((s) => s.isFile(), () => false))) throw new VmError('E_DISK', `disk ${o.disk} does not exist or is not a file`);
-    // the template's own identity (index 0, generation 1): clones start from a known state
-    const id = allocateIdentity(0, img.name, undefined, netParams(netMode));
+    // the template's own identity (index 0, generation 1): clones start from a known state; a pod's VM takes what CNI gave the pod
+    const podNet = netMode.mode === 'pod' ? await readPodNetwork(netMode) : undefined;
+    const allocated = allocateIdentity(0, o.hostname ?? img.name, undefined, netMode.mode === 'pod' ? netParams({ mode: 'user' }) : netParams(netMode));
+    const id = podNet ? { ...allocated, mac: podNet.mac, ip: podNet.ip, prefix: podNet.prefix, gateway: podNet.gateway ?? allocated.gateway, dns: [] } : allocated;
     const memory = o.memory ?? 'file';
     const timeout = o.timeoutMs ?? 180_000;
     return Machine.construct({

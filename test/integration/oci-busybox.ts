@@ -31,7 +31,7 @@ async function tarOf(entries: { name: string; data?: Buffer; linkname?: string; 
 const APPLETS = ['sh', 'echo', 'cat', 'sleep', 'hostname', 'ls', 'ps', 'wc', 'true', 'false', 'id', 'env', 'pwd', 'uname', 'tr', 'mkdir', 'httpd', 'ip'];
 
 /** Write `<dir>/busybox-oci.tar` (image name `name`); returns its path. */
-export async function busyboxOciArchive(dir: string, name: string): Promise<string> {
+export async function busyboxOciArchive(dir: string, name: string, cmd: string[] = ['sh']): Promise<string> {
   const lock = JSON.parse(readFileSync(join(import.meta.dirname, '../../images/pod.scion.lock'), 'utf8'));
   const p = Object.values<any>(lock.sets).flatMap((s) => s.packages).find((x: any) => x.name === 'busybox-static');
   const deb = await new BlobCache(defaultCacheDir()).get(p.sha256);
@@ -44,7 +44,7 @@ export async function busyboxOciArchive(dir: string, name: string): Promise<stri
     ...APPLETS.map((a) => ({ name: `bin/${a}`, type: 'symlink' as const, linkname: 'busybox', mode: 0o777 })),
   ]);
   const layer = gzipSync(layerTar);
-  const config = Buffer.from(JSON.stringify({ architecture: 'amd64', os: 'linux', config: { Cmd: ['sh'], Env: ['PATH=/bin'] }, rootfs: { type: 'layers', diff_ids: [`sha256:${sha(layerTar)}`] } }));
+  const config = Buffer.from(JSON.stringify({ architecture: 'amd64', os: 'linux', config: { Cmd: cmd, Env: ['PATH=/bin'] }, rootfs: { type: 'layers', diff_ids: [`sha256:${sha(layerTar)}`] } }));
   const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: 'application/vnd.oci.image.manifest.v1+json', config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: `sha256:${sha(config)}`, size: config.length }, layers: [{ mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', digest: `sha256:${sha(layer)}`, size: layer.length }] }));
   const index = Buffer.from(JSON.stringify({ schemaVersion: 2, manifests: [{ mediaType: 'application/vnd.oci.image.manifest.v1+json', digest: `sha256:${sha(manifest)}`, size: manifest.length, annotations: { 'io.containerd.image.name': name, 'org.opencontainers.image.ref.name': name.split(':').pop() } }] }));
   const archive = await tarOf([
@@ -52,7 +52,7 @@ export async function busyboxOciArchive(dir: string, name: string): Promise<stri
     { name: 'index.json', data: index },
     ...[config, manifest, layer].map((b) => ({ name: `blobs/sha256/${sha(b)}`, data: b })),
   ]);
-  const path = join(dir, 'busybox-oci.tar');
+  const path = join(dir, `${name.replace(/[^a-z0-9]+/g, '-')}.tar`);
   writeFileSync(path, archive);
   return path;
 }
