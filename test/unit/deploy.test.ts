@@ -1,0 +1,71 @@
+/**
+ * deploy/kubernetes/ against what the shim relies on. There is no kubelet on
+ * these machines, so what is checked is the agreement between the files and
+ * the code: the runtime's name from RuntimeClass to containerd's config to the
+ * shim binary, the template annotation and its default, the node label.
+ */
+import { describe, it, expect } from 'vitest';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { parseAllDocuments } from 'yaml';
+import { parse as parseToml } from 'smol-toml';
+import { TEMPLATE_ANNOTATION } from '../../shim/service.ts';
+import { config } from '../../common/config.ts';
+
+const ROOT = join(import.meta.dirname, '../..');
+const dir = join(ROOT, 'deploy/kubernetes');
+const yamlDocs = (f: string) => parseAllDocuments(readFileSync(join(dir, f), 'utf8')).map((d) => { expect(d.errors, f).toEqual([]); return d.toJS(); });
+const toml = (f: string) => parseToml(readFileSync(join(dir, f), 'utf8')) as any;
+const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8'));
+
+/** containerd's rule: runtime_type io.containerd.<name>.<version> runs containerd-shim-<name>-<version>. */
+const shimBinary = (runtimeType: string) => { const m = /^io\.containerd\.([a-z0-9]+)\.(v\d+)$/.exec(runtimeType)!; return `containerd-shim-${m[1]}-${m[2]}`; };
+const globMatch = (patterns: string[], key: string) => patterns.some((p) => new RegExp(`^${p.replace(/\./g, '\\.').replace(/\*/g, '.*')}$`).test(key));
+
+describe('deploy/kubernetes', () => {
+  const [rc] = yamlDocs('runtimeclass.yaml');
+  const v2 = toml('containerd-scion.toml').plugins['io.containerd.grpc.v1.cri'].containerd.runtimes;
+  const v3 = toml('containerd-scion-v3.toml').plugins['io.containerd.cri.v1.runtime'].containerd.runtimes;
+  const [, cm, ds] = yamlDocs('daemonset.yaml');
+
+  it('RuntimeClass handler -> containerd runtime (1.6/1.7 and 2.x) -> the shim binary the package installs', () => {
+    expect(rc).toMatchObject({ apiVersion: 'node.k8s.io/v1', kind: 'RuntimeClass', metadata: { name: 'scion' } });
+    for (const runtimes of [v2, v3]) {
+      const r = runtimes[rc.handler];
+      expect(r, 'the handler is a runtime of that name').toBeDefined();
+      expect(shimBinary(r.runtime_type)).toBe('containerd-shim-scion-v2');
+      expect(Object.keys(pkg.bin)).toContain(shimBinary(r.runtime_type));
+      // the pod annotation naming a template reaches the shim
+      expect(globMatch(r.pod_annotations, TEMPLATE_ANNOTATION)).toBe(true);
+    }
+    expect(pkg.files).toContain('deploy/');
+  });
+
+  it('the DaemonSet installs that binary, on the nodes the RuntimeClass schedules to, with the templates pods name', () => {
+    expect(ds).toMatchObject({ kind: 'DaemonSet' });
+    const spec = ds.spec.template.spec;
+    expect(spec.nodeSelector).toEqual(rc.scheduling.nodeSelector);
+    const install = readFileSync(join(dir, 'install-node.sh'), 'utf8');
+    expect(install).toContain('/usr/local/bin/containerd-shim-scion-v2');
+    expect(install).toContain('bin/containerd-shim-scion-v2 "$@"');
+    for (const f of ['containerd-scion.toml', 'containerd-scion-v3.toml']) expect(install).toContain(f);
+    expect(spec.initContainers[0].command.join(' ')).toContain('deploy/kubernetes/install-node.sh');
+    const templates = cm.data.templates.trim().split('\n').map((l: string) => l.trim().split(/\s+/)[0]);
+    expect(cm.data.SCION_SHIM_TEMPLATE).toBe(config({}).shimTemplate); // the shim's default
+    expect(templates).toContain(cm.data.SCION_SHIM_TEMPLATE);
+    const env = spec.containers[0].env.find((e: { name: string }) => e.name === 'SCION_SHIM_TEMPLATE');
+    expect(env.valueFrom.configMapKeyRef).toEqual({ name: cm.metadata.name, key: 'SCION_SHIM_TEMPLATE' });
+  });
+
+  it('the example Deployment and Knative Service run on it and name a template the nodes have', () => {
+    const templates = cm.data.templates.trim().split('\n').map((l: string) => l.trim().split(/\s+/)[0]);
+    const [dep] = yamlDocs('example-deployment.yaml');
+    const [kn] = yamlDocs('knative-service.yaml');
+    for (const t of [dep.spec.template, kn.spec.template]) {
+      expect(t.spec.runtimeClassName).toBe(rc.metadata.name);
+      expect(templates).toContain(t.metadata.annotations[TEMPLATE_ANNOTATION]);
+    }
+    expect(kn).toMatchObject({ apiVersion: 'serving.knative.dev/v1', kind: 'Service' });
+    expect(kn.spec.template.metadata.annotations['autoscaling.knative.dev/min-scale']).toBe('0');
+  });
+});
