@@ -3,13 +3,18 @@
  * from Debian's .proto files: scripts/gen-proto.ts). Encode and decode by
  * fully qualified type name; field names are protobufjs's camelCase.
  */
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
+import { packageRoot } from '../common/version.ts';
 import { join } from 'node:path';
 import protobuf from 'protobufjs';
 
 let root: protobuf.Root | undefined;
 export function protoRoot(): protobuf.Root {
-  root ??= protobuf.Root.fromJSON(JSON.parse(readFileSync(join(import.meta.dirname, 'proto', 'descriptors.json'), 'utf8')));
+  // a checkout's shim/proto/, or the package's dist/shim/proto/ (this module may be bundled elsewhere)
+  const base = packageRoot();
+  const file = [join(base, 'shim', 'proto', 'descriptors.json'), join(base, 'dist', 'shim', 'proto', 'descriptors.json')].find((f) => existsSync(f));
+  if (!file) throw new Error(`the shim's protobuf descriptors are missing under ${base} (npm run gen:proto)`);
+  root ??= protobuf.Root.fromJSON(JSON.parse(readFileSync(file, 'utf8')));
   return root;
 }
 
