@@ -9,12 +9,12 @@
  * counting what leaked. Options: --runs 5 --density 10 --cycles 50
  */
 import { parseArgs } from 'node:util';
-import { mkdtempSync, mkdirSync, writeFileSync, readFileSync, readdirSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, readFileSync, readdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { $ } from 'zx';
-import { startContainerd, shimPids } from '../test/integration/containerd.ts';
+import { startContainerd, shimPids, freezeTapTemplate, cniBridgeConfig } from '../test/integration/containerd.ts';
 import { busyboxOciArchive } from '../test/integration/oci-busybox.ts';
 import { criClient } from '../test/integration/cri.ts';
 import { summarise } from './stats.ts';
@@ -27,21 +27,15 @@ const work = mkdtempSync(join(tmpdir(), 'scion-bench-cri-'));
 process.env.SCION_RUN_DIR = join(work, 'run');
 process.env.SCION_TEMPLATE_DIR = mkdtempSync(join('/dev/shm', 'scion-bench-cri-tpl-'));
 const tag = randomBytes(2).toString('hex');
-const bridge = `scnb${tag}`, subnet = `10.89.${parseInt(tag.slice(0, 2), 16)}`, tplNs = `scion-btpl${tag}`;
+const bridge = `scnb${tag}`, subnet = `10.89.${parseInt(tag.slice(0, 2), 16)}`;
 const log = (m: string) => console.error(`[bench:cri] ${m}`);
 
 // the template: the pod image, booted with a tap (on a scratch bridge) as the pods' VMs will have one
 const { build } = await import('../builder/build.ts');
 const vm = await import('../host/index.ts');
 const img = await vm.loadImage((await build({ definitionPath: join(ROOT, 'images/pod.yaml') })).dir);
-await $`ip netns add ${tplNs}`;
-await $`ip -n ${tplNs} link add br0 type bridge`;
-await $`ip -n ${tplNs} link set br0 up`;
-await vm.freeze(await vm.bootTemplate(img, { name: 'pod-tpl', net: { mode: 'bridge', bridge: 'br0', netns: tplNs, network: '10.45.0.0/24' } }), img);
-await $`ip netns del ${tplNs}`;
-mkdirSync(join(work, 'cni')); mkdirSync(join(work, 'ipam'));
-writeFileSync(join(work, 'cni', '10-bench.conflist'), JSON.stringify({ cniVersion: '0.4.0', name: `scion-bench-${tag}`, plugins: [{ type: 'bridge', bridge, isGateway: true, ipMasq: false, ipam: { type: 'host-local', dataDir: join(work, 'ipam'), ranges: [[{ subnet: `${subnet}.0/24` }]], routes: [{ dst: '0.0.0.0/0' }] } }] }));
-const cd = await startContainerd({ path: [join(ROOT, 'bin')], cri: { sandboxImage: PAUSE, cniConfDir: join(work, 'cni') } });
+await freezeTapTemplate(img, 'pod-tpl', tag);
+const cd = await startContainerd({ path: [join(ROOT, 'bin')], cri: { sandboxImage: PAUSE, cniConfDir: cniBridgeConfig(join(work, 'cni'), { name: `scion-bench-${tag}`, bridge, subnet }) } });
 await cd.ctr(['images', 'import', await busyboxOciArchive(work, IMAGE)], { namespace: 'k8s.io' });
 await cd.ctr(['images', 'import', await busyboxOciArchive(work, PAUSE, ['sleep', '2147483647'])], { namespace: 'k8s.io' });
 const cri = criClient(cd.address);

@@ -90,3 +90,28 @@ export async function startContainerd(opts: { path?: string[]; cri?: { sandboxIm
   };
   return { dir, address, ttrpcAddress: `${address}.ttrpc`, get proc() { return proc; }, log: () => log, ctr, stop, restart };
 }
+
+/**
+ * A template for CNI pods: the image booted with a tap (on a bridge in a scratch namespace,
+ * removed after the freeze), as the pods' VMs will have one: only the device line-up matters.
+ */
+export async function freezeTapTemplate(img: import('../../host/index.ts').ImageArtifacts, name: string, tag: string): Promise<void> {
+  const vm = await import('../../host/index.ts');
+  const ns = `scion-tpl${tag}`;
+  await $`ip netns add ${ns}`;
+  try {
+    await $`ip -n ${ns} link add br0 type bridge`;
+    await $`ip -n ${ns} link set br0 up`;
+    await vm.freeze(await vm.bootTemplate(img, { name, net: { mode: 'bridge', bridge: 'br0', netns: ns, network: '10.45.0.0/24' } }), img);
+  } finally { await $({ nothrow: true, quiet: true })`ip netns del ${ns}`; }
+}
+
+/** A CNI config dir with one bridge network (host-local addresses in `subnet`.0/24, state kept under `dir`); its conf dir. */
+export function cniBridgeConfig(dir: string, o: { name: string; bridge: string; subnet: string }): string {
+  mkdirSync(join(dir, 'conf'), { recursive: true }); mkdirSync(join(dir, 'ipam'), { recursive: true });
+  writeFileSync(join(dir, 'conf', '10-scion.conflist'), JSON.stringify({
+    cniVersion: '0.4.0', name: o.name,
+    plugins: [{ type: 'bridge', bridge: o.bridge, isGateway: true, ipMasq: false, ipam: { type: 'host-local', dataDir: join(dir, 'ipam'), ranges: [[{ subnet: `${o.subnet}.0/24` }]], routes: [{ dst: '0.0.0.0/0' }] } }],
+  }));
+  return join(dir, 'conf');
+}

@@ -9,12 +9,11 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { startContainerd, type TestContainerd } from './containerd.ts';
+import { startContainerd, freezeTapTemplate, cniBridgeConfig, type TestContainerd } from './containerd.ts';
 import { busyboxOciArchive } from './oci-busybox.ts';
 import { criClient } from './cri.ts';
 import { isolateRunDirs, removeEverything, image } from './helpers.ts';
 import { randomBytes } from 'node:crypto';
-import { writeFileSync, mkdirSync } from 'node:fs';
 import { $ } from 'zx';
 
 const ROOT = join(import.meta.dirname, '../..');
@@ -27,32 +26,20 @@ let cri: ReturnType<typeof criClient>;
 const tag = randomBytes(2).toString('hex');
 const cniBridge = `scnb${tag}`, subnet = `10.88.${parseInt(tag.slice(0, 2), 16)}`;
 const cniDir = mkdtempSync(join(tmpdir(), 'scion-cni-'));
-// the template of CNI pods boots with a tap (on a scratch bridge), as the pods' VMs will have one
-const tplNs = `scion-tpl${tag}`;
 
 beforeAll(async () => {
   const { build } = await import('../../builder/build.ts');
   const vm = await import('../../host/index.ts');
   const img = await vm.loadImage((await build({ definitionPath: image('pod') })).dir);
   await vm.freeze(await vm.bootTemplate(img, { name: 'pod-tpl' }), img);
-  await $`ip netns add ${tplNs}`;
-  await $`ip -n ${tplNs} link add br0 type bridge`;
-  await $`ip -n ${tplNs} link set br0 up`;
-  await vm.freeze(await vm.bootTemplate(img, { name: 'podnet-tpl', net: { mode: 'bridge', bridge: 'br0', netns: tplNs, network: '10.45.0.0/24' } }), img);
-  await $`ip netns del ${tplNs}`;
-  mkdirSync(join(cniDir, 'conf')); mkdirSync(join(cniDir, 'ipam'));
-  writeFileSync(join(cniDir, 'conf', '10-scion-test.conflist'), JSON.stringify({
-    cniVersion: '0.4.0', name: `scion-test-${tag}`,
-    plugins: [{ type: 'bridge', bridge: cniBridge, isGateway: true, ipMasq: false, ipam: { type: 'host-local', dataDir: join(cniDir, 'ipam'), ranges: [[{ subnet: `${subnet}.0/24` }]], routes: [{ dst: '0.0.0.0/0' }] } }],
-  }));
-  cd = await startContainerd({ path: [join(ROOT, 'bin')], cri: { sandboxImage: IMAGE, cniConfDir: join(cniDir, 'conf') } });
+  await freezeTapTemplate(img, 'podnet-tpl', tag);
+  cd = await startContainerd({ path: [join(ROOT, 'bin')], cri: { sandboxImage: IMAGE, cniConfDir: cniBridgeConfig(cniDir, { name: `scion-test-${tag}`, bridge: cniBridge, subnet }) } });
   await cd.ctr(['images', 'import', await busyboxOciArchive(cd.dir, IMAGE)], { namespace: 'k8s.io' });
   cri = criClient(cd.address);
 }, 180_000);
 afterAll(async () => {
   cri?.close(); await cd?.stop(); await removeEverything(dirs);
   await $({ nothrow: true, quiet: true })`ip link del ${cniBridge}`; // never made if no pod ran: nothing to remove
-  await $({ nothrow: true, quiet: true })`ip netns del ${tplNs}`;
 });
 
 const podConfig = (name: string) => ({
