@@ -28,22 +28,9 @@ import { timestamp } from './proto.ts';
 export const Status = { UNKNOWN: 0, CREATED: 1, RUNNING: 2, STOPPED: 3 } as const;
 /** The file in a bundle naming the pod's VM, for `delete` after the shim is gone. */
 export const VM_FILE = 'scion-vm';
-export const CRI_TYPE = 'io.kubernetes.cri.container-type';
-export const CRI_SANDBOX = 'io.kubernetes.cri.sandbox-id';
-export const TEMPLATE_ANNOTATION = 'io.scion.template';
-/** `cold`: boot the pod's VM from the template's image instead of forking it (a baseline for benchmarks) */
-export const BOOT_ANNOTATION = 'io.scion.boot';
-
-export type TaskKind = 'sandbox' | 'container' | 'lone';
+export { CRI_TYPE, CRI_SANDBOX, TEMPLATE_ANNOTATION, BOOT_ANNOTATION, taskKind, type TaskKind } from './kinds.ts';
+import { TEMPLATE_ANNOTATION, BOOT_ANNOTATION, taskKind, type TaskKind } from './kinds.ts';
 const HOSTNAME = /^(?=.{1,63}$)[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?$/;
-
-/** What a task is, from its OCI annotations. Pure. */
-export function taskKind(annotations: Record<string, string> | undefined): { kind: TaskKind; sandboxId?: string } {
-  const t = annotations?.[CRI_TYPE];
-  if (t === 'sandbox') return { kind: 'sandbox' };
-  if (t === 'container' && annotations?.[CRI_SANDBOX]) return { kind: 'container', sandboxId: annotations[CRI_SANDBOX] };
-  return { kind: 'lone' };
-}
 
 /**
  * The network namespace CNI set up for a pod sandbox, by name (`ip netns`

@@ -1,0 +1,21 @@
+/**
+ * What a task is to the shim, from the annotations containerd's CRI plugin
+ * puts on its OCI config, and the annotations scion reads. Pure, and light:
+ * the shim's `start` (a process containerd runs for every task) needs only this.
+ */
+export const CRI_TYPE = 'io.kubernetes.cri.container-type';
+export const CRI_SANDBOX = 'io.kubernetes.cri.sandbox-id';
+export const TEMPLATE_ANNOTATION = 'io.scion.template';
+/** `cold`: boot the pod's VM from the template's image instead of forking it (a baseline for benchmarks) */
+export const BOOT_ANNOTATION = 'io.scion.boot';
+
+export type TaskKind = 'sandbox' | 'container' | 'lone';
+
+/** What a task is, from its OCI annotations. Pure. */
+export function taskKind(annotations: Record<string, string> | undefined): { kind: TaskKind; sandboxId?: string } {
+  const t = annotations?.[CRI_TYPE];
+  if (t === 'sandbox') return { kind: 'sandbox' };
+  if (t === 'container' && annotations?.[CRI_SANDBOX]) return { kind: 'container', sandboxId: annotations[CRI_SANDBOX] };
+  return { kind: 'lone' };
+}
+
