@@ -51,6 +51,21 @@ export function driftFrom(offsetMs: number, phaseMs: number): number {
   return offsetMs - phaseMs;
 }
 
+/** How precisely an RTC edge must be seen to be trusted (ms between the last read of the old second and the first of the new). */
+export const EDGE_UNCERTAINTY_MS = 5;
+
+/**
+ * The system clock minus the RTC at an edge seen between two reads (the
+ * old second read at `before`, the new one, `seconds`, at `now`): undefined
+ * when the two reads are too far apart to place the edge, as when the guest
+ * was not scheduled between them (a clone among many on a loaded host): a
+ * late sighting would pass for the clock running ahead, and the keeper would
+ * step it back by that much (seen: 3 s under 4 concurrent forks). Pure.
+ */
+export function edgeOffset(before: number, now: number, seconds: number, maxUncertaintyMs = EDGE_UNCERTAINTY_MS): number | undefined {
+  return now - before <= maxUncertaintyMs ? now - seconds * 1000 : undefined;
+}
+
 /** `phc_ctl` argument for a relative step of `ms` milliseconds. Pure. */
 export function phcStepArgs(ms: number): string {
   // "--": a negative step would otherwise read as an option
@@ -102,12 +117,14 @@ export class ClockKeeper {
   private async pollEdge(waitMs: number, windowMs: number): Promise<number | undefined> {
     await sleep(this.platform, waitMs);
     const first = this.readRtc();
-    const end = Date.now() + windowMs;
+    let before = Date.now();
+    const end = before + windowMs;
     for (;;) {
       const s = this.readRtc();
       const now = Date.now();
-      if (s !== first) return now - s * 1000;
+      if (s !== first) return edgeOffset(before, now, s);
       if (now > end) return undefined;
+      before = now;
     }
   }
 

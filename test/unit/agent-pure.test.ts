@@ -1,7 +1,7 @@
 /** The guest agent's pure parts: the post-fork network batch and the clock maths. */
 import { describe, it, expect } from 'vitest';
 import { networkScript, ipv6Renew, prefixToMask } from '../../guest-agent/identity.ts';
-import { nextInterval, dateStepSeconds, driftFrom, phcStepArgs } from '../../guest-agent/clock.ts';
+import { nextInterval, dateStepSeconds, driftFrom, phcStepArgs, edgeOffset } from '../../guest-agent/clock.ts';
 
 const id = { generation: 2, hostname: 'web-1', machineId: 'a'.repeat(32), dns: ['10.0.2.3'], time: 1_795_000_000_600, interfaces: [{ mac: '02:53:43:00:00:01', address: '10.0.2.16', prefix: 24, gateway: '10.0.2.2' }] };
 const cfg = { setClock: true, defaultInterface: 'eth0', dhcp: false, root: '' };
@@ -121,5 +121,16 @@ describe('UTF-8 without TextEncoder (the agent on QuickJS)', () => {
       const evs = [...d.push(frame.subarray(0, cut)), ...d.push(frame.subarray(cut))];
       expect(evs).toEqual([{ frame: '{"id":1,"text":"héllo 🎉"}' }]);
     }
+  });
+});
+
+describe('RTC edges', () => {
+  it('are trusted only when seen between two reads a few ms apart (a starved guest sees them late)', () => {
+    // the old second read at ...000.998, the new one (1_700_000_001) at ...001.001: the clock is 1 ms ahead at the edge
+    expect(edgeOffset(1_700_000_000_998, 1_700_000_001_001, 1_700_000_001)).toBe(1);
+    // the same edge seen 3 s late because the guest was not scheduled between the reads: no measurement
+    expect(edgeOffset(1_700_000_000_998, 1_700_000_004_001, 1_700_000_001)).toBeUndefined();
+    expect(edgeOffset(0, 6, 0)).toBeUndefined();
+    expect(edgeOffset(0, 5, 0)).toBe(5);
   });
 });
