@@ -11,7 +11,7 @@ import { mkdir, rename, rm, writeFile, symlink, readFile, mkdtemp, access } from
 import { dirname, join } from 'node:path';
 import { BuildError } from '../common/errors.ts';
 import { BlobCache, defaultCacheDir } from './cache.ts';
-import { DebianArchive, mirrorFromAptSources } from './debian/archive.ts';
+import { DebianArchive, chooseMirror } from './debian/archive.ts';
 import { extractDeb } from './debian/deb.ts';
 import { readLock } from './lock.ts';
 import { parseDefinition } from './schema.ts';
@@ -48,8 +48,7 @@ export async function hostAgentRuntime(definitionPath: string, opts: { cacheDir?
   const runtime = { dir, argv: [dir + LOADER, '--library-path', dir + LIBS, dir + QJS] };
   if (await access(dir + QJS).then(() => true, () => false)) return runtime;
 
-  const mirror = opts.mirror ?? def.debian.mirror ?? (await mirrorFromAptSources());
-  if (!mirror) throw new BuildError('E_NO_MIRROR', `${definitionPath}: debian.mirror is not set and the host's apt sources name no Debian mirror`);
+  const mirror = await chooseMirror(definitionPath, opts.mirror, def.debian.mirror);
   const archive = new DebianArchive({ mirror, suite: lock.codename ?? def.debian.suite, components: def.debian.components, architecture: def.debian.architecture, cache: new BlobCache(cacheDir) });
   await mkdir(dirname(dir), { recursive: true });
   // extracted beside, then renamed into place: a concurrent caller or a crash never sees half a tree

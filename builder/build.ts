@@ -12,7 +12,7 @@ import { BuildError } from '../common/errors.ts';
 import { config } from '../common/config.ts';
 import type { ImageManifest } from '../common/image-layout.ts';
 import { BlobCache } from './cache.ts';
-import { DebianArchive, mirrorFromAptSources } from './debian/archive.ts';
+import { DebianArchive, chooseMirror } from './debian/archive.ts';
 import { parseDefinition, type ImageDefinition } from './schema.ts';
 import { readLock, type Lockfile } from './lock.ts';
 import type { Progress } from './fetch.ts';
@@ -100,8 +100,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
 
   const { defPath, text, def, lockPath, oldLock } = await readDefinition(opts);
   const cache = new BlobCache(opts.cacheDir);
-  const mirror = opts.mirror ?? def.debian.mirror ?? (await mirrorFromAptSources());
-  if (!mirror) throw new BuildError('E_NO_MIRROR', `${opts.definitionPath}: debian.mirror is not set and the host's apt sources name no Debian mirror`, { hint: 'add `debian: {mirror: http://deb.debian.org/debian}` to the definition' });
+  const mirror = await chooseMirror(opts.definitionPath, opts.mirror, def.debian.mirror);
   const onProgress: Progress = (p) => emit({ type: 'download', ...p });
   const archive = new DebianArchive({ mirror, suite: oldLock?.codename ?? def.debian.suite, components: def.debian.components, architecture: def.debian.architecture, cache, onProgress, log });
 

@@ -11,6 +11,9 @@ export const AGENT_PORT_NAME = 'org.scion.agent.0';
 /** Where the builder puts the agent's config in the guest. */
 export const GUEST_IMAGE_CONFIG = '/etc/scion/image.json';
 
+/** A host name the agent applies (RFC 1123 label: letters, digits, inner -; at most 63). */
+export const HOSTNAME_PATTERN = /^(?=.{1,63}$)[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?$/;
+
 export interface HealthCheck { http?: { port: number; path: string }; tcp?: { port: number }; command?: string[]; intervalMs: number; timeoutMs: number }
 /** `onFork`: restart the container after a fork (default), or keep it running and update its UTS hostname in place */
 export interface ContainerSpec { name: string; restart: 'always' | 'on-failure' | 'no'; onFork?: 'restart' | 'keep'; healthcheck?: HealthCheck; ports: number[]; bundle: string }

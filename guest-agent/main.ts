@@ -9,6 +9,7 @@ import * as os from 'os';
 import { Agent, type ImageConfig } from './agent.ts';
 import { GUEST_IMAGE_CONFIG } from '../common/contracts.ts';
 import { PORT_NAME } from './protocol.ts';
+import { sleep } from './platform.ts';
 import { qjsPlatform as platform, fdTransport, portTransport, watchKernelLog } from './platform-qjs.ts';
 
 function findPort(): string | undefined {
@@ -45,7 +46,7 @@ async function serve(): Promise<void> {
     platform.log('serving on stdio');
   } else {
     let port = findPort();
-    while (!port) { await new Promise((r) => platform.setTimeout(() => r(undefined), 200)); port = findPort(); }
+    while (!port) { await sleep(platform, 200); port = findPort(); }
     agent.attach(portTransport(port));
     platform.log(`serving on ${port}`);
   }

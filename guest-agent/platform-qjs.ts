@@ -75,8 +75,15 @@ export class FdWriter {
     this.ending = true;
     if (!this.waiting) this.flush();
   }
+  /** close the fd now, whatever is queued (its reader is gone) */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.wait(false);
+    os.close(this.fd);
+  }
   private ending = false;
-  closed = false;
+  private closed = false;
   /** bytes not yet taken by the fd */
   pending(): number { return this.failed ? 0 : this.queued; }
 
@@ -92,7 +99,7 @@ export class FdWriter {
     }
     this.wait(false);
     if (this.full && this.queued <= this.lowWater) { this.full = false; for (const d of this.drained) d(); }
-    if (this.ending && !this.closed) { this.closed = true; os.close(this.fd); }
+    if (this.ending) this.close();
   };
 
   private wait(on: boolean) {
@@ -132,14 +139,21 @@ function exitOf(pid: number): Promise<number> {
   });
 }
 
+/** One read of up to 64 KiB from a readable fd: its bytes, or nothing now (EINTR, EAGAIN), end of file, or an error. */
+function readChunk(fd: number): Uint8Array | 'again' | 'eof' | 'error' {
+  const buf = new ArrayBuffer(65536);
+  const n = os.read(fd, buf, 0, buf.byteLength);
+  if (n === -EINTR || n === -EAGAIN) return 'again';
+  return n > 0 ? new Uint8Array(buf, 0, n) : n === 0 ? 'eof' : 'error';
+}
+
 /** Read an fd as it becomes readable until EOF; then close it. */
 function readUntilEof(fd: number, onChunk: (c: Uint8Array) => void, onEnd?: () => void) {
   os.setReadHandler(fd, () => {
-    const buf = new ArrayBuffer(65536);
-    const n = os.read(fd, buf, 0, buf.byteLength);
-    if (n === -EINTR || n === -EAGAIN) return;
-    if (n <= 0) { os.setReadHandler(fd, null); os.close(fd); onEnd?.(); return; }
-    onChunk(new Uint8Array(buf, 0, n));
+    const c = readChunk(fd);
+    if (c === 'again') return;
+    if (typeof c === 'string') { os.setReadHandler(fd, null); os.close(fd); onEnd?.(); return; }
+    onChunk(c);
   });
 }
 
@@ -161,7 +175,7 @@ function spawnWith(argv: string[], stderr: 'discard' | 'pipe'): Child {
   const done = () => { if (--open === 0) endStreams(); };
   readUntilEof(outPipe[0], (c) => { for (const l of outListeners) l(c); }, done);
   if (errPipe) readUntilEof(errPipe[0], (c) => { for (const l of errListeners) l(c); }, done);
-  const exited = exitOf(pid).then((code) => { if (!stdin.closed) { stdin.closed = true; os.setWriteHandler(stdin.fd, null); os.close(stdin.fd); } return code; });
+  const exited = exitOf(pid).then((code) => { stdin.close(); return code; });
   return {
     pid, exited, ended,
     write: (text) => { stdin.write(utf8Encode(text)); },
@@ -221,6 +235,7 @@ export const qjsPlatform: Platform = {
   },
   spawn: (argv, opts) => spawnWith(argv, opts?.stderr ?? 'discard'),
   run: runToEnd,
+  kill: (pid, signal) => os.kill(pid, signal) === 0,
   setTimeout: (cb, ms) => os.setTimeout(cb, ms),
   clearTimeout: (t) => { if (t !== undefined) os.clearTimeout(t); },
   monotonic: () => performance.now(),
@@ -242,12 +257,10 @@ export function fdTransport(readFd: number, writeFd: number): Transport {
   const listeners: ((c: Uint8Array) => void)[] = [];
   let paused = false;
   const onReadable = () => {
-    const buf = new ArrayBuffer(65536);
-    const n = os.read(readFd, buf, 0, buf.byteLength);
-    if (n === -EINTR || n === -EAGAIN) return;
-    if (n <= 0) { os.setReadHandler(readFd, null); exitWhenFlushed(writer); return; }
-    const chunk = new Uint8Array(buf, 0, n);
-    for (const l of listeners) l(chunk);
+    const c = readChunk(readFd);
+    if (c === 'again') return;
+    if (typeof c === 'string') { os.setReadHandler(readFd, null); exitWhenFlushed(writer); return; }
+    for (const l of listeners) l(c);
   };
   os.setReadHandler(readFd, onReadable);
   return {
@@ -272,18 +285,16 @@ export function portTransport(path: string): Transport {
   let retry: unknown;
   const watch = (on: boolean) => { if (on !== watching) { watching = on; os.setReadHandler(fd, on ? onReadable : null); } };
   const onReadable = () => {
-    const buf = new ArrayBuffer(65536);
-    const n = os.read(fd, buf, 0, buf.byteLength);
-    if (n === -EINTR || n === -EAGAIN) return;
-    if (n <= 0) {
+    const c = readChunk(fd);
+    if (c === 'again') return;
+    if (typeof c === 'string') {
       watch(false);
       idle++;
-      retry = os.setTimeout(() => { retry = undefined; if (!paused) watch(true); }, n < 0 ? 100 : idle < 200 ? 10 : idle < 400 ? 50 : 250);
+      retry = os.setTimeout(() => { retry = undefined; if (!paused) watch(true); }, c === 'error' ? 100 : idle < 200 ? 10 : idle < 400 ? 50 : 250);
       return;
     }
     idle = 0;
-    const chunk = new Uint8Array(buf, 0, n);
-    for (const l of listeners) l(chunk);
+    for (const l of listeners) l(c);
   };
   watch(true);
   return {

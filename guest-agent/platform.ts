@@ -56,6 +56,8 @@ export interface Platform {
   spawn(argv: string[], opts?: { stderr?: 'discard' | 'pipe' }): Child;
   /** run argv to its end (or timeoutMs, then SIGKILL), capturing up to maxOutput bytes of each stream */
   run(argv: string[], opts?: { timeoutMs?: number; maxOutput?: number }): Promise<RunResult>;
+  /** send `signal` to a process (one not started by spawn: a container's, by its pid); false if there is none */
+  kill(pid: number, signal: number): boolean;
   setTimeout(cb: () => void, ms: number): Timer;
   clearTimeout(t: Timer | undefined): void;
   /** monotonic milliseconds (fractional) */

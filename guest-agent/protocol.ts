@@ -36,10 +36,9 @@ export function salvageId(line: string): string | number | null {
   return null;
 }
 
-import type { Identity } from '../common/contracts.ts';
+import { HOSTNAME_PATTERN, type Identity } from '../common/contracts.ts';
 export type { Identity };
 
-const HOSTNAME = /^(?=.{1,63}$)[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?$/;
 const MAC = /^([0-9a-f]{2}:){5}[0-9a-f]{2}$/;
 const IPV4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
 
@@ -50,7 +49,7 @@ function bad(field: string, why: string): never {
 export function validateIdentity(a: Record<string, unknown>): Identity {
   const gen = a.generation;
   if (typeof gen !== 'number' || !Number.isInteger(gen) || gen < 1) bad('generation', 'must be an integer >= 1');
-  if (typeof a.hostname !== 'string' || !HOSTNAME.test(a.hostname)) bad('hostname', 'must be a valid host name (letters, digits, -; at most 63)');
+  if (typeof a.hostname !== 'string' || !HOSTNAME_PATTERN.test(a.hostname)) bad('hostname', 'must be a valid host name (letters, digits, -; at most 63)');
   if (typeof a.machineId !== 'string' || !/^[0-9a-f]{32}$/.test(a.machineId)) bad('machineId', 'must be 32 lowercase hex digits');
   if (!Array.isArray(a.interfaces) || a.interfaces.length === 0 || a.interfaces.length > 8) bad('interfaces', 'must be a list of 1..8 interfaces');
   const interfaces = (a.interfaces as any[]).map((i, k) => {

@@ -6,7 +6,7 @@
  * stdio piped through the agent: output as `task-output` events, input by
  * `task.input`, the end as a `task-exit` event. Execs run in it by crun exec.
  */
-import type { Child, Platform } from './platform.ts';
+import { sleep, type Child, type Platform } from './platform.ts';
 import type { ShellWorker } from './shell.ts';
 import { ProtocolError } from './protocol.ts';
 import { base64Decode, base64Encode } from '../common/base64.ts';
@@ -66,7 +66,7 @@ export class TaskRunner {
         }
       } catch { /* no sysfs: reported below */ }
       if (Date.now() > end) throw new ProtocolError('E_NO_DISK', `no disk with serial ${serial} appeared within ${timeoutMs} ms`);
-      await new Promise((r) => this.p.setTimeout(() => r(undefined), 50));
+      await sleep(this.p, 50);
     }
   }
 
@@ -98,10 +98,22 @@ export class TaskRunner {
     });
   }
 
+  /**
+   * Start crun (run or exec) with its stdio piped to events. `proc` is there
+   * at once (the caller records it before waiting, so a second start is
+   * refused); `started` resolves with the container process's pid once crun's
+   * pid file names it (0 if crun ended first).
+   */
+  private launch(id: string, execId: string, argv: string[], pidFile: string): { proc: Proc; started: Promise<number> } {
+    const proc: Proc = { execId, child: this.p.spawn(argv, { stderr: 'pipe' }) };
+    this.watch(id, proc);
+    return { proc, started: this.pidFrom(pidFile, proc.child).then((pid) => (proc.pid = pid)) };
+  }
+
   private async pidFrom(file: string, child: Child): Promise<number> {
     for (let i = 0; i < 400; i++) {
       try { const n = Number(this.p.readText(file).trim()); if (n > 0) return n; } catch { /* not written yet */ }
-      const done = await Promise.race([child.exited.then(() => true), new Promise<boolean>((r) => this.p.setTimeout(() => r(false), 10))]);
+      const done = await Promise.race([child.exited.then(() => true), sleep(this.p, 10).then(() => false)]);
       if (done) return 0;
     }
     return 0;
@@ -111,11 +123,9 @@ export class TaskRunner {
     const t = this.get(String(a.id));
     if (t.init) throw new ProtocolError('E_BAD_ARGS', `task ${t.id} was started already`);
     const paths = taskPaths(t.id);
-    const child = this.p.spawn([this.crunBin, 'run', '--no-pivot', '--pid-file', paths.pidFile, '--bundle', paths.dir, t.id], { stderr: 'pipe' });
-    t.init = { execId: '', child };
-    this.watch(t.id, t.init);
-    t.init.pid = await this.pidFrom(paths.pidFile, child);
-    return { id: t.id, pid: t.init.pid };
+    const { proc, started } = this.launch(t.id, '', [this.crunBin, 'run', '--no-pivot', '--pid-file', paths.pidFile, '--bundle', paths.dir, t.id], paths.pidFile);
+    t.init = proc;
+    return { id: t.id, pid: await started };
   }
 
   async exec(a: Record<string, unknown>): Promise<{ id: string; execId: string; pid: number }> {
@@ -126,12 +136,9 @@ export class TaskRunner {
     const file = `${taskPaths(t.id).dir}/exec-${execId}.json`;
     const pidFile = `${taskPaths(t.id).dir}/exec-${execId}.pid`;
     this.p.writeText(file, JSON.stringify({ ...(a.process as object), terminal: false }));
-    const child = this.p.spawn([this.crunBin, 'exec', '--process', file, '--pid-file', pidFile, t.id], { stderr: 'pipe' });
-    const proc: Proc = { execId, child };
+    const { proc, started } = this.launch(t.id, execId, [this.crunBin, 'exec', '--process', file, '--pid-file', pidFile, t.id], pidFile);
     t.execs.set(execId, proc);
-    this.watch(t.id, proc);
-    proc.pid = await this.pidFrom(pidFile, child);
-    return { id: t.id, execId, pid: proc.pid };
+    return { id: t.id, execId, pid: await started };
   }
 
   private proc(a: Record<string, unknown>): { t: Task; proc: Proc } {
@@ -160,7 +167,7 @@ export class TaskRunner {
       const r = await this.p.run([this.crunBin, 'kill', ...(a.all === true ? ['--all'] : []), t.id, String(signal)], { timeoutMs: 10_000 });
       if (r.exitCode !== 0 && proc.exitCode === undefined) throw new ProtocolError('E_INTERNAL', `crun kill ${t.id}: ${r.stderr.trim().slice(0, 300)}`);
     } else if (proc.pid) {
-      await this.p.run(['kill', `-${signal}`, String(proc.pid)], { timeoutMs: 5000 });
+      this.p.kill(proc.pid, signal);
     }
     return { id: t.id, signal };
   }
@@ -176,7 +183,7 @@ export class TaskRunner {
   async delete(a: Record<string, unknown>): Promise<{ id: string; exitCode?: number }> {
     const t = this.get(String(a.id));
     await this.p.run([this.crunBin, 'delete', '--force', t.id], { timeoutMs: 10_000 });
-    if (t.init && t.init.exitCode === undefined) await Promise.race([t.init.child.exited, new Promise((r) => this.p.setTimeout(() => r(undefined), 5000))]);
+    if (t.init && t.init.exitCode === undefined) await Promise.race([t.init.child.exited, sleep(this.p, 5000)]);
     await this.shell.run(unmountScript(t.id));
     this.tasks.delete(t.id);
     return { id: t.id, exitCode: t.init?.exitCode };

@@ -12,12 +12,9 @@ import { parseShimArgs, ShimUsageError, type ShimArgs } from './args.ts';
 import { TtrpcServer } from './ttrpc.ts';
 import { EventPublisher } from './events.ts';
 import { TaskService, VM_FILE } from './service.ts';
-import { socketPath, start } from './start.ts';
+import { shimDir, socketPath, start } from './start.ts';
+import { processAlive } from '../common/proc.ts';
 import { encode, timestamp } from './proto.ts';
-
-const shimDir = () => join(config().runDir, 'shim');
-
-const alive = (pid: number) => { try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; } };
 
 async function deleteAfter(a: ShimArgs): Promise<number> {
   const bundle = a.bundle ?? process.cwd();
@@ -26,7 +23,7 @@ async function deleteAfter(a: ShimArgs): Promise<number> {
     const m = await Machine.find(vm).catch(() => undefined);
     // only a VM whose shim is gone: containerd also runs this after an orderly shutdown
     const owner = m?.info().owner?.pid;
-    if (m && !(owner && owner !== process.pid && alive(owner))) await m.remove({ force: true }).catch((e) => process.stderr.write(`scion shim: removing ${vm}: ${(e as Error).message}\n`));
+    if (m && !(owner && owner !== process.pid && processAlive(owner))) await m.remove({ force: true }).catch((e) => process.stderr.write(`scion shim: removing ${vm}: ${(e as Error).message}\n`));
   }
   await rm(socketPath(a.namespace, a.id), { force: true });
   process.stdout.write(encode('containerd.task.v2.DeleteResponse', { pid: 0, exitStatus: 137, exitedAt: timestamp(Date.now()) }));

@@ -27,11 +27,13 @@ export async function packRootfs(mounts: Mount[], workDir: string): Promise<stri
   if (!mounts.length) throw new Error('no rootfs mounts: containerd gave the task no snapshot');
   await mkdir(workDir, { recursive: true });
   const target = await mkdtemp(join(workDir, 'rootfs-'));
-  const image = join(workDir, `rootfs-${Date.now()}-${process.pid}.erofs`);
+  // named after its unique mountpoint: containers packed at once never share an image file
+  const image = `${target}.erofs`;
   const mounted: string[] = [];
   try {
-    for (const m of mounts) { await run(mountArgv(m, target)[0], mountArgv(m, target).slice(1), { what: `mounting the task's rootfs (${m.type})` }); mounted.push(target); }
-    await run(mkfsArgv(image, target)[0], mkfsArgv(image, target).slice(1), { what: 'mkfs.erofs (the task rootfs image)' });
+    for (const m of mounts) { const [cmd, ...args] = mountArgv(m, target); await run(cmd, args, { what: `mounting the task's rootfs (${m.type})` }); mounted.push(target); }
+    const [cmd, ...args] = mkfsArgv(image, target);
+    await run(cmd, args, { what: 'mkfs.erofs (the task rootfs image)' });
     return image;
   } catch (e) { await rm(image, { force: true }); throw e; } finally {
     for (const t of mounted.reverse()) await run('umount', [t], { what: 'unmounting the task rootfs' }).catch(() => undefined);

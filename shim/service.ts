@@ -23,6 +23,7 @@ import { EventPublisher } from './events.ts';
 import { guestSpec, type OciSpec } from './spec.ts';
 import { packRootfs, type Mount } from './rootfs.ts';
 import { timestamp } from './proto.ts';
+import { HOSTNAME_PATTERN } from '../common/contracts.ts';
 
 /** containerd.v1.types.Status */
 export const Status = { UNKNOWN: 0, CREATED: 1, RUNNING: 2, STOPPED: 3 } as const;
@@ -30,7 +31,6 @@ export const Status = { UNKNOWN: 0, CREATED: 1, RUNNING: 2, STOPPED: 3 } as cons
 export const VM_FILE = 'scion-vm';
 export { CRI_TYPE, CRI_SANDBOX, TEMPLATE_ANNOTATION, BOOT_ANNOTATION, taskKind, type TaskKind } from './kinds.ts';
 import { TEMPLATE_ANNOTATION, BOOT_ANNOTATION, taskKind, type TaskKind } from './kinds.ts';
-const HOSTNAME = /^(?=.{1,63}$)[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?$/;
 
 /**
  * The network namespace CNI set up for a pod sandbox, by name (`ip netns`
@@ -171,7 +171,11 @@ export class TaskService {
     } catch (e) { await rm(image, { force: true }); throw e; }
     const { spec, dropped } = guestSpec(config, { hostname: m.info().identity?.hostname });
     if (dropped.length) this.o.log(`${t.id}: left out in the guest: ${dropped.join('; ')}`);
-    await this.agent!.call('task.create', { id: t.id, disk: t.disk!, spec }, 60_000);
+    try { await this.agent!.call('task.create', { id: t.id, disk: t.disk!, spec }, 60_000); } catch (e) {
+      // the pod lives on: its hotplug port and the disk file go back (a lone task's VM goes whole, by the caller)
+      await m.detachDisk(t.disk!).catch((d) => this.o.log(`unplugging ${t.id}'s rootfs: ${(d as Error).message}`));
+      throw e;
+    }
   }
 
   readonly handlers: Record<string, Handler> = {
@@ -186,7 +190,7 @@ export class TaskService {
       this.tasks.set(t.id, t);
       try {
         // a pod sandbox's VM takes the pod's hostname (a DNS label, as Kubernetes gives it)
-        const hostname = kind === 'sandbox' && typeof config.hostname === 'string' && HOSTNAME.test(config.hostname) ? config.hostname : undefined;
+        const hostname = kind === 'sandbox' && typeof config.hostname === 'string' && HOSTNAME_PATTERN.test(config.hostname) ? config.hostname : undefined;
         const m = await this.pod(config.annotations?.[TEMPLATE_ANNOTATION] ?? this.o.template, hostname, kind === 'sandbox' ? podNetns(config) : undefined, config.annotations?.[BOOT_ANNOTATION] === 'cold');
         // the pod's owners (its sandbox, or a lone task) name its VM for `delete` after a crash; a container does not
         if (kind !== 'container') await writeFile(join(req.bundle, VM_FILE), m.name + '\n');

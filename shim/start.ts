@@ -14,7 +14,8 @@ import { config } from '../common/config.ts';
 import { parseShimArgs, serveArgs, type ShimArgs } from './args.ts';
 import { taskKind } from './kinds.ts';
 
-const shimDir = () => join(config().runDir, 'shim');
+/** Where shims keep their sockets and packed rootfs images. */
+export const shimDir = (): string => join(config().runDir, 'shim');
 
 /** A socket path per namespace and task, short enough for sun_path. */
 export function socketPath(namespace: string, id: string): string {

@@ -11,7 +11,7 @@ import { mkdtemp, writeFile, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
-import { ArchiveError } from '../../common/errors.ts';
+import { ArchiveError, BuildError } from '../../common/errors.ts';
 import { BlobCache, atomicWrite, sha256 } from '../cache.ts';
 import { download, type Progress } from '../fetch.ts';
 import { clearsignedBody, parseReleaseHashes, parseStanzas } from './control.ts';
@@ -28,6 +28,13 @@ export interface ArchiveOptions {
   cache: BlobCache;
   onProgress?: Progress;
   log?: (msg: string) => void;
+}
+
+/** The mirror to use: the caller's, else the definition's, else the host's apt sources; none is an error naming the definition. */
+export async function chooseMirror(definitionPath: string, ...preferred: (string | undefined)[]): Promise<string> {
+  const mirror = preferred.find(Boolean) ?? (await mirrorFromAptSources());
+  if (!mirror) throw new BuildError('E_NO_MIRROR', `${definitionPath}: debian.mirror is not set and the host's apt sources name no Debian mirror`, { hint: 'add `debian: {mirror: http://deb.debian.org/debian}` to the definition' });
+  return mirror;
 }
 
 /** The mirror named in the host's apt sources (deb822 or one-line), if any. */

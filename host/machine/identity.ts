@@ -15,6 +15,11 @@ export interface CloneIdentity {
   rngSeed: string;
 }
 
+/** An identity that takes what CNI gave a pod's interface (MAC, address, route; no DNS of its own). Pure. */
+export function withPodNetwork(id: CloneIdentity, pod: { mac: string; ip: string; prefix: number; gateway?: string } | undefined): CloneIdentity {
+  return pod ? { ...id, mac: pod.mac, ip: pod.ip, prefix: pod.prefix, gateway: pod.gateway ?? id.gateway, dns: [] } : id;
+}
+
 export const MAC_PREFIX = '02:53:43'; // locally administered, unicast ("SC")
 export const MAX_CLONE_INDEX = 238; // 10.0.2.16 .. 10.0.2.253 in user mode
 

@@ -34,7 +34,7 @@ import { spawnQemu, connectQmp, restoreFromFd, migrateToFile, exitOf, killPid, w
 import { vmPaths, vmsDir, templatePaths } from '../store/dirs.ts';
 import { writeRecord, writeTemplateMeta, readRecord, TEMPLATE_FORMAT, VM_FORMAT, type VmRecord, type TemplateMeta } from '../store/records.ts';
 import { slotName, release } from '../store/slots.ts';
-import { allocateIdentity, type CloneIdentity } from './identity.ts';
+import { allocateIdentity, withPodNetwork, type CloneIdentity } from './identity.ts';
 import { syncGuestClock, measureOffset } from './clock.ts';
 import { createTap, createPodTap, deleteTap, netParams, netnsOf, readPodNetwork, type NetMode, type PodNetSpec } from './net.ts';
 import { qcow2Overlay } from './disk.ts';
@@ -244,7 +244,6 @@ export class Machine {
     this.#qmp = undefined; this.#agent = undefined;
   }
 
-  /** Stop its QEMU (the run directory stays). */
   /**
    * Plug a read-only disk image into a free hotplug port of the running VM
    * (a pod's container rootfs: shim/). The file is moved into the VM's jail,
@@ -286,6 +285,7 @@ export class Machine {
     await rm(join(vmPaths(this.name, vmsDir()).jail, `disk-${serial}.img`), { force: true });
   }
 
+  /** Stop its QEMU (the run directory stays). */
   async stop(): Promise<void> {
     this.close();
     await quitQemu(this.name, this.record);
@@ -351,8 +351,7 @@ export class Machine {
     if (baseDisk && !(await stat(baseDisk).then((s) => s.isFile(), () => false))) throw new VmError('E_DISK', `disk ${o.disk} does not exist or is not a file`);
     // the template's own identity (index 0, generation 1): clones start from a known state; a pod's VM takes what CNI gave the pod
     const podNet = netMode.mode === 'pod' ? await readPodNetwork(netMode) : undefined;
-    const allocated = allocateIdentity(0, o.hostname ?? img.name, undefined, netMode.mode === 'pod' ? netParams({ mode: 'user' }) : netParams(netMode));
-    const id = podNet ? { ...allocated, mac: podNet.mac, ip: podNet.ip, prefix: podNet.prefix, gateway: podNet.gateway ?? allocated.gateway, dns: [] } : allocated;
+    const id = withPodNetwork(allocateIdentity(0, o.hostname ?? img.name, undefined, netParams(netMode)), podNet);
     const memory = o.memory ?? 'file';
     const timeout = o.timeoutMs ?? 180_000;
     return Machine.construct({
@@ -398,12 +397,12 @@ export class Machine {
     });
   }
 
-  /** Fork one running clone of a frozen template: mapped copy-on-write, restored, resumed, re-identified. */
   /** Fork one clone of the template named `template` (checked first), named <prefix>-c<n>. */
   static async forkTemplate(template: string, o: Omit<ForkOptions, 'prefix'> & { prefix: string }): Promise<Machine> {
     return Machine.fork(await checkTemplate(template), { ...o, prefix: validName(o.prefix, 'clone prefix') });
   }
 
+  /** Fork one running clone of a frozen template: mapped copy-on-write, restored, resumed, re-identified. */
   static async fork(tpl: FrozenTemplate, o: ForkOptions): Promise<Machine> {
     const t0 = performance.now();
     const { meta, dir: tdir, files: t } = tpl;
@@ -427,8 +426,7 @@ export class Machine {
       claim: async () => {
         try {
           const r = await claimClone(o.prefix, (index, name) => {
-            const allocated = allocateIdentity(index, o.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`, undefined, netMode.mode === 'pod' ? netParams({ mode: 'user' }) : netParams(netMode));
-            const id = podNet ? { ...allocated, mac: podNet.mac, ip: podNet.ip, prefix: podNet.prefix, gateway: podNet.gateway ?? allocated.gateway, dns: [] } : allocated;
+            const id = withPodNetwork(allocateIdentity(index, o.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`, undefined, netParams(netMode)), podNet);
             const net: NetConfig = netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards } : { mode: 'none' };
             return {
               format: VM_FORMAT, name, role: 'clone', image: meta.image, accel: meta.accel, createdAt: new Date().toISOString(), template: meta.name,

@@ -48,9 +48,7 @@ function tc(args: string[], netns: string): Promise<unknown> {
 
 /** A tap for the VM in the pod's namespace, owned by its uid, joined to the pod's interface by tc redirects. */
 export async function createPodTap(spec: PodNetSpec, owner?: { uid: number; gid: number }): Promise<string> {
-  if (owner) await tunOpenToAll();
-  const tap = `sct${randomBytes(4).toString('hex')}`;
-  await ip(['tuntap', 'add', 'dev', tap, 'mode', 'tap', ...(owner ? ['user', String(owner.uid), 'group', String(owner.gid)] : [])], spec.netns);
+  const tap = await addTap(spec.netns, owner);
   try {
     await ip(['link', 'set', 'dev', tap, 'up'], spec.netns);
     for (const [from, to] of [[spec.dev, tap], [tap, spec.dev]]) {
@@ -86,14 +84,20 @@ export async function createTap(spec: BridgeSpec, owner?: { uid: number; gid: nu
   try { await ip(['link', 'show', 'dev', spec.bridge], spec.netns); } catch (e) {
     throw new VmError('E_NO_BRIDGE', `bridge ${spec.bridge} does not exist${spec.netns ? ` in network namespace ${spec.netns}` : ''}`, { hint: `ip link add ${spec.bridge} type bridge && ip link set ${spec.bridge} up`, cause: e });
   }
-  if (owner) await tunOpenToAll();
-  // random names: two scion processes never pick the same one (and `tuntap add` fails if one did)
-  const tap = `sct${randomBytes(4).toString('hex')}`;
-  await ip(['tuntap', 'add', 'dev', tap, 'mode', 'tap', ...(owner ? ['user', String(owner.uid), 'group', String(owner.gid)] : [])], spec.netns);
+  const tap = await addTap(spec.netns, owner);
   try { await ip(['link', 'set', 'dev', tap, 'master', spec.bridge, 'up'], spec.netns); } catch (e) {
     await deleteTap(tap, spec.netns);
     throw e;
   }
+  return tap;
+}
+
+/** A new tap (down, unattached) in `netns`, owned by `owner` so its unprivileged QEMU can attach to it. */
+async function addTap(netns: string | undefined, owner?: { uid: number; gid: number }): Promise<string> {
+  if (owner) await tunOpenToAll();
+  // random names: two scion processes never pick the same one (and `tuntap add` fails if one did)
+  const tap = `sct${randomBytes(4).toString('hex')}`;
+  await ip(['tuntap', 'add', 'dev', tap, 'mode', 'tap', ...(owner ? ['user', String(owner.uid), 'group', String(owner.gid)] : [])], netns);
   return tap;
 }
 
