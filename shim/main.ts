@@ -30,6 +30,9 @@ async function deleteAfter(a: ShimArgs): Promise<number> {
   return 0;
 }
 
+/** How long a serving shim waits for containerd's first connection. */
+const UNCLAIMED_MS = 60_000;
+
 async function serve(a: ShimArgs): Promise<number> {
   // shim logs go to the bundle's `log` FIFO, which containerd reads
   const logFifo = join(process.cwd(), 'log');
@@ -44,8 +47,13 @@ async function serve(a: ShimArgs): Promise<number> {
   const service = new TaskService({ namespace: a.namespace, publisher, template: config().shimTemplate, workDir: shimDir(), log, onShutdown: done });
   server.onError = (e) => log(`internal error: ${e.stack ?? e.message}`);
   server.register('containerd.task.v2.Task', service.handlers, ['containerd.task.v3.Task']);
-  await server.listen(a.socket!);
+  // A shim with no task that containerd is not connected to can never be used again (containerd
+  // reconnects only to shims with tasks): it goes, whether or not a Shutdown reached it.
   const stop = async () => { await service.teardown().catch((e) => log(`teardown: ${(e as Error).message}`)); done(); };
+  server.onLastClose = () => { if (service.idle()) { log('containerd disconnected and no task is left: exiting'); void stop(); } };
+  await server.listen(a.socket!);
+  const unclaimed = setTimeout(() => { if (!server.connections && service.idle()) { log(`containerd did not connect within ${UNCLAIMED_MS / 1000} s: exiting`); void stop(); } }, UNCLAIMED_MS);
+  unclaimed.unref();
   process.on('SIGTERM', () => void stop());
   process.on('SIGINT', () => void stop());
   await finished;

@@ -291,6 +291,9 @@ export class TaskService {
     },
   };
 
+  /** Whether it serves no task (and is not making its pod VM). */
+  idle(): boolean { return !this.tasks.size && !this.forking; }
+
   /** The pod VM and everything of it go. */
   async teardown(): Promise<void> {
     const m = this.machine;

@@ -24,6 +24,8 @@ export class TtrpcServer {
   private server?: Server;
   private readonly sockets = new Set<Socket>();
   onError: (e: Error) => void = () => {};
+  /** Called when the last open connection closes. */
+  onLastClose: () => void = () => {};
 
   /** Serve `service` (a fully qualified name from the .proto files) with `handlers`; methods without one answer Unimplemented. */
   register(service: string, handlers: Record<string, Handler>, alias: string[] = []): void {
@@ -48,7 +50,7 @@ export class TtrpcServer {
   private serveConnection(sock: Socket) {
     this.sockets.add(sock);
     const reader = new FrameReader();
-    sock.on('close', () => this.sockets.delete(sock));
+    sock.on('close', () => { this.sockets.delete(sock); if (!this.sockets.size) this.onLastClose(); });
     sock.on('error', () => {});
     const reply = (streamId: number, response: Msg) => {
       if (!sock.destroyed) sock.write(encodeFrame({ streamId, type: MessageType.Response, payload: encode('ttrpc.Response', response) }));

@@ -5,14 +5,15 @@
  * from a template the test freezes from images/pod.yaml, its image Debian's
  * busybox imported into containerd's own store.
  */
-import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { spawn } from 'node:child_process';
+import { describe, it, expect, beforeAll, afterAll, afterEach } from 'vitest';
+import { spawn, execFileSync } from 'node:child_process';
 import { join } from 'node:path';
-import { readdirSync, existsSync, readFileSync } from 'node:fs';
+import { readdirSync, existsSync, readFileSync, mkdtempSync } from 'node:fs';
 import { startContainerd, shimPids, type TestContainerd } from './containerd.ts';
 import { busyboxOciArchive } from './oci-busybox.ts';
 import { isolateRunDirs, removeEverything, image, scionQemuPids } from './helpers.ts';
 import { EventPublisher } from '../../shim/events.ts';
+import { TtrpcClient } from '../../shim/ttrpc.ts';
 
 const ROOT = join(import.meta.dirname, '../..');
 const IMAGE = 'docker.io/scion/busybox:test';
@@ -38,6 +39,16 @@ async function stopped(id: string): Promise<string> {
   return ls;
 }
 
+/**
+ * The shim processes (serving, or containerd's background `delete`) still
+ * there after a bounded wait, with their command lines: every test ends with
+ * none, so a shim that stays is blamed on the test that left it.
+ */
+async function shimsLeft(): Promise<string[]> {
+  for (let i = 0; i < 150 && shimPids(cd.dir).length; i++) await new Promise((r) => setTimeout(r, 100));
+  return shimPids(cd.dir).flatMap((p) => { try { return [`${p}: ${readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0').join(' ')}`]; } catch { return []; } });
+}
+
 /** VMs scion knows of, other than the template. */
 async function pods(): Promise<string[]> {
   const vm = await import('../../host/index.ts');
@@ -45,6 +56,8 @@ async function pods(): Promise<string[]> {
 }
 
 describe('ctr run --runtime io.containerd.scion.v2', () => {
+  afterEach(async () => { expect(await shimsLeft()).toEqual([]); });
+
   it('prints the command\'s output (stdout and stderr) and exits with its status; the pod VM is gone after --rm', async () => {
     const r = await cd.ctr(['run', '--rm', ...RUNTIME, IMAGE, 'run1', 'sh', '-c', 'echo hello from $(hostname); echo to-stderr >&2; exit 7'], { nothrow: true });
     expect(r.stdout).toMatch(/^hello from pod-\d+\n$/);
@@ -145,10 +158,26 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     expect(await pods()).toEqual([]);
     expect(await scionQemuPids()).toEqual([]); // a frozen template runs no QEMU
     // containerd's clean-up runs the shim binary's `delete` in the background: give it its time
-    for (let i = 0; i < 100 && shimPids(cd.dir).length; i++) await new Promise((r) => setTimeout(r, 100));
-    expect(shimPids(cd.dir)).toEqual([]);
+    expect(await shimsLeft()).toEqual([]);
     const shimDir = join(dirs.run, 'shim');
     expect(existsSync(shimDir) ? readdirSync(shimDir).filter((f) => f.endsWith('.sock') || f.endsWith('.erofs')) : []).toEqual([]);
+  });
+});
+
+describe('a shim containerd leaves', () => {
+  it('with no task, goes by itself when the connection closes (no Shutdown came), and takes its socket along', async () => {
+    const bundle = mkdtempSync(join(cd.dir, 'bundle-'));
+    // containerd's `start`, by hand: a lone task's shim, serving, with no task created yet
+    const address = execFileSync(join(ROOT, 'bin', 'containerd-shim-scion-v2'), ['-namespace', 'scion-test', '-id', 'lonely', '-address', cd.address, 'start'], { cwd: bundle, encoding: 'utf8' });
+    const sock = address.replace(/^unix:\/\//, '');
+    const [pid] = shimPids(bundle);
+    expect(pid).toBeGreaterThan(0);
+    const client = new TtrpcClient(sock);
+    expect(await client.call('containerd.task.v2.Task', 'Connect', { id: 'lonely' })).toMatchObject({ shimPid: pid });
+    client.close();
+    for (let i = 0; i < 100 && shimPids(bundle).length; i++) await new Promise((r) => setTimeout(r, 100));
+    expect(shimPids(bundle)).toEqual([]);
+    expect(existsSync(sock)).toBe(false);
   });
 });
 
