@@ -34,7 +34,7 @@ const log = (m: string) => console.error(`[bench:cri] ${m}`);
 const { build } = await import('../builder/build.ts');
 const vm = await import('../host/index.ts');
 const img = await vm.loadImage((await build({ definitionPath: join(ROOT, 'images/pod.yaml') })).dir);
-await freezeTapTemplate(img, 'pod-tpl', tag);
+await freezeTapTemplate(img, 'pod-tpl');
 const cd = await startContainerd({ path: [join(ROOT, 'bin')], cri: { sandboxImage: PAUSE, cniConfDir: cniBridgeConfig(join(work, 'cni'), { name: `scion-bench-${tag}`, bridge, subnet }) } });
 await cd.ctr(['images', 'import', await busyboxOciArchive(work, IMAGE)], { namespace: 'k8s.io' });
 await cd.ctr(['images', 'import', await busyboxOciArchive(work, PAUSE, ['sleep', '2147483647'])], { namespace: 'k8s.io' });

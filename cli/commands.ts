@@ -47,8 +47,12 @@ async function withAgent<T>(vm: string, fn: (a: AgentClient) => Promise<T>): Pro
 }
 const need = (pos: string[], k: number, cmd: string, usage: string) => { if (pos.length < k) throw new ScionError('E_USAGE', `scion ${cmd}: missing argument`, { hint: usage }); };
 
-/** --bridge/--netns/--network → a bridge network mode (user-mode networking otherwise). */
+/** --bridge/--netns/--network → a bridge network mode, --tap → a loose tap (user-mode networking otherwise). */
 export function netFrom(v: OptionValues): NetMode | undefined {
+  if (v.tap) {
+    if (v.bridge || v.netns || v.network) throw new ScionError('E_USAGE', '--tap goes alone: not with --bridge, --netns or --network');
+    return { mode: 'tap' };
+  }
   if (!v.bridge) {
     if (v.netns || v.network) throw new ScionError('E_USAGE', '--netns and --network go with --bridge');
     return undefined;
@@ -85,6 +89,7 @@ const NET_OPTIONS: Record<string, OptionSpec> = {
   bridge: { type: 'string', value: 'BR', help: 'a tap per VM on bridge BR instead of user-mode networking' },
   netns: { type: 'string', value: 'NS', help: 'the network namespace BR lives in' },
   network: { type: 'string', value: 'CIDR', help: 'addresses for bridged VMs (default 10.44.0.0/24; .15 the template, .16+ clones)' },
+  tap: { type: 'boolean', help: 'a tap per VM attached to nothing: a template for containerd pods (each pod VM joins its own network)' },
 };
 const INSECURE: Record<string, OptionSpec> = { insecure: { type: 'boolean', help: 'plain HTTP to a registry that is not on loopback' } };
 const BUILD_INPUT: Record<string, OptionSpec> = {

@@ -10,7 +10,7 @@ export { verify, type VerifyOptions, type VerifyResult, type Difference } from '
 export { loadImage, type ImageArtifacts } from './image.ts';
 // VMs
 export { Machine, type MachineInfo, type BootOptions, type ForkOptions as MachineForkOptions, type Owner, type NetMode, type TemplateMeta } from './machine/machine.ts';
-export { up, type UpOptions, type UpResult } from './up.ts';
+export { up, ensureTemplate, type UpOptions, type UpResult, type TemplateOptions, type TemplateResult } from './up.ts';
 export { bootTemplate, freeze, freezeClone } from './template.ts';
 export { fork, type ForkOptions, type CloneResult } from './clone.ts';
 export { list, stopVm, removeVm, gc, connectAgent, type VmListing, type VmState } from './lifecycle.ts';

@@ -53,15 +53,33 @@ async function waitForOtherMaker(name: ValidName, log?: (m: string) => void, tim
   }
 }
 
-export interface UpResult { template: { name: ValidName; image: string; accel: string; generation: number; freezeMs: number; reused: boolean }; clones: CloneResult[]; totalMs: number }
+export interface UpResult { template: TemplateResult; clones: CloneResult[]; totalMs: number }
 
-/** From an image definition, a built image directory or an OCI reference to running clones. */
-export async function up(source: string, opts: UpOptions): Promise<UpResult> {
+export interface TemplateOptions {
+  /** the template's name, or how to name it from the image (default <image>-tpl) */
+  name?: string | ((img: ImageArtifacts) => string);
+  disk?: string;
+  net?: NetMode;
+  log?: (m: string) => void;
+  onBuildEvent?: (e: BuildEvent) => void;
+  insecure?: boolean;
+  /** where pulled images are kept (default the user's cache) */
+  cacheDir?: string;
+}
+
+export interface TemplateResult { name: ValidName; image: string; accel: string; generation: number; freezeMs: number; reused: boolean }
+
+/**
+ * A frozen template of the image from `source` (a definition, a built image
+ * directory or an OCI reference, pulled into the cache): the one named so if
+ * it was frozen from this very image with the same networking and disk kind,
+ * else made (booted and frozen) now. Another process making it is waited for.
+ */
+export async function ensureTemplate(source: string, opts: TemplateOptions = {}): Promise<TemplateResult> {
   const log = opts.log ?? (() => undefined);
-  const t0 = performance.now();
-  const { dir } = await resolveImage(source, { onBuildEvent: opts.onBuildEvent, log, insecure: opts.insecure });
+  const { dir } = await resolveImage(source, { onBuildEvent: opts.onBuildEvent, log, insecure: opts.insecure, cacheDir: opts.cacheDir });
   const img = await loadImage(dir);
-  const tplName = validName(`${img.name}-tpl`, 'template');
+  const tplName = validName(typeof opts.name === 'function' ? opts.name(img) : opts.name ?? `${img.name}-tpl`, 'template');
   let existing: Machine | undefined;
   try { existing = await waitForOtherMaker(tplName, log); } catch (e) {
     if (!(e instanceof RecordError)) throw e;
@@ -94,7 +112,15 @@ export async function up(source: string, opts: UpOptions): Promise<UpResult> {
       reused = true;
     }
   } else log(`reusing frozen template ${tplName}`);
+  return { name: tplName, image: img.dir, accel: meta.accel, generation: meta.generation, freezeMs: meta.freezeMs, reused };
+}
+
+/** From an image definition, a built image directory or an OCI reference to running clones. */
+export async function up(source: string, opts: UpOptions): Promise<UpResult> {
+  const log = opts.log ?? (() => undefined);
+  const t0 = performance.now();
+  const template = await ensureTemplate(source, opts);
   log(`forking ${opts.clones} clone(s)…`);
-  const clones = await fork(tplName, { n: opts.clones, parallel: opts.parallel ?? 2, log });
-  return { template: { name: tplName, image: img.dir, accel: meta.accel, generation: meta.generation, freezeMs: meta.freezeMs, reused }, clones, totalMs: Math.round(performance.now() - t0) };
+  const clones = await fork(template.name, { n: opts.clones, parallel: opts.parallel ?? 2, log });
+  return { template, clones, totalMs: Math.round(performance.now() - t0) };
 }

@@ -6,6 +6,8 @@
 export const CRI_TYPE = 'io.kubernetes.cri.container-type';
 export const CRI_SANDBOX = 'io.kubernetes.cri.sandbox-id';
 export const TEMPLATE_ANNOTATION = 'io.scion.template';
+/** an OCI reference (`scion pull` takes it): the pod forks from a template of that image, made on this node at first use */
+export const IMAGE_ANNOTATION = 'io.scion.image';
 /** `cold`: boot the pod's VM from the template's image instead of forking it (a baseline for benchmarks) */
 export const BOOT_ANNOTATION = 'io.scion.boot';
 

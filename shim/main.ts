@@ -7,7 +7,7 @@ import { createWriteStream, existsSync } from 'node:fs';
 import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { config } from '../common/config.ts';
-import { Machine } from '../host/index.ts';
+import { Machine } from '../host/machine/machine.ts';
 import { parseShimArgs, ShimUsageError, type ShimArgs } from './args.ts';
 import { TtrpcServer } from './ttrpc.ts';
 import { EventPublisher } from './events.ts';

@@ -15,8 +15,9 @@ import { readFile, rm, writeFile } from 'node:fs/promises';
 import { createReadStream, type WriteStream, createWriteStream } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { Machine, loadImage } from '../host/index.ts';
-import type { AgentClient } from '../host/index.ts';
+import { Machine } from '../host/machine/machine.ts';
+import { loadImage } from '../host/image.ts';
+import type { AgentClient } from '../host/agent-client.ts';
 import { base64Decode, base64Encode } from '../common/base64.ts';
 import { TtrpcError, Code, type Handler } from './ttrpc.ts';
 import { EventPublisher } from './events.ts';
@@ -29,8 +30,8 @@ import { HOSTNAME_PATTERN } from '../common/contracts.ts';
 export const Status = { UNKNOWN: 0, CREATED: 1, RUNNING: 2, STOPPED: 3 } as const;
 /** The file in a bundle naming the pod's VM, for `delete` after the shim is gone. */
 export const VM_FILE = 'scion-vm';
-export { CRI_TYPE, CRI_SANDBOX, TEMPLATE_ANNOTATION, BOOT_ANNOTATION, taskKind, type TaskKind } from './kinds.ts';
-import { TEMPLATE_ANNOTATION, BOOT_ANNOTATION, taskKind, type TaskKind } from './kinds.ts';
+export { CRI_TYPE, CRI_SANDBOX, TEMPLATE_ANNOTATION, IMAGE_ANNOTATION, BOOT_ANNOTATION, taskKind, type TaskKind } from './kinds.ts';
+import { TEMPLATE_ANNOTATION, IMAGE_ANNOTATION, BOOT_ANNOTATION, taskKind, type TaskKind } from './kinds.ts';
 
 /**
  * The network namespace CNI set up for a pod sandbox, by name (`ip netns`
@@ -125,18 +126,43 @@ export class TaskService {
     }
   };
 
+  /**
+   * The template a pod forks from: one made from the image its annotation
+   * names (pulled, booted with a tap, frozen: once per node and image, named
+   * after the image's manifest), else the one its annotation names, else the
+   * shim's default.
+   */
+  private async templateFor(annotations: Record<string, string>): Promise<string> {
+    const ref = annotations[IMAGE_ANNOTATION];
+    if (!ref) return annotations[TEMPLATE_ANNOTATION] ?? this.o.template;
+    if (annotations[TEMPLATE_ANNOTATION]) throw new TtrpcError(Code.INVALID_ARGUMENT, `the annotations ${IMAGE_ANNOTATION} and ${TEMPLATE_ANNOTATION} name a pod's template two ways: keep one`);
+    // loaded only here: pulling and booting bring in what a fork does not need
+    const { ensureTemplate } = await import('../host/up.ts');
+    try {
+      const t = await ensureTemplate(ref, { net: { mode: 'tap' }, name: (img) => `${img.name.slice(0, 40)}-${img.manifestSha256.slice(0, 12)}-tpl`, log: (m) => this.o.log(`template of ${ref}: ${m}`) });
+      return t.name;
+    } catch (e) {
+      const err = e as Error & { hint?: string };
+      throw new TtrpcError(Code.FAILED_PRECONDITION, `cannot make a template of ${ref} (annotation ${IMAGE_ANNOTATION}): ${err.message}${err.hint ? ` (${err.hint})` : ''}`);
+    }
+  }
+
   /** The pod's VM: forked once, by its first task. */
-  private async pod(template: string, hostname?: string, netns?: string, cold = false): Promise<Machine> {
+  private async pod(annotations: Record<string, string>, hostname?: string, netns?: string): Promise<Machine> {
     if (this.machine) return this.machine;
+    const cold = annotations[BOOT_ANNOTATION] === 'cold';
     this.forking ??= (async () => {
+      const template = await this.templateFor(annotations);
       const pod = netns ? { netns, dev: 'eth0' } : undefined;
       const owner = { pid: process.pid, kind: 'shim' };
+      const t0 = performance.now();
       const m = await (cold ? this.coldBoot(template, hostname, pod, owner) : Machine.forkTemplate(template, { prefix: 'pod', hostname, pod, owner })).catch((e: Error & { hint?: string }) => {
         throw new TtrpcError(Code.FAILED_PRECONDITION, `cannot fork a pod VM from template ${template}: ${e.message}${e.hint ? ` (${e.hint}; the template comes from the annotation ${TEMPLATE_ANNOTATION}, else SCION_SHIM_TEMPLATE, else pod-tpl)` : ''}`);
       });
       try {
         this.agent = await m.agent();
       } catch (e) { await m.remove({ force: true }).catch(() => undefined); throw e; }
+      this.o.log(`pod VM ${m.name} ${cold ? 'booted' : 'forked'} and its agent reached in ${(performance.now() - t0).toFixed(0)} ms`);
       this.agent.onEvent(this.onAgentEvent);
       // the VM went away under the pod (its QEMU killed, or removed): every process of it ended, as if SIGKILLed
       this.agent.onClosed(() => {
@@ -165,13 +191,19 @@ export class TaskService {
   /** A container's rootfs into the pod's VM and its config into the agent. */
   private async createContainer(t: Task, config: OciSpec, rootfs: Mount[]): Promise<void> {
     const m = this.machine!;
+    const t0 = performance.now();
     const image = await packRootfs(rootfs, this.o.workDir);
+    const t1 = performance.now();
     try {
       await m.attachDisk(image, t.disk!);
     } catch (e) { await rm(image, { force: true }); throw e; }
+    const t2 = performance.now();
     const { spec, dropped } = guestSpec(config, { hostname: m.info().identity?.hostname });
     if (dropped.length) this.o.log(`${t.id}: left out in the guest: ${dropped.join('; ')}`);
-    try { await this.agent!.call('task.create', { id: t.id, disk: t.disk!, spec }, 60_000); } catch (e) {
+    try {
+      await this.agent!.call('task.create', { id: t.id, disk: t.disk!, spec }, 60_000);
+      this.o.log(`${t.id}: rootfs packed in ${(t1 - t0).toFixed(0)} ms, plugged in ${(t2 - t1).toFixed(0)} ms, created in the guest in ${(performance.now() - t2).toFixed(0)} ms`);
+    } catch (e) {
       // the pod lives on: its hotplug port and the disk file go back (a lone task's VM goes whole, by the caller)
       await m.detachDisk(t.disk!).catch((d) => this.o.log(`unplugging ${t.id}'s rootfs: ${(d as Error).message}`));
       throw e;
@@ -191,7 +223,7 @@ export class TaskService {
       try {
         // a pod sandbox's VM takes the pod's hostname (a DNS label, as Kubernetes gives it)
         const hostname = kind === 'sandbox' && typeof config.hostname === 'string' && HOSTNAME_PATTERN.test(config.hostname) ? config.hostname : undefined;
-        const m = await this.pod(config.annotations?.[TEMPLATE_ANNOTATION] ?? this.o.template, hostname, kind === 'sandbox' ? podNetns(config) : undefined, config.annotations?.[BOOT_ANNOTATION] === 'cold');
+        const m = await this.pod(config.annotations ?? {}, hostname, kind === 'sandbox' ? podNetns(config) : undefined);
         // the pod's owners (its sandbox, or a lone task) name its VM for `delete` after a crash; a container does not
         if (kind !== 'container') await writeFile(join(req.bundle, VM_FILE), m.name + '\n');
         if (kind !== 'sandbox') await this.createContainer(t, config, req.rootfs);
@@ -213,10 +245,12 @@ export class TaskService {
         p.status = Status.RUNNING;
       } else {
         this.openOutputs(t, p);
+        const t0 = performance.now();
         const res = execId
           ? await this.agent!.call('task.exec', { id: t.id, execId, process: p.spec! }, 60_000)
           : await this.agent!.call('task.start', { id: t.id }, 60_000);
         p.pid = res.pid;
+        this.o.log(`${execId || t.id}: started in the guest in ${(performance.now() - t0).toFixed(0)} ms`);
         if (p.status !== Status.STOPPED) p.status = Status.RUNNING;
         this.relayInput(t, p);
       }

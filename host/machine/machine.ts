@@ -36,7 +36,7 @@ import { writeRecord, writeTemplateMeta, readRecord, TEMPLATE_FORMAT, VM_FORMAT,
 import { slotName, release } from '../store/slots.ts';
 import { allocateIdentity, withPodNetwork, type CloneIdentity } from './identity.ts';
 import { syncGuestClock, measureOffset } from './clock.ts';
-import { createTap, createPodTap, deleteTap, netParams, netnsOf, readPodNetwork, type NetMode, type PodNetSpec } from './net.ts';
+import { createTap, createPodTap, createLooseTap, hasTap, deleteTap, netParams, netnsOf, readPodNetwork, type NetMode, type PodNetSpec } from './net.ts';
 import { qcow2Overlay } from './disk.ts';
 import { claimClone, claimNamed, reservePorts } from './claim.ts';
 import { checkTemplate, makeTemplateDir, makeMemFile, memMode, baseDiskOf, templateDir, type FrozenTemplate } from './templates.ts';
@@ -309,8 +309,9 @@ export class Machine {
     try {
       await writeRecord(record);
       const files = await plan.files(record, cred);
-      if (record.netMode.mode === 'bridge' || record.netMode.mode === 'pod') {
-        record.desc.net = { mode: 'bridge', tap: record.netMode.mode === 'pod' ? await createPodTap(record.netMode, cred) : await createTap(record.netMode, cred) };
+      if (hasTap(record.netMode)) {
+        const n = record.netMode;
+        record.desc.net = { mode: 'bridge', tap: n.mode === 'pod' ? await createPodTap(n, cred) : n.mode === 'bridge' ? await createTap(n, cred) : await createLooseTap(cred) };
         await writeRecord(record); // before QEMU: removing the VM deletes the tap its record names
       }
       if (plan.lineup && JSON.stringify(deviceLineup(record.desc)) !== JSON.stringify(plan.lineup)) throw new VmError('E_TEMPLATE_LINEUP', `${record.template ?? record.name}: the template was frozen with another device line-up`, { hint: 'freeze it again with this scion' });
@@ -406,7 +407,7 @@ export class Machine {
   static async fork(tpl: FrozenTemplate, o: ForkOptions): Promise<Machine> {
     const t0 = performance.now();
     const { meta, dir: tdir, files: t } = tpl;
-    if (o.pod && meta.net.mode !== 'bridge') throw new VmError('E_NET', `${meta.name}: a pod's VM needs a template booted with a tap (scion up … --bridge BR), not ${meta.net.mode} networking`, { hint: 'the tap in the pod\'s namespace must match the template\'s device line-up' });
+    if (o.pod && meta.net.mode !== 'bridge' && meta.net.mode !== 'tap') throw new VmError('E_NET', `${meta.name}: a pod's VM needs a template booted with a tap (networking \`tap\`, or scion up … --bridge BR), not ${meta.net.mode} networking`, { hint: 'the tap in the pod\'s namespace must match the template\'s device line-up' });
     const netMode: NetMode = o.pod ? { mode: 'pod', ...o.pod } : meta.net;
     // a pod's VM takes what CNI gave the pod's interface
     const podNet = o.pod ? await readPodNetwork(o.pod) : undefined;

@@ -28,7 +28,22 @@ export interface BridgeSpec {
  */
 export interface PodNetSpec { netns: string; dev: string }
 
-export type NetMode = { mode: 'user' } | ({ mode: 'bridge' } & BridgeSpec) | ({ mode: 'pod' } & PodNetSpec) | { mode: 'none' };
+/**
+ * `tap`: a tap of its own in the host namespace, attached to nothing: for a
+ * template whose clones each join another network (pod VMs), which needs the
+ * tap-backed NIC they will have (the device line-up must match) and no bridge.
+ */
+export type NetMode = { mode: 'user' } | ({ mode: 'bridge' } & BridgeSpec) | ({ mode: 'pod' } & PodNetSpec) | { mode: 'tap' } | { mode: 'none' };
+
+/** Whether VMs in this mode have a tap (QEMU's NIC backed by it). */
+export const hasTap = (n: NetMode): boolean => n.mode === 'bridge' || n.mode === 'pod' || n.mode === 'tap';
+
+/** A tap attached to nothing (mode `tap`), up so the guest sees a carrier. */
+export async function createLooseTap(owner?: { uid: number; gid: number }): Promise<string> {
+  const tap = await addTap(undefined, owner);
+  try { await ip(['link', 'set', 'dev', tap, 'up']); } catch (e) { await deleteTap(tap, undefined); throw e; }
+  return tap;
+}
 
 /** The network namespace a VM's tap lives in, if any. */
 export const netnsOf = (n: NetMode): string | undefined => (n.mode === 'bridge' || n.mode === 'pod' ? n.netns : undefined);

@@ -38,6 +38,7 @@ export const NetModeSchema = z.discriminatedUnion('mode', [
   z.object({ mode: z.literal('none') }).strict(),
   z.object({ mode: z.literal('bridge'), bridge: ifname, netns: netnsName.optional(), network: cidr24, gateway: ipv4.optional(), dns: z.array(ipv4).optional() }).strict(),
   z.object({ mode: z.literal('pod'), netns: netnsName, dev: ifname }).strict(),
+  z.object({ mode: z.literal('tap') }).strict(),
 ]);
 
 const NetConfigSchema = z.discriminatedUnion('mode', [

@@ -32,7 +32,7 @@ beforeAll(async () => {
   const vm = await import('../../host/index.ts');
   const img = await vm.loadImage((await build({ definitionPath: image('pod') })).dir);
   await vm.freeze(await vm.bootTemplate(img, { name: 'pod-tpl' }), img);
-  await freezeTapTemplate(img, 'podnet-tpl', tag);
+  await freezeTapTemplate(img, 'podnet-tpl');
   cd = await startContainerd({ path: [join(ROOT, 'bin')], cri: { sandboxImage: IMAGE, cniConfDir: cniBridgeConfig(cniDir, { name: `scion-test-${tag}`, bridge: cniBridge, subnet }) } });
   await cd.ctr(['images', 'import', await busyboxOciArchive(cd.dir, IMAGE)], { namespace: 'k8s.io' });
   cri = criClient(cd.address);

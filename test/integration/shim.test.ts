@@ -8,23 +8,26 @@
 import { describe, it, expect, beforeAll, afterAll, afterEach } from 'vitest';
 import { spawn, execFileSync } from 'node:child_process';
 import { join } from 'node:path';
-import { readdirSync, existsSync, readFileSync, mkdtempSync } from 'node:fs';
+import { readdirSync, existsSync, readFileSync, mkdtempSync, statSync } from 'node:fs';
 import { startContainerd, shimPids, type TestContainerd } from './containerd.ts';
 import { busyboxOciArchive } from './oci-busybox.ts';
 import { isolateRunDirs, removeEverything, image, scionQemuPids } from './helpers.ts';
 import { EventPublisher } from '../../shim/events.ts';
 import { TtrpcClient } from '../../shim/ttrpc.ts';
+import { startRegistry } from './registry-helper.ts';
 
 const ROOT = join(import.meta.dirname, '../..');
 const IMAGE = 'docker.io/scion/busybox:test';
 const RUNTIME = ['--runtime', 'io.containerd.scion.v2', '--snapshotter', 'native'];
 const dirs = isolateRunDirs('shim');
 let cd: TestContainerd;
+let podImageDir: string;
 
 beforeAll(async () => {
   const { build } = await import('../../builder/build.ts');
   const vm = await import('../../host/index.ts');
-  const img = await vm.loadImage((await build({ definitionPath: image('pod') })).dir);
+  podImageDir = (await build({ definitionPath: image('pod') })).dir;
+  const img = await vm.loadImage(podImageDir);
   await vm.freeze(await vm.bootTemplate(img, { name: 'pod-tpl' }), img);
   // the shim finds scion's run and template directories, and its template, through containerd's environment
   cd = await startContainerd({ path: [join(ROOT, 'bin')] });
@@ -161,6 +164,38 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     expect(await shimsLeft()).toEqual([]);
     const shimDir = join(dirs.run, 'shim');
     expect(existsSync(shimDir) ? readdirSync(shimDir).filter((f) => f.endsWith('.sock') || f.endsWith('.erofs')) : []).toEqual([]);
+  });
+});
+
+describe('a pod whose image is named by reference (io.scion.image)', () => {
+  it('gets a template made from the pulled image on first use (a tap template), reused by the next pod; a bad reference is a clear error', async () => {
+    const reg = await startRegistry();
+    const vm = await import('../../host/index.ts');
+    try {
+      const ref = `${reg.host}/scion/pod:1.0`;
+      await vm.push(podImageDir, ref);
+      const run = (id: string, r: string) => cd.ctr(['run', '--rm', ...RUNTIME, '--annotation', `io.scion.image=${r}`, IMAGE, id, 'sh', '-c', 'echo up in $(hostname)'], { nothrow: true });
+      const first = await run('byref1', ref);
+      expect(first.stderr).toBe('');
+      expect(first.stdout).toMatch(/^up in pod-[0-9a-f]{12}-\d+\n$/); // named after its template
+      const manifest = (await vm.loadImage(podImageDir)).manifestSha256;
+      const tplName = `pod-${manifest.slice(0, 12)}-tpl`;
+      const tpl = (await vm.list()).find((v) => v.name === tplName);
+      expect(tpl).toMatchObject({ role: 'template', state: 'frozen' });
+      const made = (await vm.Machine.find(tplName))!.info();
+      expect(made.netMode).toEqual({ mode: 'tap' });
+      // the second pod forks from the same template: not made again
+      expect((await run("byref2", ref)).stdout).toMatch(/^up in pod-[0-9a-f]{12}-\d+\n$/);
+      const again = (await vm.Machine.find(tplName))!.info();
+      expect([statSync(again.runDir).ino, again.timings]).toEqual([statSync(made.runDir).ino, made.timings]);
+      expect(reg.requests('GET', '/manifests/')).toBeGreaterThan(0);
+      const bad = await run('byref3', `${reg.host}/scion/no-such:1.0`);
+      expect(bad.exitCode).not.toBe(0);
+      expect(bad.stderr).toMatch(/cannot make a template of 127\.0\.0\.1:\d+\/scion\/no-such:1\.0 \(annotation io\.scion\.image\): /);
+      await cd.ctr(['containers', 'delete', 'byref3'], { nothrow: true });
+      expect(await pods()).toEqual([]);
+      await vm.removeVm(tplName);
+    } finally { await reg.stop(); }
   });
 });
 

@@ -208,6 +208,8 @@ describe('CLI argument checks', () => {
     expect(() => netFrom({ bridge: 'br0', netns: '../../x' })).toThrow(/not a network namespace name/);
     expect(() => netFrom({ bridge: 'br0', network: '10.44.300.0/24' })).toThrow(/use a \/24/);
     expect(netFrom({ bridge: 'br0' })).toEqual({ mode: 'bridge', bridge: 'br0', netns: undefined, network: '10.44.0.0/24' });
+    expect(netFrom({ tap: true })).toEqual({ mode: 'tap' });
+    expect(() => netFrom({ tap: true, bridge: 'br0' })).toThrow(/--tap goes alone/);
     expect(() => count('0', '-n', 1)).toThrow(/whole number from 1 to 200/);
     expect(() => count('2.5', '-n', 1)).toThrow(/whole number/);
   });
