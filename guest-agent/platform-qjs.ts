@@ -224,6 +224,10 @@ export const qjsPlatform: Platform = {
       if (r < 0 && -r !== EEXIST) check(r, 'mkdir', cur);
     }
   },
+  readlink(path) {
+    const [target, err] = os.readlink(path);
+    return err ? undefined : target;
+  },
   readdir(path) {
     const [names, err] = os.readdir(path);
     if (err) throw new OsError('readdir', path, err);

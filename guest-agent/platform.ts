@@ -50,6 +50,8 @@ export interface Platform {
   exists(path: string): boolean;
   mkdirp(path: string): void;
   readdir(path: string): string[];
+  /** a symbolic link's target, or undefined if it cannot be read (gone, not a link) */
+  readlink(path: string): string | undefined;
   /** size in bytes, or undefined if there is no such file */
   fileSize(path: string): number | undefined;
   /** start argv[0] (found on PATH) with stdin and stdout as pipes, stderr discarded unless piped too */

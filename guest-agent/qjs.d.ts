@@ -20,6 +20,7 @@ declare module 'os' {
   export function clearTimeout(t: unknown): void;
   export function mkdir(path: string, mode?: number): number;
   export function readdir(path: string): [string[], number];
+  export function readlink(path: string): [string, number];
   export function stat(path: string): [{ mode: number; size: number }, number];
   export function remove(path: string): number;
   export function rename(from: string, to: string): number;

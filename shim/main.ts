@@ -52,6 +52,7 @@ async function serve(a: ShimArgs): Promise<number> {
   const stop = async () => { await service.teardown().catch((e) => log(`teardown: ${(e as Error).message}`)); done(); };
   server.onLastClose = () => { if (service.idle()) { log('containerd disconnected and no task is left: exiting'); void stop(); } };
   await server.listen(a.socket!);
+  log(`serving ${a.id} ${(process.uptime() * 1000).toFixed(0)} ms after the process started`);
   const unclaimed = setTimeout(() => { if (!server.connections && service.idle()) { log(`containerd did not connect within ${UNCLAIMED_MS / 1000} s: exiting`); void stop(); } }, UNCLAIMED_MS);
   unclaimed.unref();
   process.on('SIGTERM', () => void stop());

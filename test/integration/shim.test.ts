@@ -90,8 +90,11 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
       const ex = await cd.ctr(['tasks', 'exec', '--exec-id', 'e1', 'svc', 'sh', '-c', 'echo exec sees $(hostname); exit 4'], { nothrow: true });
       expect(ex.stdout).toMatch(/^exec sees pod-\d+\n$/);
       expect(ex.exitCode).toBe(4);
-      const ps = await cd.ctr(['tasks', 'ps', 'svc']);
-      expect(ps.stdout.trim().split('\n').length).toBeGreaterThanOrEqual(2); // header + the sleep
+      // the task's processes, found by its pid namespace in the guest: the shell (its pid is the task's) and its sleep
+      const ps = (await cd.ctr(['tasks', 'ps', 'svc'])).stdout.trim().split('\n').slice(1).map((l) => Number(l.trim().split(/\s+/)[0]));
+      const taskPid = Number(/svc\s+(\d+)\s+RUNNING/.exec((await cd.ctr(['tasks', 'ls'])).stdout)![1]);
+      expect(ps).toContain(taskPid);
+      expect(ps.length).toBeGreaterThanOrEqual(2);
       await cd.ctr(['tasks', 'kill', '--signal', 'SIGTERM', 'svc']);
       expect(await stopped('svc')).toMatch(/svc\s+\d+\s+STOPPED/);
       await cd.ctr(['tasks', 'delete', 'svc']);
@@ -104,6 +107,20 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     expect(topics).toEqual(['/tasks/create', '/tasks/start', '/tasks/exec-added', '/tasks/exec-started', '/tasks/exit', '/tasks/exit', '/tasks/delete']);
     const exits = seen.split('\n').filter((l) => l.includes('/tasks/exit') && l.includes('"svc"')).map((l) => JSON.parse(l.slice(l.indexOf('{'))).exit_status);
     expect(exits).toEqual([4, 143]);
+  });
+
+  it('kill --all signals every process of the task, not only its first', async () => {
+    // the shell is pid 1 of its namespace without a handler: SIGTERM does not reach it; only its child gets
+    // it, through --all, and then the shell's wait ends (a kill without --all leaves both running)
+    await cd.ctr(['run', '-d', ...RUNTIME, IMAGE, 'all1', 'sh', '-c', 'sleep 300 & wait $!; exit $?']);
+    await cd.ctr(['tasks', 'kill', '--signal', 'SIGTERM', 'all1']);
+    await new Promise((r) => setTimeout(r, 1000));
+    expect((await cd.ctr(['tasks', 'ls'])).stdout).toMatch(/all1\s+\d+\s+RUNNING/);
+    await cd.ctr(['tasks', 'kill', '--all', '--signal', 'SIGTERM', 'all1']);
+    expect(await stopped('all1')).toMatch(/all1\s+\d+\s+STOPPED/);
+    await cd.ctr(['tasks', 'delete', 'all1']);
+    await cd.ctr(['containers', 'delete', 'all1']);
+    expect(await pods()).toEqual([]);
   });
 
   it('SIGKILL (ctr kill -s 9) ends the task with 137', async () => {

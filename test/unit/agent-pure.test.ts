@@ -134,3 +134,23 @@ describe('RTC edges', () => {
     expect(edgeOffset(0, 5, 0)).toBe(5);
   });
 });
+
+import { hasOwnPidNamespace, crunGlobalArgs, mountScript } from '../../guest-agent/tasks.ts';
+
+describe('pod tasks in the guest', () => {
+  it('a task with a new pid namespace runs without a cgroup; one that joins or lacks one keeps it', () => {
+    const spec = (namespaces: { type: string; path?: string }[]) => ({ linux: { namespaces } });
+    expect(hasOwnPidNamespace(spec([{ type: 'pid' }, { type: 'mount' }]))).toBe(true);
+    expect(hasOwnPidNamespace(spec([{ type: 'pid', path: '/proc/1/ns/pid' }]))).toBe(false);
+    expect(hasOwnPidNamespace(spec([{ type: 'mount' }]))).toBe(false);
+    expect(hasOwnPidNamespace({})).toBe(false);
+    expect(crunGlobalArgs(true)).toEqual(['--cgroup-manager=disabled']);
+    expect(crunGlobalArgs(false)).toEqual([]);
+  });
+
+  it('the rootfs: the disk read-only under an overlay whose writable layer is in the task directory', () => {
+    const lines = mountScript('web', '/dev/vdb').split('\n');
+    expect(lines).toContain('mount -t erofs -o ro /dev/vdb /run/scion/tasks/web/lower');
+    expect(lines.at(-1)).toBe('mount -t overlay -o lowerdir=/run/scion/tasks/web/lower,upperdir=/run/scion/tasks/web/rw/upper,workdir=/run/scion/tasks/web/rw/work overlay /run/scion/tasks/web/rootfs');
+  });
+});
