@@ -5,7 +5,8 @@
  * a host path (namespaces to join, bind mounts of host files, hooks, the cgroup
  * path) means nothing inside the VM and is left out; the host's
  * /etc/hosts, /etc/hostname and /etc/resolv.conf binds become the guest's own
- * files (which the agent wrote with the pod's identity). Resource limits are
+ * files (which the agent wrote with the pod's identity), the sandbox's /dev/shm
+ * the VM's (shared by the pod's containers, like its IPC namespace). Resource limits are
  * the VM's own size; they are not applied again inside it.
  */
 export type OciSpec = Record<string, any>;
@@ -26,10 +27,12 @@ export function guestSpec(host: OciSpec, o: { hostname?: string } = {}): GuestSp
   const linux = spec.linux ?? {};
   if (o.hostname && !spec.hostname && (linux.namespaces ?? []).some((n: { type: string }) => n.type === 'uts')) spec.hostname = o.hostname;
   if (Array.isArray(linux.namespaces)) {
-    // a namespace to join names a host process (CRI: the sandbox's); in the guest the container gets a new one of
-    // that type instead (the pod's containers do not share pid, ipc or uts namespaces inside the VM yet)
+    // A namespace to join names a host process (CRI: the sandbox's). The VM is the pod: its containers share
+    // the VM's network, and, joining the sandbox's IPC and UTS namespaces as Kubernetes has them do, the VM's
+    // IPC and UTS (the pod's hostname). A pid namespace to join becomes a new one (the VM's would show the agent).
     linux.namespaces = linux.namespaces.flatMap((n: { type: string; path?: string }) => {
       if (n.type === 'network') { dropped.push('network namespace (the VM is the pod network)'); return []; }
+      if (n.path && (n.type === 'ipc' || n.type === 'uts')) return []; // the VM's own: the pod's
       if (n.path) { dropped.push(`${n.type} namespace at ${n.path} (a new one instead)`); return [{ type: n.type }]; }
       return [n];
     });
@@ -41,6 +44,8 @@ export function guestSpec(host: OciSpec, o: { hostname?: string } = {}): GuestSp
   if (Array.isArray(spec.mounts)) {
     spec.mounts = spec.mounts.flatMap((m: { destination: string; type?: string; source?: string; options?: string[] }) => {
       if (GUEST_FILES.has(m.destination)) return [{ destination: m.destination, type: 'bind', source: m.destination, options: ['rbind', 'ro'] }];
+      // the pod's shared memory (CRI binds the sandbox's): the VM's /dev/shm, which all its containers share
+      if (m.destination === '/dev/shm' && m.type === 'bind') return [{ destination: '/dev/shm', type: 'bind', source: '/dev/shm', options: ['rbind', 'rw', 'nosuid', 'nodev'] }];
       if (SELF_MADE.has(m.type ?? '') || (m.type === 'bind' && m.source && m.source.startsWith('/dev/'))) return [m];
       if (m.type === 'bind' || (m.options ?? []).includes('bind') || (m.options ?? []).includes('rbind')) { dropped.push(`bind mount ${m.source} -> ${m.destination}`); return []; }
       return [m];

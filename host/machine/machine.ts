@@ -266,7 +266,8 @@ export class Machine {
     const errors: string[] = [];
     for (const p of HOTPLUG_PORTS) {
       try {
-        await qmp.execute('device_add', { driver: 'virtio-blk-pci', id: `d-${serial}`, drive: `n-${serial}`, bus: p.id, serial });
+        // slot 0 only: a root port's link holds one device (QEMU would take another at a slot the guest never sees)
+        await qmp.execute('device_add', { driver: 'virtio-blk-pci', id: `d-${serial}`, drive: `n-${serial}`, bus: p.id, addr: '0', serial });
         return { port: p.id };
       } catch (e) { errors.push(`${p.id}: ${(e as Error).message}`); } // taken: the next port
     }

@@ -81,7 +81,9 @@ export async function startContainerd(opts: { path?: string[]; cri?: { sandboxIm
     proc.kill('SIGTERM');
     await Promise.race([exited(proc), new Promise((r) => setTimeout(r, 10_000))]);
     if (proc.exitCode === null) proc.kill('SIGKILL');
-    await $({ nothrow: true, quiet: true })`umount -R ${dir}/root ${dir}/state`;
+    // every mount containerd left under its directories (snapshots, a sandbox's /dev/shm), deepest first
+    const mounts = readFileSync('/proc/mounts', 'utf8').split('\n').map((l) => l.split(' ')[1]).filter((m) => m?.startsWith(`${dir}/`)).sort().reverse();
+    for (const m of mounts) await $({ nothrow: true, quiet: true })`umount -l ${m}`;
     rmSync(dir, { recursive: true, force: true });
   };
   /** containerd killed (SIGKILL: no clean shutdown) and started again on the same root, state and sockets; shims go on. */

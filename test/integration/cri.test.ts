@@ -38,8 +38,11 @@ beforeAll(async () => {
   cri = criClient(cd.address);
 }, 180_000);
 afterAll(async () => {
-  cri?.close(); await cd?.stop(); await removeEverything(dirs);
-  await $({ nothrow: true, quiet: true })`ip link del ${cniBridge}`; // never made if no pod ran: nothing to remove
+  cri?.close();
+  try { await cd?.stop(); } finally {
+    await removeEverything(dirs);
+    await $({ nothrow: true, quiet: true })`ip link del ${cniBridge}`; // never made if no pod ran: nothing to remove
+  }
 });
 
 const podConfig = (name: string) => ({
@@ -70,6 +73,20 @@ describe('the kubelet\'s calls for a pod, runtime_handler scion', () => {
     expect(log).toMatch(/ stdout F started in web-pod\n/); // CRI's log format, from the container's stdout
     const ex = await cri.runtime.ExecSync({ container_id: ct, cmd: ['sh', '-c', 'echo exec in $(hostname); echo err >&2; exit 3'], timeout: 30 });
     expect({ out: ex.stdout.toString(), err: ex.stderr.toString(), code: ex.exit_code }).toEqual({ out: 'exec in web-pod\n', err: 'err\n', code: 3 });
+    // a second container of the pod: the same VM, and the pod's IPC namespace and /dev/shm, as Kubernetes shares them
+    const { container_id: side } = await cri.runtime.CreateContainer({ pod_sandbox_id: sb, config: { metadata: { name: 'side' }, image: { image: IMAGE }, command: ['sh', '-c', 'trap "exit 0" TERM; while true; do sleep 1; done'], log_path: 'side.log' }, sandbox_config: cfg });
+    await cri.runtime.StartContainer({ container_id: side });
+    expect(await clones()).toHaveLength(1);
+    const inBoth = async (cmd: string) => Promise.all([ct, side].map(async (id) => (await cri.runtime.ExecSync({ container_id: id, cmd: ['sh', '-c', cmd], timeout: 30 })).stdout.toString()));
+    const [ipcApp, ipcSide] = await inBoth('readlink /proc/self/ns/ipc');
+    expect(ipcApp).toMatch(/^ipc:\[\d+\]\n$/);
+    expect(ipcSide).toBe(ipcApp);
+    await cri.runtime.ExecSync({ container_id: ct, cmd: ['sh', '-c', 'echo from app > /dev/shm/note'], timeout: 30 });
+    expect((await inBoth('cat /dev/shm/note'))[1]).toBe('from app\n');
+    const [pidApp, pidSide] = await inBoth('readlink /proc/self/ns/pid');
+    expect(pidSide).not.toBe(pidApp); // each its own pid namespace (no shareProcessNamespace)
+    await cri.runtime.StopContainer({ container_id: side, timeout: 10 });
+    await cri.runtime.RemoveContainer({ container_id: side });
     await cri.runtime.StopContainer({ container_id: ct, timeout: 10 });
     const st = (await cri.runtime.ContainerStatus({ container_id: ct })).status;
     expect({ state: st.state, exit: st.exit_code }).toEqual({ state: 'CONTAINER_EXITED', exit: 0 }); // its TERM trap ran

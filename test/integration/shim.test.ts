@@ -33,7 +33,7 @@ beforeAll(async () => {
   cd = await startContainerd({ path: [join(ROOT, 'bin')] });
   await cd.ctr(['images', 'import', await busyboxOciArchive(cd.dir, IMAGE)]);
 }, 180_000);
-afterAll(async () => { await cd?.stop(); await removeEverything(dirs); });
+afterAll(async () => { try { await cd?.stop(); } finally { await removeEverything(dirs); } });
 
 /** `ctr tasks ls` once the task is no longer running (or after 10 s). */
 async function stopped(id: string): Promise<string> {

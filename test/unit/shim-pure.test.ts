@@ -45,21 +45,25 @@ describe('the guest\'s OCI config', () => {
       { destination: '/dev/shm', type: 'bind', source: '/run/containerd/sandboxes/s/shm', options: ['rbind'] },
       { destination: '/data', type: 'bind', source: '/host/data', options: ['rbind'] },
     ],
-    linux: { cgroupsPath: '/k8s.io/c', resources: { memory: { limit: 1 } }, namespaces: [{ type: 'pid', path: '/proc/9/ns/pid' }, { type: 'uts', path: '/proc/9/ns/uts' }, { type: 'mount' }, { type: 'network', path: '/proc/9/ns/net' }] },
+    linux: { cgroupsPath: '/k8s.io/c', resources: { memory: { limit: 1 } }, namespaces: [{ type: 'pid', path: '/proc/9/ns/pid' }, { type: 'ipc', path: '/proc/9/ns/ipc' }, { type: 'uts', path: '/proc/9/ns/uts' }, { type: 'mount' }, { type: 'network', path: '/proc/9/ns/net' }] },
     root: { path: 'rootfs' },
   };
-  it('shares the VM\'s network, gets new namespaces for host ones, leaves host paths, hooks and limits out', () => {
+  it('shares the VM\'s network, IPC, UTS and /dev/shm (the pod\'s), gets a new pid namespace, leaves host paths, hooks and limits out', () => {
     const { spec, dropped } = guestSpec(cri, { hostname: 'pod-1' });
-    expect(spec.linux.namespaces).toEqual([{ type: 'pid' }, { type: 'uts' }, { type: 'mount' }]);
+    expect(spec.linux.namespaces).toEqual([{ type: 'pid' }, { type: 'mount' }]);
     expect(spec.linux.cgroupsPath).toBeUndefined();
     expect(spec.linux.resources).toBeUndefined();
     expect(spec.hooks).toBeUndefined();
     expect(spec.root).toBeUndefined();
     expect(spec.process.terminal).toBe(false);
-    expect(spec.hostname).toBe('web-pod');
-    expect(spec.mounts).toEqual([{ destination: '/proc', type: 'proc', source: 'proc' }, { destination: '/etc/hosts', type: 'bind', source: '/etc/hosts', options: ['rbind', 'ro'] }]);
-    expect(dropped.join('; ')).toMatch(/hooks.*network namespace.*cgroupsPath.*resources.*\/run\/containerd\/sandboxes\/s\/shm.*\/host\/data/);
-    expect(cri.linux.namespaces).toHaveLength(4); // the input is left as it was
+    expect(spec.hostname).toBeUndefined(); // the VM's UTS namespace has the pod's hostname
+    expect(spec.mounts).toEqual([
+      { destination: '/proc', type: 'proc', source: 'proc' },
+      { destination: '/etc/hosts', type: 'bind', source: '/etc/hosts', options: ['rbind', 'ro'] },
+      { destination: '/dev/shm', type: 'bind', source: '/dev/shm', options: ['rbind', 'rw', 'nosuid', 'nodev'] },
+    ]);
+    expect(dropped.join('; ')).toMatch(/hooks.*pid namespace at \/proc\/9\/ns\/pid.*network namespace.*cgroupsPath.*resources.*\/host\/data/);
+    expect(cri.linux.namespaces).toHaveLength(5); // the input is left as it was
   });
   it('sets a hostname only where the container has a UTS namespace of its own', () => {
     expect(guestSpec({ linux: { namespaces: [{ type: 'mount' }] }, hostname: 'x' }).spec.hostname).toBeUndefined();
