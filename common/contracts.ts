@@ -21,6 +21,15 @@ export interface ContainerSpec { name: string; restart: 'always' | 'on-failure' 
 /** /etc/scion/image.json in the guest. */
 export interface GuestImageConfig { name: string; exec: boolean; network: { mode: 'static' | 'dhcp'; interface: string }; containers: ContainerSpec[] }
 
+/** A resolver configuration: nameservers, search domains, options (resolv.conf's). */
+export interface DnsConfig { servers: string[]; search: string[]; options: string[] }
+
+/** A search domain (a DNS name) and a resolv.conf option (ndots:5, edns0, ...): what the agent accepts. */
+export const DNS_SEARCH_PATTERN = /^(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$/;
+/** A dotted-quad IPv4 address (no leading zeros). */
+export const IPV4_PATTERN = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
+export const DNS_OPTION_PATTERN = /^[a-z][a-z0-9-]{0,31}(?::[0-9]{1,5})?$/;
+
 /** identity.apply's arguments: what makes a clone its own machine. */
 export interface Identity {
   generation: number;
@@ -28,6 +37,9 @@ export interface Identity {
   machineId: string;
   interfaces: { name?: string; mac: string; address?: string; prefix?: number; gateway?: string }[];
   dns: string[];
+  /** resolv.conf's search domains and options (a pod's, as Kubernetes gives them) */
+  dnsSearch?: string[];
+  dnsOptions?: string[];
   rngSeed?: string; // hex
   /** the VM generation ID the host gave this VM (the guest cannot read it back; reported in info) */
   vmgenid?: string;

@@ -82,6 +82,15 @@ export function hexBytes(hex: string): Uint8Array {
 }
 
 /** Files are written directly (each is one small write); commands go to the shell in one batch, started first. */
+/** /etc/resolv.conf for an identity. Pure. */
+export function resolvConf(id: Pick<Identity, 'dns' | 'dnsSearch' | 'dnsOptions'>): string {
+  return [
+    ...id.dns.map((d) => `nameserver ${d}\n`),
+    ...(id.dnsSearch?.length ? [`search ${id.dnsSearch.join(' ')}\n`] : []),
+    ...(id.dnsOptions?.length ? [`options ${id.dnsOptions.join(' ')}\n`] : []),
+  ].join('');
+}
+
 export async function applyIdentity(id: Identity, cfg: SystemConfig, shell: ShellWorker, platform: Platform): Promise<Steps> {
   const steps: Steps = {};
   let t = platform.monotonic();
@@ -97,7 +106,7 @@ export async function applyIdentity(id: Identity, cfg: SystemConfig, shell: Shel
   const addr = id.interfaces[0]?.address;
   platform.writeText(etc('hostname'), id.hostname + '\n');
   platform.writeText(etc('hosts'), hostsFile(id.hostname, addr));
-  platform.writeText(etc('resolv.conf'), id.dns.map((d) => `nameserver ${d}\n`).join(''));
+  platform.writeText(etc('resolv.conf'), resolvConf(id));
   mark('files');
   // writing to /dev/urandom mixes the bytes into the pool (without crediting entropy)
   if (id.rngSeed) platform.writeBytes('/dev/urandom', hexBytes(id.rngSeed));

@@ -36,11 +36,11 @@ export function salvageId(line: string): string | number | null {
   return null;
 }
 
-import { HOSTNAME_PATTERN, type Identity } from '../common/contracts.ts';
+import { HOSTNAME_PATTERN, DNS_SEARCH_PATTERN, DNS_OPTION_PATTERN, IPV4_PATTERN, type Identity } from '../common/contracts.ts';
 export type { Identity };
 
 const MAC = /^([0-9a-f]{2}:){5}[0-9a-f]{2}$/;
-const IPV4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
+const IPV4 = IPV4_PATTERN;
 
 function bad(field: string, why: string): never {
   throw new ProtocolError('E_BAD_ARGS', `${field}: ${why}`);
@@ -65,10 +65,17 @@ export function validateIdentity(a: Record<string, unknown>): Identity {
   });
   const dns = a.dns === undefined ? [] : a.dns;
   if (!Array.isArray(dns) || dns.some((d) => typeof d !== 'string' || !IPV4.test(d))) bad('dns', 'must be a list of IPv4 addresses');
+  const list = (v: unknown, field: string, pattern: RegExp, max: number, what: string): string[] | undefined => {
+    if (v === undefined) return undefined;
+    if (!Array.isArray(v) || v.length > max || v.some((d) => typeof d !== 'string' || !pattern.test(d))) bad(field, `must be a list of at most ${max} ${what}`);
+    return v as string[];
+  };
+  const dnsSearch = list(a.dnsSearch, 'dnsSearch', DNS_SEARCH_PATTERN, 6, 'domain names');
+  const dnsOptions = list(a.dnsOptions, 'dnsOptions', DNS_OPTION_PATTERN, 16, 'resolver options like ndots:5');
   if (a.rngSeed !== undefined && (typeof a.rngSeed !== 'string' || !/^([0-9a-f]{2}){16,512}$/.test(a.rngSeed))) bad('rngSeed', 'must be 32..1024 hex digits');
   if (a.time !== undefined && (typeof a.time !== 'number' || !Number.isFinite(a.time) || a.time < 0)) bad('time', 'must be milliseconds since the epoch');
   if (a.vmgenid !== undefined && (typeof a.vmgenid !== 'string' || !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(a.vmgenid))) bad('vmgenid', 'must be a lowercase UUID');
-  return { generation: gen as number, hostname: a.hostname as string, machineId: a.machineId as string, interfaces, dns: dns as string[], rngSeed: a.rngSeed as string | undefined, time: a.time as number | undefined, vmgenid: a.vmgenid as string | undefined };
+  return { generation: gen as number, hostname: a.hostname as string, machineId: a.machineId as string, interfaces, dns: dns as string[], dnsSearch, dnsOptions, rngSeed: a.rngSeed as string | undefined, time: a.time as number | undefined, vmgenid: a.vmgenid as string | undefined };
 }
 
 export function requireString(a: Record<string, unknown>, k: string): string {

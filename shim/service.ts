@@ -11,8 +11,8 @@
  * Stdio goes between containerd's FIFOs and the agent's task-output events /
  * task.input; exits come from the agent's task-exit events.
  */
-import { readFile, rm, writeFile } from 'node:fs/promises';
-import { createReadStream, type WriteStream, createWriteStream } from 'node:fs';
+import { open, readFile, rm, writeFile } from 'node:fs/promises';
+import { constants, createReadStream, type WriteStream, createWriteStream } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { Machine } from '../host/machine/machine.ts';
@@ -21,7 +21,8 @@ import type { AgentClient } from '../host/agent-client.ts';
 import { base64Decode, base64Encode } from '../common/base64.ts';
 import { TtrpcError, Code, type Handler } from './ttrpc.ts';
 import { EventPublisher } from './events.ts';
-import { guestSpec, type OciSpec } from './spec.ts';
+import { guestSpec, parseResolvConf, resolvConfSource, type OciSpec } from './spec.ts';
+import type { DnsConfig } from '../common/contracts.ts';
 import { packRootfs, type Mount } from './rootfs.ts';
 import { timestamp } from './proto.ts';
 import { HOSTNAME_PATTERN } from '../common/contracts.ts';
@@ -41,6 +42,19 @@ export function podNetns(config: OciSpec): string | undefined {
   const ns = (config.linux?.namespaces ?? []).find((n: { type: string; path?: string }) => n.type === 'network' && n.path);
   const m = ns ? /^\/(?:var\/)?run\/netns\/([A-Za-z0-9_.-]{1,64})$/.exec(ns.path) : null;
   return m?.[1];
+}
+
+/** The DNS config containerd wrote for a pod (the file its config binds as /etc/resolv.conf; at most 64 KiB read). */
+async function podDns(config: OciSpec): Promise<DnsConfig | undefined> {
+  const src = resolvConfSource(config);
+  if (!src) return undefined;
+  const fh = await open(src, constants.O_RDONLY | constants.O_NOFOLLOW).catch(() => undefined);
+  if (!fh) return undefined;
+  try {
+    const buf = Buffer.alloc(64 * 1024);
+    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+    return parseResolvConf(buf.subarray(0, bytesRead).toString('utf8'));
+  } finally { await fh.close(); }
 }
 
 /** The serial the guest finds a task's rootfs disk by (virtio-blk serials hold 20 bytes). Pure. */
@@ -148,7 +162,7 @@ export class TaskService {
   }
 
   /** The pod's VM: forked once, by its first task. */
-  private async pod(annotations: Record<string, string>, hostname?: string, netns?: string): Promise<Machine> {
+  private async pod(annotations: Record<string, string>, hostname?: string, netns?: string, dns?: DnsConfig): Promise<Machine> {
     if (this.machine) return this.machine;
     const cold = annotations[BOOT_ANNOTATION] === 'cold';
     this.forking ??= (async () => {
@@ -156,7 +170,7 @@ export class TaskService {
       const pod = netns ? { netns, dev: 'eth0' } : undefined;
       const owner = { pid: process.pid, kind: 'shim' };
       const t0 = performance.now();
-      const m = await (cold ? this.coldBoot(template, hostname, pod, owner) : Machine.forkTemplate(template, { prefix: 'pod', hostname, pod, owner })).catch((e: Error & { hint?: string }) => {
+      const m = await (cold ? this.coldBoot(template, { hostname, pod, owner, dns }) : Machine.forkTemplate(template, { prefix: 'pod', hostname, pod, owner, dns })).catch((e: Error & { hint?: string }) => {
         throw new TtrpcError(Code.FAILED_PRECONDITION, `cannot fork a pod VM from template ${template}: ${e.message}${e.hint ? ` (${e.hint}; the template comes from the annotation ${TEMPLATE_ANNOTATION}, else SCION_SHIM_TEMPLATE, else pod-tpl)` : ''}`);
       });
       try {
@@ -180,12 +194,12 @@ export class TaskService {
    * io.scion.boot: cold), as a VM runtime without templating does: the
    * baseline bench:cri compares the fork with.
    */
-  private async coldBoot(template: string, hostname: string | undefined, pod: { netns: string; dev: string } | undefined, owner: { pid: number; kind: string }): Promise<Machine> {
+  private async coldBoot(template: string, o: { hostname?: string; pod?: { netns: string; dev: string }; owner: { pid: number; kind: string }; dns?: DnsConfig }): Promise<Machine> {
     const tpl = await Machine.find(template);
     if (!tpl) throw new TtrpcError(Code.FAILED_PRECONDITION, `no template ${template} to take the image of`);
     const img = await loadImage(tpl.info().image);
     tpl.close();
-    return Machine.boot(img, { name: `pod-cold-${randomBytes(4).toString('hex')}`, hostname, net: pod ? { mode: 'pod', ...pod } : undefined, owner });
+    return Machine.boot(img, { name: `pod-cold-${randomBytes(4).toString('hex')}`, hostname: o.hostname, net: o.pod ? { mode: 'pod', ...o.pod } : undefined, owner: o.owner, dns: o.dns });
   }
 
   /** A container's rootfs into the pod's VM and its config into the agent. */
@@ -223,7 +237,10 @@ export class TaskService {
       try {
         // a pod sandbox's VM takes the pod's hostname (a DNS label, as Kubernetes gives it)
         const hostname = kind === 'sandbox' && typeof config.hostname === 'string' && HOSTNAME_PATTERN.test(config.hostname) ? config.hostname : undefined;
-        const m = await this.pod(config.annotations ?? {}, hostname, kind === 'sandbox' ? podNetns(config) : undefined);
+        const netns = kind === 'sandbox' ? podNetns(config) : undefined;
+        // a pod on its own network resolves names as its DNS config says (containerd wrote it as the pod's resolv.conf)
+        const dns = netns ? await podDns(config) : undefined;
+        const m = await this.pod(config.annotations ?? {}, hostname, netns, dns);
         // the pod's owners (its sandbox, or a lone task) name its VM for `delete` after a crash; a container does not
         if (kind !== 'container') await writeFile(join(req.bundle, VM_FILE), m.name + '\n');
         if (kind !== 'sandbox') await this.createContainer(t, config, req.rootfs);

@@ -9,6 +9,8 @@
  * the VM's (shared by the pod's containers, like its IPC namespace). Resource limits are
  * the VM's own size; they are not applied again inside it.
  */
+import { DNS_OPTION_PATTERN, DNS_SEARCH_PATTERN, IPV4_PATTERN as IPV4, type DnsConfig } from '../common/contracts.ts';
+
 export type OciSpec = Record<string, any>;
 
 /** Guest files that stand in for the host's bind mounts of the same name. */
@@ -52,4 +54,27 @@ export function guestSpec(host: OciSpec, o: { hostname?: string } = {}): GuestSp
     });
   }
   return { spec, dropped };
+}
+
+/**
+ * The resolver configuration in a resolv.conf (the one containerd wrote for a
+ * pod from its DNS config): IPv4 nameservers (at most 3, as glibc reads),
+ * search domains and options the agent accepts; anything else left out. Pure.
+ */
+export function parseResolvConf(text: string): DnsConfig {
+  const out: DnsConfig = { servers: [], search: [], options: [] };
+  for (const raw of text.split('\n')) {
+    const [key, ...words] = raw.replace(/[#;].*$/, '').trim().split(/\s+/);
+    if (key === 'nameserver' && words[0] && IPV4.test(words[0]) && out.servers.length < 3) out.servers.push(words[0]);
+    else if (key === 'search' || key === 'domain') out.search = words.filter((w) => DNS_SEARCH_PATTERN.test(w)).slice(0, 6); // the last one counts
+    else if (key === 'options') out.options.push(...words.filter((w) => DNS_OPTION_PATTERN.test(w)));
+  }
+  out.options = out.options.slice(0, 16);
+  return out;
+}
+
+/** Where containerd's config binds a pod's resolv.conf from (a file it wrote), if it does. Pure. */
+export function resolvConfSource(config: OciSpec): string | undefined {
+  const m = (config.mounts ?? []).find((x: { destination?: string; type?: string; source?: string }) => x.destination === '/etc/resolv.conf' && typeof x.source === 'string' && x.source.startsWith('/'));
+  return m?.source;
 }

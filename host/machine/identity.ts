@@ -1,6 +1,7 @@
 /** Clone identity allocation. Pure given its inputs (randomness is injected). */
 import { randomBytes, randomUUID } from 'node:crypto';
 import { USER_NET } from '../qemu/argv.ts';
+import type { DnsConfig } from '../../common/contracts.ts';
 
 export interface CloneIdentity {
   index: number;
@@ -10,6 +11,8 @@ export interface CloneIdentity {
   prefix: number;
   gateway: string;
   dns: string[];
+  dnsSearch?: string[];
+  dnsOptions?: string[];
   machineId: string;
   vmgenid: string;
   rngSeed: string;
@@ -18,6 +21,11 @@ export interface CloneIdentity {
 /** An identity that takes what CNI gave a pod's interface (MAC, address, route; no DNS of its own). Pure. */
 export function withPodNetwork(id: CloneIdentity, pod: { mac: string; ip: string; prefix: number; gateway?: string } | undefined): CloneIdentity {
   return pod ? { ...id, mac: pod.mac, ip: pod.ip, prefix: pod.prefix, gateway: pod.gateway ?? id.gateway, dns: [] } : id;
+}
+
+/** An identity with the resolver configuration a pod was given (its nameservers, search domains, options). Pure. */
+export function withDns(id: CloneIdentity, dns: DnsConfig | undefined): CloneIdentity {
+  return dns ? { ...id, dns: dns.servers, dnsSearch: dns.search, dnsOptions: dns.options } : id;
 }
 
 export const MAC_PREFIX = '02:53:43'; // locally administered, unicast ("SC")

@@ -34,7 +34,8 @@ import { spawnQemu, connectQmp, restoreFromFd, migrateToFile, exitOf, killPid, w
 import { vmPaths, vmsDir, templatePaths } from '../store/dirs.ts';
 import { writeRecord, writeTemplateMeta, readRecord, TEMPLATE_FORMAT, VM_FORMAT, type VmRecord, type TemplateMeta } from '../store/records.ts';
 import { slotName, release } from '../store/slots.ts';
-import { allocateIdentity, withPodNetwork, type CloneIdentity } from './identity.ts';
+import { allocateIdentity, withPodNetwork, withDns, type CloneIdentity } from './identity.ts';
+import type { DnsConfig } from '../../common/contracts.ts';
 import { syncGuestClock, measureOffset } from './clock.ts';
 import { createTap, createPodTap, createLooseTap, hasTap, deleteTap, netParams, netnsOf, readPodNetwork, type NetMode, type PodNetSpec } from './net.ts';
 import { qcow2Overlay } from './disk.ts';
@@ -52,6 +53,8 @@ export interface BootOptions {
   name?: string; net?: NetMode; accel?: Accel; timeoutMs?: number; log?: (m: string) => void;
   /** its hostname (default: the image's name) */
   hostname?: string;
+  /** the resolver configuration it gets instead of its network's (a pod's) */
+  dns?: DnsConfig;
   /** 'ram': an ordinary VM whose freeze saves RAM into the state stream (the baseline scion is compared with) */
   memory?: 'file' | 'ram';
   /** stop at the agent's boot ready, without the template identity (cold-boot measurements) */
@@ -77,6 +80,8 @@ export interface ForkOptions {
   agentTimeoutMs?: number;
   /** a pod's network namespace (CNI's): the VM's tap goes there, joined to `dev`, and the VM takes its addresses */
   pod?: PodNetSpec;
+  /** the resolver configuration the VM gets instead of its network's (a pod's) */
+  dns?: DnsConfig;
   /**
    * Do not send identity.apply: the clone keeps the template's hostname,
    * machine-id, addresses and RNG state. Only for showing that an identity
@@ -353,7 +358,7 @@ export class Machine {
     if (baseDisk && !(await stat(baseDisk).then((s) => s.isFile(), () => false))) throw new VmError('E_DISK', `disk ${o.disk} does not exist or is not a file`);
     // the template's own identity (index 0, generation 1): clones start from a known state; a pod's VM takes what CNI gave the pod
     const podNet = netMode.mode === 'pod' ? await readPodNetwork(netMode) : undefined;
-    const id = withPodNetwork(allocateIdentity(0, o.hostname ?? img.name, undefined, netParams(netMode)), podNet);
+    const id = withDns(withPodNetwork(allocateIdentity(0, o.hostname ?? img.name, undefined, netParams(netMode)), podNet), o.dns);
     const memory = o.memory ?? 'file';
     const timeout = o.timeoutMs ?? 180_000;
     return Machine.construct({
@@ -428,7 +433,7 @@ export class Machine {
       claim: async () => {
         try {
           const r = await claimClone(o.prefix, (index, name) => {
-            const id = withPodNetwork(allocateIdentity(index, o.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`, undefined, netParams(netMode)), podNet);
+            const id = withDns(withPodNetwork(allocateIdentity(index, o.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`, undefined, netParams(netMode)), podNet), o.dns);
             const net: NetConfig = netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards } : { mode: 'none' };
             return {
               format: VM_FORMAT, name, role: 'clone', image: meta.image, accel: meta.accel, createdAt: new Date().toISOString(), template: meta.name,
@@ -618,7 +623,7 @@ async function clockRightAtReady(agent: AgentClient, guestMs: number, receivedMs
 export function identityArgs(id: CloneIdentity, generation: number): Identity {
   return {
     generation, hostname: id.hostname, machineId: id.machineId, rngSeed: id.rngSeed, time: Date.now(), vmgenid: id.vmgenid,
-    interfaces: [{ mac: id.mac, address: id.ip, prefix: id.prefix, gateway: id.gateway }], dns: id.dns,
+    interfaces: [{ mac: id.mac, address: id.ip, prefix: id.prefix, gateway: id.gateway }], dns: id.dns, dnsSearch: id.dnsSearch, dnsOptions: id.dnsOptions,
   };
 }
 

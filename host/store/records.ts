@@ -11,6 +11,7 @@ import { z } from 'zod';
 import { ScionError } from '../../common/errors.ts';
 import { describeIssues } from '../../common/validation.ts';
 import { NAME_PATTERN, type ValidName } from '../../common/names.ts';
+import { DNS_SEARCH_PATTERN, DNS_OPTION_PATTERN } from '../../common/contracts.ts';
 import { atomicWrite, readNoFollow } from '../../common/safe-fs.ts';
 import { vmPaths, vmsDir, templatePaths } from './dirs.ts';
 
@@ -56,6 +57,7 @@ export const VmDescriptionSchema = z.object({
 
 export const IdentitySchema = z.object({
   index: z.number().int().min(0).max(65535), hostname: z.string().min(1).max(64), mac, ip: ipv4, prefix: z.number().int().min(0).max(32), gateway: ipv4, dns: z.array(ipv4),
+  dnsSearch: z.array(z.string().regex(DNS_SEARCH_PATTERN)).max(6).optional(), dnsOptions: z.array(z.string().regex(DNS_OPTION_PATTERN)).max(16).optional(),
   machineId: hex(32), vmgenid: uuid, rngSeed: hex(64),
 }).strict();
 

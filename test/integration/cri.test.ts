@@ -122,8 +122,11 @@ describe('the kubelet\'s calls for a pod, runtime_handler scion', () => {
     expect(await clones()).toEqual([]);
   });
 
-  it('with CNI: the pod VM takes the IP and MAC CNI gave the pod, and the host reaches the container inside at that IP', async () => {
-    const cfg = { metadata: { name: 'web-cni', uid: 'uid-cni', namespace: 'default', attempt: 0 }, hostname: 'web-cni', log_directory: join(logs, 'web-cni'), annotations: [{ key: 'io.scion.template', value: 'podnet-tpl' }] };
+  it('with CNI: the pod VM takes the IP and MAC CNI gave the pod, and its DNS config; the host reaches the container inside at that IP', async () => {
+    const cfg = {
+      metadata: { name: 'web-cni', uid: 'uid-cni', namespace: 'default', attempt: 0 }, hostname: 'web-cni', log_directory: join(logs, 'web-cni'), annotations: [{ key: 'io.scion.template', value: 'podnet-tpl' }],
+      dns_config: { servers: ['10.96.0.10'], searches: ['default.svc.cluster.local', 'svc.cluster.local'], options: ['ndots:5'] }, // as the kubelet gives ClusterFirst pods
+    };
     const { pod_sandbox_id: sb } = await cri.runtime.RunPodSandbox({ config: cfg, runtime_handler: 'scion' });
     try {
       const podIp = (await cri.runtime.PodSandboxStatus({ pod_sandbox_id: sb })).status.network.ip as string;
@@ -145,6 +148,9 @@ describe('the kubelet\'s calls for a pod, runtime_handler scion', () => {
       const netns = JSON.parse((await $`ip -j netns list`.quiet()).stdout).map((n: { name: string }) => n.name).filter((n: string) => n.startsWith('cni-'));
       const macs = await Promise.all(netns.map(async (n: string) => JSON.parse((await $({ nothrow: true, quiet: true })`ip -n ${n} -j link show dev eth0`).stdout || '[]')[0]?.address));
       expect(macs).toContain(mac);
+      // the container resolves names as the pod's DNS config says (the VM's resolv.conf, which the container's is)
+      expect((await cri.runtime.ExecSync({ container_id: ct, cmd: ['cat', '/etc/resolv.conf'], timeout: 30 })).stdout.toString())
+        .toBe('nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local\noptions ndots:5\n');
       await cri.runtime.StopContainer({ container_id: ct, timeout: 1 });
       await cri.runtime.RemoveContainer({ container_id: ct });
     } finally {

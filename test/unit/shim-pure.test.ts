@@ -84,3 +84,26 @@ describe('rootfs and events', () => {
     expect(decode('containerd.events.TaskExit', e.envelope.event.value)).toMatchObject({ containerId: 'c', exitStatus: 137 });
   });
 });
+
+import { parseResolvConf, resolvConfSource } from '../../shim/spec.ts';
+import { resolvConf } from '../../guest-agent/identity.ts';
+import { validateIdentity } from '../../guest-agent/protocol.ts';
+
+describe('a pod\'s DNS into its VM', () => {
+  it('reads the resolv.conf containerd wrote for the pod, keeping what the guest can use', () => {
+    const text = '# written by containerd\nnameserver 10.96.0.10\nnameserver fd00::a\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 edns0 $(reboot)\nnameserver 1.1.1.1 ; trailing\n';
+    expect(parseResolvConf(text)).toEqual({ servers: ['10.96.0.10', '1.1.1.1'], search: ['default.svc.cluster.local', 'svc.cluster.local', 'cluster.local'], options: ['ndots:5', 'edns0'] });
+    expect(parseResolvConf('nameserver 1.1.1.1\nnameserver 1.1.1.2\nnameserver 1.1.1.3\nnameserver 1.1.1.4\n').servers).toHaveLength(3);
+    expect(resolvConfSource({ mounts: [{ destination: '/etc/resolv.conf', type: 'bind', source: '/var/lib/containerd/s/resolv.conf' }] })).toBe('/var/lib/containerd/s/resolv.conf');
+    expect(resolvConfSource({ mounts: [{ destination: '/etc/hosts', source: '/x' }] })).toBeUndefined();
+  });
+
+  it('the agent writes it as resolv.conf, and refuses what is not a domain or an option', () => {
+    expect(resolvConf({ dns: ['10.96.0.10'], dnsSearch: ['a.svc', 'svc'], dnsOptions: ['ndots:5'] })).toBe('nameserver 10.96.0.10\nsearch a.svc svc\noptions ndots:5\n');
+    expect(resolvConf({ dns: ['10.0.2.3'] })).toBe('nameserver 10.0.2.3\n');
+    const id = { generation: 2, hostname: 'p', machineId: 'a'.repeat(32), interfaces: [{ mac: '02:00:00:00:00:01' }], dns: [] as string[] };
+    expect(validateIdentity({ ...id, dnsSearch: ['default.svc.cluster.local'], dnsOptions: ['ndots:5'] })).toMatchObject({ dnsSearch: ['default.svc.cluster.local'], dnsOptions: ['ndots:5'] });
+    expect(() => validateIdentity({ ...id, dnsSearch: ['evil\nnameserver 6.6.6.6'] })).toThrow(/dnsSearch/);
+    expect(() => validateIdentity({ ...id, dnsOptions: ['ndots:5 rotate'] })).toThrow(/dnsOptions/);
+  });
+});
