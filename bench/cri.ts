@@ -9,7 +9,7 @@
  * counting what leaked. Options: --runs 5 --density 10 --cycles 50
  */
 import { parseArgs } from 'node:util';
-import { mkdtempSync, writeFileSync, readFileSync, readdirSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -25,7 +25,7 @@ const ROOT = join(import.meta.dirname, '..');
 const IMAGE = 'docker.io/scion/busybox:test', PAUSE = 'docker.io/scion/pause:test';
 const work = mkdtempSync(join(tmpdir(), 'scion-bench-cri-'));
 process.env.SCION_RUN_DIR = join(work, 'run');
-process.env.SCION_TEMPLATE_DIR = mkdtempSync(join('/dev/shm', 'scion-bench-cri-tpl-'));
+const templateDir = (process.env.SCION_TEMPLATE_DIR = mkdtempSync(join('/dev/shm', 'scion-bench-cri-tpl-')));
 const tag = randomBytes(2).toString('hex');
 const bridge = `scnb${tag}`, subnet = `10.89.${parseInt(tag.slice(0, 2), 16)}`;
 const log = (m: string) => console.error(`[bench:cri] ${m}`);
@@ -70,6 +70,8 @@ async function remove(p: { sb: string; ct: string }) {
 
 const anon = (pid: number) => Number(/Anonymous:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'))![1]) / 1024;
 const rss = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]) / 1024;
+/** memory only this process holds (private pages: the Node binary and shared libraries are counted once per node, not here) */
+const uss = (pid: number) => { const t = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'); return ['Private_Clean', 'Private_Dirty'].reduce((a, k) => a + Number(new RegExp(`${k}:\\s+(\\d+)`).exec(t)![1]), 0) / 1024; };
 const out: Record<string, unknown> = { date: new Date().toISOString(), runs: RUNS };
 try {
   // 1. time to HTTP, interleaved
@@ -100,8 +102,10 @@ try {
   const shims = shimPids(cd.dir);
   const qemuMB = qemus.reduce((a, p) => a + anon(p), 0) / qemus.length;
   const shimMB = shims.reduce((a, p) => a + rss(p), 0) / shims.length;
-  out.memoryPerPodMB = { pods: DENSITY, qemuUnique: Math.round(qemuMB * 10) / 10, shimRss: Math.round(shimMB * 10) / 10, total: Math.round((qemuMB + shimMB) * 10) / 10 };
-  log(`memory per pod (${DENSITY} pods): QEMU unique ${qemuMB.toFixed(1)} MB + shim RSS ${shimMB.toFixed(1)} MB`);
+  const shimUss = shims.reduce((a, p) => a + uss(p), 0) / shims.length;
+  const r1 = (x: number) => Math.round(x * 10) / 10;
+  out.memoryPerPodMB = { pods: DENSITY, qemuUnique: r1(qemuMB), shimRss: r1(shimMB), shimUnique: r1(shimUss), total: r1(qemuMB + shimUss) };
+  log(`memory per pod (${DENSITY} pods): QEMU unique ${qemuMB.toFixed(1)} MB + shim unique ${shimUss.toFixed(1)} MB (RSS ${shimMB.toFixed(1)} MB)`);
   for (const p of pods) await remove(p);
   // 3. create/remove cycles, then what is left
   for (let i = 0; i < CYCLES; i++) await remove(await pod('scion'));
@@ -121,6 +125,7 @@ try {
   await cd.stop();
   for (const v of await vm.list()) await vm.removeVm(v.name);
   await $({ nothrow: true, quiet: true })`ip link del ${bridge}`;
+  rmSync(templateDir, { recursive: true, force: true });
 }
 const f = (m: Mode) => (out.readyMs as Record<Mode, { p50: number; p95: number }>)[m];
 console.log(`| pod to HTTP (RunPodSandbox + CreateContainer + StartContainer, CNI) | p50 ms | p95 ms | runs |\n|---|---|---|---|`);

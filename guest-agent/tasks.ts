@@ -1,7 +1,7 @@
 /**
  * Tasks: the containers of a containerd pod (shim/). Each arrives as an OCI
  * runtime config from the host and a read-only erofs disk (its rootfs) the
- * host plugged in after the fork; it runs under crun over a tmpfs overlay
+ * host plugged in after the fork; it runs under crun over an overlay
  * (the image stays read-only and shared, writes stay in the guest), with its
  * stdio piped through the agent: output as `task-output` events, input by
  * `task.input`, the end as a `task-exit` event. Execs run in it by crun exec.
