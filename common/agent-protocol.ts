@@ -56,6 +56,9 @@ export interface AgentInfo {
 
 /** `time`: the guest's clock when it answered (ms since the epoch) */
 export interface AppliedIdentity { applied: true; generation: number; stepsMs: Steps; totalMs: number; healthy: boolean; time: number }
+/** What a task's processes use now, summed over them (the guest's view; the VM's memory is their limit). */
+export interface TaskStats { id: string; pids: number; cpuUserUsec: number; cpuSystemUsec: number; memoryBytes: number; anonBytes: number; fileBytes: number; limitBytes: number }
+
 export interface IdentityNotApplied { applied: false; generation: number; info: AgentInfo }
 
 /** Every command: its arguments and its result. */
@@ -80,6 +83,7 @@ export interface AgentCommands {
   'task.input': { args: { id: string; execId?: string; data: string; close?: boolean }; result: { written: number } };
   'task.kill': { args: { id: string; execId?: string; signal: number; all?: boolean }; result: { id: string; signal: number } };
   'task.pids': { args: { id: string }; result: { id: string; pids: number[] } };
+  'task.stats': { args: { id: string }; result: TaskStats };
   'task.delete': { args: { id: string }; result: { id: string; exitCode?: number } };
 }
 
@@ -91,7 +95,7 @@ export type ResultOf<C extends AgentCommand> = AgentCommands[C]['result'];
 export const COMMANDS = [
   'sync', 'ping', 'info', 'identity.apply', 'time.set', 'containers.list', 'containers.start', 'containers.stop',
   'containers.restart', 'containers.logs', 'exec', 'freeze.prepare', 'shutdown', 'clock.step',
-  'task.create', 'task.start', 'task.exec', 'task.input', 'task.kill', 'task.pids', 'task.delete',
+  'task.create', 'task.start', 'task.exec', 'task.input', 'task.kill', 'task.pids', 'task.stats', 'task.delete',
 ] as const satisfies readonly AgentCommand[];
 
 /** Every event: its data. */

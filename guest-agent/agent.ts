@@ -212,6 +212,7 @@ export class Agent {
     'task.input': (a) => this.tasksAllowed().input(a),
     'task.kill': (a) => this.tasksAllowed().kill(a),
     'task.pids': (a) => this.tasksAllowed().pids(a),
+    'task.stats': (a) => this.tasksAllowed().stats(a),
     'task.delete': (a) => this.tasksAllowed().delete(a),
     'shutdown': () => {
       this.p.setTimeout(() => { void this.p.run(['poweroff', '-f']).then((r) => { if (r.exitCode !== 0) this.p.exit(0); }); }, 50);

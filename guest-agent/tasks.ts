@@ -10,7 +10,7 @@ import { sleep, type Child, type Platform } from './platform.ts';
 import type { ShellWorker } from './shell.ts';
 import { ProtocolError } from './protocol.ts';
 import { base64Decode, base64Encode } from '../common/base64.ts';
-import type { AgentEventName, AgentEvents } from '../common/agent-protocol.ts';
+import type { AgentEventName, AgentEvents, TaskStats } from '../common/agent-protocol.ts';
 
 export const TASK_ROOT = '/run/scion/tasks';
 const ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
@@ -43,6 +43,24 @@ export function unmountScript(id: string): string {
 interface Proc { execId: string; child: Child; pid?: number; exitCode?: number }
 /** `ownPidNs`: it runs in a pid namespace of its own, which tells its processes apart (no cgroup needed) */
 interface Task { id: string; device: string; ownPidNs: boolean; init?: Proc; execs: Map<string, Proc> }
+
+/** Clock ticks per second in /proc/<pid>/stat: USER_HZ, 100 on x86 (QuickJS cannot ask sysconf). */
+const USER_HZ = 100;
+
+/** utime and stime (µs) from a /proc/<pid>/stat line (the command name may hold spaces and parentheses). Pure. */
+export function cpuOfStat(stat: string): { userUsec: number; systemUsec: number } | undefined {
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  // fields after the name start at field 3 (state): utime is field 14, stime field 15
+  const ut = Number(f[11]), st = Number(f[12]);
+  if (!Number.isFinite(ut) || !Number.isFinite(st)) return undefined;
+  return { userUsec: (ut * 1e6) / USER_HZ, systemUsec: (st * 1e6) / USER_HZ };
+}
+
+/** A /proc/<pid>/status or /proc/meminfo value in bytes (their kB), 0 if absent. Pure. */
+export function kbField(text: string, key: string): number {
+  const m = new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(text);
+  return m ? Number(m[1]) * 1024 : 0;
+}
 
 /** Whether an OCI config gives the container a new pid namespace of its own. Pure. */
 export function hasOwnPidNamespace(spec: Record<string, unknown>): boolean {
@@ -212,6 +230,23 @@ export class TaskRunner {
     let pids: number[] = [];
     try { pids = JSON.parse(r.stdout); } catch { /* not running: none */ }
     return { id: t.id, pids: Array.isArray(pids) ? pids.filter((x) => typeof x === 'number') : [] };
+  }
+
+  /** What the task's processes use now: their CPU time and resident memory, summed (a process that ends meanwhile is left out). */
+  async stats(a: Record<string, unknown>): Promise<TaskStats> {
+    const { id, pids } = await this.pids(a);
+    const s: TaskStats = { id, pids: 0, cpuUserUsec: 0, cpuSystemUsec: 0, memoryBytes: 0, anonBytes: 0, fileBytes: 0, limitBytes: 0 };
+    for (const pid of pids) {
+      let stat: string, status: string;
+      try { stat = this.p.readText(`/proc/${pid}/stat`); status = this.p.readText(`/proc/${pid}/status`); } catch { continue; } // ended meanwhile
+      const cpu = cpuOfStat(stat);
+      if (!cpu) continue;
+      s.pids++;
+      s.cpuUserUsec += cpu.userUsec; s.cpuSystemUsec += cpu.systemUsec;
+      s.memoryBytes += kbField(status, 'VmRSS'); s.anonBytes += kbField(status, 'RssAnon'); s.fileBytes += kbField(status, 'RssFile');
+    }
+    try { s.limitBytes = kbField(this.p.readText('/proc/meminfo'), 'MemTotal'); } catch { /* no /proc: no limit said */ }
+    return s;
   }
 
   async delete(a: Record<string, unknown>): Promise<{ id: string; exitCode?: number }> {

@@ -9,7 +9,7 @@ pkgs=(qemu-system-x86 qemu-utils gpgv debian-archive-keyring xz-utils zstd cpio 
 pkgs+=(docker-registry skopeo apache2-utils gcc libc6-dev binutils)
 # the containerd runtime (shim/): containerd (with ctr and runc) the tests start on their own
 # sockets; the .proto files the shim's messages come from; CNI plugins; erofs for pod rootfs images
-pkgs+=(containerd golang-github-containerd-containerd-dev golang-github-containerd-ttrpc-dev golang-gogoprotobuf-dev golang-google-genproto-dev containernetworking-plugins erofs-utils)
+pkgs+=(containerd golang-github-containerd-containerd-dev golang-github-containerd-ttrpc-dev golang-github-containerd-cgroups-dev golang-gogoprotobuf-dev golang-google-genproto-dev containernetworking-plugins erofs-utils)
 # the DHCP test runs busybox's udhcpd on the host; either busybox package will do
 command -v busybox >/dev/null || pkgs+=(busybox)
 missing=()

@@ -18,6 +18,7 @@ export const PROTO_FILES = [
   'github.com/containerd/containerd/api/services/ttrpc/events/v1/events.proto',
   'github.com/containerd/containerd/api/events/task.proto',
   'github.com/containerd/containerd/api/types/task/task.proto',
+  'github.com/containerd/cgroups/v2/stats/metrics.proto',
   'ttrpc.proto',
 ];
 

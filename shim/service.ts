@@ -24,7 +24,8 @@ import { EventPublisher } from './events.ts';
 import { guestSpec, parseResolvConf, resolvConfSource, type OciSpec } from './spec.ts';
 import type { DnsConfig } from '../common/contracts.ts';
 import { packRootfs, type Mount } from './rootfs.ts';
-import { timestamp } from './proto.ts';
+import { any, timestamp } from './proto.ts';
+import type { TaskStats } from '../common/agent-protocol.ts';
 import { HOSTNAME_PATTERN } from '../common/contracts.ts';
 
 /** containerd.v1.types.Status */
@@ -55,6 +56,19 @@ async function podDns(config: OciSpec): Promise<DnsConfig | undefined> {
     const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
     return parseResolvConf(buf.subarray(0, bytesRead).toString('utf8'));
   } finally { await fh.close(); }
+}
+
+/** The cgroup v2 metrics message containerd reads a task's stats as (`ctr tasks metrics`, CRI's ContainerStats). */
+export const METRICS_TYPE = 'io.containerd.cgroups.v2.Metrics';
+
+/** A task's usage in the guest as cgroup v2 metrics: its processes' CPU time and resident memory, the VM's memory the limit. Pure. */
+export function metricsOf(s: TaskStats): Record<string, unknown> {
+  const cpu = Math.round(s.cpuUserUsec + s.cpuSystemUsec);
+  return {
+    pids: { current: s.pids, limit: 0 },
+    cpu: { usageUsec: cpu, userUsec: Math.round(s.cpuUserUsec), systemUsec: Math.round(s.cpuSystemUsec) },
+    memory: { anon: s.anonBytes, file: s.fileBytes, usage: s.memoryBytes, usageLimit: s.limitBytes },
+  };
 }
 
 /** The serial the guest finds a task's rootfs disk by (virtio-blk serials hold 20 bytes). Pure. */
@@ -317,6 +331,12 @@ export class TaskService {
       const { t } = this.proc(String(r.id), execId);
       if (r.stdin && t.kind !== 'sandbox') await this.agent!.call('task.input', { id: t.id, execId: execId || undefined, data: '', close: true }, 15_000);
       return {};
+    },
+    Stats: async (r) => {
+      const t = this.task(String(r.id));
+      if (t.kind === 'sandbox') throw new TtrpcError(Code.UNIMPLEMENTED, `${t.id} is a pod sandbox (its VM): ask for the stats of its containers`);
+      const s = await this.agent!.call('task.stats', { id: t.id }, 15_000);
+      return { stats: any(METRICS_TYPE, metricsOf(s)) };
     },
     ResizePty: () => { throw new TtrpcError(Code.UNIMPLEMENTED, 'no terminal: the scion shim runs tasks without a tty'); },
     Delete: async (r) => {

@@ -73,6 +73,9 @@ describe('the kubelet\'s calls for a pod, runtime_handler scion', () => {
     expect(log).toMatch(/ stdout F started in web-pod\n/); // CRI's log format, from the container's stdout
     const ex = await cri.runtime.ExecSync({ container_id: ct, cmd: ['sh', '-c', 'echo exec in $(hostname); echo err >&2; exit 3'], timeout: 30 });
     expect({ out: ex.stdout.toString(), err: ex.stderr.toString(), code: ex.exit_code }).toEqual({ out: 'exec in web-pod\n', err: 'err\n', code: 3 });
+    // what the kubelet's stats (kubectl top) read: the container's processes in the guest, as containerd sees them
+    const stats = (await cri.runtime.ContainerStats({ container_id: ct })).stats;
+    expect(Number(stats.memory.working_set_bytes.value)).toBeGreaterThan(100 * 1024);
     // a second container of the pod: the same VM, and the pod's IPC namespace and /dev/shm, as Kubernetes shares them
     const { container_id: side } = await cri.runtime.CreateContainer({ pod_sandbox_id: sb, config: { metadata: { name: 'side' }, image: { image: IMAGE }, command: ['sh', '-c', 'trap "exit 0" TERM; while true; do sleep 1; done'], log_path: 'side.log' }, sandbox_config: cfg });
     await cri.runtime.StartContainer({ container_id: side });

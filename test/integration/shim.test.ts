@@ -109,10 +109,20 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     expect(exits).toEqual([4, 143]);
   });
 
-  it('kill --all signals every process of the task, not only its first', async () => {
+  it("metrics tell the task's processes, CPU time and memory; kill --all signals every process of the task, not only its first", async () => {
     // the shell is pid 1 of its namespace without a handler: SIGTERM does not reach it; only its child gets
     // it, through --all, and then the shell's wait ends (a kill without --all leaves both running)
-    await cd.ctr(['run', '-d', ...RUNTIME, IMAGE, 'all1', 'sh', '-c', 'sleep 300 & wait $!; exit $?']);
+    await cd.ctr(['run', '-d', ...RUNTIME, IMAGE, 'all1', 'sh', '-c', 'i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; sleep 300 & wait $!; exit $?']);
+    let ps: string[] = [];
+    for (let i = 0; i < 100 && ps.length < 2; i++) { ps = (await cd.ctr(['tasks', 'ps', 'all1'])).stdout.trim().split('\n').slice(1); if (ps.length < 2) await new Promise((r) => setTimeout(r, 100)); }
+    expect(ps).toHaveLength(2); // the shell, past its loop, and its sleep
+    // containerd reads them as cgroup v2 metrics (as CRI's ContainerStats does)
+    const m = JSON.parse((await cd.ctr(['tasks', 'metrics', '--format', 'json', 'all1'])).stdout);
+    expect(m.pids.current).toBe(2);
+    expect(m.cpu.usage_usec).toBeGreaterThan(0); // the loop's CPU time
+    expect(m.cpu.usage_usec).toBe(m.cpu.user_usec + m.cpu.system_usec);
+    expect(m.memory.usage).toBeGreaterThan(100 * 1024); // two resident busybox processes
+    expect(m.memory.usage_limit).toBeGreaterThan(m.memory.usage); // the VM's memory
     await cd.ctr(['tasks', 'kill', '--signal', 'SIGTERM', 'all1']);
     await new Promise((r) => setTimeout(r, 1000));
     expect((await cd.ctr(['tasks', 'ls'])).stdout).toMatch(/all1\s+\d+\s+RUNNING/);

@@ -107,3 +107,21 @@ describe('a pod\'s DNS into its VM', () => {
     expect(() => validateIdentity({ ...id, dnsOptions: ['ndots:5 rotate'] })).toThrow(/dnsOptions/);
   });
 });
+
+import { cpuOfStat, kbField } from '../../guest-agent/tasks.ts';
+import { metricsOf, METRICS_TYPE } from '../../shim/service.ts';
+import { encode } from '../../shim/proto.ts';
+
+describe('task stats', () => {
+  it('the guest reads CPU time and memory from /proc; the shim sends them as cgroup v2 metrics', () => {
+    // a command name with spaces and a parenthesis: the fields are counted from the last ")"
+    const stat = '42 (sh) x (y)) S 1 42 42 0 -1 4194560 300 0 0 0 250 30 0 0 20 0 1 0 100 4000000 200 18446744073709551615';
+    expect(cpuOfStat(stat)).toEqual({ userUsec: 2_500_000, systemUsec: 300_000 });
+    expect(cpuOfStat('garbage')).toBeUndefined();
+    expect(kbField('Name:\tsh\nVmRSS:\t    1234 kB\nRssAnon:\t  100 kB\n', 'VmRSS')).toBe(1234 * 1024);
+    expect(kbField('VmRSS:\t1 kB\n', 'RssFile')).toBe(0);
+    const m = metricsOf({ id: 't', pids: 2, cpuUserUsec: 2_500_000, cpuSystemUsec: 300_000, memoryBytes: 5 << 20, anonBytes: 3 << 20, fileBytes: 2 << 20, limitBytes: 480 << 20 });
+    const back = decode(METRICS_TYPE, encode(METRICS_TYPE, m));
+    expect(back).toMatchObject({ pids: { current: 2 }, cpu: { usageUsec: 2_800_000, userUsec: 2_500_000, systemUsec: 300_000 }, memory: { usage: 5 << 20, anon: 3 << 20, file: 2 << 20, usageLimit: 480 << 20 } });
+  });
+});
