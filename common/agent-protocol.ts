@@ -12,7 +12,7 @@ export const PROTOCOL_VERSION = 1;
 /** Error codes the agent answers with (PROTOCOL.md "Error codes"). */
 export const AGENT_ERROR_CODES = [
   'E_FRAME_TOO_LARGE', 'E_BAD_JSON', 'E_BAD_REQUEST', 'E_UNKNOWN_COMMAND', 'E_BAD_ARGS',
-  'E_EXEC_DISABLED', 'E_NO_CONTAINER', 'E_APPLY_FAILED', 'E_INTERNAL', 'E_BUSY', 'E_NO_TASK', 'E_NO_DISK',
+  'E_EXEC_DISABLED', 'E_NO_CONTAINER', 'E_APPLY_FAILED', 'E_INTERNAL', 'E_BUSY', 'E_NO_TASK', 'E_NO_DISK', 'E_NO_TERMINAL',
 ] as const;
 export type AgentErrorCode = (typeof AGENT_ERROR_CODES)[number];
 
@@ -77,9 +77,10 @@ export interface AgentCommands {
   'exec': { args: { argv: string[]; timeoutMs?: number }; result: { exitCode: number; stdout: string; stderr: string } };
   'freeze.prepare': { args: Record<string, never>; result: { prepared: true; ms: number; generation: number } };
   'shutdown': { args: Record<string, never>; result: { shuttingDown: true } };
-  'task.create': { args: { id: string; disk: string; spec: Record<string, unknown> }; result: { id: string; device: string; rootfs: string } };
+  'task.create': { args: { id: string; disk: string; spec: Record<string, unknown>; terminal?: boolean }; result: { id: string; device: string; rootfs: string } };
   'task.start': { args: { id: string }; result: { id: string; pid: number } };
-  'task.exec': { args: { id: string; execId: string; process: Record<string, unknown> }; result: { id: string; execId: string; pid: number } };
+  'task.exec': { args: { id: string; execId: string; process: Record<string, unknown>; terminal?: boolean }; result: { id: string; execId: string; pid: number } };
+  'task.resize': { args: { id: string; execId?: string; width: number; height: number }; result: { id: string; tty: string } };
   'task.input': { args: { id: string; execId?: string; data: string; close?: boolean }; result: { written: number } };
   'task.kill': { args: { id: string; execId?: string; signal: number; all?: boolean }; result: { id: string; signal: number } };
   'task.pids': { args: { id: string }; result: { id: string; pids: number[] } };
@@ -95,7 +96,7 @@ export type ResultOf<C extends AgentCommand> = AgentCommands[C]['result'];
 export const COMMANDS = [
   'sync', 'ping', 'info', 'identity.apply', 'time.set', 'containers.list', 'containers.start', 'containers.stop',
   'containers.restart', 'containers.logs', 'exec', 'freeze.prepare', 'shutdown', 'clock.step',
-  'task.create', 'task.start', 'task.exec', 'task.input', 'task.kill', 'task.pids', 'task.stats', 'task.delete',
+  'task.create', 'task.start', 'task.exec', 'task.input', 'task.kill', 'task.resize', 'task.pids', 'task.stats', 'task.delete',
 ] as const satisfies readonly AgentCommand[];
 
 /** Every event: its data. */

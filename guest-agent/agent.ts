@@ -211,6 +211,7 @@ export class Agent {
     'task.exec': (a) => this.tasksAllowed().exec(a),
     'task.input': (a) => this.tasksAllowed().input(a),
     'task.kill': (a) => this.tasksAllowed().kill(a),
+    'task.resize': (a) => this.tasksAllowed().resize(a),
     'task.pids': (a) => this.tasksAllowed().pids(a),
     'task.stats': (a) => this.tasksAllowed().stats(a),
     'task.delete': (a) => this.tasksAllowed().delete(a),

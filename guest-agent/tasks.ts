@@ -40,9 +40,31 @@ export function unmountScript(id: string): string {
   return [`umount ${p.rootfs} 2>/dev/null || true`, `umount ${p.lower} 2>/dev/null || true`, `rm -rf ${p.dir}`].join('\n');
 }
 
-interface Proc { execId: string; child: Child; pid?: number; exitCode?: number }
+/** `terminal`: it runs on a pty (util-linux script holds the pty's master side; its child, the pty's first user) */
+interface Proc { execId: string; child: Child; pid?: number; exitCode?: number; terminal: boolean }
 /** `ownPidNs`: it runs in a pid namespace of its own, which tells its processes apart (no cgroup needed) */
-interface Task { id: string; device: string; ownPidNs: boolean; init?: Proc; execs: Map<string, Proc> }
+interface Task { id: string; device: string; ownPidNs: boolean; terminal: boolean; init?: Proc; execs: Map<string, Proc> }
+
+/** Where util-linux's script is (the image's bsdutils): what runs a task's process on a pty. */
+export const SCRIPT_BIN = '/usr/bin/script';
+
+/** A word for sh -c, quoted. Pure. */
+const shq = (w: string): string => `'${w.replace(/'/g, `'\\''`)}'`;
+
+/**
+ * argv run on a new pty: util-linux script (QuickJS cannot open one: no ioctl;
+ * crun's --console-socket passes the pty by SCM_RIGHTS, which it cannot read
+ * either), quiet, with the command's exit status as its own, no echo of its
+ * input (the pty's own echo is the program's to set), nothing written to a file. Pure.
+ */
+export function onTerminal(argv: string[]): string[] {
+  return [SCRIPT_BIN, '--quiet', '--return', '--echo', 'never', '--command', argv.map(shq).join(' '), '/dev/null'];
+}
+
+/** stty's argv that sizes a pty. Pure. */
+export function resizeArgv(tty: string, width: number, height: number): string[] {
+  return ['busybox', 'stty', '-F', tty, 'rows', String(height), 'cols', String(width)];
+}
 
 /** Clock ticks per second in /proc/<pid>/stat: USER_HZ, 100 on x86 (QuickJS cannot ask sysconf). */
 const USER_HZ = 100;
@@ -109,6 +131,7 @@ export class TaskRunner {
   async create(a: Record<string, unknown>): Promise<{ id: string; device: string; rootfs: string }> {
     const id = String(a.id ?? '');
     if (!ID.test(id)) throw new ProtocolError('E_BAD_ARGS', 'id: 1-128 letters, digits, _ . - (starting with a letter or digit)');
+    if (a.terminal === true) this.assertTerminal();
     if (this.tasks.has(id)) throw new ProtocolError('E_BAD_ARGS', `task ${id} exists already`);
     const serial = String(a.disk ?? '');
     if (!SERIAL.test(serial)) throw new ProtocolError('E_BAD_ARGS', 'disk: the serial of a plugged-in disk (1-20 lowercase letters, digits, -)');
@@ -118,7 +141,7 @@ export class TaskRunner {
     await this.shell.runOrThrow(mountScript(id, device), `mounting the rootfs of task ${id}`);
     const spec = { ...(a.spec as Record<string, unknown>), root: { path: paths.rootfs, readonly: false } };
     this.p.writeText(paths.config, JSON.stringify(spec));
-    this.tasks.set(id, { id, device, ownPidNs: hasOwnPidNamespace(spec), execs: new Map() });
+    this.tasks.set(id, { id, device, ownPidNs: hasOwnPidNamespace(spec), terminal: a.terminal === true, execs: new Map() });
     return { id, device, rootfs: paths.rootfs };
   }
 
@@ -140,8 +163,8 @@ export class TaskRunner {
    * refused); `started` resolves with the container process's pid once crun's
    * pid file names it (0 if crun ended first).
    */
-  private launch(id: string, execId: string, argv: string[], pidFile: string): { proc: Proc; started: Promise<number> } {
-    const proc: Proc = { execId, child: this.p.spawn(argv, { stderr: 'pipe' }) };
+  private launch(id: string, execId: string, argv: string[], pidFile: string, terminal: boolean): { proc: Proc; started: Promise<number> } {
+    const proc: Proc = { execId, terminal, child: this.p.spawn(terminal ? onTerminal(argv) : argv, { stderr: 'pipe' }) };
     this.watch(id, proc);
     return { proc, started: this.pidFrom(pidFile, proc.child).then((pid) => (proc.pid = pid)) };
   }
@@ -159,7 +182,7 @@ export class TaskRunner {
     const t = this.get(String(a.id));
     if (t.init) throw new ProtocolError('E_BAD_ARGS', `task ${t.id} was started already`);
     const paths = taskPaths(t.id);
-    const { proc, started } = this.launch(t.id, '', [this.crunBin, ...crunGlobalArgs(t.ownPidNs), 'run', '--no-pivot', '--pid-file', paths.pidFile, '--bundle', paths.dir, t.id], paths.pidFile);
+    const { proc, started } = this.launch(t.id, '', [this.crunBin, ...crunGlobalArgs(t.ownPidNs), 'run', '--no-pivot', '--pid-file', paths.pidFile, '--bundle', paths.dir, t.id], paths.pidFile, t.terminal);
     t.init = proc;
     return { id: t.id, pid: await started };
   }
@@ -169,10 +192,11 @@ export class TaskRunner {
     const execId = String(a.execId ?? '');
     if (!ID.test(execId) || t.execs.has(execId)) throw new ProtocolError('E_BAD_ARGS', 'execId: a new id (1-128 letters, digits, _ . -)');
     if (!a.process || typeof a.process !== 'object') throw new ProtocolError('E_BAD_ARGS', 'process: an OCI process object');
+    if (a.terminal === true) this.assertTerminal();
     const file = `${taskPaths(t.id).dir}/exec-${execId}.json`;
     const pidFile = `${taskPaths(t.id).dir}/exec-${execId}.pid`;
     this.p.writeText(file, JSON.stringify({ ...(a.process as object), terminal: false }));
-    const { proc, started } = this.launch(t.id, execId, [this.crunBin, 'exec', '--process', file, '--pid-file', pidFile, t.id], pidFile);
+    const { proc, started } = this.launch(t.id, execId, [this.crunBin, 'exec', '--process', file, '--pid-file', pidFile, t.id], pidFile, a.terminal === true);
     t.execs.set(execId, proc);
     return { id: t.id, execId, pid: await started };
   }
@@ -208,6 +232,32 @@ export class TaskRunner {
       this.p.kill(proc.pid, signal);
     }
     return { id: t.id, signal };
+  }
+
+  private assertTerminal(): void {
+    if (!this.p.exists(SCRIPT_BIN)) throw new ProtocolError('E_NO_TERMINAL', `a terminal needs ${SCRIPT_BIN} in the image (Debian package bsdutils)`);
+  }
+
+  /** Size the pty a process runs on (found as script's child's stdin). */
+  async resize(a: Record<string, unknown>): Promise<{ id: string; tty: string }> {
+    const { t, proc } = this.proc(a);
+    const width = Number(a.width), height = Number(a.height);
+    if (![width, height].every((n) => Number.isInteger(n) && n >= 1 && n <= 65535)) throw new ProtocolError('E_BAD_ARGS', 'width, height: 1..65535');
+    if (!proc.terminal) throw new ProtocolError('E_BAD_ARGS', `${proc.execId || t.id} has no terminal`);
+    if (proc.exitCode !== undefined) return { id: t.id, tty: '' }; // ended: nothing to size (a late resize is no fault)
+    let tty: string | undefined;
+    for (const d of this.p.readdir('/proc')) {
+      if (!/^[0-9]+$/.test(d)) continue;
+      let stat: string;
+      try { stat = this.p.readText(`/proc/${d}/stat`); } catch { continue; } // ended meanwhile
+      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) !== proc.child.pid) continue;
+      const fd0 = this.p.readlink(`/proc/${d}/fd/0`);
+      if (fd0 && /^\/dev\/pts\/[0-9]+$/.test(fd0)) { tty = fd0; break; }
+    }
+    if (!tty) throw new ProtocolError('E_NO_TASK', `${proc.execId || t.id}: its terminal is gone`);
+    const r = await this.p.run(resizeArgv(tty, width, height), { timeoutMs: 10_000 });
+    if (r.exitCode !== 0) throw new ProtocolError('E_INTERNAL', `stty ${tty}: ${r.stderr.trim().slice(0, 200)}`);
+    return { id: t.id, tty };
   }
 
   /** The processes in a task's own pid namespace (its init's), as the guest numbers them; none once its init is gone. */

@@ -79,6 +79,8 @@ export function diskSerial(id: string): string {
 interface Proc {
   execId: string; pid: number; status: number; exitStatus: number; exitedAt?: number;
   stdin: string; stdout: string; stderr: string;
+  /** on a pty in the guest (containerd then gives one output FIFO: stdout) */
+  terminal: boolean;
   spec?: Record<string, unknown>;
   exited: Promise<void>; resolveExit: () => void;
   out?: WriteStream; err?: WriteStream;
@@ -108,10 +110,10 @@ export class TaskService {
     return { t, p };
   }
 
-  private newProc(t: Task, execId: string, io: { stdin: string; stdout: string; stderr: string }): Proc {
+  private newProc(t: Task, execId: string, io: { stdin: string; stdout: string; stderr: string; terminal?: boolean }): Proc {
     let resolveExit!: () => void;
     const exited = new Promise<void>((r) => { resolveExit = r; });
-    const p: Proc = { execId, pid: 0, status: Status.CREATED, exitStatus: 0, stdin: io.stdin, stdout: io.stdout, stderr: io.stderr, exited, resolveExit };
+    const p: Proc = { execId, pid: 0, status: Status.CREATED, exitStatus: 0, stdin: io.stdin, stdout: io.stdout, stderr: io.stderr, terminal: io.terminal === true, exited, resolveExit };
     t.procs.set(execId, p);
     return p;
   }
@@ -217,7 +219,7 @@ export class TaskService {
   }
 
   /** A container's rootfs into the pod's VM and its config into the agent. */
-  private async createContainer(t: Task, config: OciSpec, rootfs: Mount[]): Promise<void> {
+  private async createContainer(t: Task, config: OciSpec, rootfs: Mount[], terminal: boolean): Promise<void> {
     const m = this.machine!;
     const t0 = performance.now();
     const image = await packRootfs(rootfs, this.o.workDir);
@@ -229,7 +231,7 @@ export class TaskService {
     const { spec, dropped } = guestSpec(config, { hostname: m.info().identity?.hostname });
     if (dropped.length) this.o.log(`${t.id}: left out in the guest: ${dropped.join('; ')}`);
     try {
-      await this.agent!.call('task.create', { id: t.id, disk: t.disk!, spec }, 60_000);
+      await this.agent!.call('task.create', { id: t.id, disk: t.disk!, spec, terminal: terminal || undefined }, 60_000);
       this.o.log(`${t.id}: rootfs packed in ${(t1 - t0).toFixed(0)} ms, plugged in ${(t2 - t1).toFixed(0)} ms, created in the guest in ${(performance.now() - t2).toFixed(0)} ms`);
     } catch (e) {
       // the pod lives on: its hotplug port and the disk file go back (a lone task's VM goes whole, by the caller)
@@ -241,7 +243,6 @@ export class TaskService {
   readonly handlers: Record<string, Handler> = {
     Create: async (r) => {
       const req = r as { id: string; bundle: string; rootfs: Mount[]; terminal: boolean; stdin: string; stdout: string; stderr: string };
-      if (req.terminal) throw new TtrpcError(Code.UNIMPLEMENTED, 'a terminal (tty) is not supported by the scion shim yet: run without -t');
       if (this.tasks.has(req.id)) throw new TtrpcError(Code.ALREADY_EXISTS, `task ${req.id} exists`);
       const config = JSON.parse(await readFile(join(req.bundle, 'config.json'), 'utf8')) as OciSpec;
       const { kind } = taskKind(config.annotations);
@@ -257,7 +258,7 @@ export class TaskService {
         const m = await this.pod(config.annotations ?? {}, hostname, netns, dns);
         // the pod's owners (its sandbox, or a lone task) name its VM for `delete` after a crash; a container does not
         if (kind !== 'container') await writeFile(join(req.bundle, VM_FILE), m.name + '\n');
-        if (kind !== 'sandbox') await this.createContainer(t, config, req.rootfs);
+        if (kind !== 'sandbox') await this.createContainer(t, config, req.rootfs, req.terminal === true);
       } catch (e) {
         this.tasks.delete(t.id);
         if (!this.tasks.size) await this.teardown();
@@ -278,7 +279,7 @@ export class TaskService {
         this.openOutputs(t, p);
         const t0 = performance.now();
         const res = execId
-          ? await this.agent!.call('task.exec', { id: t.id, execId, process: p.spec! }, 60_000)
+          ? await this.agent!.call('task.exec', { id: t.id, execId, process: p.spec!, terminal: p.terminal || undefined }, 60_000)
           : await this.agent!.call('task.start', { id: t.id }, 60_000);
         p.pid = res.pid;
         this.o.log(`${execId || t.id}: started in the guest in ${(performance.now() - t0).toFixed(0)} ms`);
@@ -291,7 +292,6 @@ export class TaskService {
     },
     Exec: async (r) => {
       const req = r as { id: string; execId: string; terminal: boolean; stdin: string; stdout: string; stderr: string; spec: { value: Buffer } };
-      if (req.terminal) throw new TtrpcError(Code.UNIMPLEMENTED, 'a terminal (tty) is not supported by the scion shim yet: exec without -t');
       const t = this.task(req.id);
       if (t.kind === 'sandbox') throw new TtrpcError(Code.FAILED_PRECONDITION, `${t.id} is a pod sandbox: exec in one of its containers`);
       if (t.procs.has(req.execId)) throw new TtrpcError(Code.ALREADY_EXISTS, `exec ${req.execId} exists`);
@@ -338,7 +338,14 @@ export class TaskService {
       const s = await this.agent!.call('task.stats', { id: t.id }, 15_000);
       return { stats: any(METRICS_TYPE, metricsOf(s)) };
     },
-    ResizePty: () => { throw new TtrpcError(Code.UNIMPLEMENTED, 'no terminal: the scion shim runs tasks without a tty'); },
+    ResizePty: async (r) => {
+      const execId = String(r.execId ?? '');
+      const { t, p } = this.proc(String(r.id), execId);
+      if (!p.terminal || t.kind === 'sandbox') throw new TtrpcError(Code.FAILED_PRECONDITION, `${execId || t.id} has no terminal`);
+      if (p.status === Status.STOPPED) return {}; // ended: a resize that comes late sizes nothing
+      await this.agent!.call('task.resize', { id: t.id, execId: execId || undefined, width: Number(r.width), height: Number(r.height) }, 15_000);
+      return {};
+    },
     Delete: async (r) => {
       const execId = String(r.execId ?? '');
       const { t, p } = this.proc(String(r.id), execId);

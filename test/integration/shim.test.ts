@@ -133,6 +133,33 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     expect(await pods()).toEqual([]);
   });
 
+  it('a terminal: run -t and exec -t get a pty, sized as ctr\'s own terminal, and the exit status', async () => {
+    const pty = await import('node-pty');
+    /** ctr on a pty of 100x30 (node-pty), as a user at a terminal runs it */
+    const onPty = (args: string[]) => new Promise<{ out: string; code: number }>((resolve) => {
+      const p = pty.spawn('ctr', ['--address', cd.address, '--namespace', 'scion-test', ...args], { cols: 100, rows: 30, env: process.env as Record<string, string> });
+      let out = '';
+      p.onData((d) => (out += d));
+      p.onExit(({ exitCode }) => resolve({ out, code: exitCode }));
+    });
+    // ctr sizes the pty just after the start: the script waits for it, as a program would for SIGWINCH
+    // (busybox stty prints no size while it is 0x0)
+    const sized = 'until [ -n "$(stty size 2>/dev/null)" ]; do sleep 0.1; done; [ -t 0 ] && [ -t 1 ] && echo on-a-tty; stty size';
+    const r = await onPty(['run', '-t', '--rm', ...RUNTIME, IMAGE, 'tty1', 'sh', '-c', `${sized}; exit 5`]);
+    // (\r\r\n: the guest's pty makes \n \r\n, ctr's terminal adds a \r; runc's pods print the same through ctr)
+    expect(r.out).toMatch(/on-a-tty\r+\n30 100\r+\n/);
+    expect(r.code).toBe(5);
+    await cd.ctr(['run', '-d', ...RUNTIME, IMAGE, 'tty2', 'sleep', '300']);
+    const ex = await onPty(['tasks', 'exec', '-t', '--exec-id', 'x1', 'tty2', 'sh', '-c', `${sized}; exit 6`]);
+    expect(ex.out).toMatch(/on-a-tty\r+\n30 100\r+\n/);
+    expect(ex.code).toBe(6);
+    await cd.ctr(['tasks', 'kill', '-s', 'SIGKILL', 'tty2']);
+    expect(await stopped('tty2')).toMatch(/tty2\s+\d+\s+STOPPED/);
+    await cd.ctr(['tasks', 'delete', 'tty2']);
+    await cd.ctr(['containers', 'delete', 'tty2']);
+    expect(await pods()).toEqual([]);
+  });
+
   it('SIGKILL (ctr kill -s 9) ends the task with 137', async () => {
     const watcher = spawn('ctr', ['--address', cd.address, 'events'], { stdio: ['ignore', 'pipe', 'ignore'] });
     let seen = '';

@@ -154,3 +154,16 @@ describe('pod tasks in the guest', () => {
     expect(lines.at(-1)).toBe('mount -t overlay -o lowerdir=/run/scion/tasks/web/lower,upperdir=/run/scion/tasks/web/rw/upper,workdir=/run/scion/tasks/web/rw/work overlay /run/scion/tasks/web/rootfs');
   });
 });
+
+import { onTerminal, resizeArgv } from '../../guest-agent/tasks.ts';
+
+describe('a task on a terminal', () => {
+  it('runs crun under util-linux script (a pty, its exit status, no echo, no file); stty sizes the pty', () => {
+    const argv = onTerminal(['crun', 'exec', '--process', "/run/it's.json", 'web']);
+    expect(argv.slice(0, 6)).toEqual(['/usr/bin/script', '--quiet', '--return', '--echo', 'never', '--command']);
+    expect(argv.at(-1)).toBe('/dev/null');
+    // the command is one shell string: each word quoted, a quote inside a word too
+    expect(argv[6]).toBe(`'crun' 'exec' '--process' '/run/it'\\''s.json' 'web'`);
+    expect(resizeArgv('/dev/pts/3', 100, 30)).toEqual(['busybox', 'stty', '-F', '/dev/pts/3', 'rows', '30', 'cols', '100']);
+  });
+});
