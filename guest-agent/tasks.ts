@@ -84,6 +84,15 @@ export function kbField(text: string, key: string): number {
   return m ? Number(m[1]) * 1024 : 0;
 }
 
+/** The OCI `linux` section with its pid namespace the one at `path` (to join). Pure. */
+export function withPidNamespace(linux: Record<string, unknown> | undefined, path: string): Record<string, unknown> {
+  const ns = ((linux?.namespaces as { type: string; path?: string }[] | undefined) ?? []).filter((n) => n.type !== 'pid');
+  return { ...linux, namespaces: [...ns, { type: 'pid', path }] };
+}
+
+/** The pod's pid namespace: its first process reaps what its containers orphan, as a pause process does. */
+export const POD_PID_HOLDER = ['busybox', 'unshare', '--pid', '--fork', 'busybox', 'sh', '-c', 'trap "exit 0" TERM; while :; do busybox sleep 3600 & wait; done'];
+
 /** Whether an OCI config gives the container a new pid namespace of its own. Pure. */
 export function hasOwnPidNamespace(spec: Record<string, unknown>): boolean {
   const ns = (spec.linux as { namespaces?: { type: string; path?: string }[] } | undefined)?.namespaces ?? [];
@@ -103,6 +112,8 @@ export function crunGlobalArgs(ownPidNs: boolean): string[] {
 
 export class TaskRunner {
   private readonly tasks = new Map<string, Task>();
+  /** the process whose children live in the pod's pid namespace (made at the first container that shares it) */
+  private podPidHolder?: Child;
 
   constructor(private readonly p: Platform, private readonly shell: ShellWorker, private readonly emit: <E extends AgentEventName>(e: E, d: AgentEvents[E]) => void, readonly crunBin = 'crun') {}
 
@@ -139,7 +150,8 @@ export class TaskRunner {
     const device = await this.deviceFor(serial);
     const paths = taskPaths(id);
     await this.shell.runOrThrow(mountScript(id, device), `mounting the rootfs of task ${id}`);
-    const spec = { ...(a.spec as Record<string, unknown>), root: { path: paths.rootfs, readonly: false } };
+    const spec: Record<string, unknown> = { ...(a.spec as Record<string, unknown>), root: { path: paths.rootfs, readonly: false } };
+    if (a.podPid === true) spec.linux = withPidNamespace(spec.linux as Record<string, unknown> | undefined, await this.podPidNamespace());
     this.p.writeText(paths.config, JSON.stringify(spec));
     this.tasks.set(id, { id, device, ownPidNs: hasOwnPidNamespace(spec), terminal: a.terminal === true, execs: new Map() });
     return { id, device, rootfs: paths.rootfs };
@@ -234,6 +246,35 @@ export class TaskRunner {
     return { id: t.id, signal };
   }
 
+  /** The path of the pod's pid namespace, made on first use (unshare's child, the reaper, is its pid 1). */
+  private async podPidNamespace(): Promise<string> {
+    if (!this.podPidHolder) {
+      const holder = (this.podPidHolder = this.p.spawn(POD_PID_HOLDER));
+      void holder.exited.then(() => { if (this.podPidHolder === holder) this.podPidHolder = undefined; });
+    }
+    // the namespace of unshare's child, its pid 1, once it runs: a container joining before would become pid 1 itself
+    const own = this.p.readlink('/proc/self/ns/pid');
+    for (let i = 0; i < 500 && this.podPidHolder; i++) {
+      const reaper = this.childOf(this.podPidHolder.pid);
+      const path = reaper ? `/proc/${reaper}/ns/pid` : undefined;
+      const ns = path ? this.p.readlink(path) : undefined;
+      if (path && ns && ns !== own) return path;
+      await sleep(this.p, 10);
+    }
+    throw new ProtocolError('E_INTERNAL', 'the pod\'s pid namespace could not be made (busybox unshare --pid)');
+  }
+
+  /** A child process of `pid` (the first found in /proc), if it has one. */
+  private childOf(pid: number): number | undefined {
+    for (const d of this.p.readdir('/proc')) {
+      if (!/^[0-9]+$/.test(d)) continue;
+      let stat: string;
+      try { stat = this.p.readText(`/proc/${d}/stat`); } catch { continue; } // ended meanwhile
+      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === pid) return Number(d);
+    }
+    return undefined;
+  }
+
   private assertTerminal(): void {
     if (!this.p.exists(SCRIPT_BIN)) throw new ProtocolError('E_NO_TERMINAL', `a terminal needs ${SCRIPT_BIN} in the image (Debian package bsdutils)`);
   }
@@ -245,15 +286,10 @@ export class TaskRunner {
     if (![width, height].every((n) => Number.isInteger(n) && n >= 1 && n <= 65535)) throw new ProtocolError('E_BAD_ARGS', 'width, height: 1..65535');
     if (!proc.terminal) throw new ProtocolError('E_BAD_ARGS', `${proc.execId || t.id} has no terminal`);
     if (proc.exitCode !== undefined) return { id: t.id, tty: '' }; // ended: nothing to size (a late resize is no fault)
-    let tty: string | undefined;
-    for (const d of this.p.readdir('/proc')) {
-      if (!/^[0-9]+$/.test(d)) continue;
-      let stat: string;
-      try { stat = this.p.readText(`/proc/${d}/stat`); } catch { continue; } // ended meanwhile
-      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) !== proc.child.pid) continue;
-      const fd0 = this.p.readlink(`/proc/${d}/fd/0`);
-      if (fd0 && /^\/dev\/pts\/[0-9]+$/.test(fd0)) { tty = fd0; break; }
-    }
+    // script's child (crun) has the pty on its stdin
+    const child = this.childOf(proc.child.pid);
+    const fd0 = child ? this.p.readlink(`/proc/${child}/fd/0`) : undefined;
+    const tty = fd0 && /^\/dev\/pts\/[0-9]+$/.test(fd0) ? fd0 : undefined;
     if (!tty) throw new ProtocolError('E_NO_TASK', `${proc.execId || t.id}: its terminal is gone`);
     const r = await this.p.run(resizeArgv(tty, width, height), { timeoutMs: 10_000 });
     if (r.exitCode !== 0) throw new ProtocolError('E_INTERNAL', `stty ${tty}: ${r.stderr.trim().slice(0, 200)}`);

@@ -228,10 +228,10 @@ export class TaskService {
       await m.attachDisk(image, t.disk!);
     } catch (e) { await rm(image, { force: true }); throw e; }
     const t2 = performance.now();
-    const { spec, dropped } = guestSpec(config, { hostname: m.info().identity?.hostname });
+    const { spec, dropped, podPid } = guestSpec(config, { hostname: m.info().identity?.hostname });
     if (dropped.length) this.o.log(`${t.id}: left out in the guest: ${dropped.join('; ')}`);
     try {
-      await this.agent!.call('task.create', { id: t.id, disk: t.disk!, spec, terminal: terminal || undefined }, 60_000);
+      await this.agent!.call('task.create', { id: t.id, disk: t.disk!, spec, terminal: terminal || undefined, podPid: podPid || undefined }, 60_000);
       this.o.log(`${t.id}: rootfs packed in ${(t1 - t0).toFixed(0)} ms, plugged in ${(t2 - t1).toFixed(0)} ms, created in the guest in ${(performance.now() - t2).toFixed(0)} ms`);
     } catch (e) {
       // the pod lives on: its hotplug port and the disk file go back (a lone task's VM goes whole, by the caller)

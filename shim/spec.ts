@@ -18,10 +18,12 @@ const GUEST_FILES = new Set(['/etc/hosts', '/etc/hostname', '/etc/resolv.conf'])
 /** Mount types the guest makes itself (no host source). */
 const SELF_MADE = new Set(['proc', 'sysfs', 'tmpfs', 'devpts', 'mqueue', 'cgroup', 'cgroup2', 'shm']);
 
-export interface GuestSpecResult { spec: OciSpec; dropped: string[] }
+/** `podPid`: the container joins the pod's pid namespace (CRI's pid mode POD, Kubernetes' shareProcessNamespace) */
+export interface GuestSpecResult { spec: OciSpec; dropped: string[]; podPid: boolean }
 
 export function guestSpec(host: OciSpec, o: { hostname?: string } = {}): GuestSpecResult {
   const dropped: string[] = [];
+  let podPid = false;
   const spec: OciSpec = structuredClone(host);
   delete spec.root; // the agent points it at the task's overlay
   if (spec.hooks) { dropped.push('hooks'); delete spec.hooks; }
@@ -31,10 +33,12 @@ export function guestSpec(host: OciSpec, o: { hostname?: string } = {}): GuestSp
   if (Array.isArray(linux.namespaces)) {
     // A namespace to join names a host process (CRI: the sandbox's). The VM is the pod: its containers share
     // the VM's network, and, joining the sandbox's IPC and UTS namespaces as Kubernetes has them do, the VM's
-    // IPC and UTS (the pod's hostname). A pid namespace to join becomes a new one (the VM's would show the agent).
+    // IPC and UTS (the pod's hostname). The sandbox's pid namespace becomes the pod's in the guest (the agent
+    // keeps one, with a reaper as its first process: the VM's own would show the agent).
     linux.namespaces = linux.namespaces.flatMap((n: { type: string; path?: string }) => {
       if (n.type === 'network') { dropped.push('network namespace (the VM is the pod network)'); return []; }
       if (n.path && (n.type === 'ipc' || n.type === 'uts')) return []; // the VM's own: the pod's
+      if (n.path && n.type === 'pid') { podPid = true; return [{ type: 'pid' }]; } // the agent points it at the pod's
       if (n.path) { dropped.push(`${n.type} namespace at ${n.path} (a new one instead)`); return [{ type: n.type }]; }
       return [n];
     });
@@ -53,7 +57,7 @@ export function guestSpec(host: OciSpec, o: { hostname?: string } = {}): GuestSp
       return [m];
     });
   }
-  return { spec, dropped };
+  return { spec, dropped, podPid };
 }
 
 /**

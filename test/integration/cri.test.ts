@@ -76,7 +76,8 @@ describe('the kubelet\'s calls for a pod, runtime_handler scion', () => {
     // what the kubelet's stats (kubectl top) read: the container's processes in the guest, as containerd sees them
     const stats = (await cri.runtime.ContainerStats({ container_id: ct })).stats;
     expect(Number(stats.memory.working_set_bytes.value)).toBeGreaterThan(100 * 1024);
-    // a second container of the pod: the same VM, and the pod's IPC namespace and /dev/shm, as Kubernetes shares them
+    // a second container of the pod: the same VM, and the pod's IPC namespace and /dev/shm, as Kubernetes shares them,
+    // and (this pod's pid mode is POD: shareProcessNamespace) its pid namespace, whose first process is the pod's reaper
     const { container_id: side } = await cri.runtime.CreateContainer({ pod_sandbox_id: sb, config: { metadata: { name: 'side' }, image: { image: IMAGE }, command: ['sh', '-c', 'trap "exit 0" TERM; while true; do sleep 1; done'], log_path: 'side.log' }, sandbox_config: cfg });
     await cri.runtime.StartContainer({ container_id: side });
     expect(await clones()).toHaveLength(1);
@@ -87,7 +88,9 @@ describe('the kubelet\'s calls for a pod, runtime_handler scion', () => {
     await cri.runtime.ExecSync({ container_id: ct, cmd: ['sh', '-c', 'echo from app > /dev/shm/note'], timeout: 30 });
     expect((await inBoth('cat /dev/shm/note'))[1]).toBe('from app\n');
     const [pidApp, pidSide] = await inBoth('readlink /proc/self/ns/pid');
-    expect(pidSide).not.toBe(pidApp); // each its own pid namespace (no shareProcessNamespace)
+    expect(pidSide).toBe(pidApp);
+    expect((await inBoth('ps -o args'))[1]).toMatch(/echo started in/); // the other container's process
+    expect((await inBoth('tr "\\0" " " < /proc/1/cmdline'))[1]).toMatch(/while :; do busybox sleep 3600/);
     await cri.runtime.StopContainer({ container_id: side, timeout: 10 });
     await cri.runtime.RemoveContainer({ container_id: side });
     await cri.runtime.StopContainer({ container_id: ct, timeout: 10 });
@@ -136,7 +139,13 @@ describe('the kubelet\'s calls for a pod, runtime_handler scion', () => {
       expect(podIp.startsWith(`${subnet}.`)).toBe(true);
       const [v] = await clones();
       expect(v.ip).toBe(podIp);
-      const { container_id: ct } = await cri.runtime.CreateContainer({ pod_sandbox_id: sb, config: { metadata: { name: 'web' }, image: { image: IMAGE }, command: ['sh', '-c', 'mkdir -p /www && echo "hello from $(hostname)" > /www/index.html && exec httpd -f -p 8080 -h /www'], log_path: 'web.log' }, sandbox_config: cfg });
+      const { container_id: ct } = await cri.runtime.CreateContainer({
+        pod_sandbox_id: sb, sandbox_config: cfg,
+        config: {
+          metadata: { name: 'web' }, image: { image: IMAGE }, command: ['sh', '-c', 'mkdir -p /www && echo "hello from $(hostname)" > /www/index.html && exec httpd -f -p 8080 -h /www'], log_path: 'web.log',
+          linux: { security_context: { namespace_options: { pid: 'CONTAINER' } } }, // a pid namespace of its own (what the kubelet asks without shareProcessNamespace)
+        },
+      });
       await cri.runtime.StartContainer({ container_id: ct });
       let body = '';
       for (let i = 0; i < 100 && !body; i++) {
@@ -151,6 +160,8 @@ describe('the kubelet\'s calls for a pod, runtime_handler scion', () => {
       const netns = JSON.parse((await $`ip -j netns list`.quiet()).stdout).map((n: { name: string }) => n.name).filter((n: string) => n.startsWith('cni-'));
       const macs = await Promise.all(netns.map(async (n: string) => JSON.parse((await $({ nothrow: true, quiet: true })`ip -n ${n} -j link show dev eth0`).stdout || '[]')[0]?.address));
       expect(macs).toContain(mac);
+      // pid mode CONTAINER: the container's own command is pid 1 of its namespace
+      expect((await cri.runtime.ExecSync({ container_id: ct, cmd: ['sh', '-c', 'tr "\\0" " " < /proc/1/cmdline'], timeout: 30 })).stdout.toString()).toMatch(/^httpd -f -p 8080/);
       // the container resolves names as the pod's DNS config says (the VM's resolv.conf, which the container's is)
       expect((await cri.runtime.ExecSync({ container_id: ct, cmd: ['cat', '/etc/resolv.conf'], timeout: 30 })).stdout.toString())
         .toBe('nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local\noptions ndots:5\n');

@@ -155,7 +155,7 @@ describe('pod tasks in the guest', () => {
   });
 });
 
-import { onTerminal, resizeArgv } from '../../guest-agent/tasks.ts';
+import { onTerminal, resizeArgv, withPidNamespace } from '../../guest-agent/tasks.ts';
 
 describe('a task on a terminal', () => {
   it('runs crun under util-linux script (a pty, its exit status, no echo, no file); stty sizes the pty', () => {
@@ -165,5 +165,11 @@ describe('a task on a terminal', () => {
     // the command is one shell string: each word quoted, a quote inside a word too
     expect(argv[6]).toBe(`'crun' 'exec' '--process' '/run/it'\\''s.json' 'web'`);
     expect(resizeArgv('/dev/pts/3', 100, 30)).toEqual(['busybox', 'stty', '-F', '/dev/pts/3', 'rows', '30', 'cols', '100']);
+  });
+
+  it('a container sharing the pod\'s pid namespace joins it by path, its other namespaces kept', () => {
+    expect(withPidNamespace({ namespaces: [{ type: 'pid' }, { type: 'mount' }], maskedPaths: ['/x'] }, '/proc/7/ns/pid'))
+      .toEqual({ namespaces: [{ type: 'mount' }, { type: 'pid', path: '/proc/7/ns/pid' }], maskedPaths: ['/x'] });
+    expect(withPidNamespace(undefined, '/p')).toEqual({ namespaces: [{ type: 'pid', path: '/p' }] });
   });
 });

@@ -48,9 +48,11 @@ describe('the guest\'s OCI config', () => {
     linux: { cgroupsPath: '/k8s.io/c', resources: { memory: { limit: 1 } }, namespaces: [{ type: 'pid', path: '/proc/9/ns/pid' }, { type: 'ipc', path: '/proc/9/ns/ipc' }, { type: 'uts', path: '/proc/9/ns/uts' }, { type: 'mount' }, { type: 'network', path: '/proc/9/ns/net' }] },
     root: { path: 'rootfs' },
   };
-  it('shares the VM\'s network, IPC, UTS and /dev/shm (the pod\'s), gets a new pid namespace, leaves host paths, hooks and limits out', () => {
-    const { spec, dropped } = guestSpec(cri, { hostname: 'pod-1' });
+  it('shares the VM\'s network, IPC, UTS and /dev/shm (the pod\'s), and the pod\'s pid namespace when it joins the sandbox\'s; leaves host paths, hooks and limits out', () => {
+    const { spec, dropped, podPid } = guestSpec(cri, { hostname: 'pod-1' });
     expect(spec.linux.namespaces).toEqual([{ type: 'pid' }, { type: 'mount' }]);
+    expect(podPid).toBe(true);
+    expect(guestSpec({ linux: { namespaces: [{ type: 'pid' }] } }).podPid).toBe(false);
     expect(spec.linux.cgroupsPath).toBeUndefined();
     expect(spec.linux.resources).toBeUndefined();
     expect(spec.hooks).toBeUndefined();
@@ -62,7 +64,7 @@ describe('the guest\'s OCI config', () => {
       { destination: '/etc/hosts', type: 'bind', source: '/etc/hosts', options: ['rbind', 'ro'] },
       { destination: '/dev/shm', type: 'bind', source: '/dev/shm', options: ['rbind', 'rw', 'nosuid', 'nodev'] },
     ]);
-    expect(dropped.join('; ')).toMatch(/hooks.*pid namespace at \/proc\/9\/ns\/pid.*network namespace.*cgroupsPath.*resources.*\/host\/data/);
+    expect(dropped.join('; ')).toMatch(/hooks.*network namespace.*cgroupsPath.*resources.*\/host\/data/);
     expect(cri.linux.namespaces).toHaveLength(5); // the input is left as it was
   });
   it('sets a hostname only where the container has a UTS namespace of its own', () => {
