@@ -51,7 +51,7 @@ async function pod(mode: Mode): Promise<{ ms: number; sb: string; ct: string }> 
   const cfg = { metadata: { name, uid: name, namespace: 'default', attempt: 0 }, hostname: name, log_directory: join(work, 'logs', name), annotations };
   const t0 = performance.now();
   const { pod_sandbox_id: sb } = await cri.runtime.RunPodSandbox({ config: cfg, runtime_handler: mode === 'runc' ? '' : 'scion' });
-  const { container_id: ct } = await cri.runtime.CreateContainer({ pod_sandbox_id: sb, config: { metadata: { name: 'web' }, image: { image: IMAGE }, command: WEB, log_path: 'web.log' }, sandbox_config: cfg });
+  const { container_id: ct } = await cri.runtime.CreateContainer({ pod_sandbox_id: sb, config: { metadata: { name: 'web' }, image: { image: IMAGE }, command: WEB, log_path: 'web.log', linux: { security_context: { namespace_options: { pid: 'CONTAINER' } } } }, sandbox_config: cfg }); // pid: what the kubelet asks without shareProcessNamespace
   await cri.runtime.StartContainer({ container_id: ct });
   const ip = (await cri.runtime.PodSandboxStatus({ pod_sandbox_id: sb })).status.network.ip;
   for (let i = 0; ; i++) {

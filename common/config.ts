@@ -35,6 +35,8 @@ export interface ScionConfig {
   debug: boolean;
   /** SCION_SHIM_TEMPLATE: the template containerd-shim-scion-v2 forks pods from (default pod-tpl) */
   shimTemplate: string;
+  /** SCION_SHIM_IMAGES: the reference prefixes a pod may name with io.scion.image (comma-separated; none: the annotation is refused) */
+  shimImagePrefixes: string[];
 }
 
 export class ConfigError extends ScionError {}
@@ -64,11 +66,12 @@ export function config(env: Env = process.env): ScionConfig {
     registryStallMs: (integer(env, 'SCION_REGISTRY_STALL_S', 1, 3600) ?? 30) * 1000,
     debug: !!env.SCION_DEBUG,
     shimTemplate: env.SCION_SHIM_TEMPLATE ? validName(env.SCION_SHIM_TEMPLATE, 'SCION_SHIM_TEMPLATE') : 'pod-tpl',
+    shimImagePrefixes: (env.SCION_SHIM_IMAGES ?? '').split(',').map((p) => p.trim()).filter(Boolean),
   };
 }
 
 /** The variables config() reads, for the README and `scion --help`. */
 export const CONFIG_VARIABLES = [
   'SCION_RUN_DIR', 'SCION_TEMPLATE_DIR', 'SCION_UID_BASE', 'SCION_QEMU', 'SCION_ACCEL', 'SCION_TB_SIZE_MB',
-  'XDG_CACHE_HOME', 'SOURCE_DATE_EPOCH', 'SCION_REGISTRY_STALL_S', 'SCION_DEBUG', 'SCION_SHIM_TEMPLATE',
+  'XDG_CACHE_HOME', 'SOURCE_DATE_EPOCH', 'SCION_REGISTRY_STALL_S', 'SCION_DEBUG', 'SCION_SHIM_TEMPLATE', 'SCION_SHIM_IMAGES',
 ] as const;

@@ -11,6 +11,15 @@ export const IMAGE_ANNOTATION = 'io.scion.image';
 /** `cold`: boot the pod's VM from the template's image instead of forking it (a baseline for benchmarks) */
 export const BOOT_ANNOTATION = 'io.scion.boot';
 
+/**
+ * Whether a pod may name `ref` as its image: a node boots what it pulls, as
+ * root, so only references under a prefix the node allows
+ * (SCION_SHIM_IMAGES, e.g. `registry.example.com/scion/`) are taken. Pure.
+ */
+export function imageAllowed(ref: string, prefixes: string[]): boolean {
+  return prefixes.some((p) => ref.startsWith(p));
+}
+
 export type TaskKind = 'sandbox' | 'container' | 'lone';
 
 /** What a task is, from its OCI annotations. Pure. */

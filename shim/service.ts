@@ -33,7 +33,8 @@ export const Status = { UNKNOWN: 0, CREATED: 1, RUNNING: 2, STOPPED: 3 } as cons
 /** The file in a bundle naming the pod's VM, for `delete` after the shim is gone. */
 export const VM_FILE = 'scion-vm';
 export { CRI_TYPE, CRI_SANDBOX, TEMPLATE_ANNOTATION, IMAGE_ANNOTATION, BOOT_ANNOTATION, taskKind, type TaskKind } from './kinds.ts';
-import { TEMPLATE_ANNOTATION, IMAGE_ANNOTATION, BOOT_ANNOTATION, taskKind, type TaskKind } from './kinds.ts';
+import { TEMPLATE_ANNOTATION, IMAGE_ANNOTATION, BOOT_ANNOTATION, taskKind, imageAllowed, type TaskKind } from './kinds.ts';
+import { config } from '../common/config.ts';
 
 /**
  * The network namespace CNI set up for a pod sandbox, by name (`ip netns`
@@ -166,6 +167,8 @@ export class TaskService {
     const ref = annotations[IMAGE_ANNOTATION];
     if (!ref) return annotations[TEMPLATE_ANNOTATION] ?? this.o.template;
     if (annotations[TEMPLATE_ANNOTATION]) throw new TtrpcError(Code.INVALID_ARGUMENT, `the annotations ${IMAGE_ANNOTATION} and ${TEMPLATE_ANNOTATION} name a pod's template two ways: keep one`);
+    const allowed = config().shimImagePrefixes;
+    if (!imageAllowed(ref, allowed)) throw new TtrpcError(Code.PERMISSION_DENIED, `${IMAGE_ANNOTATION}: ${ref} is not under a reference this node allows (SCION_SHIM_IMAGES: ${allowed.length ? allowed.join(', ') : 'unset, so none'}); add its registry/repository prefix to SCION_SHIM_IMAGES in containerd's environment`);
     // loaded only here: pulling and booting bring in what a fork does not need
     const { ensureTemplate } = await import('../host/up.ts');
     try {

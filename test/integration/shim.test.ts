@@ -29,7 +29,9 @@ beforeAll(async () => {
   podImageDir = (await build({ definitionPath: image('pod') })).dir;
   const img = await vm.loadImage(podImageDir);
   await vm.freeze(await vm.bootTemplate(img, { name: 'pod-tpl' }), img);
-  // the shim finds scion's run and template directories, and its template, through containerd's environment
+  // the shim finds scion's run and template directories, and its template, through containerd's environment;
+  // pods may name images on a loopback registry (the test's own)
+  process.env.SCION_SHIM_IMAGES = '127.0.0.1:';
   cd = await startContainerd({ path: [join(ROOT, 'bin')] });
   await cd.ctr(['images', 'import', await busyboxOciArchive(cd.dir, IMAGE)]);
 }, 180_000);
@@ -247,6 +249,12 @@ describe('a pod whose image is named by reference (io.scion.image)', () => {
       expect(bad.exitCode).not.toBe(0);
       expect(bad.stderr).toMatch(/cannot make a template of 127\.0\.0\.1:\d+\/scion\/no-such:1\.0 \(annotation io\.scion\.image\): /);
       await cd.ctr(['containers', 'delete', 'byref3'], { nothrow: true });
+      // a reference outside what the node allows (SCION_SHIM_IMAGES) is refused before anything is pulled
+      const before = reg.requests('GET', '/manifests/');
+      const denied = await run('byref4', 'registry.example.com/evil/pod:1.0');
+      expect(denied.stderr).toMatch(/io\.scion\.image: registry\.example\.com\/evil\/pod:1\.0 is not under a reference this node allows \(SCION_SHIM_IMAGES: 127\.0\.0\.1:\)/);
+      expect(reg.requests('GET', '/manifests/')).toBe(before);
+      await cd.ctr(['containers', 'delete', 'byref4'], { nothrow: true });
       expect(await pods()).toEqual([]);
       await vm.removeVm(tplName);
     } finally { await reg.stop(); }

@@ -127,3 +127,17 @@ describe('task stats', () => {
     expect(back).toMatchObject({ pids: { current: 2 }, cpu: { usageUsec: 2_800_000, userUsec: 2_500_000, systemUsec: 300_000 }, memory: { usage: 5 << 20, anon: 3 << 20, file: 2 << 20, usageLimit: 480 << 20 } });
   });
 });
+
+import { imageAllowed } from '../../shim/kinds.ts';
+import { config } from '../../common/config.ts';
+
+describe('images a pod may name', () => {
+  it('only under a prefix the node allows; none when SCION_SHIM_IMAGES is unset', () => {
+    const allowed = config({ SCION_SHIM_IMAGES: ' registry.example.com/scion/ ,127.0.0.1:5000/' }).shimImagePrefixes;
+    expect(allowed).toEqual(['registry.example.com/scion/', '127.0.0.1:5000/']);
+    expect(imageAllowed('registry.example.com/scion/pod:1.0', allowed)).toBe(true);
+    expect(imageAllowed('registry.example.com/scionx/pod:1.0', allowed)).toBe(false);
+    expect(imageAllowed('127.0.0.1:5000/a:1', allowed)).toBe(true);
+    expect(imageAllowed('registry.example.com/scion/pod:1.0', config({}).shimImagePrefixes)).toBe(false);
+  });
+});
