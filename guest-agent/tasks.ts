@@ -69,10 +69,18 @@ export function resizeArgv(tty: string, width: number, height: number): string[]
 /** Clock ticks per second in /proc/<pid>/stat: USER_HZ, 100 on x86 (QuickJS cannot ask sysconf). */
 const USER_HZ = 100;
 
-/** utime and stime (µs) from a /proc/<pid>/stat line (the command name may hold spaces and parentheses). Pure. */
+/**
+ * The fields of a /proc/<pid>/stat line after the command name (which may hold
+ * spaces and parentheses): [0] is field 3 (state), [1] the ppid. Pure.
+ */
+function statFields(stat: string): string[] {
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+}
+
+/** utime and stime (µs) from a /proc/<pid>/stat line. Pure. */
 export function cpuOfStat(stat: string): { userUsec: number; systemUsec: number } | undefined {
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  // fields after the name start at field 3 (state): utime is field 14, stime field 15
+  const f = statFields(stat);
+  // utime is field 14, stime field 15
   const ut = Number(f[11]), st = Number(f[12]);
   if (!Number.isFinite(ut) || !Number.isFinite(st)) return undefined;
   return { userUsec: (ut * 1e6) / USER_HZ, systemUsec: (st * 1e6) / USER_HZ };
@@ -266,13 +274,9 @@ export class TaskRunner {
 
   /** A child process of `pid` (the first found in /proc), if it has one. */
   private childOf(pid: number): number | undefined {
-    for (const d of this.p.readdir('/proc')) {
-      if (!/^[0-9]+$/.test(d)) continue;
-      let stat: string;
-      try { stat = this.p.readText(`/proc/${d}/stat`); } catch { continue; } // ended meanwhile
-      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === pid) return Number(d);
-    }
-    return undefined;
+    return this.guestPids().find((d) => {
+      try { return Number(statFields(this.p.readText(`/proc/${d}/stat`))[1]) === pid; } catch { return false; } // ended meanwhile
+    });
   }
 
   private assertTerminal(): void {
@@ -301,12 +305,12 @@ export class TaskRunner {
     const init = t.init?.pid;
     const ns = init ? this.p.readlink(`/proc/${init}/ns/pid`) : undefined;
     if (!ns) return [];
-    const pids: number[] = [];
-    for (const d of this.p.readdir('/proc')) {
-      if (!/^[0-9]+$/.test(d)) continue;
-      if (this.p.readlink(`/proc/${d}/ns/pid`) === ns) pids.push(Number(d)); // unreadable: ended meanwhile
-    }
-    return pids.sort((x, y) => x - y);
+    return this.guestPids().filter((pid) => this.p.readlink(`/proc/${pid}/ns/pid`) === ns); // unreadable: ended meanwhile
+  }
+
+  /** Every process of the guest, by pid, ascending. */
+  private guestPids(): number[] {
+    return this.p.readdir('/proc').filter((d) => /^[0-9]+$/.test(d)).map(Number).sort((x, y) => x - y);
   }
 
   async pids(a: Record<string, unknown>): Promise<{ id: string; pids: number[] }> {

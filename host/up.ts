@@ -17,15 +17,10 @@ import { removeVm } from './lifecycle.ts';
 import { Machine, RecordError } from './machine/machine.ts';
 import type { NetMode } from './machine/machine.ts';
 
-export interface UpOptions {
+/** The template's options (its name is always <image>-tpl here) and the clones'. */
+export interface UpOptions extends Omit<TemplateOptions, 'name'> {
   clones: number;
-  disk?: string;
-  net?: NetMode;
-  log?: (m: string) => void;
-  onBuildEvent?: (e: BuildEvent) => void;
   parallel?: number;
-  /** plain HTTP to a registry that is not on loopback (an OCI reference as the image) */
-  insecure?: boolean;
 }
 
 export type TemplateDecision = { reuse: true } | { reuse: false; why: string };
@@ -62,6 +57,7 @@ export interface TemplateOptions {
   net?: NetMode;
   log?: (m: string) => void;
   onBuildEvent?: (e: BuildEvent) => void;
+  /** plain HTTP to a registry that is not on loopback (an OCI reference as the image) */
   insecure?: boolean;
   /** where pulled images are kept (default the user's cache) */
   cacheDir?: string;

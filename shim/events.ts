@@ -6,7 +6,7 @@
  * away (it restarts; the shim goes on).
  */
 import { TtrpcClient } from './ttrpc.ts';
-import { encode, timestamp, type Msg } from './proto.ts';
+import { any, timestamp, type Msg } from './proto.ts';
 
 /** Topic -> the event's message type (containerd's api/events/task.proto). */
 export const TASK_EVENTS = {
@@ -24,7 +24,7 @@ export type TaskTopic = keyof typeof TASK_EVENTS;
 export function envelope(namespace: string, topic: TaskTopic, event: Msg, nowMs: number): Msg {
   const type = TASK_EVENTS[topic];
   // containerd's typeurl names events by their full protobuf name, without a URL prefix
-  return { envelope: { timestamp: timestamp(nowMs), namespace, topic, event: { type_url: type, value: encode(type, event) } } }; // protobufjs keeps Any's own field names
+  return { envelope: { timestamp: timestamp(nowMs), namespace, topic, event: any(type, event) } };
 }
 
 export class EventPublisher {
