@@ -37,6 +37,8 @@ export interface ScionConfig {
   shimTemplate: string;
   /** SCION_SHIM_IMAGES: the reference prefixes a pod may name with io.scion.image (comma-separated; none: the annotation is refused) */
   shimImagePrefixes: string[];
+  /** SCION_SHIM_POOL: how many paused, warmed forks of each pod template the node keeps ready (default 1; 0: none) */
+  shimPool: number;
 }
 
 export class ConfigError extends ScionError {}
@@ -67,11 +69,12 @@ export function config(env: Env = process.env): ScionConfig {
     debug: !!env.SCION_DEBUG,
     shimTemplate: env.SCION_SHIM_TEMPLATE ? validName(env.SCION_SHIM_TEMPLATE, 'SCION_SHIM_TEMPLATE') : 'pod-tpl',
     shimImagePrefixes: (env.SCION_SHIM_IMAGES ?? '').split(',').map((p) => p.trim()).filter(Boolean),
+    shimPool: integer(env, 'SCION_SHIM_POOL', 0, 16) ?? 1,
   };
 }
 
 /** The variables config() reads, for the README and `scion --help`. */
 export const CONFIG_VARIABLES = [
   'SCION_RUN_DIR', 'SCION_TEMPLATE_DIR', 'SCION_UID_BASE', 'SCION_QEMU', 'SCION_ACCEL', 'SCION_TB_SIZE_MB',
-  'XDG_CACHE_HOME', 'SOURCE_DATE_EPOCH', 'SCION_REGISTRY_STALL_S', 'SCION_DEBUG', 'SCION_SHIM_TEMPLATE', 'SCION_SHIM_IMAGES',
+  'XDG_CACHE_HOME', 'SOURCE_DATE_EPOCH', 'SCION_REGISTRY_STALL_S', 'SCION_DEBUG', 'SCION_SHIM_TEMPLATE', 'SCION_SHIM_IMAGES', 'SCION_SHIM_POOL',
 ] as const;

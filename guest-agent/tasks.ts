@@ -147,7 +147,7 @@ export class TaskRunner {
     }
   }
 
-  async create(a: Record<string, unknown>): Promise<{ id: string; device: string; rootfs: string }> {
+  async create(a: Record<string, unknown>): Promise<{ id: string; device: string; rootfs: string; stepsMs: { device: number; mount: number } }> {
     const id = String(a.id ?? '');
     if (!ID.test(id)) throw new ProtocolError('E_BAD_ARGS', 'id: 1-128 letters, digits, _ . - (starting with a letter or digit)');
     if (a.terminal === true) this.assertTerminal();
@@ -155,14 +155,17 @@ export class TaskRunner {
     const serial = String(a.disk ?? '');
     if (!SERIAL.test(serial)) throw new ProtocolError('E_BAD_ARGS', 'disk: the serial of a plugged-in disk (1-20 lowercase letters, digits, -)');
     if (!a.spec || typeof a.spec !== 'object' || Array.isArray(a.spec)) throw new ProtocolError('E_BAD_ARGS', 'spec: an OCI runtime config object');
+    const t0 = this.p.monotonic();
     const device = await this.deviceFor(serial);
+    const t1 = this.p.monotonic();
     const paths = taskPaths(id);
     await this.shell.runOrThrow(mountScript(id, device), `mounting the rootfs of task ${id}`);
+    const t2 = this.p.monotonic();
     const spec: Record<string, unknown> = { ...(a.spec as Record<string, unknown>), root: { path: paths.rootfs, readonly: false } };
     if (a.podPid === true) spec.linux = withPidNamespace(spec.linux as Record<string, unknown> | undefined, await this.podPidNamespace());
     this.p.writeText(paths.config, JSON.stringify(spec));
     this.tasks.set(id, { id, device, ownPidNs: hasOwnPidNamespace(spec), terminal: a.terminal === true, execs: new Map() });
-    return { id, device, rootfs: paths.rootfs };
+    return { id, device, rootfs: paths.rootfs, stepsMs: { device: Math.round(t1 - t0), mount: Math.round(t2 - t1) } };
   }
 
   /** Pipe a process's output to events and its end to a task-exit event. */

@@ -8,8 +8,21 @@ export const CRI_SANDBOX = 'io.kubernetes.cri.sandbox-id';
 export const TEMPLATE_ANNOTATION = 'io.scion.template';
 /** an OCI reference (`scion pull` takes it): the pod forks from a template of that image, made on this node at first use */
 export const IMAGE_ANNOTATION = 'io.scion.image';
-/** `cold`: boot the pod's VM from the template's image instead of forking it (a baseline for benchmarks) */
+/**
+ * How the pod's VM is made: unset, out of the node's pool of warmed forks
+ * when it has one, else forked; `fork`: forked now, past the pool; `cold`:
+ * booted from the template's image (the baselines benchmarks compare with)
+ */
 export const BOOT_ANNOTATION = 'io.scion.boot';
+export const BOOT_MODES = ['pool', 'fork', 'cold'] as const;
+export type BootMode = typeof BOOT_MODES[number];
+
+/** The boot mode a pod's annotations ask for; undefined if the value is not one. Pure. */
+export function bootMode(annotations: Record<string, string> | undefined): BootMode | undefined {
+  const v = annotations?.[BOOT_ANNOTATION];
+  if (v === undefined || v === '') return 'pool';
+  return (BOOT_MODES as readonly string[]).includes(v) ? v as BootMode : undefined;
+}
 
 /**
  * Whether a pod may name `ref` as its image: a node boots what it pulls, as

@@ -11,19 +11,22 @@ import { Machine } from '../host/machine/machine.ts';
 import { parseShimArgs, ShimUsageError, type ShimArgs } from './args.ts';
 import { TtrpcServer } from './ttrpc.ts';
 import { EventPublisher } from './events.ts';
-import { TaskService, VM_FILE } from './service.ts';
+import { TaskService, VM_FILE, parseVmFile } from './service.ts';
 import { shimDir, socketPath, start } from './start.ts';
 import { processAlive } from '../common/proc.ts';
 import { encode, timestamp } from './proto.ts';
 
 async function deleteAfter(a: ShimArgs): Promise<number> {
   const bundle = a.bundle ?? process.cwd();
-  const vm = (await readFile(join(bundle, VM_FILE), 'utf8').catch(() => '')).trim();
-  if (vm) {
-    const m = await Machine.find(vm).catch(() => undefined);
-    // only a VM whose shim is gone: containerd also runs this after an orderly shutdown
-    const owner = m?.info().owner?.pid;
-    if (m && !(owner && owner !== process.pid && processAlive(owner))) await m.remove({ force: true }).catch((e) => process.stderr.write(`scion shim: removing ${vm}: ${(e as Error).message}\n`));
+  const named = parseVmFile(await readFile(join(bundle, VM_FILE), 'utf8').catch(() => ''));
+  if (named) {
+    const m = await Machine.find(named.name).catch(() => undefined);
+    const info = m?.info();
+    // only the pod's own VM (a name may have been given to another VM since: the generation ID tells),
+    // and only if its shim is gone: containerd also runs this after an orderly shutdown
+    const same = !!info && info.identity?.vmgenid === named.vmgenid;
+    const owner = info?.owner?.pid;
+    if (m && same && !(owner && owner !== process.pid && processAlive(owner))) await m.remove({ force: true }).catch((e) => process.stderr.write(`scion shim: removing ${named.name}: ${(e as Error).message}\n`));
   }
   await rm(socketPath(a.namespace, a.id), { force: true });
   process.stdout.write(encode('containerd.task.v2.DeleteResponse', { pid: 0, exitStatus: 137, exitedAt: timestamp(Date.now()) }));
@@ -44,13 +47,13 @@ async function serve(a: ShimArgs): Promise<number> {
   const server = new TtrpcServer();
   let done!: () => void;
   const finished = new Promise<void>((r) => { done = r; });
-  const service = new TaskService({ namespace: a.namespace, publisher, template: config().shimTemplate, workDir: shimDir(), log, onShutdown: done });
+  const service = new TaskService({ namespace: a.namespace, publisher, template: config().shimTemplate, workDir: shimDir(), log, onShutdown: done, onIdleChange: () => server.onLastClose?.() });
   server.onError = (e) => log(`internal error: ${e.stack ?? e.message}`);
   server.register('containerd.task.v2.Task', service.handlers, ['containerd.task.v3.Task']);
   // A shim with no task that containerd is not connected to can never be used again (containerd
   // reconnects only to shims with tasks): it goes, whether or not a Shutdown reached it.
   const stop = async () => { await service.teardown().catch((e) => log(`teardown: ${(e as Error).message}`)); done(); };
-  server.onLastClose = () => { if (service.idle()) { log('containerd disconnected and no task is left: exiting'); void stop(); } };
+  server.onLastClose = () => { if (!server.connections && service.idle()) { log('containerd disconnected and no task is left: exiting'); void stop(); } };
   await server.listen(a.socket!);
   log(`serving ${a.id} ${(process.uptime() * 1000).toFixed(0)} ms after the process started`);
   const unclaimed = setTimeout(() => { if (!server.connections && service.idle()) { log(`containerd did not connect within ${UNCLAIMED_MS / 1000} s: exiting`); void stop(); } }, UNCLAIMED_MS);
@@ -58,6 +61,8 @@ async function serve(a: ShimArgs): Promise<number> {
   process.on('SIGTERM', () => void stop());
   process.on('SIGINT', () => void stop());
   await finished;
+  // a pool refill under way finishes first: the VM it makes is the node's, not this pod's
+  await service.settled();
   server.close();
   publisher.close();
   await rm(a.socket!, { force: true });

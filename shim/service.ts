@@ -30,10 +30,24 @@ import { HOSTNAME_PATTERN } from '../common/contracts.ts';
 
 /** containerd.v1.types.Status */
 export const Status = { UNKNOWN: 0, CREATED: 1, RUNNING: 2, STOPPED: 3 } as const;
-/** The file in a bundle naming the pod's VM, for `delete` after the shim is gone. */
+/**
+ * The file in a bundle naming the pod's VM, for `delete` after the shim is
+ * gone: its name and its VM generation ID. Names are reused once a VM is
+ * removed (a pooled VM may carry a gone pod's name), so `delete` removes a VM
+ * only if its generation ID is the one written here.
+ */
 export const VM_FILE = 'scion-vm';
+
+/** The VM_FILE line for a VM. Pure. */
+export const vmFileLine = (name: string, vmgenid: string | undefined): string => `${name} ${vmgenid ?? '-'}\n`;
+
+/** The VM name and generation ID a VM_FILE names; undefined if it is not such a line. Pure. */
+export function parseVmFile(text: string): { name: string; vmgenid?: string } | undefined {
+  const m = /^([a-z0-9][a-z0-9-]{0,62})(?: ([0-9a-f-]{36}|-))?\n?$/.exec(text);
+  return m ? { name: m[1], vmgenid: m[2] && m[2] !== '-' ? m[2] : undefined } : undefined;
+}
 export { CRI_TYPE, CRI_SANDBOX, TEMPLATE_ANNOTATION, IMAGE_ANNOTATION, BOOT_ANNOTATION, taskKind, type TaskKind } from './kinds.ts';
-import { TEMPLATE_ANNOTATION, IMAGE_ANNOTATION, BOOT_ANNOTATION, taskKind, imageAllowed, type TaskKind } from './kinds.ts';
+import { TEMPLATE_ANNOTATION, IMAGE_ANNOTATION, BOOT_ANNOTATION, BOOT_MODES, bootMode, taskKind, imageAllowed, type TaskKind } from './kinds.ts';
 import { config } from '../common/config.ts';
 
 /**
@@ -88,7 +102,16 @@ interface Proc {
 }
 interface Task { id: string; bundle: string; kind: TaskKind; procs: Map<string, Proc>; disk?: string }
 
-export interface ShimOptions { namespace: string; publisher: EventPublisher; template: string; workDir: string; log: (m: string) => void; onShutdown: () => void }
+export interface ShimOptions {
+  namespace: string; publisher: EventPublisher; template: string; workDir: string; log: (m: string) => void; onShutdown: () => void;
+  /** told when a pool refill ends (the shim may have become idle) */
+  onIdleChange?: () => void;
+}
+
+/** How long after its pod's VM is made a shim refills the pool if no container has started by then. */
+const REFILL_AFTER_MS = 5000;
+/** How long after the pod's first container started the pool is refilled (a fork takes the cores the container starts on). */
+const REFILL_DELAY_MS = 1000;
 
 export class TaskService {
   private machine?: Machine;
@@ -180,22 +203,31 @@ export class TaskService {
     }
   }
 
-  /** The pod's VM: forked once, by its first task. */
+  /** The pod's VM: made once, by its first task: out of the node's pool, else forked (or booted cold when asked). */
   private async pod(annotations: Record<string, string>, hostname?: string, netns?: string, dns?: DnsConfig): Promise<Machine> {
     if (this.machine) return this.machine;
-    const cold = annotations[BOOT_ANNOTATION] === 'cold';
+    const mode = bootMode(annotations);
+    if (!mode) throw new TtrpcError(Code.INVALID_ARGUMENT, `annotation ${BOOT_ANNOTATION}: ${JSON.stringify(annotations[BOOT_ANNOTATION])} is not one of ${BOOT_MODES.join(', ')}`);
     this.forking ??= (async () => {
       const template = await this.templateFor(annotations);
       const pod = netns ? { netns, dev: 'eth0' } : undefined;
       const owner = { pid: process.pid, kind: 'shim' };
       const t0 = performance.now();
-      const m = await (cold ? this.coldBoot(template, { hostname, pod, owner, dns }) : Machine.forkTemplate(template, { prefix: 'pod', hostname, pod, owner, dns })).catch((e: Error & { hint?: string }) => {
+      const poolSize = config().shimPool;
+      let how = mode === 'cold' ? 'booted' : 'forked';
+      const make = async (): Promise<Machine> => {
+        if (mode === 'cold') return this.coldBoot(template, { hostname, pod, owner, dns });
+        const pooled = mode === 'pool' && poolSize > 0 ? await Machine.claimPooled(template, { hostname, pod, dns, owner, log: this.o.log }) : undefined;
+        if (pooled) { how = 'taken from the pool'; return pooled; }
+        return Machine.forkTemplate(template, { prefix: 'pod', hostname, pod, owner, dns });
+      };
+      const m = await make().catch((e: Error & { hint?: string }) => {
         throw new TtrpcError(Code.FAILED_PRECONDITION, `cannot fork a pod VM from template ${template}: ${e.message}${e.hint ? ` (${e.hint}; the template comes from the annotation ${TEMPLATE_ANNOTATION}, else SCION_SHIM_TEMPLATE, else pod-tpl)` : ''}`);
       });
       try {
         this.agent = await m.agent();
       } catch (e) { await m.remove({ force: true }).catch(() => undefined); throw e; }
-      this.o.log(`pod VM ${m.name} ${cold ? 'booted' : 'forked'} and its agent reached in ${(performance.now() - t0).toFixed(0)} ms`);
+      this.o.log(`pod VM ${m.name} ${how} and its agent reached in ${(performance.now() - t0).toFixed(0)} ms`);
       this.agent.onEvent(this.onAgentEvent);
       // the VM went away under the pod (its QEMU killed, or removed): every process of it ended, as if SIGKILLed
       this.agent.onClosed(() => {
@@ -203,9 +235,38 @@ export class TaskService {
         for (const t of this.tasks.values()) for (const p of t.procs.values()) this.ended(t, p, 137, Date.now());
       });
       this.machine = m;
+      // the pool is refilled once this pod's first container has started (or a while after, if none does): off its path
+      if (mode === 'pool' && poolSize > 0) {
+        this.poolTemplate = template;
+        this.refillTimer = setTimeout(() => this.refillPool(), REFILL_AFTER_MS);
+        this.refillTimer.unref();
+      }
       return m;
     })();
     try { return await this.forking; } finally { this.forking = undefined; }
+  }
+
+  private poolTemplate?: string;
+  private refillTimer?: NodeJS.Timeout;
+  private filling?: Promise<void>;
+
+  /** Fill the node's pool of this pod's template (once per shim; another shim at it already makes this a no-op). */
+  private refillPool(): void {
+    clearTimeout(this.refillTimer);
+    const template = this.poolTemplate;
+    if (!template || this.filling) return;
+    this.poolTemplate = undefined;
+    const t0 = performance.now();
+    this.filling = Machine.fillPool(template, { size: config().shimPool, prefix: 'pod', log: this.o.log })
+      .then((n) => { if (n) this.o.log(`pool of ${template}: ${n} VM${n > 1 ? 's' : ''} added in ${(performance.now() - t0).toFixed(0)} ms`); })
+      .catch((e) => this.o.log(`pool of ${template} not refilled: ${(e as Error).message}`))
+      .finally(() => { this.filling = undefined; this.o.onIdleChange?.(); });
+  }
+
+  /** Wait for a pool refill under way (a shim about to exit lets it finish: the VM it makes is not the pod's). */
+  async settled(): Promise<void> {
+    clearTimeout(this.refillTimer);
+    await this.filling;
   }
 
   /**
@@ -234,8 +295,9 @@ export class TaskService {
     const { spec, dropped, podPid } = guestSpec(config, { hostname: m.info().identity?.hostname });
     if (dropped.length) this.o.log(`${t.id}: left out in the guest: ${dropped.join('; ')}`);
     try {
-      await this.agent!.call('task.create', { id: t.id, disk: t.disk!, spec, terminal: terminal || undefined, podPid: podPid || undefined }, 60_000);
-      this.o.log(`${t.id}: rootfs packed in ${(t1 - t0).toFixed(0)} ms, plugged in ${(t2 - t1).toFixed(0)} ms, created in the guest in ${(performance.now() - t2).toFixed(0)} ms`);
+      const made = await this.agent!.call('task.create', { id: t.id, disk: t.disk!, spec, terminal: terminal || undefined, podPid: podPid || undefined }, 60_000);
+      const s = made.stepsMs;
+      this.o.log(`${t.id}: rootfs packed in ${(t1 - t0).toFixed(0)} ms, plugged in ${(t2 - t1).toFixed(0)} ms, created in the guest in ${(performance.now() - t2).toFixed(0)} ms${s ? ` (disk seen after ${s.device} ms, mounted in ${s.mount} ms)` : ''}`);
     } catch (e) {
       // the pod lives on: its hotplug port and the disk file go back (a lone task's VM goes whole, by the caller)
       await m.detachDisk(t.disk!).catch((d) => this.o.log(`unplugging ${t.id}'s rootfs: ${(d as Error).message}`));
@@ -260,7 +322,7 @@ export class TaskService {
         const dns = netns ? await podDns(config) : undefined;
         const m = await this.pod(config.annotations ?? {}, hostname, netns, dns);
         // the pod's owners (its sandbox, or a lone task) name its VM for `delete` after a crash; a container does not
-        if (kind !== 'container') await writeFile(join(req.bundle, VM_FILE), m.name + '\n');
+        if (kind !== 'container') await writeFile(join(req.bundle, VM_FILE), vmFileLine(m.name, m.info().identity?.vmgenid));
         if (kind !== 'sandbox') await this.createContainer(t, config, req.rootfs, req.terminal === true);
       } catch (e) {
         this.tasks.delete(t.id);
@@ -286,6 +348,8 @@ export class TaskService {
           : await this.agent!.call('task.start', { id: t.id }, 60_000);
         p.pid = res.pid;
         this.o.log(`${execId || t.id}: started in the guest in ${(performance.now() - t0).toFixed(0)} ms`);
+        // the pool is refilled a little after the pod's first container started: not while it starts serving
+        if (!execId && this.poolTemplate) { clearTimeout(this.refillTimer); this.refillTimer = setTimeout(() => this.refillPool(), REFILL_DELAY_MS); this.refillTimer.unref(); }
         if (p.status !== Status.STOPPED) p.status = Status.RUNNING;
         this.relayInput(t, p);
       }
@@ -373,7 +437,7 @@ export class TaskService {
   };
 
   /** Whether it serves no task (and is not making its pod VM). */
-  idle(): boolean { return !this.tasks.size && !this.forking; }
+  idle(): boolean { return !this.tasks.size && !this.forking && !this.filling; }
 
   /** The pod VM and everything of it go. */
   async teardown(): Promise<void> {

@@ -14,6 +14,7 @@ import { deleteTap, netnsOf } from './net.ts';
 import { vmPaths, vmsDir, trustedTemplateRoot } from '../store/dirs.ts';
 import { readRecord, type VmRecord } from '../store/records.ts';
 import { listRunDirs, listSlots, release, abandonedTempDirs } from '../store/slots.ts';
+import { POOL_OWNER, dropEntries, listPools, poolHolds, sweepPool } from '../store/pool.ts';
 
 export type VmState = 'running' | 'starting' | 'frozen' | 'dead' | 'incomplete' | 'invalid';
 export interface VmListing {
@@ -108,6 +109,8 @@ export async function removeVm(vm: string, opts: { force?: boolean } = {}): Prom
   if (r?.desc.net.mode === 'bridge') await deleteTap(r.desc.net.tap, netnsOf(r.netMode));
   // the template directory is found by name under the checked root, never by a path from the record
   if (r?.role === 'template' || untrusted) await rm(join(trustedTemplateRoot(), name), { recursive: true, force: true });
+  // a pooled VM leaves its pool (nobody claims a VM that is gone)
+  if (r?.owner?.kind === POOL_OWNER && r.template) await dropEntries(r.template, name);
   for (const s of r?.slots ?? []) await release(s);
   await rm(p.dir, { recursive: true, force: true });
 }
@@ -115,8 +118,8 @@ export async function removeVm(vm: string, opts: { force?: boolean } = {}): Prom
 /**
  * Remove what is dead or abandoned: run directories whose QEMU is gone (not
  * frozen templates) or whose maker or owning front door died, QEMUs whose run directory is gone,
- * half-made directories and reservations of dead processes, and template
- * directories without a VM.
+ * half-made directories and reservations of dead processes, template
+ * directories without a VM, and pool entries and claims naming nothing live.
  */
 export async function gc(): Promise<{ removed: string[]; killed: number[]; released: string[] }> {
   const vms = vmsDir();
@@ -130,8 +133,9 @@ export async function gc(): Promise<{ removed: string[]; killed: number[]; relea
     if (r?.making && processAlive(r.making.ownerPid)) continue; // still being made by a live scion
     const p = vmPaths(n, vms);
     const alive = r ? isQemuIn(r.pid, p.jail) : false;
-    // a clone owned by a long-running scion (the front door) that died would never be removed by it
-    const ownerGone = !!r?.owner && !processAlive(r.owner.pid);
+    // a clone owned by a long-running scion (the front door) that died would never be removed by it;
+    // a pooled clone belongs to its pool while an entry or a live claimer names it, or its filler lives
+    const ownerGone = !!r?.owner && !processAlive(r.owner.pid) && !(r.owner.kind === POOL_OWNER && !!r.template && await poolHolds(r.template, n, processAlive));
     if (r && !r.making && !ownerGone && (alive || r.frozen)) continue;
     if (!r && !invalid) {
       // no record yet: only the maker can be writing it (run directories appear complete, by rename)
@@ -160,6 +164,7 @@ export async function gc(): Promise<{ removed: string[]; killed: number[]; relea
     await release(s.slot);
     released.push(s.slot);
   }
+  for (const pool of await listPools()) removed.push(...await sweepPool(pool.template, (vm) => names.has(vm as ValidName), processAlive));
   const troot = trustedTemplateRoot();
   for (const t of await readdir(troot)) {
     if (!names.has(t as ValidName)) { await rm(join(troot, t), { recursive: true, force: true }); removed.push(`template:${t}`); }

@@ -17,6 +17,7 @@
  * directories or records itself.
  */
 import { chmod, chown, copyFile, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
 import { constants, existsSync, readFileSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { join, resolve as resolvePath } from 'node:path';
@@ -30,14 +31,15 @@ import type { ImageArtifacts } from '../image.ts';
 import { QmpClient } from '../qemu/qmp.ts';
 import { deviceLineup, kernelStub, HOTPLUG_PORTS, type VmDescription, type Accel, type NetConfig } from '../qemu/argv.ts';
 import { chooseAccel, qemuVersion } from '../qemu/accel.ts';
-import { spawnQemu, connectQmp, restoreFromFd, migrateToFile, exitOf, killPid, waitDead, isQemuIn, qemuDied, type Credentials, type QemuFiles, type QemuProcess } from '../qemu/process.ts';
+import { spawnQemu, connectQmp, restoreFromFd, migrateToFile, exitOf, killPid, waitDead, isQemuIn, qemuDied, processAlive, type Credentials, type QemuFiles, type QemuProcess } from '../qemu/process.ts';
 import { vmPaths, vmsDir, templatePaths } from '../store/dirs.ts';
 import { writeRecord, writeTemplateMeta, readRecord, TEMPLATE_FORMAT, VM_FORMAT, type VmRecord, type TemplateMeta } from '../store/records.ts';
 import { slotName, release } from '../store/slots.ts';
 import { allocateIdentity, withPodNetwork, withDns, type CloneIdentity } from './identity.ts';
 import type { DnsConfig } from '../../common/contracts.ts';
 import { syncGuestClock, measureOffset } from './clock.ts';
-import { createTap, createPodTap, createLooseTap, hasTap, deleteTap, netParams, netnsOf, readPodNetwork, type NetMode, type PodNetSpec } from './net.ts';
+import { createTap, createPodTap, createLooseTap, movePodTap, hasTap, deleteTap, netParams, netnsOf, readPodNetwork, type NetMode, type PodNetSpec } from './net.ts';
+import { POOL_OWNER, addEntry, dropClaim, readyEntries, takeEntry, takeFillLock } from '../store/pool.ts';
 import { qcow2Overlay } from './disk.ts';
 import { claimClone, claimNamed, reservePorts } from './claim.ts';
 import { checkTemplate, makeTemplateDir, makeMemFile, memMode, baseDiskOf, templateDir, type FrozenTemplate } from './templates.ts';
@@ -88,6 +90,25 @@ export interface ForkOptions {
    * test fails when re-identification is broken; never in real use.
    */
   skipIdentityApply?: boolean;
+  log?: (m: string) => void;
+}
+
+export interface PoolFillOptions {
+  /** how many ready VMs the pool holds */
+  size: number;
+  /** pooled VMs are named <prefix>-c<index> */
+  prefix: string;
+  log?: (m: string) => void;
+}
+
+export interface PoolClaimOptions {
+  /** its new hostname (default: the one it was pooled with) */
+  hostname?: string;
+  /** a pod's network namespace: the VM's tap moves there, and the VM takes the pod's addresses */
+  pod?: PodNetSpec;
+  dns?: DnsConfig;
+  /** who owns it from now on (gc removes it once that process is gone) */
+  owner?: Owner;
   log?: (m: string) => void;
 }
 
@@ -478,6 +499,93 @@ export class Machine {
         o.log?.(`forked ${m.name} (${id.hostname}, ${id.ip}) in ${timings.ready.toFixed(0)} ms`);
       },
     });
+  }
+
+  /**
+   * Fill the pool of `template` up to `size` paused, ready forks (forked,
+   * re-identified, then paused: no CPU while they wait). One filler per
+   * template at a time: with another at work this returns 0 at once.
+   * Returns the number of VMs it added.
+   */
+  static async fillPool(template: string, o: PoolFillOptions): Promise<number> {
+    const tpl = await checkTemplate(template);
+    const release = await takeFillLock(tpl.meta.name, processAlive);
+    if (!release) return 0;
+    let added = 0;
+    try {
+      while ((await readyEntries(tpl.meta.name)).length < o.size) {
+        const m = await Machine.fork(tpl, { prefix: validName(o.prefix, 'clone prefix'), owner: { pid: process.pid, kind: POOL_OWNER }, hostname: `${o.prefix}-pool-{n}`, log: o.log });
+        try {
+          await m.pause();
+          m.close();
+          await addEntry(tpl.meta.name, m.name);
+        } catch (e) {
+          await m.remove({ force: true }).catch(() => undefined); // ours, made by this call; gc finds it if this fails too
+          throw e;
+        }
+        added++;
+        o.log?.(`pooled ${m.name} (template ${tpl.meta.name}, ${(await readyEntries(tpl.meta.name)).length} of ${o.size} ready)`);
+      }
+    } finally { await release(); }
+    return added;
+  }
+
+  /**
+   * A paused fork out of the pool of `template`, made the caller's: its tap
+   * moved into the pod's namespace (for a pod), resumed, and given its new
+   * identity (hostname, the pod's addresses and resolver, a fresh RNG seed)
+   * as the next generation. Undefined when the pool has none. A pooled VM that
+   * cannot be taken (its QEMU died, the guest refused) is removed and the next
+   * one tried.
+   */
+  static async claimPooled(template: string, o: PoolClaimOptions): Promise<Machine | undefined> {
+    const t = validName(template, 'template');
+    for (const vm of await readyEntries(t)) {
+      if (!(await takeEntry(t, vm))) continue; // another process took it first
+      let m: Machine | undefined;
+      try {
+        m = await Machine.open(vm);
+        await m.adopt(o, () => dropClaim(t, vm));
+        return m;
+      } catch (e) {
+        o.log?.(`pooled ${vm} could not be claimed (${(e as Error).message}): removed`);
+        m?.close();
+        await removeVm(vm, { force: true }).catch(() => undefined);
+      } finally { await dropClaim(t, vm).catch(() => undefined); }
+    }
+    return undefined;
+  }
+
+  /** Make a pooled VM the claimer's (see claimPooled); `claimed` runs once its record names the new owner. */
+  private async adopt(o: PoolClaimOptions, claimed: () => Promise<void>): Promise<void> {
+    const t0 = performance.now();
+    const r = this.record;
+    if (r.owner?.kind !== POOL_OWNER || !r.identity) throw new VmError('E_VM_BUSY', `${this.name} is not a pooled VM`);
+    this.assertRunning('claim');
+    let id: CloneIdentity = { ...r.identity, hostname: o.hostname ?? r.identity.hostname, rngSeed: randomBytes(32).toString('hex') };
+    if (o.pod) {
+      if (r.desc.net.mode !== 'bridge') throw new VmError('E_NET', `${this.name}: a pooled VM without a tap cannot join a pod's network`);
+      const podNet = await readPodNetwork(o.pod);
+      // the record names the tap's new namespace first: removing the VM then finds it there
+      r.netMode = { mode: 'pod', ...o.pod };
+      r.owner = o.owner;
+      await writeRecord(r);
+      await movePodTap(r.desc.net.tap, o.pod);
+      id = withPodNetwork(id, podNet);
+    } else {
+      r.owner = o.owner;
+      await writeRecord(r);
+    }
+    await claimed();
+    r.identity = withDns(id, o.dns);
+    const tMoved = performance.now();
+    await (await this.qmp()).execute('cont');
+    const tResumed = performance.now();
+    const applied = await this.sendIdentity(r.generation + 1);
+    const clockFix = await clockRightAtReady(await this.agent(), applied.time, Date.now());
+    r.timings = { claimNet: Math.round(tMoved - t0), resume: Math.round(tResumed - tMoved), identity: applied.stepsMs.identity ?? 0, clockFix, ready: Math.round(performance.now() - t0) };
+    await writeRecord(r);
+    o.log?.(`claimed pooled ${this.name} (${r.identity.hostname}, ${r.identity.ip}) in ${r.timings.ready} ms`);
   }
 
   /**

@@ -64,18 +64,42 @@ function tc(args: string[], netns: string): Promise<unknown> {
 /** A tap for the VM in the pod's namespace, owned by its uid, joined to the pod's interface by tc redirects. */
 export async function createPodTap(spec: PodNetSpec, owner?: { uid: number; gid: number }): Promise<string> {
   const tap = await addTap(spec.netns, owner);
+  await joinPod(tap, spec);
+  return tap;
+}
+
+/**
+ * Move a running VM's tap (a pooled clone's, in the host namespace) into the
+ * pod's namespace and join it to the pod's interface. QEMU keeps its file
+ * descriptor: a tap's queue stays attached across namespaces. On failure the
+ * tap is deleted (the VM has no network any more, and is removed by the caller).
+ */
+export async function movePodTap(tap: string, spec: PodNetSpec): Promise<void> {
+  try { await ip(['link', 'set', 'dev', tap, 'netns', spec.netns]); } catch (e) {
+    await deleteTap(tap, undefined);
+    throw e;
+  }
+  await joinPod(tap, spec);
+}
+
+/** tc's batch (one process: every exec counts) that redirects every frame between two interfaces, both ways. Pure. */
+export function redirectBatch(a: string, b: string): string {
+  return [[a, b], [b, a]].flatMap(([from, to]) => [
+    `qdisc add dev ${from} ingress`,
+    `filter add dev ${from} parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev ${to}`,
+  ]).join('\n') + '\n';
+}
+
+/** Bring the tap up in the pod's namespace and redirect every frame between it and the pod's interface, both ways. */
+async function joinPod(tap: string, spec: PodNetSpec): Promise<void> {
   try {
     await ip(['link', 'set', 'dev', tap, 'up'], spec.netns);
-    for (const [from, to] of [[spec.dev, tap], [tap, spec.dev]]) {
-      await tc(['qdisc', 'add', 'dev', from, 'ingress'], spec.netns);
-      await tc(['filter', 'add', 'dev', from, 'parent', 'ffff:', 'protocol', 'all', 'u32', 'match', 'u8', '0', '0', 'action', 'mirred', 'egress', 'redirect', 'dev', to], spec.netns);
-    }
+    await run('tc', ['-n', spec.netns, '-batch', '-'], { code: 'E_NET', input: redirectBatch(spec.dev, tap), what: `redirecting ${spec.dev} <-> ${tap} in network namespace ${spec.netns}` });
   } catch (e) {
     await deleteTap(tap, spec.netns);
     await tc(['qdisc', 'del', 'dev', spec.dev, 'ingress'], spec.netns).catch(() => undefined);
     throw e;
   }
-  return tap;
 }
 
 export function netParams(n: NetMode): { network: string; gateway: string; dns: string[] } {

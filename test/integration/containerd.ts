@@ -34,7 +34,8 @@ export function criConfig(o: { sandboxImage: string; cniConfDir?: string }): str
   ];
 }
 
-export async function startContainerd(opts: { path?: string[]; cri?: { sandboxImage: string; cniConfDir?: string } } = {}): Promise<TestContainerd> {
+/** `pool`: SCION_SHIM_POOL for its shims (default 0: each pod forked, so a test sees only its own VMs) */
+export async function startContainerd(opts: { path?: string[]; cri?: { sandboxImage: string; cniConfDir?: string }; pool?: number } = {}): Promise<TestContainerd> {
   const dir = mkdtempSync(join(tmpdir(), 'scion-containerd-'));
   const address = join(dir, 'containerd.sock');
   mkdirSync(join(dir, 'root')); mkdirSync(join(dir, 'state'));
@@ -50,7 +51,7 @@ export async function startContainerd(opts: { path?: string[]; cri?: { sandboxIm
     '[plugins."io.containerd.monitor.v1.cgroups"]', '  no_prometheus = true',
   ].join('\n') + '\n');
   let log = '';
-  const env = { ...process.env, PATH: [...(opts.path ?? []), process.env.PATH].join(':') };
+  const env = { ...process.env, PATH: [...(opts.path ?? []), process.env.PATH].join(':'), SCION_SHIM_POOL: String(opts.pool ?? 0) };
   const launch = async (): Promise<ChildProcess> => {
     log = '';
     const p = spawn('containerd', ['--config', join(dir, 'config.toml')], { env, stdio: ['ignore', 'pipe', 'pipe'] });

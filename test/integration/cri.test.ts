@@ -9,7 +9,7 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { startContainerd, freezeTapTemplate, cniBridgeConfig, type TestContainerd } from './containerd.ts';
+import { startContainerd, freezeTapTemplate, cniBridgeConfig, shimPids, type TestContainerd } from './containerd.ts';
 import { busyboxOciArchive } from './oci-busybox.ts';
 import { criClient } from './cri.ts';
 import { isolateRunDirs, removeEverything, image } from './helpers.ts';
@@ -26,6 +26,7 @@ let cri: ReturnType<typeof criClient>;
 const tag = randomBytes(2).toString('hex');
 const cniBridge = `scnb${tag}`, subnet = `10.88.${parseInt(tag.slice(0, 2), 16)}`;
 const cniDir = mkdtempSync(join(tmpdir(), 'scion-cni-'));
+let cniConfDir = '';
 
 beforeAll(async () => {
   const { build } = await import('../../builder/build.ts');
@@ -33,7 +34,7 @@ beforeAll(async () => {
   const img = await vm.loadImage((await build({ definitionPath: image('pod') })).dir);
   await vm.freeze(await vm.bootTemplate(img, { name: 'pod-tpl' }), img);
   await freezeTapTemplate(img, 'podnet-tpl');
-  cd = await startContainerd({ path: [join(ROOT, 'bin')], cri: { sandboxImage: IMAGE, cniConfDir: cniBridgeConfig(cniDir, { name: `scion-test-${tag}`, bridge: cniBridge, subnet }) } });
+  cd = await startContainerd({ path: [join(ROOT, 'bin')], cri: { sandboxImage: IMAGE, cniConfDir: (cniConfDir = cniBridgeConfig(cniDir, { name: `scion-test-${tag}`, bridge: cniBridge, subnet })) } });
   await cd.ctr(['images', 'import', await busyboxOciArchive(cd.dir, IMAGE)], { namespace: 'k8s.io' });
   cri = criClient(cd.address);
 }, 180_000);
@@ -180,4 +181,88 @@ describe('the kubelet\'s calls for a pod, runtime_handler scion', () => {
     await expect(cri.runtime.RunPodSandbox({ config: cfg, runtime_handler: 'scion' })).rejects.toThrow(/cannot fork a pod VM from template no-such-tpl: no frozen template named no-such-tpl/);
     expect(await clones()).toEqual([]);
   });
+});
+
+describe('a node with a pool of paused forks (SCION_SHIM_POOL=1)', () => {
+  it('a pod takes the pooled VM (its tap moved into the pod\'s namespace, its identity the pod\'s), the pool is refilled, gc keeps pooled VMs, nothing else stays', async () => {
+    const vm = await import('../../host/index.ts');
+    const { readyEntries } = await import('../../host/store/pool.ts');
+    const pooled = async () => (await vm.list()).filter((v) => v.owner?.kind === 'pool');
+    const waitPool = async (not?: string) => {
+      for (let i = 0; i < 300; i++) {
+        const ready = await readyEntries('podnet-tpl');
+        if (ready.length === 1 && ready[0] !== not) return ready[0];
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      throw new Error(`the pool of podnet-tpl was not refilled: ${JSON.stringify(await vm.list())}`);
+    };
+    const cd2 = await startContainerd({ path: [join(ROOT, 'bin')], pool: 1, cri: { sandboxImage: IMAGE, cniConfDir } });
+    const cri2 = criClient(cd2.address);
+    try {
+      await cd2.ctr(['images', 'import', await busyboxOciArchive(cd2.dir, IMAGE)], { namespace: 'k8s.io' });
+      // the CRI plugin loads the CNI config a moment after it starts (as a kubelet waits for NetworkReady)
+      for (let i = 0; i < 100; i++) {
+        const conds = (await cri2.runtime.Status({})).status.conditions as { type: string; status: boolean }[];
+        if (conds.find((c) => c.type === 'NetworkReady')?.status) break;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      const pod = async (name: string) => {
+        const cfg = { metadata: { name, uid: `uid-${name}`, namespace: 'default', attempt: 0 }, hostname: name, log_directory: join(logs, name), annotations: [{ key: 'io.scion.template', value: 'podnet-tpl' }] };
+        const { pod_sandbox_id: sb } = await cri2.runtime.RunPodSandbox({ config: cfg, runtime_handler: 'scion' });
+        const ip = (await cri2.runtime.PodSandboxStatus({ pod_sandbox_id: sb })).status.network.ip as string;
+        const { container_id: ct } = await cri2.runtime.CreateContainer({
+          pod_sandbox_id: sb, sandbox_config: cfg,
+          config: { metadata: { name: 'web' }, image: { image: IMAGE }, command: ['sh', '-c', 'mkdir -p /www && echo "hello from $(hostname)" > /www/index.html && exec httpd -f -p 8080 -h /www'], log_path: 'web.log' },
+        });
+        await cri2.runtime.StartContainer({ container_id: ct });
+        let body = '';
+        for (let i = 0; i < 100 && !body; i++) {
+          try { body = await (await fetch(`http://${ip}:8080/`, { signal: AbortSignal.timeout(2000) })).text(); } catch { await new Promise((r) => setTimeout(r, 200)); }
+        }
+        const mac = (await cri2.runtime.ExecSync({ container_id: ct, cmd: ['cat', '/sys/class/net/eth0/address'], timeout: 30 })).stdout.toString().trim();
+        const remove = async () => {
+          await cri2.runtime.StopPodSandbox({ pod_sandbox_id: sb });
+          await cri2.runtime.RemovePodSandbox({ pod_sandbox_id: sb });
+        };
+        return { sb, ip, body, mac, remove, vm: (await clones()).find((v) => v.hostname === name)! };
+      };
+      // an empty pool: the first pod is forked; once its container runs, the node's pool gets a VM
+      expect(await pooled()).toEqual([]);
+      const p1 = await pod('pool-a');
+      expect(p1.body).toBe('hello from pool-a\n');
+      expect(p1.vm.owner?.kind).toBe('shim');
+      const first = await waitPool();
+      const [pv] = await pooled();
+      expect(pv.name).toBe(first);
+      expect(pv.pid).toBeGreaterThan(0); // its QEMU runs (paused)
+      await p1.remove();
+      // its filler (p1's shim) is gone now; the pool still holds the VM, and gc leaves it
+      for (let i = 0; i < 150 && shimPids(cd2.dir).length; i++) await new Promise((r) => setTimeout(r, 100));
+      expect(shimPids(cd2.dir)).toEqual([]);
+      await vm.gc();
+      expect((await pooled()).map((v) => v.name)).toEqual([first]);
+      // the next pod is that VM: the pod's hostname, the IP CNI gave it, answering at that IP, the pod's MAC
+      const p2 = await pod('pool-b');
+      expect(p2.vm.name).toBe(first);
+      expect(p2.vm.ip).toBe(p2.ip);
+      expect(p2.ip.startsWith(`${subnet}.`)).toBe(true);
+      expect(p2.body).toBe('hello from pool-b\n');
+      expect(p2.mac).toBe(p2.vm.mac);
+      expect(p2.vm.owner?.kind).toBe('shim');
+      // the pool is refilled with another VM; the pod's VM is not in it
+      const second = await waitPool(first);
+      expect(second).not.toBe(first);
+      await p2.remove();
+      // only the pool stays: one paused VM of the template, nothing of the pods
+      for (let i = 0; i < 150 && shimPids(cd2.dir).length; i++) await new Promise((r) => setTimeout(r, 100));
+      expect((await clones()).map((v) => `${v.name} ${v.owner?.kind}`)).toEqual([`${second} pool`]);
+      // removing a pooled VM takes it out of the pool
+      await vm.removeVm(second);
+      expect(await readyEntries('podnet-tpl')).toEqual([]);
+    } finally {
+      cri2.close();
+      await cd2.stop();
+    }
+    expect(await clones()).toEqual([]);
+  }, 240_000);
 });

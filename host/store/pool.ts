@@ -1,0 +1,145 @@
+/**
+ * Pools of paused, ready forks of a template, waiting to be claimed: a pod's
+ * VM then costs a resume and a new identity, not a QEMU start and a restore.
+ * On disk, beside the run directories, with no daemon and no global lock:
+ * - pool/<template>/<vm>: a ready entry, written once the clone stands paused;
+ * - claiming one is renaming it to pool/<template>/.claim-<pid>-<vm>
+ *   (exactly one process wins a rename), dropped once the VM's record names
+ *   its new owner;
+ * - pool/<template>/.fill holds the one process filling that pool (its
+ *   pid), so a pool never grows past its size however many fill it at once.
+ * A pooled VM's record has the owner kind `pool`: it is kept while an entry
+ * or a live claimer names it (inventory.ts, gc).
+ */
+import { mkdirSync } from 'node:fs';
+import { readdir, readFile, rename, unlink } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ensureTrustedDir, writeExclusive } from '../../common/safe-fs.ts';
+import { nameProblem, validName, type ValidName } from '../../common/names.ts';
+import { runRoot } from './dirs.ts';
+
+/** The owner kind of a pooled VM's record. */
+export const POOL_OWNER = 'pool';
+
+const CLAIM = /^\.claim-(\d+)-(.+)$/;
+const FILL = '.fill';
+
+function trustedMkdir(dir: string, what: string): string {
+  try { mkdirSync(dir, { mode: 0o700 }); } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e; // an existing one is checked next
+  }
+  return ensureTrustedDir(dir, { what, env: 'SCION_RUN_DIR' });
+}
+
+/** The checked pool/ directory of the run root. */
+function poolRoot(): string {
+  const root = ensureTrustedDir(runRoot(), { what: 'run root', env: 'SCION_RUN_DIR' });
+  return trustedMkdir(join(root, 'pool'), 'pool directory');
+}
+
+/** The checked directory of one template's pool (the name is checked first: it becomes a path). */
+function poolDir(template: string): string {
+  return trustedMkdir(join(poolRoot(), validName(template, 'template')), 'pool directory');
+}
+
+const isValidName = (s: string): boolean => nameProblem(s) === undefined;
+
+const missing = (e: unknown): boolean => (e as NodeJS.ErrnoException).code === 'ENOENT';
+
+/** The ready entries of a template's pool, oldest first (the longest paused goes first). */
+export async function readyEntries(template: string): Promise<ValidName[]> {
+  const dir = poolDir(template);
+  const names = (await readdir(dir)).filter((f) => !f.startsWith('.') && isValidName(f)) as ValidName[];
+  return names.sort();
+}
+
+/** Add a ready entry for `vm` (it stands paused now). */
+export async function addEntry(template: string, vm: ValidName): Promise<void> {
+  await writeExclusive(join(poolDir(template), vm), JSON.stringify({ pid: process.pid, at: new Date().toISOString() }) + '\n');
+}
+
+/** Claim `vm` out of the pool: true if this process won it (its claim file then names this pid). */
+export async function takeEntry(template: string, vm: ValidName): Promise<boolean> {
+  const dir = poolDir(template);
+  try { await rename(join(dir, vm), join(dir, `.claim-${process.pid}-${vm}`)); return true; } catch (e) {
+    if (missing(e)) return false; // another claimer won it, or it was removed
+    throw e;
+  }
+}
+
+/** The claim is over: the VM's record names its new owner (or the VM is gone). */
+export async function dropClaim(template: string, vm: ValidName): Promise<void> {
+  await unlink(join(poolDir(template), `.claim-${process.pid}-${vm}`)).catch((e) => { if (!missing(e)) throw e; });
+}
+
+/** Forget `vm` in its template's pool: its entry and any claim of it (the VM is being removed). */
+export async function dropEntries(template: string, vm: string): Promise<void> {
+  if (!isValidName(template) || !isValidName(vm)) return;
+  const dir = poolDir(template);
+  for (const f of await readdir(dir)) {
+    if (f === vm || CLAIM.exec(f)?.[2] === vm) await unlink(join(dir, f)).catch((e) => { if (!missing(e)) throw e; });
+  }
+}
+
+/** Whether the pool still holds `vm`: its entry is there, or a live process is claiming it. */
+export async function poolHolds(template: string, vm: string, alive: (pid: number) => boolean): Promise<boolean> {
+  if (!isValidName(template) || !isValidName(vm)) return false;
+  for (const f of await readdir(poolDir(template))) {
+    if (f === vm) return true;
+    const c = CLAIM.exec(f);
+    if (c && c[2] === vm && alive(Number(c[1]))) return true;
+  }
+  return false;
+}
+
+/**
+ * Become the one filler of a template's pool: a release function, or
+ * undefined if a live process fills it now. A lock whose process died is
+ * taken over.
+ */
+export async function takeFillLock(template: string, alive: (pid: number) => boolean): Promise<(() => Promise<void>) | undefined> {
+  const file = join(poolDir(template), FILL);
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      await writeExclusive(file, `${process.pid}\n`);
+      return async () => { await unlink(file).catch((e) => { if (!missing(e)) throw e; }); };
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      const pid = Number((await readFile(file, 'utf8').catch(() => '')).trim());
+      if (Number.isInteger(pid) && pid > 0 && alive(pid)) return undefined;
+      await unlink(file).catch((u) => { if (!missing(u)) throw u; }); // its filler died: take it over
+    }
+  }
+  return undefined; // another process took the stale lock over first
+}
+
+/** Every template with a pool directory, and its entries and claims (for gc and listings). */
+export async function listPools(): Promise<{ template: string; ready: string[]; claims: { pid: number; vm: string }[] }[]> {
+  const root = poolRoot();
+  const out: { template: string; ready: string[]; claims: { pid: number; vm: string }[] }[] = [];
+  for (const t of await readdir(root)) {
+    if (!isValidName(t)) continue;
+    const files = await readdir(join(root, t)).catch(() => [] as string[]);
+    out.push({
+      template: t,
+      ready: files.filter((f) => !f.startsWith('.') && isValidName(f)),
+      claims: files.flatMap((f) => { const c = CLAIM.exec(f); return c ? [{ pid: Number(c[1]), vm: c[2] }] : []; }),
+    });
+  }
+  return out;
+}
+
+/** Remove stale files of one pool: claims of dead processes, entries naming no VM, a dead filler's lock. */
+export async function sweepPool(template: string, exists: (vm: string) => boolean, alive: (pid: number) => boolean): Promise<string[]> {
+  const dir = poolDir(template);
+  const removed: string[] = [];
+  for (const f of await readdir(dir)) {
+    const c = CLAIM.exec(f);
+    let stale = false;
+    if (c) stale = !alive(Number(c[1])) || !exists(c[2]);
+    else if (f === FILL) { const pid = Number((await readFile(join(dir, f), 'utf8').catch(() => '')).trim()); stale = !(pid > 0 && alive(pid)); }
+    else if (!f.startsWith('.')) stale = !exists(f);
+    if (stale) { await unlink(join(dir, f)).catch((e) => { if (!missing(e)) throw e; }); removed.push(`pool:${template}/${f}`); }
+  }
+  return removed;
+}
