@@ -141,3 +141,80 @@ describe('images a pod may name', () => {
     expect(imageAllowed('registry.example.com/scion/pod:1.0', config({}).shimImagePrefixes)).toBe(false);
   });
 });
+
+describe('a pod VM: how it is made, and which one a bundle names', () => {
+  it('io.scion.boot is pool (unset), fork or cold; anything else is refused', async () => {
+    const { bootMode } = await import('../../shim/kinds.ts');
+    expect(bootMode(undefined)).toBe('pool');
+    expect(bootMode({ 'io.scion.boot': '' })).toBe('pool');
+    expect(bootMode({ 'io.scion.boot': 'fork' })).toBe('fork');
+    expect(bootMode({ 'io.scion.boot': 'cold' })).toBe('cold');
+    expect(bootMode({ 'io.scion.boot': 'warm' })).toBeUndefined();
+  });
+  it('a bundle names the VM and its generation ID; anything else names nothing', async () => {
+    const { vmFileLine, parseVmFile } = await import('../../shim/service.ts');
+    const id = '0f3c9a52-7d1e-4b8a-9c2f-1a2b3c4d5e6f';
+    expect(parseVmFile(vmFileLine('pod-c3', id))).toEqual({ name: 'pod-c3', vmgenid: id });
+    expect(parseVmFile(vmFileLine('pod-cold-1a2b', undefined))).toEqual({ name: 'pod-cold-1a2b', vmgenid: undefined });
+    expect(parseVmFile('pod-c3\n')).toEqual({ name: 'pod-c3', vmgenid: undefined }); // written by the last release
+    for (const bad of ['', '../etc x', 'pod-c3 $(reboot)', 'POD x', 'a'.repeat(64)]) expect(parseVmFile(bad)).toBeUndefined();
+  });
+  it('the tap and the pod interface are joined both ways in one tc batch', async () => {
+    const { redirectBatch } = await import('../../host/machine/net.ts');
+    expect(redirectBatch('eth0', 'sct1').split('\n')).toEqual([
+      'qdisc add dev eth0 ingress',
+      'filter add dev eth0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev sct1',
+      'qdisc add dev sct1 ingress',
+      'filter add dev sct1 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev eth0',
+      '',
+    ]);
+  });
+});
+
+describe('the pool on disk (host/store/pool.ts)', () => {
+  const withRun = async (fn: (pool: typeof import('../../host/store/pool.ts')) => Promise<void>) => {
+    const { mkdtempSync, rmSync } = await import('node:fs');
+    const { tmpdir } = await import('node:os');
+    const { join } = await import('node:path');
+    const run = mkdtempSync(join(tmpdir(), 'scion-pool-'));
+    const prev = process.env.SCION_RUN_DIR;
+    process.env.SCION_RUN_DIR = run;
+    try { await fn(await import('../../host/store/pool.ts')); } finally {
+      if (prev === undefined) delete process.env.SCION_RUN_DIR; else process.env.SCION_RUN_DIR = prev;
+      rmSync(run, { recursive: true, force: true });
+    }
+  };
+  const alive = (pid: number) => pid === process.pid;
+
+  it('a ready VM goes to exactly one of many claimers at once, and stays held while its claimer lives', async () => withRun(async (pool) => {
+    const vm = 'pod-c1' as never;
+    await pool.addEntry('pod-tpl', vm);
+    expect(await pool.readyEntries('pod-tpl')).toEqual(['pod-c1']);
+    const won = await Promise.all(Array.from({ length: 8 }, () => pool.takeEntry('pod-tpl', vm)));
+    expect(won.filter(Boolean)).toHaveLength(1);
+    expect(await pool.readyEntries('pod-tpl')).toEqual([]);
+    expect(await pool.poolHolds('pod-tpl', 'pod-c1', alive)).toBe(true); // the claim names a live pid
+    expect(await pool.poolHolds('pod-tpl', 'pod-c1', () => false)).toBe(false); // its claimer died: nobody holds it
+    await pool.dropClaim('pod-tpl', vm);
+    expect(await pool.poolHolds('pod-tpl', 'pod-c1', alive)).toBe(false);
+  }));
+  it('one filler per template; a dead filler\'s lock is taken over', async () => withRun(async (pool) => {
+    const release = await pool.takeFillLock('pod-tpl', alive);
+    expect(release).toBeDefined();
+    expect(await pool.takeFillLock('pod-tpl', alive)).toBeUndefined(); // this (live) process holds it
+    expect(await pool.takeFillLock('web-tpl', alive)).toBeDefined(); // another template's pool is another lock
+    const taken = await pool.takeFillLock('pod-tpl', () => false); // its holder looks dead
+    expect(taken).toBeDefined();
+    await taken!();
+  }));
+  it('sweeping removes dead claims, entries naming no VM and a dead filler\'s lock; template names are checked', async () => withRun(async (pool) => {
+    await pool.addEntry('pod-tpl', 'pod-c1' as never);
+    await pool.addEntry('pod-tpl', 'pod-c2' as never);
+    await pool.takeEntry('pod-tpl', 'pod-c2' as never);
+    await pool.takeFillLock('pod-tpl', alive);
+    const removed = await pool.sweepPool('pod-tpl', (v) => v === 'pod-c2', () => false);
+    expect(removed.sort()).toEqual([`pool:pod-tpl/.claim-${process.pid}-pod-c2`, 'pool:pod-tpl/.fill', 'pool:pod-tpl/pod-c1']);
+    expect(await pool.listPools()).toEqual([{ template: 'pod-tpl', ready: [], claims: [] }]);
+    await expect(pool.readyEntries('../etc')).rejects.toThrow(/template name/);
+  }));
+});
