@@ -58,6 +58,10 @@ async function poolSettled(): Promise<number> {
     await new Promise((r) => setTimeout(r, 50));
   }
 }
+// what was there before (another run's namespaces): not this run's leaks
+const hostTaps = async () => (await $`ip -o link`.quiet()).stdout.split('\n').filter((l) => / sct[0-9a-f]{8}[:@]/.test(l)).length;
+const cniNetns = async () => (await $`ip netns list`.quiet()).stdout.split('\n').filter((l) => l.startsWith('cni-')).length;
+const before = { taps: await hostTaps(), netns: await cniNetns() };
 // the node's pool, filled before the first pod (as the DaemonSet's first pod, or a prior one, would leave it)
 await Machine.fillPool('pod-tpl', { size: 1, prefix: 'pod' });
 const WEB = ['sh', '-c', 'mkdir -p /www && echo "hello from $(hostname)" > /www/index.html && exec httpd -f -p 8080 -h /www'];
@@ -92,10 +96,7 @@ const rss = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${
 /** memory only this process holds (private pages: the Node binary and shared libraries are counted once per node, not here) */
 const uss = (pid: number) => { const t = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'); return ['Private_Clean', 'Private_Dirty'].reduce((a, k) => a + Number(new RegExp(`${k}:\\s+(\\d+)`).exec(t)![1]), 0) / 1024; };
 const out: Record<string, unknown> = { date: new Date().toISOString(), runs: RUNS };
-// what was there before (another run's namespaces): not this run's leaks
-const hostTaps = async () => (await $`ip -o link`.quiet()).stdout.split('\n').filter((l) => / sct[0-9a-f]{8}[:@]/.test(l)).length;
-const cniNetns = async () => (await $`ip netns list`.quiet()).stdout.split('\n').filter((l) => l.startsWith('cni-')).length;
-const before = { taps: await hostTaps(), netns: await cniNetns() };
+
 try {
   // 1. time to HTTP, interleaved
   const times: Record<Mode, number[]> = { pool: [], fork: [], cold: [], runc: [] };

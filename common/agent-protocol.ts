@@ -77,7 +77,7 @@ export interface AgentCommands {
   'exec': { args: { argv: string[]; timeoutMs?: number }; result: { exitCode: number; stdout: string; stderr: string } };
   'freeze.prepare': { args: Record<string, never>; result: { prepared: true; ms: number; generation: number } };
   'shutdown': { args: Record<string, never>; result: { shuttingDown: true } };
-  'task.create': { args: { id: string; disk: string; spec: Record<string, unknown>; terminal?: boolean; podPid?: boolean }; result: { id: string; device: string; rootfs: string; stepsMs?: { device: number; mount: number } } };
+  'task.create': { args: { id: string; disk: string; spec: Record<string, unknown>; terminal?: boolean; podPid?: boolean }; result: { id: string; device: string; rootfs: string; stepsMs?: { device: number; mount: number; podPid?: number } } };
   'task.start': { args: { id: string }; result: { id: string; pid: number } };
   'task.exec': { args: { id: string; execId: string; process: Record<string, unknown>; terminal?: boolean }; result: { id: string; execId: string; pid: number } };
   'task.resize': { args: { id: string; execId?: string; width: number; height: number }; result: { id: string; tty: string } };

@@ -47,6 +47,8 @@ interface Task { id: string; device: string; ownPidNs: boolean; terminal: boolea
 
 /** Where util-linux's script is (the image's bsdutils): what runs a task's process on a pty. */
 export const SCRIPT_BIN = '/usr/bin/script';
+/** Debian's crun: a guest without it runs no tasks, and needs no pod pid namespace made ahead. */
+const CRUN_PATH = '/usr/bin/crun';
 
 /** A word for sh -c, quoted. Pure. */
 const shq = (w: string): string => `'${w.replace(/'/g, `'\\''`)}'`;
@@ -147,7 +149,7 @@ export class TaskRunner {
     }
   }
 
-  async create(a: Record<string, unknown>): Promise<{ id: string; device: string; rootfs: string; stepsMs: { device: number; mount: number } }> {
+  async create(a: Record<string, unknown>): Promise<{ id: string; device: string; rootfs: string; stepsMs: { device: number; mount: number; podPid: number } }> {
     const id = String(a.id ?? '');
     if (!ID.test(id)) throw new ProtocolError('E_BAD_ARGS', 'id: 1-128 letters, digits, _ . - (starting with a letter or digit)');
     if (a.terminal === true) this.assertTerminal();
@@ -163,9 +165,10 @@ export class TaskRunner {
     const t2 = this.p.monotonic();
     const spec: Record<string, unknown> = { ...(a.spec as Record<string, unknown>), root: { path: paths.rootfs, readonly: false } };
     if (a.podPid === true) spec.linux = withPidNamespace(spec.linux as Record<string, unknown> | undefined, await this.podPidNamespace());
+    const t3 = this.p.monotonic();
     this.p.writeText(paths.config, JSON.stringify(spec));
     this.tasks.set(id, { id, device, ownPidNs: hasOwnPidNamespace(spec), terminal: a.terminal === true, execs: new Map() });
-    return { id, device, rootfs: paths.rootfs, stepsMs: { device: Math.round(t1 - t0), mount: Math.round(t2 - t1) } };
+    return { id, device, rootfs: paths.rootfs, stepsMs: { device: Math.round(t1 - t0), mount: Math.round(t2 - t1), podPid: Math.round(t3 - t2) } };
   }
 
   /** Pipe a process's output to events and its end to a task-exit event. */
@@ -255,6 +258,11 @@ export class TaskRunner {
       this.p.kill(proc.pid, signal);
     }
     return { id: t.id, signal };
+  }
+
+  /** Before a template is frozen: make the pod's pid namespace if this guest can run tasks (crun is there). */
+  async prepare(): Promise<void> {
+    if (this.p.exists(CRUN_PATH)) await this.podPidNamespace();
   }
 
   /** The path of the pod's pid namespace, made on first use (unshare's child, the reaper, is its pid 1). */

@@ -297,7 +297,7 @@ export class TaskService {
     try {
       const made = await this.agent!.call('task.create', { id: t.id, disk: t.disk!, spec, terminal: terminal || undefined, podPid: podPid || undefined }, 60_000);
       const s = made.stepsMs;
-      this.o.log(`${t.id}: rootfs packed in ${(t1 - t0).toFixed(0)} ms, plugged in ${(t2 - t1).toFixed(0)} ms, created in the guest in ${(performance.now() - t2).toFixed(0)} ms${s ? ` (disk seen after ${s.device} ms, mounted in ${s.mount} ms)` : ''}`);
+      this.o.log(`${t.id}: rootfs packed in ${(t1 - t0).toFixed(0)} ms, plugged in ${(t2 - t1).toFixed(0)} ms, created in the guest in ${(performance.now() - t2).toFixed(0)} ms${s ? ` (disk seen after ${s.device} ms, mounted in ${s.mount} ms${s.podPid ? `, the pod's pid namespace joined in ${s.podPid} ms` : ''})` : ''}`);
     } catch (e) {
       // the pod lives on: its hotplug port and the disk file go back (a lone task's VM goes whole, by the caller)
       await m.detachDisk(t.disk!).catch((d) => this.o.log(`unplugging ${t.id}'s rootfs: ${(d as Error).message}`));
