@@ -48,12 +48,18 @@ const MODES: Mode[] = ['pool', 'fork', 'cold', 'runc'];
 const { Machine } = await import('../host/machine/machine.ts');
 const { readyEntries } = await import('../host/store/pool.ts');
 const poolDir = join(work, 'run', 'pool', 'pod-tpl');
-/** Wait until the node's pool of pod-tpl holds its VM and nobody is filling it (ms waited). */
+const shimDir = join(work, 'run', 'shim');
+let shimStarted = false;
+/**
+ * Wait until the node settled: the pool of pod-tpl holds its VM, nobody is filling it, and (once a
+ * scion pod was started) a spare shim is up (ms waited).
+ */
 async function poolSettled(): Promise<number> {
   const t0 = performance.now();
   for (;;) {
     const filling = readdirSync(poolDir).includes('.fill');
-    if (!filling && (await readyEntries('pod-tpl')).length >= 1) return performance.now() - t0;
+    const spare = !shimStarted || readdirSync(shimDir).some((f) => /^spare-.*\.sock$/.test(f));
+    if (!filling && spare && (await readyEntries('pod-tpl')).length >= 1) return performance.now() - t0;
     if (performance.now() - t0 > 120_000) throw new Error('the pool of pod-tpl was not refilled within 120 s');
     await new Promise((r) => setTimeout(r, 50));
   }
@@ -73,6 +79,7 @@ async function pod(mode: Mode): Promise<{ ms: number; sb: string; ct: string }> 
   const annotations = mode === 'cold' || mode === 'fork' ? [{ key: 'io.scion.boot', value: mode }] : [];
   const cfg = { metadata: { name, uid: name, namespace: 'default', attempt: 0 }, hostname: name, log_directory: join(work, 'logs', name), annotations };
   const t0 = performance.now();
+  if (mode !== 'runc') shimStarted = true;
   const { pod_sandbox_id: sb } = await cri.runtime.RunPodSandbox({ config: cfg, runtime_handler: mode === 'runc' ? '' : 'scion' });
   const { container_id: ct } = await cri.runtime.CreateContainer({ pod_sandbox_id: sb, config: { metadata: { name: 'web' }, image: { image: IMAGE }, command: WEB, log_path: 'web.log', linux: { security_context: { namespace_options: { pid: 'CONTAINER' } } } }, sandbox_config: cfg }); // pid: what the kubelet asks without shareProcessNamespace
   await cri.runtime.StartContainer({ container_id: ct });

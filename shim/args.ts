@@ -1,9 +1,10 @@
 /**
  * containerd's runtime v2 shim command line, Go flag style (-name value, or
  * -flag alone for booleans), then the action: `start`, `delete`, or ours,
- * `serve` (the long-lived process `start` leaves behind). Pure.
+ * `serve` (the long-lived process `start` leaves behind) and `spare` (one
+ * made ahead, waiting for the next task: spare.ts). Pure.
  */
-export interface ShimArgs { action: 'start' | 'delete' | 'serve'; namespace: string; id: string; address: string; publishBinary?: string; bundle?: string; socket?: string; debug: boolean }
+export interface ShimArgs { action: 'start' | 'delete' | 'serve' | 'spare'; namespace: string; id: string; address: string; publishBinary?: string; bundle?: string; socket?: string; debug: boolean }
 
 export class ShimUsageError extends Error {}
 
@@ -25,7 +26,7 @@ export function parseShimArgs(argv: string[]): ShimArgs {
     v[k] = val;
   }
   const action = rest[0];
-  if (action !== 'start' && action !== 'delete' && action !== 'serve') throw new ShimUsageError(`unknown action ${JSON.stringify(action ?? '')}: start, delete (from containerd) or serve`);
+  if (action !== 'start' && action !== 'delete' && action !== 'serve' && action !== 'spare') throw new ShimUsageError(`unknown action ${JSON.stringify(action ?? '')}: start, delete (from containerd), serve or spare`);
   if (!v.namespace || !ID.test(v.namespace)) throw new ShimUsageError('-namespace: a containerd namespace name');
   if (!v.id || !ID.test(v.id)) throw new ShimUsageError('-id: a task id (1-128 of A-Za-z0-9_.-)');
   if (action === 'serve' && !v.socket) throw new ShimUsageError('serve needs -socket');

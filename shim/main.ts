@@ -5,7 +5,9 @@
  */
 import { createWriteStream, existsSync } from 'node:fs';
 import { readFile, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { isAbsolute, join } from 'node:path';
+import { createServer } from 'node:net';
+import { hasSpare, spareKey, spareSocketName, SPARE_IDLE_MS } from './spare.ts';
 import { config } from '../common/config.ts';
 import { Machine } from '../host/machine/machine.ts';
 import { parseShimArgs, ShimUsageError, type ShimArgs } from './args.ts';
@@ -37,6 +39,55 @@ async function deleteAfter(a: ShimArgs): Promise<number> {
 const UNCLAIMED_MS = 60_000;
 
 async function serve(a: ShimArgs): Promise<number> {
+  return serveTask(a, a.id, a.socket!);
+}
+
+/**
+ * A spare (spare.ts): up before its task is known, waiting on a control
+ * socket; the `start` that takes it names the task; it serves that task's
+ * socket from the task's bundle, then goes on as any serving shim.
+ */
+async function spare(a: ShimArgs): Promise<number> {
+  const dir = shimDir();
+  const key = spareKey(a, process.env.TTRPC_ADDRESS);
+  if (await hasSpare(dir, key)) return 0; // another start made one meanwhile: one is enough
+  const control = join(dir, spareSocketName(key, process.pid));
+  const ttrpc = process.env.TTRPC_ADDRESS;
+  const task = await new Promise<{ id: string; bundle: string; answer: (ok: boolean) => void } | undefined>((resolve) => {
+    const server = createServer((c) => {
+      let buf = '';
+      c.on('data', (d) => {
+        buf += d;
+        const i = buf.indexOf('\n');
+        if (i < 0) { if (buf.length > 8192) c.destroy(); return; }
+        let t: { id?: unknown; bundle?: unknown };
+        try { t = JSON.parse(buf.slice(0, i)); } catch { c.end('bad request\n'); return; }
+        // the task's id and bundle as containerd gave them to `start`: checked as containerd's own would be
+        if (typeof t.id !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/.test(t.id) || typeof t.bundle !== 'string' || !isAbsolute(t.bundle) || !existsSync(join(t.bundle, 'config.json'))) { c.end('bad request\n'); return; }
+        finish({ id: t.id, bundle: t.bundle, answer: (ok) => c.end(ok ? 'ok\n' : 'failed\n') });
+      });
+      c.on('error', () => {});
+    });
+    const idle = setTimeout(() => finish(undefined), SPARE_IDLE_MS);
+    // its containerd gone (its socket removed): nobody will take it
+    const watch = setInterval(() => { if (ttrpc && !existsSync(ttrpc)) finish(undefined); }, 2000);
+    let over = false;
+    function finish(v: { id: string; bundle: string; answer: (ok: boolean) => void } | undefined) {
+      if (over) return;
+      over = true;
+      clearTimeout(idle); clearInterval(watch);
+      server.close();
+      void rm(control, { force: true }).finally(() => resolve(v));
+    }
+    server.on('error', () => finish(undefined));
+    server.listen(control);
+  });
+  if (!task) return 0;
+  process.chdir(task.bundle);
+  return serveTask({ ...a, id: task.id }, task.id, socketPath(a.namespace, task.id), task.answer);
+}
+
+async function serveTask(a: ShimArgs, id: string, socket: string, serving?: (ok: boolean) => void): Promise<number> {
   // shim logs go to the bundle's `log` FIFO, which containerd reads
   const logFifo = join(process.cwd(), 'log');
   const logStream = existsSync(logFifo) ? createWriteStream(logFifo, { flags: 'a' }).on('error', () => {}) : undefined;
@@ -54,8 +105,9 @@ async function serve(a: ShimArgs): Promise<number> {
   // reconnects only to shims with tasks): it goes, whether or not a Shutdown reached it.
   const stop = async () => { await service.teardown().catch((e) => log(`teardown: ${(e as Error).message}`)); done(); };
   server.onLastClose = () => { if (!server.connections && service.idle()) { log('containerd disconnected and no task is left: exiting'); void stop(); } };
-  await server.listen(a.socket!);
-  log(`serving ${a.id} ${(process.uptime() * 1000).toFixed(0)} ms after the process started`);
+  try { await server.listen(socket); } catch (e) { serving?.(false); throw e; }
+  serving?.(true);
+  log(`serving ${id} ${serving ? '(a spare, taken)' : `${(process.uptime() * 1000).toFixed(0)} ms after the process started`}`);
   const unclaimed = setTimeout(() => { if (!server.connections && service.idle()) { log(`containerd did not connect within ${UNCLAIMED_MS / 1000} s: exiting`); void stop(); } }, UNCLAIMED_MS);
   unclaimed.unref();
   process.on('SIGTERM', () => void stop());
@@ -65,7 +117,7 @@ async function serve(a: ShimArgs): Promise<number> {
   await service.settled();
   server.close();
   publisher.close();
-  await rm(a.socket!, { force: true });
+  await rm(socket, { force: true });
   logStream?.end();
   return 0;
 }
@@ -79,5 +131,6 @@ export async function runShim(argv: string[], self: string[]): Promise<number> {
   }
   if (a.action === 'start') return start(a, self);
   if (a.action === 'delete') return deleteAfter(a);
+  if (a.action === 'spare') return spare(a);
   return serve(a);
 }

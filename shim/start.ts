@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { config } from '../common/config.ts';
 import { parseShimArgs, serveArgs, type ShimArgs } from './args.ts';
 import { taskKind } from './kinds.ts';
+import { adoptSpare, hasSpare, spareArgs, spareKey, SPARE_DELAY_MS } from './spare.ts';
 
 /** Where shims keep their sockets and packed rootfs images. */
 export const shimDir = (): string => join(config().runDir, 'shim');
@@ -36,14 +37,20 @@ export async function start(a: ShimArgs, bin: string[]): Promise<number> {
   const sock = socketPath(a.namespace, a.id);
   await mkdir(shimDir(), { recursive: true, mode: 0o700 });
   await rm(sock, { force: true });
-  // detached and without containerd's stdout/stderr: containerd reads them to their end
-  const child = spawn(bin[0], [...bin.slice(1), ...serveArgs(a, sock)], { cwd: process.cwd(), detached: true, stdio: 'ignore', env: process.env });
-  child.unref();
-  const end = Date.now() + 20_000;
-  while (!existsSync(sock)) {
-    if (child.exitCode !== null || Date.now() > end) { process.stderr.write(`scion shim: the serving process did not come up (exit ${child.exitCode})\n`); return 1; }
-    await new Promise((r) => setTimeout(r, 20));
+  const key = spareKey(a, process.env.TTRPC_ADDRESS);
+  // a spare already serving takes the task at once; else a process of its own
+  if (!(await adoptSpare(shimDir(), key, { id: a.id, bundle: process.cwd() }))) {
+    // detached and without containerd's stdout/stderr: containerd reads them to their end
+    const child = spawn(bin[0], [...bin.slice(1), ...serveArgs(a, sock)], { cwd: process.cwd(), detached: true, stdio: 'ignore', env: process.env });
+    child.unref();
+    const end = Date.now() + 20_000;
+    while (!existsSync(sock)) {
+      if (child.exitCode !== null || Date.now() > end) { process.stderr.write(`scion shim: the serving process did not come up (exit ${child.exitCode})\n`); return 1; }
+      await new Promise((r) => setTimeout(r, 20));
+    }
   }
+  // one spare ready for the next pod (it loads the shim a while from now, off this pod's start)
+  if (!(await hasSpare(shimDir(), key))) spawn(bin[0], [...bin.slice(1), ...spareArgs(a)], { cwd: shimDir(), detached: true, stdio: 'ignore', env: process.env }).unref();
   const address = `unix://${sock}`;
   await writeFile(join(process.cwd(), 'address'), address); // containerd finds the shim again through it after a restart
   process.stdout.write(address);
@@ -55,5 +62,6 @@ export async function start(a: ShimArgs, bin: string[]): Promise<number> {
 export async function runStartOnly(argv: string[], self: string[]): Promise<number | undefined> {
   let a: ShimArgs;
   try { a = parseShimArgs(argv); } catch { return undefined; } // the full shim reports usage errors
+  if (a.action === 'spare') await new Promise((r) => setTimeout(r, SPARE_DELAY_MS)); // the shim's modules load after this
   return a.action === 'start' ? start(a, self) : undefined;
 }

@@ -14,6 +14,7 @@ import { busyboxOciArchive } from './oci-busybox.ts';
 import { isolateRunDirs, removeEverything, image, scionQemuPids } from './helpers.ts';
 import { EventPublisher } from '../../shim/events.ts';
 import { TtrpcClient } from '../../shim/ttrpc.ts';
+import { spareKey } from '../../shim/spare.ts';
 import { startRegistry } from './registry-helper.ts';
 
 const ROOT = join(import.meta.dirname, '../..');
@@ -299,4 +300,50 @@ describe('task events', () => {
     expect(events.every((m) => m[1] === 'scion-test')).toBe(true);
     expect(JSON.parse(events[2][3])).toMatchObject({ container_id: 'ev1', pid: 7, exit_status: 3 });
   });
+});
+
+describe('spare shims (a serving process up before its task)', () => {
+  /** Spare processes of a containerd (their command line names its address), with their pids. */
+  const sparesOf = (address: string): number[] => readdirSync('/proc').filter((p) => /^\d+$/.test(p)).flatMap((p) => {
+    try {
+      const argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
+      return argv.some((x) => x.endsWith('containerd-shim-scion-v2')) && argv.includes('spare') && argv.includes(address) ? [Number(p)] : [];
+    } catch { return []; } // ended meanwhile
+  });
+  const spareUp = async (dir: string, key: string): Promise<string[]> => {
+    for (let i = 0; i < 150; i++) {
+      const socks = readdirSync(dir).filter((f) => f.startsWith(`spare-${key}-`));
+      if (socks.length) return socks;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    return [];
+  };
+
+  it('the next task is served by the spare the last start left (its output and status as ever); a dead spare is passed over; spares go with their containerd', async () => {
+    const cd2 = await startContainerd({ path: [join(ROOT, 'bin')] });
+    const shimDir = join(dirs.run, 'shim');
+    // the spares of this containerd and namespace (the file's other containerd keeps its own)
+    const key = spareKey({ namespace: 'scion-test', address: cd2.address }, cd2.ttrpcAddress);
+    try {
+      await cd2.ctr(['images', 'import', await busyboxOciArchive(cd2.dir, IMAGE)]);
+      const first = await cd2.ctr(['run', '--rm', ...RUNTIME, IMAGE, 'spare-a', 'sh', '-c', 'echo a from $(hostname); exit 3'], { nothrow: true });
+      expect([first.stdout, first.exitCode]).toEqual([expect.stringMatching(/^a from pod-\d+\n$/), 3]);
+      expect(await spareUp(shimDir, key)).toHaveLength(1); // left by the first start
+      const second = await cd2.ctr(['run', '--rm', ...RUNTIME, IMAGE, 'spare-b', 'sh', '-c', 'echo b from $(hostname); exit 4'], { nothrow: true });
+      expect([second.stdout, second.exitCode]).toEqual([expect.stringMatching(/^b from pod-\d+\n$/), 4]);
+      expect(cd2.log()).toContain('serving spare-b (a spare, taken)');
+      // a spare killed before it was taken: the next start serves the task with a process of its own
+      const [sock] = await spareUp(shimDir, key);
+      process.kill(Number(/-(\d+)\.sock$/.exec(sock)![1]), 'SIGKILL');
+      const third = await cd2.ctr(['run', '--rm', ...RUNTIME, IMAGE, 'spare-c', 'sh', '-c', 'echo c; exit 5'], { nothrow: true });
+      expect([third.stdout, third.exitCode]).toEqual(['c\n', 5]);
+      expect(cd2.log()).toMatch(/serving spare-c \d+ ms after the process started/);
+      expect(await spareUp(shimDir, key)).toHaveLength(1);
+      expect(sparesOf(cd2.address)).toHaveLength(1);
+    } finally { await cd2.stop(); }
+    // its containerd gone, the spare goes too (it looks every 2 s)
+    for (let i = 0; i < 60 && sparesOf(cd2.address).length; i++) await new Promise((r) => setTimeout(r, 100));
+    expect(sparesOf(cd2.address)).toEqual([]);
+    expect(readdirSync(shimDir).filter((f) => f.startsWith(`spare-${key}-`))).toEqual([]);
+  }, 120_000);
 });

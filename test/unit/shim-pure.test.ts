@@ -218,3 +218,18 @@ describe('the pool on disk (host/store/pool.ts)', () => {
     await expect(pool.readyEntries('../etc')).rejects.toThrow(/template name/);
   }));
 });
+
+describe('spare shims: which containerd and namespace a spare serves', () => {
+  it('a key per containerd and namespace; a spare is found only under its own key; its argv parses as the spare action', async () => {
+    const { spareKey, sparesOf, spareSocketName, spareArgs } = await import('../../shim/spare.ts');
+    const a = { namespace: 'k8s.io', address: '/run/containerd/containerd.sock' };
+    const k = spareKey(a, '/run/containerd/containerd.sock.ttrpc');
+    expect(k).toMatch(/^[0-9a-f]{12}$/);
+    expect(spareKey({ ...a, namespace: 'default' }, '/run/containerd/containerd.sock.ttrpc')).not.toBe(k);
+    expect(spareKey({ ...a, address: '/tmp/other.sock' }, '/tmp/other.sock.ttrpc')).not.toBe(k);
+    const names = [spareSocketName(k, 42), spareSocketName('0123456789ab', 43), `taken-7-${spareSocketName(k, 44)}`, `spare-${k}-x.sock`, 'abc.sock'];
+    expect(sparesOf(names, k)).toEqual([`spare-${k}-42.sock`]);
+    const parsed = parseShimArgs(spareArgs({ action: 'start', namespace: 'k8s.io', id: 'sb1', address: a.address, publishBinary: '/usr/bin/containerd', debug: false }));
+    expect(parsed).toMatchObject({ action: 'spare', namespace: 'k8s.io', address: a.address, publishBinary: '/usr/bin/containerd' });
+  });
+});
