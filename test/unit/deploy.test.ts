@@ -58,7 +58,7 @@ describe('deploy/kubernetes', () => {
     const env = spec.containers[0].env.find((e: { name: string }) => e.name === 'SCION_SHIM_TEMPLATE');
     expect(env.valueFrom.configMapKeyRef).toEqual({ name: cm.metadata.name, key: 'SCION_SHIM_TEMPLATE' });
     // the shim's own environment on the node comes from the ConfigMap through the installer
-    for (const key of ['SCION_SHIM_TEMPLATE', 'SCION_SHIM_IMAGES']) {
+    for (const key of ['SCION_SHIM_TEMPLATE', 'SCION_SHIM_IMAGES', 'SCION_SHIM_POOL']) {
       expect(spec.initContainers[0].env.find((e: { name: string }) => e.name === key)?.valueFrom.configMapKeyRef).toEqual({ name: cm.metadata.name, key });
       expect(cm.data[key]).toBeDefined();
     }
@@ -92,15 +92,17 @@ describe('install-node.sh on a node root', () => {
       mkdirSync(join(src, 'lib/node_modules/scion/deploy/kubernetes'), { recursive: true });
       for (const f of ['containerd-scion.toml', 'containerd-scion-v3.toml']) copyFileSync(join(dir, f), join(src, 'lib/node_modules/scion/deploy/kubernetes', f));
       const install = (env: Record<string, string>) => spawnSync('sh', [join(dir, 'install-node.sh')], { env: { PATH: process.env.PATH!, HOST: host, SRC: src, ...env }, encoding: 'utf8' });
-      const r = install({ SCION_SHIM_TEMPLATE: 'web-tpl', SCION_SHIM_IMAGES: 'registry.example.com/scion/,127.0.0.1:5000/' });
+      const r = install({ SCION_SHIM_TEMPLATE: 'web-tpl', SCION_SHIM_IMAGES: 'registry.example.com/scion/,127.0.0.1:5000/', SCION_SHIM_POOL: '2' });
       expect(r.stderr).toBe('');
       expect(r.status).toBe(0);
       const launcherPath = join(host, 'usr/local/bin/containerd-shim-scion-v2');
       const launcher = readFileSync(launcherPath, 'utf8');
       // the environment the shim gets, as a shell reads the launcher
       const envLine = launcher.split('\n').find((l) => l.startsWith('export '))!;
-      const seen = spawnSync('sh', ['-c', `${envLine}; echo "$SCION_SHIM_TEMPLATE|$SCION_SHIM_IMAGES"`], { encoding: 'utf8' }).stdout;
-      expect(seen).toBe('web-tpl|registry.example.com/scion/,127.0.0.1:5000/\n');
+      const seen = spawnSync('sh', ['-c', `${envLine}; echo "$SCION_SHIM_TEMPLATE|$SCION_SHIM_IMAGES|$SCION_SHIM_POOL"`], { encoding: 'utf8' }).stdout;
+      expect(seen).toBe('web-tpl|registry.example.com/scion/,127.0.0.1:5000/|2\n');
+      // the values the shim reads are the ones it accepts
+      expect(config({ SCION_SHIM_POOL: '2' }).shimPool).toBe(2);
       expect(launcher).toMatch(/exec \/opt\/scion\/node\/bin\/node \/opt\/scion\/lib\/node_modules\/scion\/bin\/containerd-shim-scion-v2 "\$@"\n$/);
       // containerd 1.6 here: the config for 1.6/1.7
       expect(readFileSync(join(host, 'etc/containerd/conf.d/scion.toml'), 'utf8')).toBe(readFileSync(join(dir, 'containerd-scion.toml'), 'utf8'));
@@ -109,6 +111,11 @@ describe('install-node.sh on a node root', () => {
       const bad = install({ SCION_SHIM_TEMPLATE: "x'; reboot; '" });
       expect(bad.status).toBe(2);
       expect(bad.stderr).toMatch(/install-node\.sh: refusing "x'; reboot; '"/);
+      expect(readFileSync(launcherPath, 'utf8')).toBe(launcher);
+      for (const pool of ['2; reboot', '17', '-1']) {
+        const r2 = install({ SCION_SHIM_POOL: pool });
+        expect([r2.status, r2.stderr]).toEqual([2, expect.stringContaining('install-node.sh: refusing SCION_SHIM_POOL')]);
+      }
       expect(readFileSync(launcherPath, 'utf8')).toBe(launcher);
     } finally {
       rmSync(host, { recursive: true, force: true });
