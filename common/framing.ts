@@ -33,9 +33,15 @@ export class FrameDecoder {
   push(chunk: Uint8Array): FrameEvent[] {
     const out: FrameEvent[] = [];
     let start = 0;
-    for (let i = 0; i < chunk.length; i++) {
+    // the next newline or resync byte by indexOf (the engine's native search: a JS loop over every
+    // byte is what the agent on QuickJS under TCG paid ~1.5 ms a KB for)
+    let nl = chunk.indexOf(0x0a), rs = chunk.indexOf(RESYNC_BYTE);
+    for (;;) {
+      if (nl < start && nl !== -1) nl = chunk.indexOf(0x0a, start);
+      if (rs < start && rs !== -1) rs = chunk.indexOf(RESYNC_BYTE, start);
+      const i = nl === -1 ? rs : rs === -1 ? nl : Math.min(nl, rs);
+      if (i === -1) break;
       const b = chunk[i];
-      if (b !== 0x0a && b !== RESYNC_BYTE) continue;
       const piece = chunk.subarray(start, i);
       start = i + 1;
       if (b === RESYNC_BYTE) {

@@ -59,7 +59,7 @@ describe('clock maths', () => {
 import { listeningOn, tcpTables, httpCheckArgv } from '../../guest-agent/health.ts';
 import { batchText, DONE_MARKER } from '../../guest-agent/shell.ts';
 import { hexBytes } from '../../guest-agent/identity.ts';
-import { encodeJs, decodeJs } from '../../common/utf8.ts';
+import { encodeJs, decodeJs, decodeBytewise } from '../../common/utf8.ts';
 import { FrameDecoder, encodeFrame } from '../../common/framing.ts';
 
 describe('health checks without sockets', () => {
@@ -111,6 +111,7 @@ describe('UTF-8 without TextEncoder (the agent on QuickJS)', () => {
     for (let i = 0; i < 2000; i++) {
       const b = new Uint8Array(1 + (rnd() % 40)).map(() => (rnd() % 3 === 0 ? 0x80 + (rnd() % 128) : rnd() % 256));
       expect(decodeJs(b), `bytes ${Buffer.from(b).toString('hex')}`).toBe(nd.decode(b));
+      expect(decodeBytewise(b), `bytes ${Buffer.from(b).toString('hex')}`).toBe(nd.decode(b)); // the fallback alone
     }
     for (const s of ['héllo', '𝄞🎉', 'a'.repeat(9000) + 'é']) expect(decodeJs(native.encode(s))).toBe(s);
   });
