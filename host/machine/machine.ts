@@ -518,7 +518,7 @@ export class Machine {
         try {
           await m.pause();
           m.close();
-          await addEntry(tpl.meta.name, m.name);
+          await addEntry(tpl.meta.name, m.name, tpl.meta.frozenAt);
         } catch (e) {
           await m.remove({ force: true }).catch(() => undefined); // ours, made by this call; gc finds it if this fails too
           throw e;
@@ -540,10 +540,16 @@ export class Machine {
    */
   static async claimPooled(template: string, o: PoolClaimOptions): Promise<Machine | undefined> {
     const t = validName(template, 'template');
+    // no such template: nothing to claim (the fork that follows says what is missing)
+    const tpl = await checkTemplate(t).catch(() => undefined);
+    if (!tpl) return undefined;
     for (const vm of await readyEntries(t)) {
-      if (!(await takeEntry(t, vm))) continue; // another process took it first
+      const entry = await takeEntry(t, vm);
+      if (!entry) continue; // another process took it first
       let m: Machine | undefined;
       try {
+        // forked from an earlier template of that name (made again since): not this template's
+        if (entry.frozenAt !== tpl.meta.frozenAt) throw new VmError('E_TEMPLATE_MISSING', `${vm} was forked from an earlier ${t} (frozen ${entry.frozenAt ?? 'at an unknown time'}, now ${tpl.meta.frozenAt})`);
         m = await Machine.open(vm);
         await m.adopt(o, () => dropClaim(t, vm));
         return m;

@@ -53,18 +53,30 @@ export async function readyEntries(template: string): Promise<ValidName[]> {
   return names.sort();
 }
 
-/** Add a ready entry for `vm` (it stands paused now). */
-export async function addEntry(template: string, vm: ValidName): Promise<void> {
-  await writeExclusive(join(poolDir(template), vm), JSON.stringify({ pid: process.pid, at: new Date().toISOString() }) + '\n');
+/**
+ * Add a ready entry for `vm` (it stands paused now), naming the freeze of the
+ * template it was forked from: a template made again under the same name is
+ * another template, whose pods must not get this VM.
+ */
+export async function addEntry(template: string, vm: ValidName, frozenAt: string): Promise<void> {
+  await writeExclusive(join(poolDir(template), vm), JSON.stringify({ pid: process.pid, at: new Date().toISOString(), frozenAt }) + '\n');
 }
 
-/** Claim `vm` out of the pool: true if this process won it (its claim file then names this pid). */
-export async function takeEntry(template: string, vm: ValidName): Promise<boolean> {
+/**
+ * Claim `vm` out of the pool: undefined if another process won it (or it was
+ * removed); else the freeze its entry names (its claim file names this pid).
+ */
+export async function takeEntry(template: string, vm: ValidName): Promise<{ frozenAt?: string } | undefined> {
   const dir = poolDir(template);
-  try { await rename(join(dir, vm), join(dir, `.claim-${process.pid}-${vm}`)); return true; } catch (e) {
-    if (missing(e)) return false; // another claimer won it, or it was removed
+  const claim = join(dir, `.claim-${process.pid}-${vm}`);
+  try { await rename(join(dir, vm), claim); } catch (e) {
+    if (missing(e)) return undefined; // another claimer won it, or it was removed
     throw e;
   }
+  try {
+    const j = JSON.parse(await readFile(claim, 'utf8')) as { frozenAt?: unknown };
+    return { frozenAt: typeof j.frozenAt === 'string' ? j.frozenAt : undefined };
+  } catch { return {}; } // unreadable: the caller finds it names no freeze, and drops the VM
 }
 
 /** The claim is over: the VM's record names its new owner (or the VM is gone). */

@@ -6,7 +6,7 @@
  * from the test's template, its containers run in it.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { mkdtempSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startContainerd, freezeTapTemplate, cniBridgeConfig, shimPids, type TestContainerd } from './containerd.ts';
@@ -256,8 +256,27 @@ describe('a node with a pool of paused forks (SCION_SHIM_POOL=1)', () => {
       // only the pool stays: one paused VM of the template, nothing of the pods
       for (let i = 0; i < 150 && shimPids(cd2.dir).length; i++) await new Promise((r) => setTimeout(r, 100));
       expect((await clones()).map((v) => `${v.name} ${v.owner?.kind}`)).toEqual([`${second} pool`]);
+      // a pooled VM forked from an earlier template of that name (its entry names another freeze) is
+      // not given to a pod: it is removed, and the pod forked
+      // (names are reused once a VM is gone: a VM is told by its QEMU's pid here)
+      const stalePid = (await pooled())[0].pid!;
+      writeFileSync(join(dirs.run, 'pool', 'podnet-tpl', second), JSON.stringify({ pid: 1, at: '2000-01-01T00:00:00.000Z', frozenAt: '2000-01-01T00:00:00.000Z' }) + '\n');
+      const p3 = await pod('pool-c');
+      expect(p3.body).toBe('hello from pool-c\n');
+      expect(p3.vm.pid).not.toBe(stalePid);
+      expect(p3.vm.owner?.kind).toBe('shim');
+      expect(existsSync(`/proc/${stalePid}`)).toBe(false); // the stale VM's QEMU is gone
+      let third = '';
+      for (let i = 0; i < 300 && !third; i++) {
+        const [v] = await pooled();
+        if (v && !v.makerPid && v.pid !== stalePid && (await readyEntries('podnet-tpl')).includes(v.name as never)) third = v.name;
+        else await new Promise((r) => setTimeout(r, 100));
+      }
+      expect(third).not.toBe('');
+      await p3.remove();
+      for (let i = 0; i < 150 && shimPids(cd2.dir).length; i++) await new Promise((r) => setTimeout(r, 100));
       // removing a pooled VM takes it out of the pool
-      await vm.removeVm(second);
+      await vm.removeVm(third);
       expect(await readyEntries('podnet-tpl')).toEqual([]);
     } finally {
       cri2.close();

@@ -188,10 +188,10 @@ describe('the pool on disk (host/store/pool.ts)', () => {
 
   it('a ready VM goes to exactly one of many claimers at once, and stays held while its claimer lives', async () => withRun(async (pool) => {
     const vm = 'pod-c1' as never;
-    await pool.addEntry('pod-tpl', vm);
+    await pool.addEntry('pod-tpl', vm, '2026-12-03T10:00:00.000Z');
     expect(await pool.readyEntries('pod-tpl')).toEqual(['pod-c1']);
     const won = await Promise.all(Array.from({ length: 8 }, () => pool.takeEntry('pod-tpl', vm)));
-    expect(won.filter(Boolean)).toHaveLength(1);
+    expect(won.filter(Boolean)).toEqual([{ frozenAt: '2026-12-03T10:00:00.000Z' }]); // the freeze its entry names
     expect(await pool.readyEntries('pod-tpl')).toEqual([]);
     expect(await pool.poolHolds('pod-tpl', 'pod-c1', alive)).toBe(true); // the claim names a live pid
     expect(await pool.poolHolds('pod-tpl', 'pod-c1', () => false)).toBe(false); // its claimer died: nobody holds it
@@ -208,8 +208,8 @@ describe('the pool on disk (host/store/pool.ts)', () => {
     await taken!();
   }));
   it('sweeping removes dead claims, entries naming no VM and a dead filler\'s lock; template names are checked', async () => withRun(async (pool) => {
-    await pool.addEntry('pod-tpl', 'pod-c1' as never);
-    await pool.addEntry('pod-tpl', 'pod-c2' as never);
+    await pool.addEntry('pod-tpl', 'pod-c1' as never, 'f');
+    await pool.addEntry('pod-tpl', 'pod-c2' as never, 'f');
     await pool.takeEntry('pod-tpl', 'pod-c2' as never);
     await pool.takeFillLock('pod-tpl', alive);
     const removed = await pool.sweepPool('pod-tpl', (v) => v === 'pod-c2', () => false);
