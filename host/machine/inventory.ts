@@ -135,7 +135,10 @@ export async function gc(): Promise<{ removed: string[]; killed: number[]; relea
     const alive = r ? isQemuIn(r.pid, p.jail) : false;
     // a clone owned by a long-running scion (the front door) that died would never be removed by it;
     // a pooled clone belongs to its pool while an entry or a live claimer names it, or its filler lives
-    const ownerGone = !!r?.owner && !processAlive(r.owner.pid) && !(r.owner.kind === POOL_OWNER && !!r.template && await poolHolds(r.template, n, processAlive));
+    // (and a pooled clone whose template was removed is nobody's: no pod can be given it any more)
+    const pooled = r?.owner?.kind === POOL_OWNER && !!r.template;
+    const templateGone = pooled && !(await lstat(join(trustedTemplateRoot(), r!.template!)).then(() => true, () => false));
+    const ownerGone = !!r?.owner && ((!processAlive(r.owner.pid) && !(pooled && await poolHolds(r.template!, n, processAlive))) || templateGone);
     if (r && !r.making && !ownerGone && (alive || r.frozen)) continue;
     if (!r && !invalid) {
       // no record yet: only the maker can be writing it (run directories appear complete, by rename)
