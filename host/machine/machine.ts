@@ -514,7 +514,8 @@ export class Machine {
     let added = 0;
     try {
       while ((await readyEntries(tpl.meta.name)).length < o.size) {
-        const m = await Machine.fork(tpl, { prefix: validName(o.prefix, 'clone prefix'), owner: { pid: process.pid, kind: POOL_OWNER }, hostname: `${o.prefix}-pool-{n}`, log: o.log });
+        // the hostname a fork on demand would have: a claim without a hostname of its own keeps it
+        const m = await Machine.fork(tpl, { prefix: validName(o.prefix, 'clone prefix'), owner: { pid: process.pid, kind: POOL_OWNER }, hostname: `${tpl.meta.name.replace(/-tpl$/, '')}-{n}`, log: o.log });
         try {
           await m.pause();
           m.close();
