@@ -300,13 +300,14 @@ export class Agent {
   /** Before the template is frozen: flush, drop caches, and run the post-fork path once so clones inherit it warm (compiled, its pages touched). */
   private async freezePrepare(): Promise<ResultOf<'freeze.prepare'>> {
     const t0 = this.p.monotonic();
+    await this.clock.settle();
     const cur = this.state.identity;
     if (cur) await this.doApply({ ...cur, time: undefined }, true).catch(() => undefined); // warming only: a failure here shows again, reported, at the real apply
     else validateIdentity({ generation: 1, hostname: 'warm', machineId: '0'.repeat(32), interfaces: [{ mac: '02:00:00:00:00:01' }] });
     this.info();
     // a pod's pid namespace (with its reaper) made now, so every clone has it: making it at a pod's first
-    // container that shares it costs ~0.3-0.4 s under TCG
-    if (this.opts.image.exec) await this.tasks.prepare().catch(() => undefined); // made on first use, then
+    // container that shares it costs ~0.3-0.4 s under TCG. Only in a pod's image (tasks, no containers of its own)
+    if (this.opts.image.exec && !this.containers.list().length) await this.tasks.prepare().catch(() => undefined); // made on first use, then
     await this.shell.run('sync');
     try { this.p.writeText('/proc/sys/vm/drop_caches', '3'); } catch { /* fewer cached pages in the template is an optimisation, not a need */ }
     return { prepared: true, ms: Math.round(this.p.monotonic() - t0), generation: this.state.generation };

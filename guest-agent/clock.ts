@@ -177,4 +177,17 @@ export class ClockKeeper {
   }
 
   stop(): void { this.platform.clearTimeout(this.timer); }
+
+  /**
+   * Stop, and wait for a check under way: before a template is frozen. A
+   * check frozen half-way would go on in every clone with readings from
+   * before the freeze (an RTC second and a clock time the fork has made
+   * stale) and could step the clone's clock by the template's age; each
+   * clone's keeper starts afresh from its identity instead.
+   */
+  async settle(): Promise<void> {
+    this.stop();
+    await this.busy?.catch(() => undefined); // its error is in state.lastError
+    this.stop(); // a check that ended meanwhile scheduled the next one
+  }
 }
