@@ -69,8 +69,10 @@ async function spare(a: ShimArgs): Promise<number> {
       c.on('error', () => {});
     });
     const idle = setTimeout(() => finish(undefined), SPARE_IDLE_MS);
-    // its containerd gone (its socket removed): nobody will take it
-    const watch = setInterval(() => { if (ttrpc && !existsSync(ttrpc)) finish(undefined); }, 2000);
+    // its containerd gone (a socket of it removed), or the shim directory: nobody will take it
+    const watch = setInterval(() => {
+      if ((ttrpc && !existsSync(ttrpc)) || (a.address && !existsSync(a.address)) || !existsSync(dir)) finish(undefined);
+    }, 2000);
     let over = false;
     function finish(v: { id: string; bundle: string; answer: (ok: boolean) => void } | undefined) {
       if (over) return;

@@ -8,7 +8,8 @@
  * exactly one `start` wins it), tells it the task (id and bundle), and the
  * spare serves that task as if started for it. The spare loads its modules a
  * while after it is spawned, off the pod that spawned it; it goes by itself
- * after SPARE_IDLE_MS unused, or once its containerd's socket is gone.
+ * after SPARE_IDLE_MS unused, or once its containerd's sockets or the shim
+ * directory are gone.
  * Light: `start` runs this module, so it imports no host library.
  */
 import { createHash } from 'node:crypto';
