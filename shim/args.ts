@@ -9,7 +9,8 @@ export interface ShimArgs { action: 'start' | 'delete' | 'serve' | 'spare'; name
 export class ShimUsageError extends Error {}
 
 const VALUED = new Set(['namespace', 'id', 'address', 'publish-binary', 'bundle', 'socket']);
-const ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
+/** A containerd task id (and namespace name), as `start` and `spare` take them. */
+export const TASK_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
 
 export function parseShimArgs(argv: string[]): ShimArgs {
   const v: Record<string, string> = {};
@@ -27,8 +28,8 @@ export function parseShimArgs(argv: string[]): ShimArgs {
   }
   const action = rest[0];
   if (action !== 'start' && action !== 'delete' && action !== 'serve' && action !== 'spare') throw new ShimUsageError(`unknown action ${JSON.stringify(action ?? '')}: start, delete (from containerd), serve or spare`);
-  if (!v.namespace || !ID.test(v.namespace)) throw new ShimUsageError('-namespace: a containerd namespace name');
-  if (!v.id || !ID.test(v.id)) throw new ShimUsageError('-id: a task id (1-128 of A-Za-z0-9_.-)');
+  if (!v.namespace || !TASK_ID.test(v.namespace)) throw new ShimUsageError('-namespace: a containerd namespace name');
+  if (!v.id || !TASK_ID.test(v.id)) throw new ShimUsageError('-id: a task id (1-128 of A-Za-z0-9_.-)');
   if (action === 'serve' && !v.socket) throw new ShimUsageError('serve needs -socket');
   return { action, namespace: v.namespace, id: v.id, address: v.address ?? '', publishBinary: v['publish-binary'], bundle: v.bundle, socket: v.socket, debug };
 }

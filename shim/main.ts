@@ -10,7 +10,7 @@ import { createServer } from 'node:net';
 import { hasSpare, spareKey, spareSocketName, SPARE_IDLE_MS } from './spare.ts';
 import { config } from '../common/config.ts';
 import { Machine } from '../host/machine/machine.ts';
-import { parseShimArgs, ShimUsageError, type ShimArgs } from './args.ts';
+import { parseShimArgs, ShimUsageError, TASK_ID, type ShimArgs } from './args.ts';
 import { TtrpcServer } from './ttrpc.ts';
 import { EventPublisher } from './events.ts';
 import { TaskService, VM_FILE, parseVmFile } from './service.ts';
@@ -49,10 +49,10 @@ async function serve(a: ShimArgs): Promise<number> {
  */
 async function spare(a: ShimArgs): Promise<number> {
   const dir = shimDir();
-  const key = spareKey(a, process.env.TTRPC_ADDRESS);
+  const ttrpc = process.env.TTRPC_ADDRESS;
+  const key = spareKey(a, ttrpc);
   if (await hasSpare(dir, key)) return 0; // another start made one meanwhile: one is enough
   const control = join(dir, spareSocketName(key, process.pid));
-  const ttrpc = process.env.TTRPC_ADDRESS;
   const task = await new Promise<{ id: string; bundle: string; answer: (ok: boolean) => void } | undefined>((resolve) => {
     const server = createServer((c) => {
       let buf = '';
@@ -63,7 +63,7 @@ async function spare(a: ShimArgs): Promise<number> {
         let t: { id?: unknown; bundle?: unknown };
         try { t = JSON.parse(buf.slice(0, i)); } catch { c.end('bad request\n'); return; }
         // the task's id and bundle as containerd gave them to `start`: checked as containerd's own would be
-        if (typeof t.id !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/.test(t.id) || typeof t.bundle !== 'string' || !isAbsolute(t.bundle) || !existsSync(join(t.bundle, 'config.json'))) { c.end('bad request\n'); return; }
+        if (typeof t.id !== 'string' || !TASK_ID.test(t.id) || typeof t.bundle !== 'string' || !isAbsolute(t.bundle) || !existsSync(join(t.bundle, 'config.json'))) { c.end('bad request\n'); return; }
         finish({ id: t.id, bundle: t.bundle, answer: (ok) => c.end(ok ? 'ok\n' : 'failed\n') });
       });
       c.on('error', () => {});

@@ -238,8 +238,7 @@ export class TaskService {
       // the pool is refilled once this pod's first container has started (or a while after, if none does): off its path
       if (mode === 'pool' && poolSize > 0) {
         this.poolTemplate = template;
-        this.refillTimer = setTimeout(() => this.refillPool(), REFILL_AFTER_MS);
-        this.refillTimer.unref();
+        this.refillIn(REFILL_AFTER_MS);
       }
       return m;
     })();
@@ -249,6 +248,13 @@ export class TaskService {
   private poolTemplate?: string;
   private refillTimer?: NodeJS.Timeout;
   private filling?: Promise<void>;
+
+  /** Refill the pool `ms` from now (the last call's time counts). */
+  private refillIn(ms: number): void {
+    clearTimeout(this.refillTimer);
+    this.refillTimer = setTimeout(() => this.refillPool(), ms);
+    this.refillTimer.unref();
+  }
 
   /** Fill the node's pool of this pod's template (once per shim; another shim at it already makes this a no-op). */
   private refillPool(): void {
@@ -349,7 +355,7 @@ export class TaskService {
         p.pid = res.pid;
         this.o.log(`${execId || t.id}: started in the guest in ${(performance.now() - t0).toFixed(0)} ms`);
         // the pool is refilled a little after the pod's first container started: not while it starts serving
-        if (!execId && this.poolTemplate) { clearTimeout(this.refillTimer); this.refillTimer = setTimeout(() => this.refillPool(), REFILL_DELAY_MS); this.refillTimer.unref(); }
+        if (!execId && this.poolTemplate) this.refillIn(REFILL_DELAY_MS);
         if (p.status !== Status.STOPPED) p.status = Status.RUNNING;
         this.relayInput(t, p);
       }

@@ -33,7 +33,8 @@ export const spareSocketName = (key: string, pid: number): string => `spare-${ke
 
 /** The spares' socket names for `key` in `names` (a directory listing). Pure. */
 export function sparesOf(names: string[], key: string): string[] {
-  return names.filter((n) => new RegExp(`^spare-${key}-\\d+\\.sock$`).test(n));
+  const ours = new RegExp(`^spare-${key}-\\d+\\.sock$`);
+  return names.filter((n) => ours.test(n));
 }
 
 /** The spare's argv (this binary's flags, the action `spare`). Pure. */

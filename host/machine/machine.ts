@@ -513,7 +513,7 @@ export class Machine {
     if (!release) return 0;
     let added = 0;
     try {
-      while ((await readyEntries(tpl.meta.name)).length < o.size) {
+      for (let ready = (await readyEntries(tpl.meta.name)).length; ready < o.size; ready = (await readyEntries(tpl.meta.name)).length) {
         // the hostname a fork on demand would have: a claim without a hostname of its own keeps it
         const m = await Machine.fork(tpl, { prefix: validName(o.prefix, 'clone prefix'), owner: { pid: process.pid, kind: POOL_OWNER }, hostname: `${tpl.meta.name.replace(/-tpl$/, '')}-{n}`, log: o.log });
         try {
@@ -525,7 +525,7 @@ export class Machine {
           throw e;
         }
         added++;
-        o.log?.(`pooled ${m.name} (template ${tpl.meta.name}, ${(await readyEntries(tpl.meta.name)).length} of ${o.size} ready)`);
+        o.log?.(`pooled ${m.name} (template ${tpl.meta.name}, ${ready + 1} of ${o.size} ready)`);
       }
     } finally { await release(); }
     return added;
@@ -552,38 +552,34 @@ export class Machine {
         // forked from an earlier template of that name (made again since): not this template's
         if (entry.frozenAt !== tpl.meta.frozenAt) throw new VmError('E_TEMPLATE_MISSING', `${vm} was forked from an earlier ${t} (frozen ${entry.frozenAt ?? 'at an unknown time'}, now ${tpl.meta.frozenAt})`);
         m = await Machine.open(vm);
-        await m.adopt(o, () => dropClaim(t, vm));
+        await m.adopt(o);
         return m;
       } catch (e) {
         o.log?.(`pooled ${vm} could not be claimed (${(e as Error).message}): removed`);
         m?.close();
         await removeVm(vm, { force: true }).catch(() => undefined);
-      } finally { await dropClaim(t, vm).catch(() => undefined); }
+      } finally { await dropClaim(t, vm).catch(() => undefined); } // the record names its owner now, or the VM is gone
     }
     return undefined;
   }
 
-  /** Make a pooled VM the claimer's (see claimPooled); `claimed` runs once its record names the new owner. */
-  private async adopt(o: PoolClaimOptions, claimed: () => Promise<void>): Promise<void> {
+  /** Make a pooled VM the claimer's (see claimPooled). */
+  private async adopt(o: PoolClaimOptions): Promise<void> {
     const t0 = performance.now();
     const r = this.record;
     if (r.owner?.kind !== POOL_OWNER || !r.identity) throw new VmError('E_VM_BUSY', `${this.name} is not a pooled VM`);
     this.assertRunning('claim');
     let id: CloneIdentity = { ...r.identity, hostname: o.hostname ?? r.identity.hostname, rngSeed: randomBytes(32).toString('hex') };
+    const tap = r.desc.net.mode === 'bridge' ? r.desc.net.tap : undefined;
+    if (o.pod && !tap) throw new VmError('E_NET', `${this.name}: a pooled VM without a tap cannot join a pod's network`);
     if (o.pod) {
-      if (r.desc.net.mode !== 'bridge') throw new VmError('E_NET', `${this.name}: a pooled VM without a tap cannot join a pod's network`);
-      const podNet = await readPodNetwork(o.pod);
-      // the record names the tap's new namespace first: removing the VM then finds it there
+      id = withPodNetwork(id, await readPodNetwork(o.pod));
       r.netMode = { mode: 'pod', ...o.pod };
-      r.owner = o.owner;
-      await writeRecord(r);
-      await movePodTap(r.desc.net.tap, o.pod);
-      id = withPodNetwork(id, podNet);
-    } else {
-      r.owner = o.owner;
-      await writeRecord(r);
     }
-    await claimed();
+    // the record names its owner, and the tap's new namespace, first: removing the VM then finds it all
+    r.owner = o.owner;
+    await writeRecord(r);
+    if (o.pod) await movePodTap(tap!, o.pod);
     r.identity = withDns(id, o.dns);
     const tMoved = performance.now();
     await (await this.qmp()).execute('cont');

@@ -19,7 +19,8 @@ export function templateRoot(): string {
   return config().templateDir;
 }
 
-function trustedSub(root: string, sub: string, what: string, env: string): string {
+/** root/sub, made 0700 if missing, then checked like its root (common/safe-fs). */
+export function trustedSub(root: string, sub: string, what: string, env: string): string {
   const d = join(root, sub);
   try { mkdirSync(d, { mode: 0o700 }); } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e; // an existing one is checked next

@@ -11,12 +11,11 @@
  * A pooled VM's record has the owner kind `pool`: it is kept while an entry
  * or a live claimer names it (inventory.ts, gc).
  */
-import { mkdirSync } from 'node:fs';
 import { readdir, readFile, rename, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ensureTrustedDir, writeExclusive } from '../../common/safe-fs.ts';
 import { nameProblem, validName, type ValidName } from '../../common/names.ts';
-import { runRoot } from './dirs.ts';
+import { runRoot, trustedSub } from './dirs.ts';
 
 /** The owner kind of a pooled VM's record. */
 export const POOL_OWNER = 'pool';
@@ -24,27 +23,31 @@ export const POOL_OWNER = 'pool';
 const CLAIM = /^\.claim-(\d+)-(.+)$/;
 const FILL = '.fill';
 
-function trustedMkdir(dir: string, what: string): string {
-  try { mkdirSync(dir, { mode: 0o700 }); } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e; // an existing one is checked next
-  }
-  return ensureTrustedDir(dir, { what, env: 'SCION_RUN_DIR' });
-}
-
 /** The checked pool/ directory of the run root. */
 function poolRoot(): string {
   const root = ensureTrustedDir(runRoot(), { what: 'run root', env: 'SCION_RUN_DIR' });
-  return trustedMkdir(join(root, 'pool'), 'pool directory');
+  return trustedSub(root, 'pool', 'pool directory', 'SCION_RUN_DIR');
 }
 
 /** The checked directory of one template's pool (the name is checked first: it becomes a path). */
 function poolDir(template: string): string {
-  return trustedMkdir(join(poolRoot(), validName(template, 'template')), 'pool directory');
+  return trustedSub(poolRoot(), validName(template, 'template'), 'pool directory', 'SCION_RUN_DIR');
 }
 
 const isValidName = (s: string): boolean => nameProblem(s) === undefined;
 
 const missing = (e: unknown): boolean => (e as NodeJS.ErrnoException).code === 'ENOENT';
+
+/** Remove a pool file; one already gone (taken or swept by another process) is not an error. */
+async function unlinkIfThere(path: string): Promise<void> {
+  await unlink(path).catch((e) => { if (!missing(e)) throw e; });
+}
+
+/** Whether the process a fill lock names still lives (an unreadable lock names none). */
+async function fillerAlive(lock: string, alive: (pid: number) => boolean): Promise<boolean> {
+  const pid = Number((await readFile(lock, 'utf8').catch(() => '')).trim());
+  return Number.isInteger(pid) && pid > 0 && alive(pid);
+}
 
 /** The ready entries of a template's pool, oldest first (the longest paused goes first). */
 export async function readyEntries(template: string): Promise<ValidName[]> {
@@ -81,7 +84,7 @@ export async function takeEntry(template: string, vm: ValidName): Promise<{ froz
 
 /** The claim is over: the VM's record names its new owner (or the VM is gone). */
 export async function dropClaim(template: string, vm: ValidName): Promise<void> {
-  await unlink(join(poolDir(template), `.claim-${process.pid}-${vm}`)).catch((e) => { if (!missing(e)) throw e; });
+  await unlinkIfThere(join(poolDir(template), `.claim-${process.pid}-${vm}`));
 }
 
 /** Forget `vm` in its template's pool: its entry and any claim of it (the VM is being removed). */
@@ -89,7 +92,7 @@ export async function dropEntries(template: string, vm: string): Promise<void> {
   if (!isValidName(template) || !isValidName(vm)) return;
   const dir = poolDir(template);
   for (const f of await readdir(dir)) {
-    if (f === vm || CLAIM.exec(f)?.[2] === vm) await unlink(join(dir, f)).catch((e) => { if (!missing(e)) throw e; });
+    if (f === vm || CLAIM.exec(f)?.[2] === vm) await unlinkIfThere(join(dir, f));
   }
 }
 
@@ -114,12 +117,11 @@ export async function takeFillLock(template: string, alive: (pid: number) => boo
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
       await writeExclusive(file, `${process.pid}\n`);
-      return async () => { await unlink(file).catch((e) => { if (!missing(e)) throw e; }); };
+      return () => unlinkIfThere(file);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-      const pid = Number((await readFile(file, 'utf8').catch(() => '')).trim());
-      if (Number.isInteger(pid) && pid > 0 && alive(pid)) return undefined;
-      await unlink(file).catch((u) => { if (!missing(u)) throw u; }); // its filler died: take it over
+      if (await fillerAlive(file, alive)) return undefined;
+      await unlinkIfThere(file); // its filler died: take it over
     }
   }
   return undefined; // another process took the stale lock over first
@@ -149,9 +151,9 @@ export async function sweepPool(template: string, exists: (vm: string) => boolea
     const c = CLAIM.exec(f);
     let stale = false;
     if (c) stale = !alive(Number(c[1])) || !exists(c[2]);
-    else if (f === FILL) { const pid = Number((await readFile(join(dir, f), 'utf8').catch(() => '')).trim()); stale = !(pid > 0 && alive(pid)); }
+    else if (f === FILL) stale = !(await fillerAlive(join(dir, f), alive));
     else if (!f.startsWith('.')) stale = !exists(f);
-    if (stale) { await unlink(join(dir, f)).catch((e) => { if (!missing(e)) throw e; }); removed.push(`pool:${template}/${f}`); }
+    if (stale) { await unlinkIfThere(join(dir, f)); removed.push(`pool:${template}/${f}`); }
   }
   return removed;
 }

@@ -55,6 +55,15 @@ async function shimsLeft(): Promise<string[]> {
   return shimPids(cd.dir).flatMap((p) => { try { return [`${p}: ${readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0').join(' ')}`]; } catch { return []; } });
 }
 
+/** Kill a task (ctr tasks kill `killArgs`), wait for it to stop, delete it and its container: the `ctr tasks ls` it stopped in. */
+async function killAndDelete(id: string, killArgs: string[]): Promise<string> {
+  await cd.ctr(['tasks', 'kill', ...killArgs, id]);
+  const ls = await stopped(id);
+  await cd.ctr(['tasks', 'delete', id]);
+  await cd.ctr(['containers', 'delete', id]);
+  return ls;
+}
+
 /** VMs scion knows of, other than the template. */
 async function pods(): Promise<string[]> {
   const vm = await import('../../host/index.ts');
@@ -98,10 +107,7 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
       const taskPid = Number(/svc\s+(\d+)\s+RUNNING/.exec((await cd.ctr(['tasks', 'ls'])).stdout)![1]);
       expect(ps).toContain(taskPid);
       expect(ps.length).toBeGreaterThanOrEqual(2);
-      await cd.ctr(['tasks', 'kill', '--signal', 'SIGTERM', 'svc']);
-      expect(await stopped('svc')).toMatch(/svc\s+\d+\s+STOPPED/);
-      await cd.ctr(['tasks', 'delete', 'svc']);
-      await cd.ctr(['containers', 'delete', 'svc']);
+      expect(await killAndDelete('svc', ['--signal', 'SIGTERM'])).toMatch(/svc\s+\d+\s+STOPPED/);
       expect(await pods()).toEqual([]);
       const end = Date.now() + 5000;
       while (!seen.includes('/tasks/delete') && Date.now() < end) await new Promise((r) => setTimeout(r, 50));
@@ -129,10 +135,7 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     await cd.ctr(['tasks', 'kill', '--signal', 'SIGTERM', 'all1']);
     await new Promise((r) => setTimeout(r, 1000));
     expect((await cd.ctr(['tasks', 'ls'])).stdout).toMatch(/all1\s+\d+\s+RUNNING/);
-    await cd.ctr(['tasks', 'kill', '--all', '--signal', 'SIGTERM', 'all1']);
-    expect(await stopped('all1')).toMatch(/all1\s+\d+\s+STOPPED/);
-    await cd.ctr(['tasks', 'delete', 'all1']);
-    await cd.ctr(['containers', 'delete', 'all1']);
+    expect(await killAndDelete('all1', ['--all', '--signal', 'SIGTERM'])).toMatch(/all1\s+\d+\s+STOPPED/);
     expect(await pods()).toEqual([]);
   });
 
@@ -156,10 +159,7 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     const ex = await onPty(['tasks', 'exec', '-t', '--exec-id', 'x1', 'tty2', 'sh', '-c', `${sized}; exit 6`]);
     expect(ex.out).toMatch(/on-a-tty\r+\n30 100\r+\n/);
     expect(ex.code).toBe(6);
-    await cd.ctr(['tasks', 'kill', '-s', 'SIGKILL', 'tty2']);
-    expect(await stopped('tty2')).toMatch(/tty2\s+\d+\s+STOPPED/);
-    await cd.ctr(['tasks', 'delete', 'tty2']);
-    await cd.ctr(['containers', 'delete', 'tty2']);
+    expect(await killAndDelete('tty2', ['-s', 'SIGKILL'])).toMatch(/tty2\s+\d+\s+STOPPED/);
     expect(await pods()).toEqual([]);
   });
 
@@ -169,10 +169,7 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     watcher.stdout.on('data', (c) => (seen += c));
     try {
       await cd.ctr(['run', '-d', ...RUNTIME, IMAGE, 'k9', 'sleep', '300']);
-      await cd.ctr(['tasks', 'kill', '--signal', 'SIGKILL', 'k9']);
-      expect(await stopped('k9')).toMatch(/k9\s+\d+\s+STOPPED/);
-      await cd.ctr(['tasks', 'delete', 'k9']);
-      await cd.ctr(['containers', 'delete', 'k9']);
+      expect(await killAndDelete('k9', ['--signal', 'SIGKILL'])).toMatch(/k9\s+\d+\s+STOPPED/);
     } finally { watcher.kill(); }
     const exit = seen.split('\n').find((l) => l.includes('/tasks/exit') && l.includes('"k9"'))!;
     expect(JSON.parse(exit.slice(exit.indexOf('{')))).toMatchObject({ container_id: 'k9', exit_status: 137 });
