@@ -68,7 +68,7 @@ export interface AgentCommands {
   'info': { args: Record<string, never>; result: AgentInfo };
   'identity.apply': { args: Identity; result: AppliedIdentity | IdentityNotApplied };
   'time.set': { args: { time: number }; result: { time: number; set: boolean } };
-  'clock.step': { args: { deltaMs: number; calibrate?: boolean }; result: { stepped: boolean; time?: number; clock: ClockInfo } };
+  'clock.step': { args: { deltaMs: number; calibrate?: boolean }; result: { stepped: boolean; /** whether the RTC's phase was measured (asked for and an edge could be trusted); why not: clock.lastError */ calibrated?: boolean; time?: number; clock: ClockInfo } };
   'containers.list': { args: Record<string, never>; result: { containers: ContainerStatus[] } };
   'containers.start': { args: { name: string }; result: ContainerStatus };
   'containers.stop': { args: { name: string }; result: ContainerStatus };

@@ -169,9 +169,10 @@ export class Agent {
       if (typeof a.deltaMs !== 'number' || !Number.isFinite(a.deltaMs) || Math.abs(a.deltaMs) > 1e12) throw new ProtocolError('E_BAD_ARGS', 'deltaMs: must be a finite number of milliseconds');
       if (!this.opts.system.setClock) return { stepped: false, clock: this.clock.state };
       await this.clock.step(a.deltaMs);
-      if (a.calibrate !== false) await this.clock.calibrate();
+      // a calibration that found no edge to trust is reported, not thrown: the step itself took
+      const calibrated = a.calibrate !== false ? (await this.clock.calibrate()) !== undefined : undefined;
       this.clock.kick();
-      return { stepped: true, time: Date.now(), clock: this.clock.state };
+      return { stepped: true, calibrated, time: Date.now(), clock: this.clock.state };
     },
     'info': () => this.info(),
     'identity.apply': (a) => this.applyIdentity(validateIdentity(a)),

@@ -53,6 +53,8 @@ export function driftFrom(offsetMs: number, phaseMs: number): number {
 
 /** How precisely an RTC edge must be seen to be trusted (ms between the last read of the old second and the first of the new). */
 export const EDGE_UNCERTAINTY_MS = 5;
+/** How many times calibration looks for a trustworthy RTC edge before it reports that it found none. */
+export const CALIBRATE_ATTEMPTS = 4;
 
 /**
  * The system clock minus the RTC at an edge seen between two reads (the
@@ -135,11 +137,26 @@ export class ClockKeeper {
     this.state.steps++;
   }
 
-  /** The system clock is right now (the host just stepped it): remember the RTC's phase against it. */
-  async calibrate(): Promise<number> {
+  /**
+   * The system clock is right now (the host just stepped it): remember the
+   * RTC's phase against it. An edge seen too late to trust (the guest not
+   * scheduled around it, as on a loaded host) is looked for again, up to
+   * `attempts` times (each within ~2.7 s); if none can be trusted, the phase
+   * stays unknown and the reason is in state.lastError: the keeper then
+   * leaves the clock alone (as when it is off) rather than fail a boot.
+   */
+  async calibrate(attempts = CALIBRATE_ATTEMPTS): Promise<number | undefined> {
     this.state.rtcPhaseMs = undefined;
-    this.state.rtcPhaseMs = await this.rtcOffset();
-    return this.state.rtcPhaseMs;
+    let last: Error | undefined;
+    for (let i = 0; i < attempts; i++) {
+      try {
+        this.state.rtcPhaseMs = await this.rtcOffset();
+        this.state.lastError = undefined;
+        return this.state.rtcPhaseMs;
+      } catch (e) { last = e as Error; }
+    }
+    this.state.lastError = `RTC phase not calibrated after ${attempts} attempts: ${last?.message}`;
+    return undefined;
   }
 
   /** Measure the drift against the RTC and step it away if it is over 5 ms; resolves with the drift found. */

@@ -28,8 +28,15 @@ export async function measureOffset(agent: AgentClient, n = 5): Promise<{ offset
 }
 
 /** Step the guest's clock onto the host's and have the agent calibrate its RTC reference against it. */
-export async function syncGuestClock(agent: AgentClient): Promise<{ offsetMs: number; errorMs: number; after: { offsetMs: number; errorMs: number } }> {
+/**
+ * Step the guest's clock onto the host's and have the agent calibrate its RTC
+ * reference against it. A calibration the guest could not trust (a loaded
+ * host) is reported in `calibrationError`, not thrown: the template is still
+ * good, its clones only lack the RTC keeper.
+ */
+export async function syncGuestClock(agent: AgentClient): Promise<{ offsetMs: number; errorMs: number; after: { offsetMs: number; errorMs: number }; calibrationError?: string }> {
   const before = await measureOffset(agent);
-  await agent.call('clock.step', { deltaMs: -before.offsetMs }, 30_000);
-  return { ...before, after: await measureOffset(agent) };
+  const r = await agent.call('clock.step', { deltaMs: -before.offsetMs }, 30_000);
+  const calibrationError = r.calibrated === false ? r.clock.lastError ?? 'no RTC edge could be trusted' : undefined;
+  return { ...before, after: await measureOffset(agent), calibrationError };
 }

@@ -418,7 +418,7 @@ export class Machine {
           m.record.generation = applied.generation;
           // the clones' clock reference: the template's clock stepped onto the host's, and the RTC's phase against it
           const c = await syncGuestClock(agent);
-          o.log?.(`guest clock was ${c.offsetMs.toFixed(0)} ms off (±${c.errorMs.toFixed(0)}); now ${c.after.offsetMs.toFixed(0)} ms (±${c.after.errorMs.toFixed(0)})`);
+          o.log?.(`guest clock was ${c.offsetMs.toFixed(0)} ms off (±${c.errorMs.toFixed(0)}); now ${c.after.offsetMs.toFixed(0)} ms (±${c.after.errorMs.toFixed(0)})${c.calibrationError ? `; its RTC keeper is off: ${c.calibrationError}` : ''}`);
         }
         await m.finished(timings);
       },

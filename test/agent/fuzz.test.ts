@@ -15,8 +15,17 @@ async function harness() {
   const dec = new FrameDecoder(1 << 22);
   const replies: any[] = [];
   const raw: Buffer[] = [];
+  let booted = false;
   // answers only: the agent's events (its boot's `ready`) carry no id
-  a.proc.stdout.on('data', (b: Buffer) => { raw.push(b); for (const e of dec.push(b)) if ('frame' in e) { const m = JSON.parse(e.frame); if ('id' in m) replies.push(m); } });
+  a.proc.stdout.on('data', (b: Buffer) => {
+    raw.push(b);
+    for (const e of dec.push(b)) if ('frame' in e) { const m = JSON.parse(e.frame); if ('id' in m) replies.push(m); else if (m.event === 'ready' && m.data?.boot) booted = true; }
+  });
+  // the agent says it serves before its boot is done: its boot's `ready` comes after, and would land
+  // among the answers of a test that starts at once (seen on a slower machine: the sync answered first)
+  for (const end = Date.now() + 20_000; !booted; await new Promise((r) => setTimeout(r, 10))) {
+    if (Date.now() > end) throw new Error(`the agent's boot sent no ready event within 20 s; stderr: ${a.stderr()}`);
+  }
   const send = (b: Buffer | string) => new Promise<void>((r) => { if (a.proc.stdin.write(b)) r(); else a.proc.stdin.once('drain', () => r()); });
   /** wait until a reply with this id came */
   const reply = async (id: string, ms = 20_000) => {

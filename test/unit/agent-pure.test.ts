@@ -174,3 +174,43 @@ describe('a task on a terminal', () => {
     expect(withPidNamespace(undefined, '/p')).toEqual({ namespaces: [{ type: 'pid', path: '/p' }] });
   });
 });
+
+import { ClockKeeper } from '../../guest-agent/clock.ts';
+import type { Platform } from '../../guest-agent/platform.ts';
+
+/**
+ * An RTC whose seconds tick `phaseMs` after the system clock's, read through a
+ * platform whose reads take `readMs()` each (busy: a guest starved by a loaded
+ * host sees every edge late).
+ */
+function rtcPlatform(phaseMs: number, readMs: () => number): Platform {
+  return {
+    readText: () => { const until = Date.now() + readMs(); while (Date.now() < until) { /* a slow read */ } return String(Math.floor((Date.now() - phaseMs) / 1000)); },
+    setTimeout: (cb: () => void, ms: number) => setTimeout(cb, ms),
+    clearTimeout: (t: unknown) => clearTimeout(t as NodeJS.Timeout),
+  } as unknown as Platform;
+}
+
+describe('clock calibration against the RTC', () => {
+  it('measures the RTC phase when edges are seen promptly', async () => {
+    const k = new ClockKeeper(rtcPlatform(300, () => 0), undefined as never, true, '/rtc');
+    const phase = await k.calibrate();
+    expect(phase).toBeGreaterThanOrEqual(300);
+    expect(phase).toBeLessThanOrEqual(305);
+    expect(k.state.lastError).toBeUndefined();
+  });
+  it('looks again when an edge came too late to trust, and uses the first it can trust', async () => {
+    const starvedUntil = Date.now() + 2000; // the first attempt sees only late edges
+    const k = new ClockKeeper(rtcPlatform(700, () => (Date.now() < starvedUntil ? 8 : 0)), undefined as never, true, '/rtc');
+    const phase = await k.calibrate(3);
+    expect(phase).toBeGreaterThanOrEqual(700);
+    expect(phase).toBeLessThanOrEqual(705);
+  });
+  it('reports, never throws, when no edge can be trusted: the phase stays unknown and checks leave the clock alone', async () => {
+    const k = new ClockKeeper(rtcPlatform(100, () => 8), undefined as never, true, '/rtc');
+    await expect(k.calibrate(2)).resolves.toBeUndefined();
+    expect(k.state.rtcPhaseMs).toBeUndefined();
+    expect(k.state.lastError).toMatch(/not calibrated after 2 attempts: the RTC \(\/rtc\) did not tick when expected/);
+    await expect(k.check()).resolves.toBe(0);
+  }, 15_000);
+});
