@@ -8,6 +8,7 @@ import { readFile, rm } from 'node:fs/promises';
 import { isAbsolute, join } from 'node:path';
 import { createServer } from 'node:net';
 import { hasSpare, spareKey, spareSocketName, SPARE_IDLE_MS } from './spare.ts';
+import { watchContainerd, ORPHAN_GRACE_MS, IDLE_ORPHAN_GRACE_MS } from './lifetime.ts';
 import { config } from '../common/config.ts';
 import { Machine } from '../host/machine/machine.ts';
 import { parseShimArgs, ShimUsageError, TASK_ID, type ShimArgs } from './args.ts';
@@ -34,6 +35,9 @@ async function deleteAfter(a: ShimArgs): Promise<number> {
   process.stdout.write(encode('containerd.task.v2.DeleteResponse', { pid: 0, exitStatus: 137, exitedAt: timestamp(Date.now()) }));
   return 0;
 }
+
+/** How long a shim told to go (or orphaned) takes at most to hand back what it holds. */
+const ABANDON_MS = 20_000;
 
 /** How long a serving shim waits for containerd's first connection. */
 const UNCLAIMED_MS = 60_000;
@@ -69,15 +73,16 @@ async function spare(a: ShimArgs): Promise<number> {
       c.on('error', () => {});
     });
     const idle = setTimeout(() => finish(undefined), SPARE_IDLE_MS);
-    // its containerd gone (a socket of it removed), or the shim directory: nobody will take it
-    const watch = setInterval(() => {
-      if ((ttrpc && !existsSync(ttrpc)) || (a.address && !existsSync(a.address)) || !existsSync(dir)) finish(undefined);
-    }, 2000);
+    // its containerd gone (its sockets dead or removed), or the shim directory: nobody will take it
+    const watch = watchContainerd({ sockets: [ttrpc ?? `${a.address}.ttrpc`, a.address], dirs: [dir], grace: () => IDLE_ORPHAN_GRACE_MS, onGone: () => finish(undefined) });
+    const onSignal = () => finish(undefined);
+    process.on('SIGTERM', onSignal).on('SIGINT', onSignal);
     let over = false;
     function finish(v: { id: string; bundle: string; answer: (ok: boolean) => void } | undefined) {
       if (over) return;
       over = true;
-      clearTimeout(idle); clearInterval(watch);
+      clearTimeout(idle); watch.stop();
+      process.off('SIGTERM', onSignal).off('SIGINT', onSignal);
       server.close();
       void rm(control, { force: true }).finally(() => resolve(v));
     }
@@ -106,15 +111,31 @@ async function serveTask(a: ShimArgs, id: string, socket: string, serving?: (ok:
   // A shim with no task that containerd is not connected to can never be used again (containerd
   // reconnects only to shims with tasks): it goes, whether or not a Shutdown reached it.
   const stop = async () => { await service.teardown().catch((e) => log(`teardown: ${(e as Error).message}`)); done(); };
+  // Told to go (SIGTERM), or its containerd gone for good: what it holds is handed back first
+  // (shutdown), within a bound; a second signal, or the bound passed, ends it at once.
+  let abandoning = false;
+  const abandon = (why: string) => {
+    if (abandoning) { log(`${why} again: exiting now`); process.exit(1); }
+    abandoning = true;
+    log(`${why}: removing what this shim holds and exiting`);
+    setTimeout(() => { log(`not done within ${ABANDON_MS / 1000} s: exiting anyway`); process.exit(1); }, ABANDON_MS).unref();
+    void service.shutdown().catch((e) => log(`shutdown: ${(e as Error).message}`)).finally(done);
+  };
+  const watch = watchContainerd({
+    sockets: [ttrpcAddress, a.address], dirs: [process.cwd()],
+    grace: () => (service.idle() ? IDLE_ORPHAN_GRACE_MS : ORPHAN_GRACE_MS),
+    onGone: (why) => abandon(`its containerd is gone (${why})`),
+  });
   server.onLastClose = () => { if (!server.connections && service.idle()) { log('containerd disconnected and no task is left: exiting'); void stop(); } };
   try { await server.listen(socket); } catch (e) { serving?.(false); throw e; }
   serving?.(true);
   log(`serving ${id} ${serving ? '(a spare, taken)' : `${(process.uptime() * 1000).toFixed(0)} ms after the process started`}`);
   const unclaimed = setTimeout(() => { if (!server.connections && service.idle()) { log(`containerd did not connect within ${UNCLAIMED_MS / 1000} s: exiting`); void stop(); } }, UNCLAIMED_MS);
   unclaimed.unref();
-  process.on('SIGTERM', () => void stop());
-  process.on('SIGINT', () => void stop());
+  process.on('SIGTERM', () => abandon('SIGTERM'));
+  process.on('SIGINT', () => abandon('SIGINT'));
   await finished;
+  watch.stop();
   // a pool refill under way finishes first: the VM it makes is the node's, not this pod's
   await service.settled();
   server.close();

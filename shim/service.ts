@@ -234,6 +234,10 @@ export class TaskService {
         if (this.machine !== m) return;
         for (const t of this.tasks.values()) for (const p of t.procs.values()) this.ended(t, p, 137, Date.now());
       });
+      if (this.closing.signal.aborted) {
+        await m.remove({ force: true }).catch(() => undefined);
+        throw new TtrpcError(Code.UNAVAILABLE, 'the shim is shutting down');
+      }
       this.machine = m;
       // the pool is refilled once this pod's first container has started (or a while after, if none does): off its path
       if (mode === 'pool' && poolSize > 0) {
@@ -249,8 +253,12 @@ export class TaskService {
   private refillTimer?: NodeJS.Timeout;
   private filling?: Promise<void>;
 
+  /** Aborted when the shim goes: a refill under way stops, no pod VM is made any more. */
+  private readonly closing = new AbortController();
+
   /** Refill the pool `ms` from now (the last call's time counts). */
   private refillIn(ms: number): void {
+    if (this.closing.signal.aborted) return;
     clearTimeout(this.refillTimer);
     this.refillTimer = setTimeout(() => this.refillPool(), ms);
     this.refillTimer.unref();
@@ -263,7 +271,7 @@ export class TaskService {
     if (!template || this.filling) return;
     this.poolTemplate = undefined;
     const t0 = performance.now();
-    this.filling = Machine.fillPool(template, { size: config().shimPool, prefix: 'pod', log: this.o.log })
+    this.filling = Machine.fillPool(template, { size: config().shimPool, prefix: 'pod', log: this.o.log, signal: this.closing.signal })
       .then((n) => { if (n) this.o.log(`pool of ${template}: ${n} VM${n > 1 ? 's' : ''} added in ${(performance.now() - t0).toFixed(0)} ms`); })
       .catch((e) => this.o.log(`pool of ${template} not refilled: ${(e as Error).message}`))
       .finally(() => { this.filling = undefined; this.o.onIdleChange?.(); });
@@ -441,6 +449,21 @@ export class TaskService {
       return {};
     },
   };
+
+  /**
+   * The shim is going (SIGTERM, or its containerd is gone): hand back what it
+   * holds. A refill under way stops after the fork it is in (that VM is
+   * removed; VMs already pooled are the node's and stay), a pod VM being made
+   * is removed once made, the pod's VM goes. Its tasks' processes end with it.
+   */
+  async shutdown(): Promise<void> {
+    this.closing.abort();
+    clearTimeout(this.refillTimer);
+    this.poolTemplate = undefined;
+    await this.forking?.catch(() => undefined);
+    await this.filling;
+    await this.teardown();
+  }
 
   /** Whether it serves no task (and is not making its pod VM). */
   idle(): boolean { return !this.tasks.size && !this.forking && !this.filling; }

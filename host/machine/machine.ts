@@ -99,6 +99,8 @@ export interface PoolFillOptions {
   /** pooled VMs are named <prefix>-c<index> */
   prefix: string;
   log?: (m: string) => void;
+  /** stops the fill: no fork starts after it, and a VM forked meanwhile is removed, not pooled */
+  signal?: AbortSignal;
 }
 
 export interface PoolClaimOptions {
@@ -513,9 +515,15 @@ export class Machine {
     if (!release) return 0;
     let added = 0;
     try {
-      for (let ready = (await readyEntries(tpl.meta.name)).length; ready < o.size; ready = (await readyEntries(tpl.meta.name)).length) {
+      for (let ready = (await readyEntries(tpl.meta.name)).length; ready < o.size && !o.signal?.aborted; ready = (await readyEntries(tpl.meta.name)).length) {
         // the hostname a fork on demand would have: a claim without a hostname of its own keeps it
         const m = await Machine.fork(tpl, { prefix: validName(o.prefix, 'clone prefix'), owner: { pid: process.pid, kind: POOL_OWNER }, hostname: `${tpl.meta.name.replace(/-tpl$/, '')}-{n}`, log: o.log });
+        if (o.signal?.aborted) {
+          // the filler is going (its containerd went, or it was told to stop): nothing half-made stays behind
+          await m.remove({ force: true }).catch(() => undefined);
+          o.log?.(`pool of ${tpl.meta.name}: fill stopped, ${m.name} removed`);
+          break;
+        }
         try {
           await m.pause();
           m.close();

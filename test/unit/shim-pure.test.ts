@@ -233,3 +233,40 @@ describe('spare shims: which containerd and namespace a spare serves', () => {
     expect(parsed).toMatchObject({ action: 'spare', namespace: 'k8s.io', address: a.address, publishBinary: '/usr/bin/containerd' });
   });
 });
+
+import { judge, reachable } from '../../shim/lifetime.ts';
+import { createServer as netServer } from 'node:net';
+import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { spawnSync } from 'node:child_process';
+
+describe('a shim judging whether its containerd is gone', () => {
+  it('gone at once when its directories are; away within the grace (a restart); gone past it', () => {
+    const since = 1000;
+    expect(judge({ at: 1500, dirsThere: false, reachable: true }, 1400, since, 5000)).toBe('gone');
+    expect(judge({ at: 9000, dirsThere: true, reachable: true }, 9000, since, 5000)).toBe('alive');
+    // last reachable at 4000: unreachable until 8999 is a restart's window, from 9000 on it is gone
+    expect(judge({ at: 8999, dirsThere: true, reachable: false }, 4000, since, 5000)).toBe('away');
+    expect(judge({ at: 9000, dirsThere: true, reachable: false }, 4000, since, 5000)).toBe('gone');
+    // never reachable since the watch began: counted from its start
+    expect(judge({ at: 1999, dirsThere: true, reachable: false }, undefined, since, 1000)).toBe('away');
+    expect(judge({ at: 2000, dirsThere: true, reachable: false }, undefined, since, 1000)).toBe('gone');
+  });
+  it('a socket is reachable while something accepts on it; not once it is closed (file left, as after SIGKILL) or removed', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'scion-life-'));
+    const path = join(dir, 'c.sock');
+    const srv = netServer((c) => c.destroy());
+    await new Promise<void>((r) => srv.listen(path, r));
+    expect(await reachable(path)).toBe(true);
+    // a listener that is gone but whose file stays: what a SIGKILLed containerd leaves
+    const stale = join(dir, 'stale.sock');
+    spawnSync(process.execPath, ['-e', `require('net').createServer().listen(${JSON.stringify(stale)}, () => process.kill(process.pid, 'SIGKILL'))`], { stdio: 'ignore' });
+    expect(existsSync(stale)).toBe(true);
+    expect(await reachable(stale)).toBe(false);
+    await new Promise<void>((r) => srv.close(() => r()));
+    expect(await reachable(path)).toBe(false);
+    expect(await reachable(join(dir, 'none.sock'))).toBe(false);
+    rmSync(dir, { recursive: true, force: true });
+  });
+});
