@@ -12,7 +12,7 @@ export const PROTOCOL_VERSION = 1;
 /** Error codes the agent answers with (PROTOCOL.md "Error codes"). */
 export const AGENT_ERROR_CODES = [
   'E_FRAME_TOO_LARGE', 'E_BAD_JSON', 'E_BAD_REQUEST', 'E_UNKNOWN_COMMAND', 'E_BAD_ARGS',
-  'E_EXEC_DISABLED', 'E_NO_CONTAINER', 'E_APPLY_FAILED', 'E_INTERNAL', 'E_BUSY', 'E_NO_TASK', 'E_NO_DISK', 'E_NO_TERMINAL',
+  'E_EXEC_DISABLED', 'E_NO_CONTAINER', 'E_APPLY_FAILED', 'E_INTERNAL', 'E_BUSY', 'E_NO_TASK', 'E_NO_DISK', 'E_NO_TERMINAL', 'E_NO_PORT',
 ] as const;
 export type AgentErrorCode = (typeof AGENT_ERROR_CODES)[number];
 
@@ -56,6 +56,12 @@ export interface AgentInfo {
 
 /** `time`: the guest's clock when it answered (ms since the epoch) */
 export interface AppliedIdentity { applied: true; generation: number; stepsMs: Steps; totalMs: number; healthy: boolean; time: number }
+/**
+ * A task process's stdio: the names of the virtio-serial ports the host
+ * hot-added for its streams (scion.io.<16 hex>.<0|1|2>); a stream without one
+ * is /dev/null.
+ */
+export interface TaskStdio { stdin?: string; stdout?: string; stderr?: string }
 /** What a task's processes use now, summed over them (the guest's view; the VM's memory is their limit). */
 export interface TaskStats { id: string; pids: number; cpuUserUsec: number; cpuSystemUsec: number; memoryBytes: number; anonBytes: number; fileBytes: number; limitBytes: number }
 
@@ -78,10 +84,9 @@ export interface AgentCommands {
   'freeze.prepare': { args: Record<string, never>; result: { prepared: true; ms: number; generation: number } };
   'shutdown': { args: Record<string, never>; result: { shuttingDown: true } };
   'task.create': { args: { id: string; disk: string; spec: Record<string, unknown>; terminal?: boolean; podPid?: boolean }; result: { id: string; device: string; rootfs: string; stepsMs?: { device: number; mount: number; podPid?: number } } };
-  'task.start': { args: { id: string }; result: { id: string; pid: number } };
-  'task.exec': { args: { id: string; execId: string; process: Record<string, unknown>; terminal?: boolean }; result: { id: string; execId: string; pid: number } };
+  'task.start': { args: { id: string; stdio?: TaskStdio }; result: { id: string; pid: number } };
+  'task.exec': { args: { id: string; execId: string; process: Record<string, unknown>; terminal?: boolean; stdio?: TaskStdio }; result: { id: string; execId: string; pid: number } };
   'task.resize': { args: { id: string; execId?: string; width: number; height: number }; result: { id: string; tty: string } };
-  'task.input': { args: { id: string; execId?: string; data: string; close?: boolean }; result: { written: number } };
   'task.kill': { args: { id: string; execId?: string; signal: number; all?: boolean }; result: { id: string; signal: number } };
   'task.pids': { args: { id: string }; result: { id: string; pids: number[] } };
   'task.stats': { args: { id: string }; result: TaskStats };
@@ -96,7 +101,7 @@ export type ResultOf<C extends AgentCommand> = AgentCommands[C]['result'];
 export const COMMANDS = [
   'sync', 'ping', 'info', 'identity.apply', 'time.set', 'containers.list', 'containers.start', 'containers.stop',
   'containers.restart', 'containers.logs', 'exec', 'freeze.prepare', 'shutdown', 'clock.step',
-  'task.create', 'task.start', 'task.exec', 'task.input', 'task.kill', 'task.resize', 'task.pids', 'task.stats', 'task.delete',
+  'task.create', 'task.start', 'task.exec', 'task.kill', 'task.resize', 'task.pids', 'task.stats', 'task.delete',
 ] as const satisfies readonly AgentCommand[];
 
 /** Every event: its data. */
@@ -107,9 +112,11 @@ export interface AgentEvents {
   'container-exited': { name: string; exitCode: number | null };
   'container-restarted': { name: string; restarts: number; reason: 'exited' | 'identity' | 'request' };
   /** a task's output, base64 (execId '' for the task's own process) */
-  'task-output': { id: string; execId: string; stream: 'stdout' | 'stderr'; data: string };
-  /** a task's process ended; every task-output of it came before */
-  'task-exit': { id: string; execId: string; exitCode: number; pid: number; exitedAt: number };
+  /**
+   * a task's process ended; `sent`: the bytes each of its output ports had
+   * queued for the host by then (the host has its output once it read that many)
+   */
+  'task-exit': { id: string; execId: string; exitCode: number; pid: number; exitedAt: number; sent?: { stdout?: number; stderr?: number } };
 }
 export type AgentEventName = keyof AgentEvents;
 export interface AgentEvent<E extends AgentEventName = AgentEventName> { event: E; data: AgentEvents[E]; ts: number }

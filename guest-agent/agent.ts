@@ -212,7 +212,6 @@ export class Agent {
     'task.create': (a) => this.tasksAllowed().create(a),
     'task.start': (a) => this.tasksAllowed().start(a),
     'task.exec': (a) => this.tasksAllowed().exec(a),
-    'task.input': (a) => this.tasksAllowed().input(a),
     'task.kill': (a) => this.tasksAllowed().kill(a),
     'task.resize': (a) => this.tasksAllowed().resize(a),
     'task.pids': (a) => this.tasksAllowed().pids(a),

@@ -238,6 +238,14 @@ export const qjsPlatform: Platform = {
     return err === 0 ? st.size : undefined;
   },
   spawn: (argv, opts) => spawnWith(argv, opts?.stderr ?? 'discard'),
+  spawnAttached(argv, [stdin, stdout, stderr]) {
+    // QuickJS's exec dup2s these onto 0-2 in the child and closes every other descriptor there
+    const pid = os.exec(argv, { block: false, usePath: true, stdin, stdout, stderr });
+    if (pid < 0) throw new Error(`${argv[0]}: cannot start: ${std.strerror(-pid)}`);
+    return { pid, exited: exitOf(pid) };
+  },
+  openFd: (path, how) => check(os.open(path, (how === 'read' ? os.O_RDONLY : os.O_WRONLY) | O_CLOEXEC), 'open', path),
+  closeFd: (fd) => { os.close(fd); },
   run: runToEnd,
   kill: (pid, signal) => os.kill(pid, signal) === 0,
   setTimeout: (cb, ms) => os.setTimeout(cb, ms),

@@ -41,6 +41,13 @@ export interface Child {
 
 export interface RunResult { exitCode: number; stdout: string; stderr: string }
 
+/** A child process started on descriptors the agent opened (a task's stdio ports): no pipes through the agent. */
+export interface AttachedChild {
+  readonly pid: number;
+  /** resolves with the exit status (128 + signal when killed) */
+  readonly exited: Promise<number>;
+}
+
 export interface Platform {
   readText(path: string): string;
   readBytes(path: string): Uint8Array;
@@ -56,6 +63,14 @@ export interface Platform {
   fileSize(path: string): number | undefined;
   /** start argv[0] (found on PATH) with stdin and stdout as pipes, stderr discarded unless piped too */
   spawn(argv: string[], opts?: { stderr?: 'discard' | 'pipe' }): Child;
+  /**
+   * start argv[0] (found on PATH) with `stdio` as its descriptors 0, 1 and 2
+   * (the caller's copies stay open: close them with closeFd once it started)
+   */
+  spawnAttached(argv: string[], stdio: [number, number, number]): AttachedChild;
+  /** open a file or device for reading or writing (blocking, as a child will use it); its descriptor */
+  openFd(path: string, how: 'read' | 'write'): number;
+  closeFd(fd: number): void;
   /** run argv to its end (or timeoutMs, then SIGKILL), capturing up to maxOutput bytes of each stream */
   run(argv: string[], opts?: { timeoutMs?: number; maxOutput?: number }): Promise<RunResult>;
   /** send `signal` to a process (one not started by spawn: a container's, by its pid); false if there is none */

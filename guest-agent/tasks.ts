@@ -2,15 +2,18 @@
  * Tasks: the containers of a containerd pod (shim/). Each arrives as an OCI
  * runtime config from the host and a read-only erofs disk (its rootfs) the
  * host plugged in after the fork; it runs under crun over an overlay
- * (the image stays read-only and shared, writes stay in the guest), with its
- * stdio piped through the agent: output as `task-output` events, input by
- * `task.input`, the end as a `task-exit` event. Execs run in it by crun exec.
+ * (the image stays read-only and shared, writes stay in the guest). Its
+ * stdio are virtio-serial ports the host hot-added for it (ports.ts): crun,
+ * and so the container, gets the ports' devices as its descriptors, and its
+ * bytes never pass through the agent. Its end is a `task-exit` event that
+ * says how many bytes each output port had queued for the host, so the host
+ * knows when it has them all. Execs run in it by crun exec.
  */
-import { sleep, type Child, type Platform } from './platform.ts';
+import { sleep, type AttachedChild, type Child, type Platform } from './platform.ts';
 import type { ShellWorker } from './shell.ts';
 import { ProtocolError } from './protocol.ts';
-import { base64Decode, base64Encode } from '../common/base64.ts';
-import type { AgentEventName, AgentEvents, TaskStats } from '../common/agent-protocol.ts';
+import { StreamPorts, STREAM_PORT } from './ports.ts';
+import type { AgentEventName, AgentEvents, TaskStats, TaskStdio } from '../common/agent-protocol.ts';
 
 export const TASK_ROOT = '/run/scion/tasks';
 const ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
@@ -40,10 +43,27 @@ export function unmountScript(id: string): string {
   return [`umount ${p.rootfs} 2>/dev/null || true`, `umount ${p.lower} 2>/dev/null || true`, `rm -rf ${p.dir}`].join('\n');
 }
 
-/** `terminal`: it runs on a pty (util-linux script holds the pty's master side; its child, the pty's first user) */
-interface Proc { execId: string; child: Child; pid?: number; exitCode?: number; terminal: boolean }
+/**
+ * `terminal`: it runs on a pty (util-linux script holds the pty's master side; its child, the pty's first user).
+ * `outputs`: the devices of its stdout and stderr ports, whose counters its exit reports.
+ */
+interface Proc { execId: string; child: AttachedChild; pid?: number; exitCode?: number; terminal: boolean; outputs: { stdout?: string; stderr?: string } }
 /** `ownPidNs`: it runs in a pid namespace of its own, which tells its processes apart (no cgroup needed) */
-interface Task { id: string; device: string; ownPidNs: boolean; terminal: boolean; init?: Proc; execs: Map<string, Proc> }
+interface Task { id: string; device: string; ownPidNs: boolean; terminal: boolean; init?: Proc; starting?: boolean; execs: Map<string, Proc> }
+
+/** The `stdio` argument of task.start and task.exec: port names by stream, checked. Pure. */
+export function stdioArg(v: unknown): TaskStdio | undefined {
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== 'object' || Array.isArray(v)) throw new ProtocolError('E_BAD_ARGS', 'stdio: an object of port names (stdin, stdout, stderr)');
+  const out: TaskStdio = {};
+  for (const [k, name] of Object.entries(v as Record<string, unknown>)) {
+    if (k !== 'stdin' && k !== 'stdout' && k !== 'stderr') throw new ProtocolError('E_BAD_ARGS', `stdio.${k.slice(0, 20)}: not a stream (stdin, stdout, stderr)`);
+    if (name === undefined) continue;
+    if (typeof name !== 'string' || !STREAM_PORT.test(name)) throw new ProtocolError('E_BAD_ARGS', `stdio.${k}: a port name the host added (scion.io.<16 hex>.<0-2>)`);
+    out[k] = name;
+  }
+  return out;
+}
 
 /** Where util-linux's script is (the image's bsdutils): what runs a task's process on a pty. */
 export const SCRIPT_BIN = '/usr/bin/script';
@@ -125,7 +145,11 @@ export class TaskRunner {
   /** the process whose children live in the pod's pid namespace (made at the first container that shares it) */
   private podPidHolder?: Child;
 
-  constructor(private readonly p: Platform, private readonly shell: ShellWorker, private readonly emit: <E extends AgentEventName>(e: E, d: AgentEvents[E]) => void, readonly crunBin = 'crun') {}
+  private readonly ports: StreamPorts;
+
+  constructor(private readonly p: Platform, private readonly shell: ShellWorker, private readonly emit: <E extends AgentEventName>(e: E, d: AgentEvents[E]) => void, readonly crunBin = 'crun') {
+    this.ports = new StreamPorts(p, shell);
+  }
 
   private get(id: string): Task {
     const t = this.tasks.get(id);
@@ -171,31 +195,60 @@ export class TaskRunner {
     return { id, device, rootfs: paths.rootfs, stepsMs: { device: Math.round(t1 - t0), mount: Math.round(t2 - t1), podPid: Math.round(t3 - t2) } };
   }
 
-  /** Pipe a process's output to events and its end to a task-exit event. */
+  /** Report a process's end, with the bytes its output ports had queued for the host by then. */
   private watch(id: string, proc: Proc) {
-    const out = (stream: 'stdout' | 'stderr') => (c: Uint8Array) => this.emit('task-output', { id, execId: proc.execId, stream, data: base64Encode(c) });
-    proc.child.onStdout(out('stdout'));
-    proc.child.onStderr(out('stderr'));
-    void proc.child.exited.then(async (code) => {
-      await proc.child.ended; // all output delivered before the exit
+    void proc.child.exited.then((code) => {
       proc.exitCode = code;
-      this.emit('task-exit', { id, execId: proc.execId, exitCode: code, pid: proc.pid ?? 0, exitedAt: Date.now() });
+      // every writer of the ports is gone (crun and the container's processes): these counts are final
+      const sent: { stdout?: number; stderr?: number } = {};
+      for (const k of ['stdout', 'stderr'] as const) {
+        const dev = proc.outputs[k];
+        const n = dev ? this.ports.stats(dev)?.bytesSent : undefined;
+        if (n !== undefined) sent[k] = n;
+      }
+      this.emit('task-exit', { id, execId: proc.execId, exitCode: code, pid: proc.pid ?? 0, exitedAt: Date.now(), sent });
     });
   }
 
   /**
-   * Start crun (run or exec) with its stdio piped to events. `proc` is there
-   * at once (the caller records it before waiting, so a second start is
+   * The descriptors a process runs on: each stream's port (an input port once
+   * its host side is connected), else /dev/null. The caller closes them once
+   * the process started.
+   */
+  private async openStdio(stdio: TaskStdio | undefined): Promise<{ fds: [number, number, number]; outputs: Proc['outputs'] }> {
+    const fds: number[] = [];
+    const outputs: Proc['outputs'] = {};
+    try {
+      for (const k of ['stdin', 'stdout', 'stderr'] as const) {
+        const name = stdio?.[k];
+        const how = k === 'stdin' ? 'read' : 'write';
+        if (!name) { fds.push(this.p.openFd('/dev/null', how)); continue; }
+        let dev: string;
+        try { dev = await this.ports.wait(String(name), { connected: k === 'stdin' }); } catch (e) { throw new ProtocolError('E_NO_PORT', `stdio.${k}: ${(e as Error).message}`); }
+        fds.push(this.p.openFd(`/dev/${dev}`, how));
+        if (k !== 'stdin') outputs[k] = dev;
+      }
+    } catch (e) { for (const fd of fds) this.p.closeFd(fd); throw e; }
+    return { fds: fds as [number, number, number], outputs };
+  }
+
+  /**
+   * Start crun (run or exec) on the task's stdio ports. `proc` is there at
+   * once (the caller records it before waiting, so a second start is
    * refused); `started` resolves with the container process's pid once crun's
    * pid file names it (0 if crun ended first).
    */
-  private launch(id: string, execId: string, argv: string[], pidFile: string, terminal: boolean): { proc: Proc; started: Promise<number> } {
-    const proc: Proc = { execId, terminal, child: this.p.spawn(terminal ? onTerminal(argv) : argv, { stderr: 'pipe' }) };
+  private async launch(id: string, execId: string, argv: string[], pidFile: string, terminal: boolean, stdio: TaskStdio | undefined, record: (p: Proc) => void): Promise<number> {
+    const { fds, outputs } = await this.openStdio(stdio);
+    let child: AttachedChild;
+    try { child = this.p.spawnAttached(terminal ? onTerminal(argv) : argv, fds); } finally { for (const fd of fds) this.p.closeFd(fd); }
+    const proc: Proc = { execId, terminal, child, outputs };
+    record(proc);
     this.watch(id, proc);
-    return { proc, started: this.pidFrom(pidFile, proc.child).then((pid) => (proc.pid = pid)) };
+    return (proc.pid = await this.pidFrom(pidFile, child));
   }
 
-  private async pidFrom(file: string, child: Child): Promise<number> {
+  private async pidFrom(file: string, child: AttachedChild): Promise<number> {
     for (let i = 0; i < 400; i++) {
       try { const n = Number(this.p.readText(file).trim()); if (n > 0) return n; } catch { /* not written yet */ }
       const done = await Promise.race([child.exited.then(() => true), sleep(this.p, 10).then(() => false)]);
@@ -206,11 +259,13 @@ export class TaskRunner {
 
   async start(a: Record<string, unknown>): Promise<{ id: string; pid: number }> {
     const t = this.get(String(a.id));
-    if (t.init) throw new ProtocolError('E_BAD_ARGS', `task ${t.id} was started already`);
+    if (t.init || t.starting) throw new ProtocolError('E_BAD_ARGS', `task ${t.id} was started already`);
     const paths = taskPaths(t.id);
-    const { proc, started } = this.launch(t.id, '', [this.crunBin, ...crunGlobalArgs(t.ownPidNs), 'run', '--no-pivot', '--pid-file', paths.pidFile, '--bundle', paths.dir, t.id], paths.pidFile, t.terminal);
-    t.init = proc;
-    return { id: t.id, pid: await started };
+    t.starting = true;
+    try {
+      const pid = await this.launch(t.id, '', [this.crunBin, ...crunGlobalArgs(t.ownPidNs), 'run', '--no-pivot', '--pid-file', paths.pidFile, '--bundle', paths.dir, t.id], paths.pidFile, t.terminal, stdioArg(a.stdio), (p) => (t.init = p));
+      return { id: t.id, pid };
+    } finally { t.starting = false; }
   }
 
   async exec(a: Record<string, unknown>): Promise<{ id: string; execId: string; pid: number }> {
@@ -222,26 +277,20 @@ export class TaskRunner {
     const file = `${taskPaths(t.id).dir}/exec-${execId}.json`;
     const pidFile = `${taskPaths(t.id).dir}/exec-${execId}.pid`;
     this.p.writeText(file, JSON.stringify({ ...(a.process as object), terminal: false }));
-    const { proc, started } = this.launch(t.id, execId, [this.crunBin, 'exec', '--process', file, '--pid-file', pidFile, t.id], pidFile, a.terminal === true);
-    t.execs.set(execId, proc);
-    return { id: t.id, execId, pid: await started };
+    const placeholder = { execId } as Proc; // the id is taken while the ports are waited for
+    t.execs.set(execId, placeholder);
+    try {
+      const pid = await this.launch(t.id, execId, [this.crunBin, 'exec', '--process', file, '--pid-file', pidFile, t.id], pidFile, a.terminal === true, stdioArg(a.stdio), (p) => t.execs.set(execId, p));
+      return { id: t.id, execId, pid };
+    } catch (e) { if (t.execs.get(execId) === placeholder) t.execs.delete(execId); throw e; }
   }
 
   private proc(a: Record<string, unknown>): { t: Task; proc: Proc } {
     const t = this.get(String(a.id));
     const execId = String(a.execId ?? '');
     const proc = execId ? t.execs.get(execId) : t.init;
-    if (!proc) throw new ProtocolError('E_NO_TASK', `task ${t.id} has no ${execId ? `exec ${execId}` : 'started process'}`);
+    if (!proc?.child) throw new ProtocolError('E_NO_TASK', `task ${t.id} has no ${execId ? `exec ${execId}` : 'started process'}`);
     return { t, proc };
-  }
-
-  input(a: Record<string, unknown>): { written: number } {
-    const { proc } = this.proc(a);
-    let data: Uint8Array;
-    try { data = base64Decode(String(a.data ?? '')); } catch (e) { throw new ProtocolError('E_BAD_ARGS', `data: ${(e as Error).message}`); }
-    proc.child.writeBytes(data);
-    if (a.close === true) proc.child.closeStdin();
-    return { written: data.length };
   }
 
   async kill(a: Record<string, unknown>): Promise<{ id: string; signal: number }> {

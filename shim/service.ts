@@ -8,24 +8,26 @@
  * - the pod's containers (container-type = container, same sandbox-id):
  *   each rootfs packed to erofs and hot-plugged, run by the agent under crun;
  * - a lone task (`ctr run`: no CRI annotations): a pod of its own.
- * Stdio goes between containerd's FIFOs and the agent's task-output events /
- * task.input; exits come from the agent's task-exit events.
+ * Stdio goes between containerd's FIFOs and virtio-serial ports hot-added
+ * per stream (stdio.ts), never through the agent; exits come from the
+ * agent's task-exit events, told once the process's output is all written.
  */
 import { open, readFile, rm, writeFile } from 'node:fs/promises';
-import { constants, createReadStream, type WriteStream, createWriteStream } from 'node:fs';
+import { constants } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { Machine } from '../host/machine/machine.ts';
 import { loadImage } from '../host/image.ts';
 import type { AgentClient } from '../host/agent-client.ts';
-import { base64Decode, base64Encode } from '../common/base64.ts';
 import { TtrpcError, Code, type Handler } from './ttrpc.ts';
 import { EventPublisher } from './events.ts';
 import { guestSpec, parseResolvConf, resolvConfSource, type OciSpec } from './spec.ts';
 import type { DnsConfig } from '../common/contracts.ts';
 import { packRootfs, type Mount } from './rootfs.ts';
+import { ProcessStdio } from './stdio.ts';
+import { streamKey } from '../host/machine/stream-ports.ts';
 import { any, timestamp } from './proto.ts';
-import type { TaskStats } from '../common/agent-protocol.ts';
+import type { AgentEvents, TaskStats } from '../common/agent-protocol.ts';
 import { HOSTNAME_PATTERN } from '../common/contracts.ts';
 
 /** containerd.v1.types.Status */
@@ -98,7 +100,8 @@ interface Proc {
   terminal: boolean;
   spec?: Record<string, unknown>;
   exited: Promise<void>; resolveExit: () => void;
-  out?: WriteStream; err?: WriteStream;
+  /** its streams' ports and FIFOs, from its start */
+  io?: ProcessStdio;
 }
 interface Task { id: string; bundle: string; kind: TaskKind; procs: Map<string, Proc>; disk?: string }
 
@@ -119,7 +122,9 @@ export class TaskService {
   private forking?: Promise<Machine>;
   private readonly tasks = new Map<string, Task>();
 
-  constructor(private readonly o: ShimOptions) {}
+  constructor(private readonly o: ShimOptions) {
+    this.vmGone = new Promise((r) => { this.markVmGone = r; });
+  }
 
   private task(id: string): Task {
     const t = this.tasks.get(id);
@@ -142,43 +147,36 @@ export class TaskService {
     return p;
   }
 
-  /** Output FIFOs are opened for writing once (containerd holds their read ends). */
-  private openOutputs(t: Task, p: Proc) {
-    const name = p.execId || t.id;
-    if (p.stdout) p.out = createWriteStream(p.stdout, { flags: 'w' }).on('error', (e) => this.o.log(`stdout of ${name}: ${e.message}`));
-    if (p.stderr) p.err = createWriteStream(p.stderr, { flags: 'w' }).on('error', (e) => this.o.log(`stderr of ${name}: ${e.message}`));
-  }
+  /** Resolved when the pod's VM went away: output still awaited from it never comes. */
+  private vmGone!: Promise<void>;
+  private markVmGone!: () => void;
 
-  /** Relay the stdin FIFO to the process; its end closes the process's stdin. */
-  private relayInput(t: Task, p: Proc) {
-    if (!p.stdin) return;
-    const args = { id: t.id, execId: p.execId || undefined };
-    const s = createReadStream(p.stdin);
-    s.on('data', (c) => { void this.agent?.call('task.input', { ...args, data: base64Encode(c as Buffer) }).catch((e) => this.o.log(`stdin: ${e.message}`)); });
-    s.on('end', () => { void this.agent?.call('task.input', { ...args, data: '', close: true }).catch(() => undefined); });
-    s.on('error', (e) => this.o.log(`stdin of ${p.execId || t.id}: ${e.message}`));
-  }
-
-  /** A process ended: close its outputs, tell containerd, release its waiters. */
-  private ended(t: Task, p: Proc, exitCode: number, exitedAt: number) {
+  /**
+   * A process ended: its output written out (all `sent` bytes came), then
+   * containerd told, its waiters released.
+   */
+  private ended(t: Task, p: Proc, exitCode: number, exitedAt: number, sent?: { stdout?: number; stderr?: number }) {
     if (p.status === Status.STOPPED) return;
     p.status = Status.STOPPED; p.exitStatus = exitCode; p.exitedAt = exitedAt;
-    const closed = Promise.all([p.out, p.err].map((s) => s && new Promise((r) => s.end(r))));
-    void closed.then(() => this.o.publisher.publish('/tasks/exit', { containerId: t.id, id: p.execId || t.id, pid: p.pid, exitStatus: exitCode, exitedAt: timestamp(exitedAt) })).then(() => p.resolveExit());
+    const drained = p.io ? p.io.drain(sent, this.vmGone).catch((e) => this.o.log(`output of ${p.execId || t.id}: ${(e as Error).message}`)) : Promise.resolve();
+    void drained.then(() => this.o.publisher.publish('/tasks/exit', { containerId: t.id, id: p.execId || t.id, pid: p.pid, exitStatus: exitCode, exitedAt: timestamp(exitedAt) })).then(() => p.resolveExit());
   }
 
   private onAgentEvent = (e: { event: string; data: unknown }) => {
-    if (e.event === 'task-output') {
-      const d = e.data as { id: string; execId: string; stream: string; data: string };
-      const p = this.tasks.get(d.id)?.procs.get(d.execId);
-      (d.stream === 'stderr' ? p?.err : p?.out)?.write(base64Decode(d.data));
-    } else if (e.event === 'task-exit') {
-      const d = e.data as { id: string; execId: string; exitCode: number; exitedAt: number };
+    if (e.event === 'task-exit') {
+      const d = e.data as AgentEvents['task-exit'];
       const t = this.tasks.get(d.id);
       const p = t?.procs.get(d.execId);
-      if (t && p) this.ended(t, p, d.exitCode, d.exitedAt);
+      if (t && p) this.ended(t, p, d.exitCode, d.exitedAt, d.sent);
     }
   };
+
+  /** The process's streams as ports on the pod's VM, joined to containerd's FIFOs (none wanted: none made). */
+  private async openStdio(t: Task, p: Proc): Promise<void> {
+    const t0 = performance.now();
+    p.io = await ProcessStdio.open(this.machine!, streamKey(t.id, p.execId), p, (m) => this.o.log(`${p.execId || t.id} ${m}`));
+    if (Object.keys(p.io.stdio).length) this.o.log(`${p.execId || t.id}: stdio ports (${Object.keys(p.io.stdio).join(', ')}) added in ${(performance.now() - t0).toFixed(0)} ms`);
+  }
 
   /**
    * The template a pod forks from: one made from the image its annotation
@@ -232,6 +230,7 @@ export class TaskService {
       // the VM went away under the pod (its QEMU killed, or removed): every process of it ended, as if SIGKILLed
       this.agent.onClosed(() => {
         if (this.machine !== m) return;
+        this.markVmGone();
         for (const t of this.tasks.values()) for (const p of t.procs.values()) this.ended(t, p, 137, Date.now());
       });
       if (this.closing.signal.aborted) {
@@ -355,17 +354,20 @@ export class TaskService {
       if (t.kind === 'sandbox') {
         p.status = Status.RUNNING;
       } else {
-        this.openOutputs(t, p);
+        await this.openStdio(t, p);
         const t0 = performance.now();
-        const res = execId
-          ? await this.agent!.call('task.exec', { id: t.id, execId, process: p.spec!, terminal: p.terminal || undefined }, 60_000)
-          : await this.agent!.call('task.start', { id: t.id }, 60_000);
+        const stdio = p.io!.stdio;
+        let res;
+        try {
+          res = execId
+            ? await this.agent!.call('task.exec', { id: t.id, execId, process: p.spec!, terminal: p.terminal || undefined, stdio }, 60_000)
+            : await this.agent!.call('task.start', { id: t.id, stdio }, 60_000);
+        } catch (e) { await p.io!.close(); p.io = undefined; throw e; }
         p.pid = res.pid;
         this.o.log(`${execId || t.id}: started in the guest in ${(performance.now() - t0).toFixed(0)} ms`);
         // the pool is refilled a little after the pod's first container started: not while it starts serving
         if (!execId && this.poolTemplate) this.refillIn(REFILL_DELAY_MS);
         if (p.status !== Status.STOPPED) p.status = Status.RUNNING;
-        this.relayInput(t, p);
       }
       if (execId) await this.o.publisher.publish('/tasks/exec-started', { containerId: t.id, execId, pid: p.pid });
       else await this.o.publisher.publish('/tasks/start', { containerId: t.id, pid: p.pid });
@@ -409,8 +411,8 @@ export class TaskService {
     },
     CloseIO: async (r) => {
       const execId = String(r.execId ?? '');
-      const { t } = this.proc(String(r.id), execId);
-      if (r.stdin && t.kind !== 'sandbox') await this.agent!.call('task.input', { id: t.id, execId: execId || undefined, data: '', close: true }, 15_000);
+      const { p } = this.proc(String(r.id), execId);
+      if (r.stdin) p.io?.closeInput();
       return {};
     },
     Stats: async (r) => {
@@ -431,7 +433,8 @@ export class TaskService {
       const execId = String(r.execId ?? '');
       const { t, p } = this.proc(String(r.id), execId);
       const answer = { pid: p.pid, exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt ?? Date.now()) };
-      if (execId) { t.procs.delete(execId); return answer; }
+      if (execId) { t.procs.delete(execId); await p.io?.close(); return answer; }
+      for (const x of t.procs.values()) await x.io?.close();
       if (t.kind !== 'sandbox' && this.machine) {
         try { await this.agent?.call('task.delete', { id: t.id }, 20_000); } catch (e) { this.o.log(`task.delete ${t.id}: ${(e as Error).message}`); }
         if (t.kind === 'container') await this.machine.detachDisk(t.disk!).catch((e) => this.o.log(`unplugging ${t.id}'s rootfs: ${(e as Error).message}`));

@@ -41,6 +41,7 @@ import { syncGuestClock, measureOffset } from './clock.ts';
 import { createTap, createPodTap, createLooseTap, movePodTap, hasTap, deleteTap, netParams, netnsOf, readPodNetwork, type NetMode, type PodNetSpec } from './net.ts';
 import { POOL_OWNER, addEntry, dropClaim, readyEntries, takeEntry, takeFillLock } from '../store/pool.ts';
 import { qcow2Overlay } from './disk.ts';
+import { addStreamPort, removeStreamPort, type StreamFd } from './stream-ports.ts';
 import { claimClone, claimNamed, reservePorts } from './claim.ts';
 import { checkTemplate, makeTemplateDir, makeMemFile, memMode, baseDiskOf, templateDir, type FrozenTemplate } from './templates.ts';
 import { readRecordOrThrow, removeVm, quitQemu, makingElsewhere } from './inventory.ts';
@@ -312,6 +313,20 @@ export class Machine {
     await gone;
     await qmp.execute('blockdev-del', { 'node-name': `n-${serial}` });
     await rm(join(vmPaths(this.name, vmsDir()).jail, `disk-${serial}.img`), { force: true });
+  }
+
+  /**
+   * A byte stream to a process in the guest (stream-ports.ts): a virtio-serial
+   * port named for `key` and `fd`, whose unix socket (returned) QEMU listens on.
+   */
+  async addStreamPort(key: string, fd: StreamFd): Promise<{ port: string; socket: string }> {
+    this.assertRunning('add a stream port to');
+    return addStreamPort(await this.qmp(), vmPaths(this.name, vmsDir()).jail, this.name, key, fd);
+  }
+
+  /** Remove a stream port addStreamPort made (gone already: done). */
+  async removeStreamPort(key: string, fd: StreamFd): Promise<void> {
+    await removeStreamPort(await this.qmp(), key, fd);
   }
 
   /** Stop its QEMU (the run directory stays). */
