@@ -7,12 +7,13 @@
  */
 import type { Identity, ContainerSpec } from './contracts.ts';
 
-export const PROTOCOL_VERSION = 1;
+/** 2: task stdio on ports of their own (task.start/exec `stdio`, task-exit `sent`); task.input and task-output gone */
+export const PROTOCOL_VERSION = 2;
 
 /** Error codes the agent answers with (PROTOCOL.md "Error codes"). */
 export const AGENT_ERROR_CODES = [
   'E_FRAME_TOO_LARGE', 'E_BAD_JSON', 'E_BAD_REQUEST', 'E_UNKNOWN_COMMAND', 'E_BAD_ARGS',
-  'E_EXEC_DISABLED', 'E_NO_CONTAINER', 'E_APPLY_FAILED', 'E_INTERNAL', 'E_BUSY', 'E_NO_TASK', 'E_NO_DISK', 'E_NO_TERMINAL', 'E_NO_PORT',
+  'E_EXEC_DISABLED', 'E_NO_CONTAINER', 'E_APPLY_FAILED', 'E_INTERNAL', 'E_BUSY', 'E_NO_TASK', 'E_NO_DISK', 'E_NO_TERMINAL', 'E_NO_STREAM_PORT',
 ] as const;
 export type AgentErrorCode = (typeof AGENT_ERROR_CODES)[number];
 

@@ -224,7 +224,7 @@ export class TaskRunner {
         const how = k === 'stdin' ? 'read' : 'write';
         if (!name) { fds.push(this.p.openFd('/dev/null', how)); continue; }
         let dev: string;
-        try { dev = await this.ports.wait(String(name), { connected: k === 'stdin' }); } catch (e) { throw new ProtocolError('E_NO_PORT', `stdio.${k}: ${(e as Error).message}`); }
+        try { dev = await this.ports.wait(String(name), { connected: k === 'stdin' }); } catch (e) { throw new ProtocolError('E_NO_STREAM_PORT', `stdio.${k}: ${(e as Error).message}`); }
         fds.push(this.p.openFd(`/dev/${dev}`, how));
         if (k !== 'stdin') outputs[k] = dev;
       }

@@ -58,6 +58,9 @@ export class AgentClient {
    * session, or from before a fork, are discarded). Retries until the deadline
    * since the guest may not be reading yet.
    */
+  /** the protocol version the agent said at the last sync */
+  protocol?: number;
+
   async sync(timeoutMs = 30_000): Promise<void> {
     const end = Date.now() + timeoutMs;
     while (Date.now() < end) {
@@ -67,7 +70,8 @@ export class AgentClient {
       try { this.s.sendRaw(Buffer.concat([Buffer.from([RESYNC_BYTE]), encodeFrame({ id, cmd: 'sync', args: { nonce } })])); } catch (e) { this.pending.drop(id); throw e; }
       try {
         const r = await p;
-        if (r.ok && (r.result as ResultOf<'sync'> | undefined)?.nonce === nonce) return;
+        const res = r.result as ResultOf<'sync'> | undefined;
+        if (r.ok && res?.nonce === nonce) { this.protocol = res.protocol; return; }
       } catch (e) {
         if ((e as ScionError).code !== 'E_TIMEOUT') throw e;
       }

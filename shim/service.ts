@@ -111,6 +111,9 @@ export interface ShimOptions {
   onIdleChange?: () => void;
 }
 
+/** The agent protocol a pod's VM must speak: 2 brought task stdio on ports of their own. */
+const TASK_PROTOCOL = 2;
+
 /** How long after its pod's VM is made a shim refills the pool if no container has started by then. */
 const REFILL_AFTER_MS = 5000;
 /** How long after the pod's first container started the pool is refilled (a fork takes the cores the container starts on). */
@@ -224,6 +227,8 @@ export class TaskService {
       });
       try {
         this.agent = await m.agent();
+        // task stdio on ports needs an agent of protocol 2 (a template frozen with an older image's agent would lose every byte)
+        if ((this.agent.protocol ?? 0) < TASK_PROTOCOL) throw new TtrpcError(Code.FAILED_PRECONDITION, `the agent of template ${template} speaks protocol ${this.agent.protocol ?? 'unknown'}; pods need ${TASK_PROTOCOL} (task stdio on ports): rebuild its image and freeze the template again`);
       } catch (e) { await m.remove({ force: true }).catch(() => undefined); throw e; }
       this.o.log(`pod VM ${m.name} ${how} and its agent reached in ${(performance.now() - t0).toFixed(0)} ms`);
       this.agent.onEvent(this.onAgentEvent);

@@ -49,6 +49,8 @@ export interface StreamHost {
 }
 
 const NAMES = ['stdin', 'stdout', 'stderr'] as const;
+/** After CloseIO, how long a stdin FIFO that is still open may stay without data before the input is closed anyway. */
+const INPUT_QUIET_MS = 1000;
 
 function connected(path: string, timeoutMs = 5000): Promise<Socket> {
   return new Promise((resolve, reject) => {
@@ -159,11 +161,23 @@ export class ProcessStdio {
     await Promise.all(Object.values(this.outputs).map((o) => o.end()));
   }
 
-  /** Close the process's stdin now (CloseIO): the guest reads its end once it read what came before. */
+  /**
+   * Close the process's stdin (CloseIO): containerd's client says it wrote
+   * all it will, but what it wrote may still be in the FIFO: that is read to
+   * the FIFO's end first (or until the FIFO is quiet for INPUT_QUIET_MS, if a
+   * writer keeps it open), then the port's host side closes and the guest
+   * reads an end of file after the data.
+   */
   closeInput(): void {
-    this.input?.unpipe();
-    this.input?.destroy();
-    this.sockets.get(0)?.end();
+    const input = this.input, sock = this.sockets.get(0);
+    if (!input || !sock) { sock?.end(); return; }
+    if (input.readableEnded || input.destroyed) { sock.end(); return; }
+    let quiet: NodeJS.Timeout;
+    const finish = () => { clearTimeout(quiet); input.unpipe(sock); input.destroy(); sock.end(); };
+    const rearm = () => { clearTimeout(quiet); quiet = setTimeout(finish, INPUT_QUIET_MS); };
+    input.on('data', rearm);
+    input.once('end', () => clearTimeout(quiet)); // the pipe ends the socket
+    rearm();
   }
 
   /** Everything of its stdio goes: sockets, FIFO ends, ports. */

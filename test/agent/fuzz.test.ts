@@ -82,7 +82,7 @@ describe('agent under garbage', () => {
     await send('{"id":"final","cmd":"ping"}\n');
     const final = await reply('final', 120_000);
     console.log(`fuzz (seed ${SEED}): sent ${N} mutated frames + 1 oversized frame; ${replies.length} replies; ${replies.filter((r) => r.ok === false).length} errors`);
-    expect(final, `seed ${SEED}`).toMatchObject({ id: 'final', ok: true, result: { pong: true, protocol: 1, time: expect.any(Number) } });
+    expect(final, `seed ${SEED}`).toMatchObject({ id: 'final', ok: true, result: { pong: true, protocol: 2, time: expect.any(Number) } });
     expect(replies.some((r) => r.error?.code === 'E_FRAME_TOO_LARGE')).toBe(true);
     expect(replies.some((r) => r.error?.code === 'E_BAD_JSON')).toBe(true);
     const codes = new Set(replies.filter((r) => !r.ok).map((r) => r.error.code));
@@ -119,6 +119,6 @@ describe('agent under garbage', () => {
     const at = all.indexOf(0xff);
     expect(at).toBeGreaterThan(0);
     expect(all[at - 1]).toBe(0x0a); // the marker starts a line: the event before it was whole
-    expect(JSON.parse(all.subarray(at + 1).toString())).toEqual({ id: 's', ok: true, result: { nonce: 77, protocol: 1 } });
+    expect(JSON.parse(all.subarray(at + 1).toString())).toEqual({ id: 's', ok: true, result: { nonce: 77, protocol: 2 } });
   });
 });

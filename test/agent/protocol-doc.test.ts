@@ -64,10 +64,10 @@ describe('agent protocol, as documented', () => {
   it('handshake, commands, errors and events', async () => {
     // stale garbage before the handshake is discarded by the resync marker
     c.s.write('{"id":99,"cmd":"pin');
-    expect(await c.sync()).toEqual({ id: 'sync-1', ok: true, result: { nonce: expect.any(Number), protocol: 1 } });
-    expect(await c.call(1, 'ping')).toEqual({ id: 1, ok: true, result: { pong: true, protocol: 1, time: expect.any(Number) } });
+    expect(await c.sync()).toEqual({ id: 'sync-1', ok: true, result: { nonce: expect.any(Number), protocol: 2 } });
+    expect(await c.call(1, 'ping')).toEqual({ id: 1, ok: true, result: { pong: true, protocol: 2, time: expect.any(Number) } });
     const info = await c.call(2, 'info');
-    expect(info.result).toMatchObject({ protocol: 1, image: 'hosttest', generation: 0, containers: [] });
+    expect(info.result).toMatchObject({ protocol: 2, image: 'hosttest', generation: 0, containers: [] });
     expect((await c.call(3, 'no.such')).error.code).toBe('E_UNKNOWN_COMMAND');
     expect((await c.call(4, 'containers.logs', { name: 'nope' })).error.code).toBe('E_NO_CONTAINER');
     expect((await c.call(5, 'time.set', { time: 'soon' })).error).toEqual({ code: 'E_BAD_ARGS', message: 'time: must be milliseconds since the epoch' });

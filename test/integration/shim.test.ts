@@ -16,6 +16,20 @@ import { EventPublisher } from '../../shim/events.ts';
 import { TtrpcClient } from '../../shim/ttrpc.ts';
 import { spareKey } from '../../shim/spare.ts';
 import { startRegistry } from './registry-helper.ts';
+import { createHash, randomBytes } from 'node:crypto';
+
+/** ctr with `input` on its stdin (then closed), its stdout and stderr as bytes. */
+function ctrWithInput(c: TestContainerd, args: string[], input: Buffer): Promise<{ stdout: Buffer; stderr: Buffer; exitCode: number | null }> {
+  return new Promise((resolve) => {
+    const p = spawn('ctr', ['--address', c.address, '--namespace', 'scion-test', ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+    const out: Buffer[] = [], err: Buffer[] = [];
+    p.stdout.on('data', (b: Buffer) => out.push(b));
+    p.stderr.on('data', (b: Buffer) => err.push(b));
+    p.stdin.on('error', () => {}); // ended before it read everything: the test's checks say what came
+    p.stdin.end(input);
+    p.on('close', (exitCode) => resolve({ stdout: Buffer.concat(out), stderr: Buffer.concat(err), exitCode }));
+  });
+}
 
 const ROOT = join(import.meta.dirname, '../..');
 const IMAGE = 'docker.io/scion/busybox:test';
@@ -81,6 +95,52 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     expect(await pods()).toEqual([]);
     expect((await cd.ctr(['tasks', 'ls', '-q'])).stdout.trim()).toBe('');
   });
+
+  it('stdio as bytes: input piped into ctr reaches the container byte for byte, output and error streams arrive whole and in order before the exit', async () => {
+    const input = randomBytes(3 * 1024 * 1024);
+    const r = await ctrWithInput(cd, ['run', '--rm', ...RUNTIME, IMAGE, 'io1', 'sh', '-c', 'sha256sum; wc -c; seq 1 120000 >&2 & seq 1 300000; wait; exit 3'], input);
+    const lines = (n: number) => Array.from({ length: n }, (_, i) => `${i + 1}\n`).join('');
+    // sha256sum and wc both read stdin: the first to its end, the second sees nothing left
+    const [sum, count, ...rest] = r.stdout.toString().split('\n');
+    expect(sum).toBe(`${createHash('sha256').update(input).digest('hex')}  -`);
+    expect(count.trim()).toBe('0');
+    expect(rest.join('\n')).toBe(lines(300000));
+    expect(r.stderr.toString()).toBe(lines(120000));
+    expect(r.exitCode).toBe(3);
+  });
+
+  it('a reader that stalls holds the writer in the guest back: the shim\'s memory stays bounded, and every byte arrives once it reads again', async () => {
+    const SIZE = 100_000_000;
+    const p = spawn('ctr', ['--address', cd.address, '--namespace', 'scion-test', 'run', '--rm', ...RUNTIME, IMAGE, 'stall1', 'sh', '-c', `head -c ${SIZE} /dev/zero`], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let bytes = 0, err = '';
+    p.stdout.on('data', (c: Buffer) => { bytes += c.length; });
+    p.stderr.on('data', (c) => (err += c));
+    p.stdout.pause();
+    // stalled for 8 s: the task runs (its pod VM is up within that) and writes into a reader that does not read
+    let peakKb = 0;
+    for (let i = 0; i < 16; i++) {
+      await new Promise((r) => setTimeout(r, 500));
+      for (const pid of shimPids(cd.dir)) { try { peakKb = Math.max(peakKb, Number(/^VmRSS:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1])); } catch { /* gone */ } }
+    }
+    expect(shimPids(cd.dir).length).toBeGreaterThan(0);
+    p.stdout.resume();
+    const code = await new Promise((r) => p.on('close', r));
+    expect(err).toBe('');
+    expect(code).toBe(0);
+    expect(bytes).toBe(SIZE);
+    // a shim that buffered what the guest wrote would hold most of the 100 MB; it idles at ~60 MB
+    expect(peakKb).toBeLessThan(110 * 1024);
+    // output small enough to sit in the buffers between guest and reader (the port's queue, the socket, the
+    // FIFO): the process exits while its reader stalls, and its exit must wait for that output, not cut it off
+    const q = spawn('ctr', ['--address', cd.address, '--namespace', 'scion-test', 'run', '--rm', ...RUNTIME, IMAGE, 'stall2', 'sh', '-c', 'head -c 1000000 /dev/zero; exit 9'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let small = 0;
+    q.stdout.on('data', (c: Buffer) => { small += c.length; });
+    q.stdout.pause();
+    await new Promise((r) => setTimeout(r, 8000));
+    q.stdout.resume();
+    expect(await new Promise((r) => q.on('close', r))).toBe(9);
+    expect(small).toBe(1_000_000);
+  }, 180_000);
 
   it('runs in a VM of its own: another kernel\'s view, the image\'s files, the pod\'s hostname', async () => {
     const r = await cd.ctr(['run', '--rm', ...RUNTIME, IMAGE, 'run2', 'sh', '-c', 'uname -r; ls /bin | wc -l; cat /proc/1/cmdline | tr "\\0" " "'], { nothrow: true });
