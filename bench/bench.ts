@@ -15,15 +15,23 @@ import { qemuVersion } from '../host/qemu/accel.ts';
 import { percentile, summarise, renderSvg, type Summary } from './stats.ts';
 
 const ROOT = resolve(import.meta.dirname, '..');
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '10' }, density: { type: 'string', default: '1,10,30' }, 'skip-build': { type: 'boolean' } } });
+const { values } = parseArgs({
+  options: { runs: { type: 'string', default: '10' }, density: { type: 'string', default: '1,10,30' }, 'skip-build': { type: 'boolean' } },
+});
 const RUNS = Number(values.runs);
 const DENSITY = values.density!.split(',').map(Number);
 process.env.SCION_RUN_DIR = mkdtempSync(join(tmpdir(), 'scion-bench-run-'));
 process.env.SCION_TEMPLATE_DIR = mkdtempSync(join('/dev/shm', 'scion-bench-tpl-'));
 const log = (m: string) => process.stderr.write(`[bench] ${m}\n`);
 const scratch: string[] = [process.env.SCION_RUN_DIR!, process.env.SCION_TEMPLATE_DIR!];
-const scratchDir = (prefix: string) => { const d = mkdtempSync(join(tmpdir(), prefix)); scratch.push(d); return d; };
-const cleanScratch = () => { for (const d of scratch) rmSync(d, { recursive: true, force: true }); };
+const scratchDir = (prefix: string) => {
+  const d = mkdtempSync(join(tmpdir(), prefix));
+  scratch.push(d);
+  return d;
+};
+const cleanScratch = () => {
+  for (const d of scratch) rmSync(d, { recursive: true, force: true });
+};
 
 /**
  * Private_Dirty overstates a clone's own memory: tmpfs pages are always
@@ -42,7 +50,10 @@ async function removeAllClones() {
 }
 
 async function main() {
-  const results: any = { date: new Date().toISOString(), machine: { cpu: cpus()[0]?.model, cores: cpus().length, qemu: await qemuVersion(), node: process.version } };
+  const results: any = {
+    date: new Date().toISOString(),
+    machine: { cpu: cpus()[0]?.model, cores: cpus().length, qemu: await qemuVersion(), node: process.version },
+  };
 
   // 4a. build, cold and warm cache
   const def = join(ROOT, 'images/web.yaml');
@@ -95,7 +106,9 @@ async function main() {
     const [k] = await vm.fork('bench-keep-tpl', { n: 1 });
     ready.keep.push(k.timings.ready);
     await removeAllClones();
-    log(`run ${i + 1}/${RUNS}: cold ${ready.cold.at(-1)!.toFixed(0)} ms, restore ${r.timings.ready.toFixed(0)} ms, fork ${f.timings.ready.toFixed(0)} ms, fork (container kept) ${k.timings.ready.toFixed(0)} ms`);
+    log(
+      `run ${i + 1}/${RUNS}: cold ${ready.cold.at(-1)!.toFixed(0)} ms, restore ${r.timings.ready.toFixed(0)} ms, fork ${f.timings.ready.toFixed(0)} ms, fork (container kept) ${k.timings.ready.toFixed(0)} ms`,
+    );
   }
   const rs = { cold: summarise(ready.cold), restore: summarise(ready.restore), fork: summarise(ready.fork), keep: summarise(ready.keep) };
   results.readyMs = rs;
@@ -104,7 +117,8 @@ async function main() {
   results.samples = ready;
 
   // 2. fork phases: 20 one after another, 10 at once
-  const phases = (cs: vm.CloneResult[]) => Object.fromEntries(['spawn', 'restore', 'resume', 'agentSync', 'identity', 'containers', 'ready'].map((k) => [k, summarise(cs.map((c) => c.timings[k]))]));
+  const phases = (cs: vm.CloneResult[]) =>
+    Object.fromEntries(['spawn', 'restore', 'resume', 'agentSync', 'identity', 'containers', 'ready'].map((k) => [k, summarise(cs.map((c) => c.timings[k]))]));
   const seq: vm.CloneResult[] = [];
   for (let i = 0; i < 20; i++) seq.push(...(await vm.fork('bench-tpl', { n: 1 })));
   await removeAllClones();
@@ -114,18 +128,34 @@ async function main() {
 
   // 3. memory per idle clone
   results.memoryMB = { fork: {} as any, restore: {} as any };
-  for (const [kind, tpl, counts] of [['fork', 'bench-tpl', DENSITY], ['restore', 'bench-stream', DENSITY.filter((n) => n <= 10)]] as const) {
+  for (const [kind, tpl, counts] of [
+    ['fork', 'bench-tpl', DENSITY],
+    ['restore', 'bench-stream', DENSITY.filter((n) => n <= 10)],
+  ] as const) {
     for (const n of counts) {
       const cs = await vm.fork(tpl, { n, parallel: 1 });
       await new Promise((r) => setTimeout(r, 3000)); // let them settle idle
       const m = cs.map((c) => smaps(c.pid));
       const sum = (k: keyof ReturnType<typeof smaps>) => m.reduce((a, x) => a + x[k], 0);
-      results.memoryMB[kind][n] = { rssPerClone: +(sum('rssMB') / n).toFixed(1), pssPerClone: +(sum('pssMB') / n).toFixed(1), privateDirtyPerClone: +(sum('privateDirtyMB') / n).toFixed(1), uniquePerClone: +(sum('anonMB') / n).toFixed(1), totalPss: +sum('pssMB').toFixed(0) };
+      results.memoryMB[kind][n] = {
+        rssPerClone: +(sum('rssMB') / n).toFixed(1),
+        pssPerClone: +(sum('pssMB') / n).toFixed(1),
+        privateDirtyPerClone: +(sum('privateDirtyMB') / n).toFixed(1),
+        uniquePerClone: +(sum('anonMB') / n).toFixed(1),
+        totalPss: +sum('pssMB').toFixed(0),
+      };
       log(`${kind} x${n}: ${JSON.stringify(results.memoryMB[kind][n])}`);
       await removeAllClones();
     }
   }
-  const largest = (k: 'fork' | 'restore') => results.memoryMB[k][Math.max(...Object.keys(results.memoryMB[k]).filter((n) => /^\d+$/.test(n)).map(Number))];
+  const largest = (k: 'fork' | 'restore') =>
+    results.memoryMB[k][
+      Math.max(
+        ...Object.keys(results.memoryMB[k])
+          .filter((n) => /^\d+$/.test(n))
+          .map(Number),
+      )
+    ];
   const [lf, lr] = [largest('fork'), largest('restore')];
   results.memoryMB.fork.privateDirtyPerClone = lf.privateDirtyPerClone;
   results.memoryMB.restore.privateDirtyPerClone = lr.privateDirtyPerClone;
@@ -140,7 +170,11 @@ async function main() {
     coldOverFork: { target: 20, actual: results.ratios.coldOverFork, met: results.ratios.coldOverFork >= 20 },
     privateDirtyPerCloneMB: { target: 40, actual: results.memoryMB.fork.privateDirtyPerClone, met: results.memoryMB.fork.privateDirtyPerClone <= 40 },
     uniquePerCloneMB: { target: 40, actual: lf.uniquePerClone, met: lf.uniquePerClone <= 40 },
-    privateDirtyVsRestore: { target: 0.25, actual: +(results.memoryMB.fork.privateDirtyPerClone / results.memoryMB.restore.privateDirtyPerClone).toFixed(2), met: results.memoryMB.fork.privateDirtyPerClone <= results.memoryMB.restore.privateDirtyPerClone / 4 },
+    privateDirtyVsRestore: {
+      target: 0.25,
+      actual: +(results.memoryMB.fork.privateDirtyPerClone / results.memoryMB.restore.privateDirtyPerClone).toFixed(2),
+      met: results.memoryMB.fork.privateDirtyPerClone <= results.memoryMB.restore.privateDirtyPerClone / 4,
+    },
   };
 
   for (const n of ['bench-tpl', 'bench-stream']) await vm.removeVm(n);
@@ -157,26 +191,38 @@ async function main() {
 function markdown(r: any): string {
   const row = (name: string, s: Summary) => `| ${name} | ${s.p50.toFixed(0)} | ${s.p95.toFixed(0)} | ${s.n} |`;
   const t = r.targets;
-  const mark = (x: any, unit: string) => `${x.actual}${unit} (target ${x.target}${unit}: ${x.met ? 'met' : `missed by ${(Math.abs(x.actual - x.target)).toFixed(1)}${unit}`})`;
+  const mark = (x: any, unit: string) =>
+    `${x.actual}${unit} (target ${x.target}${unit}: ${x.met ? 'met' : `missed by ${(Math.abs(x.actual - x.target)).toFixed(1)}${unit}`})`;
   return [
     `## scion bench, ${r.date.slice(0, 10)}: ${r.machine.cpu}, ${r.machine.cores} cores, ${r.accelerator.toUpperCase()}, ${r.machine.qemu}`,
     '',
     '| time to ready (images/web.yaml, HTTP serving) | p50 ms | p95 ms | runs |',
     '|---|---|---|---|',
-    row('cold boot', r.readyMs.cold), row('ordinary restore (RAM in the stream)', r.readyMs.restore), row('scion fork', r.readyMs.fork), ...(r.readyMs.keep ? [row('scion fork, container kept (on_fork: keep, web-keep.yaml)', r.readyMs.keep)] : []),
+    row('cold boot', r.readyMs.cold),
+    row('ordinary restore (RAM in the stream)', r.readyMs.restore),
+    row('scion fork', r.readyMs.fork),
+    ...(r.readyMs.keep ? [row('scion fork, container kept (on_fork: keep, web-keep.yaml)', r.readyMs.keep)] : []),
     '',
     `cold/fork ${r.ratios.coldOverFork}x, restore/fork ${r.ratios.restoreOverFork}x; fork to agent ready (identity applied) p50 ${r.agentReadyMs.fork.p50.toFixed(0)} ms, p95 ${r.agentReadyMs.fork.p95.toFixed(0)} ms`,
     '',
     '| fork phase (ms) | 20 sequential p50 | p95 | 10 at once p50 | p95 |',
     '|---|---|---|---|---|',
-    ...Object.keys(r.forkPhasesMs.sequential20).map((k) => `| ${k} | ${r.forkPhasesMs.sequential20[k].p50.toFixed(0)} | ${r.forkPhasesMs.sequential20[k].p95.toFixed(0)} | ${r.forkPhasesMs.parallel10[k].p50.toFixed(0)} | ${r.forkPhasesMs.parallel10[k].p95.toFixed(0)} |`),
+    ...Object.keys(r.forkPhasesMs.sequential20).map(
+      (k) =>
+        `| ${k} | ${r.forkPhasesMs.sequential20[k].p50.toFixed(0)} | ${r.forkPhasesMs.sequential20[k].p95.toFixed(0)} | ${r.forkPhasesMs.parallel10[k].p50.toFixed(0)} | ${r.forkPhasesMs.parallel10[k].p95.toFixed(0)} |`,
+    ),
     '',
     '| idle clones | kind | RSS/clone MB | PSS/clone MB | Private_Dirty/clone MB | unique (Anonymous)/clone MB | total PSS MB |',
     '|---|---|---|---|---|---|---|',
-    ...(['fork', 'restore'] as const).flatMap((k) => Object.entries(r.memoryMB[k]).filter(([n]) => /^\d+$/.test(n)).map(([n, m]: any) => `| ${n} | ${k} | ${m.rssPerClone} | ${m.pssPerClone} | ${m.privateDirtyPerClone} | ${m.uniquePerClone} | ${m.totalPss} |`)),
+    ...(['fork', 'restore'] as const).flatMap((k) =>
+      Object.entries(r.memoryMB[k])
+        .filter(([n]) => /^\d+$/.test(n))
+        .map(([n, m]: any) => `| ${n} | ${k} | ${m.rssPerClone} | ${m.pssPerClone} | ${m.privateDirtyPerClone} | ${m.uniquePerClone} | ${m.totalPss} |`),
+    ),
     '',
     `idle clones in 20 GiB (by PSS): fork ${r.clonesIn20GiB.fork}, restore ${r.clonesIn20GiB.restore}`,
-    `template boot ${r.templateBootMs} ms; freeze ${r.freezeMs} ms (full-RAM freeze ${r.freezeStreamMs} ms)` + (r.buildMs ? `; build cold cache ${r.buildMs.coldCache} ms, warm ${r.buildMs.warmCache} ms` : ''),
+    `template boot ${r.templateBootMs} ms; freeze ${r.freezeMs} ms (full-RAM freeze ${r.freezeStreamMs} ms)` +
+      (r.buildMs ? `; build cold cache ${r.buildMs.coldCache} ms, warm ${r.buildMs.warmCache} ms` : ''),
     `artifacts: vmlinuz ${(r.sizes.vmlinuz / 1048576).toFixed(1)} MiB, initrd.img ${(r.sizes.initrd / 1048576).toFixed(1)} MiB`,
     '',
     'targets:',

@@ -18,7 +18,11 @@ process.env.SCION_RUN_DIR = mkdtempSync(join(tmpdir(), 'scion-benchb-run-'));
 process.env.SCION_TEMPLATE_DIR = mkdtempSync(join('/dev/shm', 'scion-benchb-tpl-'));
 const log = (m: string) => process.stderr.write(`[bench:build] ${m}\n`);
 const scratch: string[] = [process.env.SCION_RUN_DIR!, process.env.SCION_TEMPLATE_DIR!];
-const scratchDir = (prefix: string) => { const d = mkdtempSync(join(tmpdir(), prefix)); scratch.push(d); return d; };
+const scratchDir = (prefix: string) => {
+  const d = mkdtempSync(join(tmpdir(), prefix));
+  scratch.push(d);
+  return d;
+};
 
 const cache = scratchDir('scion-benchb-cache-');
 const out: Record<string, any> = { image: values.image, date: new Date().toISOString() };

@@ -13,7 +13,8 @@ import autocannon from 'autocannon';
 import { summarise } from './stats.ts';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '8' }, duration: { type: 'string', default: '20' }, quick: { type: 'boolean' } } });
-const RUNS = Number(values.runs), DURATION = Number(values.duration);
+const RUNS = Number(values.runs),
+  DURATION = Number(values.duration);
 const ROOT = resolve(import.meta.dirname, '..');
 process.env.SCION_RUN_DIR = mkdtempSync(join(tmpdir(), 'scion-bench-serve-run-'));
 process.env.SCION_TEMPLATE_DIR = mkdtempSync('/dev/shm/scion-bench-serve-tpl-');
@@ -34,7 +35,8 @@ function ttfb(port: number, path = '/'): Promise<{ ms: number; status: number }>
     const r = request({ host: '127.0.0.1', port, path, agent: false }, (resp) => {
       resp.once('data', () => {
         const ms = performance.now() - t0;
-        resp.resume(); resp.on('end', () => res({ ms, status: resp.statusCode ?? 0 }));
+        resp.resume();
+        resp.on('end', () => res({ ms, status: resp.statusCode ?? 0 }));
       });
     });
     r.on('error', rej);
@@ -42,7 +44,11 @@ function ttfb(port: number, path = '/'): Promise<{ ms: number; status: number }>
   });
 }
 const opts = (v: Record<string, string>) => serveOptions('bench-tpl', { port: '8080', listen: '127.0.0.1:0', ...v });
-const results: any = { date: new Date().toISOString(), machine: { cpu: cpus()[0]?.model, cores: cpus().length, qemu: await qemuVersion(), node: process.version }, runs: RUNS };
+const results: any = {
+  date: new Date().toISOString(),
+  machine: { cpu: cpus()[0]?.model, cores: cpus().length, qemu: await qemuVersion(), node: process.version },
+  runs: RUNS,
+};
 
 try {
   const img = await vm.loadImage((await vm.build({ definitionPath: join(ROOT, 'images/web.yaml') })).dir);
@@ -89,7 +95,12 @@ try {
     const direct = await run(`http://127.0.0.1:${clone.ports['8080']}/`);
     const door = await run(`http://127.0.0.1:${h.address.port}/`);
     const pick = (r: any) => ({ rps: r.requests.average, latencyP50Ms: r.latency.p50, latencyP97_5Ms: r.latency.p97_5, errors: r.errors, non2xx: r.non2xx });
-    results.proxy = { direct: pick(direct), frontDoor: pick(door), addedLatencyP50Ms: door.latency.p50 - direct.latency.p50, throughputRatio: +(door.requests.average / direct.requests.average).toFixed(3) };
+    results.proxy = {
+      direct: pick(direct),
+      frontDoor: pick(door),
+      addedLatencyP50Ms: door.latency.p50 - direct.latency.p50,
+      throughputRatio: +(door.requests.average / direct.requests.average).toFixed(3),
+    };
     log(`proxy: ${JSON.stringify(results.proxy)}`);
     await h.close();
   }
@@ -98,11 +109,23 @@ try {
   results.perRequest = {};
   for (const pool of values.quick ? [0, 2] : [0, 2, 4]) {
     const h = await serve(opts({ mode: 'per-request', pool: String(pool), max: String(Math.max(4, pool + 2)), queue: '1000', 'queue-timeout': '60s' }));
-    if (pool) { const end = Date.now() + 120_000; while (h.stats().clones.pooled < pool && Date.now() < end) await sleep(100); }
+    if (pool) {
+      const end = Date.now() + 120_000;
+      while (h.stats().clones.pooled < pool && Date.now() < end) await sleep(100);
+    }
     const secs = values.quick ? 20 : 40;
     const end = Date.now() + secs * 1000;
-    let ok = 0, other = 0;
-    await Promise.all(Array.from({ length: 4 }, async () => { while (Date.now() < end) { const r = await ttfb(h.address.port).catch(() => ({ status: 0, ms: 0 })); if (r.status === 200) ok++; else other++; } }));
+    let ok = 0,
+      other = 0;
+    await Promise.all(
+      Array.from({ length: 4 }, async () => {
+        while (Date.now() < end) {
+          const r = await ttfb(h.address.port).catch(() => ({ status: 0, ms: 0 }));
+          if (r.status === 200) ok++;
+          else other++;
+        }
+      }),
+    );
     results.perRequest[pool] = { seconds: secs, ok, other, rps: +(ok / secs).toFixed(2), forkToReadyMs: summarise(h.stats().forkMs) };
     log(`per-request pool ${pool}: ${JSON.stringify(results.perRequest[pool])}`);
     await h.close();
@@ -112,16 +135,34 @@ try {
   {
     const h = await serve(opts({ max: '8', queue: '100', concurrency: '10' }));
     const t0 = Date.now();
-    const rs = await Promise.all(Array.from({ length: 200 }, () => ttfb(h.address.port).then((r) => r.status, () => -1)));
+    const rs = await Promise.all(
+      Array.from({ length: 200 }, () =>
+        ttfb(h.address.port).then(
+          (r) => r.status,
+          () => -1,
+        ),
+      ),
+    );
     const count = (s: number) => rs.filter((x) => x === s).length;
-    results.burst = { ok: count(200), unavailable: count(503), other: rs.filter((x) => x !== 200 && x !== 503).length, seconds: (Date.now() - t0) / 1000, maxClones: h.stats().maxClones };
+    results.burst = {
+      ok: count(200),
+      unavailable: count(503),
+      other: rs.filter((x) => x !== 200 && x !== 503).length,
+      seconds: (Date.now() - t0) / 1000,
+      maxClones: h.stats().maxClones,
+    };
     log(`burst: ${JSON.stringify(results.burst)}`);
     // 6. scale to zero: from the last request to no QEMU process, and host memory then
     const last = Date.now();
     const idleH = h;
     const end = Date.now() + 120_000;
     while (qemuPidsUnder(vmsDir()).length && Date.now() < end) await sleep(100);
-    results.scaleToZero = { secondsFromLastRequest: (Date.now() - last) / 1000, idleSetting: '30s', memAvailableBeforeMB: memBefore, memAvailableAfterMB: memAvailableMB() };
+    results.scaleToZero = {
+      secondsFromLastRequest: (Date.now() - last) / 1000,
+      idleSetting: '30s',
+      memAvailableBeforeMB: memBefore,
+      memAvailableAfterMB: memAvailableMB(),
+    };
     results.scaleToZero.memoryDeltaMB = memBefore - results.scaleToZero.memAvailableAfterMB;
     log(`scale to zero: ${JSON.stringify(results.scaleToZero)}`);
     await idleH.close();

@@ -12,8 +12,16 @@ import { join, resolve } from 'node:path';
 import { tmpdir } from 'node:os';
 import { randomBytes } from 'node:crypto';
 
-const { values } = parseArgs({ options: { cycles: { type: 'string', default: '200' }, parallel: { type: 'string', default: '4' }, net: { type: 'string', default: 'bridge' }, json: { type: 'boolean' } } });
-const cycles = Number(values.cycles), parallel = Number(values.parallel);
+const { values } = parseArgs({
+  options: {
+    cycles: { type: 'string', default: '200' },
+    parallel: { type: 'string', default: '4' },
+    net: { type: 'string', default: 'bridge' },
+    json: { type: 'boolean' },
+  },
+});
+const cycles = Number(values.cycles),
+  parallel = Number(values.parallel);
 const ROOT = resolve(import.meta.dirname, '..');
 process.env.SCION_RUN_DIR = mkdtempSync(join(tmpdir(), 'scion-soak-run-'));
 process.env.SCION_TEMPLATE_DIR = mkdtempSync('/dev/shm/scion-soak-tpl-');
@@ -23,7 +31,9 @@ const { vmsDir } = await import('../host/store/dirs.ts');
 
 const ns = `scion-soak${randomBytes(3).toString('hex')}`;
 const ipNs = (...a: string[]) => $.sync({ quiet: true })`ip -n ${ns} ${a}`.stdout;
-const log = (m: string) => { if (!values.json) console.error(`[soak] ${m}`); };
+const log = (m: string) => {
+  if (!values.json) console.error(`[soak] ${m}`);
+};
 
 function snapshot() {
   const mem = readFileSync('/proc/meminfo', 'utf8');
@@ -31,7 +41,12 @@ function snapshot() {
   return {
     qemus: qemuPidsUnder(vmsDir()).length,
     fds: readdirSync('/proc/self/fd').length,
-    taps: values.net === 'bridge' ? ipNs('-o', 'link', 'show').split('\n').filter((l) => /: sct[0-9a-f]{8}[@:]/.test(l)).length : 0,
+    taps:
+      values.net === 'bridge'
+        ? ipNs('-o', 'link', 'show')
+            .split('\n')
+            .filter((l) => /: sct[0-9a-f]{8}[@:]/.test(l)).length
+        : 0,
     runDirs: readdirSync(join(process.env.SCION_RUN_DIR!, 'vms')).length,
     slots: readdirSync(join(process.env.SCION_RUN_DIR!, 'slots')).length,
     templateFiles: readdirSync(process.env.SCION_TEMPLATE_DIR!, { recursive: true }).length,
@@ -55,7 +70,8 @@ try {
   const before = snapshot();
   log(`template frozen; before: ${JSON.stringify(before)}`);
   const t0 = Date.now();
-  let next = 0, done = 0;
+  let next = 0,
+    done = 0;
   const failures: string[] = [];
   const ready: number[] = [];
   const worker = async () => {
@@ -65,24 +81,49 @@ try {
         const [c] = await vm.fork('soak-tpl', { n: 1 });
         ready.push(c.timings.ready);
         await vm.removeVm(c.name);
-      } catch (e) { failures.push((e as Error).message); }
+      } catch (e) {
+        failures.push((e as Error).message);
+      }
       if (++done % 20 === 0) log(`${done}/${cycles} cycles, ${failures.length} failed, ${((Date.now() - t0) / 1000).toFixed(0)} s`);
     }
   };
   await Promise.all(Array.from({ length: parallel }, worker));
   const after = snapshot();
-  const leaks = { qemus: after.qemus - before.qemus, fds: after.fds - before.fds, taps: after.taps - before.taps, runDirs: after.runDirs - before.runDirs, slots: after.slots - before.slots, templateFiles: after.templateFiles - before.templateFiles };
+  const leaks = {
+    qemus: after.qemus - before.qemus,
+    fds: after.fds - before.fds,
+    taps: after.taps - before.taps,
+    runDirs: after.runDirs - before.runDirs,
+    slots: after.slots - before.slots,
+    templateFiles: after.templateFiles - before.templateFiles,
+  };
   ready.sort((a, b) => a - b);
   const result = {
-    cycles, parallel, net: values.net, seconds: Math.round((Date.now() - t0) / 1000), failures: failures.length, firstFailures: failures.slice(0, 3),
+    cycles,
+    parallel,
+    net: values.net,
+    seconds: Math.round((Date.now() - t0) / 1000),
+    failures: failures.length,
+    firstFailures: failures.slice(0, 3),
     readyMs: { p50: ready[Math.floor(ready.length / 2)], p95: ready[Math.floor(ready.length * 0.95)] },
-    before, after, leaks, memoryDeltaMB: before.memAvailableMB - after.memAvailableMB,
+    before,
+    after,
+    leaks,
+    memoryDeltaMB: before.memAvailableMB - after.memAvailableMB,
   };
   if (values.json) console.log(JSON.stringify(result, null, 2));
   else {
-    log(`${cycles} cycles (${parallel} at a time, ${values.net} networking) in ${result.seconds} s; ${failures.length} failed${failures.length ? `: ${failures.slice(0, 3).join(' | ')}` : ''}`);
-    log(`leaked: ${Object.entries(leaks).map(([k, v]) => `${k} ${v}`).join(', ')}`);
-    log(`host memory available: ${before.memAvailableMB} MB before, ${after.memAvailableMB} MB after (${result.memoryDeltaMB} MB less); fork to ready p50 ${result.readyMs.p50} ms`);
+    log(
+      `${cycles} cycles (${parallel} at a time, ${values.net} networking) in ${result.seconds} s; ${failures.length} failed${failures.length ? `: ${failures.slice(0, 3).join(' | ')}` : ''}`,
+    );
+    log(
+      `leaked: ${Object.entries(leaks)
+        .map(([k, v]) => `${k} ${v}`)
+        .join(', ')}`,
+    );
+    log(
+      `host memory available: ${before.memAvailableMB} MB before, ${after.memAvailableMB} MB after (${result.memoryDeltaMB} MB less); fork to ready p50 ${result.readyMs.p50} ms`,
+    );
   }
   process.exitCode = failures.length || Object.values(leaks).some((v) => v > 0) ? 1 : 0;
 } finally {

@@ -13,7 +13,8 @@ import autocannon from 'autocannon';
 import { summarise } from './stats.ts';
 
 const { values } = parseArgs({ options: { sizes: { type: 'string', default: '64,32,16' }, runs: { type: 'string', default: '3' } } });
-const SIZES = values.sizes!.split(',').map(Number), RUNS = Number(values.runs);
+const SIZES = values.sizes!.split(',').map(Number),
+  RUNS = Number(values.runs);
 const ROOT = resolve(import.meta.dirname, '..');
 process.env.SCION_RUN_DIR = mkdtempSync(join(tmpdir(), 'scion-bench-tb-run-'));
 process.env.SCION_TEMPLATE_DIR = mkdtempSync('/dev/shm/scion-bench-tb-tpl-');
@@ -24,7 +25,10 @@ const anonMB = (pid: number) => Number(/^Anonymous:\s+(\d+) kB/m.exec(readFileSy
 
 const out: Record<number, { restartMs: number[]; keptMs: number[]; requestP50Ms: number[]; uniqueMB: number[] }> = {};
 try {
-  for (const [name, file] of [['tb-web-tpl', 'web'], ['tb-keep-tpl', 'web-keep']]) {
+  for (const [name, file] of [
+    ['tb-web-tpl', 'web'],
+    ['tb-keep-tpl', 'web-keep'],
+  ]) {
     const img = await vm.loadImage((await vm.build({ definitionPath: join(ROOT, `images/${file}.yaml`) })).dir);
     await vm.freeze(await vm.bootTemplate(img, { name }), img);
   }
@@ -33,13 +37,17 @@ try {
     for (const s of SIZES) {
       const [r] = await vm.fork('tb-web-tpl', { n: 1, tbSizeMB: s });
       const [k] = await vm.fork('tb-keep-tpl', { n: 1, tbSizeMB: s });
-      out[s].restartMs.push(r.timings.ready); out[s].keptMs.push(k.timings.ready);
+      out[s].restartMs.push(r.timings.ready);
+      out[s].keptMs.push(k.timings.ready);
       const a = await autocannon({ url: `http://127.0.0.1:${r.ports['8080']}/`, connections: 4, duration: 5 });
       out[s].requestP50Ms.push(a.latency.p50);
       await sleep(15_000); // idle: what stays is the clone's own
       out[s].uniqueMB.push(+anonMB(r.pid).toFixed(1));
-      await vm.removeVm(r.name); await vm.removeVm(k.name);
-      log(`run ${i + 1}/${RUNS}, tb-size ${s}: fork→HTTP ${r.timings.ready.toFixed(0)} ms restarted, ${k.timings.ready.toFixed(0)} ms kept; request p50 ${a.latency.p50} ms; unique ${out[s].uniqueMB.at(-1)} MB`);
+      await vm.removeVm(r.name);
+      await vm.removeVm(k.name);
+      log(
+        `run ${i + 1}/${RUNS}, tb-size ${s}: fork→HTTP ${r.timings.ready.toFixed(0)} ms restarted, ${k.timings.ready.toFixed(0)} ms kept; request p50 ${a.latency.p50} ms; unique ${out[s].uniqueMB.at(-1)} MB`,
+      );
     }
   }
 } finally {
@@ -47,8 +55,14 @@ try {
   rmSync(process.env.SCION_RUN_DIR!, { recursive: true, force: true });
   rmSync(process.env.SCION_TEMPLATE_DIR!, { recursive: true, force: true });
 }
-const table = ['| tb-size MiB | fork→HTTP restarted p50 | kept p50 | busy clone request p50 ms | unique MB per clone p50 |', '|---|---|---|---|---|',
-  ...SIZES.map((s) => `| ${s} | ${summarise(out[s].restartMs).p50.toFixed(0)} | ${summarise(out[s].keptMs).p50.toFixed(0)} | ${summarise(out[s].requestP50Ms).p50.toFixed(0)} | ${summarise(out[s].uniqueMB).p50.toFixed(1)} |`)].join('\n');
+const table = [
+  '| tb-size MiB | fork→HTTP restarted p50 | kept p50 | busy clone request p50 ms | unique MB per clone p50 |',
+  '|---|---|---|---|---|',
+  ...SIZES.map(
+    (s) =>
+      `| ${s} | ${summarise(out[s].restartMs).p50.toFixed(0)} | ${summarise(out[s].keptMs).p50.toFixed(0)} | ${summarise(out[s].requestP50Ms).p50.toFixed(0)} | ${summarise(out[s].uniqueMB).p50.toFixed(1)} |`,
+  ),
+].join('\n');
 console.log(table);
 mkdirSync(join(ROOT, 'bench/results'), { recursive: true });
 writeFileSync(join(ROOT, 'bench/results/tb-size-latest.json'), JSON.stringify({ date: new Date().toISOString(), runs: RUNS, results: out }, null, 2) + '\n');

@@ -46,10 +46,22 @@ export async function hostAgentRuntime(definitionPath: string, opts: { cacheDir?
   const cacheDir = opts.cacheDir ?? defaultCacheDir();
   const dir = join(cacheDir, 'agent-runtime', wanted.map((p) => p.sha256.slice(0, 16)).join('-'));
   const runtime = { dir, argv: [dir + LOADER, '--library-path', dir + LIBS, dir + QJS] };
-  if (await access(dir + QJS).then(() => true, () => false)) return runtime;
+  if (
+    await access(dir + QJS).then(
+      () => true,
+      () => false,
+    )
+  )
+    return runtime;
 
   const mirror = await chooseMirror(definitionPath, opts.mirror, def.debian.mirror);
-  const archive = new DebianArchive({ mirror, suite: lock.codename ?? def.debian.suite, components: def.debian.components, architecture: def.debian.architecture, cache: new BlobCache(cacheDir) });
+  const archive = new DebianArchive({
+    mirror,
+    suite: lock.codename ?? def.debian.suite,
+    components: def.debian.components,
+    architecture: def.debian.architecture,
+    cache: new BlobCache(cacheDir),
+  });
   await mkdir(dirname(dir), { recursive: true });
   // extracted beside, then renamed into place: a concurrent caller or a crash never sees half a tree
   const tmp = await mkdtemp(`${dir}.tmp-`);
@@ -58,10 +70,25 @@ export async function hostAgentRuntime(definitionPath: string, opts: { cacheDir?
       for (const e of await extractDeb(await archive.deb(p), `${p.name} ${p.version}`)) {
         const to = tmp + e.path;
         if (e.type === 'directory') await mkdir(to, { recursive: true });
-        else if (e.type === 'file') { await mkdir(dirname(to), { recursive: true }); await writeFile(to, e.data!, { mode: e.mode & 0o755 }); } else if (e.type === 'symlink') { await mkdir(dirname(to), { recursive: true }); await rm(to, { force: true }); await symlink(e.linkname!, to); }
+        else if (e.type === 'file') {
+          await mkdir(dirname(to), { recursive: true });
+          await writeFile(to, e.data!, { mode: e.mode & 0o755 });
+        } else if (e.type === 'symlink') {
+          await mkdir(dirname(to), { recursive: true });
+          await rm(to, { force: true });
+          await symlink(e.linkname!, to);
+        }
       }
     }
-    await rename(tmp, dir).catch(async (e) => { if (!(await access(dir + QJS).then(() => true, () => false))) throw e; }); // another process won the race: its copy is the same bytes
+    await rename(tmp, dir).catch(async (e) => {
+      if (
+        !(await access(dir + QJS).then(
+          () => true,
+          () => false,
+        ))
+      )
+        throw e;
+    }); // another process won the race: its copy is the same bytes
   } finally {
     await rm(tmp, { recursive: true, force: true });
   }

@@ -4,7 +4,7 @@
  */
 import type { TarEntry } from './debian/deb.ts';
 import { elfDeps, isElf } from './elf.ts';
-import { FileTree, canonical } from './tree.ts';
+import { type FileTree, canonical } from './tree.ts';
 
 const DOC_PREFIXES = ['/usr/share/doc/', '/usr/share/man/', '/usr/share/info/', '/usr/share/locale/', '/usr/share/lintian/', '/usr/share/bug/'];
 export const LIB_DIRS = ['/usr/lib/x86_64-linux-gnu', '/usr/lib64', '/usr/lib', '/usr/local/lib'];
@@ -65,7 +65,10 @@ export function libraryClosure(tree: FileTree, staging: FileTree): { added: stri
         let found: string | undefined;
         for (const c of candidates) if ((found = copyWithLinks(staging, tree, c))) break;
         if (!found) missing.push({ file: path, soname: w.spec });
-        else { added.push(found); next.push(found); }
+        else {
+          added.push(found);
+          next.push(found);
+        }
       }
     }
     work = next;
@@ -81,7 +84,10 @@ export function findModules(entries: TarEntry[]): { version?: string; files: Map
   let vmlinuz: TarEntry | undefined;
   for (const e of entries) {
     const p = canonical(e.path);
-    if (/^\/boot\/vmlinuz-/.test(p) && e.type === 'file') { vmlinuz = e; version = p.slice('/boot/vmlinuz-'.length); }
+    if (/^\/boot\/vmlinuz-/.test(p) && e.type === 'file') {
+      vmlinuz = e;
+      version = p.slice('/boot/vmlinuz-'.length);
+    }
     const m = /^\/usr\/lib\/modules\/[^/]+\/kernel\/.*\/([^/]+)\.ko(\.xz|\.zst|\.gz)?$/.exec(p);
     if (m && e.type === 'file') files.set(m[1].replace(/-/g, '_'), e);
     if (/^\/usr\/lib\/modules\/[^/]+\/modules\.builtin$/.test(p) && e.data) {

@@ -74,20 +74,33 @@ export function defaultOutDir(): string {
   return resolvePath('out');
 }
 
-interface Definition { defPath: string; text: string; def: ImageDefinition; lockPath: string; oldLock?: Lockfile }
+interface Definition {
+  defPath: string;
+  text: string;
+  def: ImageDefinition;
+  lockPath: string;
+  oldLock?: Lockfile;
+}
 
 /** Stage 0: the definition, parsed, and its lock (none with --update-lock; required with --locked). */
 async function readDefinition(opts: BuildOptions): Promise<Definition> {
   if (opts.locked && opts.updateLock) throw new BuildError('E_USAGE', '--locked and --update-lock contradict each other');
   const defPath = resolvePath(opts.definitionPath);
   let text: string;
-  try { text = await readFile(defPath, 'utf8'); } catch (e) {
-    throw new BuildError('E_DEFINITION_MISSING', `cannot read ${opts.definitionPath}: ${(e as NodeJS.ErrnoException).code}`, { hint: 'pass the path of an image definition, e.g. images/minimal.yaml' });
+  try {
+    text = await readFile(defPath, 'utf8');
+  } catch (e) {
+    throw new BuildError('E_DEFINITION_MISSING', `cannot read ${opts.definitionPath}: ${(e as NodeJS.ErrnoException).code}`, {
+      hint: 'pass the path of an image definition, e.g. images/minimal.yaml',
+    });
   }
   const def = parseDefinition(text, opts.definitionPath);
   const lockPath = join(dirname(defPath), basename(defPath).replace(/\.ya?ml$/, '') + '.scion.lock');
   const oldLock = opts.updateLock ? undefined : await readLock(lockPath);
-  if (opts.locked && !oldLock) throw new BuildError('E_LOCK_CHANGED', `${opts.definitionPath}: --locked, but there is no lock file ${basename(lockPath)}`, { hint: 'build once without --locked and commit the lock' });
+  if (opts.locked && !oldLock)
+    throw new BuildError('E_LOCK_CHANGED', `${opts.definitionPath}: --locked, but there is no lock file ${basename(lockPath)}`, {
+      hint: 'build once without --locked and commit the lock',
+    });
   return { defPath, text, def, lockPath, oldLock };
 }
 
@@ -96,13 +109,26 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   const log = (message: string) => emit({ type: 'log', message });
   const steps: Record<string, number> = {};
   let t = performance.now();
-  const step = (name: string) => { const now = performance.now(); steps[name] = Math.round(now - t); emit({ type: 'step', step: name, ms: steps[name] }); t = now; };
+  const step = (name: string) => {
+    const now = performance.now();
+    steps[name] = Math.round(now - t);
+    emit({ type: 'step', step: name, ms: steps[name] });
+    t = now;
+  };
 
   const { defPath, text, def, lockPath, oldLock } = await readDefinition(opts);
   const cache = new BlobCache(opts.cacheDir);
   const mirror = await chooseMirror(opts.definitionPath, opts.mirror, def.debian.mirror);
   const onProgress: Progress = (p) => emit({ type: 'download', ...p });
-  const archive = new DebianArchive({ mirror, suite: oldLock?.codename ?? def.debian.suite, components: def.debian.components, architecture: def.debian.architecture, cache, onProgress, log });
+  const archive = new DebianArchive({
+    mirror,
+    suite: oldLock?.codename ?? def.debian.suite,
+    components: def.debian.components,
+    architecture: def.debian.architecture,
+    cache,
+    onProgress,
+    log,
+  });
 
   const sets = packageSets(def);
   const lock = await resolveLock({ def, sets, oldLock, archive, locked: opts.locked, definitionPath: opts.definitionPath, lockPath });
@@ -119,19 +145,67 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   step('assemble');
 
   const w = await writeOutputs({
-    def, definitionPath: opts.definitionPath, defPath, definitionText: text, lockPath, lock, packages, controls, guest,
-    runtime: agentRuntime(lock, def.agent.runtime), mirror, compression: opts.compression ?? 'none',
-    sourceDateEpoch: opts.sourceDateEpoch ?? config().sourceDateEpoch, outRoot: opts.outDir ?? defaultOutDir(), log,
+    def,
+    definitionPath: opts.definitionPath,
+    defPath,
+    definitionText: text,
+    lockPath,
+    lock,
+    packages,
+    controls,
+    guest,
+    runtime: agentRuntime(lock, def.agent.runtime),
+    mirror,
+    compression: opts.compression ?? 'none',
+    sourceDateEpoch: opts.sourceDateEpoch ?? config().sourceDateEpoch,
+    outRoot: opts.outDir ?? defaultOutDir(),
+    log,
   });
   step('write');
-  return buildResult(w.manifest, w.dir, w, { lockPath, packages: packages.length, stepsMs: steps, largest: guest.largest, stripped: guest.stripped, excluded: guest.excluded, packageSizes: guest.packages });
+  return buildResult(w.manifest, w.dir, w, {
+    lockPath,
+    packages: packages.length,
+    stepsMs: steps,
+    largest: guest.largest,
+    stripped: guest.stripped,
+    excluded: guest.excluded,
+    packageSizes: guest.packages,
+  });
 }
 
-function buildResult(m: ImageManifest, dir: string, w: Awaited<ReturnType<typeof writeOutputs>>, more: { lockPath: string; packages: number; stepsMs: Record<string, number>; largest: BuildResult['largest']; stripped: BuildResult['stripped']; excluded: BuildResult['excluded']; packageSizes: BuildResult['packageSizes'] }): BuildResult {
+function buildResult(
+  m: ImageManifest,
+  dir: string,
+  w: Awaited<ReturnType<typeof writeOutputs>>,
+  more: {
+    lockPath: string;
+    packages: number;
+    stepsMs: Record<string, number>;
+    largest: BuildResult['largest'];
+    stripped: BuildResult['stripped'];
+    excluded: BuildResult['excluded'];
+    packageSizes: BuildResult['packageSizes'];
+  },
+): BuildResult {
   const path = (name: string) => join(dir, name);
   return {
-    name: m.name, dir, vmlinuz: path('vmlinuz'), initrd: path('initrd.img'), manifest: path('manifest.json'), sbom: path('sbom.cdx.json'), provenance: path('provenance.intoto.json'),
-    outputs: w.outputs, largest: more.largest, stripped: more.stripped, excluded: more.excluded, packageSizes: more.packageSizes, lock: more.lockPath, lockChanged: w.lockChanged,
-    sha256: { vmlinuz: m.outputs.vmlinuz.sha256, initrd: m.outputs['initrd.img'].sha256 }, sizes: w.sizes, packages: more.packages, stepsMs: more.stepsMs,
+    name: m.name,
+    dir,
+    vmlinuz: path('vmlinuz'),
+    initrd: path('initrd.img'),
+    manifest: path('manifest.json'),
+    sbom: path('sbom.cdx.json'),
+    provenance: path('provenance.intoto.json'),
+    outputs: w.outputs,
+    largest: more.largest,
+    stripped: more.stripped,
+    excluded: more.excluded,
+    packageSizes: more.packageSizes,
+    lock: more.lockPath,
+    lockChanged: w.lockChanged,
+    sha256: { vmlinuz: m.outputs.vmlinuz.sha256, initrd: m.outputs['initrd.img'].sha256 },
+    sizes: w.sizes,
+    packages: more.packages,
+    stepsMs: more.stepsMs,
   };
 }

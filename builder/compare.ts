@@ -5,7 +5,16 @@
  */
 import { createHash } from 'node:crypto';
 
-export interface CpioEntry { name: string; mode: number; uid: number; gid: number; mtime: number; size: number; rdev: string; data: Buffer }
+export interface CpioEntry {
+  name: string;
+  mode: number;
+  uid: number;
+  gid: number;
+  mtime: number;
+  size: number;
+  rdev: string;
+  data: Buffer;
+}
 
 export function parseCpio(b: Buffer): CpioEntry[] {
   const out: CpioEntry[] = [];
@@ -14,7 +23,11 @@ export function parseCpio(b: Buffer): CpioEntry[] {
   while (off + 110 <= b.length) {
     const magic = b.toString('latin1', off, off + 6);
     if (magic !== '070701' && magic !== '070702') throw new Error(`not a newc cpio archive at byte ${off}`);
-    const mode = field(off, 1), uid = field(off, 2), gid = field(off, 3), mtime = field(off, 5), size = field(off, 6);
+    const mode = field(off, 1),
+      uid = field(off, 2),
+      gid = field(off, 3),
+      mtime = field(off, 5),
+      size = field(off, 6);
     const rdev = `${field(off, 9)}:${field(off, 10)}`;
     const nameSize = field(off, 11);
     const name = b.toString('utf8', off + 110, off + 110 + nameSize - 1);
@@ -36,7 +49,8 @@ export function firstCpioDifference(a: CpioEntry[], b: CpioEntry[]): { path: str
   const bNames = new Set(b.map((e) => e.name));
   const aNames = new Set(a.map((e) => e.name));
   for (let i = 0; i < Math.max(a.length, b.length); i++) {
-    const x = a[i], y = b[i];
+    const x = a[i],
+      y = b[i];
     if (x && !bNames.has(x.name)) return { path: x.name, how: 'only in the first build' };
     if (y && !aNames.has(y.name)) return { path: y.name, how: 'only in the second build' };
     if (!x || !y) break;
@@ -57,7 +71,8 @@ export function firstCpioDifference(a: CpioEntry[], b: CpioEntry[]): { path: str
 
 /** The first differing line of two text files (1-based), both lines shown. */
 export function firstLineDifference(a: string, b: string): { line: number; first: string; second: string } | undefined {
-  const la = a.split('\n'), lb = b.split('\n');
+  const la = a.split('\n'),
+    lb = b.split('\n');
   for (let i = 0; i < Math.max(la.length, lb.length); i++) {
     if (la[i] !== lb[i]) return { line: i + 1, first: la[i] ?? '(end of file)', second: lb[i] ?? '(end of file)' };
   }

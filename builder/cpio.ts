@@ -1,7 +1,10 @@
 /** newc cpio writer, deterministic: sorted entries, fixed mtime, owner 0:0, sequential inodes. Pure. */
 import type { FileTree } from './tree.ts';
 
-const S_IFREG = 0o100000, S_IFDIR = 0o040000, S_IFLNK = 0o120000, S_IFCHR = 0o020000;
+const S_IFREG = 0o100000,
+  S_IFDIR = 0o040000,
+  S_IFLNK = 0o120000,
+  S_IFCHR = 0o020000;
 const hex8 = (n: number) => n.toString(16).padStart(8, '0');
 const pad4 = (n: number) => (4 - (n % 4)) % 4;
 

@@ -4,7 +4,14 @@ export function isElf(b: Buffer): boolean {
   return b.length > 64 && b[0] === 0x7f && b[1] === 0x45 && b[2] === 0x4c && b[3] === 0x46;
 }
 
-interface Section { name: string; type: number; offset: number; size: number; addr: number; link: number }
+interface Section {
+  name: string;
+  type: number;
+  offset: number;
+  size: number;
+  addr: number;
+  link: number;
+}
 
 function sections(b: Buffer): Section[] {
   const shoff = Number(b.readBigUInt64LE(0x28));
@@ -39,7 +46,10 @@ export function elfSection(b: Buffer, name: string): Buffer | undefined {
   return s ? b.subarray(s.offset, s.offset + s.size) : undefined;
 }
 
-export interface ElfDeps { interp?: string; needed: string[] }
+export interface ElfDeps {
+  interp?: string;
+  needed: string[];
+}
 
 /** Program interpreter and DT_NEEDED entries (read through the program headers, so stripped files work). */
 export function elfDeps(b: Buffer): ElfDeps {
@@ -49,7 +59,12 @@ export function elfDeps(b: Buffer): ElfDeps {
   const phnum = b.readUInt16LE(0x38);
   const phs = Array.from({ length: phnum }, (_, i) => {
     const o = phoff + i * phentsize;
-    return { type: b.readUInt32LE(o), offset: Number(b.readBigUInt64LE(o + 8)), vaddr: Number(b.readBigUInt64LE(o + 0x10)), filesz: Number(b.readBigUInt64LE(o + 0x20)) };
+    return {
+      type: b.readUInt32LE(o),
+      offset: Number(b.readBigUInt64LE(o + 8)),
+      vaddr: Number(b.readBigUInt64LE(o + 0x10)),
+      filesz: Number(b.readBigUInt64LE(o + 0x20)),
+    };
   });
   const out: ElfDeps = { needed: [] };
   const interp = phs.find((p) => p.type === 3);

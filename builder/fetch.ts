@@ -1,9 +1,7 @@
 /** HTTP downloads with progress and typed failures. */
 import { ArchiveError } from '../common/errors.ts';
 
-export interface Progress {
-  (ev: { url: string; received: number; total?: number; done: boolean; ms: number }): void;
-}
+export type Progress = (ev: { url: string; received: number; total?: number; done: boolean; ms: number }) => void;
 
 export async function download(url: string, onProgress?: Progress, timeoutMs = 120_000): Promise<Buffer> {
   const t0 = performance.now();
@@ -26,7 +24,10 @@ export async function download(url: string, onProgress?: Progress, timeoutMs = 1
     chunks.push(Buffer.from(chunk));
     received += chunk.length;
     const now = performance.now();
-    if (onProgress && now - last > 250) { last = now; onProgress({ url, received, total, done: false, ms: now - t0 }); }
+    if (onProgress && now - last > 250) {
+      last = now;
+      onProgress({ url, received, total, done: false, ms: now - t0 });
+    }
   }
   onProgress?.({ url, received, total, done: true, ms: performance.now() - t0 });
   return Buffer.concat(chunks);

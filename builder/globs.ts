@@ -11,7 +11,10 @@ export function globToRegExp(glob: string): RegExp {
     const c = glob[i];
     if (c === '*' && glob[i + 1] === '*') {
       i++;
-      if (glob[i + 1] === '/') { i++; re += '(?:.*/)?'; } // "**/": zero or more whole segments
+      if (glob[i + 1] === '/') {
+        i++;
+        re += '(?:.*/)?';
+      } // "**/": zero or more whole segments
       else re += '.*';
     } else if (c === '*') re += '[^/]*';
     else if (c === '?') re += '[^/]';

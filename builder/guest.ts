@@ -23,12 +23,28 @@ import { runtimeConfig, readOciImage, type LayerDescriptor } from './oci.ts';
 import { stripElf } from './strip.ts';
 import { AGENT_TOOLS, type PackageSets } from './packages.ts';
 
-export interface ContainerImageRef { name: string; path: string; layers: LayerDescriptor[] }
-export interface UserFile { path: string; source?: string; sha256: string }
-export interface KernelParts { vmlinuz: Buffer; version: string; modules: string[] }
+export interface ContainerImageRef {
+  name: string;
+  path: string;
+  layers: LayerDescriptor[];
+}
+export interface UserFile {
+  path: string;
+  source?: string;
+  sha256: string;
+}
+export interface KernelParts {
+  vmlinuz: Buffer;
+  version: string;
+  modules: string[];
+}
 
 /** What each package (or scion itself) puts in the image, in bytes, largest first. */
-export interface PackageContribution { name: string; bytes: number; files: number }
+export interface PackageContribution {
+  name: string;
+  bytes: number;
+  files: number;
+}
 
 export interface GuestTree {
   tree: FileTree;
@@ -48,10 +64,20 @@ const packageFiles = (files: Map<string, TarEntry[]>, p: LockedPackage) => files
 
 /** path in the guest tree -> the package its bytes came from */
 type Owners = Map<string, string>;
-const own = (owners: Owners, entries: TarEntry[], name: string, prefix = '') => { for (const e of entries) if (e.type === 'file') owners.set(prefix + canonical(e.path), name); };
+const own = (owners: Owners, entries: TarEntry[], name: string, prefix = '') => {
+  for (const e of entries) if (e.type === 'file') owners.set(prefix + canonical(e.path), name);
+};
 
 /** The guest packages the definition names (dependencies only where a library needs them), the agent and its runtime (a package: QuickJS). */
-function addGuestPackages(tree: FileTree, owners: Owners, def: ImageDefinition, sets: PackageSets, lock: Lockfile, files: Map<string, TarEntry[]>, agentBundle: Buffer): void {
+function addGuestPackages(
+  tree: FileTree,
+  owners: Owners,
+  def: ImageDefinition,
+  sets: PackageSets,
+  lock: Lockfile,
+  files: Map<string, TarEntry[]>,
+  agentBundle: Buffer,
+): void {
   const guestRoots = new Set(sets.guest.roots);
   const staging = new FileTree();
   for (const p of lock.sets.guest.packages) {
@@ -69,7 +95,9 @@ function addGuestPackages(tree: FileTree, owners: Owners, def: ImageDefinition, 
   const closure = libraryClosure(tree, staging);
   if (closure.missing.length) {
     const m = closure.missing[0];
-    throw new BuildError('E_LIBRARY_MISSING', `${m.file} needs ${m.soname}, which no package in the guest set provides`, { hint: 'add the package that ships it to `packages:`' });
+    throw new BuildError('E_LIBRARY_MISSING', `${m.file} needs ${m.soname}, which no package in the guest set provides`, {
+      hint: 'add the package that ships it to `packages:`',
+    });
   }
 }
 
@@ -79,7 +107,11 @@ async function addKernel(tree: FileTree, owners: Owners, def: ImageDefinition, l
   const km = findModules(kernelPkgs.flatMap((p) => packageFiles(files, p)));
   const kernelOwners: Owners = new Map();
   for (const p of kernelPkgs) own(kernelOwners, packageFiles(files, p), p.name);
-  if (!km.vmlinuz) throw new BuildError('E_KERNEL_MISSING', `kernel.package ${def.kernel.package} resolved to ${kernelPkgs.map((p) => p.name).join(', ')}, which ship no /boot/vmlinuz-*`);
+  if (!km.vmlinuz)
+    throw new BuildError(
+      'E_KERNEL_MISSING',
+      `kernel.package ${def.kernel.package} resolved to ${kernelPkgs.map((p) => p.name).join(', ')}, which ship no /boot/vmlinuz-*`,
+    );
   const depMap = new Map<string, string[]>();
   const koBytes = new Map<string, Buffer>();
   const queue = [...def.kernel.modules.map((m) => m.replace(/-/g, '_'))];
@@ -95,7 +127,12 @@ async function addKernel(tree: FileTree, owners: Owners, def: ImageDefinition, l
     queue.push(...deps);
   }
   const order = moduleLoadOrder(def.kernel.modules, depMap, km.builtin);
-  order.forEach((m, i) => owners.set(tree.file(`${MODULE_DIR}/${String(i).padStart(2, '0')}-${m}.ko`, koBytes.get(m)!, 0o644), kernelOwners.get(canonical(km.files.get(m)!.path)) ?? def.kernel.package));
+  for (const [i, m] of order.entries()) {
+    owners.set(
+      tree.file(`${MODULE_DIR}/${String(i).padStart(2, '0')}-${m}.ko`, koBytes.get(m)!, 0o644),
+      kernelOwners.get(canonical(km.files.get(m)!.path)) ?? def.kernel.package,
+    );
+  }
   return { vmlinuz: km.vmlinuz.data!, version: km.version!, modules: order }; // set with vmlinuz, from its file name
 }
 
@@ -116,7 +153,13 @@ function addBaseFiles(tree: FileTree, def: ImageDefinition, modules: string[]): 
 }
 
 /** One container's root file system: its packages (with the libraries they need), or an OCI image's layers. */
-async function containerRootfs(c: ImageDefinition['containers'][number], owners: Owners, lock: Lockfile, files: Map<string, TarEntry[]>, defDir: string): Promise<{ rootfs: FileTree; image?: ContainerImageRef }> {
+async function containerRootfs(
+  c: ImageDefinition['containers'][number],
+  owners: Owners,
+  lock: Lockfile,
+  files: Map<string, TarEntry[]>,
+  defDir: string,
+): Promise<{ rootfs: FileTree; image?: ContainerImageRef }> {
   const rootfs = new FileTree();
   if ('packages' in c.image) {
     const staging = new FileTree();
@@ -141,12 +184,22 @@ async function containerRootfs(c: ImageDefinition['containers'][number], owners:
 }
 
 /** Containers: one OCI runtime bundle each, and the agent's config naming them. */
-async function addContainers(tree: FileTree, owners: Owners, def: ImageDefinition, lock: Lockfile, files: Map<string, TarEntry[]>, defDir: string): Promise<ContainerImageRef[]> {
+async function addContainers(
+  tree: FileTree,
+  owners: Owners,
+  def: ImageDefinition,
+  lock: Lockfile,
+  files: Map<string, TarEntry[]>,
+  defDir: string,
+): Promise<ContainerImageRef[]> {
   const images: ContainerImageRef[] = [];
   for (const c of def.containers) {
     const root = `/var/lib/scion/containers/${c.name}`;
     const { rootfs, image } = await containerRootfs(c, owners, lock, files, defDir);
-    if (image) { images.push(image); for (const [p, n] of rootfs.nodes) if (n.type === 'file') owners.set(`${root}/rootfs${p}`, `OCI image ${image.path} (container ${c.name})`); }
+    if (image) {
+      images.push(image);
+      for (const [p, n] of rootfs.nodes) if (n.type === 'file') owners.set(`${root}/rootfs${p}`, `OCI image ${image.path} (container ${c.name})`);
+    }
     for (const d of ['/proc', '/dev', '/sys', '/tmp', '/etc']) rootfs.mkdirp(d);
     rootfs.file('/etc/resolv.conf', '');
     rootfs.file('/etc/hosts', '');
@@ -158,7 +211,15 @@ async function addContainers(tree: FileTree, owners: Owners, def: ImageDefinitio
     name: def.name,
     exec: def.agent.exec,
     network: def.network,
-    containers: def.containers.map((c) => ({ name: c.name, restart: c.restart, onFork: c.onFork, healthcheck: c.healthcheck as ContainerSpec['healthcheck'], ports: c.ports, network: c.network, bundle: `/var/lib/scion/containers/${c.name}` })),
+    containers: def.containers.map((c) => ({
+      name: c.name,
+      restart: c.restart,
+      onFork: c.onFork,
+      healthcheck: c.healthcheck as ContainerSpec['healthcheck'],
+      ports: c.ports,
+      network: c.network,
+      bundle: `/var/lib/scion/containers/${c.name}`,
+    })),
   };
   tree.file(GUEST_IMAGE_CONFIG, JSON.stringify(guestConfig, null, 2) + '\n');
   return images;
@@ -168,9 +229,12 @@ async function addContainers(tree: FileTree, owners: Owners, def: ImageDefinitio
 async function addUserFiles(tree: FileTree, def: ImageDefinition, definitionPath: string, defDir: string): Promise<UserFile[]> {
   const out: UserFile[] = [];
   for (const f of def.files) {
-    const data = f.contents !== undefined ? Buffer.from(f.contents) : await readFile(resolvePath(defDir, f.source!)).catch(() => {
-      throw new BuildError('E_FILE_SOURCE', `${definitionPath}: files: source ${f.source} cannot be read`);
-    });
+    const data =
+      f.contents !== undefined
+        ? Buffer.from(f.contents)
+        : await readFile(resolvePath(defDir, f.source!)).catch(() => {
+            throw new BuildError('E_FILE_SOURCE', `${definitionPath}: files: source ${f.source} cannot be read`);
+          });
     tree.file(f.path, data, f.mode);
     out.push({ path: f.path, source: f.source, sha256: sha256(data) });
   }
@@ -196,13 +260,21 @@ function excludeFiles(tree: FileTree, globs: string[], mustKeep: string[]): { fi
   const hit = new Set(matchingPaths(tree.nodes.keys(), globs));
   for (const p of [...hit]) if (tree.nodes.get(p)?.type === 'directory') for (const q of tree.nodes.keys()) if (q.startsWith(`${p}/`)) hit.add(q);
   for (const k of mustKeep) {
-    if (hit.has(k)) throw new BuildError('E_DEFINITION', `exclude: ${globs.find((g) => globToRegExp(g).test(k)) ?? 'a pattern'} would leave out ${k}, which the guest needs`, { hint: 'narrow the pattern' });
+    if (hit.has(k))
+      throw new BuildError(
+        'E_DEFINITION',
+        `exclude: ${globs.find((g) => globToRegExp(g).test(k)) ?? 'a pattern'} would leave out ${k}, which the guest needs`,
+        { hint: 'narrow the pattern' },
+      );
   }
   const out = { files: 0, bytes: 0 };
   for (const p of hit) {
     const n = tree.nodes.get(p);
     if (p === '/' || !n) continue;
-    if (n.type === 'file') { out.files++; out.bytes += n.data.length; }
+    if (n.type === 'file') {
+      out.files++;
+      out.bytes += n.data.length;
+    }
     tree.nodes.delete(p);
   }
   return out;
@@ -215,7 +287,8 @@ export function contributions(tree: FileTree, owners: Map<string, string>): Pack
     if (n.type !== 'file') continue;
     const name = owners.get(p) ?? 'scion (init, agent, config, files:)';
     const c = by.get(name) ?? { name, bytes: 0, files: 0 };
-    c.bytes += n.data.length; c.files++;
+    c.bytes += n.data.length;
+    c.files++;
     by.set(name, c);
   }
   return [...by.values()].sort((a, b) => b.bytes - a.bytes || (a.name < b.name ? -1 : 1));
@@ -223,12 +296,23 @@ export function contributions(tree: FileTree, owners: Map<string, string>): Pack
 
 /** The ten largest files, largest first. Pure. */
 export function largestFiles(tree: FileTree, n = 10): { path: string; size: number }[] {
-  return [...tree.nodes].flatMap(([path, node]) => (node.type === 'file' ? [{ path, size: node.data.length }] : []))
-    .sort((a, b) => b.size - a.size || (a.path < b.path ? -1 : 1)).slice(0, n);
+  return [...tree.nodes]
+    .flatMap(([path, node]) => (node.type === 'file' ? [{ path, size: node.data.length }] : []))
+    .sort((a, b) => b.size - a.size || (a.path < b.path ? -1 : 1))
+    .slice(0, n);
 }
 
 /** The whole guest tree. */
-export async function assembleGuest(o: { def: ImageDefinition; sets: PackageSets; lock: Lockfile; files: Map<string, TarEntry[]>; agentBundle: Buffer; definitionPath: string; defPath: string; log: (m: string) => void }): Promise<GuestTree> {
+export async function assembleGuest(o: {
+  def: ImageDefinition;
+  sets: PackageSets;
+  lock: Lockfile;
+  files: Map<string, TarEntry[]>;
+  agentBundle: Buffer;
+  definitionPath: string;
+  defPath: string;
+  log: (m: string) => void;
+}): Promise<GuestTree> {
   const tree = new FileTree();
   const owners: Owners = new Map();
   const defDir = dirname(o.defPath);
@@ -237,10 +321,24 @@ export async function assembleGuest(o: { def: ImageDefinition; sets: PackageSets
   addBaseFiles(tree, o.def, kernel.modules);
   const containerImages = await addContainers(tree, owners, o.def, o.lock, o.files, defDir);
   // the defaults and the definition's globs; then the user's own files, which may put anything back
-  const excluded = excludeFiles(tree, [...DEFAULT_EXCLUDES, ...o.def.exclude], ['/init', GUEST_IMAGE_CONFIG, `${AGENT_DIR}/agent.mjs`, AGENT_COMMAND.split(' ')[0]]);
+  const excluded = excludeFiles(
+    tree,
+    [...DEFAULT_EXCLUDES, ...o.def.exclude],
+    ['/init', GUEST_IMAGE_CONFIG, `${AGENT_DIR}/agent.mjs`, AGENT_COMMAND.split(' ')[0]],
+  );
   if (excluded.files) o.log(`left out ${excluded.files} file(s), ${excluded.bytes} bytes (exclude globs)`);
   const userFiles = await addUserFiles(tree, o.def, o.definitionPath, defDir);
   const stripped = stripTree(tree);
   if (stripped.files) o.log(`stripped ${stripped.files} ELF file(s) of debug sections and symbol tables: ${stripped.bytes} bytes`);
-  return { tree, kernel, agentBundle: o.agentBundle, containerImages, userFiles, stripped, excluded, largest: largestFiles(tree), packages: contributions(tree, owners) };
+  return {
+    tree,
+    kernel,
+    agentBundle: o.agentBundle,
+    containerImages,
+    userFiles,
+    stripped,
+    excluded,
+    largest: largestFiles(tree),
+    packages: contributions(tree, owners),
+  };
 }

@@ -3,8 +3,17 @@ import { readFile } from 'node:fs/promises';
 import { BuildError } from '../common/errors.ts';
 import { atomicWrite } from './cache.ts';
 
-export interface LockedPackage { name: string; version: string; filename: string; sha256: string; size: number }
-export interface LockSet { roots: string[]; packages: LockedPackage[] }
+export interface LockedPackage {
+  name: string;
+  version: string;
+  filename: string;
+  sha256: string;
+  size: number;
+}
+export interface LockSet {
+  roots: string[];
+  packages: LockedPackage[];
+}
 export interface Lockfile {
   lockVersion: 1;
   suite: string;
@@ -15,7 +24,11 @@ export interface Lockfile {
 
 export async function readLock(path: string): Promise<Lockfile | undefined> {
   let text: string;
-  try { text = await readFile(path, 'utf8'); } catch { return undefined; }
+  try {
+    text = await readFile(path, 'utf8');
+  } catch {
+    return undefined;
+  }
   try {
     const l = JSON.parse(text);
     if (l.lockVersion !== 1 || typeof l.sets !== 'object') throw new Error('unknown lock version');

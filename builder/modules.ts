@@ -19,10 +19,17 @@ export function moduleLoadOrder(requested: string[], available: Map<string, stri
     if (state.get(k) === 'visiting') throw new BuildError('E_MODULE_CYCLE', `kernel module dependency cycle: ${[...chain, k].join(' -> ')}`);
     const deps = available.get(k);
     if (!deps) {
-      if (builtin.has(k)) { state.set(k, 'done'); return; }
-      throw new BuildError('E_MODULE_UNKNOWN', `kernel module "${name}" is not in the kernel package${chain.length ? ` (needed by ${chain[chain.length - 1]})` : ''}`, {
-        hint: 'check the name (see modules.builtin for built-in ones) in kernel.modules',
-      });
+      if (builtin.has(k)) {
+        state.set(k, 'done');
+        return;
+      }
+      throw new BuildError(
+        'E_MODULE_UNKNOWN',
+        `kernel module "${name}" is not in the kernel package${chain.length ? ` (needed by ${chain[chain.length - 1]})` : ''}`,
+        {
+          hint: 'check the name (see modules.builtin for built-in ones) in kernel.modules',
+        },
+      );
     }
     state.set(k, 'visiting');
     for (const d of [...deps].sort()) visit(d, [...chain, k]);

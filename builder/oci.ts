@@ -21,9 +21,16 @@ export function runtimeConfig(c: ContainerDef, hostname: string): object {
       terminal: false,
       user: { uid: 0, gid: 0 },
       args: c.command,
-      env: Object.entries(env).sort(([a], [b]) => a.localeCompare(b)).map(([k, v]) => `${k}=${v}`),
+      env: Object.entries(env)
+        .sort(([a], [b]) => a.localeCompare(b))
+        .map(([k, v]) => `${k}=${v}`),
       cwd: '/',
-      capabilities: Object.fromEntries(['bounding', 'effective', 'permitted'].map((k) => [k, ['CAP_CHOWN', 'CAP_DAC_OVERRIDE', 'CAP_FOWNER', 'CAP_KILL', 'CAP_NET_BIND_SERVICE', 'CAP_NET_RAW', 'CAP_SETGID', 'CAP_SETUID']])),
+      capabilities: Object.fromEntries(
+        ['bounding', 'effective', 'permitted'].map((k) => [
+          k,
+          ['CAP_CHOWN', 'CAP_DAC_OVERRIDE', 'CAP_FOWNER', 'CAP_KILL', 'CAP_NET_BIND_SERVICE', 'CAP_NET_RAW', 'CAP_SETGID', 'CAP_SETUID'],
+        ]),
+      ),
       noNewPrivileges: true,
     },
     root: { path: 'rootfs', readonly: false },
@@ -75,12 +82,19 @@ async function readBlob(layoutDir: string, digest: string): Promise<Buffer> {
 }
 
 /** Read an OCI image layout directory (skopeo copy oci:, umoci) or a `docker save`/OCI tar archive. */
-export interface LayerDescriptor { digest: string; size: number; mediaType: string }
-
+export interface LayerDescriptor {
+  digest: string;
+  size: number;
+  mediaType: string;
+}
 
 export async function readOciImage(path: string): Promise<{ files: Map<string, TarEntry>; config: any; layers: LayerDescriptor[] }> {
-  let st;
-  try { st = await stat(path); } catch { throw new BuildError('E_OCI_MISSING', `container image ${path} does not exist`); }
+  let st: Awaited<ReturnType<typeof stat>>;
+  try {
+    st = await stat(path);
+  } catch {
+    throw new BuildError('E_OCI_MISSING', `container image ${path} does not exist`);
+  }
   if (st.isDirectory()) {
     const index = JSON.parse(await readFile(join(path, 'index.json'), 'utf8'));
     const manDesc = index.manifests?.[0];
@@ -91,7 +105,10 @@ export async function readOciImage(path: string): Promise<{ files: Map<string, T
     const descriptors: LayerDescriptor[] = [];
     for (const l of manifest.layers) {
       let data = await readBlob(path, l.digest);
-      if (ociDigest(data) !== l.digest) throw new BuildError('E_OCI_DIGEST', `${path}: layer ${l.digest} does not match its digest`, { hint: 'the image layout is damaged; copy the image again' });
+      if (ociDigest(data) !== l.digest)
+        throw new BuildError('E_OCI_DIGEST', `${path}: layer ${l.digest} does not match its digest`, {
+          hint: 'the image layout is damaged; copy the image again',
+        });
       descriptors.push({ digest: l.digest, size: data.length, mediaType: String(l.mediaType) });
       if (String(l.mediaType).includes('gzip') || (data[0] === 0x1f && data[1] === 0x8b)) data = gunzipSync(data);
       layers.push(await readTar(data));
@@ -110,7 +127,11 @@ export async function readOciImage(path: string): Promise<{ files: Map<string, T
     for (const l of m.Layers as string[]) {
       let data = byPath.get(normalisePath(l))?.data;
       if (!data) throw new BuildError('E_OCI_FORMAT', `${path}: layer ${l} is missing`);
-      descriptors.push({ digest: ociDigest(data), size: data.length, mediaType: data[0] === 0x1f && data[1] === 0x8b ? 'application/vnd.docker.image.rootfs.diff.tar.gzip' : 'application/vnd.docker.image.rootfs.diff.tar' });
+      descriptors.push({
+        digest: ociDigest(data),
+        size: data.length,
+        mediaType: data[0] === 0x1f && data[1] === 0x8b ? 'application/vnd.docker.image.rootfs.diff.tar.gzip' : 'application/vnd.docker.image.rootfs.diff.tar',
+      });
       if (data[0] === 0x1f && data[1] === 0x8b) data = gunzipSync(data);
       layers.push(await readTar(data));
     }

@@ -25,20 +25,37 @@ import type { GuestTree } from './guest.ts';
 export type Compression = 'none' | 'gzip' | 'zstd';
 
 /** One file of the output directory. */
-export interface BuildOutput { name: ImageFile; path: string; size: number; sha256: string }
+export interface BuildOutput {
+  name: ImageFile;
+  path: string;
+  size: number;
+  sha256: string;
+}
 
 export interface WriteInput {
-  def: ImageDefinition; definitionPath: string; defPath: string; definitionText: string; lockPath: string;
-  lock: Lockfile; packages: LockedPackage[]; controls: Map<string, Record<string, string>>;
+  def: ImageDefinition;
+  definitionPath: string;
+  defPath: string;
+  definitionText: string;
+  lockPath: string;
+  lock: Lockfile;
+  packages: LockedPackage[];
+  controls: Map<string, Record<string, string>>;
   guest: GuestTree;
   /** the agent's runtime package, as locked */
   runtime: { package: string; version: string; sha256: string };
-  mirror: string; compression: Compression; sourceDateEpoch: number; outRoot: string;
+  mirror: string;
+  compression: Compression;
+  sourceDateEpoch: number;
+  outRoot: string;
   log: (m: string) => void;
 }
 
 export interface Written {
-  dir: string; outputs: BuildOutput[]; manifest: ImageManifest; lockChanged: boolean;
+  dir: string;
+  outputs: BuildOutput[];
+  manifest: ImageManifest;
+  lockChanged: boolean;
   sizes: { vmlinuz: number; initrd: number; initrdUncompressed: number };
 }
 
@@ -68,8 +85,25 @@ export function imageManifest(i: WriteInput, initrd: Buffer, rawSize: number): I
 function sbomSets(lock: Lockfile, controls: Map<string, Record<string, string>>): Record<string, { roots: string[]; packages: SbomPackage[] }> {
   const out: Record<string, { roots: string[]; packages: SbomPackage[] }> = {};
   for (const [name, set] of Object.entries(lock.sets)) {
-    const available = new Map(set.packages.map((p) => [p.name, (controls.get(p.sha256)?.['Provides'] ?? '').split(',').map((x) => x.trim().split(/[\s(]/)[0]).filter(Boolean)]));
-    out[name] = { roots: set.roots, packages: set.packages.map((p) => ({ name: p.name, version: p.version, architecture: debArchitecture(p.filename), sha256: p.sha256, depends: resolvedDepends(controls.get(p.sha256) ?? {}, available).filter((d) => d !== p.name) })) };
+    const available = new Map(
+      set.packages.map((p) => [
+        p.name,
+        (controls.get(p.sha256)?.['Provides'] ?? '')
+          .split(',')
+          .map((x) => x.trim().split(/[\s(]/)[0])
+          .filter(Boolean),
+      ]),
+    );
+    out[name] = {
+      roots: set.roots,
+      packages: set.packages.map((p) => ({
+        name: p.name,
+        version: p.version,
+        architecture: debArchitecture(p.filename),
+        sha256: p.sha256,
+        depends: resolvedDepends(controls.get(p.sha256) ?? {}, available).filter((d) => d !== p.name),
+      })),
+    };
   }
   return out;
 }
@@ -88,21 +122,49 @@ async function outputBytes(i: WriteInput): Promise<{ files: Record<ImageFile, Bu
   const manifest = imageManifest(i, initrd, raw.length);
   const manifestText = JSON.stringify(manifest, null, 2) + '\n';
   const sbomText = sbomJson({
-    image: def.name, scionVersion: SCION_VERSION, codename: i.lock.codename ?? def.debian.suite, sourceDateEpoch: i.sourceDateEpoch, sets: sbomSets(i.lock, i.controls),
-    runtime: { package: i.runtime.package, version: i.runtime.version }, agentBundleSha256: sha256(guest.agentBundle),
-    containers: def.containers.map((c) => ({ name: c.name, set: 'packages' in c.image ? `container:${c.name}` : undefined, layers: guest.containerImages.find((x) => x.name === c.name)?.layers })),
+    image: def.name,
+    scionVersion: SCION_VERSION,
+    codename: i.lock.codename ?? def.debian.suite,
+    sourceDateEpoch: i.sourceDateEpoch,
+    sets: sbomSets(i.lock, i.controls),
+    runtime: { package: i.runtime.package, version: i.runtime.version },
+    agentBundleSha256: sha256(guest.agentBundle),
+    containers: def.containers.map((c) => ({
+      name: c.name,
+      set: 'packages' in c.image ? `container:${c.name}` : undefined,
+      layers: guest.containerImages.find((x) => x.name === c.name)?.layers,
+    })),
   });
   const lockText = serialiseLock(i.lock);
-  const subjects: [string, Buffer | string][] = [['vmlinuz', guest.kernel.vmlinuz], ['initrd.img', initrd], ['manifest.json', manifestText], ['sbom.cdx.json', sbomText]];
+  const subjects: [string, Buffer | string][] = [
+    ['vmlinuz', guest.kernel.vmlinuz],
+    ['initrd.img', initrd],
+    ['manifest.json', manifestText],
+    ['sbom.cdx.json', sbomText],
+  ];
   const provenanceText = provenanceJson({
-    image: def.name, scionVersion: SCION_VERSION,
+    image: def.name,
+    scionVersion: SCION_VERSION,
     outputs: subjects.map(([name, data]) => ({ name, sha256: sha256(data) })),
-    definition: { path: basename(i.defPath), sha256: sha256(i.definitionText) }, lock: { path: basename(i.lockPath), sha256: sha256(lockText) },
-    compression: i.compression, sourceDateEpoch: i.sourceDateEpoch, mirror: i.mirror, suite: def.debian.suite, codename: i.lock.codename ?? def.debian.suite, architecture: def.debian.architecture,
+    definition: { path: basename(i.defPath), sha256: sha256(i.definitionText) },
+    lock: { path: basename(i.lockPath), sha256: sha256(lockText) },
+    compression: i.compression,
+    sourceDateEpoch: i.sourceDateEpoch,
+    mirror: i.mirror,
+    suite: def.debian.suite,
+    codename: i.lock.codename ?? def.debian.suite,
+    architecture: def.debian.architecture,
     packages: i.packages,
-    containerImages: guest.containerImages, userFiles: guest.userFiles,
+    containerImages: guest.containerImages,
+    userFiles: guest.userFiles,
   });
-  const files = { vmlinuz: guest.kernel.vmlinuz, 'initrd.img': initrd, 'manifest.json': manifestText, 'sbom.cdx.json': sbomText, 'provenance.intoto.json': provenanceText };
+  const files = {
+    vmlinuz: guest.kernel.vmlinuz,
+    'initrd.img': initrd,
+    'manifest.json': manifestText,
+    'sbom.cdx.json': sbomText,
+    'provenance.intoto.json': provenanceText,
+  };
   return { files, manifest, rawSize: raw.length, lockText };
 }
 
@@ -122,7 +184,13 @@ export async function writeOutputs(i: WriteInput): Promise<Written> {
     await replaceDirectory(tmpDir, finalDir);
     const lockChanged = lockText !== (await readFile(i.lockPath, 'utf8').catch(() => ''));
     if (lockChanged) await writeLock(i.lockPath, i.lock);
-    return { dir: finalDir, outputs, manifest, lockChanged, sizes: { vmlinuz: i.guest.kernel.vmlinuz.length, initrd: Buffer.byteLength(files['initrd.img']), initrdUncompressed: rawSize } };
+    return {
+      dir: finalDir,
+      outputs,
+      manifest,
+      lockChanged,
+      sizes: { vmlinuz: i.guest.kernel.vmlinuz.length, initrd: Buffer.byteLength(files['initrd.img']), initrdUncompressed: rawSize },
+    };
   } catch (e) {
     await rm(tmpDir, { recursive: true, force: true });
     throw e;

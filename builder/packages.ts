@@ -6,7 +6,7 @@
 import { readFile } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { BuildError } from '../common/errors.ts';
-import { BlobCache, atomicWrite } from './cache.ts';
+import { type BlobCache, atomicWrite } from './cache.ts';
 import type { DebianArchive } from './debian/archive.ts';
 import { debDataTar, dataTarEntries, readControl, type TarEntry } from './debian/deb.ts';
 import { resolve as resolveDeps, type PackageIndex } from './debian/resolver.ts';
@@ -41,25 +41,43 @@ export function packageSets(def: ImageDefinition): PackageSets {
 }
 
 /** Resolve each set (from the old lock when its roots are unchanged); --locked refuses any change. */
-export async function resolveLock(o: { def: ImageDefinition; sets: PackageSets; oldLock?: Lockfile; archive: DebianArchive; locked?: boolean; definitionPath: string; lockPath: string }): Promise<Lockfile> {
+export async function resolveLock(o: {
+  def: ImageDefinition;
+  sets: PackageSets;
+  oldLock?: Lockfile;
+  archive: DebianArchive;
+  locked?: boolean;
+  definitionPath: string;
+  lockPath: string;
+}): Promise<Lockfile> {
   const { def, oldLock } = o;
   // the mirror is not locked: packages are named by hash, any mirror serves them
   const lock: Lockfile = { lockVersion: 1, suite: def.debian.suite, codename: oldLock?.codename, architecture: def.debian.architecture, sets: {} };
   let index: PackageIndex | undefined;
   for (const [name, s] of Object.entries(o.sets)) {
     const locked = oldLock?.sets[name];
-    if (locked && sameRoots(locked.roots, s.roots)) { lock.sets[name] = locked; continue; }
+    if (locked && sameRoots(locked.roots, s.roots)) {
+      lock.sets[name] = locked;
+      continue;
+    }
     index ??= await o.archive.index();
     lock.codename ??= o.archive.codename;
     const pins = new Map<string, string>();
     for (const ls of Object.values(oldLock?.sets ?? {})) for (const p of ls.packages) pins.set(p.name, p.version);
     // a pin the archive no longer has fails here; --update-lock resolves afresh
     const chosen = resolveDeps(index, s.roots, { pins, follow: s.follow });
-    lock.sets[name] = { roots: s.roots, packages: chosen.map((p) => ({ name: p.name, version: p.version, filename: p.filename, sha256: p.sha256, size: p.size })) };
+    lock.sets[name] = {
+      roots: s.roots,
+      packages: chosen.map((p) => ({ name: p.name, version: p.version, filename: p.filename, sha256: p.sha256, size: p.size })),
+    };
   }
   if (o.locked && serialiseLock(lock) !== serialiseLock(oldLock!)) {
     const changed = Object.keys({ ...lock.sets, ...oldLock!.sets }).filter((k) => JSON.stringify(lock.sets[k]) !== JSON.stringify(oldLock!.sets[k]));
-    throw new BuildError('E_LOCK_CHANGED', `${o.definitionPath}: --locked, but the definition no longer matches ${basename(o.lockPath)} (package sets ${changed.join(', ')})`, { hint: 'update the lock (scion build without --locked, or --update-lock) and commit it' });
+    throw new BuildError(
+      'E_LOCK_CHANGED',
+      `${o.definitionPath}: --locked, but the definition no longer matches ${basename(o.lockPath)} (package sets ${changed.join(', ')})`,
+      { hint: 'update the lock (scion build without --locked, or --update-lock) and commit it' },
+    );
   }
   return lock;
 }
@@ -74,9 +92,14 @@ export function lockedPackages(lock: Lockfile): Map<string, LockedPackage> {
 export async function mapLimit<T, R>(items: T[], limit: number, fn: (t: T) => Promise<R>): Promise<R[]> {
   const out: R[] = new Array(items.length);
   let i = 0;
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, async () => {
-    while (i < items.length) { const k = i++; out[k] = await fn(items[k]); }
-  }));
+  await Promise.all(
+    Array.from({ length: Math.min(limit, items.length) }, async () => {
+      while (i < items.length) {
+        const k = i++;
+        out[k] = await fn(items[k]);
+      }
+    }),
+  );
   return out;
 }
 
@@ -88,7 +111,10 @@ async function cachedDataTar(cache: BlobCache, p: LockedPackage, deb: Buffer): P
   const label = `${p.name} ${p.version}`;
   if (deb.length < DATA_TAR_CACHE_MIN_BYTES) return debDataTar(deb, label);
   const ref = cache.refPath(`data-tar-${p.sha256}`);
-  const hash = await readFile(ref, 'utf8').then((t) => t.trim(), () => undefined);
+  const hash = await readFile(ref, 'utf8').then(
+    (t) => t.trim(),
+    () => undefined,
+  );
   const hit = hash && /^[0-9a-f]{64}$/.test(hash) ? await cache.get(hash) : undefined;
   if (hit) return hit;
   const tar = await debDataTar(deb, label);
@@ -96,12 +122,17 @@ async function cachedDataTar(cache: BlobCache, p: LockedPackage, deb: Buffer): P
   return tar;
 }
 
-export interface Extracted { files: Map<string, TarEntry[]>; controls: Map<string, Record<string, string>> }
+export interface Extracted {
+  files: Map<string, TarEntry[]>;
+  controls: Map<string, Record<string, string>>;
+}
 
 /** Download (or take from the cache) and extract every package: files and control fields, by SHA-256. */
 export async function fetchAndExtract(archive: DebianArchive, cache: BlobCache, packages: LockedPackage[], step: (name: string) => void): Promise<Extracted> {
   const debs = new Map<string, Buffer>();
-  await mapLimit(packages, 4, async (p) => { debs.set(p.sha256, await archive.deb(p)); });
+  await mapLimit(packages, 4, async (p) => {
+    debs.set(p.sha256, await archive.deb(p));
+  });
   step('download');
   const files = new Map<string, TarEntry[]>();
   const controls = new Map<string, Record<string, string>>();
@@ -118,6 +149,9 @@ export async function fetchAndExtract(archive: DebianArchive, cache: BlobCache, 
 /** The agent's runtime package as the guest set locked it. */
 export function agentRuntime(lock: Lockfile, name: string): { package: string; version: string; sha256: string } {
   const p = lock.sets.guest?.packages.find((x) => x.name === name);
-  if (!p) throw new BuildError('E_LOCK_STALE', `the lock's guest set has no ${name}, the agent's runtime`, { hint: 'build without --locked to resolve the guest set again' });
+  if (!p)
+    throw new BuildError('E_LOCK_STALE', `the lock's guest set has no ${name}, the agent's runtime`, {
+      hint: 'build without --locked to resolve the guest set again',
+    });
   return { package: p.name, version: p.version, sha256: p.sha256 };
 }

@@ -29,8 +29,11 @@ export interface ProvenanceInput {
 export function provenanceJson(i: ProvenanceInput): string {
   const mirror = i.mirror.replace(/\/+$/, '');
   const byUri = new Map<string, { uri: string; name?: string; digest: Record<string, string>; annotations?: Record<string, string> }>();
-  for (const p of i.packages) byUri.set(`${mirror}/${p.filename}`, { uri: `${mirror}/${p.filename}`, name: `${p.name}_${p.version}`, digest: { sha256: p.sha256 } });
-  const layers = i.containerImages.flatMap((c) => c.layers.map((l) => ({ uri: `oci-layout:${c.path}@${l.digest}`, name: `${c.name} layer`, digest: { sha256: l.digest.replace(/^sha256:/, '') } })));
+  for (const p of i.packages)
+    byUri.set(`${mirror}/${p.filename}`, { uri: `${mirror}/${p.filename}`, name: `${p.name}_${p.version}`, digest: { sha256: p.sha256 } });
+  const layers = i.containerImages.flatMap((c) =>
+    c.layers.map((l) => ({ uri: `oci-layout:${c.path}@${l.digest}`, name: `${c.name} layer`, digest: { sha256: l.digest.replace(/^sha256:/, '') } })),
+  );
   const files = i.userFiles.filter((f) => f.source).map((f) => ({ uri: `file:${f.source}`, name: f.path, digest: { sha256: f.sha256 } }));
   const statement = {
     _type: 'https://in-toto.io/Statement/v1',

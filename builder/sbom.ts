@@ -51,9 +51,15 @@ export function resolvedDepends(control: Record<string, string>, available: Map<
   const groups = [...parseDepends(control['Pre-Depends']), ...parseDepends(control['Depends'])];
   for (const g of groups) {
     for (const alt of g) {
-      if (available.has(alt.name)) { out.add(alt.name); break; }
+      if (available.has(alt.name)) {
+        out.add(alt.name);
+        break;
+      }
       const provider = [...available].find(([, provides]) => provides.includes(alt.name));
-      if (provider) { out.add(provider[0]); break; }
+      if (provider) {
+        out.add(provider[0]);
+        break;
+      }
     }
   }
   return [...out].sort();
@@ -62,7 +68,6 @@ export function resolvedDepends(control: Record<string, string>, available: Map<
 export function debPurl(p: { name: string; version: string; architecture: string }, codename: string): string {
   return new PackageURL('deb', 'debian', p.name, p.version, { arch: p.architecture, distro: codename }, undefined).toString();
 }
-
 
 export function sbomJson(input: SbomInput): string {
   const { Models, Enums, Spec, Serialize } = CDX;
@@ -91,17 +96,27 @@ export function sbomJson(input: SbomInput): string {
     const byName = new Map(set.packages.map((p) => [p.name, p]));
     for (const p of set.packages) {
       const c = ref.get(pkgRef(p.name, p.version))!;
-      for (const d of p.depends) { const dp = byName.get(d); if (dp && dp !== p) c.dependencies.add(ref.get(pkgRef(dp.name, dp.version))!.bomRef); }
+      for (const d of p.depends) {
+        const dp = byName.get(d);
+        if (dp && dp !== p) c.dependencies.add(ref.get(pkgRef(dp.name, dp.version))!.bomRef);
+      }
     }
     if (setName === 'guest' || setName === 'kernel') {
-      for (const root of set.roots) { const p = byName.get(root); if (p) image.dependencies.add(ref.get(pkgRef(p.name, p.version))!.bomRef); }
+      for (const root of set.roots) {
+        const p = byName.get(root);
+        if (p) image.dependencies.add(ref.get(pkgRef(p.name, p.version))!.bomRef);
+      }
     }
   }
 
   const runtime = ref.get(pkgRef(input.runtime.package, input.runtime.version));
   if (!runtime) throw new Error(`the agent's runtime ${input.runtime.package} ${input.runtime.version} is not among the image's packages`);
 
-  const agent = new Models.Component(Enums.ComponentType.Application, 'scion-guest-agent', { bomRef: 'scion:guest-agent', version: input.scionVersion, description: 'the guest agent bundle (/opt/scion/agent.mjs)' });
+  const agent = new Models.Component(Enums.ComponentType.Application, 'scion-guest-agent', {
+    bomRef: 'scion:guest-agent',
+    version: input.scionVersion,
+    description: 'the guest agent bundle (/opt/scion/agent.mjs)',
+  });
   sha256(agent, input.agentBundleSha256);
   agent.dependencies.add(runtime.bomRef);
   bom.components.add(agent);
@@ -111,7 +126,10 @@ export function sbomJson(input: SbomInput): string {
     const c = new Models.Component(Enums.ComponentType.Container, ct.name, { bomRef: `container:${ct.name}` });
     if (ct.set) {
       const set = input.sets[ct.set];
-      for (const root of set?.roots ?? []) { const p = set.packages.find((x) => x.name === root); if (p) c.dependencies.add(ref.get(pkgRef(p.name, p.version))!.bomRef); }
+      for (const root of set?.roots ?? []) {
+        const p = set.packages.find((x) => x.name === root);
+        if (p) c.dependencies.add(ref.get(pkgRef(p.name, p.version))!.bomRef);
+      }
     }
     for (const l of ct.layers ?? []) {
       const r = `oci-layer:${l.digest}`;
@@ -128,7 +146,8 @@ export function sbomJson(input: SbomInput): string {
     image.dependencies.add(c.bomRef);
   }
 
-  const serialise = (b: CDX.Models.Bom) => new Serialize.JsonSerializer(new Serialize.JSON.Normalize.Factory(Spec.Spec1dot6)).serialize(b, { sortLists: true, space: 2 });
+  const serialise = (b: CDX.Models.Bom) =>
+    new Serialize.JsonSerializer(new Serialize.JSON.Normalize.Factory(Spec.Spec1dot6)).serialize(b, { sortLists: true, space: 2 });
   // a serial number from the content: same build, same SBOM, same number
   const digest = createHash('sha256').update(serialise(bom)).digest('hex');
   bom.serialNumber = `urn:uuid:${digest.slice(0, 8)}-${digest.slice(8, 12)}-5${digest.slice(13, 16)}-${((parseInt(digest[16], 16) & 3) | 8).toString(16)}${digest.slice(17, 20)}-${digest.slice(20, 32)}`;

@@ -17,14 +17,26 @@
 const SHF_ALLOC = 0x2;
 const SHF_INFO_LINK = 0x40;
 const SHT_NOBITS = 8;
-const ET_EXEC = 2, ET_DYN = 3;
+const ET_EXEC = 2,
+  ET_DYN = 3;
 const SHDR_SIZE = 64;
 
 export function removableSection(name: string): boolean {
   return name.startsWith('.debug_') || name.startsWith('.zdebug_') || name === '.symtab' || name === '.strtab';
 }
 
-interface Shdr { index: number; name: string; raw: Buffer; type: number; flags: bigint; offset: number; size: number; link: number; info: number; align: number }
+interface Shdr {
+  index: number;
+  name: string;
+  raw: Buffer;
+  type: number;
+  flags: bigint;
+  offset: number;
+  size: number;
+  link: number;
+  info: number;
+  align: number;
+}
 
 const align = (n: number, a: number) => (a > 1 ? Math.ceil(n / a) * a : n);
 
@@ -35,17 +47,26 @@ export function stripElf(b: Buffer): Buffer | undefined {
   if (etype !== ET_EXEC && etype !== ET_DYN) return undefined; // relocatable objects (kernel modules) keep their symbols
   const phoff = Number(b.readBigUInt64LE(0x20));
   const shoff = Number(b.readBigUInt64LE(0x28));
-  const phentsize = b.readUInt16LE(0x36), phnum = b.readUInt16LE(0x38);
-  const shentsize = b.readUInt16LE(0x3a), shnum = b.readUInt16LE(0x3c), shstrndx = b.readUInt16LE(0x3e);
+  const phentsize = b.readUInt16LE(0x36),
+    phnum = b.readUInt16LE(0x38);
+  const shentsize = b.readUInt16LE(0x3a),
+    shnum = b.readUInt16LE(0x3c),
+    shstrndx = b.readUInt16LE(0x3e);
   if (!shoff || shentsize !== SHDR_SIZE || shnum === 0 || shstrndx >= shnum || shoff + shnum * SHDR_SIZE > b.length) return undefined;
 
   const shdrs: Shdr[] = [];
   for (let i = 0; i < shnum; i++) {
     const o = shoff + i * SHDR_SIZE;
     shdrs.push({
-      index: i, name: '', raw: Buffer.from(b.subarray(o, o + SHDR_SIZE)),
-      type: b.readUInt32LE(o + 4), flags: b.readBigUInt64LE(o + 8), offset: Number(b.readBigUInt64LE(o + 0x18)),
-      size: Number(b.readBigUInt64LE(o + 0x20)), link: b.readUInt32LE(o + 0x28), info: b.readUInt32LE(o + 0x2c),
+      index: i,
+      name: '',
+      raw: Buffer.from(b.subarray(o, o + SHDR_SIZE)),
+      type: b.readUInt32LE(o + 4),
+      flags: b.readBigUInt64LE(o + 8),
+      offset: Number(b.readBigUInt64LE(o + 0x18)),
+      size: Number(b.readBigUInt64LE(o + 0x20)),
+      link: b.readUInt32LE(o + 0x28),
+      info: b.readUInt32LE(o + 0x2c),
       align: Number(b.readBigUInt64LE(o + 0x30)),
     });
   }
@@ -79,7 +100,7 @@ export function stripElf(b: Buffer): Buffer | undefined {
     if (s.index === 0) continue;
     if (!(s.flags & BigInt(SHF_ALLOC)) && s.type !== SHT_NOBITS && s.offset < cut) return undefined;
     if (s.link && !newIndex.has(s.link)) return undefined;
-    if ((s.flags & BigInt(SHF_INFO_LINK)) && s.info && !newIndex.has(s.info)) return undefined;
+    if (s.flags & BigInt(SHF_INFO_LINK) && s.info && !newIndex.has(s.info)) return undefined;
   }
 
   const parts: Buffer[] = [b.subarray(0, cut)];
@@ -87,8 +108,8 @@ export function stripElf(b: Buffer): Buffer | undefined {
   for (const s of kept) {
     const h = s.raw;
     if (s.index !== 0 && s.link) h.writeUInt32LE(newIndex.get(s.link)!, 0x28);
-    if (s.index !== 0 && (s.flags & BigInt(SHF_INFO_LINK)) && s.info) h.writeUInt32LE(newIndex.get(s.info)!, 0x2c);
-    if (s.index === 0 || (s.flags & BigInt(SHF_ALLOC)) || s.type === SHT_NOBITS) continue;
+    if (s.index !== 0 && s.flags & BigInt(SHF_INFO_LINK) && s.info) h.writeUInt32LE(newIndex.get(s.info)!, 0x2c);
+    if (s.index === 0 || s.flags & BigInt(SHF_ALLOC) || s.type === SHT_NOBITS) continue;
     const at = align(pos, s.align);
     if (at > pos) parts.push(Buffer.alloc(at - pos));
     parts.push(b.subarray(s.offset, s.offset + s.size));

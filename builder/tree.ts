@@ -11,7 +11,12 @@ export type TreeNode =
   | { type: 'symlink'; target: string }
   | { type: 'chardev'; mode: number; major: number; minor: number };
 
-const MERGED: [string, string][] = [['/bin', '/usr/bin'], ['/sbin', '/usr/sbin'], ['/lib64', '/usr/lib64'], ['/lib', '/usr/lib']];
+const MERGED: [string, string][] = [
+  ['/bin', '/usr/bin'],
+  ['/sbin', '/usr/sbin'],
+  ['/lib64', '/usr/lib64'],
+  ['/lib', '/usr/lib'],
+];
 
 export function canonical(path: string): string {
   const p = normalisePath(path);

@@ -49,7 +49,8 @@ async function unpack(data: Buffer, compression: string): Promise<Buffer> {
 /** The first difference between two finished builds (pure over their files). */
 export async function compareBuilds(a: BuildResult, b: BuildResult, compression: string): Promise<Difference | undefined> {
   for (const name of OUTPUT_FILES) {
-    const oa = a.outputs.find((o) => o.name === name)!, ob = b.outputs.find((o) => o.name === name)!;
+    const oa = a.outputs.find((o) => o.name === name)!,
+      ob = b.outputs.find((o) => o.name === name)!;
     if (oa.sha256 === ob.sha256) continue;
     if (name === 'initrd.img') {
       const [x, y] = await Promise.all([readFile(oa.path).then((d) => unpack(d, compression)), readFile(ob.path).then((d) => unpack(d, compression))]);
@@ -72,14 +73,16 @@ export async function verify(opts: VerifyOptions): Promise<VerifyResult> {
     const ms: number[] = [];
     for (const n of [1, 2] as const) {
       const t0 = performance.now();
-      results.push(await build({
-        definitionPath: opts.definitionPath,
-        cacheDir: join(root, `cache-${n}`),
-        outDir: join(root, `out-${n}`),
-        mirror: opts.mirror,
-        compression: opts.compression,
-        onEvent: opts.onEvent && ((ev) => opts.onEvent!(n, ev)),
-      }));
+      results.push(
+        await build({
+          definitionPath: opts.definitionPath,
+          cacheDir: join(root, `cache-${n}`),
+          outDir: join(root, `out-${n}`),
+          mirror: opts.mirror,
+          compression: opts.compression,
+          onEvent: opts.onEvent && ((ev) => opts.onEvent!(n, ev)),
+        }),
+      );
       ms.push(Math.round(performance.now() - t0));
     }
     const [a, b] = results;
@@ -88,7 +91,8 @@ export async function verify(opts: VerifyOptions): Promise<VerifyResult> {
       name: a.name,
       identical: !difference,
       outputs: OUTPUT_FILES.map((name) => {
-        const oa = a.outputs.find((o) => o.name === name)!, ob = b.outputs.find((o) => o.name === name)!;
+        const oa = a.outputs.find((o) => o.name === name)!,
+          ob = b.outputs.find((o) => o.name === name)!;
         return { name, sha256: [oa.sha256, ob.sha256], size: [oa.size, ob.size] };
       }),
       difference,

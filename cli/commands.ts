@@ -24,8 +24,17 @@ import { serveOptions } from '../host/serve/options.ts';
 import { buildProgress, fmtBytes, table } from './format.ts';
 
 export type OptionValues = Record<string, string | boolean | undefined>;
-export interface Context { json: boolean; err: (s: string) => void; out: (s: string) => void }
-export interface OptionSpec { type: 'string' | 'boolean'; short?: string; value?: string; help: string }
+export interface Context {
+  json: boolean;
+  err: (s: string) => void;
+  out: (s: string) => void;
+}
+export interface OptionSpec {
+  type: 'string' | 'boolean';
+  short?: string;
+  value?: string;
+  help: string;
+}
 export interface CommandSpec {
   name: string;
   /** arguments as the help shows them */
@@ -43,9 +52,15 @@ const str = (v: OptionValues, k: string): string | undefined => (typeof v[k] ===
 /** `fn` with a synced agent connection to `vm`, closed afterwards. */
 async function withAgent<T>(vm: string, fn: (a: AgentClient) => Promise<T>): Promise<T> {
   const a = await connectAgent(validName(vm));
-  try { return await fn(a); } finally { a.close(); }
+  try {
+    return await fn(a);
+  } finally {
+    a.close();
+  }
 }
-const need = (pos: string[], k: number, cmd: string, usage: string) => { if (pos.length < k) throw new ScionError('E_USAGE', `scion ${cmd}: missing argument`, { hint: usage }); };
+const need = (pos: string[], k: number, cmd: string, usage: string) => {
+  if (pos.length < k) throw new ScionError('E_USAGE', `scion ${cmd}: missing argument`, { hint: usage });
+};
 
 /** --bridge/--netns/--network → a bridge network mode, --tap → a loose tap (user-mode networking otherwise). */
 export function netFrom(v: OptionValues): NetMode | undefined {
@@ -58,11 +73,20 @@ export function netFrom(v: OptionValues): NetMode | undefined {
     return undefined;
   }
   const bridge = v.bridge as string;
-  if (!/^[A-Za-z0-9_.-]{1,15}$/.test(bridge)) throw new ScionError('E_USAGE', `--bridge ${JSON.stringify(bridge)}: not an interface name (1-15 of A-Z a-z 0-9 _ . -)`);
+  if (!/^[A-Za-z0-9_.-]{1,15}$/.test(bridge))
+    throw new ScionError('E_USAGE', `--bridge ${JSON.stringify(bridge)}: not an interface name (1-15 of A-Z a-z 0-9 _ . -)`);
   const netns = v.netns as string | undefined;
-  if (netns !== undefined && !/^[A-Za-z0-9_.-]{1,64}$/.test(netns)) throw new ScionError('E_USAGE', `--netns ${JSON.stringify(netns)}: not a network namespace name (A-Z a-z 0-9 _ . -)`);
+  if (netns !== undefined && !/^[A-Za-z0-9_.-]{1,64}$/.test(netns))
+    throw new ScionError('E_USAGE', `--netns ${JSON.stringify(netns)}: not a network namespace name (A-Z a-z 0-9 _ . -)`);
   const network = (v.network as string | undefined) ?? '10.44.0.0/24';
-  if (!/^(\d{1,3}\.){3}0\/24$/.test(network) || network.split(/[./]/).slice(0, 4).some((o) => Number(o) > 255)) throw new ScionError('E_USAGE', `--network ${network}: use a /24 such as 10.44.0.0/24`);
+  if (
+    !/^(\d{1,3}\.){3}0\/24$/.test(network) ||
+    network
+      .split(/[./]/)
+      .slice(0, 4)
+      .some((o) => Number(o) > 255)
+  )
+    throw new ScionError('E_USAGE', `--network ${network}: use a /24 such as 10.44.0.0/24`);
   return { mode: 'bridge', bridge, netns, network };
 }
 
@@ -99,7 +123,9 @@ const BUILD_INPUT: Record<string, OptionSpec> = {
 
 export const COMMANDS: CommandSpec[] = [
   {
-    name: 'build', args: '<image.yaml>', summary: 'build DIR/<name>/: vmlinuz, initrd.img, manifest.json, sbom.cdx.json (CycloneDX 1.6), provenance.intoto.json (SLSA v1)',
+    name: 'build',
+    args: '<image.yaml>',
+    summary: 'build DIR/<name>/: vmlinuz, initrd.img, manifest.json, sbom.cdx.json (CycloneDX 1.6), provenance.intoto.json (SLSA v1)',
     options: {
       out: { type: 'string', value: 'DIR', help: 'output directory (default ./out)' },
       'update-lock': { type: 'boolean', help: 're-resolve packages and rewrite <image>.scion.lock' },
@@ -108,9 +134,21 @@ export const COMMANDS: CommandSpec[] = [
     },
     cleansUpOnInterrupt: true,
     async run(pos, v, ctx) {
-      if (pos.length !== 1) throw new ScionError('E_USAGE', 'scion build needs exactly one image definition', { hint: 'scion build images/minimal.yaml --out out' });
-      const r = await build({ definitionPath: pos[0], outDir: str(v, 'out'), updateLock: !!v['update-lock'], locked: !!v.locked, mirror: str(v, 'mirror'), compression: compressionOf(str(v, 'compression')), onEvent: ctx.json ? undefined : buildProgress(ctx.err) });
-      if (ctx.json) { ctx.out(JSON.stringify({ ok: true, ...r }, null, 2)); return EXIT.ok; }
+      if (pos.length !== 1)
+        throw new ScionError('E_USAGE', 'scion build needs exactly one image definition', { hint: 'scion build images/minimal.yaml --out out' });
+      const r = await build({
+        definitionPath: pos[0],
+        outDir: str(v, 'out'),
+        updateLock: !!v['update-lock'],
+        locked: !!v.locked,
+        mirror: str(v, 'mirror'),
+        compression: compressionOf(str(v, 'compression')),
+        onEvent: ctx.json ? undefined : buildProgress(ctx.err),
+      });
+      if (ctx.json) {
+        ctx.out(JSON.stringify({ ok: true, ...r }, null, 2));
+        return EXIT.ok;
+      }
       ctx.out(`built ${r.name} -> ${r.dir}`);
       for (const o of r.outputs) ctx.out(`  ${o.name.padEnd(23)} ${fmtBytes(o.size).padStart(10)}  sha256 ${o.sha256}`);
       ctx.out(`  ${r.packages} packages; lock ${r.lockChanged ? 'written' : 'unchanged'}: ${r.lock}`);
@@ -123,13 +161,24 @@ export const COMMANDS: CommandSpec[] = [
     },
   },
   {
-    name: 'verify', args: '<image.yaml>', summary: 'build twice, each from an empty cache in a temporary directory, and compare: "identical", or the first differing file (inside the initramfs)',
+    name: 'verify',
+    args: '<image.yaml>',
+    summary: 'build twice, each from an empty cache in a temporary directory, and compare: "identical", or the first differing file (inside the initramfs)',
     options: { ...BUILD_INPUT },
     cleansUpOnInterrupt: true,
     async run(pos, v, ctx) {
       if (pos.length !== 1) throw new ScionError('E_USAGE', 'scion verify needs exactly one image definition', { hint: 'scion verify images/minimal.yaml' });
       if (!ctx.json) ctx.err('[verify] two builds, one after the other, each from an empty cache in a temporary directory');
-      const r = await verify({ definitionPath: pos[0], mirror: str(v, 'mirror'), compression: compressionOf(str(v, 'compression')), onEvent: ctx.json ? undefined : (n, ev) => { if (ev.type === 'step') ctx.err(`[verify] build ${n}: ${ev.step} done in ${(ev.ms / 1000).toFixed(1)} s`); } });
+      const r = await verify({
+        definitionPath: pos[0],
+        mirror: str(v, 'mirror'),
+        compression: compressionOf(str(v, 'compression')),
+        onEvent: ctx.json
+          ? undefined
+          : (n, ev) => {
+              if (ev.type === 'step') ctx.err(`[verify] build ${n}: ${ev.step} done in ${(ev.ms / 1000).toFixed(1)} s`);
+            },
+      });
       if (ctx.json) ctx.out(JSON.stringify({ ok: r.identical, ...r }, null, 2));
       else if (r.identical) {
         ctx.out(`${r.name}: identical: two builds from empty caches gave the same bytes`);
@@ -142,18 +191,26 @@ export const COMMANDS: CommandSpec[] = [
     },
   },
   {
-    name: 'push', args: '<out/name> <registry>/<repo>:<tag>', summary: 'upload a built image as one OCI artifact (credentials: ~/.docker/config.json or $DOCKER_CONFIG)',
+    name: 'push',
+    args: '<out/name> <registry>/<repo>:<tag>',
+    summary: 'upload a built image as one OCI artifact (credentials: ~/.docker/config.json or $DOCKER_CONFIG)',
     options: { ...INSECURE },
     cleansUpOnInterrupt: true,
     async run(pos, v, ctx) {
       need(pos, 2, 'push', 'scion push out/web 127.0.0.1:5000/scion/web:1.0');
       const r = await push(pos[0], pos[1], { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[push] ${m}`) });
-      ctx.out(ctx.json ? JSON.stringify({ ok: true, ...r }, null, 2) : `pushed ${r.reference}\n  uploaded: ${r.uploaded.join(', ') || 'nothing (the registry had every blob)'}; already there: ${r.skipped.join(', ') || 'none'}`);
+      ctx.out(
+        ctx.json
+          ? JSON.stringify({ ok: true, ...r }, null, 2)
+          : `pushed ${r.reference}\n  uploaded: ${r.uploaded.join(', ') || 'nothing (the registry had every blob)'}; already there: ${r.skipped.join(', ') || 'none'}`,
+      );
       return EXIT.ok;
     },
   },
   {
-    name: 'pull', args: '<registry>/<repo>:<tag>|@sha256:…', summary: 'download and verify an image into DIR/<name>/ (up and boot take the reference too)',
+    name: 'pull',
+    args: '<registry>/<repo>:<tag>|@sha256:…',
+    summary: 'download and verify an image into DIR/<name>/ (up and boot take the reference too)',
     options: { out: { type: 'string', value: 'DIR', help: 'where the image goes (default ./out)' }, ...INSECURE },
     cleansUpOnInterrupt: true,
     async run(pos, v, ctx) {
@@ -164,36 +221,83 @@ export const COMMANDS: CommandSpec[] = [
     },
   },
   {
-    name: 'up', args: '<image.yaml|out/name|ref>', summary: 'build (cached), boot, freeze, fork N clones, print them',
+    name: 'up',
+    args: '<image.yaml|out/name|ref>',
+    summary: 'build (cached), boot, freeze, fork N clones, print them',
     options: {
       clones: { type: 'string', value: 'N', help: 'how many clones (default 3; 0: only the template)' },
       disk: { type: 'string', value: 'D.qcow2', help: 'a disk: the template writes to an overlay on it, clones to overlays on that' },
-      ...NET_OPTIONS, ...INSECURE,
+      ...NET_OPTIONS,
+      ...INSECURE,
     },
     async run(pos, v, ctx) {
       need(pos, 1, 'up', 'scion up images/web.yaml --clones 3');
-      const r = await up(pos[0], { insecure: !!v.insecure, clones: count(v.clones, '--clones', 3, 0), disk: str(v, 'disk'), net: netFrom(v), log: (m) => ctx.err(`[up] ${m}`), onBuildEvent: ctx.json ? undefined : buildProgress(ctx.err) });
-      if (ctx.json) { ctx.out(JSON.stringify(r, null, 2)); return EXIT.ok; }
-      ctx.out(table([['NAME', 'HOSTNAME', 'MAC', 'IP', 'PORTS', 'FORK→READY'], ...r.clones.map((c) => [c.name, c.hostname, c.mac, c.ip, Object.entries(c.ports).map(([g, h]) => `127.0.0.1:${h}->${g}`).join(',') || '-', `${c.timings.ready.toFixed(0)} ms`])]));
+      const r = await up(pos[0], {
+        insecure: !!v.insecure,
+        clones: count(v.clones, '--clones', 3, 0),
+        disk: str(v, 'disk'),
+        net: netFrom(v),
+        log: (m) => ctx.err(`[up] ${m}`),
+        onBuildEvent: ctx.json ? undefined : buildProgress(ctx.err),
+      });
+      if (ctx.json) {
+        ctx.out(JSON.stringify(r, null, 2));
+        return EXIT.ok;
+      }
+      ctx.out(
+        table([
+          ['NAME', 'HOSTNAME', 'MAC', 'IP', 'PORTS', 'FORK→READY'],
+          ...r.clones.map((c) => [
+            c.name,
+            c.hostname,
+            c.mac,
+            c.ip,
+            Object.entries(c.ports)
+              .map(([g, h]) => `127.0.0.1:${h}->${g}`)
+              .join(',') || '-',
+            `${c.timings.ready.toFixed(0)} ms`,
+          ]),
+        ]),
+      );
       ctx.out(`\nclones keep running; \`scion ls\` lists them, \`scion rm --all\` removes them.`);
       return EXIT.ok;
     },
   },
   {
-    name: 'boot', args: 'out/<image>|<ref>', summary: 'boot a template VM and wait for its agent',
-    options: { name: { type: 'string', value: 'T', help: 'the template name (default <image>-tpl)' }, disk: { type: 'string', value: 'D.qcow2', help: 'a disk (the template writes to an overlay on it)' }, ...NET_OPTIONS, ...INSECURE },
+    name: 'boot',
+    args: 'out/<image>|<ref>',
+    summary: 'boot a template VM and wait for its agent',
+    options: {
+      name: { type: 'string', value: 'T', help: 'the template name (default <image>-tpl)' },
+      disk: { type: 'string', value: 'D.qcow2', help: 'a disk (the template writes to an overlay on it)' },
+      ...NET_OPTIONS,
+      ...INSECURE,
+    },
     async run(pos, v, ctx) {
       need(pos, 1, 'boot', 'scion boot out/<image>');
-      const img = await loadImage((await resolveImage(pos[0], { insecure: !!v.insecure, log: ctx.err, onBuildEvent: ctx.json ? undefined : buildProgress(ctx.err) })).dir);
-      const m = await bootTemplate(img, { name: v.name === undefined ? undefined : validName(v.name, 'template'), disk: str(v, 'disk'), net: netFrom(v), log: ctx.err });
+      const img = await loadImage(
+        (await resolveImage(pos[0], { insecure: !!v.insecure, log: ctx.err, onBuildEvent: ctx.json ? undefined : buildProgress(ctx.err) })).dir,
+      );
+      const m = await bootTemplate(img, {
+        name: v.name === undefined ? undefined : validName(v.name, 'template'),
+        disk: str(v, 'disk'),
+        net: netFrom(v),
+        log: ctx.err,
+      });
       m.close();
       const i = m.info();
-      ctx.out(ctx.json ? JSON.stringify({ name: i.name, runDir: i.runDir, accel: i.accel }) : `template ${i.name} is running (${i.accel}); freeze it with: scion freeze ${i.name}`);
+      ctx.out(
+        ctx.json
+          ? JSON.stringify({ name: i.name, runDir: i.runDir, accel: i.accel })
+          : `template ${i.name} is running (${i.accel}); freeze it with: scion freeze ${i.name}`,
+      );
       return EXIT.ok;
     },
   },
   {
-    name: 'freeze', args: '<template> | <clone> --name T', summary: 'freeze a running template; or a running clone as a new template T (forks of a fork)',
+    name: 'freeze',
+    args: '<template> | <clone> --name T',
+    summary: 'freeze a running template; or a running clone as a new template T (forks of a fork)',
     options: { name: { type: 'string', value: 'T', help: 'the new template, when freezing a clone' } },
     async run(pos, v, ctx) {
       need(pos, 1, 'freeze', 'scion freeze <template>');
@@ -202,7 +306,8 @@ export const COMMANDS: CommandSpec[] = [
       const m = await Machine.open(name);
       const i = m.info();
       if (i.role === 'clone') {
-        if (!newName) throw new ScionError('E_USAGE', 'freezing a clone makes a new template: name it with --name', { hint: `scion freeze ${name} --name ${name}-tpl` });
+        if (!newName)
+          throw new ScionError('E_USAGE', 'freezing a clone makes a new template: name it with --name', { hint: `scion freeze ${name} --name ${name}-tpl` });
         const meta = await freezeClone(name, newName, ctx.err);
         ctx.out(ctx.json ? JSON.stringify(meta) : `frozen clone ${name} as template ${newName}; fork it with: scion fork ${newName} -n 3`);
         return EXIT.ok;
@@ -213,49 +318,94 @@ export const COMMANDS: CommandSpec[] = [
     },
   },
   {
-    name: 'fork', args: '<template>', summary: 'fork N running clones of a frozen template',
+    name: 'fork',
+    args: '<template>',
+    summary: 'fork N running clones of a frozen template',
     options: {
       n: { type: 'string', short: 'n', value: 'N', help: 'how many clones (default 1)' },
-      'tb-size': { type: 'string', value: 'MB', help: "each clone's TCG translation buffer (default SCION_TB_SIZE_MB, else 32): smaller saves memory, costs speed (README: Benchmarks)" },
+      'tb-size': {
+        type: 'string',
+        value: 'MB',
+        help: "each clone's TCG translation buffer (default SCION_TB_SIZE_MB, else 32): smaller saves memory, costs speed (README: Benchmarks)",
+      },
     },
     async run(pos, v, ctx) {
       need(pos, 1, 'fork', 'scion fork <template> -n 3');
       const cs = await fork(validName(pos[0], 'template'), { n: count(v.n, '-n', 1), tbSizeMB: tbSize(v['tb-size']), log: ctx.json ? undefined : ctx.err });
-      ctx.out(ctx.json ? JSON.stringify({ clones: cs }, null, 2) : table([['NAME', 'HOSTNAME', 'IP', 'READY'], ...cs.map((c) => [c.name, c.hostname, c.ip, `${c.timings.ready} ms`])]));
+      ctx.out(
+        ctx.json
+          ? JSON.stringify({ clones: cs }, null, 2)
+          : table([['NAME', 'HOSTNAME', 'IP', 'READY'], ...cs.map((c) => [c.name, c.hostname, c.ip, `${c.timings.ready} ms`])]),
+      );
       return EXIT.ok;
     },
   },
   {
-    name: 'ls', args: '', summary: 'list VMs (templates and clones) from their run directories', options: {},
+    name: 'ls',
+    args: '',
+    summary: 'list VMs (templates and clones) from their run directories',
+    options: {},
     async run(_pos, _v, ctx) {
       const l = await list();
       if (ctx.json) ctx.out(JSON.stringify(l, null, 2));
       else if (!l.length) ctx.out('no VMs');
-      else ctx.out(table([['NAME', 'ROLE', 'STATE', 'HOSTNAME', 'IP', 'PORTS', 'OWNER', 'RUN DIR'], ...l.map((x) => [x.name, x.role, x.state, x.hostname ?? '-', x.ip ?? '-', Object.entries(x.ports).map(([g, h]) => `${h}->${g}`).join(',') || '-', x.owner ? `${x.owner.kind}:${x.owner.pid}${x.owner.alive ? '' : ' (dead)'}` : '-', x.runDir])]));
+      else
+        ctx.out(
+          table([
+            ['NAME', 'ROLE', 'STATE', 'HOSTNAME', 'IP', 'PORTS', 'OWNER', 'RUN DIR'],
+            ...l.map((x) => [
+              x.name,
+              x.role,
+              x.state,
+              x.hostname ?? '-',
+              x.ip ?? '-',
+              Object.entries(x.ports)
+                .map(([g, h]) => `${h}->${g}`)
+                .join(',') || '-',
+              x.owner ? `${x.owner.kind}:${x.owner.pid}${x.owner.alive ? '' : ' (dead)'}` : '-',
+              x.runDir,
+            ]),
+          ]),
+        );
       return EXIT.ok;
     },
   },
   {
-    name: 'info', args: '<vm>', summary: "the agent's info: identity, fork generation, containers", options: {},
+    name: 'info',
+    args: '<vm>',
+    summary: "the agent's info: identity, fork generation, containers",
+    options: {},
     async run(pos, _v, ctx) {
       need(pos, 1, 'info', 'scion info <vm>');
       const info = await withAgent(pos[0], (a) => a.call('info'));
-      ctx.out(ctx.json ? JSON.stringify(info, null, 2) : `${pos[0]}: ${info.identity.hostname} generation ${info.generation}, kernel ${info.kernel}, containers: ${info.containers.map((c) => `${c.name}=${c.state}`).join(' ') || 'none'}`);
+      ctx.out(
+        ctx.json
+          ? JSON.stringify(info, null, 2)
+          : `${pos[0]}: ${info.identity.hostname} generation ${info.generation}, kernel ${info.kernel}, containers: ${info.containers.map((c) => `${c.name}=${c.state}`).join(' ') || 'none'}`,
+      );
       return EXIT.ok;
     },
   },
   {
-    name: 'exec', args: '<vm> -- CMD...', summary: 'run a command in the guest (if the image allows exec); exits with its status', options: {},
+    name: 'exec',
+    args: '<vm> -- CMD...',
+    summary: 'run a command in the guest (if the image allows exec); exits with its status',
+    options: {},
     async run(pos, _v, ctx) {
       need(pos, 2, 'exec', 'scion exec <vm> -- cmd args…');
       const r = await withAgent(pos[0], (a) => a.call('exec', { argv: pos.slice(1) }));
       if (ctx.json) ctx.out(JSON.stringify(r));
-      else { process.stdout.write(r.stdout); process.stderr.write(r.stderr); }
+      else {
+        process.stdout.write(r.stdout);
+        process.stderr.write(r.stderr);
+      }
       return r.exitCode;
     },
   },
   {
-    name: 'logs', args: '<vm>', summary: "the console log, or a container's log",
+    name: 'logs',
+    args: '<vm>',
+    summary: "the console log, or a container's log",
     options: { container: { type: 'string', value: 'C', help: "container C's stdout and stderr instead" } },
     async run(pos, v) {
       need(pos, 1, 'logs', 'scion logs <vm> [--container NAME]');
@@ -267,7 +417,10 @@ export const COMMANDS: CommandSpec[] = [
     },
   },
   {
-    name: 'console', args: '<vm>', summary: 'interactive serial console (Ctrl-] to leave)', options: {},
+    name: 'console',
+    args: '<vm>',
+    summary: 'interactive serial console (Ctrl-] to leave)',
+    options: {},
     async run(pos) {
       need(pos, 1, 'console', 'scion console <vm>');
       const { consoleSession } = await import('./console.ts');
@@ -277,20 +430,33 @@ export const COMMANDS: CommandSpec[] = [
   stopOrRemove('stop', 'stop VMs (keeps run directories)'),
   stopOrRemove('rm', 'stop and remove VMs and their run directories'),
   {
-    name: 'gc', args: '', summary: 'remove run directories of dead VMs; kill QEMUs whose run dir is gone', options: {},
+    name: 'gc',
+    args: '',
+    summary: 'remove run directories of dead VMs; kill QEMUs whose run dir is gone',
+    options: {},
     async run(_pos, _v, ctx) {
       const r = await gc();
-      ctx.out(ctx.json ? JSON.stringify(r) : `removed ${r.removed.length} dead run dir(s), killed ${r.killed.length} orphan QEMU(s), released ${r.released.length} reservation(s)`);
+      ctx.out(
+        ctx.json
+          ? JSON.stringify(r)
+          : `removed ${r.removed.length} dead run dir(s), killed ${r.killed.length} orphan QEMU(s), released ${r.released.length} reservation(s)`,
+      );
       return EXIT.ok;
     },
   },
   {
-    name: 'serve', args: '<image.yaml|template> --port P', summary: 'the front door: forks clones on demand and routes HTTP to guest port P',
+    name: 'serve',
+    args: '<image.yaml|template> --port P',
+    summary: 'the front door: forks clones on demand and routes HTTP to guest port P',
     details: ['Durations: 500ms, 30s, 2m.'],
     options: {
       port: { type: 'string', value: 'P', help: 'the guest port requests go to (required)' },
       listen: { type: 'string', value: 'H:P', help: 'where to listen (default 127.0.0.1:8080)' },
-      mode: { type: 'string', value: 'shared|per-request', help: 'shared (default): a clone serves up to --concurrency requests; per-request: a fresh clone per request, removed after it' },
+      mode: {
+        type: 'string',
+        value: 'shared|per-request',
+        help: 'shared (default): a clone serves up to --concurrency requests; per-request: a fresh clone per request, removed after it',
+      },
       concurrency: { type: 'string', value: 'K', help: 'requests a shared clone takes at once (default 10)' },
       min: { type: 'string', value: 'N', help: 'clones kept at least (default 0)' },
       max: { type: 'string', value: 'N', help: 'clones at most, pooled ones included (default 8)' },
@@ -309,7 +475,10 @@ export const COMMANDS: CommandSpec[] = [
       await new Promise<void>((resolve) => {
         const stop = (sig: string) => {
           ctx.err(o.json ? JSON.stringify({ event: 'signal', signal: sig }) : `[serve] ${sig}: draining, then removing every clone`);
-          h.close().then(resolve, (e) => { ctx.err(`[serve] shutdown: ${(e as Error).message}`); resolve(); });
+          h.close().then(resolve, (e) => {
+            ctx.err(`[serve] shutdown: ${(e as Error).message}`);
+            resolve();
+          });
         };
         process.once('SIGTERM', () => stop('SIGTERM'));
         process.once('SIGINT', () => stop('SIGINT'));
@@ -321,7 +490,9 @@ export const COMMANDS: CommandSpec[] = [
 
 function stopOrRemove(name: 'stop' | 'rm', summary: string): CommandSpec {
   return {
-    name, args: '<vm>... | --all', summary,
+    name,
+    args: '<vm>... | --all',
+    summary,
     options: { all: { type: 'boolean', help: 'every VM (skips those another scion process is still making)' } },
     async run(pos, v, ctx) {
       if (v.all && pos.length) throw new ScionError('E_USAGE', `scion ${name}: name VMs or pass --all, not both`);
@@ -330,14 +501,24 @@ function stopOrRemove(name: 'stop' | 'rm', summary: string): CommandSpec {
       const done: string[] = [];
       const busy: string[] = [];
       for (const n of names) {
-        try { await (name === 'rm' ? removeVm(n) : stopVm(n)); done.push(n); } catch (e) {
+        try {
+          await (name === 'rm' ? removeVm(n) : stopVm(n));
+          done.push(n);
+        } catch (e) {
           // --all skips what another scion process is still making; named VMs report it
-          if (v.all && (e as ScionError).code === 'E_VM_BUSY') { busy.push(n); continue; }
+          if (v.all && (e as ScionError).code === 'E_VM_BUSY') {
+            busy.push(n);
+            continue;
+          }
           throw e;
         }
       }
       const verb = name === 'rm' ? 'removed' : 'stopped';
-      ctx.out(ctx.json ? JSON.stringify({ [verb]: done, busy }) : `${verb}: ${done.join(' ') || '(none)'}${busy.length ? `; left (being made by another scion): ${busy.join(' ')}` : ''}`);
+      ctx.out(
+        ctx.json
+          ? JSON.stringify({ [verb]: done, busy })
+          : `${verb}: ${done.join(' ') || '(none)'}${busy.length ? `; left (being made by another scion): ${busy.join(' ')}` : ''}`,
+      );
       return EXIT.ok;
     },
   };

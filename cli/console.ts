@@ -27,7 +27,11 @@ export async function consoleSession(name: ValidName): Promise<number> {
     };
     stdin.on('data', (b: Buffer) => {
       const i = b.indexOf(DETACH_BYTE);
-      if (i >= 0) { if (i > 0) sock.write(b.subarray(0, i)); done(0); return; }
+      if (i >= 0) {
+        if (i > 0) sock.write(b.subarray(0, i));
+        done(0);
+        return;
+      }
       sock.write(b);
     });
     sock.on('data', (d) => process.stdout.write(d));

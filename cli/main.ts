@@ -12,7 +12,7 @@ import { COMMANDS, type CommandSpec } from './commands.ts';
 
 const GLOBAL_OPTIONS = {
   json: { type: 'boolean', help: 'machine-readable output on stdout' },
-  help: { type: 'boolean', short: 'h', help: 'this help (or a command\'s: scion <command> --help)' },
+  help: { type: 'boolean', short: 'h', help: "this help (or a command's: scion <command> --help)" },
 } as const;
 
 function optionLines(spec: CommandSpec): string[] {
@@ -62,18 +62,29 @@ Exit codes: 0 ok; 1 error (the message names what and why; --json prints {ok:fal
 export async function main(argv: string[]): Promise<number> {
   const name = argv[0];
   const out = (s: string) => console.log(s);
-  if (!name || name === '-h' || name === '--help' || name === 'help') { out(helpText()); return name ? 0 : 2; }
-  if (name === '--version' || name === '-v' || name === 'version') { out(SCION_VERSION); return 0; }
+  if (!name || name === '-h' || name === '--help' || name === 'help') {
+    out(helpText());
+    return name ? 0 : 2;
+  }
+  if (name === '--version' || name === '-v' || name === 'version') {
+    out(SCION_VERSION);
+    return 0;
+  }
   const spec = COMMANDS.find((c) => c.name === name);
   if (!spec) throw new ScionError('E_USAGE', `unknown command "${name}"`, { hint: `scion --help lists them: ${COMMANDS.map((c) => c.name).join(', ')}` });
   const options: ParseArgsConfig['options'] = { json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } };
   for (const [k, o] of Object.entries(spec.options)) options[k] = o.short ? { type: o.type, short: o.short } : { type: o.type };
-  let parsed;
-  try { parsed = parseArgs({ args: argv.slice(1), allowPositionals: true, strict: true, options }); } catch (e) {
+  let parsed: { values: Record<string, string | boolean | (string | boolean)[] | undefined>; positionals: string[] };
+  try {
+    parsed = parseArgs({ args: argv.slice(1), allowPositionals: true, strict: true, options });
+  } catch (e) {
     throw new ScionError('E_USAGE', `scion ${name}: ${(e as Error).message}`, { hint: `scion ${name} --help` });
   }
   const { values, positionals } = parsed;
-  if (values.help) { out(commandHelp(spec).join('\n')); return 0; }
+  if (values.help) {
+    out(commandHelp(spec).join('\n'));
+    return 0;
+  }
   const err = (s: string) => process.stderr.write(s + '\n');
   // long file-making steps: an interrupt removes their temporary directories (serve, up and the VM commands keep their own handling)
   if (spec.cleansUpOnInterrupt) installInterruptCleanup((m) => err(`scion: ${m}`));
@@ -82,12 +93,21 @@ export async function main(argv: string[]): Promise<number> {
 
 /** Run the CLI: exit code out, errors printed (JSON on stdout with --json). */
 export async function runCli(argv: string[]): Promise<number> {
-  try { return await main(argv); } catch (e) {
+  try {
+    return await main(argv);
+  } catch (e) {
     const json = argv.includes('--json');
-    if (json) console.log(JSON.stringify({ ok: false, error: e instanceof ScionError ? e.toJSON() : { code: 'E_INTERNAL', message: String((e as Error)?.message ?? e) } }));
+    if (json)
+      console.log(
+        JSON.stringify({ ok: false, error: e instanceof ScionError ? e.toJSON() : { code: 'E_INTERNAL', message: String((e as Error)?.message ?? e) } }),
+      );
     process.stderr.write(`scion: ${describeError(e)}\n`);
     let debug = false;
-    try { debug = config().debug; } catch { /* a malformed variable is reported above when it matters */ }
+    try {
+      debug = config().debug;
+    } catch {
+      /* a malformed variable is reported above when it matters */
+    }
     if (!(e instanceof ScionError) && debug) console.error(e);
     return exitCodeFor(e);
   }

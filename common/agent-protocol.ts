@@ -12,15 +12,35 @@ export const PROTOCOL_VERSION = 2;
 
 /** Error codes the agent answers with (PROTOCOL.md "Error codes"). */
 export const AGENT_ERROR_CODES = [
-  'E_FRAME_TOO_LARGE', 'E_BAD_JSON', 'E_BAD_REQUEST', 'E_UNKNOWN_COMMAND', 'E_BAD_ARGS',
-  'E_EXEC_DISABLED', 'E_NO_CONTAINER', 'E_APPLY_FAILED', 'E_INTERNAL', 'E_BUSY', 'E_NO_TASK', 'E_NO_DISK', 'E_NO_TERMINAL', 'E_NO_STREAM_PORT',
+  'E_FRAME_TOO_LARGE',
+  'E_BAD_JSON',
+  'E_BAD_REQUEST',
+  'E_UNKNOWN_COMMAND',
+  'E_BAD_ARGS',
+  'E_EXEC_DISABLED',
+  'E_NO_CONTAINER',
+  'E_APPLY_FAILED',
+  'E_INTERNAL',
+  'E_BUSY',
+  'E_NO_TASK',
+  'E_NO_DISK',
+  'E_NO_TERMINAL',
+  'E_NO_STREAM_PORT',
 ] as const;
 export type AgentErrorCode = (typeof AGENT_ERROR_CODES)[number];
 
 export type Steps = Record<string, number>;
 
 export type ContainerStateName = 'created' | 'running' | 'stopped' | 'restarting';
-export interface ContainerStatus { name: string; state: ContainerStateName; pid?: number; startedAt?: number; restarts: number; exitCode?: number; healthy?: boolean }
+export interface ContainerStatus {
+  name: string;
+  state: ContainerStateName;
+  pid?: number;
+  startedAt?: number;
+  restarts: number;
+  exitCode?: number;
+  healthy?: boolean;
+}
 
 export interface ClockInfo {
   source: 'rtc' | 'off';
@@ -35,7 +55,11 @@ export interface ClockInfo {
   lastError?: string;
 }
 
-export interface ReadyInfo { generation: number; stepsMs: Steps; totalMs: number }
+export interface ReadyInfo {
+  generation: number;
+  stepsMs: Steps;
+  totalMs: number;
+}
 
 export interface AgentInfo {
   agentVersion: string;
@@ -56,37 +80,75 @@ export interface AgentInfo {
 }
 
 /** `time`: the guest's clock when it answered (ms since the epoch) */
-export interface AppliedIdentity { applied: true; generation: number; stepsMs: Steps; totalMs: number; healthy: boolean; time: number }
+export interface AppliedIdentity {
+  applied: true;
+  generation: number;
+  stepsMs: Steps;
+  totalMs: number;
+  healthy: boolean;
+  time: number;
+}
 /**
  * A task process's stdio: the names of the virtio-serial ports the host
  * hot-added for its streams (scion.io.<16 hex>.<0|1|2>); a stream without one
  * is /dev/null.
  */
-export interface TaskStdio { stdin?: string; stdout?: string; stderr?: string }
+export interface TaskStdio {
+  stdin?: string;
+  stdout?: string;
+  stderr?: string;
+}
 /** What a task's processes use now, summed over them (the guest's view; the VM's memory is their limit). */
-export interface TaskStats { id: string; pids: number; cpuUserUsec: number; cpuSystemUsec: number; memoryBytes: number; anonBytes: number; fileBytes: number; limitBytes: number }
+export interface TaskStats {
+  id: string;
+  pids: number;
+  cpuUserUsec: number;
+  cpuSystemUsec: number;
+  memoryBytes: number;
+  anonBytes: number;
+  fileBytes: number;
+  limitBytes: number;
+}
 
-export interface IdentityNotApplied { applied: false; generation: number; info: AgentInfo }
+export interface IdentityNotApplied {
+  applied: false;
+  generation: number;
+  info: AgentInfo;
+}
 
 /** Every command: its arguments and its result. */
 export interface AgentCommands {
-  'sync': { args: { nonce: number | string }; result: { nonce: number | string; protocol: number } };
-  'ping': { args: Record<string, never>; result: { pong: true; protocol: number; time: number } };
-  'info': { args: Record<string, never>; result: AgentInfo };
+  sync: { args: { nonce: number | string }; result: { nonce: number | string; protocol: number } };
+  ping: { args: Record<string, never>; result: { pong: true; protocol: number; time: number } };
+  info: { args: Record<string, never>; result: AgentInfo };
   'identity.apply': { args: Identity; result: AppliedIdentity | IdentityNotApplied };
   'time.set': { args: { time: number }; result: { time: number; set: boolean } };
-  'clock.step': { args: { deltaMs: number; calibrate?: boolean }; result: { stepped: boolean; /** whether the RTC's phase was measured (asked for and an edge could be trusted); why not: clock.lastError */ calibrated?: boolean; time?: number; clock: ClockInfo } };
+  'clock.step': {
+    args: { deltaMs: number; calibrate?: boolean };
+    result: {
+      stepped: boolean /** whether the RTC's phase was measured (asked for and an edge could be trusted); why not: clock.lastError */;
+      calibrated?: boolean;
+      time?: number;
+      clock: ClockInfo;
+    };
+  };
   'containers.list': { args: Record<string, never>; result: { containers: ContainerStatus[] } };
   'containers.start': { args: { name: string }; result: ContainerStatus };
   'containers.stop': { args: { name: string }; result: ContainerStatus };
   'containers.restart': { args: { name: string }; result: ContainerStatus };
   'containers.logs': { args: { name: string; tailBytes?: number }; result: { name: string; logs: string } };
-  'exec': { args: { argv: string[]; timeoutMs?: number }; result: { exitCode: number; stdout: string; stderr: string } };
+  exec: { args: { argv: string[]; timeoutMs?: number }; result: { exitCode: number; stdout: string; stderr: string } };
   'freeze.prepare': { args: Record<string, never>; result: { prepared: true; ms: number; generation: number } };
-  'shutdown': { args: Record<string, never>; result: { shuttingDown: true } };
-  'task.create': { args: { id: string; disk: string; spec: Record<string, unknown>; terminal?: boolean; podPid?: boolean }; result: { id: string; device: string; rootfs: string; stepsMs?: { device: number; mount: number; podPid?: number } } };
+  shutdown: { args: Record<string, never>; result: { shuttingDown: true } };
+  'task.create': {
+    args: { id: string; disk: string; spec: Record<string, unknown>; terminal?: boolean; podPid?: boolean };
+    result: { id: string; device: string; rootfs: string; stepsMs?: { device: number; mount: number; podPid?: number } };
+  };
   'task.start': { args: { id: string; stdio?: TaskStdio }; result: { id: string; pid: number } };
-  'task.exec': { args: { id: string; execId: string; process: Record<string, unknown>; terminal?: boolean; stdio?: TaskStdio }; result: { id: string; execId: string; pid: number } };
+  'task.exec': {
+    args: { id: string; execId: string; process: Record<string, unknown>; terminal?: boolean; stdio?: TaskStdio };
+    result: { id: string; execId: string; pid: number };
+  };
   'task.resize': { args: { id: string; execId?: string; width: number; height: number }; result: { id: string; tty: string } };
   'task.kill': { args: { id: string; execId?: string; signal: number; all?: boolean }; result: { id: string; signal: number } };
   'task.pids': { args: { id: string }; result: { id: string; pids: number[] } };
@@ -100,16 +162,35 @@ export type ResultOf<C extends AgentCommand> = AgentCommands[C]['result'];
 
 /** The commands in PROTOCOL.md's order (the agent refuses any other). */
 export const COMMANDS = [
-  'sync', 'ping', 'info', 'identity.apply', 'time.set', 'containers.list', 'containers.start', 'containers.stop',
-  'containers.restart', 'containers.logs', 'exec', 'freeze.prepare', 'shutdown', 'clock.step',
-  'task.create', 'task.start', 'task.exec', 'task.kill', 'task.resize', 'task.pids', 'task.stats', 'task.delete',
+  'sync',
+  'ping',
+  'info',
+  'identity.apply',
+  'time.set',
+  'containers.list',
+  'containers.start',
+  'containers.stop',
+  'containers.restart',
+  'containers.logs',
+  'exec',
+  'freeze.prepare',
+  'shutdown',
+  'clock.step',
+  'task.create',
+  'task.start',
+  'task.exec',
+  'task.kill',
+  'task.resize',
+  'task.pids',
+  'task.stats',
+  'task.delete',
 ] as const satisfies readonly AgentCommand[];
 
 /** Every event: its data. */
 export interface AgentEvents {
-  'ready': ReadyInfo & { healthy: boolean; boot?: boolean };
+  ready: ReadyInfo & { healthy: boolean; boot?: boolean };
   'identity-applied': { generation: number; stepsMs: Steps; totalMs: number };
-  'forked': { signal: 'vmgenid' | 'identity.apply'; generation: number; vmForks?: number };
+  forked: { signal: 'vmgenid' | 'identity.apply'; generation: number; vmForks?: number };
   'container-exited': { name: string; exitCode: number | null };
   'container-restarted': { name: string; restarts: number; reason: 'exited' | 'identity' | 'request' };
   /** a task's output, base64 (execId '' for the task's own process) */
@@ -120,7 +201,11 @@ export interface AgentEvents {
   'task-exit': { id: string; execId: string; exitCode: number; pid: number; exitedAt: number; sent?: { stdout?: number; stderr?: number } };
 }
 export type AgentEventName = keyof AgentEvents;
-export interface AgentEvent<E extends AgentEventName = AgentEventName> { event: E; data: AgentEvents[E]; ts: number }
+export interface AgentEvent<E extends AgentEventName = AgentEventName> {
+  event: E;
+  data: AgentEvents[E];
+  ts: number;
+}
 
 /** The wire shapes. */
 export type AgentResponse =

@@ -47,7 +47,8 @@ function integer(env: Env, name: string, min: number, max: number): number | und
   const v = env[name];
   if (v === undefined || v === '') return undefined;
   const n = Number(v);
-  if (!Number.isInteger(n) || n < min || n > max) throw new ConfigError('E_CONFIG', `${name}=${JSON.stringify(v)}: use a whole number from ${min} to ${max}`, { hint: `unset ${name} for the default` });
+  if (!Number.isInteger(n) || n < min || n > max)
+    throw new ConfigError('E_CONFIG', `${name}=${JSON.stringify(v)}: use a whole number from ${min} to ${max}`, { hint: `unset ${name} for the default` });
   return n;
 }
 
@@ -55,7 +56,8 @@ function integer(env: Env, name: string, min: number, max: number): number | und
 export function config(env: Env = process.env): ScionConfig {
   const uid = process.getuid?.() ?? 0;
   const accel = env.SCION_ACCEL || undefined;
-  if (accel !== undefined && accel !== 'kvm' && accel !== 'tcg') throw new ConfigError('E_CONFIG', `SCION_ACCEL=${JSON.stringify(accel)}: use kvm or tcg`, { hint: 'unset it to let scion probe KVM' });
+  if (accel !== undefined && accel !== 'kvm' && accel !== 'tcg')
+    throw new ConfigError('E_CONFIG', `SCION_ACCEL=${JSON.stringify(accel)}: use kvm or tcg`, { hint: 'unset it to let scion probe KVM' });
   return {
     runDir: env.SCION_RUN_DIR || (uid === 0 ? '/run/scion' : join(env.XDG_RUNTIME_DIR || '/tmp', 'scion')),
     templateDir: env.SCION_TEMPLATE_DIR || join('/dev/shm', `scion-${uid}`, 'templates'),
@@ -68,13 +70,27 @@ export function config(env: Env = process.env): ScionConfig {
     registryStallMs: (integer(env, 'SCION_REGISTRY_STALL_S', 1, 3600) ?? 30) * 1000,
     debug: !!env.SCION_DEBUG,
     shimTemplate: env.SCION_SHIM_TEMPLATE ? validName(env.SCION_SHIM_TEMPLATE, 'SCION_SHIM_TEMPLATE') : 'pod-tpl',
-    shimImagePrefixes: (env.SCION_SHIM_IMAGES ?? '').split(',').map((p) => p.trim()).filter(Boolean),
+    shimImagePrefixes: (env.SCION_SHIM_IMAGES ?? '')
+      .split(',')
+      .map((p) => p.trim())
+      .filter(Boolean),
     shimPool: integer(env, 'SCION_SHIM_POOL', 0, 16) ?? 1,
   };
 }
 
 /** The variables config() reads, for the README and `scion --help`. */
 export const CONFIG_VARIABLES = [
-  'SCION_RUN_DIR', 'SCION_TEMPLATE_DIR', 'SCION_UID_BASE', 'SCION_QEMU', 'SCION_ACCEL', 'SCION_TB_SIZE_MB',
-  'XDG_CACHE_HOME', 'SOURCE_DATE_EPOCH', 'SCION_REGISTRY_STALL_S', 'SCION_DEBUG', 'SCION_SHIM_TEMPLATE', 'SCION_SHIM_IMAGES', 'SCION_SHIM_POOL',
+  'SCION_RUN_DIR',
+  'SCION_TEMPLATE_DIR',
+  'SCION_UID_BASE',
+  'SCION_QEMU',
+  'SCION_ACCEL',
+  'SCION_TB_SIZE_MB',
+  'XDG_CACHE_HOME',
+  'SOURCE_DATE_EPOCH',
+  'SCION_REGISTRY_STALL_S',
+  'SCION_DEBUG',
+  'SCION_SHIM_TEMPLATE',
+  'SCION_SHIM_IMAGES',
+  'SCION_SHIM_POOL',
 ] as const;

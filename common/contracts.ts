@@ -14,15 +14,37 @@ export const GUEST_IMAGE_CONFIG = '/etc/scion/image.json';
 /** A host name the agent applies (RFC 1123 label: letters, digits, inner -; at most 63). */
 export const HOSTNAME_PATTERN = /^(?=.{1,63}$)[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?$/;
 
-export interface HealthCheck { http?: { port: number; path: string }; tcp?: { port: number }; command?: string[]; intervalMs: number; timeoutMs: number }
+export interface HealthCheck {
+  http?: { port: number; path: string };
+  tcp?: { port: number };
+  command?: string[];
+  intervalMs: number;
+  timeoutMs: number;
+}
 /** `onFork`: restart the container after a fork (default), or keep it running and update its UTS hostname in place */
-export interface ContainerSpec { name: string; restart: 'always' | 'on-failure' | 'no'; onFork?: 'restart' | 'keep'; healthcheck?: HealthCheck; ports: number[]; bundle: string }
+export interface ContainerSpec {
+  name: string;
+  restart: 'always' | 'on-failure' | 'no';
+  onFork?: 'restart' | 'keep';
+  healthcheck?: HealthCheck;
+  ports: number[];
+  bundle: string;
+}
 
 /** /etc/scion/image.json in the guest. */
-export interface GuestImageConfig { name: string; exec: boolean; network: { mode: 'static' | 'dhcp'; interface: string }; containers: ContainerSpec[] }
+export interface GuestImageConfig {
+  name: string;
+  exec: boolean;
+  network: { mode: 'static' | 'dhcp'; interface: string };
+  containers: ContainerSpec[];
+}
 
 /** A resolver configuration: nameservers, search domains, options (resolv.conf's). */
-export interface DnsConfig { servers: string[]; search: string[]; options: string[] }
+export interface DnsConfig {
+  servers: string[];
+  search: string[];
+  options: string[];
+}
 
 /** A search domain (a DNS name) and a resolv.conf option (ndots:5, edns0, ...): what the agent accepts. */
 export const DNS_SEARCH_PATTERN = /^(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$/;

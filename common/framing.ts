@@ -20,7 +20,10 @@ export function concatBytes(parts: Uint8Array[]): Uint8Array {
   for (const p of parts) n += p.length;
   const out = new Uint8Array(n);
   let o = 0;
-  for (const p of parts) { out.set(p, o); o += p.length; }
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
   return out;
 }
 
@@ -35,7 +38,8 @@ export class FrameDecoder {
     let start = 0;
     // the next newline or resync byte by indexOf (the engine's native search: a JS loop over every
     // byte is what the agent on QuickJS under TCG paid ~1.5 ms a KB for)
-    let nl = chunk.indexOf(0x0a), rs = chunk.indexOf(RESYNC_BYTE);
+    let nl = chunk.indexOf(0x0a),
+      rs = chunk.indexOf(RESYNC_BYTE);
     for (;;) {
       if (nl < start && nl !== -1) nl = chunk.indexOf(0x0a, start);
       if (rs < start && rs !== -1) rs = chunk.indexOf(RESYNC_BYTE, start);
@@ -45,21 +49,36 @@ export class FrameDecoder {
       const piece = chunk.subarray(start, i);
       start = i + 1;
       if (b === RESYNC_BYTE) {
-        this.parts = []; this.size = 0; this.skipping = false;
+        this.parts = [];
+        this.size = 0;
+        this.skipping = false;
         out.push({ resync: true });
         continue;
       }
-      if (this.skipping) { this.skipping = false; this.parts = []; this.size = 0; continue; }
-      if (this.size + piece.length > this.maxFrame) { out.push({ oversize: this.size + piece.length }); this.parts = []; this.size = 0; continue; }
+      if (this.skipping) {
+        this.skipping = false;
+        this.parts = [];
+        this.size = 0;
+        continue;
+      }
+      if (this.size + piece.length > this.maxFrame) {
+        out.push({ oversize: this.size + piece.length });
+        this.parts = [];
+        this.size = 0;
+        continue;
+      }
       const line = utf8Decode(concatBytes([...this.parts, piece])).replace(/\r$/, '');
-      this.parts = []; this.size = 0;
+      this.parts = [];
+      this.size = 0;
       if (line.trim()) out.push({ frame: line });
     }
     if (start < chunk.length && !this.skipping) {
       const rest = chunk.subarray(start);
       if (this.size + rest.length > this.maxFrame) {
         out.push({ oversize: this.size + rest.length });
-        this.parts = []; this.size = 0; this.skipping = true;
+        this.parts = [];
+        this.size = 0;
+        this.skipping = true;
       } else {
         this.parts.push(rest.slice());
         this.size += rest.length;

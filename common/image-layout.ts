@@ -35,25 +35,33 @@ export function imagePaths(dir: string): Record<ImageFile, string> {
 const sha256Hex = z.string().regex(/^[0-9a-f]{64}$/, 'not a SHA-256 (64 hex digits)');
 const size = z.number().int().min(0);
 
-export const ImageManifestSchema = z.object({
-  manifestVersion: z.literal(1),
-  name: z.string().regex(NAME_PATTERN, 'not a valid image name'),
-  definition: z.object({ path: z.string(), sha256: sha256Hex }).strict(),
-  debian: z.object({ mirror: z.string(), suite: z.string(), codename: z.string().optional(), architecture: z.string() }).strict(),
-  sourceDateEpoch: z.number().int().min(0),
-  kernel: z.object({ version: z.string(), modules: z.array(z.string()), cmdline: z.string().max(4096) }).strict(),
-  guestRamMB: z.number().int().min(16).max(1 << 20),
-  /** guest ports the image's containers serve (forwarded per clone in user-mode networking) */
-  ports: z.array(z.number().int().min(1).max(65535)),
-  compression: z.enum(['none', 'gzip', 'zstd']),
-  /** the agent bundle, and the Debian package (from the lock) whose interpreter runs it */
-  agent: z.object({ sha256: sha256Hex, runtime: z.object({ package: z.string(), version: z.string(), sha256: sha256Hex }).strict() }).strict(),
-  packages: z.array(z.object({ set: z.string(), name: z.string(), version: z.string(), sha256: sha256Hex }).strict()),
-  outputs: z.object({
-    vmlinuz: z.object({ sha256: sha256Hex, size }).strict(),
-    'initrd.img': z.object({ sha256: sha256Hex, size, uncompressedSize: size }).strict(),
-  }).strict(),
-}).strict();
+export const ImageManifestSchema = z
+  .object({
+    manifestVersion: z.literal(1),
+    name: z.string().regex(NAME_PATTERN, 'not a valid image name'),
+    definition: z.object({ path: z.string(), sha256: sha256Hex }).strict(),
+    debian: z.object({ mirror: z.string(), suite: z.string(), codename: z.string().optional(), architecture: z.string() }).strict(),
+    sourceDateEpoch: z.number().int().min(0),
+    kernel: z.object({ version: z.string(), modules: z.array(z.string()), cmdline: z.string().max(4096) }).strict(),
+    guestRamMB: z
+      .number()
+      .int()
+      .min(16)
+      .max(1 << 20),
+    /** guest ports the image's containers serve (forwarded per clone in user-mode networking) */
+    ports: z.array(z.number().int().min(1).max(65535)),
+    compression: z.enum(['none', 'gzip', 'zstd']),
+    /** the agent bundle, and the Debian package (from the lock) whose interpreter runs it */
+    agent: z.object({ sha256: sha256Hex, runtime: z.object({ package: z.string(), version: z.string(), sha256: sha256Hex }).strict() }).strict(),
+    packages: z.array(z.object({ set: z.string(), name: z.string(), version: z.string(), sha256: sha256Hex }).strict()),
+    outputs: z
+      .object({
+        vmlinuz: z.object({ sha256: sha256Hex, size }).strict(),
+        'initrd.img': z.object({ sha256: sha256Hex, size, uncompressedSize: size }).strict(),
+      })
+      .strict(),
+  })
+  .strict();
 
 /** manifest.json of a built image. */
 export type ImageManifest = z.infer<typeof ImageManifestSchema>;
@@ -63,7 +71,11 @@ export type ManifestProblem = { ok: false; why: string } | { ok: true; manifest:
 /** Parse manifest.json's text. Pure: the caller turns a problem into its own typed error, naming the file. */
 export function parseImageManifest(text: string): ManifestProblem {
   let raw: unknown;
-  try { raw = JSON.parse(text); } catch (e) { return { ok: false, why: `not valid JSON (${(e as Error).message})` }; }
+  try {
+    raw = JSON.parse(text);
+  } catch (e) {
+    return { ok: false, why: `not valid JSON (${(e as Error).message})` };
+  }
   const r = ImageManifestSchema.safeParse(raw);
   return r.success ? { ok: true, manifest: r.data } : { ok: false, why: `not a manifest this scion reads: ${describeIssues(r.error)}` };
 }

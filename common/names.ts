@@ -12,7 +12,11 @@ export const NAME_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
 export const NAME_RULE = '1 to 63 characters of a-z, 0-9 and "-", starting with a letter or digit';
 
 export class NameError extends ScionError {
-  constructor(readonly what: string, readonly value: unknown, problem: string) {
+  constructor(
+    readonly what: string,
+    readonly value: unknown,
+    problem: string,
+  ) {
     super('E_BAD_NAME', `${what} name ${JSON.stringify(value)}: ${problem}`, { hint: `use ${NAME_RULE}, e.g. web-tpl` });
   }
 }

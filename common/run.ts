@@ -9,27 +9,55 @@ import { execa, ExecaError, type Options } from 'execa';
 import { ScionError, type ErrorCode } from './errors.ts';
 
 export class CommandError extends ScionError {
-  constructor(code: ErrorCode, message: string, readonly command: string, readonly exitCode: number | undefined, readonly stderrTail: string, opts: { hint?: string; cause?: unknown } = {}) {
+  constructor(
+    code: ErrorCode,
+    message: string,
+    readonly command: string,
+    readonly exitCode: number | undefined,
+    readonly stderrTail: string,
+    opts: { hint?: string; cause?: unknown } = {},
+  ) {
     super(code, message, opts);
   }
 }
 
 /** Debian package that provides each program scion runs: the hint when one is missing. */
 export const PROVIDER: Record<string, string> = {
-  'qemu-system-x86_64': 'qemu-system-x86', 'qemu-img': 'qemu-utils', gpgv: 'gpgv', xz: 'xz-utils', zstd: 'zstd', ip: 'iproute2',
+  'qemu-system-x86_64': 'qemu-system-x86',
+  'qemu-img': 'qemu-utils',
+  gpgv: 'gpgv',
+  xz: 'xz-utils',
+  zstd: 'zstd',
+  ip: 'iproute2',
 };
 
-export const tailOf = (s: string | undefined, lines = 3) => (s ?? '').trim().split('\n').filter((l) => l.trim()).slice(-lines).join(' | ');
+export const tailOf = (s: string | undefined, lines = 3) =>
+  (s ?? '')
+    .trim()
+    .split('\n')
+    .filter((l) => l.trim())
+    .slice(-lines)
+    .join(' | ');
 
 export function missingCommand(cmd: string, cause?: unknown): CommandError {
   const pkg = PROVIDER[cmd.split('/').pop()!] ?? cmd;
-  return new CommandError('E_COMMAND_MISSING', `${cmd} is not installed (or not on PATH)`, cmd, undefined, '', { hint: `apt-get install ${pkg} (bash scripts/setup.sh installs everything scion needs)`, cause });
+  return new CommandError('E_COMMAND_MISSING', `${cmd} is not installed (or not on PATH)`, cmd, undefined, '', {
+    hint: `apt-get install ${pkg} (bash scripts/setup.sh installs everything scion needs)`,
+    cause,
+  });
 }
 
-export interface RunResult { stdout: string; stderr: string }
+export interface RunResult {
+  stdout: string;
+  stderr: string;
+}
 
 /** Run `cmd args…`, resolve with its output; a missing program, a signal or a non-zero exit is a CommandError. */
-export async function run(cmd: string, args: string[], opts: { input?: string | Buffer; code?: ErrorCode; what?: string; timeoutMs?: number; encoding?: 'utf8' | 'buffer' } = {}): Promise<RunResult> {
+export async function run(
+  cmd: string,
+  args: string[],
+  opts: { input?: string | Buffer; code?: ErrorCode; what?: string; timeoutMs?: number; encoding?: 'utf8' | 'buffer' } = {},
+): Promise<RunResult> {
   const o: Options = { input: opts.input, reject: true, stripFinalNewline: false, timeout: opts.timeoutMs, maxBuffer: 512 * 1024 * 1024 };
   try {
     const r = await execa(cmd, args, o);
@@ -39,7 +67,14 @@ export async function run(cmd: string, args: string[], opts: { input?: string | 
       if ((e as any).code === 'ENOENT') throw missingCommand(cmd, e);
       const why = e.timedOut ? `timed out after ${opts.timeoutMs} ms` : e.signal ? `killed by ${e.signal}` : `exited ${e.exitCode}`;
       const tail = tailOf(String(e.stderr ?? ''));
-      throw new CommandError(opts.code ?? 'E_COMMAND_FAILED', `${opts.what ?? `${cmd} ${args.join(' ')}`}: ${why}${tail ? `: ${tail}` : ''}`, cmd, e.exitCode, tail, { cause: e });
+      throw new CommandError(
+        opts.code ?? 'E_COMMAND_FAILED',
+        `${opts.what ?? `${cmd} ${args.join(' ')}`}: ${why}${tail ? `: ${tail}` : ''}`,
+        cmd,
+        e.exitCode,
+        tail,
+        { cause: e },
+      );
     }
     throw e;
   }
@@ -54,7 +89,14 @@ export async function runBuffer(cmd: string, args: string[], input: Buffer, opts
     if (e instanceof ExecaError) {
       if ((e as any).code === 'ENOENT') throw missingCommand(cmd, e);
       const tail = tailOf(Buffer.from((e.stderr as any) ?? '').toString());
-      throw new CommandError(opts.code ?? 'E_COMMAND_FAILED', `${opts.what ?? cmd}: exited ${e.exitCode ?? e.signal}${tail ? `: ${tail}` : ''}`, cmd, e.exitCode, tail, { cause: e });
+      throw new CommandError(
+        opts.code ?? 'E_COMMAND_FAILED',
+        `${opts.what ?? cmd}: exited ${e.exitCode ?? e.signal}${tail ? `: ${tail}` : ''}`,
+        cmd,
+        e.exitCode,
+        tail,
+        { cause: e },
+      );
     }
     throw e;
   }

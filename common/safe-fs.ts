@@ -39,7 +39,8 @@ export function dirProblem(st: Pick<Stats, 'uid' | 'mode'> & { isSymbolicLink():
 /** Why an ancestor lets others move our directory, or undefined. Root-owned sticky directories (/tmp, /dev/shm) are fine. */
 export function ancestorProblem(st: Pick<Stats, 'uid' | 'mode'>, me: number): string | undefined {
   if (st.uid !== 0 && st.uid !== me) return `is owned by uid ${st.uid}`;
-  if ((st.mode & 0o022) && !(st.mode & 0o1000 && st.uid === 0)) return `is writable by others and not sticky (mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')})`;
+  if (st.mode & 0o022 && !(st.mode & 0o1000 && st.uid === 0))
+    return `is writable by others and not sticky (mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')})`;
   return undefined;
 }
 
@@ -50,14 +51,18 @@ export function ancestorProblem(st: Pick<Stats, 'uid' | 'mode'>, me: number): st
  */
 export function ensureTrustedDir(path: string, opts: TrustOptions): string {
   const me = uid();
-  const fix = (why: string) => new TrustError('E_UNTRUSTED_DIR', `${opts.what} ${path} ${why}`, {
-    hint: `scion keeps state only in a directory of its own: remove or fix ${path} (chown ${me} and chmod 700)${opts.env ? `, or point ${opts.env} elsewhere` : ''}`,
-  });
+  const fix = (why: string) =>
+    new TrustError('E_UNTRUSTED_DIR', `${opts.what} ${path} ${why}`, {
+      hint: `scion keeps state only in a directory of its own: remove or fix ${path} (chown ${me} and chmod 700)${opts.env ? `, or point ${opts.env} elsewhere` : ''}`,
+    });
   // make what is missing, one level at a time, each 0700 and ours
   const missing: string[] = [];
   let p = path;
   for (;;) {
-    try { lstatSync(p); break; } catch (e) {
+    try {
+      lstatSync(p);
+      break;
+    } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw fix(`cannot be inspected: ${(e as Error).message}`);
       missing.unshift(p);
       const up = dirname(p);
@@ -66,7 +71,9 @@ export function ensureTrustedDir(path: string, opts: TrustOptions): string {
     }
   }
   for (const m of missing) {
-    try { mkdirSync(m, { mode: 0o700 }); } catch (e) {
+    try {
+      mkdirSync(m, { mode: 0o700 });
+    } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw fix(`cannot be created: ${(e as Error).message}`);
       // someone made it meanwhile: it is checked below like any existing one
     }
@@ -82,7 +89,9 @@ export function ensureTrustedDir(path: string, opts: TrustOptions): string {
     if (dirname(a) === a) break;
   }
   if (opts.tmpfs && statfsSync(real).type !== TMPFS_MAGIC) {
-    throw new TrustError('E_NOT_TMPFS', `${opts.what} ${path} is not on tmpfs`, { hint: `template memory is shared through the page cache: point ${opts.env ?? 'it'} at a directory on tmpfs (e.g. under /dev/shm)` });
+    throw new TrustError('E_NOT_TMPFS', `${opts.what} ${path} is not on tmpfs`, {
+      hint: `template memory is shared through the page cache: point ${opts.env ?? 'it'} at a directory on tmpfs (e.g. under /dev/shm)`,
+    });
   }
   return real;
 }
@@ -90,7 +99,11 @@ export function ensureTrustedDir(path: string, opts: TrustOptions): string {
 /** Create a file that must not exist yet (O_EXCL: a planted file or symlink makes this fail, never followed). */
 export async function writeExclusive(path: string, data: Uint8Array | string, mode = 0o600): Promise<void> {
   const fh = await open(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, mode);
-  try { await fh.writeFile(data); } finally { await fh.close(); }
+  try {
+    await fh.writeFile(data);
+  } finally {
+    await fh.close();
+  }
 }
 
 /** Write to a fresh temporary file beside `path`, then rename over it: readers see the old or the new bytes, never half. */
@@ -113,9 +126,12 @@ export async function readNoFollow(path: string): Promise<string> {
 /** The bytes of a regular file, never through a symlink at the last component. */
 export async function readBytesNoFollow(path: string): Promise<Buffer> {
   const fh = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW);
-  try { return await fh.readFile(); } finally { await fh.close(); }
+  try {
+    return await fh.readFile();
+  } finally {
+    await fh.close();
+  }
 }
-
 
 /**
  * Put the complete directory `tmp` in place of `dir`, whole: the old one is
@@ -126,7 +142,13 @@ export async function readBytesNoFollow(path: string): Promise<Buffer> {
 export async function replaceDirectory(tmp: string, dir: string): Promise<void> {
   for (let attempt = 0; ; attempt++) {
     const old = `${dir}.old-${process.pid}-${randomBytes(3).toString('hex')}`;
-    const hadOld = await rename(dir, old).then(() => true, (e) => { if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false; throw e; });
+    const hadOld = await rename(dir, old).then(
+      () => true,
+      (e) => {
+        if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
+        throw e;
+      },
+    );
     try {
       await rename(tmp, dir);
     } catch (e) {

@@ -17,7 +17,10 @@ export class JsonSession extends EventEmitter {
   state: SessionState = 'idle';
   protected socket?: Socket;
   private decoder: FrameDecoder;
-  constructor(readonly label: string, maxFrame = DEFAULT_MAX_FRAME) {
+  constructor(
+    readonly label: string,
+    maxFrame = DEFAULT_MAX_FRAME,
+  ) {
     super();
     this.decoder = new FrameDecoder(maxFrame);
   }
@@ -28,9 +31,18 @@ export class JsonSession extends EventEmitter {
     try {
       this.socket = await new Promise<Socket>((resolve, reject) => {
         const s = connect(path);
-        const t = setTimeout(() => { s.destroy(); reject(new Error('timed out')); }, timeoutMs);
-        s.once('connect', () => { clearTimeout(t); resolve(s); });
-        s.once('error', (e) => { clearTimeout(t); reject(e); });
+        const t = setTimeout(() => {
+          s.destroy();
+          reject(new Error('timed out'));
+        }, timeoutMs);
+        s.once('connect', () => {
+          clearTimeout(t);
+          resolve(s);
+        });
+        s.once('error', (e) => {
+          clearTimeout(t);
+          reject(e);
+        });
       });
     } catch (e) {
       this.state = 'idle'; // session guard: no half-connected client
@@ -41,12 +53,20 @@ export class JsonSession extends EventEmitter {
       for (const ev of this.decoder.push(chunk)) {
         if ('frame' in ev) {
           let msg: unknown;
-          try { msg = JSON.parse(ev.frame); } catch { this.emit('garbage', ev.frame); continue; }
+          try {
+            msg = JSON.parse(ev.frame);
+          } catch {
+            this.emit('garbage', ev.frame);
+            continue;
+          }
           this.emit('message', msg);
         } else if ('resync' in ev) this.emit('resync');
       }
     });
-    this.socket.on('close', () => { this.state = 'closed'; this.emit('closed'); });
+    this.socket.on('close', () => {
+      this.state = 'closed';
+      this.emit('closed');
+    });
     this.socket.on('error', () => undefined); // a reset is followed by 'close', which fails the pending calls
   }
 
@@ -54,7 +74,9 @@ export class JsonSession extends EventEmitter {
     if (this.state !== 'running' || !this.socket) throw new SessionError('E_STATE', `${this.label}: send needs state running, found ${this.state}`);
     this.socket.write(data);
   }
-  send(msg: unknown) { this.sendRaw(encodeFrame(msg)); }
+  send(msg: unknown) {
+    this.sendRaw(encodeFrame(msg));
+  }
 
   close() {
     this.socket?.destroy();
@@ -67,7 +89,10 @@ export class Pending<T> {
   private map = new Map<string | number, { resolve: (v: T) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
   add(id: string | number, timeoutMs: number, what: string): Promise<T> {
     const p = new Promise<T>((resolve, reject) => {
-      const timer = setTimeout(() => { this.map.delete(id); reject(new SessionError('E_TIMEOUT', `${what} timed out after ${timeoutMs} ms`)); }, timeoutMs);
+      const timer = setTimeout(() => {
+        this.map.delete(id);
+        reject(new SessionError('E_TIMEOUT', `${what} timed out after ${timeoutMs} ms`));
+      }, timeoutMs);
       this.map.set(id, { resolve, reject, timer });
     });
     // a caller whose send() then throws never awaits this; its later timeout must not be an unhandled rejection
@@ -78,15 +103,24 @@ export class Pending<T> {
   /** Forget a call whose request could not be sent. */
   drop(id: string | number) {
     const p = this.map.get(id);
-    if (p) { clearTimeout(p.timer); this.map.delete(id); }
+    if (p) {
+      clearTimeout(p.timer);
+      this.map.delete(id);
+    }
   }
   settle(id: string | number, v: T): boolean {
     const p = this.map.get(id);
     if (!p) return false;
-    clearTimeout(p.timer); this.map.delete(id); p.resolve(v);
+    clearTimeout(p.timer);
+    this.map.delete(id);
+    p.resolve(v);
     return true;
   }
   failAll(e: Error) {
-    for (const [id, p] of this.map) { clearTimeout(p.timer); p.reject(e); this.map.delete(id); }
+    for (const [id, p] of this.map) {
+      clearTimeout(p.timer);
+      p.reject(e);
+      this.map.delete(id);
+    }
   }
 }

@@ -2,5 +2,8 @@
 import type { z } from 'zod';
 
 export function describeIssues(e: z.ZodError): string {
-  return e.issues.slice(0, 4).map((i) => `${i.path.join('.') || '(top)'}: ${i.message}`).join('; ');
+  return e.issues
+    .slice(0, 4)
+    .map((i) => `${i.path.join('.') || '(top)'}: ${i.message}`)
+    .join('; ');
 }

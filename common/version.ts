@@ -20,7 +20,9 @@ export function packageRoot(): string {
     try {
       const p = JSON.parse(readFileSync(join(dir, 'package.json'), 'utf8'));
       if (p.name === 'scion') return (root = dir);
-    } catch { /* not here: one level up */ }
+    } catch {
+      /* not here: one level up */
+    }
     dir = dirname(dir);
   }
   throw new Error(`scion's package.json was not found above ${fileURLToPath(import.meta.url)}`);

@@ -4,7 +4,17 @@
  */
 import { FrameDecoder, encodeFrame, concatBytes, RESYNC_BYTE } from '../common/framing.ts';
 import type { Platform, Transport } from './platform.ts';
-import { MAX_FRAME, PROTOCOL_VERSION, ProtocolError, parseRequest, salvageId, validateIdentity, requireString, type Identity, type Request } from './protocol.ts';
+import {
+  MAX_FRAME,
+  PROTOCOL_VERSION,
+  ProtocolError,
+  parseRequest,
+  salvageId,
+  validateIdentity,
+  requireString,
+  type Identity,
+  type Request,
+} from './protocol.ts';
 import { applyIdentity, type SystemConfig, type Steps } from './identity.ts';
 import { ContainerSupervisor } from './containers.ts';
 import { ShellWorker } from './shell.ts';
@@ -44,7 +54,12 @@ export interface AgentOptions {
   log?: (msg: string) => void;
 }
 
-interface PersistentState { generation: number; identity?: Identity; vmForks?: number; vmForksAtLastApply?: number }
+interface PersistentState {
+  generation: number;
+  identity?: Identity;
+  vmForks?: number;
+  vmForksAtLastApply?: number;
+}
 
 export class Agent {
   readonly containers: ContainerSupervisor;
@@ -68,7 +83,9 @@ export class Agent {
     this.clock = new ClockKeeper(this.p, this.clockShell, opts.system.setClock);
     this.tasks = new TaskRunner(this.p, this.shell, (event, data) => this.emit(event, data), opts.crunBin);
     if (opts.stateFile && this.p.exists(opts.stateFile)) {
-      try { this.state = JSON.parse(this.p.readText(opts.stateFile)); } catch {
+      try {
+        this.state = JSON.parse(this.p.readText(opts.stateFile));
+      } catch {
         // a state file cut short by a crash: start from generation 0, the host re-applies the identity
       }
     }
@@ -76,7 +93,9 @@ export class Agent {
 
   private persist() {
     if (this.opts.stateFile) {
-      try { this.p.writeText(this.opts.stateFile, JSON.stringify(this.state)); } catch {
+      try {
+        this.p.writeText(this.opts.stateFile, JSON.stringify(this.state));
+      } catch {
         // the state file is a convenience for agent restarts (tmpfs); the host remains the source of identity
       }
     }
@@ -110,26 +129,55 @@ export class Agent {
     let paused = false;
     const flow = () => {
       const stop = inFlight >= MAX_IN_FLIGHT || backedUp;
-      if (stop && !paused) { paused = true; t.pause?.(); } else if (!stop && paused) { paused = false; t.resume?.(); }
+      if (stop && !paused) {
+        paused = true;
+        t.pause?.();
+      } else if (!stop && paused) {
+        paused = false;
+        t.resume?.();
+      }
     };
-    t.onDrain?.(() => { backedUp = false; flow(); });
+    t.onDrain?.(() => {
+      backedUp = false;
+      flow();
+    });
     const send = (msg: unknown, marker = false) => {
       try {
         const ok = t.write(marker ? concatBytes([Uint8Array.of(RESYNC_BYTE), encodeFrame(msg)]) : encodeFrame(msg));
-        if (ok === false) { backedUp = true; flow(); }
-      } catch { /* the host went away mid-write: the session closes and the host resyncs on reconnect */ }
+        if (ok === false) {
+          backedUp = true;
+          flow();
+        }
+      } catch {
+        /* the host went away mid-write: the session closes and the host resyncs on reconnect */
+      }
     };
-    const answered = () => { inFlight--; flow(); };
+    const answered = () => {
+      inFlight--;
+      flow();
+    };
     const sender = (m: unknown) => send(m);
     this.sessions.add(sender);
     t.onData((chunk) => {
-      let evs;
-      try { evs = decoder.push(chunk); } catch { return; }
+      let evs: ReturnType<typeof decoder.push>;
+      try {
+        evs = decoder.push(chunk);
+      } catch {
+        return;
+      }
       for (const ev of evs) {
-        if ('resync' in ev) { resyncPending = true; continue; }
-        if ('oversize' in ev) { send({ id: null, ok: false, error: { code: 'E_FRAME_TOO_LARGE', message: `frame of ${ev.oversize} bytes exceeds the ${MAX_FRAME}-byte limit` } }); continue; }
+        if ('resync' in ev) {
+          resyncPending = true;
+          continue;
+        }
+        if ('oversize' in ev) {
+          send({ id: null, ok: false, error: { code: 'E_FRAME_TOO_LARGE', message: `frame of ${ev.oversize} bytes exceeds the ${MAX_FRAME}-byte limit` } });
+          continue;
+        }
         let req: Request;
-        try { req = parseRequest(ev.frame); } catch (e) {
+        try {
+          req = parseRequest(ev.frame);
+        } catch (e) {
           const pe = e as ProtocolError;
           send({ id: salvageId(ev.frame), ok: false, error: { code: pe.code ?? 'E_BAD_REQUEST', message: pe.message } });
           continue;
@@ -137,17 +185,21 @@ export class Agent {
         const marker = resyncPending && req.cmd === 'sync';
         if (req.cmd === 'sync') resyncPending = false;
         inFlight++;
-        this.handle(req).then(
-          (result) => send({ id: req.id, ok: true, result }, marker),
-          (err) => {
-            const code = err instanceof ProtocolError ? err.code : 'E_INTERNAL';
-            send({ id: req.id, ok: false, error: { code, message: String(err?.message ?? err).slice(0, 2000) } }, marker);
-          },
-        ).finally(answered);
+        this.handle(req)
+          .then(
+            (result) => send({ id: req.id, ok: true, result }, marker),
+            (err) => {
+              const code = err instanceof ProtocolError ? err.code : 'E_INTERNAL';
+              send({ id: req.id, ok: false, error: { code, message: String(err?.message ?? err).slice(0, 2000) } }, marker);
+            },
+          )
+          .finally(answered);
       }
       flow();
     });
-    return () => { this.sessions.delete(sender); };
+    return () => {
+      this.sessions.delete(sender);
+    };
   }
 
   async handle(req: Request): Promise<unknown> {
@@ -160,13 +212,14 @@ export class Agent {
    * untrusted and are validated by each handler.
    */
   private readonly handlers: { [C in AgentCommand]: (a: Record<string, unknown>) => ResultOf<C> | Promise<ResultOf<C>> } = {
-    'sync': (a) => {
+    sync: (a) => {
       if (typeof a.nonce !== 'number' && typeof a.nonce !== 'string') throw new ProtocolError('E_BAD_ARGS', 'nonce: must be a number or string');
       return { nonce: a.nonce, protocol: PROTOCOL_VERSION };
     },
-    'ping': () => ({ pong: true, protocol: PROTOCOL_VERSION, time: Date.now() }),
+    ping: () => ({ pong: true, protocol: PROTOCOL_VERSION, time: Date.now() }),
     'clock.step': async (a) => {
-      if (typeof a.deltaMs !== 'number' || !Number.isFinite(a.deltaMs) || Math.abs(a.deltaMs) > 1e12) throw new ProtocolError('E_BAD_ARGS', 'deltaMs: must be a finite number of milliseconds');
+      if (typeof a.deltaMs !== 'number' || !Number.isFinite(a.deltaMs) || Math.abs(a.deltaMs) > 1e12)
+        throw new ProtocolError('E_BAD_ARGS', 'deltaMs: must be a finite number of milliseconds');
       if (!this.opts.system.setClock) return { stepped: false, clock: this.clock.state };
       await this.clock.step(a.deltaMs);
       // a calibration that found no edge to trust is reported, not thrown: the step itself took
@@ -174,10 +227,11 @@ export class Agent {
       this.clock.kick();
       return { stepped: true, calibrated, time: Date.now(), clock: this.clock.state };
     },
-    'info': () => this.info(),
+    info: () => this.info(),
     'identity.apply': (a) => this.applyIdentity(validateIdentity(a)),
     'time.set': async (a) => {
-      if (typeof a.time !== 'number' || !Number.isFinite(a.time) || a.time < 0) throw new ProtocolError('E_BAD_ARGS', 'time: must be milliseconds since the epoch');
+      if (typeof a.time !== 'number' || !Number.isFinite(a.time) || a.time < 0)
+        throw new ProtocolError('E_BAD_ARGS', 'time: must be milliseconds since the epoch');
       if (this.opts.system.setClock) {
         // busybox date (whole seconds) rather than phc_ctl: measured, phc_ctl's exec added
         // ~40 ms to a pool claim's first byte (bench:serve: 82 -> 123 ms p50)
@@ -187,11 +241,22 @@ export class Agent {
       return { time: Date.now(), set: this.opts.system.setClock };
     },
     'containers.list': () => ({ containers: this.containers.list() }),
-    'containers.start': async (a) => { const c = this.containers.get(requireString(a, 'name')); await c.start(); return c.status; },
-    'containers.stop': async (a) => { const c = this.containers.get(requireString(a, 'name')); await c.stop(); return c.status; },
+    'containers.start': async (a) => {
+      const c = this.containers.get(requireString(a, 'name'));
+      await c.start();
+      return c.status;
+    },
+    'containers.stop': async (a) => {
+      const c = this.containers.get(requireString(a, 'name'));
+      await c.stop();
+      return c.status;
+    },
     'containers.restart': async (a) => {
       const c = this.containers.get(requireString(a, 'name'));
-      await c.stop(); c.resetBackoff(); await c.start(); c.status.restarts++;
+      await c.stop();
+      c.resetBackoff();
+      await c.start();
+      c.status.restarts++;
       this.emit('container-restarted', { name: c.spec.name, restarts: c.status.restarts, reason: 'request' });
       return c.status;
     },
@@ -201,9 +266,10 @@ export class Agent {
       const name = requireString(a, 'name');
       return { name, logs: this.containers.logs(name, tail) };
     },
-    'exec': (a) => {
+    exec: (a) => {
       if (!this.opts.image.exec) throw new ProtocolError('E_EXEC_DISABLED', 'exec is disabled in this image; set agent.exec: true in the image definition');
-      if (!Array.isArray(a.argv) || !a.argv.length || a.argv.some((x) => typeof x !== 'string')) throw new ProtocolError('E_BAD_ARGS', 'argv: must be a non-empty list of strings');
+      if (!Array.isArray(a.argv) || !a.argv.length || a.argv.some((x) => typeof x !== 'string'))
+        throw new ProtocolError('E_BAD_ARGS', 'argv: must be a non-empty list of strings');
       const timeout = typeof a.timeoutMs === 'number' ? a.timeoutMs : 30_000;
       return this.p.run(a.argv as string[], { timeoutMs: timeout, maxOutput: 1 << 20 });
     },
@@ -217,8 +283,12 @@ export class Agent {
     'task.pids': (a) => this.tasksAllowed().pids(a),
     'task.stats': (a) => this.tasksAllowed().stats(a),
     'task.delete': (a) => this.tasksAllowed().delete(a),
-    'shutdown': () => {
-      this.p.setTimeout(() => { void this.p.run(['poweroff', '-f']).then((r) => { if (r.exitCode !== 0) this.p.exit(0); }); }, 50);
+    shutdown: () => {
+      this.p.setTimeout(() => {
+        void this.p.run(['poweroff', '-f']).then((r) => {
+          if (r.exitCode !== 0) this.p.exit(0);
+        });
+      }, 50);
       return { shuttingDown: true };
     },
   };
@@ -229,7 +299,13 @@ export class Agent {
   }
 
   info(): AgentInfo {
-    const read = (path: string) => { try { return this.p.readText(path).trim(); } catch { return ''; } }; // not there (yet): reported empty
+    const read = (path: string) => {
+      try {
+        return this.p.readText(path).trim();
+      } catch {
+        return '';
+      }
+    }; // not there (yet): reported empty
     const hostname = read('/proc/sys/kernel/hostname');
     const machineId = read(`${this.opts.system.root}/etc/machine-id`);
     return {
@@ -256,18 +332,25 @@ export class Agent {
     if (id.generation <= this.state.generation) return { applied: false, generation: this.state.generation, info: this.info() };
     const work = this.doApply(id, false);
     this.applying = work;
-    try { return { ...(await work), applied: true }; } finally { this.applying = undefined; }
+    try {
+      return { ...(await work), applied: true };
+    } finally {
+      this.applying = undefined;
+    }
   }
 
   private async doApply(id: Identity, warmOnly: boolean) {
     const t0 = this.p.monotonic();
     let steps: Steps;
-    try { steps = await applyIdentity(id, this.opts.system, this.shell, this.p); } catch (e) {
+    try {
+      steps = await applyIdentity(id, this.opts.system, this.shell, this.p);
+    } catch (e) {
       throw new ProtocolError('E_APPLY_FAILED', (e as Error).message);
     }
     if (!warmOnly) {
       // a fork announced by the host alone (no vmgenid signal since the last apply)
-      if ((this.state.vmForks ?? 0) === (this.state.vmForksAtLastApply ?? 0) && this.state.generation > 0) this.emit('forked', { signal: 'identity.apply', generation: id.generation });
+      if ((this.state.vmForks ?? 0) === (this.state.vmForksAtLastApply ?? 0) && this.state.generation > 0)
+        this.emit('forked', { signal: 'identity.apply', generation: id.generation });
       this.state.vmForksAtLastApply = this.state.vmForks ?? 0;
       this.state.generation = id.generation;
       this.state.identity = { ...id, rngSeed: undefined };
@@ -289,7 +372,14 @@ export class Agent {
     // task.start), so the refine waits for them (the step was exact to the ms; the host has checked it)
     if (!warmOnly && id.time !== undefined) this.clock.kick(this.containers.list().length ? 0 : POD_CLOCK_REFINE_DELAY_MS);
     // the guest's clock as it reports ready: the host checks it against its own (PROTOCOL.md)
-    const result = { applied: !warmOnly, generation: id.generation, stepsMs: { ...steps, identity: identityMs, containers: containersMs, health: healthMs }, totalMs: Math.round(this.p.monotonic() - t0), healthy, time: Date.now() };
+    const result = {
+      applied: !warmOnly,
+      generation: id.generation,
+      stepsMs: { ...steps, identity: identityMs, containers: containersMs, health: healthMs },
+      totalMs: Math.round(this.p.monotonic() - t0),
+      healthy,
+      time: Date.now(),
+    };
     if (!warmOnly) {
       this.lastReady = { generation: id.generation, stepsMs: result.stepsMs, totalMs: result.totalMs };
       this.emit('ready', { ...this.lastReady, healthy });
@@ -302,14 +392,19 @@ export class Agent {
     const t0 = this.p.monotonic();
     await this.clock.settle();
     const cur = this.state.identity;
-    if (cur) await this.doApply({ ...cur, time: undefined }, true).catch(() => undefined); // warming only: a failure here shows again, reported, at the real apply
+    if (cur)
+      await this.doApply({ ...cur, time: undefined }, true).catch(() => undefined); // warming only: a failure here shows again, reported, at the real apply
     else validateIdentity({ generation: 1, hostname: 'warm', machineId: '0'.repeat(32), interfaces: [{ mac: '02:00:00:00:00:01' }] });
     this.info();
     // a pod's pid namespace (with its reaper) made now, so every clone has it: making it at a pod's first
     // container that shares it costs ~0.3-0.4 s under TCG. Only in a pod's image (tasks, no containers of its own)
     if (this.opts.image.exec && !this.containers.list().length) await this.tasks.prepare().catch(() => undefined); // made on first use, then
     await this.shell.run('sync');
-    try { this.p.writeText('/proc/sys/vm/drop_caches', '3'); } catch { /* fewer cached pages in the template is an optimisation, not a need */ }
+    try {
+      this.p.writeText('/proc/sys/vm/drop_caches', '3');
+    } catch {
+      /* fewer cached pages in the template is an optimisation, not a need */
+    }
     return { prepared: true, ms: Math.round(this.p.monotonic() - t0), generation: this.state.generation };
   }
 

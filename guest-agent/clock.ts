@@ -32,7 +32,6 @@ export function nextInterval(currentMs: number, driftMs: number, bounds = { min:
   return Math.min(bounds.max, Math.max(bounds.min, Math.round(n)));
 }
 
-
 /**
  * Whole-second step for `date -s @S` from a time in ms: rounded, not truncated.
  * time.set uses it: a busybox applet is far cheaper to start than phc_ctl right
@@ -79,11 +78,18 @@ export class ClockKeeper {
   private busy?: Promise<number>;
   readonly state: ClockInfo;
 
-  constructor(private readonly platform: Platform, private readonly shell: ShellWorker, readonly enabled: boolean, private readonly rtcFile = RTC_SECONDS) {
+  constructor(
+    private readonly platform: Platform,
+    private readonly shell: ShellWorker,
+    readonly enabled: boolean,
+    private readonly rtcFile = RTC_SECONDS,
+  ) {
     this.state = { source: enabled ? 'rtc' : 'off', checks: 0, steps: 0, intervalMs: 10_000 };
   }
 
-  private readRtc(): number { return Number(this.platform.readText(this.rtcFile)); }
+  private readRtc(): number {
+    return Number(this.platform.readText(this.rtcFile));
+  }
 
   /**
    * ms between the RTC's second edge and the system clock at that edge
@@ -113,7 +119,9 @@ export class ClockKeeper {
   }
 
   /** ms from now until the system clock next reads `phase` modulo a second. */
-  private untilNext(phase: number): number { return (((phase - Date.now()) % 1000) + 1000) % 1000; }
+  private untilNext(phase: number): number {
+    return (((phase - Date.now()) % 1000) + 1000) % 1000;
+  }
 
   /** Sleep `waitMs`, then read the RTC in a tight loop for at most `windowMs`; the offset at the edge, if one came. */
   private async pollEdge(waitMs: number, windowMs: number): Promise<number | undefined> {
@@ -153,7 +161,9 @@ export class ClockKeeper {
         this.state.rtcPhaseMs = await this.rtcOffset();
         this.state.lastError = undefined;
         return this.state.rtcPhaseMs;
-      } catch (e) { last = e as Error; }
+      } catch (e) {
+        last = e as Error;
+      }
     }
     this.state.lastError = `RTC phase not calibrated after ${attempts} attempts: ${last?.message}`;
     return undefined;
@@ -170,7 +180,14 @@ export class ClockKeeper {
       if (Math.abs(drift) > 5) await this.step(-drift);
       this.state.lastError = undefined;
       return drift;
-    })().catch((e) => { this.state.lastError = (e as Error).message; throw e; }).finally(() => { this.busy = undefined; });
+    })()
+      .catch((e) => {
+        this.state.lastError = (e as Error).message;
+        throw e;
+      })
+      .finally(() => {
+        this.busy = undefined;
+      });
     return this.busy;
   }
 
@@ -179,21 +196,32 @@ export class ClockKeeper {
     if (!this.enabled) return;
     this.platform.clearTimeout(this.timer);
     this.state.intervalMs = 10_000;
-    const go = () => this.check().then(() => undefined, () => undefined).finally(() => this.schedule()); // errors are kept in state.lastError for info
-    if (delayMs) this.timer = this.platform.setTimeout(go, delayMs); else void go();
+    const go = () =>
+      this.check()
+        .then(
+          () => undefined,
+          () => undefined,
+        )
+        .finally(() => this.schedule()); // errors are kept in state.lastError for info
+    if (delayMs) this.timer = this.platform.setTimeout(go, delayMs);
+    else void go();
   }
 
   private schedule(): void {
     this.platform.clearTimeout(this.timer);
     this.timer = this.platform.setTimeout(async () => {
-      try { this.state.intervalMs = nextInterval(this.state.intervalMs, await this.check()); } catch {
+      try {
+        this.state.intervalMs = nextInterval(this.state.intervalMs, await this.check());
+      } catch {
         // kept in state.lastError; the next attempt comes at the same interval
       }
       this.schedule();
     }, this.state.intervalMs);
   }
 
-  stop(): void { this.platform.clearTimeout(this.timer); }
+  stop(): void {
+    this.platform.clearTimeout(this.timer);
+  }
 
   /**
    * Stop, and wait for a check under way: before a template is frozen. A

@@ -23,11 +23,18 @@ class Container {
   private backoffMs = 200;
   private watch?: Timer;
   private runSeq = 0;
-  constructor(readonly spec: ContainerSpec, readonly sup: ContainerSupervisor) {
+  constructor(
+    readonly spec: ContainerSpec,
+    readonly sup: ContainerSupervisor,
+  ) {
     this.status = { name: spec.name, state: 'created', restarts: 0 };
   }
-  get logPath() { return `${this.sup.logDir}/${this.spec.name}.log`; }
-  private get p() { return this.sup.platform; }
+  get logPath() {
+    return `${this.sup.logDir}/${this.spec.name}.log`;
+  }
+  private get p() {
+    return this.sup.platform;
+  }
 
   /**
    * Shell lines that (re)start this container: crun in the foreground inside
@@ -37,7 +44,11 @@ class Container {
   startLines(): string[] {
     const n = this.spec.name;
     const exitFile = `${this.sup.logDir}/${n}.${++this.runSeq}.exit`;
-    try { if ((this.p.fileSize(this.logPath) ?? 0) > LOG_LIMIT) this.p.writeText(this.logPath, ''); } catch { /* the log cannot be trimmed now: it is tried again at the next start */ }
+    try {
+      if ((this.p.fileSize(this.logPath) ?? 0) > LOG_LIMIT) this.p.writeText(this.logPath, '');
+    } catch {
+      /* the log cannot be trimmed now: it is tried again at the next start */
+    }
     return [
       `${this.sup.crunBin} delete -f ${n} >/dev/null 2>&1 || true`,
       `rm -f ${this.sup.logDir}/${n}.*.exit`,
@@ -71,12 +82,15 @@ class Container {
     this.p.clearTimeout(this.watch);
     const tick = () => {
       if (this.watch !== w) return;
-      if (this.p.exists(`/proc/${pid}`) && !/\) Z /.test(this.sup.safeRead(`/proc/${pid}/stat`))) { w = this.watch = this.p.setTimeout(tick, 250); return; }
+      if (this.p.exists(`/proc/${pid}`) && !/\) Z /.test(this.sup.safeRead(`/proc/${pid}/stat`))) {
+        w = this.watch = this.p.setTimeout(tick, 250);
+        return;
+      }
       this.watch = undefined;
       const code = exitFile ? Number(this.sup.safeRead(exitFile).trim() || NaN) : NaN;
       this.exited(Number.isFinite(code) ? code : undefined);
     };
-    let w: Timer = this.watch = this.p.setTimeout(tick, 250);
+    let w: Timer = (this.watch = this.p.setTimeout(tick, 250));
   }
 
   private exited(code: number | undefined) {
@@ -91,7 +105,10 @@ class Container {
     this.p.setTimeout(() => {
       if (this.stopping) return;
       this.status.restarts++;
-      this.start().then(() => this.sup.emit('container-restarted', { name: this.spec.name, restarts: this.status.restarts, reason: 'exited' }), () => {});
+      this.start().then(
+        () => this.sup.emit('container-restarted', { name: this.spec.name, restarts: this.status.restarts, reason: 'exited' }),
+        () => {},
+      );
     }, delay);
   }
 
@@ -110,20 +127,37 @@ class Container {
       const port = h.tcp.port;
       return tcpTables(this.sup.initPid(this.spec.name)).some((t) => listeningOn(this.sup.safeRead(t), port));
     }
-    if (h.http) return (await this.p.run(httpCheckArgv(h.http.port, h.http.path, h.timeoutMs), { timeoutMs: h.timeoutMs + 1000, maxOutput: 4096 })).exitCode === 0;
+    if (h.http)
+      return (await this.p.run(httpCheckArgv(h.http.port, h.http.path, h.timeoutMs), { timeoutMs: h.timeoutMs + 1000, maxOutput: 4096 })).exitCode === 0;
     const q = (a: string) => `'${a.replace(/'/g, `'\\''`)}'`;
     return (await this.sup.shell.run(`${this.sup.crunBin} exec ${this.spec.name} ${h.command!.map(q).join(' ')} >/dev/null 2>&1`)).code === 0;
   }
-  resetBackoff() { this.backoffMs = 200; }
+  resetBackoff() {
+    this.backoffMs = 200;
+  }
 }
 
 export class ContainerSupervisor {
   readonly containers = new Map<string, Container>();
-  constructor(readonly platform: Platform, specs: ContainerSpec[], readonly emit: <E extends AgentEventName>(event: E, data: AgentEvents[E]) => void, readonly shell: ShellWorker, readonly logDir = '/run/scion/logs', readonly crunBin = 'crun', readonly crunRoot = '/run/crun') {
+  constructor(
+    readonly platform: Platform,
+    specs: ContainerSpec[],
+    readonly emit: <E extends AgentEventName>(event: E, data: AgentEvents[E]) => void,
+    readonly shell: ShellWorker,
+    readonly logDir = '/run/scion/logs',
+    readonly crunBin = 'crun',
+    readonly crunRoot = '/run/crun',
+  ) {
     for (const s of specs) this.containers.set(s.name, new Container(s, this));
   }
 
-  safeRead(p: string): string { try { return this.platform.readText(p); } catch { return ''; } }
+  safeRead(p: string): string {
+    try {
+      return this.platform.readText(p);
+    } catch {
+      return '';
+    }
+  }
 
   /** Pick up the `pid <name> <pid> <exit file>` lines a start batch printed. */
   trackFromOutput(out: string) {
@@ -141,7 +175,11 @@ export class ContainerSupervisor {
     if (!this.containers.size) return;
     let running: { id: string; pid: number; status: string; created?: string }[] = [];
     const listed = await this.platform.run([this.crunBin, 'list', '--format', 'json'], { timeoutMs: 30_000 });
-    try { if (listed.exitCode === 0) running = JSON.parse(listed.stdout) ?? []; } catch { /* crun has no state yet (first boot): nothing to adopt */ }
+    try {
+      if (listed.exitCode === 0) running = JSON.parse(listed.stdout) ?? [];
+    } catch {
+      /* crun has no state yet (first boot): nothing to adopt */
+    }
     const toStart: Container[] = [];
     for (const c of this.containers.values()) {
       const r = running.find((x) => x.id === c.spec.name && x.status === 'running' && x.pid > 0);
@@ -176,11 +214,15 @@ export class ContainerSupervisor {
     const again: Container[] = [];
     for (const c of this.containers.values()) {
       const pid = c.spec.onFork === 'keep' && c.status.state === 'running' ? this.initPid(c.spec.name) : undefined;
-      if (pid) keep.push({ c, pid }); else again.push(c);
+      if (pid) keep.push({ c, pid });
+      else again.push(c);
     }
     if (keep.length) {
       // the hostname is checked by the protocol (letters, digits, -): safe in a shell line
-      const out = await this.shell.runOrThrow(keep.map(({ c, pid }) => `busybox nsenter -t ${pid} -u busybox hostname ${hostname} || echo "kept-failed ${c.spec.name}"`).join('\n'), 'updating kept containers');
+      const out = await this.shell.runOrThrow(
+        keep.map(({ c, pid }) => `busybox nsenter -t ${pid} -u busybox hostname ${hostname} || echo "kept-failed ${c.spec.name}"`).join('\n'),
+        'updating kept containers',
+      );
       for (const m of out.matchAll(/^kept-failed (\S+)$/gm)) again.push(this.get(m[1]));
     }
     if (restart) await this.restart(again);
@@ -191,7 +233,9 @@ export class ContainerSupervisor {
     try {
       const pid = Number(JSON.parse(this.platform.readText(`${this.crunRoot}/${name}/status`)).pid);
       return Number.isInteger(pid) && pid > 1 && this.platform.exists(`/proc/${pid}`) ? pid : undefined;
-    } catch { return undefined; } // no state: not running under crun
+    } catch {
+      return undefined;
+    } // no state: not running under crun
   }
 
   /** Restart every container in one shell batch (one round trip). */
@@ -201,7 +245,10 @@ export class ContainerSupervisor {
 
   private async restart(cs: Container[]): Promise<void> {
     if (!cs.length) return;
-    for (const c of cs) { c.stopping = true; c.resetBackoff(); }
+    for (const c of cs) {
+      c.stopping = true;
+      c.resetBackoff();
+    }
     this.platform.mkdirp(this.logDir);
     const out = await this.shell.runOrThrow(cs.flatMap((c) => c.startLines()).join('\n'), 'restarting containers');
     this.trackFromOutput(out);
@@ -217,7 +264,10 @@ export class ContainerSupervisor {
     const pending = new Set(this.containers.values());
     while (pending.size && Date.now() < end) {
       for (const c of [...pending]) {
-        if (await c.healthy()) { c.status.healthy = true; pending.delete(c); }
+        if (await c.healthy()) {
+          c.status.healthy = true;
+          pending.delete(c);
+        }
       }
       if (pending.size) await sleep(this.platform, Math.min(...[...pending].map((c) => c.spec.healthcheck?.intervalMs ?? 100)));
     }
@@ -232,7 +282,11 @@ export class ContainerSupervisor {
   logs(name: string, tailBytes = 64 * 1024): string {
     const c = this.get(name);
     let buf: Uint8Array;
-    try { buf = this.platform.readBytes(c.logPath); } catch { return ''; }
+    try {
+      buf = this.platform.readBytes(c.logPath);
+    } catch {
+      return '';
+    }
     return utf8Decode(buf.subarray(Math.max(0, buf.length - tailBytes)));
   }
 }

@@ -94,7 +94,11 @@ export function resolvConf(id: Pick<Identity, 'dns' | 'dnsSearch' | 'dnsOptions'
 export async function applyIdentity(id: Identity, cfg: SystemConfig, shell: ShellWorker, platform: Platform): Promise<Steps> {
   const steps: Steps = {};
   let t = platform.monotonic();
-  const mark = (k: string) => { const n = platform.monotonic(); steps[k] = Math.round((n - t) * 10) / 10; t = n; };
+  const mark = (k: string) => {
+    const n = platform.monotonic();
+    steps[k] = Math.round((n - t) * 10) / 10;
+    t = n;
+  };
   const etc = (f: string) => `${cfg.root}/etc/${f}`;
 
   // the batched commands run in the long-lived shell while the agent writes the files

@@ -23,7 +23,9 @@ function findPort(): string | undefined {
         return `/dev/${d}`;
       }
     }
-  } catch { /* no virtio-ports in sysfs yet: looked for again */ }
+  } catch {
+    /* no virtio-ports in sysfs yet: looked for again */
+  }
   return undefined;
 }
 
@@ -46,12 +48,18 @@ async function serve(): Promise<void> {
     platform.log('serving on stdio');
   } else {
     let port = findPort();
-    while (!port) { await sleep(platform, 200); port = findPort(); }
+    while (!port) {
+      await sleep(platform, 200);
+      port = findPort();
+    }
     agent.attach(portTransport(port));
     platform.log(`serving on ${port}`);
   }
   // the kernel logs "crng reseeded due to virtual machine fork" when vmgenid changes
-  if (env('SCION_AGENT_KMSG') !== '0') watchKernelLog((text) => { if (text.includes('due to virtual machine fork')) agent.onVmFork(); });
+  if (env('SCION_AGENT_KMSG') !== '0')
+    watchKernelLog((text) => {
+      if (text.includes('due to virtual machine fork')) agent.onVmFork();
+    });
   await agent.boot();
 }
 

@@ -15,15 +15,25 @@ import { concatBytes } from '../common/framing.ts';
 /** Linux x86-64 values QuickJS does not export. */
 export const O_NONBLOCK = 0o4000;
 export const O_CLOEXEC = 0o2000000;
-const EAGAIN = 11, EINTR = 4, EPIPE = 32, EEXIST = 17;
+const EAGAIN = 11,
+  EINTR = 4,
+  EPIPE = 32,
+  EEXIST = 17;
 
 export class OsError extends Error {
-  constructor(readonly op: string, readonly path: string, readonly errno: number) {
+  constructor(
+    readonly op: string,
+    readonly path: string,
+    readonly errno: number,
+  ) {
     super(`${op} ${path}: ${std.strerror(errno)}`);
   }
 }
 
-const check = (r: number, op: string, path: string): number => { if (r < 0) throw new OsError(op, path, -r); return r; };
+const check = (r: number, op: string, path: string): number => {
+  if (r < 0) throw new OsError(op, path, -r);
+  return r;
+};
 
 function readAll(fd: number, path: string): Uint8Array {
   const parts: Uint8Array[] = [];
@@ -59,7 +69,11 @@ export class FdWriter {
   private full = false;
   private drained: (() => void)[] = [];
   failed = false;
-  constructor(readonly fd: number, readonly highWater = 256 * 1024, readonly lowWater = 64 * 1024) {}
+  constructor(
+    readonly fd: number,
+    readonly highWater = 256 * 1024,
+    readonly lowWater = 64 * 1024,
+  ) {}
 
   write(data: Uint8Array): boolean {
     if (this.failed) return true; // the stream is gone: the session ends; the host resyncs on reconnect
@@ -69,7 +83,9 @@ export class FdWriter {
     if (this.queued > this.highWater) this.full = true;
     return !this.full;
   }
-  onDrain(cb: () => void) { this.drained.push(cb); }
+  onDrain(cb: () => void) {
+    this.drained.push(cb);
+  }
   /** close the fd once the queue is empty (a child's stdin: it then reads EOF) */
   end(): void {
     this.ending = true;
@@ -85,20 +101,35 @@ export class FdWriter {
   private ending = false;
   private closed = false;
   /** bytes not yet taken by the fd */
-  pending(): number { return this.failed ? 0 : this.queued; }
+  pending(): number {
+    return this.failed ? 0 : this.queued;
+  }
 
   private flush = (): void => {
     while (this.queue.length) {
       const b = this.queue[0];
       const n = os.write(this.fd, b.buffer as ArrayBuffer, b.byteOffset, b.length);
       if (n === -EINTR) continue;
-      if (n === -EAGAIN) { this.wait(true); return; }
-      if (n < 0) { this.failed = true; this.queue = []; this.queued = 0; this.wait(false); return; }
+      if (n === -EAGAIN) {
+        this.wait(true);
+        return;
+      }
+      if (n < 0) {
+        this.failed = true;
+        this.queue = [];
+        this.queued = 0;
+        this.wait(false);
+        return;
+      }
       this.queued -= n;
-      if (n < b.length) this.queue[0] = b.subarray(n); else this.queue.shift();
+      if (n < b.length) this.queue[0] = b.subarray(n);
+      else this.queue.shift();
     }
     this.wait(false);
-    if (this.full && this.queued <= this.lowWater) { this.full = false; for (const d of this.drained) d(); }
+    if (this.full && this.queued <= this.lowWater) {
+      this.full = false;
+      for (const d of this.drained) d();
+    }
     if (this.ending) this.close();
   };
 
@@ -127,14 +158,23 @@ function reap() {
     if (pid <= 0) return;
     const code = (status & 0x7f) === 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f);
     const w = exits.get(pid);
-    if (w) { exits.delete(pid); w(code); } else early.set(pid, code);
+    if (w) {
+      exits.delete(pid);
+      w(code);
+    } else early.set(pid, code);
   }
 }
 function exitOf(pid: number): Promise<number> {
-  if (!reaping) { reaping = true; os.signal(os.SIGCHLD, reap); }
+  if (!reaping) {
+    reaping = true;
+    os.signal(os.SIGCHLD, reap);
+  }
   return new Promise((resolve) => {
     const e = early.get(pid);
-    if (e !== undefined) { early.delete(pid); resolve(e); } else exits.set(pid, resolve);
+    if (e !== undefined) {
+      early.delete(pid);
+      resolve(e);
+    } else exits.set(pid, resolve);
     reap(); // it may have ended before the handler was in place
   });
 }
@@ -152,49 +192,111 @@ function readUntilEof(fd: number, onChunk: (c: Uint8Array) => void, onEnd?: () =
   os.setReadHandler(fd, () => {
     const c = readChunk(fd);
     if (c === 'again') return;
-    if (typeof c === 'string') { os.setReadHandler(fd, null); os.close(fd); onEnd?.(); return; }
+    if (typeof c === 'string') {
+      os.setReadHandler(fd, null);
+      os.close(fd);
+      onEnd?.();
+      return;
+    }
     onChunk(c);
   });
 }
 
 function spawnWith(argv: string[], stderr: 'discard' | 'pipe'): Child {
-  const inPipe = os.pipe(), outPipe = os.pipe(), errPipe = stderr === 'pipe' ? os.pipe() : null;
+  const inPipe = os.pipe(),
+    outPipe = os.pipe(),
+    errPipe = stderr === 'pipe' ? os.pipe() : null;
   if (!inPipe || !outPipe || (stderr === 'pipe' && !errPipe)) throw new Error(`${argv[0]}: cannot make pipes (out of file descriptors?)`);
   const devnull = errPipe ? -1 : check(os.open('/dev/null', os.O_WRONLY), 'open', '/dev/null');
   // QuickJS's exec closes every fd above 2 in the child: no pipe end leaks into it
   const pid = os.exec(argv, { block: false, usePath: true, stdin: inPipe[0], stdout: outPipe[1], stderr: errPipe ? errPipe[1] : devnull });
-  os.close(inPipe[0]); os.close(outPipe[1]);
-  if (errPipe) os.close(errPipe[1]); else os.close(devnull);
-  if (pid < 0) { os.close(inPipe[1]); os.close(outPipe[0]); if (errPipe) os.close(errPipe[0]); throw new Error(`${argv[0]}: cannot start: ${std.strerror(-pid)}`); }
+  os.close(inPipe[0]);
+  os.close(outPipe[1]);
+  if (errPipe) os.close(errPipe[1]);
+  else os.close(devnull);
+  if (pid < 0) {
+    os.close(inPipe[1]);
+    os.close(outPipe[0]);
+    if (errPipe) os.close(errPipe[0]);
+    throw new Error(`${argv[0]}: cannot start: ${std.strerror(-pid)}`);
+  }
   const stdin = new FdWriter(nonBlockingWriteEnd(inPipe[1]));
   const outListeners: ((c: Uint8Array) => void)[] = [];
   const errListeners: ((c: Uint8Array) => void)[] = [];
   let open = errPipe ? 2 : 1;
   let endStreams!: () => void;
-  const ended = new Promise<void>((r) => { endStreams = r; });
-  const done = () => { if (--open === 0) endStreams(); };
-  readUntilEof(outPipe[0], (c) => { for (const l of outListeners) l(c); }, done);
-  if (errPipe) readUntilEof(errPipe[0], (c) => { for (const l of errListeners) l(c); }, done);
-  const exited = exitOf(pid).then((code) => { stdin.close(); return code; });
+  const ended = new Promise<void>((r) => {
+    endStreams = r;
+  });
+  const done = () => {
+    if (--open === 0) endStreams();
+  };
+  readUntilEof(
+    outPipe[0],
+    (c) => {
+      for (const l of outListeners) l(c);
+    },
+    done,
+  );
+  if (errPipe)
+    readUntilEof(
+      errPipe[0],
+      (c) => {
+        for (const l of errListeners) l(c);
+      },
+      done,
+    );
+  const exited = exitOf(pid).then((code) => {
+    stdin.close();
+    return code;
+  });
   return {
-    pid, exited, ended,
-    write: (text) => { stdin.write(utf8Encode(text)); },
-    writeBytes: (data) => { stdin.write(data); },
+    pid,
+    exited,
+    ended,
+    write: (text) => {
+      stdin.write(utf8Encode(text));
+    },
+    writeBytes: (data) => {
+      stdin.write(data);
+    },
     closeStdin: () => stdin.end(),
-    onStdout: (cb) => { outListeners.push(cb); },
-    onStderr: (cb) => { errListeners.push(cb); },
-    kill: (sig = os.SIGTERM) => { os.kill(pid, sig); },
+    onStdout: (cb) => {
+      outListeners.push(cb);
+    },
+    onStderr: (cb) => {
+      errListeners.push(cb);
+    },
+    kill: (sig = os.SIGTERM) => {
+      os.kill(pid, sig);
+    },
   };
 }
 
 async function runToEnd(argv: string[], opts: { timeoutMs?: number; maxOutput?: number } = {}): Promise<RunResult> {
   const max = opts.maxOutput ?? 1 << 20;
-  let c;
-  try { c = spawnWith(argv, 'pipe'); } catch (e) { return { exitCode: 127, stdout: '', stderr: (e as Error).message }; }
-  const out: Uint8Array[] = [], err: Uint8Array[] = [];
-  let outN = 0, errN = 0;
-  c.onStdout((b) => { if (outN < max) { out.push(b.slice(0, max - outN)); outN += b.length; } });
-  c.onStderr((b) => { if (errN < max) { err.push(b.slice(0, max - errN)); errN += b.length; } });
+  let c: Child;
+  try {
+    c = spawnWith(argv, 'pipe');
+  } catch (e) {
+    return { exitCode: 127, stdout: '', stderr: (e as Error).message };
+  }
+  const out: Uint8Array[] = [],
+    err: Uint8Array[] = [];
+  let outN = 0,
+    errN = 0;
+  c.onStdout((b) => {
+    if (outN < max) {
+      out.push(b.slice(0, max - outN));
+      outN += b.length;
+    }
+  });
+  c.onStderr((b) => {
+    if (errN < max) {
+      err.push(b.slice(0, max - errN));
+      errN += b.length;
+    }
+  });
   c.closeStdin(); // nothing for its stdin
   const timer = os.setTimeout(() => c.kill(9), opts.timeoutMs ?? 30_000);
   const exitCode = await c.exited;
@@ -206,15 +308,29 @@ async function runToEnd(argv: string[], opts: { timeoutMs?: number; maxOutput?: 
 export const qjsPlatform: Platform = {
   readBytes(path) {
     const fd = check(os.open(path, os.O_RDONLY), 'open', path);
-    try { return readAll(fd, path); } finally { os.close(fd); }
+    try {
+      return readAll(fd, path);
+    } finally {
+      os.close(fd);
+    }
   },
-  readText(path) { return utf8Decode(this.readBytes(path)); },
+  readText(path) {
+    return utf8Decode(this.readBytes(path));
+  },
   writeBytes(path, data) {
     const fd = check(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 'open', path);
-    try { writeAll(fd, data, path); } finally { os.close(fd); }
+    try {
+      writeAll(fd, data, path);
+    } finally {
+      os.close(fd);
+    }
   },
-  writeText(path, text) { this.writeBytes(path, utf8Encode(text)); },
-  exists(path) { return os.stat(path)[1] === 0; },
+  writeText(path, text) {
+    this.writeBytes(path, utf8Encode(text));
+  },
+  exists(path) {
+    return os.stat(path)[1] === 0;
+  },
   mkdirp(path) {
     let cur = '';
     for (const part of path.split('/')) {
@@ -245,21 +361,32 @@ export const qjsPlatform: Platform = {
     return { pid, exited: exitOf(pid) };
   },
   openFd: (path, how) => check(os.open(path, (how === 'read' ? os.O_RDONLY : os.O_WRONLY) | O_CLOEXEC), 'open', path),
-  closeFd: (fd) => { os.close(fd); },
+  closeFd: (fd) => {
+    os.close(fd);
+  },
   run: runToEnd,
   kill: (pid, signal) => os.kill(pid, signal) === 0,
   setTimeout: (cb, ms) => os.setTimeout(cb, ms),
-  clearTimeout: (t) => { if (t !== undefined) os.clearTimeout(t); },
+  clearTimeout: (t) => {
+    if (t !== undefined) os.clearTimeout(t);
+  },
   monotonic: () => performance.now(),
   env: (name) => std.getenv(name) ?? undefined,
-  log: (msg) => { std.err.puts(`scion-agent: ${msg}\n`); std.err.flush(); },
+  log: (msg) => {
+    std.err.puts(`scion-agent: ${msg}\n`);
+    std.err.flush();
+  },
   exit: (code) => std.exit(code),
 };
 
 /** Input ended (`--stdio`): exit once what is queued for the output has gone, or it failed, giving answers in progress 100 ms. */
 function exitWhenFlushed(writer: FdWriter) {
   let quiet = 0;
-  const look = () => { quiet = writer.pending() === 0 ? quiet + 1 : 0; if (quiet >= 2) std.exit(0); else os.setTimeout(look, 50); };
+  const look = () => {
+    quiet = writer.pending() === 0 ? quiet + 1 : 0;
+    if (quiet >= 2) std.exit(0);
+    else os.setTimeout(look, 50);
+  };
   os.setTimeout(look, 50);
 }
 
@@ -271,14 +398,32 @@ export function fdTransport(readFd: number, writeFd: number): Transport {
   const onReadable = () => {
     const c = readChunk(readFd);
     if (c === 'again') return;
-    if (typeof c === 'string') { os.setReadHandler(readFd, null); exitWhenFlushed(writer); return; }
+    if (typeof c === 'string') {
+      os.setReadHandler(readFd, null);
+      exitWhenFlushed(writer);
+      return;
+    }
     for (const l of listeners) l(c);
   };
   os.setReadHandler(readFd, onReadable);
   return {
-    write: (b) => writer.write(b), onData: (cb) => { listeners.push(cb); }, onDrain: (cb) => writer.onDrain(cb),
-    pause: () => { if (!paused) { paused = true; os.setReadHandler(readFd, null); } },
-    resume: () => { if (paused) { paused = false; os.setReadHandler(readFd, onReadable); } },
+    write: (b) => writer.write(b),
+    onData: (cb) => {
+      listeners.push(cb);
+    },
+    onDrain: (cb) => writer.onDrain(cb),
+    pause: () => {
+      if (!paused) {
+        paused = true;
+        os.setReadHandler(readFd, null);
+      }
+    },
+    resume: () => {
+      if (paused) {
+        paused = false;
+        os.setReadHandler(readFd, onReadable);
+      }
+    },
   };
 }
 
@@ -293,16 +438,29 @@ export function portTransport(path: string): Transport {
   const fd = check(os.open(path, os.O_RDWR | O_NONBLOCK | O_CLOEXEC), 'open', path);
   const writer = new FdWriter(fd);
   const listeners: ((c: Uint8Array) => void)[] = [];
-  let paused = false, watching = false, idle = 0;
+  let paused = false,
+    watching = false,
+    idle = 0;
   let retry: unknown;
-  const watch = (on: boolean) => { if (on !== watching) { watching = on; os.setReadHandler(fd, on ? onReadable : null); } };
+  const watch = (on: boolean) => {
+    if (on !== watching) {
+      watching = on;
+      os.setReadHandler(fd, on ? onReadable : null);
+    }
+  };
   const onReadable = () => {
     const c = readChunk(fd);
     if (c === 'again') return;
     if (typeof c === 'string') {
       watch(false);
       idle++;
-      retry = os.setTimeout(() => { retry = undefined; if (!paused) watch(true); }, c === 'error' ? 100 : idle < 200 ? 10 : idle < 400 ? 50 : 250);
+      retry = os.setTimeout(
+        () => {
+          retry = undefined;
+          if (!paused) watch(true);
+        },
+        c === 'error' ? 100 : idle < 200 ? 10 : idle < 400 ? 50 : 250,
+      );
       return;
     }
     idle = 0;
@@ -310,9 +468,20 @@ export function portTransport(path: string): Transport {
   };
   watch(true);
   return {
-    write: (b) => writer.write(b), onData: (cb) => { listeners.push(cb); }, onDrain: (cb) => writer.onDrain(cb),
-    pause: () => { paused = true; watch(false); },
-    resume: () => { if (!paused) return; paused = false; if (retry === undefined) watch(true); },
+    write: (b) => writer.write(b),
+    onData: (cb) => {
+      listeners.push(cb);
+    },
+    onDrain: (cb) => writer.onDrain(cb),
+    pause: () => {
+      paused = true;
+      watch(false);
+    },
+    resume: () => {
+      if (!paused) return;
+      paused = false;
+      if (retry === undefined) watch(true);
+    },
   };
 }
 
@@ -332,4 +501,3 @@ export function watchKernelLog(onRecord: (text: string) => void): boolean {
   });
   return true;
 }
-

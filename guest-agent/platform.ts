@@ -12,7 +12,7 @@ export type Timer = unknown;
 /** A byte stream to one host (the virtio port, or stdio). */
 export interface Transport {
   /** queue bytes; false once more is queued than the stream wants buffered (then wait for onDrain) */
-  write(data: Uint8Array): boolean | void;
+  write(data: Uint8Array): boolean | undefined;
   onData(cb: (chunk: Uint8Array) => void): void;
   onDrain?(cb: () => void): void;
   pause?(): void;
@@ -39,7 +39,11 @@ export interface Child {
   kill(signal?: number): void;
 }
 
-export interface RunResult { exitCode: number; stdout: string; stderr: string }
+export interface RunResult {
+  exitCode: number;
+  stdout: string;
+  stderr: string;
+}
 
 /** A child process started on descriptors the agent opened (a task's stdio ports): no pipes through the agent. */
 export interface AttachedChild {
@@ -84,4 +88,7 @@ export interface Platform {
   exit(code: number): never;
 }
 
-export const sleep = (p: Platform, ms: number): Promise<void> => new Promise((r) => { p.setTimeout(r, ms); });
+export const sleep = (p: Platform, ms: number): Promise<void> =>
+  new Promise((r) => {
+    p.setTimeout(r, ms);
+  });

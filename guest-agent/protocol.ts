@@ -10,20 +10,34 @@ export { AGENT_PORT_NAME as PORT_NAME } from '../common/contracts.ts';
 export type ErrorCode = AgentErrorCode;
 
 export class ProtocolError extends Error {
-  constructor(readonly code: ErrorCode, message: string) { super(message); }
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+  ) {
+    super(message);
+  }
 }
 
-export interface Request { id: string | number; cmd: AgentCommand; args: Record<string, unknown> }
-
+export interface Request {
+  id: string | number;
+  cmd: AgentCommand;
+  args: Record<string, unknown>;
+}
 
 export function parseRequest(line: string): Request {
   let msg: any;
-  try { msg = JSON.parse(line); } catch (e) { throw new ProtocolError('E_BAD_JSON', `invalid JSON: ${(e as Error).message}`); }
+  try {
+    msg = JSON.parse(line);
+  } catch (e) {
+    throw new ProtocolError('E_BAD_JSON', `invalid JSON: ${(e as Error).message}`);
+  }
   if (!msg || typeof msg !== 'object' || Array.isArray(msg)) throw new ProtocolError('E_BAD_REQUEST', 'a request is a JSON object');
   if (typeof msg.id !== 'string' && typeof msg.id !== 'number') throw new ProtocolError('E_BAD_REQUEST', 'request.id must be a string or number');
   if (typeof msg.cmd !== 'string') throw new ProtocolError('E_BAD_REQUEST', 'request.cmd must be a string');
-  if (msg.args !== undefined && (typeof msg.args !== 'object' || msg.args === null || Array.isArray(msg.args))) throw new ProtocolError('E_BAD_ARGS', 'request.args must be an object');
-  if (!(COMMANDS as readonly string[]).includes(msg.cmd)) throw new ProtocolError('E_UNKNOWN_COMMAND', `unknown command "${String(msg.cmd).slice(0, 64)}"; known: ${COMMANDS.join(', ')}`);
+  if (msg.args !== undefined && (typeof msg.args !== 'object' || msg.args === null || Array.isArray(msg.args)))
+    throw new ProtocolError('E_BAD_ARGS', 'request.args must be an object');
+  if (!(COMMANDS as readonly string[]).includes(msg.cmd))
+    throw new ProtocolError('E_UNKNOWN_COMMAND', `unknown command "${String(msg.cmd).slice(0, 64)}"; known: ${COMMANDS.join(', ')}`);
   return { id: msg.id, cmd: msg.cmd as AgentCommand, args: msg.args ?? {} };
 }
 
@@ -32,7 +46,9 @@ export function salvageId(line: string): string | number | null {
   try {
     const m = JSON.parse(line);
     if (m && (typeof m.id === 'string' || typeof m.id === 'number')) return m.id;
-  } catch { /* not JSON at all: no id to salvage */ }
+  } catch {
+    /* not JSON at all: no id to salvage */
+  }
   return null;
 }
 
@@ -58,7 +74,8 @@ export function validateIdentity(a: Record<string, unknown>): Identity {
     if (!MAC.test(mac)) bad(`interfaces[${k}].mac`, `${JSON.stringify(i.mac)} is not a MAC address like 52:54:00:12:34:56`);
     if (parseInt(mac.slice(0, 2), 16) & 1) bad(`interfaces[${k}].mac`, 'is a multicast address');
     if (i.name !== undefined && (typeof i.name !== 'string' || !/^[a-z0-9]{1,15}$/.test(i.name))) bad(`interfaces[${k}].name`, 'must be an interface name');
-    if (i.address !== undefined && (typeof i.address !== 'string' || !IPV4.test(i.address))) bad(`interfaces[${k}].address`, `${JSON.stringify(i.address)} is not an IPv4 address`);
+    if (i.address !== undefined && (typeof i.address !== 'string' || !IPV4.test(i.address)))
+      bad(`interfaces[${k}].address`, `${JSON.stringify(i.address)} is not an IPv4 address`);
     if (i.prefix !== undefined && (!Number.isInteger(i.prefix) || i.prefix < 1 || i.prefix > 32)) bad(`interfaces[${k}].prefix`, 'must be 1..32');
     if (i.gateway !== undefined && (typeof i.gateway !== 'string' || !IPV4.test(i.gateway))) bad(`interfaces[${k}].gateway`, 'is not an IPv4 address');
     return { name: i.name, mac, address: i.address, prefix: i.prefix ?? (i.address ? 24 : undefined), gateway: i.gateway };
@@ -74,8 +91,20 @@ export function validateIdentity(a: Record<string, unknown>): Identity {
   const dnsOptions = list(a.dnsOptions, 'dnsOptions', DNS_OPTION_PATTERN, 16, 'resolver options like ndots:5');
   if (a.rngSeed !== undefined && (typeof a.rngSeed !== 'string' || !/^([0-9a-f]{2}){16,512}$/.test(a.rngSeed))) bad('rngSeed', 'must be 32..1024 hex digits');
   if (a.time !== undefined && (typeof a.time !== 'number' || !Number.isFinite(a.time) || a.time < 0)) bad('time', 'must be milliseconds since the epoch');
-  if (a.vmgenid !== undefined && (typeof a.vmgenid !== 'string' || !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(a.vmgenid))) bad('vmgenid', 'must be a lowercase UUID');
-  return { generation: gen as number, hostname: a.hostname as string, machineId: a.machineId as string, interfaces, dns: dns as string[], dnsSearch, dnsOptions, rngSeed: a.rngSeed as string | undefined, time: a.time as number | undefined, vmgenid: a.vmgenid as string | undefined };
+  if (a.vmgenid !== undefined && (typeof a.vmgenid !== 'string' || !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(a.vmgenid)))
+    bad('vmgenid', 'must be a lowercase UUID');
+  return {
+    generation: gen as number,
+    hostname: a.hostname as string,
+    machineId: a.machineId as string,
+    interfaces,
+    dns: dns as string[],
+    dnsSearch,
+    dnsOptions,
+    rngSeed: a.rngSeed as string | undefined,
+    time: a.time as number | undefined,
+    vmgenid: a.vmgenid as string | undefined,
+  };
 }
 
 export function requireString(a: Record<string, unknown>, k: string): string {

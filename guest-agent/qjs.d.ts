@@ -10,7 +10,10 @@ declare module 'os' {
   export function write(fd: number, buf: ArrayBuffer, offset: number, length: number): number;
   export function seek(fd: number, offset: number, whence: number): number;
   export function pipe(): [number, number] | null;
-  export function exec(argv: string[], opts?: { block?: boolean; usePath?: boolean; file?: string; cwd?: string; stdin?: number; stdout?: number; stderr?: number; env?: Record<string, string> }): number;
+  export function exec(
+    argv: string[],
+    opts?: { block?: boolean; usePath?: boolean; file?: string; cwd?: string; stdin?: number; stdout?: number; stderr?: number; env?: Record<string, string> },
+  ): number;
   export function waitpid(pid: number, options: number): [number, number];
   export function kill(pid: number, sig: number): number;
   export function signal(sig: number, handler: (() => void) | null): void;

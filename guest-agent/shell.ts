@@ -7,7 +7,10 @@
 import type { Child, Platform } from './platform.ts';
 import { utf8Decode } from '../common/utf8.ts';
 
-export interface ShellResult { code: number; output: string }
+export interface ShellResult {
+  code: number;
+  output: string;
+}
 
 /** The marker that ends batch `n`'s output, with its status. Pure. */
 export const DONE_MARKER = /__SCION_DONE_(\d+)_(\d+)__\n/;
@@ -25,7 +28,10 @@ export class ShellWorker {
   private waiting = new Map<number, (r: ShellResult) => void>();
   private queue: Promise<unknown> = Promise.resolve();
 
-  constructor(private readonly platform: Platform, readonly shell = 'sh') {}
+  constructor(
+    private readonly platform: Platform,
+    readonly shell = 'sh',
+  ) {}
 
   private ensure(): Child {
     if (this.proc && this.alive) return this.proc;
@@ -57,11 +63,14 @@ export class ShellWorker {
 
   /** Run a script in a subshell; resolves with its status and output (stdout and stderr). */
   run(script: string): Promise<ShellResult> {
-    const job = this.queue.then(() => new Promise<ShellResult>((resolve) => {
-      const n = ++this.seq;
-      this.waiting.set(n, resolve);
-      this.ensure().write(batchText(n, script));
-    }));
+    const job = this.queue.then(
+      () =>
+        new Promise<ShellResult>((resolve) => {
+          const n = ++this.seq;
+          this.waiting.set(n, resolve);
+          this.ensure().write(batchText(n, script));
+        }),
+    );
     this.queue = job.catch(() => undefined); // the caller sees the job's error; the queue only orders jobs
     return job;
   }
@@ -73,7 +82,11 @@ export class ShellWorker {
   }
 
   /** Start the shell now (the template does this before it is frozen). */
-  warm(): Promise<unknown> { return this.run('true'); }
+  warm(): Promise<unknown> {
+    return this.run('true');
+  }
 
-  close() { this.proc?.kill(); }
+  close() {
+    this.proc?.kill();
+  }
 }

@@ -22,7 +22,16 @@ const SERIAL = /^[a-z0-9][a-z0-9-]{0,19}$/;
 /** The task's directory layout in the guest. Pure. */
 export function taskPaths(id: string) {
   const dir = `${TASK_ROOT}/${id}`;
-  return { dir, lower: `${dir}/lower`, upper: `${dir}/rw/upper`, work: `${dir}/rw/work`, rw: `${dir}/rw`, rootfs: `${dir}/rootfs`, config: `${dir}/config.json`, pidFile: `${dir}/init.pid` };
+  return {
+    dir,
+    lower: `${dir}/lower`,
+    upper: `${dir}/rw/upper`,
+    work: `${dir}/rw/work`,
+    rw: `${dir}/rw`,
+    rootfs: `${dir}/rootfs`,
+    config: `${dir}/config.json`,
+    pidFile: `${dir}/init.pid`,
+  };
 }
 
 /** Shell lines that mount the task's disk read-only and a writable overlay on it. Pure (ids and devices are checked by the caller). */
@@ -47,9 +56,24 @@ export function unmountScript(id: string): string {
  * `terminal`: it runs on a pty (util-linux script holds the pty's master side; its child, the pty's first user).
  * `outputs`: the devices of its stdout and stderr ports, whose counters its exit reports.
  */
-interface Proc { execId: string; child: AttachedChild; pid?: number; exitCode?: number; terminal: boolean; outputs: { stdout?: string; stderr?: string } }
+interface Proc {
+  execId: string;
+  child: AttachedChild;
+  pid?: number;
+  exitCode?: number;
+  terminal: boolean;
+  outputs: { stdout?: string; stderr?: string };
+}
 /** `ownPidNs`: it runs in a pid namespace of its own, which tells its processes apart (no cgroup needed) */
-interface Task { id: string; device: string; ownPidNs: boolean; terminal: boolean; init?: Proc; starting?: boolean; execs: Map<string, Proc> }
+interface Task {
+  id: string;
+  device: string;
+  ownPidNs: boolean;
+  terminal: boolean;
+  init?: Proc;
+  starting?: boolean;
+  execs: Map<string, Proc>;
+}
 
 /** The `stdio` argument of task.start and task.exec: port names by stream, checked. Pure. */
 export function stdioArg(v: unknown): TaskStdio | undefined {
@@ -57,9 +81,11 @@ export function stdioArg(v: unknown): TaskStdio | undefined {
   if (typeof v !== 'object' || Array.isArray(v)) throw new ProtocolError('E_BAD_ARGS', 'stdio: an object of port names (stdin, stdout, stderr)');
   const out: TaskStdio = {};
   for (const [k, name] of Object.entries(v as Record<string, unknown>)) {
-    if (k !== 'stdin' && k !== 'stdout' && k !== 'stderr') throw new ProtocolError('E_BAD_ARGS', `stdio.${k.slice(0, 20)}: not a stream (stdin, stdout, stderr)`);
+    if (k !== 'stdin' && k !== 'stdout' && k !== 'stderr')
+      throw new ProtocolError('E_BAD_ARGS', `stdio.${k.slice(0, 20)}: not a stream (stdin, stdout, stderr)`);
     if (name === undefined) continue;
-    if (typeof name !== 'string' || !STREAM_PORT.test(name)) throw new ProtocolError('E_BAD_ARGS', `stdio.${k}: a port name the host added (scion.io.<16 hex>.<0-2>)`);
+    if (typeof name !== 'string' || !STREAM_PORT.test(name))
+      throw new ProtocolError('E_BAD_ARGS', `stdio.${k}: a port name the host added (scion.io.<16 hex>.<0-2>)`);
     out[k] = name;
   }
   return out;
@@ -103,7 +129,8 @@ function statFields(stat: string): string[] {
 export function cpuOfStat(stat: string): { userUsec: number; systemUsec: number } | undefined {
   const f = statFields(stat);
   // utime is field 14, stime field 15
-  const ut = Number(f[11]), st = Number(f[12]);
+  const ut = Number(f[11]),
+    st = Number(f[12]);
   if (!Number.isFinite(ut) || !Number.isFinite(st)) return undefined;
   return { userUsec: (ut * 1e6) / USER_HZ, systemUsec: (st * 1e6) / USER_HZ };
 }
@@ -121,7 +148,16 @@ export function withPidNamespace(linux: Record<string, unknown> | undefined, pat
 }
 
 /** The pod's pid namespace: its first process reaps what its containers orphan, as a pause process does. */
-export const POD_PID_HOLDER = ['busybox', 'unshare', '--pid', '--fork', 'busybox', 'sh', '-c', 'trap "exit 0" TERM; while :; do busybox sleep 3600 & wait; done'];
+export const POD_PID_HOLDER = [
+  'busybox',
+  'unshare',
+  '--pid',
+  '--fork',
+  'busybox',
+  'sh',
+  '-c',
+  'trap "exit 0" TERM; while :; do busybox sleep 3600 & wait; done',
+];
 
 /** Whether an OCI config gives the container a new pid namespace of its own. Pure. */
 export function hasOwnPidNamespace(spec: Record<string, unknown>): boolean {
@@ -147,7 +183,12 @@ export class TaskRunner {
 
   private readonly ports: StreamPorts;
 
-  constructor(private readonly p: Platform, private readonly shell: ShellWorker, private readonly emit: <E extends AgentEventName>(e: E, d: AgentEvents[E]) => void, readonly crunBin = 'crun') {
+  constructor(
+    private readonly p: Platform,
+    private readonly shell: ShellWorker,
+    private readonly emit: <E extends AgentEventName>(e: E, d: AgentEvents[E]) => void,
+    readonly crunBin = 'crun',
+  ) {
     this.ports = new StreamPorts(p, shell);
   }
 
@@ -164,16 +205,24 @@ export class TaskRunner {
       try {
         for (const d of this.p.readdir('/sys/block')) {
           let s = '';
-          try { s = this.p.readText(`/sys/block/${d}/serial`).trim(); } catch { continue; } // not virtio-blk
+          try {
+            s = this.p.readText(`/sys/block/${d}/serial`).trim();
+          } catch {
+            continue;
+          } // not virtio-blk
           if (s === serial) return `/dev/${d}`;
         }
-      } catch { /* no sysfs: reported below */ }
+      } catch {
+        /* no sysfs: reported below */
+      }
       if (Date.now() > end) throw new ProtocolError('E_NO_DISK', `no disk with serial ${serial} appeared within ${timeoutMs} ms`);
       await sleep(this.p, 10);
     }
   }
 
-  async create(a: Record<string, unknown>): Promise<{ id: string; device: string; rootfs: string; stepsMs: { device: number; mount: number; podPid: number } }> {
+  async create(
+    a: Record<string, unknown>,
+  ): Promise<{ id: string; device: string; rootfs: string; stepsMs: { device: number; mount: number; podPid: number } }> {
     const id = String(a.id ?? '');
     if (!ID.test(id)) throw new ProtocolError('E_BAD_ARGS', 'id: 1-128 letters, digits, _ . - (starting with a letter or digit)');
     if (a.terminal === true) this.assertTerminal();
@@ -222,13 +271,23 @@ export class TaskRunner {
       for (const k of ['stdin', 'stdout', 'stderr'] as const) {
         const name = stdio?.[k];
         const how = k === 'stdin' ? 'read' : 'write';
-        if (!name) { fds.push(this.p.openFd('/dev/null', how)); continue; }
+        if (!name) {
+          fds.push(this.p.openFd('/dev/null', how));
+          continue;
+        }
         let dev: string;
-        try { dev = await this.ports.wait(String(name), { connected: k === 'stdin' }); } catch (e) { throw new ProtocolError('E_NO_STREAM_PORT', `stdio.${k}: ${(e as Error).message}`); }
+        try {
+          dev = await this.ports.wait(String(name), { connected: k === 'stdin' });
+        } catch (e) {
+          throw new ProtocolError('E_NO_STREAM_PORT', `stdio.${k}: ${(e as Error).message}`);
+        }
         fds.push(this.p.openFd(`/dev/${dev}`, how));
         if (k !== 'stdin') outputs[k] = dev;
       }
-    } catch (e) { for (const fd of fds) this.p.closeFd(fd); throw e; }
+    } catch (e) {
+      for (const fd of fds) this.p.closeFd(fd);
+      throw e;
+    }
     return { fds: fds as [number, number, number], outputs };
   }
 
@@ -238,10 +297,22 @@ export class TaskRunner {
    * refused); `started` resolves with the container process's pid once crun's
    * pid file names it (0 if crun ended first).
    */
-  private async launch(id: string, execId: string, argv: string[], pidFile: string, terminal: boolean, stdio: TaskStdio | undefined, record: (p: Proc) => void): Promise<number> {
+  private async launch(
+    id: string,
+    execId: string,
+    argv: string[],
+    pidFile: string,
+    terminal: boolean,
+    stdio: TaskStdio | undefined,
+    record: (p: Proc) => void,
+  ): Promise<number> {
     const { fds, outputs } = await this.openStdio(stdio);
     let child: AttachedChild;
-    try { child = this.p.spawnAttached(terminal ? onTerminal(argv) : argv, fds); } finally { for (const fd of fds) this.p.closeFd(fd); }
+    try {
+      child = this.p.spawnAttached(terminal ? onTerminal(argv) : argv, fds);
+    } finally {
+      for (const fd of fds) this.p.closeFd(fd);
+    }
     const proc: Proc = { execId, terminal, child, outputs };
     record(proc);
     this.watch(id, proc);
@@ -250,7 +321,12 @@ export class TaskRunner {
 
   private async pidFrom(file: string, child: AttachedChild): Promise<number> {
     for (let i = 0; i < 400; i++) {
-      try { const n = Number(this.p.readText(file).trim()); if (n > 0) return n; } catch { /* not written yet */ }
+      try {
+        const n = Number(this.p.readText(file).trim());
+        if (n > 0) return n;
+      } catch {
+        /* not written yet */
+      }
       const done = await Promise.race([child.exited.then(() => true), sleep(this.p, 10).then(() => false)]);
       if (done) return 0;
     }
@@ -263,9 +339,19 @@ export class TaskRunner {
     const paths = taskPaths(t.id);
     t.starting = true;
     try {
-      const pid = await this.launch(t.id, '', [this.crunBin, ...crunGlobalArgs(t.ownPidNs), 'run', '--no-pivot', '--pid-file', paths.pidFile, '--bundle', paths.dir, t.id], paths.pidFile, t.terminal, stdioArg(a.stdio), (p) => (t.init = p));
+      const pid = await this.launch(
+        t.id,
+        '',
+        [this.crunBin, ...crunGlobalArgs(t.ownPidNs), 'run', '--no-pivot', '--pid-file', paths.pidFile, '--bundle', paths.dir, t.id],
+        paths.pidFile,
+        t.terminal,
+        stdioArg(a.stdio),
+        (p) => (t.init = p),
+      );
       return { id: t.id, pid };
-    } finally { t.starting = false; }
+    } finally {
+      t.starting = false;
+    }
   }
 
   async exec(a: Record<string, unknown>): Promise<{ id: string; execId: string; pid: number }> {
@@ -280,9 +366,20 @@ export class TaskRunner {
     const placeholder = { execId } as Proc; // the id is taken while the ports are waited for
     t.execs.set(execId, placeholder);
     try {
-      const pid = await this.launch(t.id, execId, [this.crunBin, 'exec', '--process', file, '--pid-file', pidFile, t.id], pidFile, a.terminal === true, stdioArg(a.stdio), (p) => t.execs.set(execId, p));
+      const pid = await this.launch(
+        t.id,
+        execId,
+        [this.crunBin, 'exec', '--process', file, '--pid-file', pidFile, t.id],
+        pidFile,
+        a.terminal === true,
+        stdioArg(a.stdio),
+        (p) => t.execs.set(execId, p),
+      );
       return { id: t.id, execId, pid };
-    } catch (e) { if (t.execs.get(execId) === placeholder) t.execs.delete(execId); throw e; }
+    } catch (e) {
+      if (t.execs.get(execId) === placeholder) t.execs.delete(execId);
+      throw e;
+    }
   }
 
   private proc(a: Record<string, unknown>): { t: Task; proc: Proc } {
@@ -318,7 +415,9 @@ export class TaskRunner {
   private async podPidNamespace(): Promise<string> {
     if (!this.podPidHolder) {
       const holder = (this.podPidHolder = this.p.spawn(POD_PID_HOLDER));
-      void holder.exited.then(() => { if (this.podPidHolder === holder) this.podPidHolder = undefined; });
+      void holder.exited.then(() => {
+        if (this.podPidHolder === holder) this.podPidHolder = undefined;
+      });
     }
     // the namespace of unshare's child, its pid 1, once it runs: a container joining before would become pid 1 itself
     const own = this.p.readlink('/proc/self/ns/pid');
@@ -329,13 +428,17 @@ export class TaskRunner {
       if (path && ns && ns !== own) return path;
       await sleep(this.p, 10);
     }
-    throw new ProtocolError('E_INTERNAL', 'the pod\'s pid namespace could not be made (busybox unshare --pid)');
+    throw new ProtocolError('E_INTERNAL', "the pod's pid namespace could not be made (busybox unshare --pid)");
   }
 
   /** A child process of `pid` (the first found in /proc), if it has one. */
   private childOf(pid: number): number | undefined {
     return this.guestPids().find((d) => {
-      try { return Number(statFields(this.p.readText(`/proc/${d}/stat`))[1]) === pid; } catch { return false; } // ended meanwhile
+      try {
+        return Number(statFields(this.p.readText(`/proc/${d}/stat`))[1]) === pid;
+      } catch {
+        return false;
+      } // ended meanwhile
     });
   }
 
@@ -346,7 +449,8 @@ export class TaskRunner {
   /** Size the pty a process runs on (found as script's child's stdin). */
   async resize(a: Record<string, unknown>): Promise<{ id: string; tty: string }> {
     const { t, proc } = this.proc(a);
-    const width = Number(a.width), height = Number(a.height);
+    const width = Number(a.width),
+      height = Number(a.height);
     if (![width, height].every((n) => Number.isInteger(n) && n >= 1 && n <= 65535)) throw new ProtocolError('E_BAD_ARGS', 'width, height: 1..65535');
     if (!proc.terminal) throw new ProtocolError('E_BAD_ARGS', `${proc.execId || t.id} has no terminal`);
     if (proc.exitCode !== undefined) return { id: t.id, tty: '' }; // ended: nothing to size (a late resize is no fault)
@@ -370,7 +474,11 @@ export class TaskRunner {
 
   /** Every process of the guest, by pid, ascending. */
   private guestPids(): number[] {
-    return this.p.readdir('/proc').filter((d) => /^[0-9]+$/.test(d)).map(Number).sort((x, y) => x - y);
+    return this.p
+      .readdir('/proc')
+      .filter((d) => /^[0-9]+$/.test(d))
+      .map(Number)
+      .sort((x, y) => x - y);
   }
 
   async pids(a: Record<string, unknown>): Promise<{ id: string; pids: number[] }> {
@@ -378,7 +486,11 @@ export class TaskRunner {
     if (t.ownPidNs) return { id: t.id, pids: this.namespacePids(t) };
     const r = await this.p.run([this.crunBin, 'ps', '--format', 'json', t.id], { timeoutMs: 10_000 });
     let pids: number[] = [];
-    try { pids = JSON.parse(r.stdout); } catch { /* not running: none */ }
+    try {
+      pids = JSON.parse(r.stdout);
+    } catch {
+      /* not running: none */
+    }
     return { id: t.id, pids: Array.isArray(pids) ? pids.filter((x) => typeof x === 'number') : [] };
   }
 
@@ -388,14 +500,26 @@ export class TaskRunner {
     const s: TaskStats = { id, pids: 0, cpuUserUsec: 0, cpuSystemUsec: 0, memoryBytes: 0, anonBytes: 0, fileBytes: 0, limitBytes: 0 };
     for (const pid of pids) {
       let stat: string, status: string;
-      try { stat = this.p.readText(`/proc/${pid}/stat`); status = this.p.readText(`/proc/${pid}/status`); } catch { continue; } // ended meanwhile
+      try {
+        stat = this.p.readText(`/proc/${pid}/stat`);
+        status = this.p.readText(`/proc/${pid}/status`);
+      } catch {
+        continue;
+      } // ended meanwhile
       const cpu = cpuOfStat(stat);
       if (!cpu) continue;
       s.pids++;
-      s.cpuUserUsec += cpu.userUsec; s.cpuSystemUsec += cpu.systemUsec;
-      s.memoryBytes += kbField(status, 'VmRSS'); s.anonBytes += kbField(status, 'RssAnon'); s.fileBytes += kbField(status, 'RssFile');
+      s.cpuUserUsec += cpu.userUsec;
+      s.cpuSystemUsec += cpu.systemUsec;
+      s.memoryBytes += kbField(status, 'VmRSS');
+      s.anonBytes += kbField(status, 'RssAnon');
+      s.fileBytes += kbField(status, 'RssFile');
     }
-    try { s.limitBytes = kbField(this.p.readText('/proc/meminfo'), 'MemTotal'); } catch { /* no /proc: no limit said */ }
+    try {
+      s.limitBytes = kbField(this.p.readText('/proc/meminfo'), 'MemTotal');
+    } catch {
+      /* no /proc: no limit said */
+    }
     return s;
   }
 

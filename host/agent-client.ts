@@ -9,7 +9,15 @@ import { randomInt } from 'node:crypto';
 import { JsonSession, Pending, SessionError } from '../common/session.ts';
 import { ScionError } from '../common/errors.ts';
 import { RESYNC_BYTE, encodeFrame } from '../common/framing.ts';
-import { AGENT_ERROR_CODES, type AgentCommand, type ArgsOf, type ResultOf, type AgentEvent, type AgentEventName, type AgentErrorCode } from '../common/agent-protocol.ts';
+import {
+  AGENT_ERROR_CODES,
+  type AgentCommand,
+  type ArgsOf,
+  type ResultOf,
+  type AgentEvent,
+  type AgentEventName,
+  type AgentErrorCode,
+} from '../common/agent-protocol.ts';
 
 export class AgentError extends ScionError {}
 
@@ -18,9 +26,15 @@ export type { AgentEvent };
 /** Events kept for waitEvent() to find one that came before it was called. */
 const RECENT_EVENTS = 32;
 
-type CallArgs<C extends AgentCommand> = {} extends ArgsOf<C> ? [args?: ArgsOf<C>, timeoutMs?: number] : [args: ArgsOf<C>, timeoutMs?: number];
+type CallArgs<C extends AgentCommand> =
+  Record<string, never> extends ArgsOf<C> ? [args?: ArgsOf<C>, timeoutMs?: number] : [args: ArgsOf<C>, timeoutMs?: number];
 
-interface WireResponse { id?: string | number | null; ok?: boolean; result?: unknown; error?: { code?: unknown; message?: unknown } }
+interface WireResponse {
+  id?: string | number | null;
+  ok?: boolean;
+  result?: unknown;
+  error?: { code?: unknown; message?: unknown };
+}
 
 const agentCode = (c: unknown): AgentErrorCode | 'E_AGENT' => ((AGENT_ERROR_CODES as readonly unknown[]).includes(c) ? (c as AgentErrorCode) : 'E_AGENT');
 
@@ -67,11 +81,19 @@ export class AgentClient {
       const nonce = randomInt(1, 2 ** 47);
       const id = `sync-${nonce}`;
       const p = this.pending.add(id, Math.min(1000, Math.max(50, end - Date.now())), `${this.label}: sync`);
-      try { this.s.sendRaw(Buffer.concat([Buffer.from([RESYNC_BYTE]), encodeFrame({ id, cmd: 'sync', args: { nonce } })])); } catch (e) { this.pending.drop(id); throw e; }
+      try {
+        this.s.sendRaw(Buffer.concat([Buffer.from([RESYNC_BYTE]), encodeFrame({ id, cmd: 'sync', args: { nonce } })]));
+      } catch (e) {
+        this.pending.drop(id);
+        throw e;
+      }
       try {
         const r = await p;
         const res = r.result as ResultOf<'sync'> | undefined;
-        if (r.ok && res?.nonce === nonce) { this.protocol = res.protocol; return; }
+        if (r.ok && res?.nonce === nonce) {
+          this.protocol = res.protocol;
+          return;
+        }
       } catch (e) {
         if ((e as ScionError).code !== 'E_TIMEOUT') throw e;
       }
@@ -83,19 +105,28 @@ export class AgentClient {
   async call<C extends AgentCommand>(cmd: C, ...[args, timeoutMs = 60_000]: CallArgs<C>): Promise<ResultOf<C>> {
     const id = ++this.seq;
     const p = this.pending.add(id, timeoutMs, `${this.label}: ${cmd}`);
-    try { this.s.send({ id, cmd, args: args ?? {} }); } catch (e) { this.pending.drop(id); throw e; }
+    try {
+      this.s.send({ id, cmd, args: args ?? {} });
+    } catch (e) {
+      this.pending.drop(id);
+      throw e;
+    }
     const r = await p;
     if (!r.ok) throw new AgentError(agentCode(r.error?.code), `${this.label}: ${cmd}: ${typeof r.error?.message === 'string' ? r.error.message : 'failed'}`);
     return r.result as ResultOf<C>;
   }
 
   /** Call `l` once the connection has closed (the VM went away, or close() was called). */
-  onClosed(l: () => void): void { this.s.on('closed', l); }
+  onClosed(l: () => void): void {
+    this.s.on('closed', l);
+  }
 
   /** Listen to every event; returns a function that stops listening. */
   onEvent(l: (e: AgentEvent) => void): () => void {
     this.listeners.add(l);
-    return () => { this.listeners.delete(l); };
+    return () => {
+      this.listeners.delete(l);
+    };
   }
 
   /** The next event of this name (or one of the last few already received) that `pred` accepts. */
@@ -104,10 +135,21 @@ export class AgentClient {
     const seen = this.recent.find(match);
     if (seen) return Promise.resolve(seen);
     return new Promise((resolve, reject) => {
-      const stop = this.onEvent((e) => { if (match(e)) { clearTimeout(t); stop(); resolve(e); } });
-      const t = setTimeout(() => { stop(); reject(new AgentError('E_AGENT_TIMEOUT', `${this.label}: no ${name} event within ${timeoutMs} ms`)); }, timeoutMs);
+      const stop = this.onEvent((e) => {
+        if (match(e)) {
+          clearTimeout(t);
+          stop();
+          resolve(e);
+        }
+      });
+      const t = setTimeout(() => {
+        stop();
+        reject(new AgentError('E_AGENT_TIMEOUT', `${this.label}: no ${name} event within ${timeoutMs} ms`));
+      }, timeoutMs);
     });
   }
 
-  close() { this.s.close(); }
+  close() {
+    this.s.close();
+  }
 }

@@ -10,7 +10,11 @@ import { Machine, type Owner } from './machine/machine.ts';
 import { checkTemplate } from './machine/templates.ts';
 
 export interface ForkOptions {
-  n: number; parallel?: number; hostname?: string; namePrefix?: string; log?: (m: string) => void;
+  n: number;
+  parallel?: number;
+  hostname?: string;
+  namePrefix?: string;
+  log?: (m: string) => void;
   /** keep a failed clone's run directory for inspection */
   keepOnFailure?: boolean;
   /** a long-running process that owns these clones (shown by ls) */
@@ -27,13 +31,39 @@ export interface ForkOptions {
    */
   skipIdentityApply?: boolean;
 }
-export interface CloneResult { name: ValidName; hostname: string; mac: string; ip: string; machineId: string; vmgenid: string; ports: Record<string, number>; generation: number; timings: Record<string, number>; runDir: string; agentSocket: string; pid: number }
+export interface CloneResult {
+  name: ValidName;
+  hostname: string;
+  mac: string;
+  ip: string;
+  machineId: string;
+  vmgenid: string;
+  ports: Record<string, number>;
+  generation: number;
+  timings: Record<string, number>;
+  runDir: string;
+  agentSocket: string;
+  pid: number;
+}
 
 /** What a caller gets of a forked clone. */
 export function cloneResult(m: Machine): CloneResult {
   const i = m.info();
   const id = i.identity!;
-  return { name: i.name, hostname: id.hostname, mac: id.mac, ip: id.ip, machineId: id.machineId, vmgenid: id.vmgenid, ports: i.ports, generation: i.generation, timings: i.timings, runDir: i.runDir, agentSocket: i.agentSocket, pid: i.pid! };
+  return {
+    name: i.name,
+    hostname: id.hostname,
+    mac: id.mac,
+    ip: id.ip,
+    machineId: id.machineId,
+    vmgenid: id.vmgenid,
+    ports: i.ports,
+    generation: i.generation,
+    timings: i.timings,
+    runDir: i.runDir,
+    agentSocket: i.agentSocket,
+    pid: i.pid!,
+  };
 }
 
 export async function fork(templateName: string, opts: ForkOptions): Promise<CloneResult[]> {
@@ -47,10 +77,21 @@ export async function fork(templateName: string, opts: ForkOptions): Promise<Clo
     while (started < opts.n && !errors.length) {
       started++;
       try {
-        const m = await Machine.fork(tpl, { prefix, hostname: opts.hostname, owner: opts.owner, keepOnFailure: opts.keepOnFailure, tbSizeMB: opts.tbSizeMB, agentTimeoutMs: opts.agentTimeoutMs, skipIdentityApply: opts.skipIdentityApply, log: opts.log });
+        const m = await Machine.fork(tpl, {
+          prefix,
+          hostname: opts.hostname,
+          owner: opts.owner,
+          keepOnFailure: opts.keepOnFailure,
+          tbSizeMB: opts.tbSizeMB,
+          agentTimeoutMs: opts.agentTimeoutMs,
+          skipIdentityApply: opts.skipIdentityApply,
+          log: opts.log,
+        });
         m.close();
         made.push(m);
-      } catch (e) { errors.push(e as Error); }
+      } catch (e) {
+        errors.push(e as Error);
+      }
     }
   };
   await Promise.all(Array.from({ length: Math.min(opts.parallel ?? 4, opts.n) }, worker));
@@ -63,5 +104,6 @@ export async function fork(templateName: string, opts: ForkOptions): Promise<Clo
 }
 
 function validHostnamePattern(h: string): void {
-  if (!/^[a-z0-9]([a-z0-9-]{0,40})(\{n\})?([a-z0-9-]{0,20})$/.test(h)) throw new VmError('E_BAD_NAME', `hostname pattern ${JSON.stringify(h)}: use a-z, 0-9 and "-", with {n} for the clone index`, { hint: 'e.g. web-{n}' });
+  if (!/^[a-z0-9]([a-z0-9-]{0,40})(\{n\})?([a-z0-9-]{0,20})$/.test(h))
+    throw new VmError('E_BAD_NAME', `hostname pattern ${JSON.stringify(h)}: use a-z, 0-9 and "-", with {n} for the clone index`, { hint: 'e.g. web-{n}' });
 }

@@ -11,7 +11,13 @@ import { ScionError } from '../common/errors.ts';
 import { looksLikeReference } from '../registry/reference.ts';
 import { pullCached } from '../registry/transfer.ts';
 
-export interface ImageSourceOptions { onBuildEvent?: (e: BuildEvent) => void; log?: (m: string) => void; insecure?: boolean; cacheDir?: string; /** where a definition is built (default ./out) */ outDir?: string }
+export interface ImageSourceOptions {
+  onBuildEvent?: (e: BuildEvent) => void;
+  log?: (m: string) => void;
+  insecure?: boolean;
+  cacheDir?: string /** where a definition is built (default ./out) */;
+  outDir?: string;
+}
 
 export type ImageSourceKind = 'definition' | 'directory' | 'reference';
 
@@ -24,7 +30,10 @@ export function sourceKind(arg: string, exists: boolean): ImageSourceKind | unde
 }
 
 export async function resolveImage(arg: string, opts: ImageSourceOptions = {}): Promise<{ dir: string; kind: ImageSourceKind }> {
-  const exists = await stat(arg).then(() => true, () => false);
+  const exists = await stat(arg).then(
+    () => true,
+    () => false,
+  );
   const kind = sourceKind(arg, exists);
   if (kind === 'definition') return { dir: (await build({ definitionPath: arg, outDir: opts.outDir, onEvent: opts.onBuildEvent })).dir, kind };
   if (kind === 'directory') return { dir: arg, kind };
@@ -33,5 +42,7 @@ export async function resolveImage(arg: string, opts: ImageSourceOptions = {}): 
     opts.log?.(r.cached ? `${arg}: ${r.name} (${r.digest}) is in the cache, every digest checked` : `pulled ${r.name} (${r.digest})`);
     return { dir: r.dir, kind };
   }
-  throw new ScionError('E_IMAGE_MISSING', `${arg}: neither an image definition (.yaml), a built image directory, nor a registry reference`, { hint: 'e.g. images/web.yaml, out/web, or 127.0.0.1:5000/scion/web:1.0' });
+  throw new ScionError('E_IMAGE_MISSING', `${arg}: neither an image definition (.yaml), a built image directory, nor a registry reference`, {
+    hint: 'e.g. images/web.yaml, out/web, or 127.0.0.1:5000/scion/web:1.0',
+  });
 }

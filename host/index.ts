@@ -9,7 +9,15 @@ export { build, type BuildOptions, type BuildResult, type BuildOutput, type Buil
 export { verify, type VerifyOptions, type VerifyResult, type Difference } from '../builder/verify.ts';
 export { loadImage, type ImageArtifacts } from './image.ts';
 // VMs
-export { Machine, type MachineInfo, type BootOptions, type ForkOptions as MachineForkOptions, type Owner, type NetMode, type TemplateMeta } from './machine/machine.ts';
+export {
+  Machine,
+  type MachineInfo,
+  type BootOptions,
+  type ForkOptions as MachineForkOptions,
+  type Owner,
+  type NetMode,
+  type TemplateMeta,
+} from './machine/machine.ts';
 export { up, ensureTemplate, type UpOptions, type UpResult, type TemplateOptions, type TemplateResult } from './up.ts';
 export { bootTemplate, freeze, freezeClone } from './template.ts';
 export { fork, type ForkOptions, type CloneResult } from './clone.ts';

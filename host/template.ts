@@ -18,11 +18,19 @@ export function bootTemplate(img: ImageArtifacts, opts: BootOptions = {}): Promi
 /** Freeze a running template: agent prepares, CPU stops, device state to a file (RAM stays in the memory file). */
 export async function freeze(template: Machine | string, img: ImageArtifacts, log?: (m: string) => void): Promise<TemplateMeta> {
   const m = typeof template === 'string' ? await Machine.open(validName(template, 'template')) : template;
-  try { return await m.freeze(img, log); } finally { m.close(); }
+  try {
+    return await m.freeze(img, log);
+  } finally {
+    m.close();
+  }
 }
 
 /** Freeze a running clone as a new template; its clones carry the clone's generation + 1. */
 export async function freezeClone(cloneName: string, newName: string, log?: (m: string) => void): Promise<TemplateMeta> {
   const m = await Machine.open(validName(cloneName, 'clone'));
-  try { return await m.freezeAsTemplate(newName, log); } finally { m.close(); }
+  try {
+    return await m.freezeAsTemplate(newName, log);
+  } finally {
+    m.close();
+  }
 }

@@ -26,7 +26,11 @@ export interface UpOptions extends Omit<TemplateOptions, 'name'> {
 export type TemplateDecision = { reuse: true } | { reuse: false; why: string };
 
 /** Whether a frozen template can serve this build. Pure. */
-export function templateDecision(meta: TemplateMeta | undefined, img: Pick<ImageArtifacts, 'manifestSha256'>, want: { net?: NetMode; disk?: string }): TemplateDecision {
+export function templateDecision(
+  meta: TemplateMeta | undefined,
+  img: Pick<ImageArtifacts, 'manifestSha256'>,
+  want: { net?: NetMode; disk?: string },
+): TemplateDecision {
   if (!meta) return { reuse: false, why: 'no frozen template' };
   if (meta.manifestSha256 !== img.manifestSha256) return { reuse: false, why: 'it is from another build of the image' };
   if (JSON.stringify(meta.net) !== JSON.stringify(want.net ?? { mode: 'user' })) return { reuse: false, why: 'it has other networking' };
@@ -42,13 +46,20 @@ async function waitForOtherMaker(name: ValidName, log?: (m: string) => void, tim
     const m = await Machine.find(name);
     if (!m?.beingMadeElsewhere()) return m;
     const maker = m.info().making!.ownerPid;
-    if (!said) { log?.(`template ${name} is being made by scion process ${maker}; waiting for it`); said = true; }
+    if (!said) {
+      log?.(`template ${name} is being made by scion process ${maker}; waiting for it`);
+      said = true;
+    }
     if (Date.now() > end) throw new ScionError('E_VM_BUSY', `template ${name} is still being made by scion process ${maker}`);
     await new Promise((r) => setTimeout(r, 500));
   }
 }
 
-export interface UpResult { template: TemplateResult; clones: CloneResult[]; totalMs: number }
+export interface UpResult {
+  template: TemplateResult;
+  clones: CloneResult[];
+  totalMs: number;
+}
 
 export interface TemplateOptions {
   /** the template's name, or how to name it from the image (default <image>-tpl) */
@@ -63,7 +74,14 @@ export interface TemplateOptions {
   cacheDir?: string;
 }
 
-export interface TemplateResult { name: ValidName; image: string; accel: string; generation: number; freezeMs: number; reused: boolean }
+export interface TemplateResult {
+  name: ValidName;
+  image: string;
+  accel: string;
+  generation: number;
+  freezeMs: number;
+  reused: boolean;
+}
 
 /**
  * A frozen template of the image from `source` (a definition, a built image
@@ -75,9 +93,11 @@ export async function ensureTemplate(source: string, opts: TemplateOptions = {})
   const log = opts.log ?? (() => undefined);
   const { dir } = await resolveImage(source, { onBuildEvent: opts.onBuildEvent, log, insecure: opts.insecure, cacheDir: opts.cacheDir });
   const img = await loadImage(dir);
-  const tplName = validName(typeof opts.name === 'function' ? opts.name(img) : opts.name ?? `${img.name}-tpl`, 'template');
+  const tplName = validName(typeof opts.name === 'function' ? opts.name(img) : (opts.name ?? `${img.name}-tpl`), 'template');
   let existing: Machine | undefined;
-  try { existing = await waitForOtherMaker(tplName, log); } catch (e) {
+  try {
+    existing = await waitForOtherMaker(tplName, log);
+  } catch (e) {
     if (!(e instanceof RecordError)) throw e;
     // a record this scion cannot trust (damaged, or from an older scion): removed by name, then made anew
     log(`template ${tplName}: ${e.message}; removing it`);
@@ -86,7 +106,11 @@ export async function ensureTemplate(source: string, opts: TemplateOptions = {})
   let meta: TemplateMeta | undefined;
   if (existing?.info().frozen) {
     let found: TemplateMeta | undefined;
-    try { found = (await checkTemplate(tplName)).meta; } catch (e) { log(`template ${tplName} cannot be used (${(e as Error).message})`); }
+    try {
+      found = (await checkTemplate(tplName)).meta;
+    } catch (e) {
+      log(`template ${tplName} cannot be used (${(e as Error).message})`);
+    }
     const d = templateDecision(found, img, opts);
     if (d.reuse) meta = found;
     else log(`template ${tplName}: ${d.why}; re-making it`);

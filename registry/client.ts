@@ -21,7 +21,10 @@ import { registryBaseUrl, type Reference } from './reference.ts';
 
 export class RegistryError extends ScionError {}
 
-export interface Credentials { username: string; password: string }
+export interface Credentials {
+  username: string;
+  password: string;
+}
 
 export function dockerConfigPath(env = process.env): string {
   return join(env.DOCKER_CONFIG || join(homedir(), '.docker'), 'config.json');
@@ -30,7 +33,11 @@ export function dockerConfigPath(env = process.env): string {
 /** The credentials the Docker config holds for `registry` (keys may carry a scheme or a path). Pure over the file's text. */
 export function credentialsFromConfig(text: string, registry: string): Credentials | undefined {
   let cfg: any;
-  try { cfg = JSON.parse(text); } catch { throw new RegistryError('E_DOCKER_CONFIG', 'the Docker config file is not valid JSON', { hint: 'fix or remove it; `docker login` writes it' }); }
+  try {
+    cfg = JSON.parse(text);
+  } catch {
+    throw new RegistryError('E_DOCKER_CONFIG', 'the Docker config file is not valid JSON', { hint: 'fix or remove it; `docker login` writes it' });
+  }
   const auths = cfg?.auths && typeof cfg.auths === 'object' ? cfg.auths : {};
   for (const [key, v] of Object.entries<any>(auths)) {
     const host = key.replace(/^[a-z]+:\/\//, '').replace(/\/.*$/, '');
@@ -56,7 +63,8 @@ export function parseChallenge(header: string): { scheme: string; params: Record
 }
 
 export interface ClientOptions {
-  insecure?: boolean; dockerConfig?: string;
+  insecure?: boolean;
+  dockerConfig?: string;
   /** a response that sends no byte for this long fails (default: SCION_REGISTRY_STALL_S, 30 s) */
   stallMs?: number;
 }
@@ -74,18 +82,27 @@ export class RegistryClient {
   /** requests sent, by kind: the tests count uploads */
   readonly counts = { blobUploads: 0, blobHeads: 0, blobGets: 0, chunks: 0 };
 
-  constructor(readonly ref: Reference, private opts: ClientOptions = {}) {
+  constructor(
+    readonly ref: Reference,
+    private opts: ClientOptions = {},
+  ) {
     this.base = registryBaseUrl(ref.registry, opts.insecure);
   }
 
-  url(path: string): string { return `${this.base}/v2/${this.ref.repository}${path}`; }
+  url(path: string): string {
+    return `${this.base}/v2/${this.ref.repository}${path}`;
+  }
 
   private async credentials(): Promise<Credentials | undefined> {
     if (this.#creds !== undefined) return this.#creds ?? undefined;
     const path = this.opts.dockerConfig ?? dockerConfigPath();
     let text: string | undefined;
-    try { text = await readFile(path, 'utf8'); } catch { /* no config: anonymous */ }
-    this.#creds = text === undefined ? null : credentialsFromConfig(text, this.ref.registry) ?? null;
+    try {
+      text = await readFile(path, 'utf8');
+    } catch {
+      /* no config: anonymous */
+    }
+    this.#creds = text === undefined ? null : (credentialsFromConfig(text, this.ref.registry) ?? null);
     return this.#creds ?? undefined;
   }
 
@@ -103,10 +120,18 @@ export class RegistryClient {
       if (params.service) u.searchParams.set('service', params.service);
       u.searchParams.set('scope', params.scope ?? `repository:${this.ref.repository}:${scope}`);
       const t = await this.fetch(u.toString(), { headers: basic ? { authorization: basic } : {} });
-      if (t.status === 401 || t.status === 403) { await t.body?.cancel(); throw this.denied(t.status, basic ? 'refused the credentials in the Docker config' : 'gives no anonymous token'); }
-      if (!t.ok) { await t.body?.cancel(); throw new RegistryError('E_REGISTRY_HTTP', `${this.ref.registry}: token service answered HTTP ${t.status}`); }
+      if (t.status === 401 || t.status === 403) {
+        await t.body?.cancel();
+        throw this.denied(t.status, basic ? 'refused the credentials in the Docker config' : 'gives no anonymous token');
+      }
+      if (!t.ok) {
+        await t.body?.cancel();
+        throw new RegistryError('E_REGISTRY_HTTP', `${this.ref.registry}: token service answered HTTP ${t.status}`);
+      }
       let body: { token?: unknown; access_token?: unknown };
-      try { body = JSON.parse((await this.readCapped(t, BODY_CAPS.token, 'the token service\'s answer')).toString('utf8')); } catch (e) {
+      try {
+        body = JSON.parse((await this.readCapped(t, BODY_CAPS.token, "the token service's answer")).toString('utf8'));
+      } catch (e) {
         if (e instanceof RegistryError) throw e;
         throw new RegistryError('E_REGISTRY_HTTP', `${this.ref.registry}: the token service's answer is not JSON`);
       }
@@ -121,15 +146,23 @@ export class RegistryClient {
   private denied(status: number, why: string): RegistryError {
     const code = status === 403 ? 'E_REGISTRY_DENIED' : 'E_REGISTRY_AUTH';
     return new RegistryError(code, `${this.ref.registry}/${this.ref.repository}: HTTP ${status}: the registry ${why}`, {
-      hint: status === 403 ? 'the account has no access to this repository (push needs write access)'
-        : this.#auth ? `check the user name and password for ${this.ref.registry} in ${this.opts.dockerConfig ?? dockerConfigPath()}` : `put credentials for ${this.ref.registry} in ${this.opts.dockerConfig ?? dockerConfigPath()} (\`docker login ${this.ref.registry}\` or an "auths" entry)`,
+      hint:
+        status === 403
+          ? 'the account has no access to this repository (push needs write access)'
+          : this.#auth
+            ? `check the user name and password for ${this.ref.registry} in ${this.opts.dockerConfig ?? dockerConfigPath()}`
+            : `put credentials for ${this.ref.registry} in ${this.opts.dockerConfig ?? dockerConfigPath()} (\`docker login ${this.ref.registry}\` or an "auths" entry)`,
     });
   }
 
-  private get stallMs(): number { return this.opts.stallMs ?? config().registryStallMs; }
+  private get stallMs(): number {
+    return this.opts.stallMs ?? config().registryStallMs;
+  }
 
   private stalled(what: string): RegistryError {
-    return new RegistryError('E_REGISTRY_STALLED', `${this.ref.registry}: ${what}: no data for ${this.stallMs / 1000} s`, { hint: 'the registry or the link to it stalled; try again (SCION_REGISTRY_STALL_S sets the limit)' });
+    return new RegistryError('E_REGISTRY_STALLED', `${this.ref.registry}: ${what}: no data for ${this.stallMs / 1000} s`, {
+      hint: 'the registry or the link to it stalled; try again (SCION_REGISTRY_STALL_S sets the limit)',
+    });
   }
 
   /** One HTTP exchange: the answer's headers must come within the stall limit (plus the upload's time at the slowest rate allowed). */
@@ -138,7 +171,10 @@ export class RegistryClient {
     const bodyBytes = init.body === undefined ? 0 : typeof init.body === 'string' ? Buffer.byteLength(init.body) : init.body.length;
     const limit = this.stallMs + Math.ceil(bodyBytes / SLOWEST_UPLOAD_BYTES_PER_S) * 1000;
     let timedOut = false;
-    const timer = setTimeout(() => { timedOut = true; ctrl.abort(); }, limit);
+    const timer = setTimeout(() => {
+      timedOut = true;
+      ctrl.abort();
+    }, limit);
     try {
       const res = await fetch(url, { ...init, body: init.body as BodyInit | undefined, signal: ctrl.signal });
       this.#controllers.set(res, ctrl);
@@ -147,9 +183,12 @@ export class RegistryClient {
       if (timedOut) throw this.stalled(`${init.method ?? 'GET'} ${url.split('?')[0]}: no answer`);
       const cause = (e as any)?.cause?.code ?? (e as any)?.cause?.message ?? (e as Error).message;
       throw new RegistryError('E_REGISTRY_UNREACHABLE', `cannot reach the registry ${this.ref.registry} (${url.split('?')[0]}): ${cause}`, {
-        hint: `check the address and that the registry runs${this.base.startsWith('https') ? '; for a plain-HTTP registry not on loopback pass --insecure' : ''}`, cause: e,
+        hint: `check the address and that the registry runs${this.base.startsWith('https') ? '; for a plain-HTTP registry not on loopback pass --insecure' : ''}`,
+        cause: e,
       });
-    } finally { clearTimeout(timer); }
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /** Each response's abort handle: a stalled body read aborts its connection. */
@@ -163,21 +202,39 @@ export class RegistryClient {
   async *stream(res: Response, what: string): AsyncGenerator<Uint8Array> {
     if (!res.body) return;
     const reader = res.body.getReader();
-    const abort = () => { this.#controllers.get(res)?.abort(); reader.cancel().catch(() => undefined); };
+    const abort = () => {
+      this.#controllers.get(res)?.abort();
+      reader.cancel().catch(() => undefined);
+    };
     let done = false;
     try {
       for (;;) {
         let timer: NodeJS.Timeout | undefined;
-        const stall = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(this.stalled(what)), this.stallMs); });
+        const stall = new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(this.stalled(what)), this.stallMs);
+        });
         let r: ReadableStreamReadResult<Uint8Array>;
-        try { r = await Promise.race([reader.read(), stall]); } catch (e) {
+        try {
+          r = await Promise.race([reader.read(), stall]);
+        } catch (e) {
           if (e instanceof RegistryError) throw e;
-          throw new RegistryError('E_REGISTRY_UNREACHABLE', `${this.ref.registry}: ${what}: the connection failed (${(e as any)?.cause?.code ?? (e as Error).message})`, { hint: 'try again', cause: e });
-        } finally { clearTimeout(timer); }
-        if (r.done) { done = true; return; }
+          throw new RegistryError(
+            'E_REGISTRY_UNREACHABLE',
+            `${this.ref.registry}: ${what}: the connection failed (${(e as any)?.cause?.code ?? (e as Error).message})`,
+            { hint: 'try again', cause: e },
+          );
+        } finally {
+          clearTimeout(timer);
+        }
+        if (r.done) {
+          done = true;
+          return;
+        }
         yield r.value;
       }
-    } finally { if (!done) abort(); }
+    } finally {
+      if (!done) abort();
+    }
   }
 
   /**
@@ -192,20 +249,36 @@ export class RegistryClient {
       n += c.length;
       if (n <= cap) continue;
       if (o.truncate) return Buffer.concat(chunks).subarray(0, cap);
-      throw new RegistryError('E_REGISTRY_RESPONSE_TOO_LARGE', `${this.ref.registry}: ${what} is larger than ${cap} bytes`, { hint: 'the registry answers with more than a registry sends; check its address' });
+      throw new RegistryError('E_REGISTRY_RESPONSE_TOO_LARGE', `${this.ref.registry}: ${what} is larger than ${cap} bytes`, {
+        hint: 'the registry answers with more than a registry sends; check its address',
+      });
     }
     return Buffer.concat(chunks);
   }
 
   /** A request with auth: a 401 is answered once (credentials or a token), then retried. */
-  async request(method: string, url: string, init: { headers?: Record<string, string>; body?: Uint8Array | string; scope?: 'pull' | 'pull,push' } = {}): Promise<Response> {
+  async request(
+    method: string,
+    url: string,
+    init: { headers?: Record<string, string>; body?: Uint8Array | string; scope?: 'pull' | 'pull,push' } = {},
+  ): Promise<Response> {
     const scope = init.scope ?? 'pull';
     for (let attempt = 0; ; attempt++) {
       const headers: Record<string, string> = { ...init.headers, ...(this.#auth ? { authorization: this.#auth } : {}) };
       const res = await this.fetch(url, { method, headers, body: init.body, redirect: 'follow' });
-      if (res.status === 401 && attempt === 0) { await res.body?.cancel(); await this.authenticate(res, scope); continue; }
-      if (res.status === 403) { await res.body?.cancel(); throw this.denied(403, this.#auth ? 'denies these credentials access to the repository' : 'denies anonymous access to the repository'); }
-      if (res.status === 401) { await res.body?.cancel(); throw this.denied(401, this.#auth ? 'refused the credentials in the Docker config' : 'needs credentials'); }
+      if (res.status === 401 && attempt === 0) {
+        await res.body?.cancel();
+        await this.authenticate(res, scope);
+        continue;
+      }
+      if (res.status === 403) {
+        await res.body?.cancel();
+        throw this.denied(403, this.#auth ? 'denies these credentials access to the repository' : 'denies anonymous access to the repository');
+      }
+      if (res.status === 401) {
+        await res.body?.cancel();
+        throw this.denied(401, this.#auth ? 'refused the credentials in the Docker config' : 'needs credentials');
+      }
       return res;
     }
   }
@@ -229,7 +302,11 @@ export class RegistryClient {
       for (let off = 0; off < data.length; off += chunkBytes) {
         const chunk = data.subarray(off, Math.min(off + chunkBytes, data.length));
         this.counts.chunks++;
-        const res = await this.request('PATCH', location, { scope: 'pull,push', body: chunk, headers: { 'content-type': 'application/octet-stream', 'content-range': `${off}-${off + chunk.length - 1}`, 'content-length': String(chunk.length) } });
+        const res = await this.request('PATCH', location, {
+          scope: 'pull,push',
+          body: chunk,
+          headers: { 'content-type': 'application/octet-stream', 'content-range': `${off}-${off + chunk.length - 1}`, 'content-length': String(chunk.length) },
+        });
         if (res.status !== 202) throw await this.httpError(res, `upload bytes ${off}-${off + chunk.length - 1} of ${digest}`);
         location = this.location(res);
         await res.body?.cancel();
@@ -239,7 +316,11 @@ export class RegistryClient {
       await done.body?.cancel();
       return;
     }
-    const res = await this.request('PUT', withDigest(location, digest), { scope: 'pull,push', body: data, headers: { 'content-type': 'application/octet-stream', 'content-length': String(data.length) } });
+    const res = await this.request('PUT', withDigest(location, digest), {
+      scope: 'pull,push',
+      body: data,
+      headers: { 'content-type': 'application/octet-stream', 'content-length': String(data.length) },
+    });
     if (res.status !== 201) throw await this.httpError(res, `upload ${digest}`);
     await res.body?.cancel();
   }
@@ -248,7 +329,12 @@ export class RegistryClient {
   async getBlob(digest: string): Promise<Response> {
     this.counts.blobGets++;
     const res = await this.request('GET', this.url(`/blobs/${digest}`));
-    if (res.status === 404) { await res.body?.cancel(); throw new RegistryError('E_BLOB_UNKNOWN', `${this.ref.registry}/${this.ref.repository}: blob ${digest} is not in the registry`, { hint: 'the artifact is incomplete; push it again' }); }
+    if (res.status === 404) {
+      await res.body?.cancel();
+      throw new RegistryError('E_BLOB_UNKNOWN', `${this.ref.registry}/${this.ref.repository}: blob ${digest} is not in the registry`, {
+        hint: 'the artifact is incomplete; push it again',
+      });
+    }
     if (!res.ok) throw await this.httpError(res, `GET blob ${digest}`);
     return res;
   }
@@ -265,7 +351,9 @@ export class RegistryClient {
     const res = await this.request('GET', this.url(`/manifests/${reference}`), { headers: { accept } });
     if (res.status === 404) {
       await res.body?.cancel();
-      throw new RegistryError('E_UNKNOWN_TAG', `${this.ref.registry}/${this.ref.repository}: no manifest ${reference} (unknown tag or digest)`, { hint: `list what exists with: skopeo list-tags docker://${this.ref.registry}/${this.ref.repository}` });
+      throw new RegistryError('E_UNKNOWN_TAG', `${this.ref.registry}/${this.ref.repository}: no manifest ${reference} (unknown tag or digest)`, {
+        hint: `list what exists with: skopeo list-tags docker://${this.ref.registry}/${this.ref.repository}`,
+      });
     }
     if (!res.ok) throw await this.httpError(res, `GET manifest ${reference}`);
     const bytes = await this.readCapped(res, BODY_CAPS.manifest, `manifest ${reference}`);
@@ -281,11 +369,18 @@ export class RegistryClient {
   private async httpError(res: Response, what: string): Promise<RegistryError> {
     // the body only helps explain the status: read its first few KiB, never more
     let text = '';
-    try { text = (await this.readCapped(res, BODY_CAPS.error, `${what} (error body)`, { truncate: true })).toString('utf8').slice(0, 300); } catch {
+    try {
+      text = (await this.readCapped(res, BODY_CAPS.error, `${what} (error body)`, { truncate: true })).toString('utf8').slice(0, 300);
+    } catch {
       // an unreadable error body: the status says enough
     }
     let detail = text;
-    try { const j = JSON.parse(text); if (Array.isArray(j.errors)) detail = j.errors.map((e: any) => `${e.code}: ${e.message}`).join('; '); } catch { /* not JSON: shown as text */ }
+    try {
+      const j = JSON.parse(text);
+      if (Array.isArray(j.errors)) detail = j.errors.map((e: any) => `${e.code}: ${e.message}`).join('; ');
+    } catch {
+      /* not JSON: shown as text */
+    }
     return new RegistryError('E_REGISTRY_HTTP', `${this.ref.registry}/${this.ref.repository}: ${what}: HTTP ${res.status}${detail ? ` (${detail})` : ''}`);
   }
 }

@@ -24,17 +24,31 @@ import { parseReference, formatReference } from './reference.ts';
 export const DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024;
 const sha256 = ociDigest;
 
-export interface PushOptions extends ClientOptions { chunkBytes?: number; log?: (m: string) => void }
-export interface PushResult { reference: string; digest: string; uploaded: string[]; skipped: string[]; bytesUploaded: number; requests: RegistryClient['counts'] }
+export interface PushOptions extends ClientOptions {
+  chunkBytes?: number;
+  log?: (m: string) => void;
+}
+export interface PushResult {
+  reference: string;
+  digest: string;
+  uploaded: string[];
+  skipped: string[];
+  bytesUploaded: number;
+  requests: RegistryClient['counts'];
+}
 
 /** The files of a build directory, checked against its manifest.json. */
 async function readBuildDir(dir: string): Promise<{ name: string; files: { name: ImageFile; data: Buffer; digest: string }[] }> {
   const files: { name: ImageFile; data: Buffer; digest: string }[] = [];
   for (const name of IMAGE_FILES) {
     let data: Buffer;
-    try { data = await readBytesNoFollow(join(dir, name)); } catch (e) {
+    try {
+      data = await readBytesNoFollow(join(dir, name));
+    } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT' && !REQUIRED_IMAGE_FILES.includes(name)) continue;
-      throw new ScionError('E_IMAGE_DIR', `${dir}: cannot read ${name} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`, { hint: 'push a directory that `scion build` wrote, e.g. out/web' });
+      throw new ScionError('E_IMAGE_DIR', `${dir}: cannot read ${name} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`, {
+        hint: 'push a directory that `scion build` wrote, e.g. out/web',
+      });
     }
     files.push({ name, data, digest: sha256(data) });
   }
@@ -45,7 +59,12 @@ async function readBuildDir(dir: string): Promise<{ name: string; files: { name:
   for (const f of ['vmlinuz', 'initrd.img'] as const) {
     const want = manifest.outputs[f].sha256;
     const got = files.find((x) => x.name === f)!.digest.slice(7);
-    if (want !== got) throw new ScionError('E_DIGEST_MISMATCH', `${dir}/${f} does not match the SHA-256 in its manifest.json (${String(want).slice(0, 12)}… vs ${got.slice(0, 12)}…)`, { hint: 'rebuild the image; the directory was changed after the build' });
+    if (want !== got)
+      throw new ScionError(
+        'E_DIGEST_MISMATCH',
+        `${dir}/${f} does not match the SHA-256 in its manifest.json (${String(want).slice(0, 12)}… vs ${got.slice(0, 12)}…)`,
+        { hint: 'rebuild the image; the directory was changed after the build' },
+      );
   }
   return { name, files };
 }
@@ -61,21 +80,42 @@ export async function push(dir: string, refText: string, opts: PushOptions = {})
   let bytesUploaded = 0;
   const blobs = [{ name: 'config (empty)', data: Buffer.from(EMPTY_CONFIG.data, 'base64'), digest: EMPTY_CONFIG.digest }, ...files];
   for (const b of blobs) {
-    if (await client.hasBlob(b.digest)) { skipped.push(b.name); opts.log?.(`${b.name}: the registry has it (${b.digest.slice(0, 19)}…)`); continue; }
+    if (await client.hasBlob(b.digest)) {
+      skipped.push(b.name);
+      opts.log?.(`${b.name}: the registry has it (${b.digest.slice(0, 19)}…)`);
+      continue;
+    }
     opts.log?.(`${b.name}: uploading ${b.data.length} bytes${b.data.length > chunk ? ` in ${Math.ceil(b.data.length / chunk)} chunks` : ''}`);
     await client.uploadBlob(b.data, b.digest, chunk);
     uploaded.push(b.name);
     bytesUploaded += b.data.length;
   }
-  const manifest = JSON.stringify(artifactManifest(name, files.map((f) => ({ name: f.name, digest: f.digest, size: f.data.length })), { 'dev.scion.version': SCION_VERSION }));
+  const manifest = JSON.stringify(
+    artifactManifest(
+      name,
+      files.map((f) => ({ name: f.name, digest: f.digest, size: f.data.length })),
+      { 'dev.scion.version': SCION_VERSION },
+    ),
+  );
   const digest = sha256(manifest);
   const stated = await client.putManifest(ref.tag, manifest, MANIFEST_MEDIA_TYPE);
-  if (stated && stated !== digest) throw new RegistryError('E_DIGEST_MISMATCH', `${ref.registry}: the registry stored the manifest as ${stated}, scion sent ${digest}`, { hint: 'the registry altered the manifest; do not trust this tag' });
+  if (stated && stated !== digest)
+    throw new RegistryError('E_DIGEST_MISMATCH', `${ref.registry}: the registry stored the manifest as ${stated}, scion sent ${digest}`, {
+      hint: 'the registry altered the manifest; do not trust this tag',
+    });
   return { reference: formatReference({ ...ref, digest }), digest, uploaded, skipped, bytesUploaded, requests: client.counts };
 }
 
-export interface PullOptions extends ClientOptions { log?: (m: string) => void }
-export interface PullResult { reference: string; digest: string; name: string; dir: string; files: { name: string; size: number; digest: string }[] }
+export interface PullOptions extends ClientOptions {
+  log?: (m: string) => void;
+}
+export interface PullResult {
+  reference: string;
+  digest: string;
+  name: string;
+  dir: string;
+  files: { name: string; size: number; digest: string }[];
+}
 
 /** Stream a blob into `path` (created exclusively), checking size and digest; a mismatch throws and the caller removes the temp dir. */
 async function fetchBlobTo(client: RegistryClient, title: string, digest: string, size: number, path: string): Promise<void> {
@@ -86,14 +126,25 @@ async function fetchBlobTo(client: RegistryClient, title: string, digest: string
   try {
     for await (const c of client.stream(res, `blob ${title}`)) {
       n += c.length;
-      if (n > size) throw new RegistryError('E_DIGEST_MISMATCH', `${title} (${digest}): the registry sent more than the ${size} bytes the manifest states`, { hint: 'the registry holds damaged or altered data; nothing was written' });
+      if (n > size)
+        throw new RegistryError('E_DIGEST_MISMATCH', `${title} (${digest}): the registry sent more than the ${size} bytes the manifest states`, {
+          hint: 'the registry holds damaged or altered data; nothing was written',
+        });
       h.update(c);
       await fh.write(c);
     }
-  } finally { await fh.close(); }
+  } finally {
+    await fh.close();
+  }
   const got = `sha256:${h.digest('hex')}`;
-  if (n !== size) throw new RegistryError('E_DIGEST_MISMATCH', `${title} (${digest}): received ${n} bytes, the manifest states ${size}`, { hint: 'the registry holds damaged or altered data; nothing was written' });
-  if (got !== digest) throw new RegistryError('E_DIGEST_MISMATCH', `${title}: the bytes the registry sent hash to ${got}, the manifest names ${digest}`, { hint: 'the registry holds damaged or altered data; nothing was written' });
+  if (n !== size)
+    throw new RegistryError('E_DIGEST_MISMATCH', `${title} (${digest}): received ${n} bytes, the manifest states ${size}`, {
+      hint: 'the registry holds damaged or altered data; nothing was written',
+    });
+  if (got !== digest)
+    throw new RegistryError('E_DIGEST_MISMATCH', `${title}: the bytes the registry sent hash to ${got}, the manifest names ${digest}`, {
+      hint: 'the registry holds damaged or altered data; nothing was written',
+    });
 }
 
 /** The artifact manifest a reference names, its digest checked. */
@@ -101,10 +152,18 @@ async function fetchManifest(client: RegistryClient, refText: string) {
   const ref = client.ref;
   const { bytes, statedDigest } = await client.getManifest(ref.digest ?? ref.tag!, MANIFEST_MEDIA_TYPE);
   const digest = sha256(bytes);
-  if (ref.digest && digest !== ref.digest) throw new RegistryError('E_DIGEST_MISMATCH', `${refText}: the manifest the registry sent hashes to ${digest}`, { hint: 'the registry holds damaged or altered data' });
-  if (statedDigest && statedDigest !== digest) throw new RegistryError('E_DIGEST_MISMATCH', `${refText}: the registry states manifest digest ${statedDigest}, the bytes hash to ${digest}`);
+  if (ref.digest && digest !== ref.digest)
+    throw new RegistryError('E_DIGEST_MISMATCH', `${refText}: the manifest the registry sent hashes to ${digest}`, {
+      hint: 'the registry holds damaged or altered data',
+    });
+  if (statedDigest && statedDigest !== digest)
+    throw new RegistryError('E_DIGEST_MISMATCH', `${refText}: the registry states manifest digest ${statedDigest}, the bytes hash to ${digest}`);
   let raw: unknown;
-  try { raw = JSON.parse(bytes.toString('utf8')); } catch { throw new ArtifactError('E_NOT_SCION_IMAGE', `${refText}: the manifest is not JSON`); }
+  try {
+    raw = JSON.parse(bytes.toString('utf8'));
+  } catch {
+    throw new ArtifactError('E_NOT_SCION_IMAGE', `${refText}: the manifest is not JSON`);
+  }
   return { digest, manifest: checkArtifactManifest(refText, raw) };
 }
 
@@ -129,11 +188,20 @@ export async function pull(refText: string, outDir: string, opts: PullOptions = 
     const name = validName(inner.name, 'image');
     for (const f of ['vmlinuz', 'initrd.img'] as const) {
       const layer = m.layers.find((x) => x.annotations![TITLE] === f)!;
-      if (`sha256:${inner.outputs[f].sha256}` !== layer.digest) throw new ArtifactError('E_DIGEST_MISMATCH', `${refText}: ${f} is not the one its manifest.json names`, { hint: 'the artifact was assembled from different builds; push it again from one build directory' });
+      if (`sha256:${inner.outputs[f].sha256}` !== layer.digest)
+        throw new ArtifactError('E_DIGEST_MISMATCH', `${refText}: ${f} is not the one its manifest.json names`, {
+          hint: 'the artifact was assembled from different builds; push it again from one build directory',
+        });
     }
     const finalDir = join(outDir, name);
     await replaceDirectory(tmp, finalDir);
-    return { reference: formatReference({ ...ref, digest }), digest, name, dir: finalDir, files: m.layers.map((l) => ({ name: l.annotations![TITLE], size: l.size, digest: l.digest })) };
+    return {
+      reference: formatReference({ ...ref, digest }),
+      digest,
+      name,
+      dir: finalDir,
+      files: m.layers.map((l) => ({ name: l.annotations![TITLE], size: l.size, digest: l.digest })),
+    };
   } catch (e) {
     await rm(tmp, { recursive: true, force: true });
     if (created) await removeEmptyDirs(outDir, created);
@@ -148,7 +216,11 @@ async function removeEmptyDirs(dir: string, top: string): Promise<void> {
   let d = resolvePath(dir);
   const stop = resolvePath(top);
   for (;;) {
-    try { await rmdir(d); } catch { return; } // not empty (someone else's) or gone: leave it
+    try {
+      await rmdir(d);
+    } catch {
+      return;
+    } // not empty (someone else's) or gone: leave it
     if (d === stop || dirname(d) === d) return;
     d = dirname(d);
   }
@@ -168,8 +240,18 @@ export async function pullCached(refText: string, cacheDir: string, opts: PullOp
   const image = names.find((n) => !n.startsWith('.'));
   if (image) {
     const dir = join(slot, image);
-    const same = await Promise.all(manifest.layers.map(async (l) => sha256(await readBytesNoFollow(join(dir, l.annotations![TITLE])).catch(() => Buffer.alloc(0))) === l.digest));
-    if (same.every(Boolean)) return { reference: formatReference({ ...ref, digest }), digest, name: image, dir, files: manifest.layers.map((l) => ({ name: l.annotations![TITLE], size: l.size, digest: l.digest })), cached: true };
+    const same = await Promise.all(
+      manifest.layers.map(async (l) => sha256(await readBytesNoFollow(join(dir, l.annotations![TITLE])).catch(() => Buffer.alloc(0))) === l.digest),
+    );
+    if (same.every(Boolean))
+      return {
+        reference: formatReference({ ...ref, digest }),
+        digest,
+        name: image,
+        dir,
+        files: manifest.layers.map((l) => ({ name: l.annotations![TITLE], size: l.size, digest: l.digest })),
+        cached: true,
+      };
   }
   return { ...(await pull(formatReference({ ...ref, tag: undefined, digest }), slot, opts)), cached: false };
 }

@@ -4,7 +4,16 @@
  * `serve` (the long-lived process `start` leaves behind) and `spare` (one
  * made ahead, waiting for the next task: spare.ts). Pure.
  */
-export interface ShimArgs { action: 'start' | 'delete' | 'serve' | 'spare'; namespace: string; id: string; address: string; publishBinary?: string; bundle?: string; socket?: string; debug: boolean }
+export interface ShimArgs {
+  action: 'start' | 'delete' | 'serve' | 'spare';
+  namespace: string;
+  id: string;
+  address: string;
+  publishBinary?: string;
+  bundle?: string;
+  socket?: string;
+  debug: boolean;
+}
 
 export class ShimUsageError extends Error {}
 
@@ -18,16 +27,23 @@ export function parseShimArgs(argv: string[]): ShimArgs {
   const rest: string[] = [];
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
-    if (!a.startsWith('-')) { rest.push(a); continue; }
+    if (!a.startsWith('-')) {
+      rest.push(a);
+      continue;
+    }
     const [k, inline] = a.replace(/^--?/, '').split(/=(.*)/s, 2);
-    if (k === 'debug' || k === 'v') { debug = k === 'debug' ? inline !== 'false' : debug; continue; }
+    if (k === 'debug' || k === 'v') {
+      debug = k === 'debug' ? inline !== 'false' : debug;
+      continue;
+    }
     if (!VALUED.has(k)) throw new ShimUsageError(`unknown flag -${k}`);
     const val = inline ?? argv[++i];
     if (val === undefined) throw new ShimUsageError(`-${k} needs a value`);
     v[k] = val;
   }
   const action = rest[0];
-  if (action !== 'start' && action !== 'delete' && action !== 'serve' && action !== 'spare') throw new ShimUsageError(`unknown action ${JSON.stringify(action ?? '')}: start, delete (from containerd), serve or spare`);
+  if (action !== 'start' && action !== 'delete' && action !== 'serve' && action !== 'spare')
+    throw new ShimUsageError(`unknown action ${JSON.stringify(action ?? '')}: start, delete (from containerd), serve or spare`);
   if (!v.namespace || !TASK_ID.test(v.namespace)) throw new ShimUsageError('-namespace: a containerd namespace name');
   if (!v.id || !TASK_ID.test(v.id)) throw new ShimUsageError('-id: a task id (1-128 of A-Za-z0-9_.-)');
   if (action === 'serve' && !v.socket) throw new ShimUsageError('serve needs -socket');
@@ -36,5 +52,17 @@ export function parseShimArgs(argv: string[]): ShimArgs {
 
 /** The serving process's argv (this binary's own flags plus the socket). Pure. */
 export function serveArgs(a: ShimArgs, socket: string): string[] {
-  return ['-namespace', a.namespace, '-id', a.id, '-address', a.address, ...(a.publishBinary ? ['-publish-binary', a.publishBinary] : []), '-socket', socket, ...(a.debug ? ['-debug'] : []), 'serve'];
+  return [
+    '-namespace',
+    a.namespace,
+    '-id',
+    a.id,
+    '-address',
+    a.address,
+    ...(a.publishBinary ? ['-publish-binary', a.publishBinary] : []),
+    '-socket',
+    socket,
+    ...(a.debug ? ['-debug'] : []),
+    'serve',
+  ];
 }

@@ -33,7 +33,11 @@ export class EventPublisher {
   /** the last failure to deliver an event (after its retries), for the shim's log */
   onDropped: (topic: string, e: Error) => void = () => {};
 
-  constructor(readonly ttrpcAddress: string, readonly namespace: string, readonly retries = 5) {
+  constructor(
+    readonly ttrpcAddress: string,
+    readonly namespace: string,
+    readonly retries = 5,
+  ) {
     this.client = new TtrpcClient(ttrpcAddress);
   }
 
@@ -42,8 +46,14 @@ export class EventPublisher {
     const req = envelope(this.namespace, topic, event, Date.now());
     this.chain = this.chain.then(async () => {
       for (let attempt = 0; ; attempt++) {
-        try { await this.client.call('containerd.services.events.ttrpc.v1.Events', 'Forward', req); return; } catch (e) {
-          if (attempt >= this.retries) { this.onDropped(topic, e as Error); return; }
+        try {
+          await this.client.call('containerd.services.events.ttrpc.v1.Events', 'Forward', req);
+          return;
+        } catch (e) {
+          if (attempt >= this.retries) {
+            this.onDropped(topic, e as Error);
+            return;
+          }
           await new Promise((r) => setTimeout(r, 100 * 2 ** attempt));
         }
       }
@@ -51,5 +61,7 @@ export class EventPublisher {
     return this.chain;
   }
 
-  close(): void { this.client.close(); }
+  close(): void {
+    this.client.close();
+  }
 }

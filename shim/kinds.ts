@@ -15,13 +15,13 @@ export const IMAGE_ANNOTATION = 'io.scion.image';
  */
 export const BOOT_ANNOTATION = 'io.scion.boot';
 export const BOOT_MODES = ['pool', 'fork', 'cold'] as const;
-export type BootMode = typeof BOOT_MODES[number];
+export type BootMode = (typeof BOOT_MODES)[number];
 
 /** The boot mode a pod's annotations ask for; undefined if the value is not one. Pure. */
 export function bootMode(annotations: Record<string, string> | undefined): BootMode | undefined {
   const v = annotations?.[BOOT_ANNOTATION];
   if (v === undefined || v === '') return 'pool';
-  return (BOOT_MODES as readonly string[]).includes(v) ? v as BootMode : undefined;
+  return (BOOT_MODES as readonly string[]).includes(v) ? (v as BootMode) : undefined;
 }
 
 /**
@@ -42,4 +42,3 @@ export function taskKind(annotations: Record<string, string> | undefined): { kin
   if (t === 'container' && annotations?.[CRI_SANDBOX]) return { kind: 'container', sandboxId: annotations[CRI_SANDBOX] };
   return { kind: 'lone' };
 }
-

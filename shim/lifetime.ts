@@ -23,7 +23,11 @@ export const IDLE_ORPHAN_GRACE_MS = 1000;
 export const WATCH_INTERVAL_MS = 1000;
 
 /** What one look at containerd saw. */
-export interface Sighting { at: number; dirsThere: boolean; reachable: boolean }
+export interface Sighting {
+  at: number;
+  dirsThere: boolean;
+  reachable: boolean;
+}
 
 /**
  * Whether containerd is gone for good after this sighting, given when it was
@@ -41,24 +45,37 @@ export function reachable(path: string, timeoutMs = 1000): Promise<boolean> {
   if (!path || !existsSync(path)) return Promise.resolve(false);
   return new Promise((resolve) => {
     const s = connect(path);
-    const done = (ok: boolean) => { clearTimeout(t); s.destroy(); resolve(ok); };
+    const done = (ok: boolean) => {
+      clearTimeout(t);
+      s.destroy();
+      resolve(ok);
+    };
     const t = setTimeout(() => done(false), timeoutMs);
     s.once('connect', () => done(true));
     s.once('error', () => done(false));
   });
 }
 
-export interface ContainerdWatch { stop(): void }
+export interface ContainerdWatch {
+  stop(): void;
+}
 
 /**
  * Look at containerd every WATCH_INTERVAL_MS; call `onGone` once (with why)
  * when it is gone for good. `grace()` is asked at each look: a shim's grace
  * depends on whether it serves a task now.
  */
-export function watchContainerd(o: { sockets: string[]; dirs: string[]; grace: () => number; onGone: (why: string) => void; intervalMs?: number }): ContainerdWatch {
+export function watchContainerd(o: {
+  sockets: string[];
+  dirs: string[];
+  grace: () => number;
+  onGone: (why: string) => void;
+  intervalMs?: number;
+}): ContainerdWatch {
   const since = Date.now();
   let lastReachableAt: number | undefined;
-  let busy = false, over = false;
+  let busy = false,
+    over = false;
   const sockets = [...new Set(o.sockets.filter(Boolean))];
   const look = async () => {
     if (busy || over) return;
@@ -74,10 +91,21 @@ export function watchContainerd(o: { sockets: string[]; dirs: string[]; grace: (
       if (verdict === 'gone' && !over) {
         over = true;
         clearInterval(timer);
-        o.onGone(missing ? `${missing} is gone` : `containerd's sockets (${sockets.join(', ')}) accepted no connection for ${Math.round((at - (lastReachableAt ?? since)) / 1000)} s`);
+        o.onGone(
+          missing
+            ? `${missing} is gone`
+            : `containerd's sockets (${sockets.join(', ')}) accepted no connection for ${Math.round((at - (lastReachableAt ?? since)) / 1000)} s`,
+        );
       }
-    } finally { busy = false; }
+    } finally {
+      busy = false;
+    }
   };
   const timer = setInterval(() => void look(), o.intervalMs ?? WATCH_INTERVAL_MS);
-  return { stop: () => { over = true; clearInterval(timer); } };
+  return {
+    stop: () => {
+      over = true;
+      clearInterval(timer);
+    },
+  };
 }

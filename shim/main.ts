@@ -29,7 +29,8 @@ async function deleteAfter(a: ShimArgs): Promise<number> {
     // and only if its shim is gone: containerd also runs this after an orderly shutdown
     const same = !!info && info.identity?.vmgenid === named.vmgenid;
     const owner = info?.owner?.pid;
-    if (m && same && !(owner && owner !== process.pid && processAlive(owner))) await m.remove({ force: true }).catch((e) => process.stderr.write(`scion shim: removing ${named.name}: ${(e as Error).message}\n`));
+    if (m && same && !(owner && owner !== process.pid && processAlive(owner)))
+      await m.remove({ force: true }).catch((e) => process.stderr.write(`scion shim: removing ${named.name}: ${(e as Error).message}\n`));
   }
   await rm(socketPath(a.namespace, a.id), { force: true });
   process.stdout.write(encode('containerd.task.v2.DeleteResponse', { pid: 0, exitStatus: 137, exitedAt: timestamp(Date.now()) }));
@@ -63,25 +64,48 @@ async function spare(a: ShimArgs): Promise<number> {
       c.on('data', (d) => {
         buf += d;
         const i = buf.indexOf('\n');
-        if (i < 0) { if (buf.length > 8192) c.destroy(); return; }
+        if (i < 0) {
+          if (buf.length > 8192) c.destroy();
+          return;
+        }
         let t: { id?: unknown; bundle?: unknown };
-        try { t = JSON.parse(buf.slice(0, i)); } catch { c.end('bad request\n'); return; }
+        try {
+          t = JSON.parse(buf.slice(0, i));
+        } catch {
+          c.end('bad request\n');
+          return;
+        }
         // the task's id and bundle as containerd gave them to `start`: checked as containerd's own would be
-        if (typeof t.id !== 'string' || !TASK_ID.test(t.id) || typeof t.bundle !== 'string' || !isAbsolute(t.bundle) || !existsSync(join(t.bundle, 'config.json'))) { c.end('bad request\n'); return; }
+        if (
+          typeof t.id !== 'string' ||
+          !TASK_ID.test(t.id) ||
+          typeof t.bundle !== 'string' ||
+          !isAbsolute(t.bundle) ||
+          !existsSync(join(t.bundle, 'config.json'))
+        ) {
+          c.end('bad request\n');
+          return;
+        }
         finish({ id: t.id, bundle: t.bundle, answer: (ok) => c.end(ok ? 'ok\n' : 'failed\n') });
       });
       c.on('error', () => {});
     });
     const idle = setTimeout(() => finish(undefined), SPARE_IDLE_MS);
     // its containerd gone (its sockets dead or removed), or the shim directory: nobody will take it
-    const watch = watchContainerd({ sockets: [ttrpc ?? `${a.address}.ttrpc`, a.address], dirs: [dir], grace: () => IDLE_ORPHAN_GRACE_MS, onGone: () => finish(undefined) });
+    const watch = watchContainerd({
+      sockets: [ttrpc ?? `${a.address}.ttrpc`, a.address],
+      dirs: [dir],
+      grace: () => IDLE_ORPHAN_GRACE_MS,
+      onGone: () => finish(undefined),
+    });
     const onSignal = () => finish(undefined);
     process.on('SIGTERM', onSignal).on('SIGINT', onSignal);
     let over = false;
     function finish(v: { id: string; bundle: string; answer: (ok: boolean) => void } | undefined) {
       if (over) return;
       over = true;
-      clearTimeout(idle); watch.stop();
+      clearTimeout(idle);
+      watch.stop();
       process.off('SIGTERM', onSignal).off('SIGINT', onSignal);
       server.close();
       void rm(control, { force: true }).finally(() => resolve(v));
@@ -104,33 +128,71 @@ async function serveTask(a: ShimArgs, id: string, socket: string, serving?: (ok:
   publisher.onDropped = (topic, e) => log(`event ${topic} not delivered: ${e.message}`);
   const server = new TtrpcServer();
   let done!: () => void;
-  const finished = new Promise<void>((r) => { done = r; });
-  const service = new TaskService({ namespace: a.namespace, publisher, template: config().shimTemplate, workDir: shimDir(), log, onShutdown: done, onIdleChange: () => server.onLastClose?.() });
+  const finished = new Promise<void>((r) => {
+    done = r;
+  });
+  const service = new TaskService({
+    namespace: a.namespace,
+    publisher,
+    template: config().shimTemplate,
+    workDir: shimDir(),
+    log,
+    onShutdown: done,
+    onIdleChange: () => server.onLastClose?.(),
+  });
   server.onError = (e) => log(`internal error: ${e.stack ?? e.message}`);
   server.register('containerd.task.v2.Task', service.handlers, ['containerd.task.v3.Task']);
   // A shim with no task that containerd is not connected to can never be used again (containerd
   // reconnects only to shims with tasks): it goes, whether or not a Shutdown reached it.
-  const stop = async () => { await service.teardown().catch((e) => log(`teardown: ${(e as Error).message}`)); done(); };
+  const stop = async () => {
+    await service.teardown().catch((e) => log(`teardown: ${(e as Error).message}`));
+    done();
+  };
   // Told to go (SIGTERM), or its containerd gone for good: what it holds is handed back first
   // (shutdown), within a bound; a second signal, or the bound passed, ends it at once.
   let abandoning = false;
   const abandon = (why: string) => {
-    if (abandoning) { log(`${why} again: exiting now`); process.exit(1); }
+    if (abandoning) {
+      log(`${why} again: exiting now`);
+      process.exit(1);
+    }
     abandoning = true;
     log(`${why}: removing what this shim holds and exiting`);
-    setTimeout(() => { log(`not done within ${ABANDON_MS / 1000} s: exiting anyway`); process.exit(1); }, ABANDON_MS).unref();
-    void service.shutdown().catch((e) => log(`shutdown: ${(e as Error).message}`)).finally(done);
+    setTimeout(() => {
+      log(`not done within ${ABANDON_MS / 1000} s: exiting anyway`);
+      process.exit(1);
+    }, ABANDON_MS).unref();
+    void service
+      .shutdown()
+      .catch((e) => log(`shutdown: ${(e as Error).message}`))
+      .finally(done);
   };
   const watch = watchContainerd({
-    sockets: [ttrpcAddress, a.address], dirs: [process.cwd()],
+    sockets: [ttrpcAddress, a.address],
+    dirs: [process.cwd()],
     grace: () => (service.idle() ? IDLE_ORPHAN_GRACE_MS : ORPHAN_GRACE_MS),
     onGone: (why) => abandon(`its containerd is gone (${why})`),
   });
-  server.onLastClose = () => { if (!server.connections && service.idle()) { log('containerd disconnected and no task is left: exiting'); void stop(); } };
-  try { await server.listen(socket); } catch (e) { serving?.(false); throw e; }
+  server.onLastClose = () => {
+    if (!server.connections && service.idle()) {
+      log('containerd disconnected and no task is left: exiting');
+      void stop();
+    }
+  };
+  try {
+    await server.listen(socket);
+  } catch (e) {
+    serving?.(false);
+    throw e;
+  }
   serving?.(true);
   log(`serving ${id} ${serving ? '(a spare, taken)' : `${(process.uptime() * 1000).toFixed(0)} ms after the process started`}`);
-  const unclaimed = setTimeout(() => { if (!server.connections && service.idle()) { log(`containerd did not connect within ${UNCLAIMED_MS / 1000} s: exiting`); void stop(); } }, UNCLAIMED_MS);
+  const unclaimed = setTimeout(() => {
+    if (!server.connections && service.idle()) {
+      log(`containerd did not connect within ${UNCLAIMED_MS / 1000} s: exiting`);
+      void stop();
+    }
+  }, UNCLAIMED_MS);
   unclaimed.unref();
   process.on('SIGTERM', () => abandon('SIGTERM'));
   process.on('SIGINT', () => abandon('SIGINT'));
@@ -148,8 +210,15 @@ async function serveTask(a: ShimArgs, id: string, socket: string, serving?: (ok:
 /** Run the shim with containerd's arguments; `self` is how to start this binary again (for `serve`). */
 export async function runShim(argv: string[], self: string[]): Promise<number> {
   let a: ShimArgs;
-  try { a = parseShimArgs(argv); } catch (e) {
-    if (e instanceof ShimUsageError) { process.stderr.write(`containerd-shim-scion-v2: ${e.message}\nusage: containerd-shim-scion-v2 -namespace NS -id ID -address ADDR [-publish-binary BIN] [-bundle DIR] start|delete\n`); return 2; }
+  try {
+    a = parseShimArgs(argv);
+  } catch (e) {
+    if (e instanceof ShimUsageError) {
+      process.stderr.write(
+        `containerd-shim-scion-v2: ${e.message}\nusage: containerd-shim-scion-v2 -namespace NS -id ID -address ADDR [-publish-binary BIN] [-bundle DIR] start|delete\n`,
+      );
+      return 2;
+    }
     throw e;
   }
   if (a.action === 'start') return start(a, self);

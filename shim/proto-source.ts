@@ -23,14 +23,25 @@ export const PROTO_FILES = [
 ];
 
 /** Import roots, in order: Debian's Go source tree, gogo's copies of google/protobuf and googleapis, ours. */
-const INCLUDE = [GOCODE, `${GOCODE}/github.com/gogo/protobuf/protobuf`, `${GOCODE}/github.com/gogo/protobuf`, `${GOCODE}/github.com/gogo/googleapis`, SHIM_PROTO_DIR];
+const INCLUDE = [
+  GOCODE,
+  `${GOCODE}/github.com/gogo/protobuf/protobuf`,
+  `${GOCODE}/github.com/gogo/protobuf`,
+  `${GOCODE}/github.com/gogo/googleapis`,
+  SHIM_PROTO_DIR,
+];
 
 export async function loadProtoFiles(): Promise<protobuf.Root> {
   const root = new protobuf.Root();
   root.resolvePath = (_origin, target) => {
     for (const base of INCLUDE) {
       const p = join(base, target);
-      try { accessSync(p); return p; } catch { /* not under this root: try the next */ }
+      try {
+        accessSync(p);
+        return p;
+      } catch {
+        /* not under this root: try the next */
+      }
     }
     throw new Error(`${target}: not found under ${INCLUDE.join(', ')} (scripts/setup.sh installs the packages that ship it)`);
   };

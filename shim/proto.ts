@@ -44,5 +44,12 @@ export function timestamp(ms: number): Msg {
 /** A service's methods: name -> fully qualified request and response type names. */
 export function methods(service: string): Map<string, { request: string; response: string }> {
   const name = (t: protobuf.Type | null | undefined) => t!.fullName.replace(/^\./, '');
-  return new Map(protoRoot().lookupService(service).methodsArray.map((m) => { m.resolve(); return [m.name, { request: name(m.resolvedRequestType), response: name(m.resolvedResponseType) }]; }));
+  return new Map(
+    protoRoot()
+      .lookupService(service)
+      .methodsArray.map((m) => {
+        m.resolve();
+        return [m.name, { request: name(m.resolvedRequestType), response: name(m.resolvedResponseType) }];
+      }),
+  );
 }

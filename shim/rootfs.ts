@@ -9,7 +9,12 @@ import { mkdir, mkdtemp, rm, rmdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { run } from '../common/run.ts';
 
-export interface Mount { type: string; source: string; target?: string; options: string[] }
+export interface Mount {
+  type: string;
+  source: string;
+  target?: string;
+  options: string[];
+}
 
 /** mount(8) argv for one of containerd's mounts at `target`. Pure. */
 export function mountArgv(m: Mount, target: string): string[] {
@@ -31,11 +36,18 @@ export async function packRootfs(mounts: Mount[], workDir: string): Promise<stri
   const image = `${target}.erofs`;
   const mounted: string[] = [];
   try {
-    for (const m of mounts) { const [cmd, ...args] = mountArgv(m, target); await run(cmd, args, { what: `mounting the task's rootfs (${m.type})` }); mounted.push(target); }
+    for (const m of mounts) {
+      const [cmd, ...args] = mountArgv(m, target);
+      await run(cmd, args, { what: `mounting the task's rootfs (${m.type})` });
+      mounted.push(target);
+    }
     const [cmd, ...args] = mkfsArgv(image, target);
     await run(cmd, args, { what: 'mkfs.erofs (the task rootfs image)' });
     return image;
-  } catch (e) { await rm(image, { force: true }); throw e; } finally {
+  } catch (e) {
+    await rm(image, { force: true });
+    throw e;
+  } finally {
     for (const t of mounted.reverse()) await run('umount', [t], { what: 'unmounting the task rootfs' }).catch(() => undefined);
     // never recursive: were an unmount to fail, the snapshot's files would be under it
     await rmdir(target).catch(() => undefined);

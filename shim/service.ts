@@ -20,7 +20,7 @@ import { Machine } from '../host/machine/machine.ts';
 import { loadImage } from '../host/image.ts';
 import type { AgentClient } from '../host/agent-client.ts';
 import { TtrpcError, Code, type Handler } from './ttrpc.ts';
-import { EventPublisher } from './events.ts';
+import type { EventPublisher } from './events.ts';
 import { guestSpec, parseResolvConf, resolvConfSource, type OciSpec } from './spec.ts';
 import type { DnsConfig } from '../common/contracts.ts';
 import { packRootfs, type Mount } from './rootfs.ts';
@@ -72,7 +72,9 @@ async function podDns(config: OciSpec): Promise<DnsConfig | undefined> {
     const buf = Buffer.alloc(64 * 1024);
     const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
     return parseResolvConf(buf.subarray(0, bytesRead).toString('utf8'));
-  } finally { await fh.close(); }
+  } finally {
+    await fh.close();
+  }
 }
 
 /** The cgroup v2 metrics message containerd reads a task's stats as (`ctr tasks metrics`, CRI's ContainerStats). */
@@ -94,19 +96,37 @@ export function diskSerial(id: string): string {
 }
 
 interface Proc {
-  execId: string; pid: number; status: number; exitStatus: number; exitedAt?: number;
-  stdin: string; stdout: string; stderr: string;
+  execId: string;
+  pid: number;
+  status: number;
+  exitStatus: number;
+  exitedAt?: number;
+  stdin: string;
+  stdout: string;
+  stderr: string;
   /** on a pty in the guest (containerd then gives one output FIFO: stdout) */
   terminal: boolean;
   spec?: Record<string, unknown>;
-  exited: Promise<void>; resolveExit: () => void;
+  exited: Promise<void>;
+  resolveExit: () => void;
   /** its streams' ports and FIFOs, from its start */
   io?: ProcessStdio;
 }
-interface Task { id: string; bundle: string; kind: TaskKind; procs: Map<string, Proc>; disk?: string }
+interface Task {
+  id: string;
+  bundle: string;
+  kind: TaskKind;
+  procs: Map<string, Proc>;
+  disk?: string;
+}
 
 export interface ShimOptions {
-  namespace: string; publisher: EventPublisher; template: string; workDir: string; log: (m: string) => void; onShutdown: () => void;
+  namespace: string;
+  publisher: EventPublisher;
+  template: string;
+  workDir: string;
+  log: (m: string) => void;
+  onShutdown: () => void;
   /** told when a pool refill ends (the shim may have become idle) */
   onIdleChange?: () => void;
 }
@@ -126,7 +146,9 @@ export class TaskService {
   private readonly tasks = new Map<string, Task>();
 
   constructor(private readonly o: ShimOptions) {
-    this.vmGone = new Promise((r) => { this.markVmGone = r; });
+    this.vmGone = new Promise((r) => {
+      this.markVmGone = r;
+    });
   }
 
   private task(id: string): Task {
@@ -144,8 +166,21 @@ export class TaskService {
 
   private newProc(t: Task, execId: string, io: { stdin: string; stdout: string; stderr: string; terminal?: boolean }): Proc {
     let resolveExit!: () => void;
-    const exited = new Promise<void>((r) => { resolveExit = r; });
-    const p: Proc = { execId, pid: 0, status: Status.CREATED, exitStatus: 0, stdin: io.stdin, stdout: io.stdout, stderr: io.stderr, terminal: io.terminal === true, exited, resolveExit };
+    const exited = new Promise<void>((r) => {
+      resolveExit = r;
+    });
+    const p: Proc = {
+      execId,
+      pid: 0,
+      status: Status.CREATED,
+      exitStatus: 0,
+      stdin: io.stdin,
+      stdout: io.stdout,
+      stderr: io.stderr,
+      terminal: io.terminal === true,
+      exited,
+      resolveExit,
+    };
     t.procs.set(execId, p);
     return p;
   }
@@ -160,9 +195,15 @@ export class TaskService {
    */
   private ended(t: Task, p: Proc, exitCode: number, exitedAt: number, sent?: { stdout?: number; stderr?: number }) {
     if (p.status === Status.STOPPED) return;
-    p.status = Status.STOPPED; p.exitStatus = exitCode; p.exitedAt = exitedAt;
+    p.status = Status.STOPPED;
+    p.exitStatus = exitCode;
+    p.exitedAt = exitedAt;
     const drained = p.io ? p.io.drain(sent, this.vmGone).catch((e) => this.o.log(`output of ${p.execId || t.id}: ${(e as Error).message}`)) : Promise.resolve();
-    void drained.then(() => this.o.publisher.publish('/tasks/exit', { containerId: t.id, id: p.execId || t.id, pid: p.pid, exitStatus: exitCode, exitedAt: timestamp(exitedAt) })).then(() => p.resolveExit());
+    void drained
+      .then(() =>
+        this.o.publisher.publish('/tasks/exit', { containerId: t.id, id: p.execId || t.id, pid: p.pid, exitStatus: exitCode, exitedAt: timestamp(exitedAt) }),
+      )
+      .then(() => p.resolveExit());
   }
 
   private onAgentEvent = (e: { event: string; data: unknown }) => {
@@ -178,7 +219,8 @@ export class TaskService {
   private async openStdio(t: Task, p: Proc): Promise<void> {
     const t0 = performance.now();
     p.io = await ProcessStdio.open(this.machine!, streamKey(t.id, p.execId), p, (m) => this.o.log(`${p.execId || t.id} ${m}`));
-    if (Object.keys(p.io.stdio).length) this.o.log(`${p.execId || t.id}: stdio ports (${Object.keys(p.io.stdio).join(', ')}) added in ${(performance.now() - t0).toFixed(0)} ms`);
+    if (Object.keys(p.io.stdio).length)
+      this.o.log(`${p.execId || t.id}: stdio ports (${Object.keys(p.io.stdio).join(', ')}) added in ${(performance.now() - t0).toFixed(0)} ms`);
   }
 
   /**
@@ -190,17 +232,29 @@ export class TaskService {
   private async templateFor(annotations: Record<string, string>): Promise<string> {
     const ref = annotations[IMAGE_ANNOTATION];
     if (!ref) return annotations[TEMPLATE_ANNOTATION] ?? this.o.template;
-    if (annotations[TEMPLATE_ANNOTATION]) throw new TtrpcError(Code.INVALID_ARGUMENT, `the annotations ${IMAGE_ANNOTATION} and ${TEMPLATE_ANNOTATION} name a pod's template two ways: keep one`);
+    if (annotations[TEMPLATE_ANNOTATION])
+      throw new TtrpcError(Code.INVALID_ARGUMENT, `the annotations ${IMAGE_ANNOTATION} and ${TEMPLATE_ANNOTATION} name a pod's template two ways: keep one`);
     const allowed = config().shimImagePrefixes;
-    if (!imageAllowed(ref, allowed)) throw new TtrpcError(Code.PERMISSION_DENIED, `${IMAGE_ANNOTATION}: ${ref} is not under a reference this node allows (SCION_SHIM_IMAGES: ${allowed.length ? allowed.join(', ') : 'unset, so none'}); add its registry/repository prefix to SCION_SHIM_IMAGES in containerd's environment`);
+    if (!imageAllowed(ref, allowed))
+      throw new TtrpcError(
+        Code.PERMISSION_DENIED,
+        `${IMAGE_ANNOTATION}: ${ref} is not under a reference this node allows (SCION_SHIM_IMAGES: ${allowed.length ? allowed.join(', ') : 'unset, so none'}); add its registry/repository prefix to SCION_SHIM_IMAGES in containerd's environment`,
+      );
     // loaded only here: pulling and booting bring in what a fork does not need
     const { ensureTemplate } = await import('../host/up.ts');
     try {
-      const t = await ensureTemplate(ref, { net: { mode: 'tap' }, name: (img) => `${img.name.slice(0, 40)}-${img.manifestSha256.slice(0, 12)}-tpl`, log: (m) => this.o.log(`template of ${ref}: ${m}`) });
+      const t = await ensureTemplate(ref, {
+        net: { mode: 'tap' },
+        name: (img) => `${img.name.slice(0, 40)}-${img.manifestSha256.slice(0, 12)}-tpl`,
+        log: (m) => this.o.log(`template of ${ref}: ${m}`),
+      });
       return t.name;
     } catch (e) {
       const err = e as Error & { hint?: string };
-      throw new TtrpcError(Code.FAILED_PRECONDITION, `cannot make a template of ${ref} (annotation ${IMAGE_ANNOTATION}): ${err.message}${err.hint ? ` (${err.hint})` : ''}`);
+      throw new TtrpcError(
+        Code.FAILED_PRECONDITION,
+        `cannot make a template of ${ref} (annotation ${IMAGE_ANNOTATION}): ${err.message}${err.hint ? ` (${err.hint})` : ''}`,
+      );
     }
   }
 
@@ -208,7 +262,11 @@ export class TaskService {
   private async pod(annotations: Record<string, string>, hostname?: string, netns?: string, dns?: DnsConfig): Promise<Machine> {
     if (this.machine) return this.machine;
     const mode = bootMode(annotations);
-    if (!mode) throw new TtrpcError(Code.INVALID_ARGUMENT, `annotation ${BOOT_ANNOTATION}: ${JSON.stringify(annotations[BOOT_ANNOTATION])} is not one of ${BOOT_MODES.join(', ')}`);
+    if (!mode)
+      throw new TtrpcError(
+        Code.INVALID_ARGUMENT,
+        `annotation ${BOOT_ANNOTATION}: ${JSON.stringify(annotations[BOOT_ANNOTATION])} is not one of ${BOOT_MODES.join(', ')}`,
+      );
     this.forking ??= (async () => {
       const template = await this.templateFor(annotations);
       const pod = netns ? { netns, dev: 'eth0' } : undefined;
@@ -219,17 +277,30 @@ export class TaskService {
       const make = async (): Promise<Machine> => {
         if (mode === 'cold') return this.coldBoot(template, { hostname, pod, owner, dns });
         const pooled = mode === 'pool' && poolSize > 0 ? await Machine.claimPooled(template, { hostname, pod, dns, owner, log: this.o.log }) : undefined;
-        if (pooled) { how = 'taken from the pool'; return pooled; }
+        if (pooled) {
+          how = 'taken from the pool';
+          return pooled;
+        }
         return Machine.forkTemplate(template, { prefix: 'pod', hostname, pod, owner, dns });
       };
       const m = await make().catch((e: Error & { hint?: string }) => {
-        throw new TtrpcError(Code.FAILED_PRECONDITION, `cannot fork a pod VM from template ${template}: ${e.message}${e.hint ? ` (${e.hint}; the template comes from the annotation ${TEMPLATE_ANNOTATION}, else SCION_SHIM_TEMPLATE, else pod-tpl)` : ''}`);
+        throw new TtrpcError(
+          Code.FAILED_PRECONDITION,
+          `cannot fork a pod VM from template ${template}: ${e.message}${e.hint ? ` (${e.hint}; the template comes from the annotation ${TEMPLATE_ANNOTATION}, else SCION_SHIM_TEMPLATE, else pod-tpl)` : ''}`,
+        );
       });
       try {
         this.agent = await m.agent();
         // task stdio on ports needs an agent of protocol 2 (a template frozen with an older image's agent would lose every byte)
-        if ((this.agent.protocol ?? 0) < TASK_PROTOCOL) throw new TtrpcError(Code.FAILED_PRECONDITION, `the agent of template ${template} speaks protocol ${this.agent.protocol ?? 'unknown'}; pods need ${TASK_PROTOCOL} (task stdio on ports): rebuild its image and freeze the template again`);
-      } catch (e) { await m.remove({ force: true }).catch(() => undefined); throw e; }
+        if ((this.agent.protocol ?? 0) < TASK_PROTOCOL)
+          throw new TtrpcError(
+            Code.FAILED_PRECONDITION,
+            `the agent of template ${template} speaks protocol ${this.agent.protocol ?? 'unknown'}; pods need ${TASK_PROTOCOL} (task stdio on ports): rebuild its image and freeze the template again`,
+          );
+      } catch (e) {
+        await m.remove({ force: true }).catch(() => undefined);
+        throw e;
+      }
       this.o.log(`pod VM ${m.name} ${how} and its agent reached in ${(performance.now() - t0).toFixed(0)} ms`);
       this.agent.onEvent(this.onAgentEvent);
       // the VM went away under the pod (its QEMU killed, or removed): every process of it ended, as if SIGKILLed
@@ -250,7 +321,11 @@ export class TaskService {
       }
       return m;
     })();
-    try { return await this.forking; } finally { this.forking = undefined; }
+    try {
+      return await this.forking;
+    } finally {
+      this.forking = undefined;
+    }
   }
 
   private poolTemplate?: string;
@@ -276,9 +351,14 @@ export class TaskService {
     this.poolTemplate = undefined;
     const t0 = performance.now();
     this.filling = Machine.fillPool(template, { size: config().shimPool, prefix: 'pod', log: this.o.log, signal: this.closing.signal })
-      .then((n) => { if (n) this.o.log(`pool of ${template}: ${n} VM${n > 1 ? 's' : ''} added in ${(performance.now() - t0).toFixed(0)} ms`); })
+      .then((n) => {
+        if (n) this.o.log(`pool of ${template}: ${n} VM${n > 1 ? 's' : ''} added in ${(performance.now() - t0).toFixed(0)} ms`);
+      })
       .catch((e) => this.o.log(`pool of ${template} not refilled: ${(e as Error).message}`))
-      .finally(() => { this.filling = undefined; this.o.onIdleChange?.(); });
+      .finally(() => {
+        this.filling = undefined;
+        this.o.onIdleChange?.();
+      });
   }
 
   /** Wait for a pool refill under way (a shim about to exit lets it finish: the VM it makes is not the pod's). */
@@ -292,12 +372,21 @@ export class TaskService {
    * io.scion.boot: cold), as a VM runtime without templating does: the
    * baseline bench:cri compares the fork with.
    */
-  private async coldBoot(template: string, o: { hostname?: string; pod?: { netns: string; dev: string }; owner: { pid: number; kind: string }; dns?: DnsConfig }): Promise<Machine> {
+  private async coldBoot(
+    template: string,
+    o: { hostname?: string; pod?: { netns: string; dev: string }; owner: { pid: number; kind: string }; dns?: DnsConfig },
+  ): Promise<Machine> {
     const tpl = await Machine.find(template);
     if (!tpl) throw new TtrpcError(Code.FAILED_PRECONDITION, `no template ${template} to take the image of`);
     const img = await loadImage(tpl.info().image);
     tpl.close();
-    return Machine.boot(img, { name: `pod-cold-${randomBytes(4).toString('hex')}`, hostname: o.hostname, net: o.pod ? { mode: 'pod', ...o.pod } : undefined, owner: o.owner, dns: o.dns });
+    return Machine.boot(img, {
+      name: `pod-cold-${randomBytes(4).toString('hex')}`,
+      hostname: o.hostname,
+      net: o.pod ? { mode: 'pod', ...o.pod } : undefined,
+      owner: o.owner,
+      dns: o.dns,
+    });
   }
 
   /** A container's rootfs into the pod's VM and its config into the agent. */
@@ -308,14 +397,23 @@ export class TaskService {
     const t1 = performance.now();
     try {
       await m.attachDisk(image, t.disk!);
-    } catch (e) { await rm(image, { force: true }); throw e; }
+    } catch (e) {
+      await rm(image, { force: true });
+      throw e;
+    }
     const t2 = performance.now();
     const { spec, dropped, podPid } = guestSpec(config, { hostname: m.info().identity?.hostname });
     if (dropped.length) this.o.log(`${t.id}: left out in the guest: ${dropped.join('; ')}`);
     try {
-      const made = await this.agent!.call('task.create', { id: t.id, disk: t.disk!, spec, terminal: terminal || undefined, podPid: podPid || undefined }, 60_000);
+      const made = await this.agent!.call(
+        'task.create',
+        { id: t.id, disk: t.disk!, spec, terminal: terminal || undefined, podPid: podPid || undefined },
+        60_000,
+      );
       const s = made.stepsMs;
-      this.o.log(`${t.id}: rootfs packed in ${(t1 - t0).toFixed(0)} ms, plugged in ${(t2 - t1).toFixed(0)} ms, created in the guest in ${(performance.now() - t2).toFixed(0)} ms${s ? ` (disk seen after ${s.device} ms, mounted in ${s.mount} ms${s.podPid ? `, the pod's pid namespace joined in ${s.podPid} ms` : ''})` : ''}`);
+      this.o.log(
+        `${t.id}: rootfs packed in ${(t1 - t0).toFixed(0)} ms, plugged in ${(t2 - t1).toFixed(0)} ms, created in the guest in ${(performance.now() - t2).toFixed(0)} ms${s ? ` (disk seen after ${s.device} ms, mounted in ${s.mount} ms${s.podPid ? `, the pod's pid namespace joined in ${s.podPid} ms` : ''})` : ''}`,
+      );
     } catch (e) {
       // the pod lives on: its hotplug port and the disk file go back (a lone task's VM goes whole, by the caller)
       await m.detachDisk(t.disk!).catch((d) => this.o.log(`unplugging ${t.id}'s rootfs: ${(d as Error).message}`));
@@ -350,7 +448,13 @@ export class TaskService {
       }
       const p = this.newProc(t, '', req);
       if (kind === 'sandbox') p.pid = this.machine!.info().pid ?? 0; // the pod is the VM: its process is QEMU
-      await this.o.publisher.publish('/tasks/create', { containerId: req.id, bundle: req.bundle, rootfs: req.rootfs, io: { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: false }, pid: p.pid });
+      await this.o.publisher.publish('/tasks/create', {
+        containerId: req.id,
+        bundle: req.bundle,
+        rootfs: req.rootfs,
+        io: { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: false },
+        pid: p.pid,
+      });
       return { pid: p.pid };
     },
     Start: async (r) => {
@@ -362,12 +466,16 @@ export class TaskService {
         await this.openStdio(t, p);
         const t0 = performance.now();
         const stdio = p.io!.stdio;
-        let res;
+        let res: { pid: number };
         try {
           res = execId
             ? await this.agent!.call('task.exec', { id: t.id, execId, process: p.spec!, terminal: p.terminal || undefined, stdio }, 60_000)
             : await this.agent!.call('task.start', { id: t.id, stdio }, 60_000);
-        } catch (e) { await p.io!.close(); p.io = undefined; throw e; }
+        } catch (e) {
+          await p.io!.close();
+          p.io = undefined;
+          throw e;
+        }
         p.pid = res.pid;
         this.o.log(`${execId || t.id}: started in the guest in ${(performance.now() - t0).toFixed(0)} ms`);
         // the pool is refilled a little after the pod's first container started: not while it starts serving
@@ -390,7 +498,19 @@ export class TaskService {
     },
     State: (r) => {
       const { t, p } = this.proc(String(r.id), String(r.execId ?? ''));
-      return { id: p.execId || t.id, bundle: t.bundle, pid: p.pid, status: p.status, stdin: p.stdin, stdout: p.stdout, stderr: p.stderr, terminal: false, exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt ?? 0), execId: p.execId };
+      return {
+        id: p.execId || t.id,
+        bundle: t.bundle,
+        pid: p.pid,
+        status: p.status,
+        stdin: p.stdin,
+        stdout: p.stdout,
+        stderr: p.stderr,
+        terminal: false,
+        exitStatus: p.exitStatus,
+        exitedAt: timestamp(p.exitedAt ?? 0),
+        execId: p.execId,
+      };
     },
     Wait: async (r) => {
       const { p } = this.proc(String(r.id), String(r.execId ?? ''));
@@ -403,7 +523,10 @@ export class TaskService {
       const signal = Number(r.signal) || 15;
       if (p.status === Status.STOPPED) return {};
       // the sandbox ends when told to: its containers' processes stay until they are killed or the VM goes
-      if (t.kind === 'sandbox') { this.ended(t, p, 128 + signal, Date.now()); return {}; }
+      if (t.kind === 'sandbox') {
+        this.ended(t, p, 128 + signal, Date.now());
+        return {};
+      }
       if (p.status !== Status.RUNNING) return {};
       await this.agent!.call('task.kill', { id: t.id, execId: execId || undefined, signal, all: r.all === true }, 15_000);
       return {};
@@ -438,10 +561,18 @@ export class TaskService {
       const execId = String(r.execId ?? '');
       const { t, p } = this.proc(String(r.id), execId);
       const answer = { pid: p.pid, exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt ?? Date.now()) };
-      if (execId) { t.procs.delete(execId); await p.io?.close(); return answer; }
+      if (execId) {
+        t.procs.delete(execId);
+        await p.io?.close();
+        return answer;
+      }
       for (const x of t.procs.values()) await x.io?.close();
       if (t.kind !== 'sandbox' && this.machine) {
-        try { await this.agent?.call('task.delete', { id: t.id }, 20_000); } catch (e) { this.o.log(`task.delete ${t.id}: ${(e as Error).message}`); }
+        try {
+          await this.agent?.call('task.delete', { id: t.id }, 20_000);
+        } catch (e) {
+          this.o.log(`task.delete ${t.id}: ${(e as Error).message}`);
+        }
         if (t.kind === 'container') await this.machine.detachDisk(t.disk!).catch((e) => this.o.log(`unplugging ${t.id}'s rootfs: ${(e as Error).message}`));
       }
       this.tasks.delete(t.id);
@@ -474,14 +605,18 @@ export class TaskService {
   }
 
   /** Whether it serves no task (and is not making its pod VM). */
-  idle(): boolean { return !this.tasks.size && !this.forking && !this.filling; }
+  idle(): boolean {
+    return !this.tasks.size && !this.forking && !this.filling;
+  }
 
   /** The pod VM and everything of it go. */
   async teardown(): Promise<void> {
     const m = this.machine;
     this.machine = undefined;
     if (!m) return;
-    await m.remove({ force: true }).catch((e: Error & { code?: string }) => { if (e.code !== 'E_NO_VM') throw e; }); // gone already: nothing to do
+    await m.remove({ force: true }).catch((e: Error & { code?: string }) => {
+      if (e.code !== 'E_NO_VM') throw e;
+    }); // gone already: nothing to do
     m.close();
   }
 }

@@ -25,7 +25,10 @@ export const SPARE_IDLE_MS = 10 * 60_000;
 
 /** A key per containerd (its addresses) and namespace: a spare serves only the containerd and namespace it was made for. Pure. */
 export function spareKey(a: Pick<ShimArgs, 'namespace' | 'address'>, ttrpcAddress: string | undefined): string {
-  return createHash('sha256').update(`${a.address}\n${ttrpcAddress ?? ''}\n${a.namespace}`).digest('hex').slice(0, 12);
+  return createHash('sha256')
+    .update(`${a.address}\n${ttrpcAddress ?? ''}\n${a.namespace}`)
+    .digest('hex')
+    .slice(0, 12);
 }
 
 /** The control socket's file name of the spare `pid` for `key`. Pure. */
@@ -39,7 +42,17 @@ export function sparesOf(names: string[], key: string): string[] {
 
 /** The spare's argv (this binary's flags, the action `spare`). Pure. */
 export function spareArgs(a: ShimArgs): string[] {
-  return ['-namespace', a.namespace, '-id', 'spare', '-address', a.address, ...(a.publishBinary ? ['-publish-binary', a.publishBinary] : []), ...(a.debug ? ['-debug'] : []), 'spare'];
+  return [
+    '-namespace',
+    a.namespace,
+    '-id',
+    'spare',
+    '-address',
+    a.address,
+    ...(a.publishBinary ? ['-publish-binary', a.publishBinary] : []),
+    ...(a.debug ? ['-debug'] : []),
+    'spare',
+  ];
 }
 
 /** One request line to a spare's control socket; its answer line. */
@@ -47,11 +60,28 @@ function ask(path: string, line: string, timeoutMs: number): Promise<string> {
   return new Promise((resolve, reject) => {
     const s = connect(path);
     let buf = '';
-    const t = setTimeout(() => { s.destroy(); reject(new Error(`no answer within ${timeoutMs} ms`)); }, timeoutMs);
+    const t = setTimeout(() => {
+      s.destroy();
+      reject(new Error(`no answer within ${timeoutMs} ms`));
+    }, timeoutMs);
     s.on('connect', () => s.write(line));
-    s.on('data', (c) => { buf += c; const i = buf.indexOf('\n'); if (i >= 0) { clearTimeout(t); s.end(); resolve(buf.slice(0, i)); } });
-    s.on('error', (e) => { clearTimeout(t); reject(e); });
-    s.on('close', () => { clearTimeout(t); if (!buf.includes('\n')) reject(new Error('the spare closed the connection')); });
+    s.on('data', (c) => {
+      buf += c;
+      const i = buf.indexOf('\n');
+      if (i >= 0) {
+        clearTimeout(t);
+        s.end();
+        resolve(buf.slice(0, i));
+      }
+    });
+    s.on('error', (e) => {
+      clearTimeout(t);
+      reject(e);
+    });
+    s.on('close', () => {
+      clearTimeout(t);
+      if (!buf.includes('\n')) reject(new Error('the spare closed the connection'));
+    });
   });
 }
 
@@ -63,10 +93,18 @@ export async function adoptSpare(dir: string, key: string, task: { id: string; b
   const names = await readdir(dir).catch(() => [] as string[]);
   for (const n of sparesOf(names, key)) {
     const taken = join(dir, `taken-${process.pid}-${n}`);
-    try { await rename(join(dir, n), taken); } catch { continue; } // another start took it
+    try {
+      await rename(join(dir, n), taken);
+    } catch {
+      continue;
+    } // another start took it
     try {
       if ((await ask(taken, JSON.stringify(task) + '\n', 10_000)) === 'ok') return true;
-    } catch { /* gone or failed: the next one, or a process of its own */ } finally { await rm(taken, { force: true }); }
+    } catch {
+      /* gone or failed: the next one, or a process of its own */
+    } finally {
+      await rm(taken, { force: true });
+    }
   }
   return false;
 }

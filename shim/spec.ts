@@ -19,14 +19,21 @@ const GUEST_FILES = new Set(['/etc/hosts', '/etc/hostname', '/etc/resolv.conf'])
 const SELF_MADE = new Set(['proc', 'sysfs', 'tmpfs', 'devpts', 'mqueue', 'cgroup', 'cgroup2', 'shm']);
 
 /** `podPid`: the container joins the pod's pid namespace (CRI's pid mode POD, Kubernetes' shareProcessNamespace) */
-export interface GuestSpecResult { spec: OciSpec; dropped: string[]; podPid: boolean }
+export interface GuestSpecResult {
+  spec: OciSpec;
+  dropped: string[];
+  podPid: boolean;
+}
 
 export function guestSpec(host: OciSpec, o: { hostname?: string } = {}): GuestSpecResult {
   const dropped: string[] = [];
   let podPid = false;
   const spec: OciSpec = structuredClone(host);
   delete spec.root; // the agent points it at the task's overlay
-  if (spec.hooks) { dropped.push('hooks'); delete spec.hooks; }
+  if (spec.hooks) {
+    dropped.push('hooks');
+    delete spec.hooks;
+  }
   if (spec.process) spec.process = { ...spec.process, terminal: false };
   const linux = spec.linux ?? {};
   if (o.hostname && !spec.hostname && (linux.namespaces ?? []).some((n: { type: string }) => n.type === 'uts')) spec.hostname = o.hostname;
@@ -36,24 +43,43 @@ export function guestSpec(host: OciSpec, o: { hostname?: string } = {}): GuestSp
     // IPC and UTS (the pod's hostname). The sandbox's pid namespace becomes the pod's in the guest (the agent
     // keeps one, with a reaper as its first process: the VM's own would show the agent).
     linux.namespaces = linux.namespaces.flatMap((n: { type: string; path?: string }) => {
-      if (n.type === 'network') { dropped.push('network namespace (the VM is the pod network)'); return []; }
+      if (n.type === 'network') {
+        dropped.push('network namespace (the VM is the pod network)');
+        return [];
+      }
       if (n.path && (n.type === 'ipc' || n.type === 'uts')) return []; // the VM's own: the pod's
-      if (n.path && n.type === 'pid') { podPid = true; return [{ type: 'pid' }]; } // the agent points it at the pod's
-      if (n.path) { dropped.push(`${n.type} namespace at ${n.path} (a new one instead)`); return [{ type: n.type }]; }
+      if (n.path && n.type === 'pid') {
+        podPid = true;
+        return [{ type: 'pid' }];
+      } // the agent points it at the pod's
+      if (n.path) {
+        dropped.push(`${n.type} namespace at ${n.path} (a new one instead)`);
+        return [{ type: n.type }];
+      }
       return [n];
     });
   }
   if (spec.hostname && !(linux.namespaces ?? []).some((n: { type: string }) => n.type === 'uts')) delete spec.hostname; // crun sets a hostname only in a UTS namespace of its own
-  if (linux.cgroupsPath) { dropped.push('cgroupsPath'); delete linux.cgroupsPath; }
-  if (linux.resources) { dropped.push('resources (the VM is the limit)'); delete linux.resources; }
+  if (linux.cgroupsPath) {
+    dropped.push('cgroupsPath');
+    delete linux.cgroupsPath;
+  }
+  if (linux.resources) {
+    dropped.push('resources (the VM is the limit)');
+    delete linux.resources;
+  }
   spec.linux = linux;
   if (Array.isArray(spec.mounts)) {
     spec.mounts = spec.mounts.flatMap((m: { destination: string; type?: string; source?: string; options?: string[] }) => {
       if (GUEST_FILES.has(m.destination)) return [{ destination: m.destination, type: 'bind', source: m.destination, options: ['rbind', 'ro'] }];
       // the pod's shared memory (CRI binds the sandbox's): the VM's /dev/shm, which all its containers share
-      if (m.destination === '/dev/shm' && m.type === 'bind') return [{ destination: '/dev/shm', type: 'bind', source: '/dev/shm', options: ['rbind', 'rw', 'nosuid', 'nodev'] }];
+      if (m.destination === '/dev/shm' && m.type === 'bind')
+        return [{ destination: '/dev/shm', type: 'bind', source: '/dev/shm', options: ['rbind', 'rw', 'nosuid', 'nodev'] }];
       if (SELF_MADE.has(m.type ?? '') || (m.type === 'bind' && m.source && m.source.startsWith('/dev/'))) return [m];
-      if (m.type === 'bind' || (m.options ?? []).includes('bind') || (m.options ?? []).includes('rbind')) { dropped.push(`bind mount ${m.source} -> ${m.destination}`); return []; }
+      if (m.type === 'bind' || (m.options ?? []).includes('bind') || (m.options ?? []).includes('rbind')) {
+        dropped.push(`bind mount ${m.source} -> ${m.destination}`);
+        return [];
+      }
       return [m];
     });
   }
@@ -68,9 +94,13 @@ export function guestSpec(host: OciSpec, o: { hostname?: string } = {}): GuestSp
 export function parseResolvConf(text: string): DnsConfig {
   const out: DnsConfig = { servers: [], search: [], options: [] };
   for (const raw of text.split('\n')) {
-    const [key, ...words] = raw.replace(/[#;].*$/, '').trim().split(/\s+/);
+    const [key, ...words] = raw
+      .replace(/[#;].*$/, '')
+      .trim()
+      .split(/\s+/);
     if (key === 'nameserver' && words[0] && IPV4.test(words[0]) && out.servers.length < 3) out.servers.push(words[0]);
-    else if (key === 'search' || key === 'domain') out.search = words.filter((w) => DNS_SEARCH_PATTERN.test(w)).slice(0, 6); // the last one counts
+    else if (key === 'search' || key === 'domain')
+      out.search = words.filter((w) => DNS_SEARCH_PATTERN.test(w)).slice(0, 6); // the last one counts
     else if (key === 'options') out.options.push(...words.filter((w) => DNS_OPTION_PATTERN.test(w)));
   }
   out.options = out.options.slice(0, 16);
@@ -79,6 +109,9 @@ export function parseResolvConf(text: string): DnsConfig {
 
 /** Where containerd's config binds a pod's resolv.conf from (a file it wrote), if it does. Pure. */
 export function resolvConfSource(config: OciSpec): string | undefined {
-  const m = (config.mounts ?? []).find((x: { destination?: string; type?: string; source?: string }) => x.destination === '/etc/resolv.conf' && typeof x.source === 'string' && x.source.startsWith('/'));
+  const m = (config.mounts ?? []).find(
+    (x: { destination?: string; type?: string; source?: string }) =>
+      x.destination === '/etc/resolv.conf' && typeof x.source === 'string' && x.source.startsWith('/'),
+  );
   return m?.source;
 }

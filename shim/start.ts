@@ -29,7 +29,10 @@ export async function start(a: ShimArgs, bin: string[]): Promise<number> {
   const { kind, sandboxId } = taskKind(config.annotations);
   if (kind === 'container' && sandboxId) {
     const podSock = socketPath(a.namespace, sandboxId);
-    if (!existsSync(podSock)) { process.stderr.write(`scion shim: the pod sandbox ${sandboxId} of ${a.id} has no shim serving it\n`); return 1; }
+    if (!existsSync(podSock)) {
+      process.stderr.write(`scion shim: the pod sandbox ${sandboxId} of ${a.id} has no shim serving it\n`);
+      return 1;
+    }
     await writeFile(join(process.cwd(), 'address'), `unix://${podSock}`);
     process.stdout.write(`unix://${podSock}`);
     return 0;
@@ -45,23 +48,30 @@ export async function start(a: ShimArgs, bin: string[]): Promise<number> {
     child.unref();
     const end = Date.now() + 20_000;
     while (!existsSync(sock)) {
-      if (child.exitCode !== null || Date.now() > end) { process.stderr.write(`scion shim: the serving process did not come up (exit ${child.exitCode})\n`); return 1; }
+      if (child.exitCode !== null || Date.now() > end) {
+        process.stderr.write(`scion shim: the serving process did not come up (exit ${child.exitCode})\n`);
+        return 1;
+      }
       await new Promise((r) => setTimeout(r, 20));
     }
   }
   // one spare ready for the next pod (it loads the shim a while from now, off this pod's start)
-  if (!(await hasSpare(shimDir(), key))) spawn(bin[0], [...bin.slice(1), ...spareArgs(a)], { cwd: shimDir(), detached: true, stdio: 'ignore', env: process.env }).unref();
+  if (!(await hasSpare(shimDir(), key)))
+    spawn(bin[0], [...bin.slice(1), ...spareArgs(a)], { cwd: shimDir(), detached: true, stdio: 'ignore', env: process.env }).unref();
   const address = `unix://${sock}`;
   await writeFile(join(process.cwd(), 'address'), address); // containerd finds the shim again through it after a restart
   process.stdout.write(address);
   return 0;
 }
 
-
 /** `start` alone, if that is what containerd asked for; undefined for any other action (the full shim does those). */
 export async function runStartOnly(argv: string[], self: string[]): Promise<number | undefined> {
   let a: ShimArgs;
-  try { a = parseShimArgs(argv); } catch { return undefined; } // the full shim reports usage errors
+  try {
+    a = parseShimArgs(argv);
+  } catch {
+    return undefined;
+  } // the full shim reports usage errors
   if (a.action === 'spare') await new Promise((r) => setTimeout(r, SPARE_DELAY_MS)); // the shim's modules load after this
   return a.action === 'start' ? start(a, self) : undefined;
 }

@@ -35,11 +35,23 @@ function fifoReader(path: string): Readable {
 }
 
 /** containerd's FIFO paths for a process (empty: the stream is not wanted). */
-export interface FifoPaths { stdin: string; stdout: string; stderr: string }
+export interface FifoPaths {
+  stdin: string;
+  stdout: string;
+  stderr: string;
+}
 
 /** The streams a process gets a port for: those containerd gave a FIFO. Pure. */
 export function wantedStreams(f: FifoPaths): (0 | 1 | 2)[] {
-  return ([[0, f.stdin], [1, f.stdout], [2, f.stderr]] as const).filter(([, p]) => !!p).map(([fd]) => fd);
+  return (
+    [
+      [0, f.stdin],
+      [1, f.stdout],
+      [2, f.stderr],
+    ] as const
+  )
+    .filter(([, p]) => !!p)
+    .map(([fd]) => fd);
 }
 
 /** What the shim needs of the pod's VM for stdio. */
@@ -55,9 +67,19 @@ const INPUT_QUIET_MS = 1000;
 function connected(path: string, timeoutMs = 5000): Promise<Socket> {
   return new Promise((resolve, reject) => {
     const s = connect(path);
-    const t = setTimeout(() => { s.destroy(); reject(new Error(`${path}: no connection within ${timeoutMs} ms`)); }, timeoutMs);
-    s.once('connect', () => { clearTimeout(t); s.removeAllListeners('error'); resolve(s); });
-    s.once('error', (e) => { clearTimeout(t); reject(e); });
+    const t = setTimeout(() => {
+      s.destroy();
+      reject(new Error(`${path}: no connection within ${timeoutMs} ms`));
+    }, timeoutMs);
+    s.once('connect', () => {
+      clearTimeout(t);
+      s.removeAllListeners('error');
+      resolve(s);
+    });
+    s.once('error', (e) => {
+      clearTimeout(t);
+      reject(e);
+    });
   });
 }
 
@@ -67,8 +89,17 @@ class Output {
   closed = false;
   private waiters: (() => void)[] = [];
   private fifo?: Writable;
-  constructor(readonly name: string, readonly sock: Socket, fifoPath: string, log: (m: string) => void) {
-    try { this.fifo = fifoWriter(fifoPath); } catch (e) { log(`${name}: ${(e as Error).message}; its output is dropped`); }
+  constructor(
+    readonly name: string,
+    readonly sock: Socket,
+    fifoPath: string,
+    log: (m: string) => void,
+  ) {
+    try {
+      this.fifo = fifoWriter(fifoPath);
+    } catch (e) {
+      log(`${name}: ${(e as Error).message}; its output is dropped`);
+    }
     this.fifo?.on('error', (e) => {
       // its reader went away: the rest is read and dropped, so the guest's writer never blocks on nobody
       log(`${name}: ${e.message}; its further output is dropped`);
@@ -77,17 +108,30 @@ class Output {
     });
     sock.on('data', (c: Buffer) => {
       this.received += c.length;
-      if (this.fifo && !this.fifo.write(c)) { sock.pause(); this.fifo.once('drain', () => sock.resume()); }
+      if (this.fifo && !this.fifo.write(c)) {
+        sock.pause();
+        this.fifo.once('drain', () => sock.resume());
+      }
       this.wake();
     });
     sock.on('error', (e) => log(`${name}: ${e.message}`));
-    sock.on('close', () => { this.closed = true; this.wake(); });
+    sock.on('close', () => {
+      this.closed = true;
+      this.wake();
+    });
   }
-  private wake() { const w = this.waiters; this.waiters = []; for (const f of w) f(); }
+  private wake() {
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
   /** Resolves once `n` bytes came (or the socket closed, or `cancel` fired). */
   async until(n: number, cancel: Promise<void>): Promise<void> {
     let stop = false;
-    void cancel.then(() => { stop = true; this.wake(); });
+    void cancel.then(() => {
+      stop = true;
+      this.wake();
+    });
     while (this.received < n && !this.closed && !stop) await new Promise<void>((r) => this.waiters.push(r));
   }
   /** Flush what was written to the FIFO and close it (containerd sees the end). */
@@ -95,7 +139,13 @@ class Output {
     const f = this.fifo;
     this.fifo = undefined;
     if (!f) return Promise.resolve();
-    return new Promise((r) => { f.once('error', () => r()); f.end(() => { f.destroy(); r(); }); });
+    return new Promise((r) => {
+      f.once('error', () => r());
+      f.end(() => {
+        f.destroy();
+        r();
+      });
+    });
   }
 }
 
@@ -140,8 +190,16 @@ export class ProcessStdio {
     const inSock = sockets.get(0);
     if (inSock) {
       // the FIFO's end (or CloseIO) closes the port's host side: the guest reads an end of file after the data
-      try { input = fifoReader(fifos.stdin); } catch (e) { log(`stdin: ${(e as Error).message}`); inSock.end(); }
-      input?.on('error', (e) => { log(`stdin: ${e.message}`); inSock.end(); });
+      try {
+        input = fifoReader(fifos.stdin);
+      } catch (e) {
+        log(`stdin: ${(e as Error).message}`);
+        inSock.end();
+      }
+      input?.on('error', (e) => {
+        log(`stdin: ${e.message}`);
+        inSock.end();
+      });
       inSock.on('error', (e) => log(`stdin: ${e.message}`));
       input?.pipe(inSock);
     }
@@ -154,10 +212,12 @@ export class ProcessStdio {
    * A count the guest could not give is not waited for.
    */
   async drain(sent: { stdout?: number; stderr?: number } | undefined, cancel: Promise<void>): Promise<void> {
-    await Promise.all((['stdout', 'stderr'] as const).map(async (k) => {
-      const o = this.outputs[k];
-      if (o && sent?.[k] !== undefined) await o.until(sent[k]!, cancel);
-    }));
+    await Promise.all(
+      (['stdout', 'stderr'] as const).map(async (k) => {
+        const o = this.outputs[k];
+        if (o && sent?.[k] !== undefined) await o.until(sent[k]!, cancel);
+      }),
+    );
     await Promise.all(Object.values(this.outputs).map((o) => o.end()));
   }
 
@@ -169,12 +229,27 @@ export class ProcessStdio {
    * reads an end of file after the data.
    */
   closeInput(): void {
-    const input = this.input, sock = this.sockets.get(0);
-    if (!input || !sock) { sock?.end(); return; }
-    if (input.readableEnded || input.destroyed) { sock.end(); return; }
+    const input = this.input,
+      sock = this.sockets.get(0);
+    if (!input || !sock) {
+      sock?.end();
+      return;
+    }
+    if (input.readableEnded || input.destroyed) {
+      sock.end();
+      return;
+    }
     let quiet: NodeJS.Timeout;
-    const finish = () => { clearTimeout(quiet); input.unpipe(sock); input.destroy(); sock.end(); };
-    const rearm = () => { clearTimeout(quiet); quiet = setTimeout(finish, INPUT_QUIET_MS); };
+    const finish = () => {
+      clearTimeout(quiet);
+      input.unpipe(sock);
+      input.destroy();
+      sock.end();
+    };
+    const rearm = () => {
+      clearTimeout(quiet);
+      quiet = setTimeout(finish, INPUT_QUIET_MS);
+    };
     input.on('data', rearm);
     input.once('end', () => clearTimeout(quiet)); // the pipe ends the socket
     rearm();

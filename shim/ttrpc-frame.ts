@@ -7,9 +7,18 @@ export const HEADER_BYTES = 10;
 export const MAX_PAYLOAD = 4 << 20;
 export const MessageType = { Request: 1, Response: 2, Data: 3 } as const;
 
-export interface Frame { streamId: number; type: number; flags: number; payload: Uint8Array }
+export interface Frame {
+  streamId: number;
+  type: number;
+  flags: number;
+  payload: Uint8Array;
+}
 /** A frame whose payload was over the limit: its bytes were skipped, its stream can still be answered. */
-export interface Oversize { streamId: number; type: number; length: number }
+export interface Oversize {
+  streamId: number;
+  type: number;
+  length: number;
+}
 
 export function encodeFrame(f: Omit<Frame, 'flags'> & { flags?: number }): Buffer {
   if (f.payload.length > MAX_PAYLOAD) throw new RangeError(`ttrpc payload of ${f.payload.length} bytes is over the ${MAX_PAYLOAD}-byte limit`);
@@ -41,11 +50,17 @@ export class FrameReader {
     }
     this.buf = this.buf.length ? Buffer.concat([this.buf, data]) : data;
     while (this.buf.length >= HEADER_BYTES) {
-      const length = this.buf.readUInt32BE(0), streamId = this.buf.readUInt32BE(4), type = this.buf.readUInt8(8), flags = this.buf.readUInt8(9);
+      const length = this.buf.readUInt32BE(0),
+        streamId = this.buf.readUInt32BE(4),
+        type = this.buf.readUInt8(8),
+        flags = this.buf.readUInt8(9);
       if (length > MAX_PAYLOAD) {
         const have = Math.min(length, this.buf.length - HEADER_BYTES);
         this.buf = this.buf.subarray(HEADER_BYTES + have);
-        if (have === length) { out.push({ oversize: { streamId, type, length } }); continue; }
+        if (have === length) {
+          out.push({ oversize: { streamId, type, length } });
+          continue;
+        }
         this.skip = { streamId, type, length, left: length - have };
         break;
       }
@@ -53,7 +68,8 @@ export class FrameReader {
       out.push({ streamId, type, flags, payload: Buffer.from(this.buf.subarray(HEADER_BYTES, HEADER_BYTES + length)) });
       this.buf = this.buf.subarray(HEADER_BYTES + length);
     }
-    if (!this.buf.length) this.buf = Buffer.alloc(0); else this.buf = Buffer.from(this.buf); // do not pin a large chunk for a few bytes
+    if (!this.buf.length) this.buf = Buffer.alloc(0);
+    else this.buf = Buffer.from(this.buf); // do not pin a large chunk for a few bytes
     return out;
   }
 }

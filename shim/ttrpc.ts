@@ -8,16 +8,39 @@ import { FrameReader, encodeFrame, MessageType } from './ttrpc-frame.ts';
 import { encode, decode, methods, type Msg } from './proto.ts';
 
 /** gRPC status codes (google.rpc.Code) that containerd maps to its errdefs. */
-export const Code = { OK: 0, CANCELLED: 1, UNKNOWN: 2, INVALID_ARGUMENT: 3, DEADLINE_EXCEEDED: 4, NOT_FOUND: 5, ALREADY_EXISTS: 6, PERMISSION_DENIED: 7, FAILED_PRECONDITION: 9, RESOURCE_EXHAUSTED: 8, UNIMPLEMENTED: 12, INTERNAL: 13, UNAVAILABLE: 14 } as const;
+export const Code = {
+  OK: 0,
+  CANCELLED: 1,
+  UNKNOWN: 2,
+  INVALID_ARGUMENT: 3,
+  DEADLINE_EXCEEDED: 4,
+  NOT_FOUND: 5,
+  ALREADY_EXISTS: 6,
+  PERMISSION_DENIED: 7,
+  FAILED_PRECONDITION: 9,
+  RESOURCE_EXHAUSTED: 8,
+  UNIMPLEMENTED: 12,
+  INTERNAL: 13,
+  UNAVAILABLE: 14,
+} as const;
 
 /** A failed call: its gRPC code and message go back in the response's status. */
 export class TtrpcError extends Error {
-  constructor(readonly grpcCode: number, message: string) { super(message); }
+  constructor(
+    readonly grpcCode: number,
+    message: string,
+  ) {
+    super(message);
+  }
 }
 
 export type Handler = (req: Msg, ctx: { service: string; method: string; metadata: { key: string; value: string }[] }) => Promise<Msg> | Msg;
 
-interface Registered { request: string; response: string; handler?: Handler }
+interface Registered {
+  request: string;
+  response: string;
+  handler?: Handler;
+}
 
 export class TtrpcServer {
   private readonly services = new Map<string, Map<string, Registered>>();
@@ -37,7 +60,10 @@ export class TtrpcServer {
 
   listen(path: string): Promise<void> {
     this.server = createServer((s) => this.serveConnection(s));
-    return new Promise((resolve, reject) => { this.server!.once('error', reject); this.server!.listen(path, () => resolve()); });
+    return new Promise((resolve, reject) => {
+      this.server!.once('error', reject);
+      this.server!.listen(path, () => resolve());
+    });
   }
 
   close(): void {
@@ -45,21 +71,35 @@ export class TtrpcServer {
     for (const s of this.sockets) s.destroy();
   }
 
-  get connections(): number { return this.sockets.size; }
+  get connections(): number {
+    return this.sockets.size;
+  }
 
   private serveConnection(sock: Socket) {
     this.sockets.add(sock);
     const reader = new FrameReader();
-    sock.on('close', () => { this.sockets.delete(sock); if (!this.sockets.size) this.onLastClose(); });
+    sock.on('close', () => {
+      this.sockets.delete(sock);
+      if (!this.sockets.size) this.onLastClose();
+    });
     sock.on('error', () => {});
     const reply = (streamId: number, response: Msg) => {
       if (!sock.destroyed) sock.write(encodeFrame({ streamId, type: MessageType.Response, payload: encode('ttrpc.Response', response) }));
     };
     sock.on('data', (chunk) => {
-      let frames;
-      try { frames = reader.push(chunk); } catch (e) { this.onError(e as Error); sock.destroy(); return; }
+      let frames: ReturnType<typeof reader.push>;
+      try {
+        frames = reader.push(chunk);
+      } catch (e) {
+        this.onError(e as Error);
+        sock.destroy();
+        return;
+      }
       for (const f of frames) {
-        if ('oversize' in f) { reply(f.oversize.streamId, { status: { code: Code.RESOURCE_EXHAUSTED, message: `message of ${f.oversize.length} bytes is over the 4 MiB limit` } }); continue; }
+        if ('oversize' in f) {
+          reply(f.oversize.streamId, { status: { code: Code.RESOURCE_EXHAUSTED, message: `message of ${f.oversize.length} bytes is over the 4 MiB limit` } });
+          continue;
+        }
         if (f.type !== MessageType.Request) continue; // data frames belong to streaming calls, which the Task service has none of
         void this.call(f.payload).then((r) => reply(f.streamId, r));
       }
@@ -68,7 +108,11 @@ export class TtrpcServer {
 
   private async call(payload: Uint8Array): Promise<Msg> {
     let req: { service: string; method: string; payload: Buffer; metadata: { key: string; value: string }[] };
-    try { req = decode('ttrpc.Request', payload); } catch (e) { return { status: { code: Code.INVALID_ARGUMENT, message: `not a ttrpc request: ${(e as Error).message}` } }; }
+    try {
+      req = decode('ttrpc.Request', payload);
+    } catch (e) {
+      return { status: { code: Code.INVALID_ARGUMENT, message: `not a ttrpc request: ${(e as Error).message}` } };
+    }
     const m = this.services.get(req.service)?.get(req.method);
     if (!m?.handler) return { status: { code: Code.UNIMPLEMENTED, message: `${req.service}/${req.method} is not implemented by the scion shim` } };
     try {
@@ -96,8 +140,14 @@ export class TtrpcClient {
     return new Promise((resolve, reject) => {
       const s = connect(this.path);
       const reader = new FrameReader();
-      s.once('connect', () => { this.sock = s; resolve(s); });
-      s.once('error', (e) => { reject(e); this.fail(e); });
+      s.once('connect', () => {
+        this.sock = s;
+        resolve(s);
+      });
+      s.once('error', (e) => {
+        reject(e);
+        this.fail(e);
+      });
       s.on('close', () => this.fail(new Error(`ttrpc connection to ${this.path} closed`)));
       s.on('data', (c) => {
         for (const f of reader.push(c)) {
@@ -105,9 +155,13 @@ export class TtrpcClient {
           const p = this.pending.get(streamId);
           if (!p) continue;
           this.pending.delete(streamId);
-          if ('oversize' in f) { p.reject(new TtrpcError(Code.RESOURCE_EXHAUSTED, 'answer over the 4 MiB limit')); continue; }
+          if ('oversize' in f) {
+            p.reject(new TtrpcError(Code.RESOURCE_EXHAUSTED, 'answer over the 4 MiB limit'));
+            continue;
+          }
           const r = decode<{ status?: { code: number; message: string }; payload: Buffer }>('ttrpc.Response', f.payload);
-          if (r.status && r.status.code !== Code.OK) p.reject(new TtrpcError(r.status.code, r.status.message)); else p.resolve({ payload: r.payload });
+          if (r.status && r.status.code !== Code.OK) p.reject(new TtrpcError(r.status.code, r.status.message));
+          else p.resolve({ payload: r.payload });
         }
       });
     });
@@ -127,10 +181,19 @@ export class TtrpcClient {
     const streamId = this.nextStream;
     this.nextStream += 2;
     const answer = new Promise<Msg>((resolve, reject) => this.pending.set(streamId, { resolve, reject }));
-    s.write(encodeFrame({ streamId, type: MessageType.Request, payload: encode('ttrpc.Request', { service: opts.as ?? service, method, payload: encode(m.request, request), metadata: opts.metadata ?? [] }) }));
+    s.write(
+      encodeFrame({
+        streamId,
+        type: MessageType.Request,
+        payload: encode('ttrpc.Request', { service: opts.as ?? service, method, payload: encode(m.request, request), metadata: opts.metadata ?? [] }),
+      }),
+    );
     const r = await answer;
     return decode(m.response, r.payload as Uint8Array);
   }
 
-  close(): void { this.sock?.destroy(); this.fail(new Error('closed')); }
+  close(): void {
+    this.sock?.destroy();
+    this.fail(new Error('closed'));
+  }
 }

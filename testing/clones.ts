@@ -39,17 +39,31 @@ export interface ClonesOptions {
   skipIdentityApply?: boolean;
 }
 
-export interface ExecResult { exitCode: number; stdout: string; stderr: string }
-export interface HttpResult { status: number; headers: Record<string, string>; body: string }
+export interface ExecResult {
+  exitCode: number;
+  stdout: string;
+  stderr: string;
+}
+export interface HttpResult {
+  status: number;
+  headers: Record<string, string>;
+  body: string;
+}
 
 export class TestClone {
   #agent?: AgentClient;
   constructor(readonly vm: CloneResult) {}
-  get name() { return this.vm.name; }
+  get name() {
+    return this.vm.name;
+  }
   /** what the host assigned; the tests' point is to check the guest agrees */
-  get assigned() { return { hostname: this.vm.hostname, mac: this.vm.mac, ip: this.vm.ip, machineId: this.vm.machineId }; }
+  get assigned() {
+    return { hostname: this.vm.hostname, mac: this.vm.mac, ip: this.vm.ip, machineId: this.vm.machineId };
+  }
   /** guest port -> host port (user-mode networking forwards them to 127.0.0.1) */
-  get ports() { return this.vm.ports; }
+  get ports() {
+    return this.vm.ports;
+  }
 
   /** Any agent call (guest-agent/PROTOCOL.md), typed by the protocol map: `call('containers.logs', { name: 'web' })`. */
   async call<C extends AgentCommand>(method: C, params?: ArgsOf<C>, timeoutMs = 60_000): Promise<ResultOf<C>> {
@@ -57,7 +71,9 @@ export class TestClone {
     return (this.#agent.call as (m: C, a: ArgsOf<C> | undefined, t: number) => Promise<ResultOf<C>>)(method, params, timeoutMs);
   }
   /** The agent's info: identity, generation, containers. */
-  info(): Promise<AgentInfo> { return this.call('info'); }
+  info(): Promise<AgentInfo> {
+    return this.call('info');
+  }
   /** Run a command in the guest (the image must allow exec); a string runs through /bin/sh -c. */
   exec(cmd: string | string[]): Promise<ExecResult> {
     return this.call('exec', { argv: typeof cmd === 'string' ? ['/bin/sh', '-c', cmd] : cmd });
@@ -66,11 +82,22 @@ export class TestClone {
   async http(path = '/', o: { port?: number; method?: string; body?: string; headers?: Record<string, string>; timeoutMs?: number } = {}): Promise<HttpResult> {
     const guestPort = String(o.port ?? Object.keys(this.vm.ports)[0]);
     const hostPort = this.vm.ports[guestPort];
-    if (!hostPort) throw new ScionError('E_NO_PORT', `${this.vm.name} forwards no guest port ${guestPort}`, { hint: `ports: ${Object.keys(this.vm.ports).join(', ') || 'none (does the image list ports?)'}` });
-    const res = await fetch(`http://127.0.0.1:${hostPort}${path.startsWith('/') ? path : '/' + path}`, { method: o.method, body: o.body, headers: o.headers, signal: AbortSignal.timeout(o.timeoutMs ?? 30_000) });
+    if (!hostPort)
+      throw new ScionError('E_NO_PORT', `${this.vm.name} forwards no guest port ${guestPort}`, {
+        hint: `ports: ${Object.keys(this.vm.ports).join(', ') || 'none (does the image list ports?)'}`,
+      });
+    const res = await fetch(`http://127.0.0.1:${hostPort}${path.startsWith('/') ? path : '/' + path}`, {
+      method: o.method,
+      body: o.body,
+      headers: o.headers,
+      signal: AbortSignal.timeout(o.timeoutMs ?? 30_000),
+    });
     return { status: res.status, headers: Object.fromEntries(res.headers), body: await res.text() };
   }
-  close(): void { this.#agent?.close(); this.#agent = undefined; }
+  close(): void {
+    this.#agent?.close();
+    this.#agent = undefined;
+  }
 }
 
 export interface CloneSet {
@@ -89,7 +116,15 @@ function startReaper(): { stop(): void } {
   const args = existsSync(js) ? [js] : ['--import', import.meta.resolve('tsx'), ts];
   const child = spawn(process.execPath, [...args, String(process.pid)], { detached: true, stdio: 'ignore', env: process.env });
   child.unref();
-  return { stop: () => { try { process.kill(child.pid!, 'SIGTERM'); } catch { /* already gone */ } } };
+  return {
+    stop: () => {
+      try {
+        process.kill(child.pid!, 'SIGTERM');
+      } catch {
+        /* already gone */
+      }
+    },
+  };
 }
 
 export async function startClones(opts: ClonesOptions): Promise<CloneSet> {
@@ -120,7 +155,10 @@ export async function startClones(opts: ClonesOptions): Promise<CloneSet> {
     await freeze(h, img, log);
     log(`forking ${count} clone(s)`);
     const vms = await fork(template, { n: count, owner, skipIdentityApply: opts.skipIdentityApply, log });
-    for (const v of vms) { made.push(v.name); clones.push(new TestClone(v)); }
+    for (const v of vms) {
+      made.push(v.name);
+      clones.push(new TestClone(v));
+    }
     return { clones, template, close };
   } catch (e) {
     await close().catch(() => undefined); // the failure to start is the error worth reporting; the reaper and gc handle leftovers

@@ -17,17 +17,34 @@ export { startClones, TestClone, type ClonesOptions, type CloneSet, type ExecRes
 /** A vitest `test` with a `clones` fixture: N running clones of the image, made once per file. */
 export function scionTest(opts: ClonesOptions) {
   return base.extend<{ clones: TestClone[] }>({
-    clones: [async ({}, use) => {
-      const set = await startClones(opts);
-      try { await use(set.clones); } finally { await set.close(); }
-    }, { scope: 'file' }],
+    clones: [
+      // biome-ignore lint/correctness/noEmptyPattern: vitest reads a fixture's dependencies from this first parameter's destructuring
+      async ({}, use) => {
+        const set = await startClones(opts);
+        try {
+          await use(set.clones);
+        } finally {
+          await set.close();
+        }
+      },
+      { scope: 'file' },
+    ],
   });
 }
 
 /** The hook style: clones made in beforeAll of the enclosing suite, removed in its afterAll. */
 export function useClones(opts: ClonesOptions): { readonly clones: TestClone[] } {
   let set: CloneSet | undefined;
-  beforeAll(async () => { set = await startClones(opts); }, 600_000);
-  afterAll(async () => { await set?.close(); });
-  return { get clones() { if (!set) throw new Error('useClones: the clones exist inside tests, after beforeAll'); return set.clones; } };
+  beforeAll(async () => {
+    set = await startClones(opts);
+  }, 600_000);
+  afterAll(async () => {
+    await set?.close();
+  });
+  return {
+    get clones() {
+      if (!set) throw new Error('useClones: the clones exist inside tests, after beforeAll');
+      return set.clones;
+    },
+  };
 }

@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { ArchiveError, BuildError } from '../../common/errors.ts';
-import { BlobCache, atomicWrite, sha256 } from '../cache.ts';
+import { type BlobCache, atomicWrite, sha256 } from '../cache.ts';
 import { download, type Progress } from '../fetch.ts';
 import { clearsignedBody, parseReleaseHashes, parseStanzas } from './control.ts';
 import { buildIndex, entryFromStanza, type PackageEntry, type PackageIndex } from './resolver.ts';
@@ -33,7 +33,10 @@ export interface ArchiveOptions {
 /** The mirror to use: the caller's, else the definition's, else the host's apt sources; none is an error naming the definition. */
 export async function chooseMirror(definitionPath: string, ...preferred: (string | undefined)[]): Promise<string> {
   const mirror = preferred.find(Boolean) ?? (await mirrorFromAptSources());
-  if (!mirror) throw new BuildError('E_NO_MIRROR', `${definitionPath}: debian.mirror is not set and the host's apt sources name no Debian mirror`, { hint: 'add `debian: {mirror: http://deb.debian.org/debian}` to the definition' });
+  if (!mirror)
+    throw new BuildError('E_NO_MIRROR', `${definitionPath}: debian.mirror is not set and the host's apt sources name no Debian mirror`, {
+      hint: 'add `debian: {mirror: http://deb.debian.org/debian}` to the definition',
+    });
   return mirror;
 }
 
@@ -41,12 +44,18 @@ export async function chooseMirror(definitionPath: string, ...preferred: (string
 export async function mirrorFromAptSources(): Promise<string | undefined> {
   const { readdir } = await import('node:fs/promises');
   const texts: string[] = [];
-  try { texts.push(await readFile('/etc/apt/sources.list', 'utf8')); } catch { /* deb822-only hosts have none */ }
+  try {
+    texts.push(await readFile('/etc/apt/sources.list', 'utf8'));
+  } catch {
+    /* deb822-only hosts have none */
+  }
   try {
     for (const f of (await readdir('/etc/apt/sources.list.d')).sort()) {
       if (f.endsWith('.list') || f.endsWith('.sources')) texts.push(await readFile(join('/etc/apt/sources.list.d', f), 'utf8'));
     }
-  } catch { /* no sources.list.d: the definition must name a mirror (reported by the caller) */ }
+  } catch {
+    /* no sources.list.d: the definition must name a mirror (reported by the caller) */
+  }
   for (const t of texts) {
     const m = /^URIs:\s*(http\S*\/debian)\/?\s*$/m.exec(t) ?? /^deb\s+(?:\[[^\]]*\]\s+)?(http\S*\/debian)\/?\s/m.exec(t);
     if (m) return m[1];
@@ -61,7 +70,8 @@ export async function gpgvVerify(signed: Buffer, keyring: string): Promise<void>
     await writeFile(f, signed);
     // gpgv exits non-zero on a bad signature; its status lines say why either way
     const r = await run('gpgv', ['--keyring', keyring, '--status-fd', '1', f]).catch((e) => {
-      if (e instanceof CommandError && e.code === 'E_COMMAND_MISSING') throw new ArchiveError('E_TOOL_MISSING', 'gpgv is not installed', { hint: 'apt-get install gpgv debian-archive-keyring', cause: e });
+      if (e instanceof CommandError && e.code === 'E_COMMAND_MISSING')
+        throw new ArchiveError('E_TOOL_MISSING', 'gpgv is not installed', { hint: 'apt-get install gpgv debian-archive-keyring', cause: e });
       if (e instanceof CommandError) return { stdout: String((e.cause as any)?.stdout ?? ''), stderr: String((e.cause as any)?.stderr ?? '') };
       throw e;
     });
@@ -93,7 +103,11 @@ export class DebianArchive {
       signed = await download(this.url(`dists/${o.suite}/InRelease`), o.onProgress);
     } catch (e) {
       if ((e as ArchiveError).code !== 'E_NETWORK') throw e;
-      try { signed = await readFile(ref); } catch { throw e; }
+      try {
+        signed = await readFile(ref);
+      } catch {
+        throw e;
+      }
       o.log?.(`network unreachable: using the cached InRelease of ${o.suite}`);
     }
     await gpgvVerify(signed, o.keyring ?? DEFAULT_KEYRING);
@@ -114,7 +128,8 @@ export class DebianArchive {
       let gz = await o.cache.get(want.sha256);
       if (!gz) {
         gz = await download(this.url(`dists/${o.suite}/${rel}`), o.onProgress);
-        if (sha256(gz) !== want.sha256) throw new ArchiveError('E_HASH_MISMATCH', `${rel} does not match the SHA-256 in InRelease`, { hint: 'the mirror may be mid-sync; try again later' });
+        if (sha256(gz) !== want.sha256)
+          throw new ArchiveError('E_HASH_MISMATCH', `${rel} does not match the SHA-256 in InRelease`, { hint: 'the mirror may be mid-sync; try again later' });
         await o.cache.put(gz);
       }
       for (const st of parseStanzas(gunzipSync(gz).toString('utf8'))) entries.push(entryFromStanza(st));

@@ -27,22 +27,31 @@ export function parseStanzas(text: string): Stanza[] {
   return out;
 }
 
-export interface Dep { name: string; rel?: Relation; version?: string; arch?: string }
+export interface Dep {
+  name: string;
+  rel?: Relation;
+  version?: string;
+  arch?: string;
+}
 /** One Depends entry: alternatives separated by `|`. */
 export type DepGroup = Dep[];
 
 export function parseDepends(field: string | undefined): DepGroup[] {
   if (!field) return [];
-  return field.split(',').map((g) => g.trim()).filter(Boolean).map((group) =>
-    group.split('|').map((alt) => {
-      const m = /^([a-z0-9][a-z0-9+.-]*)(?::([a-z0-9-]+))?\s*(?:\(\s*(<<|<=|=|>=|>>|<|>)\s*([^)\s]+)\s*\))?/.exec(alt.trim());
-      if (!m) throw new Error(`cannot parse dependency "${alt.trim()}"`);
-      let rel = m[3] as string | undefined;
-      if (rel === '<') rel = '<=';
-      if (rel === '>') rel = '>=';
-      return { name: m[1], arch: m[2], rel: rel as Relation | undefined, version: m[4] };
-    }),
-  );
+  return field
+    .split(',')
+    .map((g) => g.trim())
+    .filter(Boolean)
+    .map((group) =>
+      group.split('|').map((alt) => {
+        const m = /^([a-z0-9][a-z0-9+.-]*)(?::([a-z0-9-]+))?\s*(?:\(\s*(<<|<=|=|>=|>>|<|>)\s*([^)\s]+)\s*\))?/.exec(alt.trim());
+        if (!m) throw new Error(`cannot parse dependency "${alt.trim()}"`);
+        let rel = m[3] as string | undefined;
+        if (rel === '<') rel = '<=';
+        if (rel === '>') rel = '>=';
+        return { name: m[1], arch: m[2], rel: rel as Relation | undefined, version: m[4] };
+      }),
+    );
 }
 
 /** The SHA256 section of a Release/InRelease file: path -> {sha256, size}. */

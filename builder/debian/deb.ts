@@ -8,7 +8,10 @@ import { gunzipSync } from 'node:zlib';
 import tar from 'tar-stream';
 import { ArchiveError } from '../../common/errors.ts';
 
-export interface ArMember { name: string; data: Buffer }
+export interface ArMember {
+  name: string;
+  data: Buffer;
+}
 
 export function parseAr(buf: Buffer): ArMember[] {
   if (buf.subarray(0, 8).toString('latin1') !== '!<arch>\n') throw new ArchiveError('E_DEB_FORMAT', 'not an ar archive (bad magic)');
@@ -29,7 +32,9 @@ export function parseAr(buf: Buffer): ArMember[] {
 
 /** Decompress through a Debian tool; a missing tool or a failure is a typed error naming it. */
 async function pipeThrough(cmd: string, args: string[], input: Buffer): Promise<Buffer> {
-  try { return await runBuffer(cmd, args, input, { code: 'E_DECOMPRESS', what: `${cmd} ${args.join(' ')}` }); } catch (e) {
+  try {
+    return await runBuffer(cmd, args, input, { code: 'E_DECOMPRESS', what: `${cmd} ${args.join(' ')}` });
+  } catch (e) {
     if (e instanceof CommandError && e.code === 'E_COMMAND_MISSING') throw new ArchiveError('E_TOOL_MISSING', e.message, { hint: e.hint, cause: e });
     throw e;
   }
@@ -66,16 +71,26 @@ export function readTar(buf: Buffer): Promise<TarEntry[]> {
     const out: TarEntry[] = [];
     ex.on('entry', (h, stream, next) => {
       const chunks: Buffer[] = [];
-      stream.on("data", (c: unknown) => chunks.push(c as Buffer));
+      stream.on('data', (c: unknown) => chunks.push(c as Buffer));
       stream.on('end', () => {
-        const type = h.type === 'file' || h.type === 'contiguous-file' ? 'file' : h.type === 'directory' ? 'directory' : h.type === 'symlink' ? 'symlink' : h.type === 'link' ? 'link' : undefined;
-        if (type) out.push({
-          path: normalisePath(h.name),
-          type,
-          mode: (h.mode ?? 0o644) & 0o7777,
-          data: type === 'file' ? Buffer.concat(chunks) : undefined,
-          linkname: h.linkname ?? undefined,
-        });
+        const type =
+          h.type === 'file' || h.type === 'contiguous-file'
+            ? 'file'
+            : h.type === 'directory'
+              ? 'directory'
+              : h.type === 'symlink'
+                ? 'symlink'
+                : h.type === 'link'
+                  ? 'link'
+                  : undefined;
+        if (type)
+          out.push({
+            path: normalisePath(h.name),
+            type,
+            mode: (h.mode ?? 0o644) & 0o7777,
+            data: type === 'file' ? Buffer.concat(chunks) : undefined,
+            linkname: h.linkname ?? undefined,
+          });
         next();
       });
       stream.resume();
@@ -101,7 +116,11 @@ export async function dataTarEntries(tarBytes: Buffer): Promise<TarEntry[]> {
   for (const e of entries) {
     if (e.type === 'link') {
       const target = byPath.get(normalisePath(e.linkname!));
-      if (target?.data) { e.type = 'file'; e.data = target.data; e.mode = target.mode; }
+      if (target?.data) {
+        e.type = 'file';
+        e.data = target.data;
+        e.mode = target.mode;
+      }
     }
   }
   return entries;

@@ -87,14 +87,18 @@ export function resolve(index: PackageIndex, roots: string[], opts: ResolveOptio
     const all = index.byName.get(root);
     if (!all?.length) {
       const prov = index.providers.get(root);
-      if (prov?.length) { choose(prov[0], 'requested'); continue; }
+      if (prov?.length) {
+        choose(prov[0], 'requested');
+        continue;
+      }
       throw new ArchiveError('E_PKG_UNKNOWN', `package "${root}" is not in the archive index`, {
         hint: 'check the spelling with `apt-cache search`, and that the suite and components in the definition carry it',
       });
     }
     const pin = opts.pins?.get(root);
     const e = pin ? all.find((x) => x.version === pin) : all[0];
-    if (!e) throw new ArchiveError('E_LOCK_STALE', `scion.lock pins ${root} ${pin}, which the archive no longer has`, { hint: 'run the build with --update-lock' });
+    if (!e)
+      throw new ArchiveError('E_LOCK_STALE', `scion.lock pins ${root} ${pin}, which the archive no longer has`, { hint: 'run the build with --update-lock' });
     choose(e, 'requested');
   }
   while (queue.length) {
@@ -106,18 +110,25 @@ export function resolve(index: PackageIndex, roots: string[], opts: ResolveOptio
       const met = group.some((d) => {
         const c = chosen.get(d.name);
         if (c && (!d.rel || satisfies(c.version, d.rel, d.version!))) return true;
-        return [...chosen.values()].some((e) => e.provides.some((p) => p.name === d.name && (!d.rel || (p.version && satisfies(p.version, d.rel, d.version!)))));
+        return [...chosen.values()].some((e) =>
+          e.provides.some((p) => p.name === d.name && (!d.rel || (p.version && satisfies(p.version, d.rel, d.version!)))),
+        );
       });
       if (met) continue;
       let picked: PackageEntry | undefined;
       for (const d of group) {
         const c = candidates(index, d, opts.pins);
-        if (c.length) { picked = c[0]; break; }
+        if (c.length) {
+          picked = c[0];
+          break;
+        }
       }
       if (!picked) {
         const text = group.map((d) => d.name + (d.rel ? ` (${d.rel} ${d.version})` : '')).join(' | ');
         throw new ArchiveError('E_DEP_UNSATISFIABLE', `${pkg.name} ${pkg.version} depends on ${text}, which no package in the index satisfies`, {
-          hint: opts.pins?.size ? 'the lock may pin an old version; try --update-lock' : 'the suite may be inconsistent, or the package needs another component',
+          hint: opts.pins?.size
+            ? 'the lock may pin an old version; try --update-lock'
+            : 'the suite may be inconsistent, or the package needs another component',
         });
       }
       choose(picked, `${pkg.name}`);

@@ -20,12 +20,16 @@ const pushTo = process.env.PUSH_TO;
 const step = async (name, fn) => {
   const t0 = Date.now();
   echo(`::group::${name}`);
-  try { return await fn(); } catch (e) {
+  try {
+    return await fn();
+  } catch (e) {
     echo(`${name} failed${e.exitCode !== undefined ? ` (exit ${e.exitCode})` : ''}`);
     if (e.stderr) echo(e.stderr.trim());
     if (e.stdout) echo(e.stdout.trim());
     process.exit(e.exitCode || 1);
-  } finally { echo(`::endgroup:: ${name}: ${((Date.now() - t0) / 1000).toFixed(1)} s`); }
+  } finally {
+    echo(`::endgroup:: ${name}: ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+  }
 };
 
 const built = await step('build (locked)', async () => JSON.parse((await $`npx scion build ${image} --locked --out ${out} --json`).stdout));
@@ -34,12 +38,18 @@ for (const o of built.outputs) echo(`  ${o.name} ${o.size} bytes sha256:${o.sha2
 const verified = await step('verify (two builds from empty caches)', async () => JSON.parse((await $`npx scion verify ${image} --json`).stdout));
 echo(`  ${verified.name}: ${verified.identical ? 'identical' : 'NOT reproducible'}`);
 
-await step('identity tests', async () => { echo((await $`npx vitest run`).stdout.trim().split('\n').slice(-6).join('\n')); });
+await step('identity tests', async () => {
+  echo((await $`npx vitest run`).stdout.trim().split('\n').slice(-6).join('\n'));
+});
 
 if (pushTo) {
   const pushed = await step(`push to ${pushTo}`, async () => JSON.parse((await $`npx scion push ${built.dir} ${pushTo} --json`).stdout));
   echo(`  ${pushed.reference} (uploaded: ${pushed.uploaded.join(', ') || 'nothing new'})`);
-  await fs.writeJson('ci-result.json', { image: built.name, outputs: built.outputs, reproducible: verified.identical, pushed: pushed.reference }, { spaces: 2 });
+  await fs.writeJson(
+    'ci-result.json',
+    { image: built.name, outputs: built.outputs, reproducible: verified.identical, pushed: pushed.reference },
+    { spaces: 2 },
+  );
 } else {
   await fs.writeJson('ci-result.json', { image: built.name, outputs: built.outputs, reproducible: verified.identical }, { spaces: 2 });
 }

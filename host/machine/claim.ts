@@ -6,7 +6,7 @@
  * fails releases what it reserved; once the run directory exists, its record
  * lists every reservation and removing the VM releases them.
  */
-import { ScionError } from '../../common/errors.ts';
+import type { ScionError } from '../../common/errors.ts';
 import { validName, type ValidName } from '../../common/names.ts';
 import { credentialsFor, runningAsRoot, type Credentials } from '../qemu/process.ts';
 import { createRunDir, reserveFirstFree, reservePort, release, slotName } from '../store/slots.ts';
@@ -27,9 +27,15 @@ export async function reserveCredentials(owner: string): Promise<{ cred?: Creden
 export async function claimNamed(name: ValidName, build: (cred?: Credentials) => VmRecord): Promise<VmRecord> {
   const { cred, slot } = await reserveCredentials(name);
   const record = build(cred);
-  record.uid = cred?.uid; record.gid = cred?.gid;
+  record.uid = cred?.uid;
+  record.gid = cred?.gid;
   record.slots = [...(slot ? [slot] : []), ...record.slots];
-  try { await createRunDir(record, cred); } catch (e) { if (slot) await release(slot); throw e; }
+  try {
+    await createRunDir(record, cred);
+  } catch (e) {
+    if (slot) await release(slot);
+    throw e;
+  }
   return record;
 }
 
@@ -38,7 +44,10 @@ export async function reservePorts(n: number, owner: string): Promise<number[]> 
   const ports: number[] = [];
   try {
     for (let i = 0; i < n; i++) ports.push(await reservePort(owner));
-  } catch (e) { for (const p of ports) await release(slotName('port', p)); throw e; }
+  } catch (e) {
+    for (const p of ports) await release(slotName('port', p));
+    throw e;
+  }
   return ports;
 }
 
@@ -58,14 +67,18 @@ export async function claimClone(prefix: ValidName, build: (index: number, name:
       const { cred, slot } = await reserveCredentials(`${prefix}-c?`);
       const jailOwner = cred ? { uid: cred.uid, gid: gid ?? cred.gid } : undefined;
       const record = build(index, name);
-      record.uid = jailOwner?.uid; record.gid = jailOwner?.gid;
+      record.uid = jailOwner?.uid;
+      record.gid = jailOwner?.gid;
       record.slots = [slotName('index', index), ...(slot ? [slot] : []), ...record.slots];
       try {
         await createRunDir(record, jailOwner);
         return record;
       } catch (e) {
         if (slot) await release(slot);
-        if ((e as ScionError).code !== 'E_VM_EXISTS') { await release(slotName('index', index)); throw e; }
+        if ((e as ScionError).code !== 'E_VM_EXISTS') {
+          await release(slotName('index', index));
+          throw e;
+        }
         skipped.push(index);
       }
     }

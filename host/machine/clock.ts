@@ -7,7 +7,11 @@
  */
 import type { AgentClient } from '../agent-client.ts';
 
-export interface OffsetSample { sentMs: number; guestMs: number; receivedMs: number }
+export interface OffsetSample {
+  sentMs: number;
+  guestMs: number;
+  receivedMs: number;
+}
 
 /** The guest clock's offset (ms, + = ahead of the host) and its error bound, from the best sample. Pure. */
 export function estimateOffset(samples: OffsetSample[]): { offsetMs: number; errorMs: number } {
@@ -34,9 +38,11 @@ export async function measureOffset(agent: AgentClient, n = 5): Promise<{ offset
  * host) is reported in `calibrationError`, not thrown: the template is still
  * good, its clones only lack the RTC keeper.
  */
-export async function syncGuestClock(agent: AgentClient): Promise<{ offsetMs: number; errorMs: number; after: { offsetMs: number; errorMs: number }; calibrationError?: string }> {
+export async function syncGuestClock(
+  agent: AgentClient,
+): Promise<{ offsetMs: number; errorMs: number; after: { offsetMs: number; errorMs: number }; calibrationError?: string }> {
   const before = await measureOffset(agent);
   const r = await agent.call('clock.step', { deltaMs: -before.offsetMs }, 30_000);
-  const calibrationError = r.calibrated === false ? r.clock.lastError ?? 'no RTC edge could be trusted' : undefined;
+  const calibrationError = r.calibrated === false ? (r.clock.lastError ?? 'no RTC edge could be trusted') : undefined;
   return { ...before, after: await measureOffset(agent), calibrationError };
 }

@@ -9,7 +9,11 @@ export async function qcow2Overlay(base: string, overlay: string, owner?: Creden
   try {
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', base, overlay], { code: 'E_DISK' });
   } catch (e) {
-    if (e instanceof CommandError && e.code === 'E_DISK') throw new VmError('E_DISK', `qemu-img could not make an overlay on ${base}: ${e.stderrTail || e.message}`, { hint: 'the disk must be a qcow2 image (qemu-img info)', cause: e });
+    if (e instanceof CommandError && e.code === 'E_DISK')
+      throw new VmError('E_DISK', `qemu-img could not make an overlay on ${base}: ${e.stderrTail || e.message}`, {
+        hint: 'the disk must be a qcow2 image (qemu-img info)',
+        cause: e,
+      });
     throw e;
   }
   if (owner) await chown(overlay, owner.uid, owner.gid);

@@ -41,7 +41,12 @@ export function ipFor(index: number, base = USER_NET.network): string {
   return `${a}.${b}.${c}.${15 + index}`;
 }
 
-export function allocateIdentity(index: number, hostnamePattern: string, rand: { bytes: (n: number) => Buffer; uuid: () => string } = { bytes: randomBytes, uuid: randomUUID }, net = { network: USER_NET.network, gateway: USER_NET.gateway, dns: [USER_NET.dns] }): CloneIdentity {
+export function allocateIdentity(
+  index: number,
+  hostnamePattern: string,
+  rand: { bytes: (n: number) => Buffer; uuid: () => string } = { bytes: randomBytes, uuid: randomUUID },
+  net = { network: USER_NET.network, gateway: USER_NET.gateway, dns: [USER_NET.dns] },
+): CloneIdentity {
   return {
     index,
     hostname: hostnamePattern.replace('{n}', String(index)),

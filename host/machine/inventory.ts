@@ -6,7 +6,7 @@
  */
 import { rm, readdir, lstat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { VmError, ScionError } from '../../common/errors.ts';
+import { VmError, type ScionError } from '../../common/errors.ts';
 import { validName, type ValidName } from '../../common/names.ts';
 import { QmpClient } from '../qemu/qmp.ts';
 import { isQemuIn, processAlive, killPid, waitDead, qemuPidsUnder } from '../qemu/process.ts';
@@ -18,8 +18,21 @@ import { POOL_OWNER, dropEntries, listPools, poolHolds, sweepPool } from '../sto
 
 export type VmState = 'running' | 'starting' | 'frozen' | 'dead' | 'incomplete' | 'invalid';
 export interface VmListing {
-  name: string; role: string; state: VmState; pid?: number; runDir: string; agentSocket: string; template?: string; hostname?: string; ip?: string; mac?: string;
-  ports: Record<string, number>; generation: number; accel?: string; owner?: { pid: number; kind: string; alive: boolean }; problem?: string;
+  name: string;
+  role: string;
+  state: VmState;
+  pid?: number;
+  runDir: string;
+  agentSocket: string;
+  template?: string;
+  hostname?: string;
+  ip?: string;
+  mac?: string;
+  ports: Record<string, number>;
+  generation: number;
+  accel?: string;
+  owner?: { pid: number; kind: string; alive: boolean };
+  problem?: string;
   /** the scion process still making it, if any */
   makerPid?: number;
 }
@@ -37,16 +50,31 @@ export async function list(): Promise<VmListing[]> {
     const p = vmPaths(n, vms);
     const base = { name: n, runDir: p.dir, agentSocket: p.agent, ports: {}, generation: 0 };
     let r: VmRecord | undefined;
-    try { r = await readRecord(n); } catch (e) {
+    try {
+      r = await readRecord(n);
+    } catch (e) {
       out.push({ ...base, role: 'unknown', state: 'invalid', problem: (e as Error).message });
       continue;
     }
-    if (!r) { out.push({ ...base, role: 'unknown', state: 'incomplete' }); continue; }
+    if (!r) {
+      out.push({ ...base, role: 'unknown', state: 'incomplete' });
+      continue;
+    }
     const alive = isQemuIn(r.pid, p.jail);
     out.push({
-      ...base, role: r.role, state: stateOf(r, alive), pid: alive ? r.pid : undefined, template: r.template, hostname: r.identity?.hostname ?? (r.role === 'template' ? r.name : undefined),
-      ip: r.identity?.ip, mac: r.identity?.mac, ports: r.ports, generation: r.generation, accel: r.accel,
-      owner: r.owner ? { ...r.owner, alive: processAlive(r.owner.pid) } : undefined, makerPid: r.making?.ownerPid,
+      ...base,
+      role: r.role,
+      state: stateOf(r, alive),
+      pid: alive ? r.pid : undefined,
+      template: r.template,
+      hostname: r.identity?.hostname ?? (r.role === 'template' ? r.name : undefined),
+      ip: r.identity?.ip,
+      mac: r.identity?.mac,
+      ports: r.ports,
+      generation: r.generation,
+      accel: r.accel,
+      owner: r.owner ? { ...r.owner, alive: processAlive(r.owner.pid) } : undefined,
+      makerPid: r.making?.ownerPid,
     });
   }
   return out;
@@ -58,7 +86,9 @@ export const makingElsewhere = (r: VmRecord | undefined): boolean => !!r?.making
 /** Refuse to touch a VM another live scion process is still making. */
 export function assertNotBusy(r: VmRecord | undefined, name: string, doing: string): void {
   if (makingElsewhere(r)) {
-    throw new VmError('E_VM_BUSY', `cannot ${doing} ${name}: scion process ${r!.making!.ownerPid} is still making it (${r!.making!.phase})`, { hint: 'wait for it to finish; if that process hangs, kill it and run scion gc' });
+    throw new VmError('E_VM_BUSY', `cannot ${doing} ${name}: scion process ${r!.making!.ownerPid} is still making it (${r!.making!.phase})`, {
+      hint: 'wait for it to finish; if that process hangs, kill it and run scion gc',
+    });
   }
 }
 
@@ -67,9 +97,14 @@ export async function quitQemu(name: ValidName, r: VmRecord | undefined): Promis
   const pid = r?.pid;
   if (!isQemuIn(pid, p.jail)) return;
   const q = new QmpClient(`${name}/qmp`);
-  try { await q.connect(p.qmp, 1000); await q.execute('quit', undefined, 2000); } catch {
+  try {
+    await q.connect(p.qmp, 1000);
+    await q.execute('quit', undefined, 2000);
+  } catch {
     // a QEMU that does not answer QMP is killed below
-  } finally { q.close(); }
+  } finally {
+    q.close();
+  }
   await waitDead(pid, 3000);
 }
 
@@ -82,7 +117,14 @@ export async function stopVm(vm: string): Promise<void> {
 
 export async function readRecordOrThrow(name: ValidName): Promise<VmRecord | undefined> {
   const r = await readRecord(name);
-  if (!r && !(await lstat(vmPaths(name, vmsDir()).dir).then(() => true, () => false))) throw new VmError('E_NO_VM', `no VM named ${name}`, { hint: 'scion ls' });
+  if (
+    !r &&
+    !(await lstat(vmPaths(name, vmsDir()).dir).then(
+      () => true,
+      () => false,
+    ))
+  )
+    throw new VmError('E_NO_VM', `no VM named ${name}`, { hint: 'scion ls' });
   return r;
 }
 
@@ -98,13 +140,19 @@ export async function removeVm(vm: string, opts: { force?: boolean } = {}): Prom
   const p = vmPaths(name, vms);
   let r: VmRecord | undefined;
   let untrusted = false;
-  try { r = await readRecordOrThrow(name); } catch (e) {
+  try {
+    r = await readRecordOrThrow(name);
+  } catch (e) {
     if ((e as ScionError).code === 'E_NO_VM') throw e;
     untrusted = true; // a damaged or foreign record: remove by name alone
   }
   if (!opts.force) assertNotBusy(r, name, 'remove');
   if (r) await quitQemu(name, r);
-  for (const q of qemuPidsUnder(vms)) if (q.jail === p.jail) { killPid(q.pid); await waitDead(q.pid, 3000); }
+  for (const q of qemuPidsUnder(vms))
+    if (q.jail === p.jail) {
+      killPid(q.pid);
+      await waitDead(q.pid, 3000);
+    }
   // (a pod's tc redirect on its interface goes with the pod's namespace, which CRI removes)
   if (r?.desc.net.mode === 'bridge') await deleteTap(r.desc.net.tap, netnsOf(r.netMode));
   // the template directory is found by name under the checked root, never by a path from the record
@@ -129,7 +177,11 @@ export async function gc(): Promise<{ removed: string[]; killed: number[]; relea
   for (const n of await listRunDirs()) {
     let r: VmRecord | undefined;
     let invalid = false;
-    try { r = await readRecord(n); } catch { invalid = true; } // an invalid record is garbage by definition
+    try {
+      r = await readRecord(n);
+    } catch {
+      invalid = true;
+    } // an invalid record is garbage by definition
     if (r?.making && processAlive(r.making.ownerPid)) continue; // still being made by a live scion
     const p = vmPaths(n, vms);
     const alive = r ? isQemuIn(r.pid, p.jail) : false;
@@ -137,26 +189,44 @@ export async function gc(): Promise<{ removed: string[]; killed: number[]; relea
     // a pooled clone belongs to its pool while an entry or a live claimer names it, or its filler lives
     // (and a pooled clone whose template was removed is nobody's: no pod can be given it any more)
     const pooled = r?.owner?.kind === POOL_OWNER && !!r.template;
-    const templateGone = pooled && !(await lstat(join(trustedTemplateRoot(), r!.template!)).then(() => true, () => false));
-    const ownerGone = !!r?.owner && ((!processAlive(r.owner.pid) && !(pooled && await poolHolds(r.template!, n, processAlive))) || templateGone);
+    const templateGone =
+      pooled &&
+      !(await lstat(join(trustedTemplateRoot(), r!.template!)).then(
+        () => true,
+        () => false,
+      ));
+    const ownerGone = !!r?.owner && ((!processAlive(r.owner.pid) && !(pooled && (await poolHolds(r.template!, n, processAlive)))) || templateGone);
     if (r && !r.making && !ownerGone && (alive || r.frozen)) continue;
     if (!r && !invalid) {
       // no record yet: only the maker can be writing it (run directories appear complete, by rename)
       continue;
     }
-    if (alive) { killPid(r!.pid); killed.push(r!.pid!); }
+    if (alive) {
+      killPid(r!.pid);
+      killed.push(r!.pid!);
+    }
     await removeVm(n, { force: true });
     removed.push(n);
   }
   for (const q of qemuPidsUnder(vms)) {
     const dir = q.jail.replace(/\/jail$/, '');
-    if (!(await lstat(join(dir, 'vm.json')).then(() => true, () => false))) { killPid(q.pid); killed.push(q.pid); }
+    if (
+      !(await lstat(join(dir, 'vm.json')).then(
+        () => true,
+        () => false,
+      ))
+    ) {
+      killPid(q.pid);
+      killed.push(q.pid);
+    }
   }
   for (const d of await abandonedTempDirs(processAlive)) await rm(d, { recursive: true, force: true });
   const names = new Set(await listRunDirs());
   const held = new Set<string>();
   for (const n of names) {
-    try { for (const sl of (await readRecord(n))?.slots ?? []) held.add(sl); } catch {
+    try {
+      for (const sl of (await readRecord(n))?.slots ?? []) held.add(sl);
+    } catch {
       // an invalid record holds nothing: its VM was removed above
     }
   }
@@ -167,11 +237,13 @@ export async function gc(): Promise<{ removed: string[]; killed: number[]; relea
     await release(s.slot);
     released.push(s.slot);
   }
-  for (const pool of await listPools()) removed.push(...await sweepPool(pool.template, (vm) => names.has(vm as ValidName), processAlive));
+  for (const pool of await listPools()) removed.push(...(await sweepPool(pool.template, (vm) => names.has(vm as ValidName), processAlive)));
   const troot = trustedTemplateRoot();
   for (const t of await readdir(troot)) {
-    if (!names.has(t as ValidName)) { await rm(join(troot, t), { recursive: true, force: true }); removed.push(`template:${t}`); }
+    if (!names.has(t as ValidName)) {
+      await rm(join(troot, t), { recursive: true, force: true });
+      removed.push(`template:${t}`);
+    }
   }
   return { removed, killed, released };
 }
-

@@ -31,14 +31,40 @@ import type { ImageArtifacts } from '../image.ts';
 import { QmpClient } from '../qemu/qmp.ts';
 import { deviceLineup, kernelStub, HOTPLUG_PORTS, type VmDescription, type Accel, type NetConfig } from '../qemu/argv.ts';
 import { chooseAccel, qemuVersion } from '../qemu/accel.ts';
-import { spawnQemu, connectQmp, restoreFromFd, migrateToFile, exitOf, killPid, waitDead, isQemuIn, qemuDied, processAlive, type Credentials, type QemuFiles, type QemuProcess } from '../qemu/process.ts';
+import {
+  spawnQemu,
+  connectQmp,
+  restoreFromFd,
+  migrateToFile,
+  exitOf,
+  killPid,
+  waitDead,
+  isQemuIn,
+  qemuDied,
+  processAlive,
+  type Credentials,
+  type QemuFiles,
+  type QemuProcess,
+} from '../qemu/process.ts';
 import { vmPaths, vmsDir, templatePaths } from '../store/dirs.ts';
 import { writeRecord, writeTemplateMeta, readRecord, TEMPLATE_FORMAT, VM_FORMAT, type VmRecord, type TemplateMeta } from '../store/records.ts';
 import { slotName, release } from '../store/slots.ts';
 import { allocateIdentity, withPodNetwork, withDns, type CloneIdentity } from './identity.ts';
 import type { DnsConfig } from '../../common/contracts.ts';
 import { syncGuestClock, measureOffset } from './clock.ts';
-import { createTap, createPodTap, createLooseTap, movePodTap, hasTap, deleteTap, netParams, netnsOf, readPodNetwork, type NetMode, type PodNetSpec } from './net.ts';
+import {
+  createTap,
+  createPodTap,
+  createLooseTap,
+  movePodTap,
+  hasTap,
+  deleteTap,
+  netParams,
+  netnsOf,
+  readPodNetwork,
+  type NetMode,
+  type PodNetSpec,
+} from './net.ts';
 import { POOL_OWNER, addEntry, dropClaim, readyEntries, takeEntry, takeFillLock } from '../store/pool.ts';
 import { qcow2Overlay } from './disk.ts';
 import { addStreamPort, removeStreamPort, type StreamFd } from './stream-ports.ts';
@@ -50,10 +76,17 @@ export type { TemplateMeta, NetMode, Accel, VmDescription, FrozenTemplate, Clone
 export { RecordError } from '../store/records.ts';
 export { QmpError } from '../qemu/qmp.ts';
 
-export interface Owner { pid: number; kind: string }
+export interface Owner {
+  pid: number;
+  kind: string;
+}
 
 export interface BootOptions {
-  name?: string; net?: NetMode; accel?: Accel; timeoutMs?: number; log?: (m: string) => void;
+  name?: string;
+  net?: NetMode;
+  accel?: Accel;
+  timeoutMs?: number;
+  log?: (m: string) => void;
   /** its hostname (default: the image's name) */
   hostname?: string;
   /** the resolver configuration it gets instead of its network's (a pod's) */
@@ -117,9 +150,20 @@ export interface PoolClaimOptions {
 
 /** What a caller may read of a VM (a copy of its record's public part). */
 export interface MachineInfo {
-  name: ValidName; role: 'template' | 'clone'; pid?: number; accel: Accel; generation: number; template?: string;
-  identity?: CloneIdentity; ports: Record<string, number>; netMode: NetMode; runDir: string; agentSocket: string; console: string;
-  frozen: boolean; timings: Record<string, number>;
+  name: ValidName;
+  role: 'template' | 'clone';
+  pid?: number;
+  accel: Accel;
+  generation: number;
+  template?: string;
+  identity?: CloneIdentity;
+  ports: Record<string, number>;
+  netMode: NetMode;
+  runDir: string;
+  agentSocket: string;
+  console: string;
+  frozen: boolean;
+  timings: Record<string, number>;
   /** the built image directory it was booted from */
   image: string;
   owner?: Owner;
@@ -154,17 +198,34 @@ export class Machine {
 
   private constructor(private record: VmRecord) {}
 
-  get name(): ValidName { return this.record.name as ValidName; }
-  get pid(): number | undefined { return this.record.pid; }
+  get name(): ValidName {
+    return this.record.name as ValidName;
+  }
+  get pid(): number | undefined {
+    return this.record.pid;
+  }
 
   info(): MachineInfo {
     const r = this.record;
     const p = vmPaths(this.name, vmsDir());
     return {
-      name: this.name, role: r.role, pid: r.pid, accel: r.accel, generation: r.generation, template: r.template,
-      identity: r.identity ? { ...r.identity } : undefined, ports: { ...r.ports }, netMode: r.netMode,
-      runDir: p.dir, agentSocket: p.agent, console: p.console, frozen: !!r.frozen, timings: { ...(r.timings ?? {}) },
-      image: r.image, owner: r.owner, making: r.making,
+      name: this.name,
+      role: r.role,
+      pid: r.pid,
+      accel: r.accel,
+      generation: r.generation,
+      template: r.template,
+      identity: r.identity ? { ...r.identity } : undefined,
+      ports: { ...r.ports },
+      netMode: r.netMode,
+      runDir: p.dir,
+      agentSocket: p.agent,
+      console: p.console,
+      frozen: !!r.frozen,
+      timings: { ...(r.timings ?? {}) },
+      image: r.image,
+      owner: r.owner,
+      making: r.making,
     };
   }
 
@@ -192,7 +253,9 @@ export class Machine {
   }
 
   /** Whether this VM's QEMU runs now. */
-  running(): boolean { return isQemuIn(this.record.pid, vmPaths(this.name, vmsDir()).jail); }
+  running(): boolean {
+    return isQemuIn(this.record.pid, vmPaths(this.name, vmsDir()).jail);
+  }
 
   private assertRunning(doing: string): void {
     if (!this.running()) throw new VmError('E_VM_NOT_RUNNING', `cannot ${doing} ${this.name}: it is not running`, { hint: 'scion ls' });
@@ -203,7 +266,12 @@ export class Machine {
     if (this.#qmp) return this.#qmp;
     this.assertRunning('reach the monitor of');
     const q = new QmpClient(`${this.name}/qmp`);
-    try { await q.connect(vmPaths(this.name, vmsDir()).qmp, timeoutMs); } catch (e) { q.close(); throw e; }
+    try {
+      await q.connect(vmPaths(this.name, vmsDir()).qmp, timeoutMs);
+    } catch (e) {
+      q.close();
+      throw e;
+    }
     return (this.#qmp = q);
   }
 
@@ -212,7 +280,13 @@ export class Machine {
     if (this.#agent) return this.#agent;
     this.assertRunning('reach the agent of');
     const a = new AgentClient(`${this.name}/agent`);
-    try { await a.connect(vmPaths(this.name, vmsDir()).agent); await a.sync(timeoutMs); } catch (e) { a.close(); throw e; }
+    try {
+      await a.connect(vmPaths(this.name, vmsDir()).agent);
+      await a.sync(timeoutMs);
+    } catch (e) {
+      a.close();
+      throw e;
+    }
     return (this.#agent = a);
   }
 
@@ -239,9 +313,13 @@ export class Machine {
     const id = this.record.identity;
     if (!id) throw new VmError('E_NO_VM', `${this.name} has no identity to apply (a template takes its own at boot)`);
     const applied = await (await this.agent()).call('identity.apply', identityArgs(id, generation), timeoutMs).catch((e) => {
-      throw new VmError('E_IDENTITY_REFUSED', `${this.name}: the guest refused its identity: ${(e as Error).message}`, { cause: e, hint: 'the agent names the field it refused' });
+      throw new VmError('E_IDENTITY_REFUSED', `${this.name}: the guest refused its identity: ${(e as Error).message}`, {
+        cause: e,
+        hint: 'the agent names the field it refused',
+      });
     });
-    if (!applied.applied) throw new VmError('E_IDENTITY_REFUSED', `${this.name}: the agent is already at generation ${applied.generation}; identity ${generation} was not applied`);
+    if (!applied.applied)
+      throw new VmError('E_IDENTITY_REFUSED', `${this.name}: the agent is already at generation ${applied.generation}; identity ${generation} was not applied`);
     this.record.generation = generation;
     return applied;
   }
@@ -249,15 +327,21 @@ export class Machine {
   /** Its serial console log so far (QEMU appends to it in the jail). */
   async consoleLog(): Promise<string> {
     const file = vmPaths(this.name, vmsDir()).console;
-    return readFile(file, 'utf8').catch((e) => { throw new VmError('E_NO_VM', `no console log for ${this.name} (${file})`, { hint: 'scion ls', cause: e }); });
+    return readFile(file, 'utf8').catch((e) => {
+      throw new VmError('E_NO_VM', `no console log for ${this.name} (${file})`, { hint: 'scion ls', cause: e });
+    });
   }
 
   /** A connection to its serial console, which QEMU serves on a socket in the jail; the caller owns it. */
   async openConsole(): Promise<Socket> {
     const sockPath = vmPaths(this.name, vmsDir()).consoleSocket;
-    if (!this.running() || !existsSync(sockPath)) throw new VmError('E_VM_NOT_RUNNING', `VM ${this.name} is not running (its console log is ${vmPaths(this.name, vmsDir()).console})`);
+    if (!this.running() || !existsSync(sockPath))
+      throw new VmError('E_VM_NOT_RUNNING', `VM ${this.name} is not running (its console log is ${vmPaths(this.name, vmsDir()).console})`);
     const sock = connect(sockPath);
-    await new Promise<void>((res, rej) => { sock.once('connect', res); sock.once('error', (e) => rej(new VmError('E_CONNECT', `cannot connect to ${sockPath}: ${e.message}`))); });
+    await new Promise<void>((res, rej) => {
+      sock.once('connect', res);
+      sock.once('error', (e) => rej(new VmError('E_CONNECT', `cannot connect to ${sockPath}: ${e.message}`)));
+    });
     return sock;
   }
 
@@ -269,8 +353,10 @@ export class Machine {
 
   /** Close the connections this handle holds (the VM runs on). */
   close(): void {
-    this.#qmp?.close(); this.#agent?.close();
-    this.#qmp = undefined; this.#agent = undefined;
+    this.#qmp?.close();
+    this.#agent?.close();
+    this.#qmp = undefined;
+    this.#agent = undefined;
   }
 
   /**
@@ -280,36 +366,57 @@ export class Machine {
    * read-only; the guest finds the disk by `serial` (/sys/block/vd*\/serial).
    */
   async attachDisk(file: string, serial: string): Promise<{ port: string }> {
-    if (!/^[a-z0-9][a-z0-9-]{0,19}$/.test(serial)) throw new VmError('E_DISK_ATTACH', `disk serial ${JSON.stringify(serial)}: 1-20 lowercase letters, digits or -`);
+    if (!/^[a-z0-9][a-z0-9-]{0,19}$/.test(serial))
+      throw new VmError('E_DISK_ATTACH', `disk serial ${JSON.stringify(serial)}: 1-20 lowercase letters, digits or -`);
     this.assertRunning('attach a disk to');
     const name = `disk-${serial}.img`;
     const dest = join(vmPaths(this.name, vmsDir()).jail, name);
-    await rename(file, dest).catch(async () => { await copyFile(file, dest, constants.COPYFILE_EXCL); await rm(file, { force: true }); });
+    await rename(file, dest).catch(async () => {
+      await copyFile(file, dest, constants.COPYFILE_EXCL);
+      await rm(file, { force: true });
+    });
     const cred = credOf(this.record);
     if (cred) await chown(dest, cred.uid, cred.gid);
     await chmod(dest, 0o400);
     const qmp = await this.qmp();
     try {
-      await qmp.execute('blockdev-add', { driver: 'raw', 'node-name': `n-${serial}`, 'read-only': true, file: { driver: 'file', filename: name, 'read-only': true } });
-    } catch (e) { await rm(dest, { force: true }); throw new VmError('E_DISK_ATTACH', `${this.name}: QEMU refused disk ${serial}: ${(e as Error).message}`); }
+      await qmp.execute('blockdev-add', {
+        driver: 'raw',
+        'node-name': `n-${serial}`,
+        'read-only': true,
+        file: { driver: 'file', filename: name, 'read-only': true },
+      });
+    } catch (e) {
+      await rm(dest, { force: true });
+      throw new VmError('E_DISK_ATTACH', `${this.name}: QEMU refused disk ${serial}: ${(e as Error).message}`);
+    }
     const errors: string[] = [];
     for (const p of HOTPLUG_PORTS) {
       try {
         // slot 0 only: a root port's link holds one device (QEMU would take another at a slot the guest never sees)
         await qmp.execute('device_add', { driver: 'virtio-blk-pci', id: `d-${serial}`, drive: `n-${serial}`, bus: p.id, addr: '0', serial });
         return { port: p.id };
-      } catch (e) { errors.push(`${p.id}: ${(e as Error).message}`); } // taken: the next port
+      } catch (e) {
+        errors.push(`${p.id}: ${(e as Error).message}`);
+      } // taken: the next port
     }
     await qmp.execute('blockdev-del', { 'node-name': `n-${serial}` }).catch(() => undefined);
     await rm(dest, { force: true });
-    throw new VmError('E_DISK_ATTACH', `${this.name}: no free hotplug port for disk ${serial} (${errors.join('; ')})`, { hint: `a VM has ${HOTPLUG_PORTS.length} ports; detach a disk first` });
+    throw new VmError('E_DISK_ATTACH', `${this.name}: no free hotplug port for disk ${serial} (${errors.join('; ')})`, {
+      hint: `a VM has ${HOTPLUG_PORTS.length} ports; detach a disk first`,
+    });
   }
 
   /** Unplug a disk attach() plugged (the guest must have let go of it), and remove its file. */
   async detachDisk(serial: string, timeoutMs = 20_000): Promise<void> {
     const qmp = await this.qmp();
     const gone = qmp.waitEvent('DEVICE_DELETED', (e) => (e.data as { device?: string })?.device === `d-${serial}`, timeoutMs);
-    try { await qmp.execute('device_del', { id: `d-${serial}` }); } catch (e) { gone.catch(() => undefined); throw new VmError('E_DISK_DETACH', `${this.name}: ${(e as Error).message}`); }
+    try {
+      await qmp.execute('device_del', { id: `d-${serial}` });
+    } catch (e) {
+      gone.catch(() => undefined);
+      throw new VmError('E_DISK_DETACH', `${this.name}: ${(e as Error).message}`);
+    }
     await gone;
     await qmp.execute('blockdev-del', { 'node-name': `n-${serial}` });
     await rm(join(vmPaths(this.name, vmsDir()).jail, `disk-${serial}.img`), { force: true });
@@ -355,25 +462,46 @@ export class Machine {
       const files = await plan.files(record, cred);
       if (hasTap(record.netMode)) {
         const n = record.netMode;
-        record.desc.net = { mode: 'bridge', tap: n.mode === 'pod' ? await createPodTap(n, cred) : n.mode === 'bridge' ? await createTap(n, cred) : await createLooseTap(cred) };
+        record.desc.net = {
+          mode: 'bridge',
+          tap: n.mode === 'pod' ? await createPodTap(n, cred) : n.mode === 'bridge' ? await createTap(n, cred) : await createLooseTap(cred),
+        };
         await writeRecord(record); // before QEMU: removing the VM deletes the tap its record names
       }
-      if (plan.lineup && JSON.stringify(deviceLineup(record.desc)) !== JSON.stringify(plan.lineup)) throw new VmError('E_TEMPLATE_LINEUP', `${record.template ?? record.name}: the template was frozen with another device line-up`, { hint: 'freeze it again with this scion' });
+      if (plan.lineup && JSON.stringify(deviceLineup(record.desc)) !== JSON.stringify(plan.lineup))
+        throw new VmError('E_TEMPLATE_LINEUP', `${record.template ?? record.name}: the template was frozen with another device line-up`, {
+          hint: 'freeze it again with this scion',
+        });
       const p = vmPaths(m.name, vmsDir());
       proc = await spawnQemu(record.desc, { jail: p.jail, cred, netns, files });
       record.pid = proc.pid;
       await writeRecord(record);
       m.#qmp = await connectQmp(m.name, p.qmp, proc, plan.qmpTimeoutMs);
       plan.mark?.('spawn');
-      if (plan.restore) { await restoreFromFd(m.#qmp, m.name, proc, plan.restore.ignoreShared); plan.mark?.('restore'); }
-      if (plan.resume && plan.restore) { await m.#qmp.execute('cont'); plan.mark?.('resume'); }
+      if (plan.restore) {
+        await restoreFromFd(m.#qmp, m.name, proc, plan.restore.ignoreShared);
+        plan.mark?.('restore');
+      }
+      if (plan.resume && plan.restore) {
+        await m.#qmp.execute('cont');
+        plan.mark?.('resume');
+      }
       await plan.finish(m, proc);
       return m;
     } catch (e) {
       m.close();
-      if (proc) { killPid(proc.pid); await exitOf(proc); }
-      const err = e instanceof ScionError ? e : proc?.isDead() ? qemuDied(m.name, proc, plan.doing) : new VmError(plan.restore ? 'E_FORK_FAILED' : 'E_BOOT_FAILED', `${m.name}: ${(e as Error).message}`, { cause: e });
-      if (!plan.keepOnFailure) await removeVm(m.name, { force: true }).catch(() => undefined); // ours, made by this call; gc finds it if this fails too
+      if (proc) {
+        killPid(proc.pid);
+        await exitOf(proc);
+      }
+      const err =
+        e instanceof ScionError
+          ? e
+          : proc?.isDead()
+            ? qemuDied(m.name, proc, plan.doing)
+            : new VmError(plan.restore ? 'E_FORK_FAILED' : 'E_BOOT_FAILED', `${m.name}: ${(e as Error).message}`, { cause: e });
+      if (!plan.keepOnFailure)
+        await removeVm(m.name, { force: true }).catch(() => undefined); // ours, made by this call; gc finds it if this fails too
       else if (record.desc.net.mode === 'bridge') await deleteTap(record.desc.net.tap, netns).catch(() => undefined); // best effort: the construction's own error is what the caller needs
       throw err;
     }
@@ -393,27 +521,67 @@ export class Machine {
     o.log?.(`accelerator: ${accel.accel} (${accel.reason})`);
     const netMode: NetMode = o.net ?? { mode: 'user' };
     const baseDisk = o.disk ? resolvePath(o.disk) : undefined;
-    if (baseDisk && !(await stat(baseDisk).then((s) => s.isFile(), () => false))) throw new VmError('E_DISK', `disk ${o.disk} does not exist or is not a file`);
+    if (
+      baseDisk &&
+      !(await stat(baseDisk).then(
+        (s) => s.isFile(),
+        () => false,
+      ))
+    )
+      throw new VmError('E_DISK', `disk ${o.disk} does not exist or is not a file`);
     // the template's own identity (index 0, generation 1): clones start from a known state; a pod's VM takes what CNI gave the pod
     const podNet = netMode.mode === 'pod' ? await readPodNetwork(netMode) : undefined;
     const id = withDns(withPodNetwork(allocateIdentity(0, o.hostname ?? img.name, undefined, netParams(netMode)), podNet), o.dns);
     const memory = o.memory ?? 'file';
     const timeout = o.timeoutMs ?? 180_000;
     return Machine.construct({
-      doing: 'booting', qmpTimeoutMs: 10_000, resume: false, keepOnFailure: o.keepOnFailure,
-      claim: () => claimNamed(name, (cred) => ({
-        format: VM_FORMAT, name, role: 'template', image: img.dir, accel: accel.accel, createdAt: new Date().toISOString(), generation: 0, ports: {}, netMode,
-        desc: {
-          name, mode: 'template', accel: accel.accel, ramMB: img.ramMB, cpus: 1, memory, cmdline: img.cmdline, initrd: true, vmgenid: id.vmgenid, mac: id.mac,
-          net: netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards: [] } : { mode: 'none' }, sandbox: true, disk: baseDisk ? { layers: ['base', 'template'] } : undefined,
-        },
-        uid: cred?.uid, gid: cred?.gid, slots: [], making: { ownerPid: process.pid, phase: 'boot' }, owner: o.owner,
-      })),
-      files: async (r, cred) => {
+      doing: 'booting',
+      qmpTimeoutMs: 10_000,
+      resume: false,
+      keepOnFailure: o.keepOnFailure,
+      claim: () =>
+        claimNamed(name, (cred) => ({
+          format: VM_FORMAT,
+          name,
+          role: 'template',
+          image: img.dir,
+          accel: accel.accel,
+          createdAt: new Date().toISOString(),
+          generation: 0,
+          ports: {},
+          netMode,
+          desc: {
+            name,
+            mode: 'template',
+            accel: accel.accel,
+            ramMB: img.ramMB,
+            cpus: 1,
+            memory,
+            cmdline: img.cmdline,
+            initrd: true,
+            vmgenid: id.vmgenid,
+            mac: id.mac,
+            net: netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards: [] } : { mode: 'none' },
+            sandbox: true,
+            disk: baseDisk ? { layers: ['base', 'template'] } : undefined,
+          },
+          uid: cred?.uid,
+          gid: cred?.gid,
+          slots: [],
+          making: { ownerPid: process.pid, phase: 'boot' },
+          owner: o.owner,
+        })),
+      files: async (_r, cred) => {
         const t = await makeTemplateDir(name);
         if (memory === 'file') await makeMemFile(t.mem, img.ramMB, cred?.gid);
         if (baseDisk) await qcow2Overlay(baseDisk, t.disk);
-        return { mem: memory === 'file' ? t.mem : undefined, kernel: img.vmlinuz, initrd: img.initrd, diskBase: baseDisk, diskTemplate: baseDisk ? t.disk : undefined };
+        return {
+          mem: memory === 'file' ? t.mem : undefined,
+          kernel: img.vmlinuz,
+          initrd: img.initrd,
+          diskBase: baseDisk,
+          diskTemplate: baseDisk ? t.disk : undefined,
+        };
       },
       finish: async (m, proc) => {
         const tSpawn = performance.now();
@@ -421,11 +589,18 @@ export class Machine {
         const agent = new AgentClient(`${name}/agent`);
         m.#agent = agent;
         await agent.connect(vmPaths(name, vmsDir()).agent);
-        const died = proc.exited.then(() => { throw new VmError('E_BOOT_FAILED', `${name}: QEMU exited during boot${proc.stderrTail() ? ` (${proc.stderrTail()})` : ''}; console:\n${consoleTail(console)}`); });
+        const died = proc.exited.then(() => {
+          throw new VmError(
+            'E_BOOT_FAILED',
+            `${name}: QEMU exited during boot${proc.stderrTail() ? ` (${proc.stderrTail()})` : ''}; console:\n${consoleTail(console)}`,
+          );
+        });
         died.catch(() => undefined); // raced below; a later exit is not this call's error
         await Promise.race([agent.sync(timeout), died]).catch((e) => {
           if (e instanceof VmError) throw e;
-          throw new VmError('E_BOOT_TIMEOUT', `${name}: the agent did not answer within ${timeout / 1000} s; last console lines:\n${consoleTail(console)}`, { cause: e });
+          throw new VmError('E_BOOT_TIMEOUT', `${name}: the agent did not answer within ${timeout / 1000} s; last console lines:\n${consoleTail(console)}`, {
+            cause: e,
+          });
         });
         const info = await agent.call('info');
         if (!info.lastReady) await agent.waitEvent('ready', () => true, timeout);
@@ -435,7 +610,9 @@ export class Machine {
           m.record.generation = applied.generation;
           // the clones' clock reference: the template's clock stepped onto the host's, and the RTC's phase against it
           const c = await syncGuestClock(agent);
-          o.log?.(`guest clock was ${c.offsetMs.toFixed(0)} ms off (±${c.errorMs.toFixed(0)}); now ${c.after.offsetMs.toFixed(0)} ms (±${c.after.errorMs.toFixed(0)})${c.calibrationError ? `; its RTC keeper is off: ${c.calibrationError}` : ''}`);
+          o.log?.(
+            `guest clock was ${c.offsetMs.toFixed(0)} ms off (±${c.errorMs.toFixed(0)}); now ${c.after.offsetMs.toFixed(0)} ms (±${c.after.errorMs.toFixed(0)})${c.calibrationError ? `; its RTC keeper is off: ${c.calibrationError}` : ''}`,
+          );
         }
         await m.finished(timings);
       },
@@ -451,7 +628,12 @@ export class Machine {
   static async fork(tpl: FrozenTemplate, o: ForkOptions): Promise<Machine> {
     const t0 = performance.now();
     const { meta, dir: tdir, files: t } = tpl;
-    if (o.pod && meta.net.mode !== 'bridge' && meta.net.mode !== 'tap') throw new VmError('E_NET', `${meta.name}: a pod's VM needs a template booted with a tap (networking \`tap\`, or scion up … --bridge BR), not ${meta.net.mode} networking`, { hint: 'the tap in the pod\'s namespace must match the template\'s device line-up' });
+    if (o.pod && meta.net.mode !== 'bridge' && meta.net.mode !== 'tap')
+      throw new VmError(
+        'E_NET',
+        `${meta.name}: a pod's VM needs a template booted with a tap (networking \`tap\`, or scion up … --bridge BR), not ${meta.net.mode} networking`,
+        { hint: "the tap in the pod's namespace must match the template's device line-up" },
+      );
     const netMode: NetMode = o.pod ? { mode: 'pod', ...o.pod } : meta.net;
     // a pod's VM takes what CNI gave the pod's interface
     const podNet = o.pod ? await readPodNetwork(o.pod) : undefined;
@@ -462,27 +644,67 @@ export class Machine {
     const tbSizeMB = o.tbSizeMB ?? config().tbSizeMB;
     const timings: Record<string, number> = {};
     let tm = t0;
-    const mark = (k: string): void => { const n = performance.now(); timings[k] = Math.round((n - tm) * 10) / 10; tm = n; };
+    const mark = (k: string): void => {
+      const n = performance.now();
+      timings[k] = Math.round((n - tm) * 10) / 10;
+      tm = n;
+    };
     const generation = meta.generation + 1;
     const cloneDisk = (name: ValidName) => join(vmPaths(name, vmsDir()).dir, 'disk.qcow2');
     return Machine.construct({
-      doing: 'restoring the template', qmpTimeoutMs: 30_000 /* generous: a loaded host starts QEMU slowly */, restore: { ignoreShared: meta.memory === 'file' }, resume: true,
-      lineup: meta.lineup, keepOnFailure: o.keepOnFailure, mark,
+      doing: 'restoring the template',
+      qmpTimeoutMs: 30_000 /* generous: a loaded host starts QEMU slowly */,
+      restore: { ignoreShared: meta.memory === 'file' },
+      resume: true,
+      lineup: meta.lineup,
+      keepOnFailure: o.keepOnFailure,
+      mark,
       claim: async () => {
         try {
-          const r = await claimClone(o.prefix, (index, name) => {
-            const id = withDns(withPodNetwork(allocateIdentity(index, o.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`, undefined, netParams(netMode)), podNet), o.dns);
-            const net: NetConfig = netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards } : { mode: 'none' };
-            return {
-              format: VM_FORMAT, name, role: 'clone', image: meta.image, accel: meta.accel, createdAt: new Date().toISOString(), template: meta.name,
-              generation: meta.generation, identity: id, ports: Object.fromEntries(forwards.map((f) => [String(f.guestPort), f.hostPort])), netMode,
-              desc: {
-                name, mode: 'clone', accel: meta.accel, ramMB: meta.ramMB, cpus: 1, memory: meta.memory, cmdline: meta.cmdline, initrd: false,
-                vmgenid: id.vmgenid, mac: id.mac, net, incoming: true, sandbox: true, tbSizeMB, disk: meta.disk ? { layers: ['base', 'template', 'clone'] } : undefined,
-              },
-              slots: ports.map((p) => slotName('port', p)), making: { ownerPid: process.pid, phase: 'fork' }, owner: o.owner,
-            };
-          }, meta.gid);
+          const r = await claimClone(
+            o.prefix,
+            (index, name) => {
+              const id = withDns(
+                withPodNetwork(allocateIdentity(index, o.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`, undefined, netParams(netMode)), podNet),
+                o.dns,
+              );
+              const net: NetConfig = netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards } : { mode: 'none' };
+              return {
+                format: VM_FORMAT,
+                name,
+                role: 'clone',
+                image: meta.image,
+                accel: meta.accel,
+                createdAt: new Date().toISOString(),
+                template: meta.name,
+                generation: meta.generation,
+                identity: id,
+                ports: Object.fromEntries(forwards.map((f) => [String(f.guestPort), f.hostPort])),
+                netMode,
+                desc: {
+                  name,
+                  mode: 'clone',
+                  accel: meta.accel,
+                  ramMB: meta.ramMB,
+                  cpus: 1,
+                  memory: meta.memory,
+                  cmdline: meta.cmdline,
+                  initrd: false,
+                  vmgenid: id.vmgenid,
+                  mac: id.mac,
+                  net,
+                  incoming: true,
+                  sandbox: true,
+                  tbSizeMB,
+                  disk: meta.disk ? { layers: ['base', 'template', 'clone'] } : undefined,
+                },
+                slots: ports.map((p) => slotName('port', p)),
+                making: { ownerPid: process.pid, phase: 'fork' },
+                owner: o.owner,
+              };
+            },
+            meta.gid,
+          );
           return r;
         } catch (e) {
           for (const p of ports) await release(slotName('port', p));
@@ -491,7 +713,14 @@ export class Machine {
       },
       files: async (r) => {
         if (meta.disk) await qcow2Overlay(join(tdir, meta.disk), cloneDisk(r.name as ValidName));
-        return { mem: meta.memory === 'file' ? t.mem : undefined, kernel: join(tdir, meta.kernel), state: t.state, diskBase: meta.baseDisk, diskTemplate: meta.disk ? join(tdir, meta.disk) : undefined, diskClone: meta.disk ? cloneDisk(r.name as ValidName) : undefined };
+        return {
+          mem: meta.memory === 'file' ? t.mem : undefined,
+          kernel: join(tdir, meta.kernel),
+          state: t.state,
+          diskBase: meta.baseDisk,
+          diskTemplate: meta.disk ? join(tdir, meta.disk) : undefined,
+          diskClone: meta.disk ? cloneDisk(r.name as ValidName) : undefined,
+        };
       },
       finish: async (m) => {
         const id = m.record.identity!;
@@ -502,7 +731,9 @@ export class Machine {
         // time in it is then taken while the agent reads, so the clock the agent steps from it is
         // not late by the resumed guest's first read (~250 ms here). Measured, 8 forks each: a
         // round trip more, and the clock check below no longer fires on an idle host.
-        await agent.sync(o.agentTimeoutMs ?? 30_000).catch((e) => { throw new VmError('E_AGENT_TIMEOUT', `${m.name}: the agent did not answer after the resume (${(e as Error).message})`, { cause: e }); });
+        await agent.sync(o.agentTimeoutMs ?? 30_000).catch((e) => {
+          throw new VmError('E_AGENT_TIMEOUT', `${m.name}: the agent did not answer after the resume (${(e as Error).message})`, { cause: e });
+        });
         mark('agentSync');
         const applied = o.skipIdentityApply ? await agent.call('ping', {}).then(() => undefined) : await m.sendIdentity(generation);
         if (applied) timings.clockFix = await clockRightAtReady(agent, applied.time, Date.now());
@@ -532,7 +763,12 @@ export class Machine {
     try {
       for (let ready = (await readyEntries(tpl.meta.name)).length; ready < o.size && !o.signal?.aborted; ready = (await readyEntries(tpl.meta.name)).length) {
         // the hostname a fork on demand would have: a claim without a hostname of its own keeps it
-        const m = await Machine.fork(tpl, { prefix: validName(o.prefix, 'clone prefix'), owner: { pid: process.pid, kind: POOL_OWNER }, hostname: `${tpl.meta.name.replace(/-tpl$/, '')}-{n}`, log: o.log });
+        const m = await Machine.fork(tpl, {
+          prefix: validName(o.prefix, 'clone prefix'),
+          owner: { pid: process.pid, kind: POOL_OWNER },
+          hostname: `${tpl.meta.name.replace(/-tpl$/, '')}-{n}`,
+          log: o.log,
+        });
         if (o.signal?.aborted) {
           // the filler is going (its containerd went, or it was told to stop): nothing half-made stays behind
           await m.remove({ force: true }).catch(() => undefined);
@@ -550,7 +786,9 @@ export class Machine {
         added++;
         o.log?.(`pooled ${m.name} (template ${tpl.meta.name}, ${ready + 1} of ${o.size} ready)`);
       }
-    } finally { await release(); }
+    } finally {
+      await release();
+    }
     return added;
   }
 
@@ -573,7 +811,11 @@ export class Machine {
       let m: Machine | undefined;
       try {
         // forked from an earlier template of that name (made again since): not this template's
-        if (entry.frozenAt !== tpl.meta.frozenAt) throw new VmError('E_TEMPLATE_MISSING', `${vm} was forked from an earlier ${t} (frozen ${entry.frozenAt ?? 'at an unknown time'}, now ${tpl.meta.frozenAt})`);
+        if (entry.frozenAt !== tpl.meta.frozenAt)
+          throw new VmError(
+            'E_TEMPLATE_MISSING',
+            `${vm} was forked from an earlier ${t} (frozen ${entry.frozenAt ?? 'at an unknown time'}, now ${tpl.meta.frozenAt})`,
+          );
         m = await Machine.open(vm);
         await m.adopt(o);
         return m;
@@ -581,7 +823,9 @@ export class Machine {
         o.log?.(`pooled ${vm} could not be claimed (${(e as Error).message}): removed`);
         m?.close();
         await removeVm(vm, { force: true }).catch(() => undefined);
-      } finally { await dropClaim(t, vm).catch(() => undefined); } // the record names its owner now, or the VM is gone
+      } finally {
+        await dropClaim(t, vm).catch(() => undefined);
+      } // the record names its owner now, or the VM is gone
     }
     return undefined;
   }
@@ -609,7 +853,13 @@ export class Machine {
     const tResumed = performance.now();
     const applied = await this.sendIdentity(r.generation + 1);
     const clockFix = await clockRightAtReady(await this.agent(), applied.time, Date.now());
-    r.timings = { claimNet: Math.round(tMoved - t0), resume: Math.round(tResumed - tMoved), identity: applied.stepsMs.identity ?? 0, clockFix, ready: Math.round(performance.now() - t0) };
+    r.timings = {
+      claimNet: Math.round(tMoved - t0),
+      resume: Math.round(tResumed - tMoved),
+      identity: applied.stepsMs.identity ?? 0,
+      clockFix,
+      ready: Math.round(performance.now() - t0),
+    };
     await writeRecord(r);
     o.log?.(`claimed pooled ${this.name} (${r.identity.hostname}, ${r.identity.ip}) in ${r.timings.ready} ms`);
   }
@@ -621,7 +871,8 @@ export class Machine {
    */
   async freeze(img: ImageArtifacts, log?: (m: string) => void): Promise<TemplateMeta> {
     const r = this.record;
-    if (r.role !== 'template') throw new VmError('E_NO_VM', `${this.name} is a clone; freeze it as a new template with a name (scion freeze ${this.name} --name T)`);
+    if (r.role !== 'template')
+      throw new VmError('E_NO_VM', `${this.name} is a clone; freeze it as a new template with a name (scion freeze ${this.name} --name T)`);
     if (r.frozen) throw new VmError('E_FROZEN', `template ${this.name} is already frozen`, { hint: `scion fork ${this.name} -n 3` });
     const t = templatePaths(templateDir(this.name));
     const t0 = performance.now();
@@ -639,13 +890,30 @@ export class Machine {
     await writeFile(t.kernel, kernelStub(await readFile(img.vmlinuz)), { mode: 0o644, flag: constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL });
     if (r.desc.disk) await chmod(t.disk, 0o400); // now the base of every clone's overlay
     const meta: TemplateMeta = {
-      format: TEMPLATE_FORMAT, memory: shared ? 'file' : 'ram', net: r.netMode,
-      name: this.name, qemuVersion: await qemuVersion(), lineup: deviceLineup(r.desc), accel: r.accel, image: img.dir, manifestSha256: img.manifestSha256,
-      kernel: 'kernel-stub', cmdline: r.desc.cmdline, ramMB: r.desc.ramMB, generation: r.generation, disk: r.desc.disk ? 'disk.qcow2' : undefined, baseDisk: r.desc.disk ? await baseDiskOf(t.disk) : undefined,
-      gid: r.gid, frozenAt: new Date().toISOString(), freezeMs, ports: img.ports,
+      format: TEMPLATE_FORMAT,
+      memory: shared ? 'file' : 'ram',
+      net: r.netMode,
+      name: this.name,
+      qemuVersion: await qemuVersion(),
+      lineup: deviceLineup(r.desc),
+      accel: r.accel,
+      image: img.dir,
+      manifestSha256: img.manifestSha256,
+      kernel: 'kernel-stub',
+      cmdline: r.desc.cmdline,
+      ramMB: r.desc.ramMB,
+      generation: r.generation,
+      disk: r.desc.disk ? 'disk.qcow2' : undefined,
+      baseDisk: r.desc.disk ? await baseDiskOf(t.disk) : undefined,
+      gid: r.gid,
+      frozenAt: new Date().toISOString(),
+      freezeMs,
+      ports: img.ports,
     };
     await writeTemplateMeta(t.dir, meta);
-    r.frozen = true; r.pid = undefined; r.timings = { prepareMs: Math.round(tPrepared - t0), freezeMs };
+    r.frozen = true;
+    r.pid = undefined;
+    r.timings = { prepareMs: Math.round(tPrepared - t0), freezeMs };
     await writeRecord(r);
     log?.(`froze ${this.name} in ${freezeMs} ms (prepare ${Math.round(tPrepared - t0)} ms)`);
     return meta;
@@ -666,16 +934,41 @@ export class Machine {
     this.assertRunning('freeze');
     const { meta: parent, dir: parentDir } = await checkTemplate(r.template);
     const t0 = performance.now();
-    const desc: VmDescription = { ...r.desc, name: tname, mode: 'template', memory: 'file', incoming: true, initrd: false, tbSizeMB: undefined, net: r.desc.net.mode === 'user' ? { ...r.desc.net, forwards: [] } : r.desc.net };
+    const desc: VmDescription = {
+      ...r.desc,
+      name: tname,
+      mode: 'template',
+      memory: 'file',
+      incoming: true,
+      initrd: false,
+      tbSizeMB: undefined,
+      net: r.desc.net.mode === 'user' ? { ...r.desc.net, forwards: [] } : r.desc.net,
+    };
     let full: string | undefined;
     let meta: TemplateMeta | undefined;
     await Machine.construct({
-      doing: `making the template from ${this.name}`, qmpTimeoutMs: 10_000, restore: { ignoreShared: false }, resume: false,
-      claim: () => claimNamed(tname, (cred) => ({
-        format: VM_FORMAT, name: tname, role: 'template', image: r.image, accel: r.accel, createdAt: new Date().toISOString(), generation: r.generation, ports: {}, desc, netMode: r.netMode,
-        uid: cred?.uid, gid: cred?.gid, slots: [], making: { ownerPid: process.pid, phase: 'freeze' },
-      })),
-      files: async (nr, cred) => {
+      doing: `making the template from ${this.name}`,
+      qmpTimeoutMs: 10_000,
+      restore: { ignoreShared: false },
+      resume: false,
+      claim: () =>
+        claimNamed(tname, (cred) => ({
+          format: VM_FORMAT,
+          name: tname,
+          role: 'template',
+          image: r.image,
+          accel: r.accel,
+          createdAt: new Date().toISOString(),
+          generation: r.generation,
+          ports: {},
+          desc,
+          netMode: r.netMode,
+          uid: cred?.uid,
+          gid: cred?.gid,
+          slots: [],
+          making: { ownerPid: process.pid, phase: 'freeze' },
+        })),
+      files: async (_nr, cred) => {
         const t = await makeTemplateDir(tname);
         full = join(t.dir, 'full-state');
         // 1. the running clone's whole RAM and devices, then it goes on running
@@ -692,9 +985,20 @@ export class Machine {
         await chmod(t.mem, memMode());
         const freezeMs = Math.round(performance.now() - t0);
         await copyFile(join(parentDir, parent.kernel), t.kernel, constants.COPYFILE_EXCL);
-        meta = { ...parent, name: tname, memory: 'file', kernel: 'kernel-stub', generation: r.generation, frozenAt: new Date().toISOString(), freezeMs, lineup: deviceLineup(desc), gid: m.record.gid };
+        meta = {
+          ...parent,
+          name: tname,
+          memory: 'file',
+          kernel: 'kernel-stub',
+          generation: r.generation,
+          frozenAt: new Date().toISOString(),
+          freezeMs,
+          lineup: deviceLineup(desc),
+          gid: m.record.gid,
+        };
         await writeTemplateMeta(t.dir, meta);
-        m.record.frozen = true; m.record.pid = undefined;
+        m.record.frozen = true;
+        m.record.pid = undefined;
         await m.finished({ freezeMs });
         log?.(`froze clone ${this.name} as template ${tname} in ${freezeMs} ms`);
       },
@@ -709,7 +1013,12 @@ export class Machine {
     await agent.call('freeze.prepare', {}, 120_000);
     await qmp.execute('stop');
     // a clone restored with x-ignore-shared on; its private RAM must now go into the stream
-    try { await this.saveState(dest, false); } finally { await qmp.execute('cont'); this.close(); }
+    try {
+      await this.saveState(dest, false);
+    } finally {
+      await qmp.execute('cont');
+      this.close();
+    }
   }
 
   /**
@@ -756,11 +1065,27 @@ async function clockRightAtReady(agent: AgentClient, guestMs: number, receivedMs
 /** identity.apply's arguments for a clone identity. Pure. */
 export function identityArgs(id: CloneIdentity, generation: number): Identity {
   return {
-    generation, hostname: id.hostname, machineId: id.machineId, rngSeed: id.rngSeed, time: Date.now(), vmgenid: id.vmgenid,
-    interfaces: [{ mac: id.mac, address: id.ip, prefix: id.prefix, gateway: id.gateway }], dns: id.dns, dnsSearch: id.dnsSearch, dnsOptions: id.dnsOptions,
+    generation,
+    hostname: id.hostname,
+    machineId: id.machineId,
+    rngSeed: id.rngSeed,
+    time: Date.now(),
+    vmgenid: id.vmgenid,
+    interfaces: [{ mac: id.mac, address: id.ip, prefix: id.prefix, gateway: id.gateway }],
+    dns: id.dns,
+    dnsSearch: id.dnsSearch,
+    dnsOptions: id.dnsOptions,
   };
 }
 
 function consoleTail(file: string, lines = 15): string {
-  try { return readFileSync(file, 'utf8').split('\n').filter((l) => l.trim()).slice(-lines).join('\n'); } catch { return '(no console output)'; } // QEMU died before writing any
+  try {
+    return readFileSync(file, 'utf8')
+      .split('\n')
+      .filter((l) => l.trim())
+      .slice(-lines)
+      .join('\n');
+  } catch {
+    return '(no console output)';
+  } // QEMU died before writing any
 }

@@ -26,7 +26,10 @@ export interface BridgeSpec {
  * interface (`dev`, CNI's eth0) both ways, as Kata does; the VM takes that
  * interface's MAC, address and routes, so for the network the VM is the pod.
  */
-export interface PodNetSpec { netns: string; dev: string }
+export interface PodNetSpec {
+  netns: string;
+  dev: string;
+}
 
 /**
  * `tap`: a tap of its own in the host namespace, attached to nothing: for a
@@ -41,7 +44,12 @@ export const hasTap = (n: NetMode): boolean => n.mode === 'bridge' || n.mode ===
 /** A tap attached to nothing (mode `tap`), up so the guest sees a carrier. */
 export async function createLooseTap(owner?: { uid: number; gid: number }): Promise<string> {
   const tap = await addTap(undefined, owner);
-  try { await ip(['link', 'set', 'dev', tap, 'up']); } catch (e) { await deleteTap(tap, undefined); throw e; }
+  try {
+    await ip(['link', 'set', 'dev', tap, 'up']);
+  } catch (e) {
+    await deleteTap(tap, undefined);
+    throw e;
+  }
   return tap;
 }
 
@@ -75,7 +83,9 @@ export async function createPodTap(spec: PodNetSpec, owner?: { uid: number; gid:
  * tap is deleted (the VM has no network any more, and is removed by the caller).
  */
 export async function movePodTap(tap: string, spec: PodNetSpec): Promise<void> {
-  try { await ip(['link', 'set', 'dev', tap, 'netns', spec.netns]); } catch (e) {
+  try {
+    await ip(['link', 'set', 'dev', tap, 'netns', spec.netns]);
+  } catch (e) {
     await deleteTap(tap, undefined);
     throw e;
   }
@@ -84,17 +94,28 @@ export async function movePodTap(tap: string, spec: PodNetSpec): Promise<void> {
 
 /** tc's batch (one process: every exec counts) that redirects every frame between two interfaces, both ways. Pure. */
 export function redirectBatch(a: string, b: string): string {
-  return [[a, b], [b, a]].flatMap(([from, to]) => [
-    `qdisc add dev ${from} ingress`,
-    `filter add dev ${from} parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev ${to}`,
-  ]).join('\n') + '\n';
+  return (
+    [
+      [a, b],
+      [b, a],
+    ]
+      .flatMap(([from, to]) => [
+        `qdisc add dev ${from} ingress`,
+        `filter add dev ${from} parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev ${to}`,
+      ])
+      .join('\n') + '\n'
+  );
 }
 
 /** Bring the tap up in the pod's namespace and redirect every frame between it and the pod's interface, both ways. */
 async function joinPod(tap: string, spec: PodNetSpec): Promise<void> {
   try {
     await ip(['link', 'set', 'dev', tap, 'up'], spec.netns);
-    await run('tc', ['-n', spec.netns, '-batch', '-'], { code: 'E_NET', input: redirectBatch(spec.dev, tap), what: `redirecting ${spec.dev} <-> ${tap} in network namespace ${spec.netns}` });
+    await run('tc', ['-n', spec.netns, '-batch', '-'], {
+      code: 'E_NET',
+      input: redirectBatch(spec.dev, tap),
+      what: `redirecting ${spec.dev} <-> ${tap} in network namespace ${spec.netns}`,
+    });
   } catch (e) {
     await deleteTap(tap, spec.netns);
     await tc(['qdisc', 'del', 'dev', spec.dev, 'ingress'], spec.netns).catch(() => undefined);
@@ -120,11 +141,18 @@ function ip(args: string[], netns?: string): Promise<string> {
  * tap belongs to the VM's uid, so its unprivileged QEMU can attach to it.
  */
 export async function createTap(spec: BridgeSpec, owner?: { uid: number; gid: number }): Promise<string> {
-  try { await ip(['link', 'show', 'dev', spec.bridge], spec.netns); } catch (e) {
-    throw new VmError('E_NO_BRIDGE', `bridge ${spec.bridge} does not exist${spec.netns ? ` in network namespace ${spec.netns}` : ''}`, { hint: `ip link add ${spec.bridge} type bridge && ip link set ${spec.bridge} up`, cause: e });
+  try {
+    await ip(['link', 'show', 'dev', spec.bridge], spec.netns);
+  } catch (e) {
+    throw new VmError('E_NO_BRIDGE', `bridge ${spec.bridge} does not exist${spec.netns ? ` in network namespace ${spec.netns}` : ''}`, {
+      hint: `ip link add ${spec.bridge} type bridge && ip link set ${spec.bridge} up`,
+      cause: e,
+    });
   }
   const tap = await addTap(spec.netns, owner);
-  try { await ip(['link', 'set', 'dev', tap, 'master', spec.bridge, 'up'], spec.netns); } catch (e) {
+  try {
+    await ip(['link', 'set', 'dev', tap, 'master', spec.bridge, 'up'], spec.netns);
+  } catch (e) {
     await deleteTap(tap, spec.netns);
     throw e;
   }
@@ -154,7 +182,9 @@ const TUN = '/dev/net/tun';
 
 /** Remove a tap; one already gone (its namespace deleted, or removed by another call) is not an error. */
 export async function deleteTap(tap: string, netns?: string): Promise<void> {
-  try { await ip(['link', 'del', 'dev', tap], netns); } catch (e) {
+  try {
+    await ip(['link', 'del', 'dev', tap], netns);
+  } catch (e) {
     if (!/Cannot find device|does not exist|Cannot open network namespace/.test((e as Error).message)) throw e;
   }
 }

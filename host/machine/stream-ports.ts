@@ -31,14 +31,21 @@ export function streamPortNames(key: string, fd: StreamFd): { chardev: string; d
 export async function addStreamPort(qmp: QmpClient, jail: string, vm: string, key: string, fd: StreamFd): Promise<{ port: string; socket: string }> {
   const n = streamPortNames(key, fd);
   try {
-    await qmp.execute('chardev-add', { id: n.chardev, backend: { type: 'socket', data: { addr: { type: 'unix', data: { path: n.socket } }, server: true, wait: false } } });
-  } catch (e) { throw new VmError('E_STREAM_PORT', `${vm}: QEMU refused the socket for stream port ${n.port}: ${(e as Error).message}`); }
+    await qmp.execute('chardev-add', {
+      id: n.chardev,
+      backend: { type: 'socket', data: { addr: { type: 'unix', data: { path: n.socket } }, server: true, wait: false } },
+    });
+  } catch (e) {
+    throw new VmError('E_STREAM_PORT', `${vm}: QEMU refused the socket for stream port ${n.port}: ${(e as Error).message}`);
+  }
   try {
     await qmp.execute('device_add', { driver: 'virtserialport', bus: 'vser0.0', chardev: n.chardev, name: n.port, id: n.device });
   } catch (e) {
     await qmp.execute('chardev-remove', { id: n.chardev }).catch(() => undefined);
     // the bus holds 31 ports, the agent's among them
-    throw new VmError('E_STREAM_PORT', `${vm}: QEMU refused stream port ${n.port}: ${(e as Error).message}`, { hint: 'a VM has 30 stream ports (3 per process with stdin, stdout and stderr): delete ended processes first' });
+    throw new VmError('E_STREAM_PORT', `${vm}: QEMU refused stream port ${n.port}: ${(e as Error).message}`, {
+      hint: 'a VM has 30 stream ports (3 per process with stdin, stdout and stderr): delete ended processes first',
+    });
   }
   return { port: n.port, socket: join(jail, n.socket) };
 }
@@ -48,7 +55,10 @@ export async function removeStreamPort(qmp: QmpClient, key: string, fd: StreamFd
   const n = streamPortNames(key, fd);
   const gone = qmp.waitEvent('DEVICE_DELETED', (e) => (e.data as { device?: string })?.device === n.device, timeoutMs);
   gone.catch(() => undefined);
-  const removed = await qmp.execute('device_del', { id: n.device }).then(() => true, () => false); // not there: nothing to wait for
+  const removed = await qmp.execute('device_del', { id: n.device }).then(
+    () => true,
+    () => false,
+  ); // not there: nothing to wait for
   if (removed) await gone;
   await qmp.execute('chardev-remove', { id: n.chardev }).catch(() => undefined);
 }

@@ -18,7 +18,11 @@ import { readTemplateMeta, type TemplateMeta } from '../store/records.ts';
 export type { TemplateMeta };
 
 /** A frozen template, checked: what a fork maps. */
-export interface FrozenTemplate { meta: TemplateMeta; dir: string; files: ReturnType<typeof templatePaths> }
+export interface FrozenTemplate {
+  meta: TemplateMeta;
+  dir: string;
+  files: ReturnType<typeof templatePaths>;
+}
 
 /** The directory of template `name` under the checked root. */
 export const templateDir = (name: ValidName): string => join(trustedTemplateRoot(), name);
@@ -55,18 +59,28 @@ export async function checkTemplate(name: string): Promise<FrozenTemplate> {
   if (problem) throw new VmError('E_UNTRUSTED_DIR', `template directory ${tdir} ${problem}`, { hint: 'remove it and freeze the template again' });
   const meta = await readTemplateMeta(tdir, n);
   const v = await qemuVersion();
-  if (meta.qemuVersion !== v) throw new VmError('E_TEMPLATE_QEMU', `template ${meta.name} was frozen with "${meta.qemuVersion}", this host runs "${v}"`, { hint: 'boot and freeze the template again with this QEMU' });
+  if (meta.qemuVersion !== v)
+    throw new VmError('E_TEMPLATE_QEMU', `template ${meta.name} was frozen with "${meta.qemuVersion}", this host runs "${v}"`, {
+      hint: 'boot and freeze the template again with this QEMU',
+    });
   const t = templatePaths(tdir);
   const files = [t.state, join(tdir, meta.kernel), ...(meta.memory === 'file' ? [t.mem] : []), ...(meta.disk ? [join(tdir, meta.disk)] : [])];
   for (const f of files) {
     const s = await lstat(f).catch(() => undefined);
     if (!s) throw new VmError('E_TEMPLATE_INCOMPLETE', `template ${meta.name}: ${f} is missing`, { hint: 'freeze the template again' });
-    if (!s.isFile()) throw new VmError('E_TEMPLATE_INCOMPLETE', `template ${meta.name}: ${f} is not a regular file`, { hint: 'something replaced it; freeze the template again' });
-    if (s.uid !== (process.getuid?.() ?? 0)) throw new VmError('E_UNTRUSTED_DIR', `template ${meta.name}: ${f} is owned by uid ${s.uid}`, { hint: 'something replaced it; freeze the template again' });
+    if (!s.isFile())
+      throw new VmError('E_TEMPLATE_INCOMPLETE', `template ${meta.name}: ${f} is not a regular file`, {
+        hint: 'something replaced it; freeze the template again',
+      });
+    if (s.uid !== (process.getuid?.() ?? 0))
+      throw new VmError('E_UNTRUSTED_DIR', `template ${meta.name}: ${f} is owned by uid ${s.uid}`, {
+        hint: 'something replaced it; freeze the template again',
+      });
   }
   if (meta.memory === 'file') {
     const size = (await stat(t.mem)).size;
-    if (size !== meta.ramMB * 1024 * 1024) throw new VmError('E_TEMPLATE_INCOMPLETE', `template ${meta.name}: memory file is ${size} bytes, expected ${meta.ramMB} MiB`);
+    if (size !== meta.ramMB * 1024 * 1024)
+      throw new VmError('E_TEMPLATE_INCOMPLETE', `template ${meta.name}: memory file is ${size} bytes, expected ${meta.ramMB} MiB`);
   }
   return { meta, dir: tdir, files: t };
 }

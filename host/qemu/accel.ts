@@ -24,7 +24,13 @@ export function qemuVersion(): Promise<string> {
   const qemu = qemuBinary();
   let v = versionCache.get(qemu);
   if (!v) {
-    v = run(qemu, ['--version'], { what: `${qemu} --version` }).then((r) => r.stdout.split('\n')[0].trim(), (e) => { versionCache.delete(qemu); throw e; });
+    v = run(qemu, ['--version'], { what: `${qemu} --version` }).then(
+      (r) => r.stdout.split('\n')[0].trim(),
+      (e) => {
+        versionCache.delete(qemu);
+        throw e;
+      },
+    );
     versionCache.set(qemu, v);
   }
   return v;
@@ -33,13 +39,23 @@ export function qemuVersion(): Promise<string> {
 export async function chooseAccel(kernel: string, log?: (m: string) => void): Promise<{ accel: Accel; reason: string }> {
   const forced = config().accel;
   if (forced) return { accel: forced, reason: 'SCION_ACCEL' };
-  try { accessSync('/dev/kvm', constants.R_OK | constants.W_OK); } catch { return { accel: 'tcg', reason: '/dev/kvm is not usable' }; }
+  try {
+    accessSync('/dev/kvm', constants.R_OK | constants.W_OK);
+  } catch {
+    return { accel: 'tcg', reason: '/dev/kvm is not usable' };
+  }
   const key = sha256((await qemuVersion()) + sha256(readFileSync(kernel)));
   const cacheFile = join(defaultCacheDir(), `accel-${key.slice(0, 16)}.json`);
-  try { return JSON.parse(await readFile(cacheFile, 'utf8')); } catch { /* no cached answer yet: probe below */ }
+  try {
+    return JSON.parse(await readFile(cacheFile, 'utf8'));
+  } catch {
+    /* no cached answer yet: probe below */
+  }
   log?.('probing KVM with the guest kernel (once per QEMU and kernel)…');
   const ok = await probeKvm(kernel);
-  const r = ok.works ? { accel: 'kvm' as Accel, reason: 'KVM booted the guest kernel' } : { accel: 'tcg' as Accel, reason: `KVM does not run the guest here: ${ok.why}` };
+  const r = ok.works
+    ? { accel: 'kvm' as Accel, reason: 'KVM booted the guest kernel' }
+    : { accel: 'tcg' as Accel, reason: `KVM does not run the guest here: ${ok.why}` };
   await atomicWrite(cacheFile, JSON.stringify(r));
   return r;
 }
@@ -49,14 +65,46 @@ function probeKvm(kernel: string): Promise<{ works: boolean; why: string }> {
   const log = join(dir, 'console');
   return new Promise((resolve) => {
     const qemu = qemuBinary();
-    const p = spawn(qemu, ['-accel', 'kvm', '-M', 'q35', '-cpu', 'host', '-m', '256M', '-nodefaults', '-display', 'none', '-no-reboot', '-kernel', kernel,
-      '-append', 'console=ttyS0 panic=-1', '-serial', `file:${log}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const p = spawn(
+      qemu,
+      [
+        '-accel',
+        'kvm',
+        '-M',
+        'q35',
+        '-cpu',
+        'host',
+        '-m',
+        '256M',
+        '-nodefaults',
+        '-display',
+        'none',
+        '-no-reboot',
+        '-kernel',
+        kernel,
+        '-append',
+        'console=ttyS0 panic=-1',
+        '-serial',
+        `file:${log}`,
+      ],
+      { stdio: ['ignore', 'ignore', 'pipe'] },
+    );
     let err = '';
     p.stderr.on('data', (c) => (err += c));
-    const done = (works: boolean, why: string) => { clearInterval(t); clearTimeout(to); p.kill('SIGKILL'); rmSync(dir, { recursive: true, force: true }); resolve({ works, why }); };
+    const done = (works: boolean, why: string) => {
+      clearInterval(t);
+      clearTimeout(to);
+      p.kill('SIGKILL');
+      rmSync(dir, { recursive: true, force: true });
+      resolve({ works, why });
+    };
     const t = setInterval(() => {
       let c = '';
-      try { c = readFileSync(log, 'utf8'); } catch { /* QEMU has not written the log yet */ }
+      try {
+        c = readFileSync(log, 'utf8');
+      } catch {
+        /* QEMU has not written the log yet */
+      }
       if (/VFS: Unable to mount root|Kernel panic/.test(c)) done(true, 'ok');
       if (/KVM internal error/.test(err)) done(false, 'KVM internal error');
     }, 200);
@@ -64,7 +112,11 @@ function probeKvm(kernel: string): Promise<{ works: boolean; why: string }> {
     p.on('error', (e) => done(false, `cannot run ${qemu}: ${e.message}`));
     p.on('exit', () => {
       let c = '';
-      try { c = readFileSync(log, 'utf8'); } catch { /* QEMU exited before writing the log */ }
+      try {
+        c = readFileSync(log, 'utf8');
+      } catch {
+        /* QEMU exited before writing the log */
+      }
       done(/VFS: Unable to mount root|Kernel panic/.test(c), err.trim().split('\n')[0] || 'QEMU exited');
     });
   });

@@ -9,11 +9,11 @@ import { JAIL_FILES as JAIL } from '../store/dirs.ts';
 
 export type Accel = 'kvm' | 'tcg';
 
-export interface PortForward { hostPort: number; guestPort: number }
-export type NetConfig =
-  | { mode: 'user'; guestIp: string; forwards: PortForward[] }
-  | { mode: 'bridge'; tap: string }
-  | { mode: 'none' };
+export interface PortForward {
+  hostPort: number;
+  guestPort: number;
+}
+export type NetConfig = { mode: 'user'; guestIp: string; forwards: PortForward[] } | { mode: 'bridge'; tap: string } | { mode: 'none' };
 
 export interface VmDescription {
   /** the VM's name, shown in ps (-name) */
@@ -41,7 +41,9 @@ export interface VmDescription {
 }
 
 /** Layers of a VM's disk; `top` is the one the VM writes. */
-export interface DiskChain { layers: ('base' | 'template' | 'clone')[] }
+export interface DiskChain {
+  layers: ('base' | 'template' | 'clone')[];
+}
 
 /**
  * QEMU opens nothing by a path outside its jail: scion opens the files and
@@ -95,28 +97,54 @@ export function deviceLineup(d: Pick<VmDescription, 'ramMB' | 'cpus' | 'net' | '
  * into one after the fork (shim/). Every VM has them, so templates and their
  * clones agree.
  */
-export const HOTPLUG_PORTS = [{ id: 'hp0', addr: '0x8', chassis: 1 }, { id: 'hp1', addr: '0x9', chassis: 2 }, { id: 'hp2', addr: '0xa', chassis: 3 }, { id: 'hp3', addr: '0xb', chassis: 4 }];
+export const HOTPLUG_PORTS = [
+  { id: 'hp0', addr: '0x8', chassis: 1 },
+  { id: 'hp1', addr: '0x9', chassis: 2 },
+  { id: 'hp2', addr: '0xa', chassis: 3 },
+  { id: 'hp3', addr: '0xb', chassis: 4 },
+];
 
 export function qemuArgv(d: VmDescription): string[] {
   const a: string[] = [
-    '-name', `scion:${d.name}`,
-    '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
-    '-machine', 'q35,memory-backend=mem',
-    '-accel', d.accel === 'tcg' ? `tcg,tb-size=${d.tbSizeMB ?? (d.mode === 'template' ? TEMPLATE_TB_SIZE_MB : CLONE_TB_SIZE_MB)}` : 'kvm',
-    '-cpu', d.accel === 'kvm' ? 'host' : 'max',
-    '-m', `${d.ramMB}M`,
-    '-smp', String(d.cpus),
+    '-name',
+    `scion:${d.name}`,
+    '-nodefaults',
+    '-no-user-config',
+    '-display',
+    'none',
+    '-no-reboot',
+    '-machine',
+    'q35,memory-backend=mem',
+    '-accel',
+    d.accel === 'tcg' ? `tcg,tb-size=${d.tbSizeMB ?? (d.mode === 'template' ? TEMPLATE_TB_SIZE_MB : CLONE_TB_SIZE_MB)}` : 'kvm',
+    '-cpu',
+    d.accel === 'kvm' ? 'host' : 'max',
+    '-m',
+    `${d.ramMB}M`,
+    '-smp',
+    String(d.cpus),
     // guest RAM in a file: the template maps it shared (its writes land in the
     // file); clones map it private, so their writes are copy-on-write
-    '-object', d.memory === 'ram' ? `memory-backend-ram,id=mem,size=${d.ramMB}M` : `memory-backend-file,id=mem,size=${d.ramMB}M,mem-path=${fdPath(FD.mem)},share=${d.mode === 'template' ? 'on' : 'off'},prealloc=off`,
-    '-kernel', fdPath(FD.kernel),
-    '-append', d.cmdline,
-    '-chardev', `socket,id=console,path=${JAIL.consoleSocket},server=on,wait=off,logfile=${JAIL.console},logappend=on`,
-    '-serial', 'chardev:console',
-    '-qmp', `unix:${JAIL.qmp},server=on,wait=off`,
-    '-device', 'virtio-serial-pci,id=vser0,bus=pcie.0,addr=0x3',
-    '-chardev', `socket,id=agent,path=${JAIL.agent},server=on,wait=off`,
-    '-device', `virtserialport,bus=vser0.0,nr=1,chardev=agent,name=${AGENT_PORT_NAME}`,
+    '-object',
+    d.memory === 'ram'
+      ? `memory-backend-ram,id=mem,size=${d.ramMB}M`
+      : `memory-backend-file,id=mem,size=${d.ramMB}M,mem-path=${fdPath(FD.mem)},share=${d.mode === 'template' ? 'on' : 'off'},prealloc=off`,
+    '-kernel',
+    fdPath(FD.kernel),
+    '-append',
+    d.cmdline,
+    '-chardev',
+    `socket,id=console,path=${JAIL.consoleSocket},server=on,wait=off,logfile=${JAIL.console},logappend=on`,
+    '-serial',
+    'chardev:console',
+    '-qmp',
+    `unix:${JAIL.qmp},server=on,wait=off`,
+    '-device',
+    'virtio-serial-pci,id=vser0,bus=pcie.0,addr=0x3',
+    '-chardev',
+    `socket,id=agent,path=${JAIL.agent},server=on,wait=off`,
+    '-device',
+    `virtserialport,bus=vser0.0,nr=1,chardev=agent,name=${AGENT_PORT_NAME}`,
   ];
   if (d.sandbox) a.push('-sandbox', SANDBOX);
   if (d.initrd) a.push('-initrd', fdPath(FD.initrd));
@@ -165,7 +193,8 @@ export function diskArgs(chain: DiskChain): string[] {
  * enough; QEMU then keeps a few KiB per clone instead of a 12 MB copy.
  */
 export function kernelStub(bzImage: Buffer): Buffer {
-  if (bzImage.length < 0x210 || bzImage.toString('latin1', 0x202, 0x206) !== 'HdrS') throw new VmError('E_IMAGE_KERNEL', 'the image kernel is not a bzImage (no HdrS header)', { hint: 'rebuild the image' });
+  if (bzImage.length < 0x210 || bzImage.toString('latin1', 0x202, 0x206) !== 'HdrS')
+    throw new VmError('E_IMAGE_KERNEL', 'the image kernel is not a bzImage (no HdrS header)', { hint: 'rebuild the image' });
   const setupSects = bzImage[0x1f1] || 4;
   return Buffer.from(bzImage.subarray(0, Math.min(bzImage.length, (setupSects + 1) * 512 + 4096)));
 }

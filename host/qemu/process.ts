@@ -4,7 +4,7 @@
  * the VM's jail and every outside file handed over as a descriptor; then
  * QMP, restore and migration, all without a shell (no exec: URIs).
  */
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { openSync, closeSync, constants, existsSync, readFileSync, readlinkSync, readdirSync } from 'node:fs';
 import { open, rename, unlink, chown } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
@@ -20,14 +20,28 @@ import { processAlive, sleep } from '../../common/proc.ts';
 export { processAlive, sleep };
 import { config } from '../../common/config.ts';
 
-export interface Credentials { uid: number; gid: number }
+export interface Credentials {
+  uid: number;
+  gid: number;
+}
 
 /** The uid/gid of slot n: SCION_UID_BASE+n, when scion is root (one per VM, as Firecracker's jailer does). */
-export const credentialsFor = (slot: number): Credentials => { const base = config().uidBase; return { uid: base + slot, gid: base + slot }; };
+export const credentialsFor = (slot: number): Credentials => {
+  const base = config().uidBase;
+  return { uid: base + slot, gid: base + slot };
+};
 export const runningAsRoot = () => process.getuid?.() === 0;
 
 /** Files QEMU gets as descriptors (see FD in argv.ts); each opened here, by scion, with the right mode. */
-export interface QemuFiles { mem?: string; kernel: string; initrd?: string; state?: string; diskBase?: string; diskTemplate?: string; diskClone?: string }
+export interface QemuFiles {
+  mem?: string;
+  kernel: string;
+  initrd?: string;
+  state?: string;
+  diskBase?: string;
+  diskTemplate?: string;
+  diskClone?: string;
+}
 
 export interface QemuProcess {
   pid: number;
@@ -42,23 +56,36 @@ export interface QemuProcess {
  */
 export async function spawnQemu(desc: VmDescription, o: { jail: string; files: QemuFiles; cred?: Credentials; netns?: string }): Promise<QemuProcess> {
   const fds: number[] = [];
-  const openFd = (path: string | undefined, flags: number) => { if (!path) return 'ignore' as const; const fd = openSync(path, flags | constants.O_NOFOLLOW); fds.push(fd); return fd; };
+  const openFd = (path: string | undefined, flags: number) => {
+    if (!path) return 'ignore' as const;
+    const fd = openSync(path, flags | constants.O_NOFOLLOW);
+    fds.push(fd);
+    return fd;
+  };
   const stdio: (number | 'ignore' | 'pipe')[] = ['ignore', 'ignore', 'pipe'];
-  let child;
+  let child: ChildProcess;
   const qemu = qemuBinary();
   let cmd = qemu;
   try {
     const slots: [number, string | undefined, number][] = [
       [FD.mem, o.files.mem, desc.mode === 'template' && desc.memory === 'file' ? constants.O_RDWR : constants.O_RDONLY],
-      [FD.kernel, o.files.kernel, constants.O_RDONLY], [FD.initrd, o.files.initrd, constants.O_RDONLY], [FD.state, o.files.state, constants.O_RDONLY],
-      [FD.diskBase, o.files.diskBase, constants.O_RDONLY], [FD.diskTemplate, o.files.diskTemplate, desc.mode === 'template' ? constants.O_RDWR : constants.O_RDONLY], [FD.diskClone, o.files.diskClone, constants.O_RDWR],
+      [FD.kernel, o.files.kernel, constants.O_RDONLY],
+      [FD.initrd, o.files.initrd, constants.O_RDONLY],
+      [FD.state, o.files.state, constants.O_RDONLY],
+      [FD.diskBase, o.files.diskBase, constants.O_RDONLY],
+      [FD.diskTemplate, o.files.diskTemplate, desc.mode === 'template' ? constants.O_RDWR : constants.O_RDONLY],
+      [FD.diskClone, o.files.diskClone, constants.O_RDWR],
     ];
     for (const [n, path, flags] of slots) stdio[n] = openFd(path, flags);
     for (let i = 0; i < stdio.length; i++) stdio[i] ??= 'ignore';
     const argv = qemuArgv(desc);
     // entering a network namespace needs root, so setpriv drops to the VM's uid after `ip netns exec`
     const [c, args, cred] = o.netns
-      ? ['ip', ['netns', 'exec', o.netns, ...(o.cred ? ['setpriv', `--reuid=${o.cred.uid}`, `--regid=${o.cred.gid}`, '--clear-groups', '--'] : []), qemu, ...argv], undefined]
+      ? [
+          'ip',
+          ['netns', 'exec', o.netns, ...(o.cred ? ['setpriv', `--reuid=${o.cred.uid}`, `--regid=${o.cred.gid}`, '--clear-groups', '--'] : []), qemu, ...argv],
+          undefined,
+        ]
       : [qemu, argv, o.cred];
     cmd = c;
     child = spawn(c, args, { stdio, detached: true, cwd: o.jail, ...(cred ? { uid: cred.uid, gid: cred.gid } : {}) });
@@ -66,14 +93,26 @@ export async function spawnQemu(desc: VmDescription, o: { jail: string; files: Q
     for (const fd of fds) closeSync(fd); // QEMU holds its own copies now
   }
   let stderr = '';
-  child.stderr!.on('data', (c) => { stderr = (stderr + c).slice(-8192); });
+  child.stderr!.on('data', (c) => {
+    stderr = (stderr + c).slice(-8192);
+  });
   let dead = false;
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) => child.on('exit', (code, signal) => { dead = true; res({ code, signal }); }));
-  const spawnError = new Promise<Error | undefined>((res) => { child.once('error', res); child.once('spawn', () => res(undefined)); });
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) =>
+    child.on('exit', (code, signal) => {
+      dead = true;
+      res({ code, signal });
+    }),
+  );
+  const spawnError = new Promise<Error | undefined>((res) => {
+    child.once('error', res);
+    child.once('spawn', () => res(undefined));
+  });
   const err = await spawnError;
   if (err) {
     dead = true;
-    throw (err as NodeJS.ErrnoException).code === 'ENOENT' ? missingCommand(cmd, err) : new VmError('E_SPAWN', `${desc.name}: cannot start ${cmd}: ${err.message}`, { cause: err });
+    throw (err as NodeJS.ErrnoException).code === 'ENOENT'
+      ? missingCommand(cmd, err)
+      : new VmError('E_SPAWN', `${desc.name}: cannot start ${cmd}: ${err.message}`, { cause: err });
   }
   child.unref();
   (child.stderr as any).unref?.();
@@ -93,7 +132,10 @@ export async function connectQmp(name: string, path: string, proc: QemuProcess, 
     if (proc.isDead()) throw qemuDied(name, proc, 'starting');
     if (existsSync(path)) {
       const q = new QmpClient(`${name}/qmp`);
-      try { await q.connect(path, Math.max(100, end - Date.now())); return q; } catch (e) {
+      try {
+        await q.connect(path, Math.max(100, end - Date.now()));
+        return q;
+      } catch (e) {
         q.close();
         if (!/ECONNREFUSED|ENOENT/.test((e as Error).message) || Date.now() > end) throw e;
       }
@@ -102,7 +144,6 @@ export async function connectQmp(name: string, path: string, proc: QemuProcess, 
     await sleep(5);
   }
 }
-
 
 /** Wait for QEMU to exit (at most `ms`); the child is unref'd, so a timer keeps Node alive meanwhile. */
 export function exitOf(proc: QemuProcess, ms = 5000): Promise<unknown> {
@@ -117,18 +158,24 @@ export async function restoreFromFd(qmp: QmpClient, name: string, proc: QemuProc
   const corrupt = 'the template state file may be corrupt or truncated; freeze the template again';
   for (;;) {
     if (proc.isDead()) throw new VmError('E_RESTORE_FAILED', `${name}: QEMU exited while loading the template state: ${proc.stderrTail(2)}`, { hint: corrupt });
-    let s;
-    try { s = await qmp.execute('query-status', undefined, 10_000); } catch (e) {
+    let s: { status?: string } | undefined;
+    try {
+      s = await qmp.execute<{ status?: string }>('query-status', undefined, 10_000);
+    } catch (e) {
       // QEMU closing the monitor mid-load means the load failed and it exited
       await exitOf(proc, 2000);
       throw proc.isDead()
         ? new VmError('E_RESTORE_FAILED', `${name}: QEMU exited while loading the template state: ${proc.stderrTail(2)}`, { hint: corrupt })
-        : new VmError('E_RESTORE_FAILED', `${name}: QEMU stopped answering while loading the template state (${(e as Error).message})`, { hint: corrupt, cause: e });
+        : new VmError('E_RESTORE_FAILED', `${name}: QEMU stopped answering while loading the template state (${(e as Error).message})`, {
+            hint: corrupt,
+            cause: e,
+          });
     }
     if (s.status === 'paused' || s.status === 'postmigrate' || s.status === 'prelaunch') {
       const m = await qmp.execute('query-migrate');
       if (m.status === 'completed') return;
-      if (m.status === 'failed') throw new VmError('E_RESTORE_FAILED', `${name}: loading the template state failed: ${m['error-desc'] ?? ''}`, { hint: corrupt });
+      if (m.status === 'failed')
+        throw new VmError('E_RESTORE_FAILED', `${name}: loading the template state failed: ${m['error-desc'] ?? ''}`, { hint: corrupt });
     }
     if (s.status === 'running') return;
     await sleep(3);
@@ -161,7 +208,10 @@ export async function migrateToFile(qmp: QmpClient, name: string, jail: string, 
     let received: Promise<void> = Promise.resolve();
     let accepted = false;
     server = createServer((c: Socket) => {
-      if (accepted) { c.destroy(); return; } // one stream only
+      if (accepted) {
+        c.destroy();
+        return;
+      } // one stream only
       accepted = true;
       received = new Promise<void>((res, rej) => {
         // the stream owns the handle from here: it flushes (fsync) and closes it at the end
@@ -173,7 +223,10 @@ export async function migrateToFile(qmp: QmpClient, name: string, jail: string, 
         w.on('error', rej);
       });
     });
-    await new Promise<void>((res, rej) => { server!.once('error', rej); server!.listen(sockPath, res); });
+    await new Promise<void>((res, rej) => {
+      server!.once('error', rej);
+      server!.listen(sockPath, res);
+    });
     if (cred) await chown(sockPath, cred.uid, cred.gid);
     await qmp.execute('migrate', { uri: `unix:${sockName}` });
     await waitMigration(qmp, name);
@@ -182,7 +235,8 @@ export async function migrateToFile(qmp: QmpClient, name: string, jail: string, 
     await rename(tmp, dest);
   } catch (e) {
     // closing the handle waits for a stream on it, so a stream is destroyed instead; the first error matters
-    if (stream) stream.destroy(); else await fh.close().catch(() => undefined);
+    if (stream) stream.destroy();
+    else await fh.close().catch(() => undefined);
     await unlink(tmp).catch(() => undefined);
     throw e instanceof ScionError ? e : new VmError('E_FREEZE_FAILED', `${name}: saving state to ${dest} failed: ${(e as Error).message}`, { cause: e });
   } finally {
@@ -193,7 +247,9 @@ export async function migrateToFile(qmp: QmpClient, name: string, jail: string, 
 
 export function killPid(pid: number | undefined, sig: NodeJS.Signals = 'SIGKILL'): void {
   if (!pid) return;
-  try { process.kill(pid, sig); } catch (e) {
+  try {
+    process.kill(pid, sig);
+  } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'ESRCH') throw e; // already gone is what we wanted
   }
 }
@@ -206,7 +262,11 @@ export async function waitDead(pid: number | undefined, timeoutMs = 10_000): Pro
 
 /** The working directory of a live process (QEMU's is its jail), or undefined. */
 export function cwdOf(pid: number): string | undefined {
-  try { return readlinkSync(`/proc/${pid}/cwd`); } catch { return undefined; } // gone, or not ours to read
+  try {
+    return readlinkSync(`/proc/${pid}/cwd`);
+  } catch {
+    return undefined;
+  } // gone, or not ours to read
 }
 
 /** Is this pid a live QEMU whose working directory is `jail`? */
@@ -219,15 +279,25 @@ export function isQemuIn(pid: number | undefined, jail: string): boolean {
 export function qemuPidsUnder(vms: string): { pid: number; jail: string }[] {
   const out: { pid: number; jail: string }[] = [];
   let entries: string[] = [];
-  try { entries = readdirSync('/proc'); } catch { return out; } // no /proc: nothing to find
+  try {
+    entries = readdirSync('/proc');
+  } catch {
+    return out;
+  } // no /proc: nothing to find
   for (const d of entries) {
     if (!/^\d+$/.test(d)) continue;
     const cwd = cwdOf(Number(d));
-    if (!cwd || !cwd.startsWith(vms + '/') || !cwd.endsWith('/jail')) continue;
+    if (!cwd?.startsWith(`${vms}/`) || !cwd.endsWith('/jail')) continue;
     if (!/qemu-system/.test(safeRead(`/proc/${d}/cmdline`))) continue;
     out.push({ pid: Number(d), jail: cwd });
   }
   return out;
 }
 
-function safeRead(p: string): string { try { return readFileSync(p, 'utf8'); } catch { return ''; } } // a process that just exited reads as nothing
+function safeRead(p: string): string {
+  try {
+    return readFileSync(p, 'utf8');
+  } catch {
+    return '';
+  }
+} // a process that just exited reads as nothing

@@ -7,14 +7,22 @@ import { JsonSession, Pending, SessionError } from '../../common/session.ts';
 import { ScionError } from '../../common/errors.ts';
 
 export class QmpError extends ScionError {
-  constructor(readonly command: string, readonly qmpClass: string, desc: string) {
+  constructor(
+    readonly command: string,
+    readonly qmpClass: string,
+    desc: string,
+  ) {
     super('E_QMP', `QMP ${command} failed: ${qmpClass}: ${desc}`);
   }
 }
 
 const RECENT_EVENTS = 32;
 
-export interface QmpEvent { event: string; data?: any; timestamp: { seconds: number; microseconds: number } }
+export interface QmpEvent {
+  event: string;
+  data?: any;
+  timestamp: { seconds: number; microseconds: number };
+}
 
 export class QmpClient {
   private s: JsonSession;
@@ -32,7 +40,10 @@ export class QmpClient {
   async connect(path: string, timeoutMs = 5000): Promise<void> {
     const greeted = new Promise<any>((resolve, reject) => {
       const t = setTimeout(() => reject(new SessionError('E_TIMEOUT', `${this.label}: no QMP greeting within ${timeoutMs} ms`)), timeoutMs);
-      this.s.once('message', (m: any) => { clearTimeout(t); m?.QMP ? resolve(m) : reject(new SessionError('E_PROTOCOL', `${this.label}: expected a QMP greeting, got ${JSON.stringify(m).slice(0, 200)}`)); });
+      this.s.once('message', (m: any) => {
+        clearTimeout(t);
+        m?.QMP ? resolve(m) : reject(new SessionError('E_PROTOCOL', `${this.label}: expected a QMP greeting, got ${JSON.stringify(m).slice(0, 200)}`));
+      });
     });
     greeted.catch(() => undefined); // observed below; never an unhandled rejection if open() fails first
     await this.s.open(path, timeoutMs);
@@ -47,7 +58,11 @@ export class QmpClient {
     if (m.event) {
       this.recent.push(m);
       if (this.recent.length > RECENT_EVENTS) this.recent.shift();
-      for (const w of [...this.waiters]) if (w.name === m.event && w.pred(m)) { this.waiters.splice(this.waiters.indexOf(w), 1); w.resolve(m); }
+      for (const w of [...this.waiters])
+        if (w.name === m.event && w.pred(m)) {
+          this.waiters.splice(this.waiters.indexOf(w), 1);
+          w.resolve(m);
+        }
       return;
     }
     if (m.id !== undefined) this.pending.settle(m.id, m);
@@ -56,10 +71,16 @@ export class QmpClient {
   async execute<T = any>(command: string, args?: Record<string, unknown>, timeoutMs = 30_000): Promise<T> {
     const id = `q${++this.seq}`;
     const p = this.pending.add(id, timeoutMs, `${this.label}: ${command}`);
-    try { this.s.send(args ? { execute: command, arguments: args, id } : { execute: command, id }); } catch (e) { this.pending.drop(id); throw e; }
+    try {
+      this.s.send(args ? { execute: command, arguments: args, id } : { execute: command, id });
+    } catch (e) {
+      this.pending.drop(id);
+      throw e;
+    }
     const r = await p;
     if (r.error) throw new QmpError(command, String(r.error.class ?? 'GenericError'), String(r.error.desc ?? ''));
-    if (!('return' in r)) throw new SessionError('E_PROTOCOL', `${this.label}: ${command}: a reply with neither "return" nor "error": ${JSON.stringify(r).slice(0, 200)}`);
+    if (!('return' in r))
+      throw new SessionError('E_PROTOCOL', `${this.label}: ${command}: a reply with neither "return" nor "error": ${JSON.stringify(r).slice(0, 200)}`);
     return r.return as T;
   }
 
@@ -68,11 +89,23 @@ export class QmpClient {
     const seen = this.recent.find((e) => e.event === name && pred(e));
     if (seen) return Promise.resolve(seen);
     return new Promise((resolve, reject) => {
-      const w = { name, pred, resolve: (e: QmpEvent) => { clearTimeout(t); resolve(e); } };
-      const t = setTimeout(() => { this.waiters.splice(this.waiters.indexOf(w), 1); reject(new SessionError('E_TIMEOUT', `${this.label}: no ${name} event within ${timeoutMs} ms`)); }, timeoutMs);
+      const w = {
+        name,
+        pred,
+        resolve: (e: QmpEvent) => {
+          clearTimeout(t);
+          resolve(e);
+        },
+      };
+      const t = setTimeout(() => {
+        this.waiters.splice(this.waiters.indexOf(w), 1);
+        reject(new SessionError('E_TIMEOUT', `${this.label}: no ${name} event within ${timeoutMs} ms`));
+      }, timeoutMs);
       this.waiters.push(w);
     });
   }
 
-  close() { this.s.close(); }
+  close() {
+    this.s.close();
+  }
 }

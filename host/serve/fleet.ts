@@ -67,7 +67,12 @@ export function idleToRemove(members: Member[], now: number, idleMs: number, min
   return idle.slice(0, Math.max(0, live.length - min));
 }
 
-interface Waiter { resolve: (m: Member) => void; reject: (e: Error) => void; timer: NodeJS.Timeout; exclusive: boolean }
+interface Waiter {
+  resolve: (m: Member) => void;
+  reject: (e: Error) => void;
+  timer: NodeJS.Timeout;
+  exclusive: boolean;
+}
 
 export interface FleetEvents {
   scale(ev: { direction: 'up' | 'down'; reason: string; clone: string; clones: number; ms?: number }): void;
@@ -83,10 +88,18 @@ export class Fleet {
   private closed = false;
   private timer?: NodeJS.Timeout;
 
-  constructor(readonly template: string, readonly o: ServeOptions, private readonly ev: FleetEvents) {}
+  constructor(
+    readonly template: string,
+    readonly o: ServeOptions,
+    private readonly ev: FleetEvents,
+  ) {}
 
-  get queueDepth(): number { return this.waiting.length; }
-  total(): number { return this.members.size + this.starting; }
+  get queueDepth(): number {
+    return this.waiting.length;
+  }
+  total(): number {
+    return this.members.size + this.starting;
+  }
   counts(): Record<MemberState, number> {
     const c: Record<MemberState, number> = { starting: this.starting, ready: 0, busy: 0, pooled: 0, stopping: 0 };
     for (const m of this.members.values()) c[m.state]++;
@@ -104,14 +117,23 @@ export class Fleet {
     if (this.closed) return Promise.reject(new ScionError('E_CLOSED', 'the front door is shutting down'));
     const exclusive = this.o.mode === 'per-request';
     const shared = exclusive ? pickFresh(this.members.values()) : pickShared(this.members.values(), this.o.concurrency);
-    if (shared) { this.take(shared, exclusive); return Promise.resolve(shared); }
+    if (shared) {
+      this.take(shared, exclusive);
+      return Promise.resolve(shared);
+    }
     const pooled = this.claimPooled(exclusive);
     if (pooled) return pooled;
-    if (this.waiting.length >= this.o.queue) return Promise.reject(new QueueFullError('E_QUEUE_FULL', `${this.waiting.length} requests are already waiting for a clone (--queue ${this.o.queue})`));
+    if (this.waiting.length >= this.o.queue)
+      return Promise.reject(new QueueFullError('E_QUEUE_FULL', `${this.waiting.length} requests are already waiting for a clone (--queue ${this.o.queue})`));
     return new Promise((resolve, reject) => {
       const w: Waiter = {
-        resolve, reject, exclusive,
-        timer: setTimeout(() => { this.waiting = this.waiting.filter((x) => x !== w); reject(new QueueFullError('E_QUEUE_TIMEOUT', `no clone within ${this.o.queueTimeoutMs} ms (--queue-timeout)`)); }, this.o.queueTimeoutMs),
+        resolve,
+        reject,
+        exclusive,
+        timer: setTimeout(() => {
+          this.waiting = this.waiting.filter((x) => x !== w);
+          reject(new QueueFullError('E_QUEUE_TIMEOUT', `no clone within ${this.o.queueTimeoutMs} ms (--queue-timeout)`));
+        }, this.o.queueTimeoutMs),
       };
       this.waiting.push(w);
       if (this.o.pool > 0) this.ev.claim(false);
@@ -122,7 +144,10 @@ export class Fleet {
   release(m: Member, failed = false): void {
     m.active = Math.max(0, m.active - 1);
     m.lastUsed = Date.now();
-    if (failed || m.exclusive) { void this.remove(m, failed ? 'died mid-request' : 'request done'); return; }
+    if (failed || m.exclusive) {
+      void this.remove(m, failed ? 'died mid-request' : 'request done');
+      return;
+    }
     if (m.state === 'busy' && m.active === 0) m.state = 'ready';
     this.serveWaiters();
   }
@@ -142,10 +167,13 @@ export class Fleet {
     this.take(m, exclusive);
     this.ev.claim(true);
     this.tick(); // refill the pool in the background
-    return this.resume(m).then(() => m, async (e) => {
-      await this.remove(m, 'could not be resumed');
-      throw e;
-    });
+    return this.resume(m).then(
+      () => m,
+      async (e) => {
+        await this.remove(m, 'could not be resumed');
+        throw e;
+      },
+    );
   }
 
   /** Resume a pooled clone: cont, then set its clock (it stood still while paused). */
@@ -162,7 +190,14 @@ export class Fleet {
 
   private scaleForWaiters(): void {
     const perClone = this.o.mode === 'per-request' ? 1 : this.o.concurrency;
-    const n = forksNeeded({ waiting: this.waiting.length, starting: this.starting, total: this.total(), max: this.o.max, perClone, parallel: this.o.forkParallel });
+    const n = forksNeeded({
+      waiting: this.waiting.length,
+      starting: this.starting,
+      total: this.total(),
+      max: this.o.max,
+      perClone,
+      parallel: this.o.forkParallel,
+    });
     for (let i = 0; i < n; i++) void this.forkOne('demand');
   }
 
@@ -170,10 +205,22 @@ export class Fleet {
     while (this.waiting.length) {
       const w = this.waiting[0];
       const shared = w.exclusive ? undefined : pickShared(this.members.values(), this.o.concurrency);
-      if (shared) { this.waiting.shift(); clearTimeout(w.timer); this.take(shared, false); w.resolve(shared); continue; }
+      if (shared) {
+        this.waiting.shift();
+        clearTimeout(w.timer);
+        this.take(shared, false);
+        w.resolve(shared);
+        continue;
+      }
       // a fresh clone (per-request) or a new shared one: any ready clone nobody uses, else a pooled one
       const fresh = w.exclusive ? pickFresh(this.members.values()) : undefined;
-      if (fresh) { this.waiting.shift(); clearTimeout(w.timer); this.take(fresh, true); w.resolve(fresh); continue; }
+      if (fresh) {
+        this.waiting.shift();
+        clearTimeout(w.timer);
+        this.take(fresh, true);
+        w.resolve(fresh);
+        continue;
+      }
       const pooled = this.claimPooled(w.exclusive);
       if (!pooled) break;
       this.waiting.shift();
@@ -201,7 +248,11 @@ export class Fleet {
     try {
       // clone indices (and so MACs, IPs, names) are reused once freed; the hostname also carries
       // this front door's own count, so two requests in a row never see the same one
-      [c] = await fork(this.template, { n: 1, owner: { pid: process.pid, kind: 'serve' }, hostname: `${this.template.replace(/-tpl$/, '').slice(0, 30)}-{n}-${++this.forks}` });
+      [c] = await fork(this.template, {
+        n: 1,
+        owner: { pid: process.pid, kind: 'serve' },
+        hostname: `${this.template.replace(/-tpl$/, '').slice(0, 30)}-{n}-${++this.forks}`,
+      });
     } catch (e) {
       this.starting--;
       this.ev.forkFailed(e as Error);
@@ -212,15 +263,36 @@ export class Fleet {
     const ms = Math.round(performance.now() - t0);
     this.ev.forked(ms);
     const bridged = !(String(this.o.guestPort) in c.ports);
-    const m: Member = { name: c.name, hostname: c.hostname, host: bridged ? c.ip : '127.0.0.1', port: bridged ? this.o.guestPort : c.ports[String(this.o.guestPort)], state: 'ready', active: 0, lastUsed: Date.now(), exclusive: false, http: new HttpAgent({ keepAlive: true, maxSockets: this.o.concurrency }) };
+    const m: Member = {
+      name: c.name,
+      hostname: c.hostname,
+      host: bridged ? c.ip : '127.0.0.1',
+      port: bridged ? this.o.guestPort : c.ports[String(this.o.guestPort)],
+      state: 'ready',
+      active: 0,
+      lastUsed: Date.now(),
+      exclusive: false,
+      http: new HttpAgent({ keepAlive: true, maxSockets: this.o.concurrency }),
+    };
     if (pooled) {
       // paused before anyone can see it: a request never lands on a clone that is being stopped
       this.starting++;
-      try { await this.pause(m); } catch (e) { this.ev.forkFailed(e as Error); this.members.set(m.name, m); this.starting--; await this.remove(m, 'could not be paused'); return; }
+      try {
+        await this.pause(m);
+      } catch (e) {
+        this.ev.forkFailed(e as Error);
+        this.members.set(m.name, m);
+        this.starting--;
+        await this.remove(m, 'could not be paused');
+        return;
+      }
       this.starting--;
     }
     this.members.set(m.name, m);
-    if (this.closed) { await this.remove(m, 'shutting down'); return; }
+    if (this.closed) {
+      await this.remove(m, 'shutting down');
+      return;
+    }
     this.ev.scale({ direction: 'up', reason, clone: m.name, clones: this.members.size, ms });
     this.serveWaiters(); // serves the queue, and forks the next clones while requests still wait
   }
@@ -237,8 +309,12 @@ export class Fleet {
       await machine.agent(10_000);
       await machine.pause();
       machine.closeMonitor();
-    } catch (e) { machine.close(); throw e; }
-    m.machine = machine; m.paused = true;
+    } catch (e) {
+      machine.close();
+      throw e;
+    }
+    m.machine = machine;
+    m.paused = true;
     m.state = 'pooled';
   }
 
@@ -258,7 +334,11 @@ export class Fleet {
     m.machine?.close();
     m.machine = undefined;
     m.http.destroy();
-    try { await removeVm(m.name, { force: true }); } catch (e) { this.ev.forkFailed(e as Error); }
+    try {
+      await removeVm(m.name, { force: true });
+    } catch (e) {
+      this.ev.forkFailed(e as Error);
+    }
     this.members.delete(m.name);
     this.ev.scale({ direction: 'down', reason, clone: m.name, clones: this.members.size });
     if (!this.closed) this.tick();
@@ -268,13 +348,17 @@ export class Fleet {
   private tick(): void {
     if (this.closed) return;
     const c = this.counts();
-    for (const m of idleToRemove([...this.members.values()], Date.now(), this.o.idleMs, this.o.min)) void this.remove(m, `idle ${Math.round((Date.now() - m.lastUsed) / 1000)} s`);
+    for (const m of idleToRemove([...this.members.values()], Date.now(), this.o.idleMs, this.o.min))
+      void this.remove(m, `idle ${Math.round((Date.now() - m.lastUsed) / 1000)} s`);
     if (this.o.mode === 'shared') {
       const live = c.ready + c.busy + c.starting - this.poolStarting;
       for (let i = live; i < this.o.min && this.total() < this.o.max; i++) void this.forkOne('min');
     }
     const poolMissing = this.o.pool - c.pooled - this.poolStarting;
-    for (let i = 0; i < poolMissing && this.total() < this.o.max; i++) { this.poolStarting++; void this.forkOne('pool', true).finally(() => this.poolStarting--); }
+    for (let i = 0; i < poolMissing && this.total() < this.o.max; i++) {
+      this.poolStarting++;
+      void this.forkOne('pool', true).finally(() => this.poolStarting--);
+    }
   }
   private poolStarting = 0;
 
@@ -282,7 +366,10 @@ export class Fleet {
   async close(): Promise<void> {
     this.closed = true;
     clearInterval(this.timer);
-    for (const w of this.waiting.splice(0)) { clearTimeout(w.timer); w.reject(new ScionError('E_CLOSED', 'the front door is shutting down')); }
+    for (const w of this.waiting.splice(0)) {
+      clearTimeout(w.timer);
+      w.reject(new ScionError('E_CLOSED', 'the front door is shutting down'));
+    }
     // a fork under way ends by removing its clone (it sees `closed`)
     await Promise.allSettled([...this.forking]);
     await Promise.all([...this.members.values()].map((m) => this.remove(m, 'shutting down')));

@@ -34,7 +34,9 @@ export interface ServeOptions {
 }
 
 export class ServeOptionError extends ScionError {
-  constructor(flag: string, value: unknown, why: string) { super('E_USAGE', `${flag} ${JSON.stringify(value)}: ${why}`, { hint: 'scion serve --help' }); }
+  constructor(flag: string, value: unknown, why: string) {
+    super('E_USAGE', `${flag} ${JSON.stringify(value)}: ${why}`, { hint: 'scion serve --help' });
+  }
 }
 
 const UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
@@ -62,7 +64,10 @@ export function parseAddress(flag: string, v: string): { host: string; port: num
 }
 
 export function serveOptions(source: string | undefined, v: Record<string, string | boolean | undefined>): ServeOptions {
-  if (!source) throw new ScionError('E_USAGE', 'scion serve needs an image definition or a template name', { hint: 'scion serve images/web.yaml --listen 127.0.0.1:8080 --port 8080' });
+  if (!source)
+    throw new ScionError('E_USAGE', 'scion serve needs an image definition or a template name', {
+      hint: 'scion serve images/web.yaml --listen 127.0.0.1:8080 --port 8080',
+    });
   const str = (k: string) => (typeof v[k] === 'string' ? (v[k] as string) : undefined);
   const mode = (str('mode') ?? 'shared') as ServeMode;
   if (mode !== 'shared' && mode !== 'per-request') throw new ServeOptionError('--mode', mode, 'use shared or per-request');
@@ -85,7 +90,8 @@ export function serveOptions(source: string | undefined, v: Record<string, strin
     forkParallel: parseCount('--fork-parallel', str('fork-parallel'), Math.max(1, availableParallelism()), 1, 64),
     json: !!v.json,
   };
-  if (o.tcp && str('mode') === 'shared') throw new ServeOptionError('--mode', 'shared', 'plain TCP (--tcp) is per connection: each connection gets a fresh clone');
+  if (o.tcp && str('mode') === 'shared')
+    throw new ServeOptionError('--mode', 'shared', 'plain TCP (--tcp) is per connection: each connection gets a fresh clone');
   if (o.min > o.max) throw new ServeOptionError('--min', o.min, `more than --max (${o.max})`);
   if (o.pool > o.max) throw new ServeOptionError('--pool', o.pool, `more than --max (${o.max}): pooled clones count toward it`);
   return o;

@@ -40,16 +40,38 @@ function metrics() {
     requests: new Counter({ name: 'scion_serve_requests_total', help: 'Requests by outcome', labelNames: ['outcome'], registers: [registry] }),
     queue: new Gauge({ name: 'scion_serve_queue_depth', help: 'Requests waiting for a clone', registers: [registry] }),
     clones: new Gauge({ name: 'scion_serve_clones', help: 'Clones by state', labelNames: ['state'], registers: [registry] }),
-    forkSeconds: new Histogram({ name: 'scion_serve_fork_seconds', help: 'Fork to ready, seconds', buckets: [0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30], registers: [registry] }),
-    pool: new Counter({ name: 'scion_serve_pool_claims_total', help: 'Pool claims: hit (a paused clone was there) or miss', labelNames: ['result'], registers: [registry] }),
-    scale: new Counter({ name: 'scion_serve_scale_events_total', help: 'Clones added (up) or removed (down)', labelNames: ['direction'], registers: [registry] }),
+    forkSeconds: new Histogram({
+      name: 'scion_serve_fork_seconds',
+      help: 'Fork to ready, seconds',
+      buckets: [0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30],
+      registers: [registry],
+    }),
+    pool: new Counter({
+      name: 'scion_serve_pool_claims_total',
+      help: 'Pool claims: hit (a paused clone was there) or miss',
+      labelNames: ['result'],
+      registers: [registry],
+    }),
+    scale: new Counter({
+      name: 'scion_serve_scale_events_total',
+      help: 'Clones added (up) or removed (down)',
+      labelNames: ['direction'],
+      registers: [registry],
+    }),
   };
 }
 
 function listen(server: Server | import('node:net').Server, addr: { host: string; port: number }): Promise<{ host: string; port: number }> {
   return new Promise((resolve, reject) => {
-    server.once('error', (e) => reject(new ScionError('E_LISTEN', `cannot listen on ${addr.host}:${addr.port}: ${(e as Error).message}`, { hint: 'choose another --listen/--admin address' })));
-    server.listen(addr.port, addr.host, () => { const a = server.address(); resolve({ host: addr.host, port: typeof a === 'object' && a ? a.port : addr.port }); });
+    server.once('error', (e) =>
+      reject(
+        new ScionError('E_LISTEN', `cannot listen on ${addr.host}:${addr.port}: ${(e as Error).message}`, { hint: 'choose another --listen/--admin address' }),
+      ),
+    );
+    server.listen(addr.port, addr.host, () => {
+      const a = server.address();
+      resolve({ host: addr.host, port: typeof a === 'object' && a ? a.port : addr.port });
+    });
   });
 }
 
@@ -63,7 +85,12 @@ function refused(e: unknown): string {
 function forward(req: IncomingMessage, res: ServerResponse, m: Member): Promise<'ok' | 'clone-died' | 'client-gone'> {
   return new Promise((resolve) => {
     let settled = false;
-    const done = (r: 'ok' | 'clone-died' | 'client-gone') => { if (!settled) { settled = true; resolve(r); } };
+    const done = (r: 'ok' | 'clone-died' | 'client-gone') => {
+      if (!settled) {
+        settled = true;
+        resolve(r);
+      }
+    };
     const headers = { ...req.headers };
     for (const h of HOP_BY_HOP) delete headers[h];
     headers['x-forwarded-for'] = req.socket.remoteAddress ?? '';
@@ -71,22 +98,37 @@ function forward(req: IncomingMessage, res: ServerResponse, m: Member): Promise<
     let tries = 0;
     let current: ReturnType<typeof httpRequest> | undefined;
     // the client went away before the response was complete: the clone's side is dropped, its slot freed
-    res.on('close', () => { if (!res.writableFinished) { current?.destroy(); done('client-gone'); } });
+    res.on('close', () => {
+      if (!res.writableFinished) {
+        current?.destroy();
+        done('client-gone');
+      }
+    });
     const attempt = () => {
-      const up = current = httpRequest({ host: m.host, port: m.port, method: req.method, path: req.url, headers, agent: m.http }, (r) => {
+      const up = (current = httpRequest({ host: m.host, port: m.port, method: req.method, path: req.url, headers, agent: m.http }, (r) => {
         res.writeHead(r.statusCode ?? 502, r.statusMessage, Object.fromEntries(Object.entries(r.headers).filter(([k]) => !HOP_BY_HOP.includes(k))));
         r.pipe(res);
         r.on('end', () => done('ok'));
-        r.on('error', () => { res.destroy(); done('clone-died'); });
-      });
+        r.on('error', () => {
+          res.destroy();
+          done('clone-died');
+        });
+      }));
       up.on('error', (e: NodeJS.ErrnoException) => {
         if (settled) return;
-        if (bodyless && e.code === 'ECONNREFUSED' && tries++ < 50 && !res.headersSent) { setTimeout(attempt, 20); return; }
+        if (bodyless && e.code === 'ECONNREFUSED' && tries++ < 50 && !res.headersSent) {
+          setTimeout(attempt, 20);
+          return;
+        }
         // the request body may be unread: close the connection after this answer rather than keep it alive
-        if (!res.headersSent) { res.writeHead(502, { 'content-type': 'text/plain', connection: 'close' }); res.end(`clone ${m.name} failed: ${e.message}\n`); } else res.destroy();
+        if (!res.headersSent) {
+          res.writeHead(502, { 'content-type': 'text/plain', connection: 'close' });
+          res.end(`clone ${m.name} failed: ${e.message}\n`);
+        } else res.destroy();
         done('clone-died');
       });
-      if (bodyless) up.end(); else req.pipe(up);
+      if (bodyless) up.end();
+      else req.pipe(up);
     };
     attempt();
   });
@@ -102,120 +144,206 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
   const { meta } = await checkTemplate(template);
   // user-mode: each clone's guest port is forwarded to a host port; bridge: the host reaches the clone's address
   // on the bridge, which it can only from the namespace the bridge is in
-  if (meta.net.mode === 'bridge' && meta.net.netns) throw new ScionError('E_UNSUPPORTED', `template ${template}'s bridge ${meta.net.bridge} is in network namespace ${meta.net.netns}, which this process cannot reach`, { hint: 'serve a template whose bridge is in the host namespace (with an address in its network), or user-mode networking' });
+  if (meta.net.mode === 'bridge' && meta.net.netns)
+    throw new ScionError(
+      'E_UNSUPPORTED',
+      `template ${template}'s bridge ${meta.net.bridge} is in network namespace ${meta.net.netns}, which this process cannot reach`,
+      { hint: 'serve a template whose bridge is in the host namespace (with an address in its network), or user-mode networking' },
+    );
   if (meta.net.mode === 'none') throw new ScionError('E_UNSUPPORTED', `template ${template} has no network`);
-  if (!meta.ports.includes(o.guestPort)) throw new ScionError('E_USAGE', `--port ${o.guestPort}: the image serves ${meta.ports.join(', ') || 'no ports'}`, { hint: `use one of: ${meta.ports.join(', ')}` });
+  if (!meta.ports.includes(o.guestPort))
+    throw new ScionError('E_USAGE', `--port ${o.guestPort}: the image serves ${meta.ports.join(', ') || 'no ports'}`, {
+      hint: `use one of: ${meta.ports.join(', ')}`,
+    });
 
   const mt = metrics();
   const say = (ev: Record<string, unknown>, text: string) => log(o.json ? JSON.stringify({ ts: new Date().toISOString(), ...ev }) : `[serve] ${text}`);
   const fleet = new Fleet(template, o, {
-    scale: (e) => { maxClones = Math.max(maxClones, fleet.total()); mt.scale.inc({ direction: e.direction }); say({ event: 'scale', ...e }, `scale ${e.direction}: ${e.clone} (${e.reason}); ${e.clones} clone(s)${e.ms ? `; forked in ${e.ms} ms` : ''}`); },
+    scale: (e) => {
+      maxClones = Math.max(maxClones, fleet.total());
+      mt.scale.inc({ direction: e.direction });
+      say({ event: 'scale', ...e }, `scale ${e.direction}: ${e.clone} (${e.reason}); ${e.clones} clone(s)${e.ms ? `; forked in ${e.ms} ms` : ''}`);
+    },
     forkFailed: (e) => say({ event: 'error', message: e.message }, `fork failed: ${e.message}`),
-    forked: (ms) => { mt.forkSeconds.observe(ms / 1000); forkMs.push(ms); if (forkMs.length > FORK_TIMES_KEPT) forkMs.shift(); },
+    forked: (ms) => {
+      mt.forkSeconds.observe(ms / 1000);
+      forkMs.push(ms);
+      if (forkMs.length > FORK_TIMES_KEPT) forkMs.shift();
+    },
     claim: (hit) => mt.pool.inc({ result: hit ? 'hit' : 'miss' }),
   });
   const counted: Record<string, number> = {};
   const forkMs: number[] = [];
   let maxClones = 0;
-  const outcome = (k: string) => { mt.requests.inc({ outcome: k }); counted[k] = (counted[k] ?? 0) + 1; };
+  const outcome = (k: string) => {
+    mt.requests.inc({ outcome: k });
+    counted[k] = (counted[k] ?? 0) + 1;
+  };
   const inflight = new Set<Promise<unknown>>();
-  const track = <T>(p: Promise<T>) => { inflight.add(p); p.finally(() => inflight.delete(p)); return p; };
+  const track = <T>(p: Promise<T>) => {
+    inflight.add(p);
+    p.finally(() => inflight.delete(p));
+    return p;
+  };
 
   // plain TCP: a fresh clone per connection, the bytes passed through both ways
   const tcpSockets = new Set<Socket>();
-  const tcpServer = o.tcp ? createTcpServer((client) => {
-    tcpSockets.add(client);
-    client.on('close', () => tcpSockets.delete(client));
-    client.pause();
-    client.on('error', () => undefined); // a reset client ends its own piping below
-    track((async () => {
-      let m: Member;
-      try { m = await fleet.acquire(); } catch (e) {
-        outcome(refused(e));
-        client.destroy();
-        return;
-      }
-      const ok = await new Promise<boolean>((resolve) => {
-        const up = connect(m.port, m.host, () => { up.pipe(client); client.pipe(up); client.resume(); });
-        let failed = false;
-        up.on('error', () => { failed = true; });
-        const end = () => { up.destroy(); client.destroy(); resolve(!failed); };
-        up.on('close', end); client.on('close', end);
-      });
-      fleet.release(m, !ok);
-      outcome(ok ? 'ok' : 'clone_died');
-    })());
-  }) : undefined;
+  const tcpServer = o.tcp
+    ? createTcpServer((client) => {
+        tcpSockets.add(client);
+        client.on('close', () => tcpSockets.delete(client));
+        client.pause();
+        client.on('error', () => undefined); // a reset client ends its own piping below
+        track(
+          (async () => {
+            let m: Member;
+            try {
+              m = await fleet.acquire();
+            } catch (e) {
+              outcome(refused(e));
+              client.destroy();
+              return;
+            }
+            const ok = await new Promise<boolean>((resolve) => {
+              const up = connect(m.port, m.host, () => {
+                up.pipe(client);
+                client.pipe(up);
+                client.resume();
+              });
+              let failed = false;
+              up.on('error', () => {
+                failed = true;
+              });
+              const end = () => {
+                up.destroy();
+                client.destroy();
+                resolve(!failed);
+              };
+              up.on('close', end);
+              client.on('close', end);
+            });
+            fleet.release(m, !ok);
+            outcome(ok ? 'ok' : 'clone_died');
+          })(),
+        );
+      })
+    : undefined;
 
   const server = createServer((req, res) => {
-    track((async () => {
-      let m: Member;
-      try { m = await fleet.acquire(); } catch (e) {
-        outcome(refused(e));
-        res.writeHead(503, { 'retry-after': String(Math.max(1, Math.ceil(o.queueTimeoutMs / 1000))), 'content-type': 'text/plain' });
-        res.end(`${(e as Error).message}\n`);
-        return;
-      }
-      const r = await forward(req, res, m);
-      fleet.release(m, r === 'clone-died');
-      outcome(r === 'ok' ? 'ok' : r === 'client-gone' ? 'client_gone' : 'clone_died');
-    })());
+    track(
+      (async () => {
+        let m: Member;
+        try {
+          m = await fleet.acquire();
+        } catch (e) {
+          outcome(refused(e));
+          res.writeHead(503, { 'retry-after': String(Math.max(1, Math.ceil(o.queueTimeoutMs / 1000))), 'content-type': 'text/plain' });
+          res.end(`${(e as Error).message}\n`);
+          return;
+        }
+        const r = await forward(req, res, m);
+        fleet.release(m, r === 'clone-died');
+        outcome(r === 'ok' ? 'ok' : r === 'client-gone' ? 'client_gone' : 'clone_died');
+      })(),
+    );
   });
   server.keepAliveTimeout = 5000;
   server.on('upgrade', (req, socket: Socket, head) => {
-    track((async () => {
-      let m: Member;
-      try { m = await fleet.acquire(); } catch (e) {
-        outcome(refused(e));
-        socket.end(`HTTP/1.1 503 Service Unavailable\r\nRetry-After: ${Math.ceil(o.queueTimeoutMs / 1000)}\r\nConnection: close\r\n\r\n${(e as Error).message}\n`);
-        return;
-      }
-      await new Promise<void>((resolve) => {
-        const up = connect(m.port, m.host, () => {
-          up.write(`${req.method} ${req.url} HTTP/1.1\r\n${Object.entries(req.headers).map(([k, v]) => `${k}: ${v}`).join('\r\n')}\r\n\r\n`);
-          if (head.length) up.write(head);
-          up.pipe(socket); socket.pipe(up);
+    track(
+      (async () => {
+        let m: Member;
+        try {
+          m = await fleet.acquire();
+        } catch (e) {
+          outcome(refused(e));
+          socket.end(
+            `HTTP/1.1 503 Service Unavailable\r\nRetry-After: ${Math.ceil(o.queueTimeoutMs / 1000)}\r\nConnection: close\r\n\r\n${(e as Error).message}\n`,
+          );
+          return;
+        }
+        await new Promise<void>((resolve) => {
+          const up = connect(m.port, m.host, () => {
+            up.write(
+              `${req.method} ${req.url} HTTP/1.1\r\n${Object.entries(req.headers)
+                .map(([k, v]) => `${k}: ${v}`)
+                .join('\r\n')}\r\n\r\n`,
+            );
+            if (head.length) up.write(head);
+            up.pipe(socket);
+            socket.pipe(up);
+          });
+          const done = () => {
+            up.destroy();
+            socket.destroy();
+            resolve();
+          };
+          up.on('error', done);
+          socket.on('error', done);
+          up.on('close', done);
+          socket.on('close', done);
         });
-        const done = () => { up.destroy(); socket.destroy(); resolve(); };
-        up.on('error', done); socket.on('error', done); up.on('close', done); socket.on('close', done);
-      });
-      fleet.release(m);
-      outcome('upgraded');
-    })());
+        fleet.release(m);
+        outcome('upgraded');
+      })(),
+    );
   });
 
   const address = await listen(tcpServer ?? server, o.listen);
   let adminServer: Server | undefined;
   let admin: { host: string; port: number } | undefined;
-  const refreshGauges = () => { mt.queue.set(fleet.queueDepth); for (const [k, v] of Object.entries(fleet.counts())) mt.clones.set({ state: k }, v); };
+  const refreshGauges = () => {
+    mt.queue.set(fleet.queueDepth);
+    for (const [k, v] of Object.entries(fleet.counts())) mt.clones.set({ state: k }, v);
+  };
   if (o.admin) {
     adminServer = createServer(async (req, res) => {
-      if (req.url === '/metrics') { refreshGauges(); res.writeHead(200, { 'content-type': mt.registry.contentType }); res.end(await mt.registry.metrics()); return; }
-      if (req.url === '/healthz') { res.writeHead(200, { 'content-type': 'application/json' }); res.end(JSON.stringify({ ok: true, template, ...fleet.counts(), queue: fleet.queueDepth }) + '\n'); return; }
-      res.writeHead(404); res.end();
+      if (req.url === '/metrics') {
+        refreshGauges();
+        res.writeHead(200, { 'content-type': mt.registry.contentType });
+        res.end(await mt.registry.metrics());
+        return;
+      }
+      if (req.url === '/healthz') {
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(JSON.stringify({ ok: true, template, ...fleet.counts(), queue: fleet.queueDepth }) + '\n');
+        return;
+      }
+      res.writeHead(404);
+      res.end();
     });
     admin = await listen(adminServer, o.admin);
   }
   fleet.start();
-  say({ event: 'listening', address, admin, template, mode: o.tcp ? 'tcp-per-connection' : o.mode }, `listening on ${address.host}:${address.port} (${o.tcp ? 'plain TCP, a clone per connection' : o.mode}, template ${template})${admin ? `; metrics on http://${admin.host}:${admin.port}/metrics` : ''}`);
+  say(
+    { event: 'listening', address, admin, template, mode: o.tcp ? 'tcp-per-connection' : o.mode },
+    `listening on ${address.host}:${address.port} (${o.tcp ? 'plain TCP, a clone per connection' : o.mode}, template ${template})${admin ? `; metrics on http://${admin.host}:${admin.port}/metrics` : ''}`,
+  );
 
   let closing: Promise<void> | undefined;
   return {
-    address, admin, template,
-    stats: () => ({ clones: fleet.counts(), queue: fleet.queueDepth, requests: { ...counted }, forkMs: [...forkMs], maxClones: Math.max(maxClones, fleet.total()) }),
-    close: () => closing ??= (async () => {
-      server.close(); // no new connections
-      tcpServer?.close();
-      server.closeIdleConnections();
-      let t: NodeJS.Timeout | undefined;
-      await Promise.race([Promise.allSettled([...inflight]), new Promise((r) => (t = setTimeout(r, o.drainMs)))]);
-      clearTimeout(t);
-      server.closeAllConnections();
-      for (const sock of tcpSockets) sock.destroy();
-      await fleet.close();
-      adminServer?.close();
-      say({ event: 'closed', requests: counted }, `closed; every clone removed`);
-    })(),
+    address,
+    admin,
+    template,
+    stats: () => ({
+      clones: fleet.counts(),
+      queue: fleet.queueDepth,
+      requests: { ...counted },
+      forkMs: [...forkMs],
+      maxClones: Math.max(maxClones, fleet.total()),
+    }),
+    close: () =>
+      (closing ??= (async () => {
+        server.close(); // no new connections
+        tcpServer?.close();
+        server.closeIdleConnections();
+        let t: NodeJS.Timeout | undefined;
+        await Promise.race([Promise.allSettled([...inflight]), new Promise((r) => (t = setTimeout(r, o.drainMs)))]);
+        clearTimeout(t);
+        server.closeAllConnections();
+        for (const sock of tcpSockets) sock.destroy();
+        await fleet.close();
+        adminServer?.close();
+        say({ event: 'closed', requests: counted }, `closed; every clone removed`);
+      })()),
   };
 }
-

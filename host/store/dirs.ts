@@ -22,7 +22,9 @@ export function templateRoot(): string {
 /** root/sub, made 0700 if missing, then checked like its root (common/safe-fs). */
 export function trustedSub(root: string, sub: string, what: string, env: string): string {
   const d = join(root, sub);
-  try { mkdirSync(d, { mode: 0o700 }); } catch (e) {
+  try {
+    mkdirSync(d, { mode: 0o700 });
+  } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e; // an existing one is checked next
   }
   return ensureTrustedDir(d, { what, env });
@@ -55,7 +57,8 @@ export function vmPaths(name: ValidName, vms = join(runRoot(), 'vms')) {
   const dir = join(vms, name);
   const jail = join(dir, 'jail');
   return {
-    dir, jail,
+    dir,
+    jail,
     record: join(dir, 'vm.json'),
     qmp: join(jail, JAIL_FILES.qmp),
     agent: join(jail, JAIL_FILES.agent),
@@ -68,5 +71,10 @@ export function vmPaths(name: ValidName, vms = join(runRoot(), 'vms')) {
 export const JAIL_FILES = { qmp: 'qmp.sock', agent: 'agent.sock', console: 'console.log', consoleSocket: 'console.sock' } as const;
 
 export const templatePaths = (tdir: string) => ({
-  dir: tdir, meta: join(tdir, 'meta.json'), mem: join(tdir, 'mem'), state: join(tdir, 'state'), kernel: join(tdir, 'kernel-stub'), disk: join(tdir, 'disk.qcow2'),
+  dir: tdir,
+  meta: join(tdir, 'meta.json'),
+  mem: join(tdir, 'mem'),
+  state: join(tdir, 'state'),
+  kernel: join(tdir, 'kernel-stub'),
+  disk: join(tdir, 'disk.qcow2'),
 });

@@ -40,7 +40,9 @@ const missing = (e: unknown): boolean => (e as NodeJS.ErrnoException).code === '
 
 /** Remove a pool file; one already gone (taken or swept by another process) is not an error. */
 async function unlinkIfThere(path: string): Promise<void> {
-  await unlink(path).catch((e) => { if (!missing(e)) throw e; });
+  await unlink(path).catch((e) => {
+    if (!missing(e)) throw e;
+  });
 }
 
 /** Whether the process a fill lock names still lives (an unreadable lock names none). */
@@ -72,14 +74,18 @@ export async function addEntry(template: string, vm: ValidName, frozenAt: string
 export async function takeEntry(template: string, vm: ValidName): Promise<{ frozenAt?: string } | undefined> {
   const dir = poolDir(template);
   const claim = join(dir, `.claim-${process.pid}-${vm}`);
-  try { await rename(join(dir, vm), claim); } catch (e) {
+  try {
+    await rename(join(dir, vm), claim);
+  } catch (e) {
     if (missing(e)) return undefined; // another claimer won it, or it was removed
     throw e;
   }
   try {
     const j = JSON.parse(await readFile(claim, 'utf8')) as { frozenAt?: unknown };
     return { frozenAt: typeof j.frozenAt === 'string' ? j.frozenAt : undefined };
-  } catch { return {}; } // unreadable: the caller finds it names no freeze, and drops the VM
+  } catch {
+    return {};
+  } // unreadable: the caller finds it names no freeze, and drops the VM
 }
 
 /** The claim is over: the VM's record names its new owner (or the VM is gone). */
@@ -137,7 +143,10 @@ export async function listPools(): Promise<{ template: string; ready: string[]; 
     out.push({
       template: t,
       ready: files.filter((f) => !f.startsWith('.') && isValidName(f)),
-      claims: files.flatMap((f) => { const c = CLAIM.exec(f); return c ? [{ pid: Number(c[1]), vm: c[2] }] : []; }),
+      claims: files.flatMap((f) => {
+        const c = CLAIM.exec(f);
+        return c ? [{ pid: Number(c[1]), vm: c[2] }] : [];
+      }),
     });
   }
   return out;
@@ -153,7 +162,10 @@ export async function sweepPool(template: string, exists: (vm: string) => boolea
     if (c) stale = !alive(Number(c[1])) || !exists(c[2]);
     else if (f === FILL) stale = !(await fillerAlive(join(dir, f), alive));
     else if (!f.startsWith('.')) stale = !exists(f);
-    if (stale) { await unlinkIfThere(join(dir, f)); removed.push(`pool:${template}/${f}`); }
+    if (stale) {
+      await unlinkIfThere(join(dir, f));
+      removed.push(`pool:${template}/${f}`);
+    }
   }
   return removed;
 }

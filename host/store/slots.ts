@@ -37,7 +37,9 @@ export async function reserveFirstFree(kind: SlotKind, from: number, to: number,
 }
 
 export async function release(slot: string): Promise<void> {
-  try { await unlink(join(slotsDir(), slot)); } catch (e) {
+  try {
+    await unlink(join(slotsDir(), slot));
+  } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e; // already released: removal is idempotent
   }
 }
@@ -47,7 +49,10 @@ export async function listSlots(): Promise<{ slot: string; vm?: string; pid?: nu
   const out: { slot: string; vm?: string; pid?: number }[] = [];
   for (const f of await readdir(dir)) {
     if (!/^[a-z]+-\d+$/.test(f)) continue;
-    try { const j = JSON.parse(await readFile(join(dir, f), 'utf8')); out.push({ slot: f, vm: j.vm, pid: j.pid }); } catch {
+    try {
+      const j = JSON.parse(await readFile(join(dir, f), 'utf8'));
+      out.push({ slot: f, vm: j.vm, pid: j.pid });
+    } catch {
       out.push({ slot: f }); // unreadable: gc judges it by its age alone
     }
   }
@@ -67,7 +72,10 @@ function kernelFreePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const s = createServer();
     s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => { const a = s.address(); s.close(() => resolve(typeof a === 'object' && a ? a.port : 0)); });
+    s.listen(0, '127.0.0.1', () => {
+      const a = s.address();
+      s.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
+    });
   });
 }
 
@@ -89,7 +97,8 @@ export async function createRunDir(record: VmRecord, jailOwner?: { uid: number; 
   } catch (e) {
     await rm(tmp, { recursive: true, force: true });
     const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'ENOTEMPTY' || code === 'EEXIST') throw new VmError('E_VM_EXISTS', `a VM named ${record.name} already exists`, { hint: `scion rm ${record.name}, or choose another name` });
+    if (code === 'ENOTEMPTY' || code === 'EEXIST')
+      throw new VmError('E_VM_EXISTS', `a VM named ${record.name} already exists`, { hint: `scion rm ${record.name}, or choose another name` });
     throw e;
   }
 }
@@ -103,5 +112,10 @@ export async function listRunDirs(): Promise<ValidName[]> {
 /** Temporary run directories whose maker is gone (for gc). */
 export async function abandonedTempDirs(alive: (pid: number) => boolean): Promise<string[]> {
   const vms = vmsDir();
-  return (await readdir(vms)).filter((n) => { const m = /^\.new-(\d+)-/.exec(n); return m && !alive(Number(m[1])); }).map((n) => join(vms, n));
+  return (await readdir(vms))
+    .filter((n) => {
+      const m = /^\.new-(\d+)-/.exec(n);
+      return m && !alive(Number(m[1]));
+    })
+    .map((n) => join(vms, n));
 }

@@ -8,7 +8,9 @@ import { spawnAgent, type SpawnedAgent } from './helpers.ts';
  * exist: no system effect is reachable without a valid identity, and none with one either.
  */
 const started: SpawnedAgent[] = [];
-afterAll(() => { for (const a of started) a.stop(); });
+afterAll(() => {
+  for (const a of started) a.stop();
+});
 async function harness() {
   const a = await spawnAgent({ exec: false, name: 'fuzz' });
   started.push(a);
@@ -19,14 +21,23 @@ async function harness() {
   // answers only: the agent's events (its boot's `ready`) carry no id
   a.proc.stdout.on('data', (b: Buffer) => {
     raw.push(b);
-    for (const e of dec.push(b)) if ('frame' in e) { const m = JSON.parse(e.frame); if ('id' in m) replies.push(m); else if (m.event === 'ready' && m.data?.boot) booted = true; }
+    for (const e of dec.push(b))
+      if ('frame' in e) {
+        const m = JSON.parse(e.frame);
+        if ('id' in m) replies.push(m);
+        else if (m.event === 'ready' && m.data?.boot) booted = true;
+      }
   });
   // the agent says it serves before its boot is done: its boot's `ready` comes after, and would land
   // among the answers of a test that starts at once (seen on a slower machine: the sync answered first)
   for (const end = Date.now() + 20_000; !booted; await new Promise((r) => setTimeout(r, 10))) {
     if (Date.now() > end) throw new Error(`the agent's boot sent no ready event within 20 s; stderr: ${a.stderr()}`);
   }
-  const send = (b: Buffer | string) => new Promise<void>((r) => { if (a.proc.stdin.write(b)) r(); else a.proc.stdin.once('drain', () => r()); });
+  const send = (b: Buffer | string) =>
+    new Promise<void>((r) => {
+      if (a.proc.stdin.write(b)) r();
+      else a.proc.stdin.once('drain', () => r());
+    });
   /** wait until a reply with this id came */
   const reply = async (id: string, ms = 20_000) => {
     const end = Date.now() + ms;
@@ -41,15 +52,25 @@ async function harness() {
 }
 
 const valid = [
-  '{"id":1,"cmd":"ping"}', '{"id":"x","cmd":"info"}', '{"id":2,"cmd":"identity.apply","args":{"generation":1}}',
-  '{"id":3,"cmd":"containers.logs","args":{"name":"web"}}', '{"id":4,"cmd":"exec","args":{"argv":["true"]}}', '{"id":5,"cmd":"time.set","args":{"time":1}}',
+  '{"id":1,"cmd":"ping"}',
+  '{"id":"x","cmd":"info"}',
+  '{"id":2,"cmd":"identity.apply","args":{"generation":1}}',
+  '{"id":3,"cmd":"containers.logs","args":{"name":"web"}}',
+  '{"id":4,"cmd":"exec","args":{"argv":["true"]}}',
+  '{"id":5,"cmd":"time.set","args":{"time":1}}',
   '{"id":6,"cmd":"clock.step","args":{"deltaMs":5}}',
 ];
 
 /** A small seeded generator (mulberry32): the same seed replays the same frames. */
 function seeded(seed: number) {
   let a = seed >>> 0;
-  const next = () => { a = (a + 0x6d2b79f5) >>> 0; let t = a; t = Math.imul(t ^ (t >>> 15), t | 1); t ^= t + Math.imul(t ^ (t >>> 7), t | 61); return ((t ^ (t >>> 14)) >>> 0) / 4294967296; };
+  const next = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
   const int = (n: number) => Math.floor(next() * n);
   const bytes = (n: number) => Buffer.from(Array.from({ length: n }, () => int(256)));
   return { next, int, bytes };
@@ -60,10 +81,20 @@ const rnd = seeded(SEED);
 function mutate(s: string): Buffer {
   const b = Buffer.from(s);
   const r = rnd.next();
-  if (r < 0.3) { const i = rnd.int(b.length); b[i] = rnd.int(256); return b; }
+  if (r < 0.3) {
+    const i = rnd.int(b.length);
+    b[i] = rnd.int(256);
+    return b;
+  }
   if (r < 0.5) return b.subarray(0, rnd.int(b.length));
   if (r < 0.6) return Buffer.concat([b, rnd.bytes(rnd.int(64))]);
-  if (r < 0.7) return Buffer.from(s.replace(/"args":\{[^}]*\}/, `"args":${JSON.stringify([null, 1, 'x', [], { generation: -1, hostname: 'a'.repeat(300) }, { deltaMs: 1e300 }][rnd.int(6)])}`));
+  if (r < 0.7)
+    return Buffer.from(
+      s.replace(
+        /"args":\{[^}]*\}/,
+        `"args":${JSON.stringify([null, 1, 'x', [], { generation: -1, hostname: 'a'.repeat(300) }, { deltaMs: 1e300 }][rnd.int(6)])}`,
+      ),
+    );
   return rnd.bytes(1 + rnd.int(200));
 }
 
@@ -81,12 +112,15 @@ describe('agent under garbage', () => {
     await send('\n');
     await send('{"id":"final","cmd":"ping"}\n');
     const final = await reply('final', 120_000);
-    console.log(`fuzz (seed ${SEED}): sent ${N} mutated frames + 1 oversized frame; ${replies.length} replies; ${replies.filter((r) => r.ok === false).length} errors`);
+    console.log(
+      `fuzz (seed ${SEED}): sent ${N} mutated frames + 1 oversized frame; ${replies.length} replies; ${replies.filter((r) => r.ok === false).length} errors`,
+    );
     expect(final, `seed ${SEED}`).toMatchObject({ id: 'final', ok: true, result: { pong: true, protocol: 2, time: expect.any(Number) } });
     expect(replies.some((r) => r.error?.code === 'E_FRAME_TOO_LARGE')).toBe(true);
     expect(replies.some((r) => r.error?.code === 'E_BAD_JSON')).toBe(true);
     const codes = new Set(replies.filter((r) => !r.ok).map((r) => r.error.code));
-    for (const c of codes) expect(['E_BAD_JSON', 'E_BAD_REQUEST', 'E_UNKNOWN_COMMAND', 'E_BAD_ARGS', 'E_FRAME_TOO_LARGE', 'E_EXEC_DISABLED', 'E_NO_CONTAINER']).toContain(c);
+    for (const c of codes)
+      expect(['E_BAD_JSON', 'E_BAD_REQUEST', 'E_UNKNOWN_COMMAND', 'E_BAD_ARGS', 'E_FRAME_TOO_LARGE', 'E_EXEC_DISABLED', 'E_NO_CONTAINER']).toContain(c);
   });
 
   it('rejects invalid identities field by field', async () => {

@@ -32,13 +32,26 @@ export function agentArgv(): Promise<{ argv: string[] }> {
   return prepared;
 }
 
-export interface SpawnedAgent { proc: ChildProcessWithoutNullStreams; root: string; stderr: () => string; stop: () => void }
+export interface SpawnedAgent {
+  proc: ChildProcessWithoutNullStreams;
+  root: string;
+  stderr: () => string;
+  stop: () => void;
+}
 
 /** The agent on stdio, with a scratch root holding its image config. */
 export async function spawnAgent(opts: { wrap?: string[]; exec?: boolean; dhcp?: boolean; name?: string } = {}): Promise<SpawnedAgent> {
   const root = mkdtempSync(join(tmpdir(), 'scion-agent-'));
   mkdirSync(join(root, 'etc/scion'), { recursive: true });
-  writeFileSync(join(root, 'etc/scion/image.json'), JSON.stringify({ name: opts.name ?? 'hosttest', exec: opts.exec ?? true, network: { mode: opts.dhcp ? 'dhcp' : 'static', interface: 'eth0' }, containers: [] }));
+  writeFileSync(
+    join(root, 'etc/scion/image.json'),
+    JSON.stringify({
+      name: opts.name ?? 'hosttest',
+      exec: opts.exec ?? true,
+      network: { mode: opts.dhcp ? 'dhcp' : 'static', interface: 'eth0' },
+      containers: [],
+    }),
+  );
   // the same udhcpc event script the builder puts in images
   mkdirSync(join(root, 'usr/lib/scion'), { recursive: true });
   writeFileSync(join(root, 'usr/lib/scion/udhcpc.script'), UDHCPC_SCRIPT, { mode: 0o755 });
@@ -47,7 +60,14 @@ export async function spawnAgent(opts: { wrap?: string[]; exec?: boolean; dhcp?:
   const argv = [...(opts.wrap ?? []), ...agent];
   const proc = spawn(argv[0], argv.slice(1), {
     cwd: ROOT,
-    env: { PATH: process.env.PATH!, SCION_AGENT_KMSG: '0', SCION_AGENT_ROOT: root, SCION_AGENT_SET_CLOCK: '0', SCION_AGENT_STATE: join(root, 'state.json'), SCION_AGENT_LOGS: join(root, 'logs') },
+    env: {
+      PATH: process.env.PATH!,
+      SCION_AGENT_KMSG: '0',
+      SCION_AGENT_ROOT: root,
+      SCION_AGENT_SET_CLOCK: '0',
+      SCION_AGENT_STATE: join(root, 'state.json'),
+      SCION_AGENT_LOGS: join(root, 'logs'),
+    },
     stdio: ['pipe', 'pipe', 'pipe'],
   });
   let err = '';
@@ -59,10 +79,21 @@ export async function spawnAgent(opts: { wrap?: string[]; exec?: boolean; dhcp?:
     if (proc.exitCode !== null || Date.now() > end) throw new Error(`agent did not start (${argv.join(' ')}): ${err}`);
     await new Promise((r) => setTimeout(r, 20));
   }
-  return { proc, root, stderr: () => err, stop: () => { proc.kill('SIGKILL'); rmSync(root, { recursive: true, force: true }); } };
+  return {
+    proc,
+    root,
+    stderr: () => err,
+    stop: () => {
+      proc.kill('SIGKILL');
+      rmSync(root, { recursive: true, force: true });
+    },
+  };
 }
 
-export interface HostAgent extends SpawnedAgent { socket: string; server: Server }
+export interface HostAgent extends SpawnedAgent {
+  socket: string;
+  server: Server;
+}
 
 /** The agent behind a unix socket: one client at a time (a new one replaces the last), like the virtio port's chardev. */
 export async function startHostAgent(opts: { wrap?: string[]; exec?: boolean; dhcp?: boolean } = {}): Promise<HostAgent> {
@@ -70,13 +101,29 @@ export async function startHostAgent(opts: { wrap?: string[]; exec?: boolean; dh
   const socket = join(a.root, 'agent.sock');
   let current: Socket | undefined;
   const server = createServer((sock) => {
-    if (current) { a.proc.stdout.unpipe(current); current.destroy(); }
+    if (current) {
+      a.proc.stdout.unpipe(current);
+      current.destroy();
+    }
     current = sock;
     a.proc.stdout.pipe(sock, { end: false });
     sock.pipe(a.proc.stdin, { end: false });
-    sock.on('close', () => { a.proc.stdout.unpipe(sock); sock.unpipe(a.proc.stdin); if (current === sock) current = undefined; });
+    sock.on('close', () => {
+      a.proc.stdout.unpipe(sock);
+      sock.unpipe(a.proc.stdin);
+      if (current === sock) current = undefined;
+    });
     sock.on('error', () => {});
   });
   await new Promise<void>((r) => server.listen(socket, r));
-  return { ...a, socket, server, stop: () => { server.close(); current?.destroy(); a.stop(); } };
+  return {
+    ...a,
+    socket,
+    server,
+    stop: () => {
+      server.close();
+      current?.destroy();
+      a.stop();
+    },
+  };
 }

@@ -42,13 +42,21 @@ async function agentInNamespace(prefix: string, hostAddr: string, opts: { dhcp?:
 }
 
 describe.skipIf(!isRoot)('identity in namespaces (needs root)', () => {
-  let ns: string, hostIf: string, agent: HostAgent, client: AgentClient, cleanup = () => {};
+  let ns: string,
+    hostIf: string,
+    agent: HostAgent,
+    client: AgentClient,
+    cleanup = () => {};
   beforeAll(async () => ({ ns, hostIf, agent, client, cleanup } = await agentInNamespace('t', '10.231.0.1/24')));
   afterAll(() => cleanup());
 
   const identity = {
-    generation: 7, hostname: 'clone-seven', machineId: randomBytes(16).toString('hex'), rngSeed: randomBytes(32).toString('hex'),
-    interfaces: [{ mac: '02:53:43:aa:bb:07', address: '10.231.0.7', prefix: 24, gateway: '10.231.0.1' }], dns: ['10.231.0.1'],
+    generation: 7,
+    hostname: 'clone-seven',
+    machineId: randomBytes(16).toString('hex'),
+    rngSeed: randomBytes(32).toString('hex'),
+    interfaces: [{ mac: '02:53:43:aa:bb:07', address: '10.231.0.7', prefix: 24, gateway: '10.231.0.1' }],
+    dns: ['10.231.0.1'],
   };
 
   it('really changes hostname, MAC, address, route and machine-id in the namespace', async () => {
@@ -72,7 +80,15 @@ describe.skipIf(!isRoot)('identity in namespaces (needs root)', () => {
     // and the new address answers on the wire with the new MAC: a TCP connect is refused (RST), not timed out
     const refused = await new Promise<string>((res) => {
       const s = connect({ host: '10.231.0.7', port: 9, timeout: 3000 });
-      s.on('error', (e: any) => res(e.code)); s.on('timeout', () => { s.destroy(); res('timeout'); }); s.on('connect', () => { s.destroy(); res('connected'); });
+      s.on('error', (e: any) => res(e.code));
+      s.on('timeout', () => {
+        s.destroy();
+        res('timeout');
+      });
+      s.on('connect', () => {
+        s.destroy();
+        res('connected');
+      });
     });
     expect(refused).toBe('ECONNREFUSED');
     expect(sh('ip', ['neigh', 'show', '10.231.0.7', 'dev', hostIf])).toContain('lladdr 02:53:43:aa:bb:07');
@@ -91,7 +107,12 @@ describe.skipIf(!isRoot)('identity in namespaces (needs root)', () => {
   });
 
   it('a later generation (a fork of the clone) applies again', async () => {
-    const r = await client.call('identity.apply', { ...identity, generation: 8, hostname: 'clone-eight', interfaces: [{ mac: '02:53:43:aa:bb:08', address: '10.231.0.8', gateway: '10.231.0.1' }] });
+    const r = await client.call('identity.apply', {
+      ...identity,
+      generation: 8,
+      hostname: 'clone-eight',
+      interfaces: [{ mac: '02:53:43:aa:bb:08', address: '10.231.0.8', gateway: '10.231.0.1' }],
+    });
     expect(r.applied).toBe(true);
     expect(sh('nsenter', ['-t', String(agent.proc.pid), '-u', 'hostname']).trim()).toBe('clone-eight');
     expect(JSON.parse(sh('ip', ['-n', ns, '-j', 'link', 'show', 'eth0']))[0].address).toBe('02:53:43:aa:bb:08');
@@ -99,26 +120,46 @@ describe.skipIf(!isRoot)('identity in namespaces (needs root)', () => {
 });
 
 describe.skipIf(!isRoot)('DHCP identity in namespaces (needs root)', () => {
-  let ns2: string, hostIf2: string, agent: HostAgent, client: AgentClient, cleanup = () => {};
+  let ns2: string,
+    hostIf2: string,
+    agent: HostAgent,
+    client: AgentClient,
+    cleanup = () => {};
   let server: ChildProcess | undefined;
   let dir: string | undefined;
   beforeAll(async () => {
-    ({ ns: ns2, hostIf: hostIf2, agent, client, cleanup } = await agentInNamespace('d', '10.233.0.1/24', {
+    ({
+      ns: ns2,
+      hostIf: hostIf2,
+      agent,
+      client,
+      cleanup,
+    } = await agentInNamespace('d', '10.233.0.1/24', {
       dhcp: true,
       before: (hostIf) => {
         dir = mkdtempSync(join(tmpdir(), 'scion-udhcpd-'));
-        writeFileSync(join(dir, 'udhcpd.conf'), `start 10.233.0.100\nend 10.233.0.120\ninterface ${hostIf}\nlease_file ${dir}/leases\noption subnet 255.255.255.0\noption router 10.233.0.1\noption dns 10.233.0.1\n`);
+        writeFileSync(
+          join(dir, 'udhcpd.conf'),
+          `start 10.233.0.100\nend 10.233.0.120\ninterface ${hostIf}\nlease_file ${dir}/leases\noption subnet 255.255.255.0\noption router 10.233.0.1\noption dns 10.233.0.1\n`,
+        );
         writeFileSync(join(dir, 'leases'), '');
         // a real DHCP server (busybox udhcpd) on the host side of the veth
         server = spawn('busybox', ['udhcpd', '-f', join(dir, 'udhcpd.conf')], { stdio: 'ignore' });
       },
     }));
   });
-  afterAll(() => { server?.kill(); cleanup(); if (dir) rmSync(dir, { recursive: true, force: true }); });
+  afterAll(() => {
+    server?.kill();
+    cleanup();
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
 
   it('takes a lease for the new MAC on every fork', async () => {
     const base = { hostname: 'dhcp-clone', machineId: randomBytes(16).toString('hex'), dns: [] };
-    for (const [generation, mac] of [[1, '02:53:43:dd:00:01'], [2, '02:53:43:dd:00:02']] as const) {
+    for (const [generation, mac] of [
+      [1, '02:53:43:dd:00:01'],
+      [2, '02:53:43:dd:00:02'],
+    ] as const) {
       const r = await client.call('identity.apply', { ...base, generation, interfaces: [{ mac }] });
       expect(r.applied).toBe(true);
       const link = JSON.parse(sh('ip', ['-n', ns2, '-j', 'addr', 'show', 'eth0']))[0];
@@ -131,7 +172,15 @@ describe.skipIf(!isRoot)('DHCP identity in namespaces (needs root)', () => {
       // the leased address answers on the wire with the new MAC
       const refused = await new Promise<string>((res) => {
         const s = connect({ host: inet[0].local, port: 9, timeout: 3000 });
-        s.on('error', (e: any) => res(e.code)); s.on('timeout', () => { s.destroy(); res('timeout'); }); s.on('connect', () => { s.destroy(); res('connected'); });
+        s.on('error', (e: any) => res(e.code));
+        s.on('timeout', () => {
+          s.destroy();
+          res('timeout');
+        });
+        s.on('connect', () => {
+          s.destroy();
+          res('connected');
+        });
       });
       expect(refused).toBe('ECONNREFUSED');
       expect(sh('ip', ['neigh', 'show', inet[0].local, 'dev', hostIf2])).toContain(`lladdr ${mac}`);

@@ -11,13 +11,22 @@ class PlainClient {
   buf = Buffer.alloc(0);
   waiting: ((b: Buffer) => void)[] = [];
   constructor(readonly s: Socket) {
-    s.on('data', (c) => { this.buf = Buffer.concat([this.buf, c]); this.waiting.splice(0).forEach((w) => w(this.buf)); });
+    s.on('data', (c) => {
+      this.buf = Buffer.concat([this.buf, c]);
+      for (const w of this.waiting.splice(0)) w(this.buf);
+    });
   }
-  private more(): Promise<void> { return new Promise((r) => this.waiting.push(() => r())); }
+  private more(): Promise<void> {
+    return new Promise((r) => this.waiting.push(() => r()));
+  }
   async line(): Promise<string> {
     for (;;) {
       const i = this.buf.indexOf(0x0a);
-      if (i >= 0) { const l = this.buf.subarray(0, i).toString(); this.buf = this.buf.subarray(i + 1); return l; }
+      if (i >= 0) {
+        const l = this.buf.subarray(0, i).toString();
+        this.buf = this.buf.subarray(i + 1);
+        return l;
+      }
       await this.more();
     }
   }
@@ -27,7 +36,10 @@ class PlainClient {
     this.s.write(Buffer.concat([Buffer.from([0xff]), Buffer.from(JSON.stringify({ id: 'sync-1', cmd: 'sync', args: { nonce } }) + '\n')]));
     for (;;) {
       const i = this.buf.indexOf(0xff);
-      if (i >= 0) { this.buf = this.buf.subarray(i + 1); break; }
+      if (i >= 0) {
+        this.buf = this.buf.subarray(i + 1);
+        break;
+      }
       await this.more();
     }
     const answer = JSON.parse(await this.line());
@@ -52,9 +64,12 @@ describe('agent protocol, as documented', () => {
     await new Promise((r) => s.once('connect', r));
     c = new PlainClient(s);
   });
-  afterAll(() => { c?.s.destroy(); agent?.stop(); });
+  afterAll(() => {
+    c?.s.destroy();
+    agent?.stop();
+  });
 
-  it('is the bundle running under the image\'s own qjs, not Node', () => {
+  it("is the bundle running under the image's own qjs, not Node", () => {
     const argv = readFileSync(`/proc/${agent.proc.pid}/cmdline`, 'utf8').split('\0');
     expect(readlinkSync(`/proc/${agent.proc.pid}/exe`)).toMatch(/\/agent-runtime\/[^/]+\/usr\/lib\/x86_64-linux-gnu\/ld-linux-x86-64\.so\.2$/);
     expect(argv.find((a) => a.endsWith('/usr/bin/qjs'))).toMatch(/\/agent-runtime\//);

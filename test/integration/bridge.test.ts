@@ -36,7 +36,11 @@ describe.skipIf(!isRoot)('bridge networking (needs root)', () => {
 
   async function sh(name: string, script: string) {
     const a = await vm.connectAgent(name);
-    try { return await a.call('exec', { argv: ['sh', '-c', script] }); } finally { a.close(); }
+    try {
+      return await a.call('exec', { argv: ['sh', '-c', script] });
+    } finally {
+      a.close();
+    }
   }
 
   it('every clone pings every other clone, and sees each at its own MAC', async () => {
@@ -52,14 +56,22 @@ describe.skipIf(!isRoot)('bridge networking (needs root)', () => {
     }
   });
 
-  it('IPv6: each clone\'s addresses follow its own MAC; no two clones share one and none of the template\'s remains', async () => {
-    const eui = (mac: string) => { const b = mac.split(':').map((x) => parseInt(x, 16)); b[0] ^= 2; return [b[0] << 8 | b[1], b[2] << 8 | 0xff, 0xfe << 8 | b[3], b[4] << 8 | b[5]].map((x) => x.toString(16)).join(':'); };
+  it("IPv6: each clone's addresses follow its own MAC; no two clones share one and none of the template's remains", async () => {
+    const eui = (mac: string) => {
+      const b = mac.split(':').map((x) => parseInt(x, 16));
+      b[0] ^= 2;
+      return [(b[0] << 8) | b[1], (b[2] << 8) | 0xff, (0xfe << 8) | b[3], (b[4] << 8) | b[5]].map((x) => x.toString(16)).join(':');
+    };
     const templateLinkLocal = `fe80::${eui('02:53:43:00:00:00')}`;
     const all: string[] = [];
     for (const c of clones) {
       // wait out duplicate-address detection (tentative addresses) of the renewed link-local
       let out = '';
-      for (let i = 0; i < 50; i++) { out = (await sh(c.name, 'ip -6 -o addr show dev eth0')).stdout; if (out.includes('fe80::') && !out.includes('tentative')) break; await new Promise((r) => setTimeout(r, 200)); }
+      for (let i = 0; i < 50; i++) {
+        out = (await sh(c.name, 'ip -6 -o addr show dev eth0')).stdout;
+        if (out.includes('fe80::') && !out.includes('tentative')) break;
+        await new Promise((r) => setTimeout(r, 200));
+      }
       const addrs = [...out.matchAll(/inet6 ([0-9a-f:]+)\//g)].map((m) => m[1]);
       expect(addrs, `${c.name}: ${out}`).toContain(`fe80::${eui(c.mac)}`);
       expect(addrs).not.toContain(templateLinkLocal);

@@ -24,7 +24,10 @@ const sha = (f: string) => createHash('sha256').update(readFileSync(f)).digest('
 const lock = JSON.parse(readFileSync(image('minimal').replace('.yaml', '.scion.lock'), 'utf8'));
 // a port that was free a moment ago: nothing listens there, so connections are refused
 const OFFLINE = await new Promise<string>((res) => {
-  const s = createServer().listen(0, '127.0.0.1', () => { const p = (s.address() as any).port; s.close(() => res(`http://127.0.0.1:${p}/debian`)); });
+  const s = createServer().listen(0, '127.0.0.1', () => {
+    const p = (s.address() as any).port;
+    s.close(() => res(`http://127.0.0.1:${p}/debian`));
+  });
 });
 
 describe('reproducible builds', () => {
@@ -63,8 +66,13 @@ describe('reproducible builds', () => {
 
   it('an interrupted `scion verify` (SIGINT) removes its temporary builds and exits 130', async () => {
     const t = tmp('verify-int');
-    const p = $({ nothrow: true, quiet: true, env: { ...process.env, TMPDIR: t } })`${process.execPath} ${join(ROOT, 'bin/scion.js')} verify ${image('minimal')}`;
-    for (let i = 0; i < 300 && !readdirSync(t).some((d) => d.startsWith('scion-verify-') && readdirSync(join(t, d)).length); i++) await new Promise((r) => setTimeout(r, 50));
+    const p = $({
+      nothrow: true,
+      quiet: true,
+      env: { ...process.env, TMPDIR: t },
+    })`${process.execPath} ${join(ROOT, 'bin/scion.js')} verify ${image('minimal')}`;
+    for (let i = 0; i < 300 && !readdirSync(t).some((d) => d.startsWith('scion-verify-') && readdirSync(join(t, d)).length); i++)
+      await new Promise((r) => setTimeout(r, 50));
     expect(readdirSync(t).filter((d) => d.startsWith('scion-verify-'))).toHaveLength(1); // it started making them
     await new Promise((r) => setTimeout(r, 1000)); // into the download
     p.kill('SIGINT');
@@ -88,8 +96,13 @@ describe('reproducible builds', () => {
       expect(c.hashes).toEqual([{ alg: 'SHA-256', content: p.sha256 }]);
       const arch = /_([a-z0-9]+)\.deb$/.exec(p.filename)![1];
       const purl = PackageURL.fromString(c.purl);
-      expect({ type: purl.type, namespace: purl.namespace, name: purl.name, version: purl.version, qualifiers: purl.qualifiers })
-        .toEqual({ type: 'deb', namespace: 'debian', name: c.name, version: c.version, qualifiers: { arch, distro: lock.codename } });
+      expect({ type: purl.type, namespace: purl.namespace, name: purl.name, version: purl.version, qualifiers: purl.qualifiers }).toEqual({
+        type: 'deb',
+        namespace: 'debian',
+        name: c.name,
+        version: c.version,
+        qualifiers: { arch, distro: lock.codename },
+      });
     }
     // the agent runs on the locked QuickJS package: no npm component, and the agent depends on that .deb
     expect(bom.components.filter((c: any) => c.purl?.startsWith('pkg:npm/'))).toEqual([]);
@@ -99,7 +112,11 @@ describe('reproducible builds', () => {
     expect(agent.hashes[0].content).toBe(JSON.parse(readFileSync(first.manifest, 'utf8')).agent.sha256);
     const deps = new Map(bom.dependencies.map((d: any) => [d.ref, d.dependsOn ?? []]));
     expect(deps.get('scion:guest-agent')).toEqual([qjs['bom-ref']]);
-    expect(JSON.parse(readFileSync(first.manifest, 'utf8')).agent.runtime).toEqual({ package: 'quickjs', version: qjs.version, sha256: locked.get(`quickjs@${qjs.version}`).sha256 });
+    expect(JSON.parse(readFileSync(first.manifest, 'utf8')).agent.runtime).toEqual({
+      package: 'quickjs',
+      version: qjs.version,
+      sha256: locked.get(`quickjs@${qjs.version}`).sha256,
+    });
     const busybox = debs.find((c: any) => c.name === 'busybox-static');
     expect(deps.get(bom.metadata.component['bom-ref'])).toEqual(expect.arrayContaining([busybox['bom-ref'], 'scion:guest-agent']));
     expect(deps.get(qjs['bom-ref'])).toEqual([debs.find((c: any) => c.name === 'libc6')['bom-ref']]);
@@ -126,7 +143,12 @@ describe('reproducible builds', () => {
     expect(names.filter((n) => /\/node$|libstdc\+\+|libgcc_s/.test(n))).toEqual([]);
     expect(readFileSync(first.initrd).length).toBeLessThan(10 * 1024 * 1024); // the Node-based initramfs was 112 MiB
     const dir = tmp('qjs');
-    for (const n of ['/usr/bin/qjs', '/usr/lib/x86_64-linux-gnu/libc.so.6', '/usr/lib/x86_64-linux-gnu/libm.so.6', '/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2']) {
+    for (const n of [
+      '/usr/bin/qjs',
+      '/usr/lib/x86_64-linux-gnu/libc.so.6',
+      '/usr/lib/x86_64-linux-gnu/libm.so.6',
+      '/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2',
+    ]) {
       const e = entries.find((x) => x.name === n);
       expect(e, n).toBeDefined();
       writeFileSync(join(dir, n.split('/').pop()!), e!.data, { mode: 0o755 });
@@ -175,7 +197,9 @@ describe('reproducible builds', () => {
     copyFileSync(image('minimal').replace('.yaml', '.scion.lock'), join(dir, 'minimal.scion.lock'));
     const r = await $({ nothrow: true, quiet: true })`${process.execPath} ${join(ROOT, 'bin/scion.js')} verify ${def}`;
     expect(r.exitCode).toBe(5);
-    expect(r.stdout).toMatch(/^minimal: NOT reproducible: initrd\.img: \/etc\/build-id: contents differ from byte \d+ \(37 bytes each; sha256 [0-9a-f]{16}… vs [0-9a-f]{16}…\)$/m);
+    expect(r.stdout).toMatch(
+      /^minimal: NOT reproducible: initrd\.img: \/etc\/build-id: contents differ from byte \d+ \(37 bytes each; sha256 [0-9a-f]{16}… vs [0-9a-f]{16}…\)$/m,
+    );
   });
 
   it('a tampered cached .deb is never used: it is discarded, fetched again, and the output is unchanged', async () => {
@@ -197,8 +221,10 @@ describe('reproducible builds', () => {
   });
 
   it('with no network and an empty cache, the build fails clearly', async () => {
-    await expect(build({ definitionPath: image('minimal'), cacheDir: tmp('cache-empty'), outDir: tmp('out-x'), mirror: OFFLINE }))
-      .rejects.toMatchObject({ code: 'E_NETWORK', message: expect.stringMatching(/^cannot fetch http:\/\/127\.0\.0\.1:\d+\/debian\/pool\/.*\.deb: ECONNREFUSED$/) });
+    await expect(build({ definitionPath: image('minimal'), cacheDir: tmp('cache-empty'), outDir: tmp('out-x'), mirror: OFFLINE })).rejects.toMatchObject({
+      code: 'E_NETWORK',
+      message: expect.stringMatching(/^cannot fetch http:\/\/127\.0\.0\.1:\d+\/debian\/pool\/.*\.deb: ECONNREFUSED$/),
+    });
   });
 
   it('a failed build leaves the previous artifacts untouched', async () => {
@@ -223,7 +249,9 @@ describe('reproducible builds', () => {
     const good = await build({ definitionPath: def, cacheDir: cacheA, outDir: out });
     // another initrd (one more file), and a failure once every output is written but before they are swapped in
     writeFileSync(def, readFileSync(def, 'utf8') + '\nfiles:\n  - path: /etc/late\n    contents: "changed"\n');
-    const failLate = (ev: BuildEvent) => { if (ev.type === 'log' && ev.message.startsWith('wrote vmlinuz and initrd.img')) throw new Error('interrupted after writing'); };
+    const failLate = (ev: BuildEvent) => {
+      if (ev.type === 'log' && ev.message.startsWith('wrote vmlinuz and initrd.img')) throw new Error('interrupted after writing');
+    };
     await expect(build({ definitionPath: def, cacheDir: cacheA, outDir: out, onEvent: failLate })).rejects.toThrow('interrupted after writing');
     expect(sha(join(out, 'minimal', 'initrd.img'))).toBe(good.sha256.initrd);
     expect(JSON.parse(readFileSync(join(out, 'minimal', 'manifest.json'), 'utf8')).outputs['initrd.img'].sha256).toBe(good.sha256.initrd);
@@ -242,7 +270,8 @@ describe('archive failures', () => {
   it('an unknown package is named', async () => {
     const def = defWith((t) => t.replace('agent:', 'packages: [scion-no-such-package]\nagent:'));
     await expect(build({ definitionPath: def, outDir: tmp('o') })).rejects.toMatchObject({
-      code: 'E_PKG_UNKNOWN', message: 'package "scion-no-such-package" is not in the archive index',
+      code: 'E_PKG_UNKNOWN',
+      message: 'package "scion-no-such-package" is not in the archive index',
     });
     expect(existsSync(def.replace('.yaml', '.scion.lock'))).toBe(false);
   });
@@ -261,8 +290,11 @@ describe('archive failures', () => {
     try {
       const mirror = `http://127.0.0.1:${(server.address() as any).port}/debian`;
       await expect(build({ definitionPath: defWith((t) => t), outDir: tmp('o'), mirror, cacheDir: tmp('cache-sig') })).rejects.toMatchObject({
-        code: 'E_SIGNATURE', message: 'InRelease signature is not valid: BAD signature',
+        code: 'E_SIGNATURE',
+        message: 'InRelease signature is not valid: BAD signature',
       });
-    } finally { server.close(); }
+    } finally {
+      server.close();
+    }
   });
 });

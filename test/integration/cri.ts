@@ -20,7 +20,11 @@ export function criRoot(binary = '/usr/bin/containerd'): protobuf.Root {
   const magic = Buffer.from([0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0xff]);
   for (let i = data.indexOf(magic); i >= 0; i = data.indexOf(magic, i + 1)) {
     let raw: Buffer;
-    try { raw = gunzipSync(data.subarray(i, i + 4_000_000), { finishFlush: 2 }); } catch { continue; } // not a whole gzip member
+    try {
+      raw = gunzipSync(data.subarray(i, i + 4_000_000), { finishFlush: 2 });
+    } catch {
+      continue;
+    } // not a whole gzip member
     if (!raw.includes('RunPodSandbox') || !raw.subarray(0, 64).includes('runtime.v1\x1a')) continue;
     const fd = (descriptor as any).FileDescriptorProto.decode(raw);
     if (fd.package !== 'runtime.v1') continue;
@@ -42,9 +46,12 @@ export function criClient(socket: string): { runtime: Record<string, Call>; imag
     const def: Record<string, grpc.MethodDefinition<any, any>> = {};
     for (const m of svc.methodsArray) {
       m.resolve();
-      const req = m.resolvedRequestType!, res = m.resolvedResponseType!;
+      const req = m.resolvedRequestType!,
+        res = m.resolvedResponseType!;
       def[m.name] = {
-        path: `/runtime.v1.${service}/${m.name}`, requestStream: false, responseStream: false,
+        path: `/runtime.v1.${service}/${m.name}`,
+        requestStream: false,
+        responseStream: false,
         requestSerialize: (o: Record<string, unknown>) => Buffer.from(req.encode(req.fromObject(o)).finish()),
         requestDeserialize: (b: Buffer) => req.decode(b),
         responseSerialize: (o: Record<string, unknown>) => Buffer.from(res.encode(res.fromObject(o)).finish()),
@@ -52,11 +59,23 @@ export function criClient(socket: string): { runtime: Record<string, Call>; imag
       };
     }
     const Ctor = grpc.makeGenericClientConstructor(def as grpc.ServiceDefinition, service);
-    const client = new Ctor(`unix://${socket}`, grpc.credentials.createInsecure()) as unknown as Record<string, (req: object, cb: (e: Error | null, r: unknown) => void) => void> & grpc.Client;
+    const client = new Ctor(`unix://${socket}`, grpc.credentials.createInsecure()) as unknown as Record<
+      string,
+      (req: object, cb: (e: Error | null, r: unknown) => void) => void
+    > &
+      grpc.Client;
     const calls: Record<string, Call> = {};
     for (const m of svc.methodsArray) calls[m.name] = (req) => new Promise((res, rej) => client[m.name](req, (e, v) => (e ? rej(e) : res(v))));
     return { calls, client };
   };
-  const rt = make('RuntimeService'), im = make('ImageService');
-  return { runtime: rt.calls, image: im.calls, close: () => { rt.client.close(); im.client.close(); } };
+  const rt = make('RuntimeService'),
+    im = make('ImageService');
+  return {
+    runtime: rt.calls,
+    image: im.calls,
+    close: () => {
+      rt.client.close();
+      im.client.close();
+    },
+  };
 }

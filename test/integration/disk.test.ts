@@ -21,7 +21,9 @@ describe('qcow2 disk', () => {
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', base, '64M']);
     const img = await vm.loadImage((await build({ definitionPath: image('minimal') })).dir);
     const h = await vm.bootTemplate(img, { name: 'disk-tpl', disk: base });
-    const w = await (await h.agent()).call('exec', { argv: ['sh', '-c', 'echo written-by-template | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null'] });
+    const w = await (await h.agent()).call('exec', {
+      argv: ['sh', '-c', 'echo written-by-template | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null'],
+    });
     expect(w.exitCode).toBe(0);
     await vm.freeze(h, img);
     tplDisk = join(dirs.templates, 'disk-tpl', 'disk.qcow2');
@@ -32,7 +34,13 @@ describe('qcow2 disk', () => {
 
   async function sh(name: string, script: string): Promise<string> {
     const a = await vm.connectAgent(name);
-    try { const r = await a.call('exec', { argv: ['sh', '-c', script] }); expect(r.exitCode, r.stderr).toBe(0); return r.stdout; } finally { a.close(); }
+    try {
+      const r = await a.call('exec', { argv: ['sh', '-c', script] });
+      expect(r.exitCode, r.stderr).toBe(0);
+      return r.stdout;
+    } finally {
+      a.close();
+    }
   }
 
   it('clones see what the template wrote, write their own blocks, and leave the template disk unchanged', async () => {
@@ -40,9 +48,11 @@ describe('qcow2 disk', () => {
       expect(await sh(c.name, 'head -c 20 /dev/vda')).toBe('written-by-template\n');
       await sh(c.name, `echo mine-${c.hostname} | dd of=/dev/vda bs=512 seek=2048 count=1 conv=sync,fsync 2>/dev/null`);
     }
-    for (const c of clones) expect((await sh(c.name, 'dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -n 1'))).toBe(`mine-${c.hostname}\n`);
+    for (const c of clones) expect(await sh(c.name, 'dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -n 1')).toBe(`mine-${c.hostname}\n`);
     expect(sha(tplDisk)).toBe(tplDiskSha);
-    const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-U', join(dirs.run, 'vms', clones[0].name, 'disk.qcow2')], { encoding: 'utf8' }));
+    const info = JSON.parse(
+      execFileSync('qemu-img', ['info', '--output=json', '-U', join(dirs.run, 'vms', clones[0].name, 'disk.qcow2')], { encoding: 'utf8' }),
+    );
     expect(info['backing-filename']).toBe(tplDisk);
   });
 });

@@ -6,8 +6,14 @@ export const ROOT = resolve(import.meta.dirname, '../..');
 export const image = (name: string) => join(ROOT, 'images', `${name}.yaml`);
 const made: string[] = [];
 /** A fresh temporary directory, removed by cleanupTmp(). */
-export const tmp = (prefix: string) => { const d = mkdtempSync(join(tmpdir(), `scion-${prefix}-`)); made.push(d); return d; };
-export function cleanupTmp() { for (const d of made.splice(0)) rmSync(d, { recursive: true, force: true }); }
+export const tmp = (prefix: string) => {
+  const d = mkdtempSync(join(tmpdir(), `scion-${prefix}-`));
+  made.push(d);
+  return d;
+};
+export function cleanupTmp() {
+  for (const d of made.splice(0)) rmSync(d, { recursive: true, force: true });
+}
 
 /** Give this test file its own run and template directories, so it sees only its own VMs. */
 export function isolateRunDirs(tag: string): { run: string; templates: string } {

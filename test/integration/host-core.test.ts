@@ -16,11 +16,16 @@ import { isolateRunDirs, ROOT, tmp, scionQemuPids, frozenWebTemplate, removeEver
 const dirs = isolateRunDirs('core');
 const started = Date.now();
 
-interface Ran { code: number; stdout: string; stderr: string }
+interface Ran {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
 function scion(args: string[], env: Record<string, string> = {}): Promise<Ran> {
   return new Promise((resolve) => {
     const p = spawn(process.execPath, [join(ROOT, 'bin/scion.js'), ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '', stderr = '';
+    let stdout = '',
+      stderr = '';
     p.stdout.on('data', (c) => (stdout += c));
     p.stderr.on('data', (c) => (stderr += c));
     p.on('exit', (code) => resolve({ code: code ?? -1, stdout, stderr }));
@@ -33,11 +38,15 @@ async function skewOf(name: string): Promise<{ skewMs: number; rttMs: number; cl
   try {
     let best = { skewMs: 0, rttMs: Infinity, clock: undefined as any };
     for (let i = 0; i < 3; i++) {
-      const t0 = Date.now(); const info = await a.call('info'); const t1 = Date.now();
+      const t0 = Date.now();
+      const info = await a.call('info');
+      const t1 = Date.now();
       if (t1 - t0 < best.rttMs) best = { skewMs: info.time - (t0 + t1) / 2, rttMs: t1 - t0, clock: info.clock };
     }
     return best;
-  } finally { a.close(); }
+  } finally {
+    a.close();
+  }
 }
 
 let forked: vm.CloneResult[] = [];
@@ -47,19 +56,31 @@ beforeAll(() => frozenWebTemplate());
 afterAll(() => removeEverything(dirs));
 
 describe('concurrency', () => {
-  it('four scion fork processes of 3 clones each, started at once beside gc runs, all succeed with distinct clones, each clock on the host\'s as its fork returns', async () => {
+  it("four scion fork processes of 3 clones each, started at once beside gc runs, all succeed with distinct clones, each clock on the host's as its fork returns", async () => {
     // each clone's clock read as soon as its `scion fork` returns, while the other forks still load the host
     const atReturn: { name: string; skewMs: number; rttMs: number }[] = [];
-    const forks = Array.from({ length: 4 }, () => scion(['fork', 'web-tpl', '-n', '3', '--json']).then(async (r) => {
-      if (r.code === 0) for (const c of JSON.parse(r.stdout).clones) { const s = await skewOf(c.name); atReturn.push({ name: c.name, skewMs: s.skewMs, rttMs: s.rttMs }); }
-      return r;
-    }));
+    const forks = Array.from({ length: 4 }, () =>
+      scion(['fork', 'web-tpl', '-n', '3', '--json']).then(async (r) => {
+        if (r.code === 0)
+          for (const c of JSON.parse(r.stdout).clones) {
+            const s = await skewOf(c.name);
+            atReturn.push({ name: c.name, skewMs: s.skewMs, rttMs: s.rttMs });
+          }
+        return r;
+      }),
+    );
     // gc while they fork: it must not take anything the forks are making
     const gcs: Ran[] = [];
-    for (let i = 0; i < 4; i++) { await new Promise((r) => setTimeout(r, 700)); gcs.push(await scion(['gc', '--json'])); }
+    for (let i = 0; i < 4; i++) {
+      await new Promise((r) => setTimeout(r, 700));
+      gcs.push(await scion(['gc', '--json']));
+    }
     const results = await Promise.all(forks);
     for (const r of results) expect(r.code, r.stderr).toBe(0);
-    for (const g of gcs) { expect(g.code, g.stderr).toBe(0); expect(JSON.parse(g.stdout).removed).toEqual([]); }
+    for (const g of gcs) {
+      expect(g.code, g.stderr).toBe(0);
+      expect(JSON.parse(g.stdout).removed).toEqual([]);
+    }
     forked = results.flatMap((r) => JSON.parse(r.stdout).clones as vm.CloneResult[]);
     for (const c of forked) forkedAt.set(c.name, Date.now());
     expect(forked).toHaveLength(12);
@@ -114,7 +135,7 @@ describe('QEMU sandbox', () => {
 });
 
 describe('translation buffer', () => {
-  it('`scion fork --tb-size` gives each clone\'s QEMU that TCG buffer (default 32), and the clone serves', async () => {
+  it("`scion fork --tb-size` gives each clone's QEMU that TCG buffer (default 32), and the clone serves", async () => {
     const cmdline = (pid: number) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
     // under KVM there is no translation buffer: the accelerator is named alone
     const forkedAccel = (await vm.list()).find((v) => v.name === forked[0].name)!.accel;
@@ -126,12 +147,20 @@ describe('translation buffer', () => {
     try {
       expect(cmdline(c.pid)).toContain(accel(16));
       expect(await (await fetch(`http://127.0.0.1:${c.ports['8080']}/`)).text()).toBe(`hello from ${c.hostname}\n`);
-    } finally { await vm.removeVm(c.name); }
+    } finally {
+      await vm.removeVm(c.name);
+    }
   });
 });
 
 describe('bad names are refused before anything is touched', () => {
-  const bad: [string, string][] = [['', 'empty'], ['..', 'looks like a path'], ['a/b', 'looks like a path'], ['a b', 'contains " "'], ['x;reboot', 'contains ";"']];
+  const bad: [string, string][] = [
+    ['', 'empty'],
+    ['..', 'looks like a path'],
+    ['a/b', 'looks like a path'],
+    ['a b', 'contains " "'],
+    ['x;reboot', 'contains ";"'],
+  ];
   it.each(['rm', 'stop', 'info', 'fork', 'freeze'])('scion %s', async (cmd) => {
     const before = readdirSync(join(dirs.run, 'vms')).sort();
     const runs = await Promise.all(bad.map(([name]) => scion([cmd, name])));
@@ -147,11 +176,13 @@ describe('bad names are refused before anything is touched', () => {
 describe('directories and files another user could have touched', () => {
   it('refuses a run root owned by another user, one writable by others, and a symlink', async () => {
     const foreign = join(tmp('foreign'), 'run');
-    mkdirSync(foreign, { mode: 0o700 }); chownSync(foreign, 4242, 4242);
+    mkdirSync(foreign, { mode: 0o700 });
+    chownSync(foreign, 4242, 4242);
     let r = await scion(['ls'], { SCION_RUN_DIR: foreign });
     expect(r.code).toBe(1);
     expect(r.stderr).toContain(`run root ${foreign} is owned by uid 4242, not by uid 0 (this user)`);
-    chownSync(foreign, 0, 0); chmodSync(foreign, 0o777);
+    chownSync(foreign, 0, 0);
+    chmodSync(foreign, 0o777);
     r = await scion(['ls'], { SCION_RUN_DIR: foreign });
     expect(r.stderr).toContain(`run root ${foreign} is writable by its group (mode 0777)`);
     const link = join(tmp('link'), 'run');
@@ -160,21 +191,25 @@ describe('directories and files another user could have touched', () => {
     expect(r.stderr).toContain(`run root ${link} is a symbolic link`);
   });
 
-  it('refuses a template root another user owns or can write (they could swap root\'s template)', async () => {
+  it("refuses a template root another user owns or can write (they could swap root's template)", async () => {
     const t = join(tmp('tplroot'), 'x');
     const shm = join('/dev/shm', `scion-core-foreign-${process.pid}`);
-    mkdirSync(shm, { mode: 0o700 }); chownSync(shm, 4242, 4242);
+    mkdirSync(shm, { mode: 0o700 });
+    chownSync(shm, 4242, 4242);
     try {
       let r = await scion(['fork', 'web-tpl'], { SCION_TEMPLATE_DIR: shm });
       expect(r.code).toBe(1);
       expect(r.stderr).toContain(`template root ${shm} is owned by uid 4242`);
-      chownSync(shm, 0, 0); chmodSync(shm, 0o1777);
+      chownSync(shm, 0, 0);
+      chmodSync(shm, 0o1777);
       r = await scion(['fork', 'web-tpl'], { SCION_TEMPLATE_DIR: shm });
       expect(r.stderr).toContain(`template root ${shm} is writable by its group (mode 1777)`);
       mkdirSync(t, { recursive: true, mode: 0o700 });
       r = await scion(['fork', 'web-tpl'], { SCION_TEMPLATE_DIR: t });
       expect(r.stderr).toContain(`template root ${t} is not on tmpfs`);
-    } finally { rmSync(shm, { recursive: true, force: true }); }
+    } finally {
+      rmSync(shm, { recursive: true, force: true });
+    }
   });
 
   it('refuses a tampered template: planted metadata, another format, a path outside, a symlinked directory', async () => {
@@ -188,14 +223,26 @@ describe('directories and files another user could have touched', () => {
       writeFileSync(join(evil, 'meta.json'), JSON.stringify({ ...meta, name: 'evil-tpl', ...metaOver }));
     };
     plant({ kernel: '/etc/shadow' });
-    await expect(vm.fork('evil-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_RECORD_INVALID', message: expect.stringContaining('kernel: must be a file name inside the template directory, not a path') });
+    await expect(vm.fork('evil-tpl', { n: 1 })).rejects.toMatchObject({
+      code: 'E_RECORD_INVALID',
+      message: expect.stringContaining('kernel: must be a file name inside the template directory, not a path'),
+    });
     plant({ format: 'scion.template/0' });
-    await expect(vm.fork('evil-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_RECORD_VERSION', message: `${join(evil, 'meta.json')} has format "scion.template/0"; this scion reads "scion.template/1"` });
+    await expect(vm.fork('evil-tpl', { n: 1 })).rejects.toMatchObject({
+      code: 'E_RECORD_VERSION',
+      message: `${join(evil, 'meta.json')} has format "scion.template/0"; this scion reads "scion.template/1"`,
+    });
     plant({ name: 'web-tpl' });
-    await expect(vm.fork('evil-tpl', { n: 1 })).rejects.toMatchObject({ message: `${join(evil, 'meta.json')} names template "web-tpl", but lives in the directory of "evil-tpl"` });
+    await expect(vm.fork('evil-tpl', { n: 1 })).rejects.toMatchObject({
+      message: `${join(evil, 'meta.json')} names template "web-tpl", but lives in the directory of "evil-tpl"`,
+    });
     plant({});
-    rmSync(join(evil, 'state')); symlinkSync(join(tpl, 'state'), join(evil, 'state'));
-    await expect(vm.fork('evil-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_TEMPLATE_INCOMPLETE', message: `template evil-tpl: ${join(evil, 'state')} is not a regular file` });
+    rmSync(join(evil, 'state'));
+    symlinkSync(join(tpl, 'state'), join(evil, 'state'));
+    await expect(vm.fork('evil-tpl', { n: 1 })).rejects.toMatchObject({
+      code: 'E_TEMPLATE_INCOMPLETE',
+      message: `template evil-tpl: ${join(evil, 'state')} is not a regular file`,
+    });
     rmSync(evil, { recursive: true, force: true });
     symlinkSync(tpl, evil);
     await expect(vm.fork('evil-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_UNTRUSTED_DIR', message: `template directory ${evil} is a symbolic link` });
@@ -206,7 +253,11 @@ describe('directories and files another user could have touched', () => {
   it('a missing QEMU binary is a typed error naming it and its package', async () => {
     const r = await scion(['fork', 'web-tpl', '--json'], { SCION_QEMU: '/nonexistent/qemu-system-x86_64' });
     expect(r.code).toBe(1);
-    expect(JSON.parse(r.stdout).error).toEqual({ code: 'E_COMMAND_MISSING', message: '/nonexistent/qemu-system-x86_64 is not installed (or not on PATH)', hint: 'apt-get install qemu-system-x86 (bash scripts/setup.sh installs everything scion needs)' });
+    expect(JSON.parse(r.stdout).error).toEqual({
+      code: 'E_COMMAND_MISSING',
+      message: '/nonexistent/qemu-system-x86_64 is not installed (or not on PATH)',
+      hint: 'apt-get install qemu-system-x86 (bash scripts/setup.sh installs everything scion needs)',
+    });
   });
 });
 
@@ -228,7 +279,9 @@ describe('a fork that fails leaves nothing behind (the one Machine construction 
     process.env.SCION_QEMU = wrapper;
     try {
       await expect(vm.fork('web-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_QEMU_EXITED', message: expect.stringContaining('-no-such-option') });
-    } finally { delete process.env.SCION_QEMU; }
+    } finally {
+      delete process.env.SCION_QEMU;
+    }
     expect(await snapshot()).toEqual(before);
   });
 
@@ -243,7 +296,10 @@ describe('a fork that fails leaves nothing behind (the one Machine construction 
   it('whose identity the guest refuses', async () => {
     // the host accepts the pattern; the guest's agent refuses "bad-N-" (a host name cannot end in "-")
     const before = await snapshot();
-    await expect(vm.fork('web-tpl', { n: 2, hostname: 'bad-{n}-' })).rejects.toMatchObject({ code: 'E_IDENTITY_REFUSED', message: expect.stringContaining('hostname: must be a valid host name') });
+    await expect(vm.fork('web-tpl', { n: 2, hostname: 'bad-{n}-' })).rejects.toMatchObject({
+      code: 'E_IDENTITY_REFUSED',
+      message: expect.stringContaining('hostname: must be a valid host name'),
+    });
     expect(await snapshot()).toEqual(before);
   });
 });
@@ -263,7 +319,10 @@ describe('clone clocks', () => {
     await new Promise((r) => setTimeout(r, Math.max(0, idleUntil - Date.now())));
     for (const c of sample) {
       const s = await skewOf(c.name);
-      expect(Math.abs(s.skewMs) - s.rttMs / 2, `${c.name} after ${((Date.now() - forkedAt.get(c.name)!) / 1000).toFixed(0)} s: ${JSON.stringify(s)}`).toBeLessThanOrEqual(100);
+      expect(
+        Math.abs(s.skewMs) - s.rttMs / 2,
+        `${c.name} after ${((Date.now() - forkedAt.get(c.name)!) / 1000).toFixed(0)} s: ${JSON.stringify(s)}`,
+      ).toBeLessThanOrEqual(100);
     }
     expect(Date.now() - started).toBeGreaterThan(120_000);
   });

@@ -39,7 +39,9 @@ describe('a container kept across the fork', () => {
         const info = await a.call('info');
         expect(info.containers).toEqual([expect.objectContaining({ name: 'web', state: 'running', restarts: 0, healthy: true })]);
         expect(info.identity.hostname).toBe(c.hostname);
-      } finally { a.close(); }
+      } finally {
+        a.close();
+      }
     }
     expect(clones[0].hostname).not.toBe(clones[1].hostname);
   });

@@ -21,7 +21,13 @@ async function tarOf(entries: { name: string; data?: Buffer; linkname?: string; 
   const done = new Promise<void>((r) => pack.on('end', () => r()));
   for (const e of entries) {
     const header = { name: e.name, type: e.type ?? 'file', mode: e.mode ?? 0o644, linkname: e.linkname, mtime: new Date(0) };
-    await new Promise<void>((res, rej) => { if (header.type === 'file') pack.entry(header, e.data ?? Buffer.alloc(0), (err) => (err ? rej(err) : res())); else { pack.entry(header); res(); } });
+    await new Promise<void>((res, rej) => {
+      if (header.type === 'file') pack.entry(header, e.data ?? Buffer.alloc(0), (err) => (err ? rej(err) : res()));
+      else {
+        pack.entry(header);
+        res();
+      }
+    });
   }
   pack.finalize();
   await done;
@@ -33,20 +39,52 @@ const APPLETS = ['sh', 'echo', 'cat', 'sleep', 'hostname', 'ls', 'ps', 'wc', 'tr
 /** Write `<dir>/busybox-oci.tar` (image name `name`); returns its path. */
 export async function busyboxOciArchive(dir: string, name: string, cmd: string[] = ['sh']): Promise<string> {
   const lock = JSON.parse(readFileSync(join(import.meta.dirname, '../../images/pod.scion.lock'), 'utf8'));
-  const p = Object.values<any>(lock.sets).flatMap((s) => s.packages).find((x: any) => x.name === 'busybox-static');
+  const p = Object.values<any>(lock.sets)
+    .flatMap((s) => s.packages)
+    .find((x: any) => x.name === 'busybox-static');
   const deb = await new BlobCache(defaultCacheDir()).get(p.sha256);
   if (!deb) throw new Error('busybox-static is not in the build cache: build images/pod.yaml first');
   const busybox = (await extractDeb(deb)).find((e) => e.path === '/usr/bin/busybox')!.data!;
   const layerTar = await tarOf([
-    { name: 'bin/', type: 'directory', mode: 0o755 }, { name: 'tmp/', type: 'directory', mode: 0o1777 }, { name: 'etc/', type: 'directory', mode: 0o755 },
-    { name: 'proc/', type: 'directory', mode: 0o755 }, { name: 'sys/', type: 'directory', mode: 0o755 }, { name: 'dev/', type: 'directory', mode: 0o755 },
+    { name: 'bin/', type: 'directory', mode: 0o755 },
+    { name: 'tmp/', type: 'directory', mode: 0o1777 },
+    { name: 'etc/', type: 'directory', mode: 0o755 },
+    { name: 'proc/', type: 'directory', mode: 0o755 },
+    { name: 'sys/', type: 'directory', mode: 0o755 },
+    { name: 'dev/', type: 'directory', mode: 0o755 },
     { name: 'bin/busybox', data: busybox, mode: 0o755 },
     ...APPLETS.map((a) => ({ name: `bin/${a}`, type: 'symlink' as const, linkname: 'busybox', mode: 0o777 })),
   ]);
   const layer = gzipSync(layerTar);
-  const config = Buffer.from(JSON.stringify({ architecture: 'amd64', os: 'linux', config: { Cmd: cmd, Env: ['PATH=/bin'] }, rootfs: { type: 'layers', diff_ids: [`sha256:${sha(layerTar)}`] } }));
-  const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: 'application/vnd.oci.image.manifest.v1+json', config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: `sha256:${sha(config)}`, size: config.length }, layers: [{ mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', digest: `sha256:${sha(layer)}`, size: layer.length }] }));
-  const index = Buffer.from(JSON.stringify({ schemaVersion: 2, manifests: [{ mediaType: 'application/vnd.oci.image.manifest.v1+json', digest: `sha256:${sha(manifest)}`, size: manifest.length, annotations: { 'io.containerd.image.name': name, 'org.opencontainers.image.ref.name': name.split(':').pop() } }] }));
+  const config = Buffer.from(
+    JSON.stringify({
+      architecture: 'amd64',
+      os: 'linux',
+      config: { Cmd: cmd, Env: ['PATH=/bin'] },
+      rootfs: { type: 'layers', diff_ids: [`sha256:${sha(layerTar)}`] },
+    }),
+  );
+  const manifest = Buffer.from(
+    JSON.stringify({
+      schemaVersion: 2,
+      mediaType: 'application/vnd.oci.image.manifest.v1+json',
+      config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: `sha256:${sha(config)}`, size: config.length },
+      layers: [{ mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', digest: `sha256:${sha(layer)}`, size: layer.length }],
+    }),
+  );
+  const index = Buffer.from(
+    JSON.stringify({
+      schemaVersion: 2,
+      manifests: [
+        {
+          mediaType: 'application/vnd.oci.image.manifest.v1+json',
+          digest: `sha256:${sha(manifest)}`,
+          size: manifest.length,
+          annotations: { 'io.containerd.image.name': name, 'org.opencontainers.image.ref.name': name.split(':').pop() },
+        },
+      ],
+    }),
+  );
   const archive = await tarOf([
     { name: 'oci-layout', data: Buffer.from('{"imageLayoutVersion":"1.0.0"}') },
     { name: 'index.json', data: index },

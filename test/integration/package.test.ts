@@ -28,7 +28,11 @@ beforeAll(async () => {
   tarball = join(packDir, JSON.parse(out.stdout)[0].filename);
   reg = await startRegistry();
 });
-afterAll(async () => { await reg?.stop(); await removeEverything(dirs); cleanupTmp(); });
+afterAll(async () => {
+  await reg?.stop();
+  await removeEverything(dirs);
+  cleanupTmp();
+});
 
 describe('the packed package', () => {
   it('holds compiled JS, declarations and the agent bundle; no TypeScript sources, tests or examples', async () => {
@@ -39,7 +43,9 @@ describe('the packed package', () => {
     expect(files).toContain('package/dist/guest-agent/agent.mjs');
     expect(files).toContain('package/bin/scion.js');
     // the containerd shim runs from the package too: its code and the protobuf descriptors it reads
-    expect(files).toEqual(expect.arrayContaining(['package/bin/containerd-shim-scion-v2', 'package/dist/shim/main.js', 'package/dist/shim/proto/descriptors.json']));
+    expect(files).toEqual(
+      expect.arrayContaining(['package/bin/containerd-shim-scion-v2', 'package/dist/shim/main.js', 'package/dist/shim/proto/descriptors.json']),
+    );
     expect(files.filter((f) => f.endsWith('.ts') && !f.endsWith('.d.ts'))).toEqual([]);
     expect(files.filter((f) => /^package\/(test|examples|bench|scripts)\//.test(f))).toEqual([]);
     const dts = (await $`tar -xzOf ${tarball} package/dist/host/index.d.ts`.quiet()).stdout;
@@ -68,15 +74,26 @@ describe('the packed package', () => {
     const readme = readFileSync(join(ROOT, 'README.md'), 'utf8');
     const section = readme.slice(readme.indexOf('\n### API'), readme.indexOf('\n## ', readme.indexOf('\n### API')));
     const documented = [...section.matchAll(/^\| `([A-Za-z_]\w*)`/gm)].map((m) => m[1]).sort();
-    expect(documented).toEqual(expect.arrayContaining(['build', 'up', 'fork', 'serve', 'verify', 'push', 'pull', 'list', 'Machine', 'SCION_VERSION', 'validName', 'ScionError']));
-    writeFileSync(join(p, 'use.mjs'), [
-      `import { ${documented.join(', ')} } from 'scion';`,
-      "import * as all from 'scion';",
-      `const named = { ${documented.join(', ')} };`,
-      "console.log(JSON.stringify({ missing: Object.entries(named).filter(([, v]) => v === undefined).map(([k]) => k), exported: Object.keys(all).sort(), version: SCION_VERSION, name: validName('web-1'), machine: typeof Machine.open }));",
-    ].join('\n'));
+    expect(documented).toEqual(
+      expect.arrayContaining(['build', 'up', 'fork', 'serve', 'verify', 'push', 'pull', 'list', 'Machine', 'SCION_VERSION', 'validName', 'ScionError']),
+    );
+    writeFileSync(
+      join(p, 'use.mjs'),
+      [
+        `import { ${documented.join(', ')} } from 'scion';`,
+        "import * as all from 'scion';",
+        `const named = { ${documented.join(', ')} };`,
+        "console.log(JSON.stringify({ missing: Object.entries(named).filter(([, v]) => v === undefined).map(([k]) => k), exported: Object.keys(all).sort(), version: SCION_VERSION, name: validName('web-1'), machine: typeof Machine.open }));",
+      ].join('\n'),
+    );
     const r = JSON.parse((await $({ cwd: p, quiet: true })`node use.mjs`).stdout);
-    expect(r).toEqual({ missing: [], exported: documented, version: JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).version, name: 'web-1', machine: 'function' });
+    expect(r).toEqual({
+      missing: [],
+      exported: documented,
+      version: JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).version,
+      name: 'web-1',
+      machine: 'function',
+    });
   });
 });
 
@@ -111,20 +128,24 @@ describe('examples/identity-test through examples/ci', () => {
       expect(r.exitCode).toBe(3);
       expect(r.stdout).toContain('build (locked) failed (exit 3)');
       expect(r.stdout).toContain('--locked, but the definition no longer matches image.scion.lock (package sets container:hello)');
-    } finally { writeFileSync(join(project, 'image.yaml'), yaml); }
+    } finally {
+      writeFileSync(join(project, 'image.yaml'), yaml);
+    }
   });
 
   it('with re-identification skipped, the same identity tests fail (and still leave nothing behind)', async () => {
     const r = await $({ cwd: project, nothrow: true, quiet: true, env: { ...env(), SCION_EXAMPLE_BREAK_IDENTITY: '1' } })`npx vitest run`;
     expect(r.exitCode).toBe(1);
     const failed = [...new Set([...(r.stdout + r.stderr).matchAll(/FAIL\s+identity\.test\.js > (.+)/g)].map((m) => m[1].trim()))];
-    expect(failed).toEqual(expect.arrayContaining([
-      'clones have distinct hostnames, and each is the one assigned',
-      'clones have distinct MAC addresses',
-      'clones have distinct IP addresses',
-      'clones have distinct machine-ids',
-      "each clone's container sees its clone's new hostname",
-    ]));
+    expect(failed).toEqual(
+      expect.arrayContaining([
+        'clones have distinct hostnames, and each is the one assigned',
+        'clones have distinct MAC addresses',
+        'clones have distinct IP addresses',
+        'clones have distinct machine-ids',
+        "each clone's container sees its clone's new hostname",
+      ]),
+    );
     expect(await scionQemuPids()).toEqual([]);
     expect(readdirSync(join(dirs.run, 'vms'))).toEqual([]);
   });

@@ -20,18 +20,37 @@ const sha = (b: Buffer | string) => createHash('sha256').update(b).digest('hex')
 // a small but complete scion image, consistent with itself
 const vmlinuz = randomBytes(96 * 1024);
 const initrd = randomBytes(160 * 1024);
-const inner = Buffer.from(JSON.stringify({
-  manifestVersion: 1, name: 'hostile', definition: { path: 'hostile.yaml', sha256: sha('def') }, debian: { mirror: 'http://mirror.invalid/debian', suite: 'trixie', architecture: 'amd64' },
-  sourceDateEpoch: 0, kernel: { version: '6.12', modules: [], cmdline: 'console=ttyS0' }, guestRamMB: 256, ports: [], compression: 'none',
-  agent: { sha256: sha('agent'), runtime: { package: 'quickjs', version: '2025.04.26-1', sha256: sha('quickjs') } }, packages: [],
-  outputs: { vmlinuz: { sha256: sha(vmlinuz), size: vmlinuz.length }, 'initrd.img': { sha256: sha(initrd), size: initrd.length, uncompressedSize: initrd.length } },
-}));
-const blobs = new Map<string, Buffer>([[`sha256:${sha(vmlinuz)}`, vmlinuz], [`sha256:${sha(initrd)}`, initrd], [`sha256:${sha(inner)}`, inner]]);
-const manifest = JSON.stringify(artifactManifest('hostile', [
-  { name: 'vmlinuz', digest: `sha256:${sha(vmlinuz)}`, size: vmlinuz.length },
-  { name: 'initrd.img', digest: `sha256:${sha(initrd)}`, size: initrd.length },
-  { name: 'manifest.json', digest: `sha256:${sha(inner)}`, size: inner.length },
-]));
+const inner = Buffer.from(
+  JSON.stringify({
+    manifestVersion: 1,
+    name: 'hostile',
+    definition: { path: 'hostile.yaml', sha256: sha('def') },
+    debian: { mirror: 'http://mirror.invalid/debian', suite: 'trixie', architecture: 'amd64' },
+    sourceDateEpoch: 0,
+    kernel: { version: '6.12', modules: [], cmdline: 'console=ttyS0' },
+    guestRamMB: 256,
+    ports: [],
+    compression: 'none',
+    agent: { sha256: sha('agent'), runtime: { package: 'quickjs', version: '2025.04.26-1', sha256: sha('quickjs') } },
+    packages: [],
+    outputs: {
+      vmlinuz: { sha256: sha(vmlinuz), size: vmlinuz.length },
+      'initrd.img': { sha256: sha(initrd), size: initrd.length, uncompressedSize: initrd.length },
+    },
+  }),
+);
+const blobs = new Map<string, Buffer>([
+  [`sha256:${sha(vmlinuz)}`, vmlinuz],
+  [`sha256:${sha(initrd)}`, initrd],
+  [`sha256:${sha(inner)}`, inner],
+]);
+const manifest = JSON.stringify(
+  artifactManifest('hostile', [
+    { name: 'vmlinuz', digest: `sha256:${sha(vmlinuz)}`, size: vmlinuz.length },
+    { name: 'initrd.img', digest: `sha256:${sha(initrd)}`, size: initrd.length },
+    { name: 'manifest.json', digest: `sha256:${sha(inner)}`, size: inner.length },
+  ]),
+);
 
 type Behaviour = 'endless-500' | 'endless-token' | 'stalled-blob' | 'steady-blob';
 let server: Server;
@@ -40,7 +59,9 @@ const timers = new Set<NodeJS.Timeout>();
 
 /** Write `data` forever, a chunk at a time, as fast as the client takes it (until it hangs up). */
 function endless(res: ServerResponse, chunk = Buffer.alloc(64 * 1024, 0x61)) {
-  const pump = () => { while (!res.destroyed && res.write(chunk)); };
+  const pump = () => {
+    while (!res.destroyed && res.write(chunk));
+  };
   res.on('drain', pump);
   pump();
 }
@@ -51,25 +72,59 @@ beforeAll(async () => {
     const path = (req.url ?? '').split('?')[0];
     const parts = path.split('/');
     const b = (parts[1] === 'v2' ? parts[2] : parts[1]) as Behaviour;
-    if (b === 'endless-500') { res.writeHead(500, { 'content-type': 'text/plain' }); endless(res); return; }
+    if (b === 'endless-500') {
+      res.writeHead(500, { 'content-type': 'text/plain' });
+      endless(res);
+      return;
+    }
     if (b === 'endless-token') {
-      if (parts[1] !== 'v2') { res.writeHead(200, { 'content-type': 'application/json' }); res.write('{"token":"'); endless(res); return; }
-      res.writeHead(401, { 'www-authenticate': `Bearer realm="http://127.0.0.1:${port}/endless-token/token",service="stand-in"` }); res.end(); return;
+      if (parts[1] !== 'v2') {
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.write('{"token":"');
+        endless(res);
+        return;
+      }
+      res.writeHead(401, { 'www-authenticate': `Bearer realm="http://127.0.0.1:${port}/endless-token/token",service="stand-in"` });
+      res.end();
+      return;
     }
     const m = /^\/v2\/(.+)\/(manifests|blobs)\/(.+)$/.exec(path);
-    if (!m) { res.writeHead(404); res.end(); return; }
-    if (m[2] === 'manifests') { res.writeHead(200, { 'content-type': MANIFEST_MEDIA_TYPE }); res.end(manifest); return; }
+    if (!m) {
+      res.writeHead(404);
+      res.end();
+      return;
+    }
+    if (m[2] === 'manifests') {
+      res.writeHead(200, { 'content-type': MANIFEST_MEDIA_TYPE });
+      res.end(manifest);
+      return;
+    }
     const blob = blobs.get(m[3]);
-    if (!blob) { res.writeHead(404); res.end(); return; }
+    if (!blob) {
+      res.writeHead(404);
+      res.end();
+      return;
+    }
     res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(blob.length) });
-    if (b === 'stalled-blob') { res.write(blob.subarray(0, 1000)); return; } // then nothing, connection held open
+    if (b === 'stalled-blob') {
+      res.write(blob.subarray(0, 1000));
+      return;
+    } // then nothing, connection held open
     // steady: 16 KiB every 250 ms (64 KiB/s): the whole image takes ~4 s, longer than the 2 s stall limit
     let off = 0;
     const t = setInterval(() => {
-      if (res.destroyed) { clearInterval(t); timers.delete(t); return; }
+      if (res.destroyed) {
+        clearInterval(t);
+        timers.delete(t);
+        return;
+      }
       res.write(blob.subarray(off, off + 16 * 1024));
       off += 16 * 1024;
-      if (off >= blob.length) { clearInterval(t); timers.delete(t); res.end(); }
+      if (off >= blob.length) {
+        clearInterval(t);
+        timers.delete(t);
+        res.end();
+      }
     }, 250);
     timers.add(t);
   });
@@ -88,13 +143,19 @@ async function pullAgainst(behaviour: Behaviour, outDir: string): Promise<{ code
   const t0 = Date.now();
   // the stand-in names its behaviour as the first path segment: the repository's first component
   const p = spawn(process.execPath, [join(ROOT, 'bin/scion.js'), 'pull', `127.0.0.1:${port}/${behaviour}/img:1`, '--out', outDir, '--json'], {
-    env: { ...process.env, SCION_REGISTRY_STALL_S: '2', DOCKER_CONFIG: tmp('no-docker-config') }, stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, SCION_REGISTRY_STALL_S: '2', DOCKER_CONFIG: tmp('no-docker-config') },
+    stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stdout = '';
   p.stdout.on('data', (c) => (stdout += c));
   let peak = 0;
   const poll = setInterval(() => {
-    try { const kb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${p.pid}/status`, 'utf8'))?.[1] ?? 0); peak = Math.max(peak, kb); } catch { /* exited between looks */ }
+    try {
+      const kb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${p.pid}/status`, 'utf8'))?.[1] ?? 0);
+      peak = Math.max(peak, kb);
+    } catch {
+      /* exited between looks */
+    }
   }, 50);
   const code = await new Promise<number | null>((r) => p.on('exit', r));
   clearInterval(poll);

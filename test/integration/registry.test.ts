@@ -20,13 +20,18 @@ import { startRegistry, type TestRegistry } from './registry-helper.ts';
 let reg: TestRegistry;
 let dir: string;
 const dirs = isolateRunDirs('registry');
-const scion = (...args: string[]) => $({ nothrow: true, quiet: true, env: { ...process.env, DOCKER_CONFIG: tmp('no-docker-config') } })`${process.execPath} ${join(ROOT, 'bin/scion.js')} ${args}`;
+const scion = (...args: string[]) =>
+  $({ nothrow: true, quiet: true, env: { ...process.env, DOCKER_CONFIG: tmp('no-docker-config') } })`${process.execPath} ${join(ROOT, 'bin/scion.js')} ${args}`;
 
 beforeAll(async () => {
   reg = await startRegistry();
   dir = (await build({ definitionPath: image('minimal'), outDir: tmp('reg-out') })).dir;
 });
-afterAll(async () => { await reg?.stop(); await removeEverything(dirs); cleanupTmp(); });
+afterAll(async () => {
+  await reg?.stop();
+  await removeEverything(dirs);
+  cleanupTmp();
+});
 
 describe('push and pull', () => {
   let digest: string;
@@ -94,10 +99,16 @@ describe('push and pull', () => {
   it('an unreachable registry, a wrong tag and a malformed reference give clear errors and exit codes', async () => {
     const down = await scion('pull', '127.0.0.1:9/scion/minimal:1.0', '--out', tmp('x'), '--json');
     expect(down.exitCode).toBe(4);
-    expect(JSON.parse(down.stdout).error).toMatchObject({ code: 'E_REGISTRY_UNREACHABLE', message: expect.stringContaining('cannot reach the registry 127.0.0.1:9') });
+    expect(JSON.parse(down.stdout).error).toMatchObject({
+      code: 'E_REGISTRY_UNREACHABLE',
+      message: expect.stringContaining('cannot reach the registry 127.0.0.1:9'),
+    });
     const tag = await scion('pull', `${reg.host}/scion/minimal:nope`, '--out', tmp('x'), '--json');
     expect(tag.exitCode).toBe(1);
-    expect(JSON.parse(tag.stdout).error).toMatchObject({ code: 'E_UNKNOWN_TAG', message: `${reg.host}/scion/minimal: no manifest nope (unknown tag or digest)` });
+    expect(JSON.parse(tag.stdout).error).toMatchObject({
+      code: 'E_UNKNOWN_TAG',
+      message: `${reg.host}/scion/minimal: no manifest nope (unknown tag or digest)`,
+    });
     const bad = await scion('push', dir, `${reg.host}/Scion/../x:1`, '--json');
     expect(bad.exitCode).toBe(3);
     expect(JSON.parse(bad.stdout).error.code).toBe('E_IMAGE_REF');
@@ -107,7 +118,10 @@ describe('push and pull', () => {
     const copy = tmp('changed');
     for (const f of Object.keys(LAYER_TYPES)) writeFileSync(join(copy, f), readFileSync(join(dir, f)));
     writeFileSync(join(copy, 'vmlinuz'), Buffer.concat([readFileSync(join(dir, 'vmlinuz')), Buffer.from('x')]));
-    await expect(push(copy, `${reg.host}/scion/minimal:changed`)).rejects.toMatchObject({ code: 'E_DIGEST_MISMATCH', message: expect.stringContaining('vmlinuz does not match the SHA-256 in its manifest.json') });
+    await expect(push(copy, `${reg.host}/scion/minimal:changed`)).rejects.toMatchObject({
+      code: 'E_DIGEST_MISMATCH',
+      message: expect.stringContaining('vmlinuz does not match the SHA-256 in its manifest.json'),
+    });
   });
 
   it('a reference is downloaded once into the cache (by manifest digest); a damaged cached copy is pulled again', async () => {
@@ -137,8 +151,12 @@ describe('push and pull', () => {
 
 describe('credentials', () => {
   let locked: TestRegistry;
-  beforeAll(async () => { locked = await startRegistry({ user: 'ci', password: 's3cret' }); });
-  afterAll(async () => { await locked?.stop(); });
+  beforeAll(async () => {
+    locked = await startRegistry({ user: 'ci', password: 's3cret' });
+  });
+  afterAll(async () => {
+    await locked?.stop();
+  });
 
   const withConfig = (auth?: string) => {
     const d = tmp('docker-config');
@@ -150,23 +168,32 @@ describe('credentials', () => {
     // a stand-in, said plainly: Debian's registry with htpasswd has no per-repository access
     // rules, so it can never answer 403; a token service with ACLs is what would
     const { createServer } = await import('node:http');
-    const server = createServer((req, res) => { res.writeHead(403, { 'content-type': 'application/json' }); res.end('{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}'); });
+    const server = createServer((_req, res) => {
+      res.writeHead(403, { 'content-type': 'application/json' });
+      res.end('{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}');
+    });
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
     try {
       const host = `127.0.0.1:${(server.address() as any).port}`;
       await expect(push(dir, `${host}/scion/minimal:1.0`, { dockerConfig: join(withConfig('ci:s3cret'), 'config.json') })).rejects.toMatchObject({
-        code: 'E_REGISTRY_DENIED', message: `${host}/scion/minimal: HTTP 403: the registry denies anonymous access to the repository`, hint: expect.stringContaining('no access to this repository'),
+        code: 'E_REGISTRY_DENIED',
+        message: `${host}/scion/minimal: HTTP 403: the registry denies anonymous access to the repository`,
+        hint: expect.stringContaining('no access to this repository'),
       });
-    } finally { server.close(); }
+    } finally {
+      server.close();
+    }
   });
 
   it('401 without credentials, 401 with wrong ones (each says what to do), and a push with the right ones', async () => {
     await expect(push(dir, `${locked.host}/scion/minimal:1.0`, { dockerConfig: join(withConfig(), 'config.json') })).rejects.toMatchObject({
-      code: 'E_REGISTRY_AUTH', message: `${locked.host}/scion/minimal: HTTP 401: the registry asks for credentials and the Docker config has none for it`,
+      code: 'E_REGISTRY_AUTH',
+      message: `${locked.host}/scion/minimal: HTTP 401: the registry asks for credentials and the Docker config has none for it`,
       hint: expect.stringContaining('docker login'),
     });
     await expect(push(dir, `${locked.host}/scion/minimal:1.0`, { dockerConfig: join(withConfig('ci:wrong'), 'config.json') })).rejects.toMatchObject({
-      code: 'E_REGISTRY_AUTH', message: `${locked.host}/scion/minimal: HTTP 401: the registry refused the credentials in the Docker config`,
+      code: 'E_REGISTRY_AUTH',
+      message: `${locked.host}/scion/minimal: HTTP 401: the registry refused the credentials in the Docker config`,
     });
     expect(locked.requests('POST', '/blobs/uploads/')).toBe(0);
     const ok = await push(dir, `${locked.host}/scion/minimal:1.0`, { dockerConfig: join(withConfig('ci:s3cret'), 'config.json') });

@@ -19,11 +19,17 @@ import { image, isolateRunDirs, ROOT, paths, scionQemuPids, frozenWebTemplate, r
 
 const dirs = isolateRunDirs('serve');
 const options = (v: Record<string, string>) => serveOptions('web-tpl', { port: '8080', listen: '127.0.0.1:0', ...v });
-const get = async (h: ServeHandle, path = '/') => { const r = await fetch(`http://127.0.0.1:${h.address.port}${path}`); return { status: r.status, text: await r.text(), retryAfter: r.headers.get('retry-after') }; };
+const get = async (h: ServeHandle, path = '/') => {
+  const r = await fetch(`http://127.0.0.1:${h.address.port}${path}`);
+  return { status: r.status, text: await r.text(), retryAfter: r.headers.get('retry-after') };
+};
 const clonesOwnedBy = async (pid: number) => (await vm.list()).filter((v) => v.role === 'clone' && v.owner?.pid === pid);
 const waitFor = async (what: string, cond: () => Promise<boolean> | boolean, ms = 60_000) => {
   const end = Date.now() + ms;
-  while (!(await cond())) { if (Date.now() > end) throw new Error(`timed out waiting for ${what}`); await new Promise((r) => setTimeout(r, 100)); }
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
 };
 /** A request the front door has forwarded but the client has not finished (its body is incomplete): it holds a clone. */
 function heldRequest(port: number): Promise<{ done: () => void; closed: Promise<string> }> {
@@ -32,7 +38,10 @@ function heldRequest(port: number): Promise<{ done: () => void; closed: Promise<
       s.write('POST /cgi-bin/wait HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nsome');
       let got = '';
       s.on('data', (c) => (got += c));
-      const closed = new Promise<string>((r) => { s.on('close', () => r(got)); s.on('error', () => r(got)); });
+      const closed = new Promise<string>((r) => {
+        s.on('close', () => r(got));
+        s.on('error', () => r(got));
+      });
       resolve({ done: () => s.destroy(), closed });
     });
   });
@@ -63,11 +72,12 @@ describe('shared mode', () => {
       held.done();
       // idle past --idle: no QEMU left, seen from /proc rather than from scion's state
       // (QEMU quits before its run directory is removed: wait for both, not one then the other)
-      await waitFor('scale to zero', async () => (await scionQemuPids()).length === 0
-        && (await clonesOwnedBy(process.pid)).length === 0, 30_000);
+      await waitFor('scale to zero', async () => (await scionQemuPids()).length === 0 && (await clonesOwnedBy(process.pid)).length === 0, 30_000);
       expect(await scionQemuPids()).toEqual([]);
       expect(await clonesOwnedBy(process.pid)).toEqual([]);
-    } finally { await h.close(); }
+    } finally {
+      await h.close();
+    }
   });
 });
 
@@ -75,7 +85,8 @@ describe('per-request mode', () => {
   it('gives every request a fresh clone: other hostnames, nothing the previous request left', async () => {
     const h = await serve(options({ mode: 'per-request' }));
     try {
-      const a = await get(h, '/'), b = await get(h, '/');
+      const a = await get(h, '/'),
+        b = await get(h, '/');
       expect(a.text).toMatch(/^hello from web-\d+-\d+\n$/);
       expect(b.text).toMatch(/^hello from web-\d+-\d+\n$/);
       expect(a.text).not.toBe(b.text);
@@ -83,7 +94,9 @@ describe('per-request mode', () => {
       expect((await get(h, '/cgi-bin/visit')).text).toBe('fresh\n');
       expect((await get(h, '/cgi-bin/visit')).text).toBe('fresh\n');
       await waitFor('each clone removed after its request', async () => (await clonesOwnedBy(process.pid)).length === 0, 20_000);
-    } finally { await h.close(); }
+    } finally {
+      await h.close();
+    }
   });
 
   it('keeps a pool of paused clones, and a request claims one without a fork', async () => {
@@ -99,7 +112,9 @@ describe('per-request mode', () => {
       expect(r.text).toBe(`hello from ${pooled.hostname}\n`); // served by the pooled clone: no fork on the request path
       const m = await (await fetch(`http://127.0.0.1:${h.address.port}/`)).text();
       expect(m).toMatch(/^hello from web-\d+-\d+\n$/);
-    } finally { await h.close(); }
+    } finally {
+      await h.close();
+    }
     expect(await clonesOwnedBy(process.pid)).toEqual([]);
   });
 });
@@ -107,27 +122,31 @@ describe('per-request mode', () => {
 describe('plain TCP', () => {
   it('gives every connection a fresh clone and passes the bytes through untouched', async () => {
     const h = await serve(options({ tcp: true as any }));
-    const raw = (): Promise<string> => new Promise((resolve, reject) => {
-      const s = connect(h.address.port, '127.0.0.1', () => s.write('GET / HTTP/1.0\r\n\r\n'));
-      let got = '';
-      s.on('data', (c) => (got += c));
-      s.on('close', () => resolve(got));
-      s.on('error', reject);
-    });
+    const raw = (): Promise<string> =>
+      new Promise((resolve, reject) => {
+        const s = connect(h.address.port, '127.0.0.1', () => s.write('GET / HTTP/1.0\r\n\r\n'));
+        let got = '';
+        s.on('data', (c) => (got += c));
+        s.on('close', () => resolve(got));
+        s.on('error', reject);
+      });
     try {
-      const a = await raw(), b = await raw();
+      const a = await raw(),
+        b = await raw();
       expect(a).toMatch(/^HTTP\/1\.[01] 200 /);
       const host = (x: string) => /hello from (web-\d+-\d+)/.exec(x)?.[1];
       expect(host(a)).toBeDefined();
       expect(host(b)).toBeDefined();
       expect(host(a)).not.toBe(host(b));
-    } finally { await h.close(); }
+    } finally {
+      await h.close();
+    }
     expect(await clonesOwnedBy(process.pid)).toEqual([]);
   });
 });
 
 describe('bridge networking', () => {
-  it('routes to a clone\'s address on a bridge in the host namespace (the test\'s own bridge)', async () => {
+  it("routes to a clone's address on a bridge in the host namespace (the test's own bridge)", async () => {
     const br = `scsv${randomBytes(3).toString('hex')}`;
     await $`ip link add ${br} type bridge`;
     try {
@@ -142,9 +161,13 @@ describe('bridge networking', () => {
         expect(c.ip).toMatch(/^10\.47\.0\.\d+$/);
         expect(c.ports).toEqual({}); // nothing forwarded: a bridged clone is reached at its own address
         expect(r.text).toBe(`hello from ${c.hostname}\n`);
-      } finally { await h.close(); }
+      } finally {
+        await h.close();
+      }
       await vm.removeVm('webbr-tpl');
-    } finally { await $`ip link del ${br}`; }
+    } finally {
+      await $`ip link del ${br}`;
+    }
   });
 });
 
@@ -156,14 +179,18 @@ describe('bounds and failures', () => {
       expect(r.status).toBe(503);
       expect(r.retryAfter).toBe('10');
       expect(r.text).toContain('--queue 0');
-    } finally { await full.close(); }
+    } finally {
+      await full.close();
+    }
     const slow = await serve(options({ 'queue-timeout': '100ms' }));
     try {
       const r = await get(slow);
       expect(r.status).toBe(503);
       expect(r.text).toContain('no clone within 100 ms');
       expect(r.retryAfter).toBe('1');
-    } finally { await slow.close(); }
+    } finally {
+      await slow.close();
+    }
   });
 
   it('a clone whose QEMU is killed mid-request gives that request 502; the next request is served', async () => {
@@ -178,14 +205,22 @@ describe('bounds and failures', () => {
       const next = await get(h);
       expect(next.status).toBe(200);
       // (its name may come back: the replacement can take the freed index)
-      await waitFor('the dead clone removed', async () => !(await vm.list()).some((v) => v.pid === c.pid) && !(await scionQemuPids()).some((q) => q.pid === c.pid));
-    } finally { await h.close(); }
+      await waitFor(
+        'the dead clone removed',
+        async () => !(await vm.list()).some((v) => v.pid === c.pid) && !(await scionQemuPids()).some((q) => q.pid === c.pid),
+      );
+    } finally {
+      await h.close();
+    }
   });
 });
 
 describe('shutdown', () => {
   const start = (port: number) => {
-    const p = spawn(process.execPath, [join(ROOT, 'bin/scion.js'), 'serve', 'web-tpl', '--port', '8080', '--listen', `127.0.0.1:${port}`, '--json'], { env: process.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const p = spawn(process.execPath, [join(ROOT, 'bin/scion.js'), 'serve', 'web-tpl', '--port', '8080', '--listen', `127.0.0.1:${port}`, '--json'], {
+      env: process.env,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let out = '';
     p.stdout.on('data', (c) => (out += c));
     p.stderr.on('data', (c) => (out += c));

@@ -22,7 +22,8 @@ import { createHash, randomBytes } from 'node:crypto';
 function ctrWithInput(c: TestContainerd, args: string[], input: Buffer): Promise<{ stdout: Buffer; stderr: Buffer; exitCode: number | null }> {
   return new Promise((resolve) => {
     const p = spawn('ctr', ['--address', c.address, '--namespace', 'scion-test', ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
-    const out: Buffer[] = [], err: Buffer[] = [];
+    const out: Buffer[] = [],
+      err: Buffer[] = [];
     p.stdout.on('data', (b: Buffer) => out.push(b));
     p.stderr.on('data', (b: Buffer) => err.push(b));
     p.stdin.on('error', () => {}); // ended before it read everything: the test's checks say what came
@@ -50,12 +51,22 @@ beforeAll(async () => {
   cd = await startContainerd({ path: [join(ROOT, 'bin')] });
   await cd.ctr(['images', 'import', await busyboxOciArchive(cd.dir, IMAGE)]);
 }, 180_000);
-afterAll(async () => { try { await cd?.stop(); } finally { await removeEverything(dirs); } });
+afterAll(async () => {
+  try {
+    await cd?.stop();
+  } finally {
+    await removeEverything(dirs);
+  }
+});
 
 /** `ctr tasks ls` once the task is no longer running (or after 10 s). */
 async function stopped(id: string): Promise<string> {
   let ls = '';
-  for (let i = 0; i < 100; i++) { ls = (await cd.ctr(['tasks', 'ls'])).stdout; if (new RegExp(`${id}\\s+\\d+\\s+STOPPED`).test(ls)) break; await new Promise((r) => setTimeout(r, 100)); }
+  for (let i = 0; i < 100; i++) {
+    ls = (await cd.ctr(['tasks', 'ls'])).stdout;
+    if (new RegExp(`${id}\\s+\\d+\\s+STOPPED`).test(ls)) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
   return ls;
 }
 
@@ -66,7 +77,13 @@ async function stopped(id: string): Promise<string> {
  */
 async function shimsLeft(): Promise<string[]> {
   for (let i = 0; i < 150 && shimPids(cd.dir).length; i++) await new Promise((r) => setTimeout(r, 100));
-  return shimPids(cd.dir).flatMap((p) => { try { return [`${p}: ${readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0').join(' ')}`]; } catch { return []; } });
+  return shimPids(cd.dir).flatMap((p) => {
+    try {
+      return [`${p}: ${readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0').join(' ')}`];
+    } catch {
+      return [];
+    }
+  });
 }
 
 /** Kill a task (ctr tasks kill `killArgs`), wait for it to stop, delete it and its container: the `ctr tasks ls` it stopped in. */
@@ -85,10 +102,14 @@ async function pods(): Promise<string[]> {
 }
 
 describe('ctr run --runtime io.containerd.scion.v2', () => {
-  afterEach(async () => { expect(await shimsLeft()).toEqual([]); });
+  afterEach(async () => {
+    expect(await shimsLeft()).toEqual([]);
+  });
 
-  it('prints the command\'s output (stdout and stderr) and exits with its status; the pod VM is gone after --rm', async () => {
-    const r = await cd.ctr(['run', '--rm', ...RUNTIME, IMAGE, 'run1', 'sh', '-c', 'echo hello from $(hostname); echo to-stderr >&2; exit 7'], { nothrow: true });
+  it("prints the command's output (stdout and stderr) and exits with its status; the pod VM is gone after --rm", async () => {
+    const r = await cd.ctr(['run', '--rm', ...RUNTIME, IMAGE, 'run1', 'sh', '-c', 'echo hello from $(hostname); echo to-stderr >&2; exit 7'], {
+      nothrow: true,
+    });
     expect(r.stdout).toMatch(/^hello from pod-\d+\n$/);
     expect(r.stderr).toBe('to-stderr\n');
     expect(r.exitCode).toBe(7);
@@ -98,7 +119,11 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
 
   it('stdio as bytes: input piped into ctr reaches the container byte for byte, output and error streams arrive whole and in order before the exit', async () => {
     const input = randomBytes(3 * 1024 * 1024);
-    const r = await ctrWithInput(cd, ['run', '--rm', ...RUNTIME, IMAGE, 'io1', 'sh', '-c', 'sha256sum; wc -c; seq 1 120000 >&2 & seq 1 300000; wait; exit 3'], input);
+    const r = await ctrWithInput(
+      cd,
+      ['run', '--rm', ...RUNTIME, IMAGE, 'io1', 'sh', '-c', 'sha256sum; wc -c; seq 1 120000 >&2 & seq 1 300000; wait; exit 3'],
+      input,
+    );
     const lines = (n: number) => Array.from({ length: n }, (_, i) => `${i + 1}\n`).join('');
     // sha256sum and wc both read stdin: the first to its end, the second sees nothing left
     const [sum, count, ...rest] = r.stdout.toString().split('\n');
@@ -109,18 +134,31 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     expect(r.exitCode).toBe(3);
   });
 
-  it('a reader that stalls holds the writer in the guest back: the shim\'s memory stays bounded, and every byte arrives once it reads again', async () => {
+  it("a reader that stalls holds the writer in the guest back: the shim's memory stays bounded, and every byte arrives once it reads again", async () => {
     const SIZE = 100_000_000;
-    const p = spawn('ctr', ['--address', cd.address, '--namespace', 'scion-test', 'run', '--rm', ...RUNTIME, IMAGE, 'stall1', 'sh', '-c', `head -c ${SIZE} /dev/zero`], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let bytes = 0, err = '';
-    p.stdout.on('data', (c: Buffer) => { bytes += c.length; });
+    const p = spawn(
+      'ctr',
+      ['--address', cd.address, '--namespace', 'scion-test', 'run', '--rm', ...RUNTIME, IMAGE, 'stall1', 'sh', '-c', `head -c ${SIZE} /dev/zero`],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    let bytes = 0,
+      err = '';
+    p.stdout.on('data', (c: Buffer) => {
+      bytes += c.length;
+    });
     p.stderr.on('data', (c) => (err += c));
     p.stdout.pause();
     // stalled for 8 s: the task runs (its pod VM is up within that) and writes into a reader that does not read
     let peakKb = 0;
     for (let i = 0; i < 16; i++) {
       await new Promise((r) => setTimeout(r, 500));
-      for (const pid of shimPids(cd.dir)) { try { peakKb = Math.max(peakKb, Number(/^VmRSS:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1])); } catch { /* gone */ } }
+      for (const pid of shimPids(cd.dir)) {
+        try {
+          peakKb = Math.max(peakKb, Number(/^VmRSS:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]));
+        } catch {
+          /* gone */
+        }
+      }
     }
     expect(shimPids(cd.dir).length).toBeGreaterThan(0);
     p.stdout.resume();
@@ -132,9 +170,15 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     expect(peakKb).toBeLessThan(110 * 1024);
     // output small enough to sit in the buffers between guest and reader (the port's queue, the socket, the
     // FIFO): the process exits while its reader stalls, and its exit must wait for that output, not cut it off
-    const q = spawn('ctr', ['--address', cd.address, '--namespace', 'scion-test', 'run', '--rm', ...RUNTIME, IMAGE, 'stall2', 'sh', '-c', 'head -c 1000000 /dev/zero; exit 9'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const q = spawn(
+      'ctr',
+      ['--address', cd.address, '--namespace', 'scion-test', 'run', '--rm', ...RUNTIME, IMAGE, 'stall2', 'sh', '-c', 'head -c 1000000 /dev/zero; exit 9'],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    );
     let small = 0;
-    q.stdout.on('data', (c: Buffer) => { small += c.length; });
+    q.stdout.on('data', (c: Buffer) => {
+      small += c.length;
+    });
     q.stdout.pause();
     await new Promise((r) => setTimeout(r, 8000));
     q.stdout.resume();
@@ -142,8 +186,10 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     expect(small).toBe(1_000_000);
   }, 180_000);
 
-  it('runs in a VM of its own: another kernel\'s view, the image\'s files, the pod\'s hostname', async () => {
-    const r = await cd.ctr(['run', '--rm', ...RUNTIME, IMAGE, 'run2', 'sh', '-c', 'uname -r; ls /bin | wc -l; cat /proc/1/cmdline | tr "\\0" " "'], { nothrow: true });
+  it("runs in a VM of its own: another kernel's view, the image's files, the pod's hostname", async () => {
+    const r = await cd.ctr(['run', '--rm', ...RUNTIME, IMAGE, 'run2', 'sh', '-c', 'uname -r; ls /bin | wc -l; cat /proc/1/cmdline | tr "\\0" " "'], {
+      nothrow: true,
+    });
     const [kernel, count, init] = r.stdout.trim().split('\n');
     expect(kernel).toMatch(/deb13-amd64$/); // the guest's trixie kernel, not the host's
     expect(Number(count)).toBeGreaterThan(10);
@@ -163,7 +209,11 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
       expect(ex.stdout).toMatch(/^exec sees pod-\d+\n$/);
       expect(ex.exitCode).toBe(4);
       // the task's processes, found by its pid namespace in the guest: the shell (its pid is the task's) and its sleep
-      const ps = (await cd.ctr(['tasks', 'ps', 'svc'])).stdout.trim().split('\n').slice(1).map((l) => Number(l.trim().split(/\s+/)[0]));
+      const ps = (await cd.ctr(['tasks', 'ps', 'svc'])).stdout
+        .trim()
+        .split('\n')
+        .slice(1)
+        .map((l) => Number(l.trim().split(/\s+/)[0]));
       const taskPid = Number(/svc\s+(\d+)\s+RUNNING/.exec((await cd.ctr(['tasks', 'ls'])).stdout)![1]);
       expect(ps).toContain(taskPid);
       expect(ps.length).toBeGreaterThanOrEqual(2);
@@ -171,10 +221,19 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
       expect(await pods()).toEqual([]);
       const end = Date.now() + 5000;
       while (!seen.includes('/tasks/delete') && Date.now() < end) await new Promise((r) => setTimeout(r, 50));
-    } finally { watcher.kill(); }
-    const topics = seen.split('\n').filter((l) => l.includes('"svc"')).map((l) => /\s(\/tasks\/\S+)\s/.exec(l)?.[1]).filter(Boolean);
+    } finally {
+      watcher.kill();
+    }
+    const topics = seen
+      .split('\n')
+      .filter((l) => l.includes('"svc"'))
+      .map((l) => /\s(\/tasks\/\S+)\s/.exec(l)?.[1])
+      .filter(Boolean);
     expect(topics).toEqual(['/tasks/create', '/tasks/start', '/tasks/exec-added', '/tasks/exec-started', '/tasks/exit', '/tasks/exit', '/tasks/delete']);
-    const exits = seen.split('\n').filter((l) => l.includes('/tasks/exit') && l.includes('"svc"')).map((l) => JSON.parse(l.slice(l.indexOf('{'))).exit_status);
+    const exits = seen
+      .split('\n')
+      .filter((l) => l.includes('/tasks/exit') && l.includes('"svc"'))
+      .map((l) => JSON.parse(l.slice(l.indexOf('{'))).exit_status);
     expect(exits).toEqual([4, 143]);
   });
 
@@ -183,7 +242,10 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     // it, through --all, and then the shell's wait ends (a kill without --all leaves both running)
     await cd.ctr(['run', '-d', ...RUNTIME, IMAGE, 'all1', 'sh', '-c', 'i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; sleep 300 & wait $!; exit $?']);
     let ps: string[] = [];
-    for (let i = 0; i < 100 && ps.length < 2; i++) { ps = (await cd.ctr(['tasks', 'ps', 'all1'])).stdout.trim().split('\n').slice(1); if (ps.length < 2) await new Promise((r) => setTimeout(r, 100)); }
+    for (let i = 0; i < 100 && ps.length < 2; i++) {
+      ps = (await cd.ctr(['tasks', 'ps', 'all1'])).stdout.trim().split('\n').slice(1);
+      if (ps.length < 2) await new Promise((r) => setTimeout(r, 100));
+    }
     expect(ps).toHaveLength(2); // the shell, past its loop, and its sleep
     // containerd reads them as cgroup v2 metrics (as CRI's ContainerStats does)
     const m = JSON.parse((await cd.ctr(['tasks', 'metrics', '--format', 'json', 'all1'])).stdout);
@@ -199,15 +261,20 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     expect(await pods()).toEqual([]);
   });
 
-  it('a terminal: run -t and exec -t get a pty, sized as ctr\'s own terminal, and the exit status', async () => {
+  it("a terminal: run -t and exec -t get a pty, sized as ctr's own terminal, and the exit status", async () => {
     const pty = await import('node-pty');
     /** ctr on a pty of 100x30 (node-pty), as a user at a terminal runs it */
-    const onPty = (args: string[]) => new Promise<{ out: string; code: number }>((resolve) => {
-      const p = pty.spawn('ctr', ['--address', cd.address, '--namespace', 'scion-test', ...args], { cols: 100, rows: 30, env: process.env as Record<string, string> });
-      let out = '';
-      p.onData((d) => (out += d));
-      p.onExit(({ exitCode }) => resolve({ out, code: exitCode }));
-    });
+    const onPty = (args: string[]) =>
+      new Promise<{ out: string; code: number }>((resolve) => {
+        const p = pty.spawn('ctr', ['--address', cd.address, '--namespace', 'scion-test', ...args], {
+          cols: 100,
+          rows: 30,
+          env: process.env as Record<string, string>,
+        });
+        let out = '';
+        p.onData((d) => (out += d));
+        p.onExit(({ exitCode }) => resolve({ out, code: exitCode }));
+      });
     // ctr sizes the pty just after the start: the script waits for it, as a program would for SIGWINCH
     // (busybox stty prints no size while it is 0x0)
     const sized = 'until [ -n "$(stty size 2>/dev/null)" ]; do sleep 0.1; done; [ -t 0 ] && [ -t 1 ] && echo on-a-tty; stty size';
@@ -230,7 +297,9 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     try {
       await cd.ctr(['run', '-d', ...RUNTIME, IMAGE, 'k9', 'sleep', '300']);
       expect(await killAndDelete('k9', ['--signal', 'SIGKILL'])).toMatch(/k9\s+\d+\s+STOPPED/);
-    } finally { watcher.kill(); }
+    } finally {
+      watcher.kill();
+    }
     const exit = seen.split('\n').find((l) => l.includes('/tasks/exit') && l.includes('"k9"'))!;
     expect(JSON.parse(exit.slice(exit.indexOf('{')))).toMatchObject({ container_id: 'k9', exit_status: 137 });
     expect(await pods()).toEqual([]);
@@ -267,7 +336,11 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     expect(shimPid).toBeGreaterThan(0);
     process.kill(shimPid, 'SIGKILL');
     let ls = '';
-    for (let i = 0; i < 100; i++) { ls = (await cd.ctr(['tasks', 'ls'])).stdout; if (!/doomed\s+\d+\s+RUNNING/.test(ls)) break; await new Promise((r) => setTimeout(r, 100)); }
+    for (let i = 0; i < 100; i++) {
+      ls = (await cd.ctr(['tasks', 'ls'])).stdout;
+      if (!/doomed\s+\d+\s+RUNNING/.test(ls)) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
     expect(ls).not.toMatch(/doomed\s+\d+\s+RUNNING/);
     await cd.ctr(['tasks', 'delete', 'doomed'], { nothrow: true });
     await cd.ctr(['containers', 'delete', 'doomed']);
@@ -281,7 +354,10 @@ describe('ctr run --runtime io.containerd.scion.v2', () => {
     // what stays is at most the containerd's spare, live, waiting for its next task (it is containerd's, not the
     // killed shim's pod's: made by the start of this or an earlier task, up 2 s after it, gone with its containerd)
     const files = existsSync(shimDir) ? readdirSync(shimDir).filter((f) => f.endsWith('.sock') || f.endsWith('.erofs')) : [];
-    const liveSpare = (f: string) => { const m = /^spare-[0-9a-f]{12}-(\d+)\.sock$/.exec(f); return !!m && existsSync(`/proc/${m[1]}`) && readFileSync(`/proc/${m[1]}/cmdline`, 'utf8').split('\0').includes(cd.address); };
+    const liveSpare = (f: string) => {
+      const m = /^spare-[0-9a-f]{12}-(\d+)\.sock$/.exec(f);
+      return !!m && existsSync(`/proc/${m[1]}`) && readFileSync(`/proc/${m[1]}/cmdline`, 'utf8').split('\0').includes(cd.address);
+    };
     expect(files.filter((f) => !liveSpare(f))).toEqual([]);
     expect(files.filter(liveSpare).length).toBeLessThanOrEqual(1);
   });
@@ -294,7 +370,8 @@ describe('a pod whose image is named by reference (io.scion.image)', () => {
     try {
       const ref = `${reg.host}/scion/pod:1.0`;
       await vm.push(podImageDir, ref);
-      const run = (id: string, r: string) => cd.ctr(['run', '--rm', ...RUNTIME, '--annotation', `io.scion.image=${r}`, IMAGE, id, 'sh', '-c', 'echo up in $(hostname)'], { nothrow: true });
+      const run = (id: string, r: string) =>
+        cd.ctr(['run', '--rm', ...RUNTIME, '--annotation', `io.scion.image=${r}`, IMAGE, id, 'sh', '-c', 'echo up in $(hostname)'], { nothrow: true });
       const first = await run('byref1', ref);
       expect(first.stderr).toBe('');
       expect(first.stdout).toMatch(/^up in pod-[0-9a-f]{12}-\d+\n$/); // named after its template
@@ -305,7 +382,7 @@ describe('a pod whose image is named by reference (io.scion.image)', () => {
       const made = (await vm.Machine.find(tplName))!.info();
       expect(made.netMode).toEqual({ mode: 'tap' });
       // the second pod forks from the same template: not made again
-      expect((await run("byref2", ref)).stdout).toMatch(/^up in pod-[0-9a-f]{12}-\d+\n$/);
+      expect((await run('byref2', ref)).stdout).toMatch(/^up in pod-[0-9a-f]{12}-\d+\n$/);
       const again = (await vm.Machine.find(tplName))!.info();
       expect([statSync(again.runDir).ino, again.timings]).toEqual([statSync(made.runDir).ino, made.timings]);
       expect(reg.requests('GET', '/manifests/')).toBeGreaterThan(0);
@@ -316,12 +393,16 @@ describe('a pod whose image is named by reference (io.scion.image)', () => {
       // a reference outside what the node allows (SCION_SHIM_IMAGES) is refused before anything is pulled
       const before = reg.requests('GET', '/manifests/');
       const denied = await run('byref4', 'registry.example.com/evil/pod:1.0');
-      expect(denied.stderr).toMatch(/io\.scion\.image: registry\.example\.com\/evil\/pod:1\.0 is not under a reference this node allows \(SCION_SHIM_IMAGES: 127\.0\.0\.1:\)/);
+      expect(denied.stderr).toMatch(
+        /io\.scion\.image: registry\.example\.com\/evil\/pod:1\.0 is not under a reference this node allows \(SCION_SHIM_IMAGES: 127\.0\.0\.1:\)/,
+      );
       expect(reg.requests('GET', '/manifests/')).toBe(before);
       await cd.ctr(['containers', 'delete', 'byref4'], { nothrow: true });
       expect(await pods()).toEqual([]);
       await vm.removeVm(tplName);
-    } finally { await reg.stop(); }
+    } finally {
+      await reg.stop();
+    }
   });
 });
 
@@ -329,7 +410,11 @@ describe('a shim containerd leaves', () => {
   it('with no task, goes by itself when the connection closes (no Shutdown came), and takes its socket along', async () => {
     const bundle = mkdtempSync(join(cd.dir, 'bundle-'));
     // containerd's `start`, by hand: a lone task's shim, serving, with no task created yet
-    const address = execFileSync(join(ROOT, 'bin', 'containerd-shim-scion-v2'), ['-namespace', 'scion-test', '-id', 'lonely', '-address', cd.address, 'start'], { cwd: bundle, encoding: 'utf8' });
+    const address = execFileSync(
+      join(ROOT, 'bin', 'containerd-shim-scion-v2'),
+      ['-namespace', 'scion-test', '-id', 'lonely', '-address', cd.address, 'start'],
+      { cwd: bundle, encoding: 'utf8' },
+    );
     const sock = address.replace(/^unix:\/\//, '');
     const [pid] = shimPids(bundle);
     expect(pid).toBeGreaterThan(0);
@@ -344,13 +429,24 @@ describe('a shim containerd leaves', () => {
 
 describe('shims whose containerd goes away', () => {
   /** Every shim process of a containerd: serving (their bundle under its directory) and spare (its address on their command line). */
-  const shimsOf = (c: TestContainerd): number[] => [...new Set([...shimPids(c.dir), ...readdirSync('/proc').filter((p) => /^\d+$/.test(p)).flatMap((p) => {
-    try {
-      const argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
-      return argv.some((x) => x.endsWith('containerd-shim-scion-v2')) && argv.includes(c.address) ? [Number(p)] : [];
-    } catch { return []; } // ended meanwhile
-  })])];
-  const until = async (what: () => boolean | Promise<boolean>, ms: number) => { for (const end = Date.now() + ms; !(await what()) && Date.now() < end;) await new Promise((r) => setTimeout(r, 200)); };
+  const shimsOf = (c: TestContainerd): number[] => [
+    ...new Set([
+      ...shimPids(c.dir),
+      ...readdirSync('/proc')
+        .filter((p) => /^\d+$/.test(p))
+        .flatMap((p) => {
+          try {
+            const argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
+            return argv.some((x) => x.endsWith('containerd-shim-scion-v2')) && argv.includes(c.address) ? [Number(p)] : [];
+          } catch {
+            return [];
+          } // ended meanwhile
+        }),
+    ]),
+  ];
+  const until = async (what: () => boolean | Promise<boolean>, ms: number) => {
+    for (const end = Date.now() + ms; !(await what()) && Date.now() < end; ) await new Promise((r) => setTimeout(r, 200));
+  };
   const clones = async () => (await (await import('../../host/index.ts')).list()).filter((v) => v.role === 'clone');
 
   it('containerd stopped (SIGTERM) with a detached task, a spare and a pool refill under way: every shim exits, the pod VM goes, no half-made VM stays', async () => {
@@ -365,7 +461,15 @@ describe('shims whose containerd goes away', () => {
       const refilling = (await clones()).some((v) => v.owner?.kind === 'pool' && v.state === 'starting');
       c.proc.kill('SIGTERM'); // containerd's own orderly stop: it unlinks its sockets, its tasks' shims stay behind
       await until(() => shimsOf(c).length === 0, 30_000);
-      expect(shimsOf(c).map((p) => { try { return readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0').join(' '); } catch { return String(p); } })).toEqual([]);
+      expect(
+        shimsOf(c).map((p) => {
+          try {
+            return readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0').join(' ');
+          } catch {
+            return String(p);
+          }
+        }),
+      ).toEqual([]);
       // what stays is the node's pool only: paused, ready VMs of the template (at most its size), nothing of the pod
       const left = await clones();
       expect(left.every((v) => v.owner?.kind === 'pool' && v.state === 'running')).toBe(true);
@@ -373,7 +477,9 @@ describe('shims whose containerd goes away', () => {
       expect((await scionQemuPids()).length).toBe(left.length);
       console.log(`containerd stopped with a refill ${refilling ? 'under way' : 'already done'}: ${left.length} pooled VM left`);
       for (const v of left) await vm.removeVm(v.name, { force: true });
-    } finally { await c.stop(); }
+    } finally {
+      await c.stop();
+    }
   }, 120_000);
 
   it('a shim told to stop (SIGTERM) removes its pod VM and exits; containerd killed (SIGKILL, its sockets left dead): the rest go within seconds', async () => {
@@ -394,7 +500,9 @@ describe('shims whose containerd goes away', () => {
       expect(shimsOf(c)).toEqual([]);
       expect(await clones()).toEqual([]);
       expect(await scionQemuPids()).toEqual([]);
-    } finally { await c.stop(); }
+    } finally {
+      await c.stop();
+    }
   }, 120_000);
 });
 
@@ -412,9 +520,15 @@ describe('task events', () => {
       await pub.publish('/tasks/delete', { containerId: 'ev1', pid: 7, exitStatus: 3, exitedAt: { seconds: 1, nanos: 0 } });
       const end = Date.now() + 10_000;
       while (seen.split('\n').filter((l) => l.includes('"ev1"')).length < 4 && Date.now() < end) await new Promise((r) => setTimeout(r, 50));
-    } finally { pub.close(); watcher.kill(); }
+    } finally {
+      pub.close();
+      watcher.kill();
+    }
     // `ctr events`: <date> <time> <zone> UTC <namespace> <topic> <event as JSON>
-    const events = seen.split('\n').filter((l) => l.includes('"ev1"')).map((l) => /^\S+ \S+ \S+ \S+ (\S+) (\S+) (\{.*\})$/.exec(l)!);
+    const events = seen
+      .split('\n')
+      .filter((l) => l.includes('"ev1"'))
+      .map((l) => /^\S+ \S+ \S+ \S+ (\S+) (\S+) (\{.*\})$/.exec(l)!);
     expect(events.map((m) => m[2])).toEqual(['/tasks/create', '/tasks/start', '/tasks/exit', '/tasks/delete']);
     expect(events.every((m) => m[1] === 'scion-test')).toBe(true);
     expect(JSON.parse(events[2][3])).toMatchObject({ container_id: 'ev1', pid: 7, exit_status: 3 });
@@ -423,12 +537,17 @@ describe('task events', () => {
 
 describe('spare shims (a serving process up before its task)', () => {
   /** Spare processes of a containerd (their command line names its address), with their pids. */
-  const sparesOf = (address: string): number[] => readdirSync('/proc').filter((p) => /^\d+$/.test(p)).flatMap((p) => {
-    try {
-      const argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
-      return argv.some((x) => x.endsWith('containerd-shim-scion-v2')) && argv.includes('spare') && argv.includes(address) ? [Number(p)] : [];
-    } catch { return []; } // ended meanwhile
-  });
+  const sparesOf = (address: string): number[] =>
+    readdirSync('/proc')
+      .filter((p) => /^\d+$/.test(p))
+      .flatMap((p) => {
+        try {
+          const argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
+          return argv.some((x) => x.endsWith('containerd-shim-scion-v2')) && argv.includes('spare') && argv.includes(address) ? [Number(p)] : [];
+        } catch {
+          return [];
+        } // ended meanwhile
+      });
   const spareUp = async (dir: string, key: string): Promise<string[]> => {
     for (let i = 0; i < 150; i++) {
       const socks = readdirSync(dir).filter((f) => f.startsWith(`spare-${key}-`));
@@ -459,7 +578,9 @@ describe('spare shims (a serving process up before its task)', () => {
       expect(cd2.log()).toMatch(/serving spare-c \d+ ms after the process started/);
       expect(await spareUp(shimDir, key)).toHaveLength(1);
       expect(sparesOf(cd2.address)).toHaveLength(1);
-    } finally { await cd2.stop(); }
+    } finally {
+      await cd2.stop();
+    }
     // its containerd gone, the spare goes too (it looks every 2 s)
     for (let i = 0; i < 60 && sparesOf(cd2.address).length; i++) await new Promise((r) => setTimeout(r, 100));
     expect(sparesOf(cd2.address)).toEqual([]);

@@ -9,7 +9,7 @@ import { createReadStream, readFileSync, existsSync, truncateSync, copyFileSync,
 import { join } from 'node:path';
 import { spawn, execFileSync } from 'node:child_process';
 import { build } from '../../builder/build.ts';
-import { AgentClient } from '../../host/agent-client.ts';
+import type { AgentClient } from '../../host/agent-client.ts';
 import { QmpClient } from '../../host/qemu/qmp.ts';
 import * as vm from '../../host/index.ts';
 import { readRecord } from '../../host/store/records.ts';
@@ -17,18 +17,26 @@ import { validName } from '../../common/names.ts';
 import { image, isolateRunDirs, ROOT, paths, scionQemuPids, removeEverything } from './helpers.ts';
 
 const dirs = isolateRunDirs('vm');
-const fileSha = (f: string) => new Promise<string>((res, rej) => {
-  const h = createHash('sha256');
-  createReadStream(f).on('data', (c) => h.update(c)).on('end', () => res(h.digest('hex'))).on('error', rej);
-});
-async function agentOf(name: string): Promise<AgentClient> { return vm.connectAgent(name, 30_000); }
+const fileSha = (f: string) =>
+  new Promise<string>((res, rej) => {
+    const h = createHash('sha256');
+    createReadStream(f)
+      .on('data', (c) => h.update(c))
+      .on('end', () => res(h.digest('hex')))
+      .on('error', rej);
+  });
+async function agentOf(name: string): Promise<AgentClient> {
+  return vm.connectAgent(name, 30_000);
+}
 async function sh(name: string, script: string): Promise<string> {
   const a = await agentOf(name);
   try {
     const r = await a.call('exec', { argv: ['sh', '-c', script] });
     if (r.exitCode !== 0) throw new Error(`${script}: exit ${r.exitCode}: ${r.stderr}`);
     return r.stdout.trim();
-  } finally { a.close(); }
+  } finally {
+    a.close();
+  }
 }
 const distinct = (xs: string[]) => new Set(xs).size === xs.length;
 
@@ -68,7 +76,15 @@ describe('web image: boot, freeze, fork', () => {
   });
 
   it('gives three clones pairwise distinct identities, as the agents and the guests report them', async () => {
-    const seen = { hostname: [] as string[], mac: [] as string[], ip: [] as string[], machineId: [] as string[], vmgenid: [] as string[], random: [] as string[], bootId: [] as string[] };
+    const seen = {
+      hostname: [] as string[],
+      mac: [] as string[],
+      ip: [] as string[],
+      machineId: [] as string[],
+      vmgenid: [] as string[],
+      random: [] as string[],
+      bootId: [] as string[],
+    };
     for (const c of clones) {
       const a = await agentOf(c.name);
       const info = await a.call('info');
@@ -77,7 +93,12 @@ describe('web image: boot, freeze, fork', () => {
       expect(info.identity.hostname).toBe(c.hostname);
       expect(info.vmForks).toBe(1); // the kernel saw the vmgenid change
       // from inside the guest, not from what the host asked for
-      const [hostname, mac, addr, machineId, random, bootId] = (await sh(c.name, 'cat /proc/sys/kernel/hostname /sys/class/net/eth0/address; ip -4 -o addr show dev eth0 | awk \'{print $4}\'; cat /etc/machine-id; head -c 32 /dev/urandom | od -An -tx1 | tr -d " \\n"; echo; cat /proc/sys/kernel/random/boot_id')).split('\n');
+      const [hostname, mac, addr, machineId, random, bootId] = (
+        await sh(
+          c.name,
+          'cat /proc/sys/kernel/hostname /sys/class/net/eth0/address; ip -4 -o addr show dev eth0 | awk \'{print $4}\'; cat /etc/machine-id; head -c 32 /dev/urandom | od -An -tx1 | tr -d " \\n"; echo; cat /proc/sys/kernel/random/boot_id',
+        )
+      ).split('\n');
       expect(hostname).toBe(c.hostname);
       expect(mac).toBe(c.mac);
       expect(addr).toBe(`${c.ip}/24`);
@@ -88,7 +109,12 @@ describe('web image: boot, freeze, fork', () => {
       expect(info.identity.vmgenid).toBe(guid);
       seen.vmgenid.push(guid);
       q.close();
-      seen.hostname.push(hostname); seen.mac.push(mac); seen.ip.push(addr); seen.machineId.push(machineId); seen.random.push(random); seen.bootId.push(bootId);
+      seen.hostname.push(hostname);
+      seen.mac.push(mac);
+      seen.ip.push(addr);
+      seen.machineId.push(machineId);
+      seen.random.push(random);
+      seen.bootId.push(bootId);
       expect(bootId).toMatch(/^[0-9a-f-]{36}$/);
     }
     for (const [k, xs] of Object.entries(seen)) expect(distinct(xs), `${k}: ${xs.join(' ')}`).toBe(true);
@@ -113,20 +139,31 @@ describe('web image: boot, freeze, fork', () => {
     let buf = '';
     const seen = new Map<number, number>();
     const N = 10_000;
-    const done = new Promise<void>((resolve) => s.on('data', (c) => {
-      buf += c.toString('latin1');
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, i).replace(/^\xff/, '');
-        buf = buf.slice(i + 1);
-        let m;
-        try { m = JSON.parse(line); } catch { continue; } // stale bytes of an earlier session
-        if (typeof m.id === 'number' && m.id > 1_000_000) seen.set(m.id, (seen.get(m.id) ?? 0) + 1);
-        if (seen.size === N) resolve();
-      }
-    }));
+    const done = new Promise<void>((resolve) =>
+      s.on('data', (c) => {
+        buf += c.toString('latin1');
+        let i: number;
+        while ((i = buf.indexOf('\n')) >= 0) {
+          const line = buf.slice(0, i).replace(/^\xff/, '');
+          buf = buf.slice(i + 1);
+          let m: any;
+          try {
+            m = JSON.parse(line);
+          } catch {
+            continue;
+          } // stale bytes of an earlier session
+          if (typeof m.id === 'number' && m.id > 1_000_000) seen.set(m.id, (seen.get(m.id) ?? 0) + 1);
+          if (seen.size === N) resolve();
+        }
+      }),
+    );
     // the resync marker first (PROTOCOL.md): any partial frame of an earlier session is dropped
-    s.write(Buffer.concat([Buffer.from([0xff]), Buffer.from(Array.from({ length: N }, (_, i) => JSON.stringify({ id: 1_000_001 + i, cmd: 'ping' })).join('\n') + '\n')]));
+    s.write(
+      Buffer.concat([
+        Buffer.from([0xff]),
+        Buffer.from(Array.from({ length: N }, (_, i) => JSON.stringify({ id: 1_000_001 + i, cmd: 'ping' })).join('\n') + '\n'),
+      ]),
+    );
     await Promise.race([done, new Promise((r) => setTimeout(r, 120_000))]);
     await new Promise((r) => setTimeout(r, 300)); // anything extra would arrive now
     s.destroy();
@@ -143,7 +180,8 @@ describe('web image: boot, freeze, fork', () => {
     const out = JSON.parse(execFileSync(process.execPath, [join(ROOT, 'bin/scion.js'), 'ls', '--json'], { encoding: 'utf8', env: process.env }));
     const byName = Object.fromEntries(out.map((v: any) => [v.name, v]));
     expect(byName['web-tpl']).toMatchObject({ role: 'template', state: 'frozen' });
-    for (const c of clones) expect(byName[c.name]).toMatchObject({ role: 'clone', state: 'running', hostname: c.hostname, ip: c.ip, agentSocket: c.agentSocket });
+    for (const c of clones)
+      expect(byName[c.name]).toMatchObject({ role: 'clone', state: 'running', hostname: c.hostname, ip: c.ip, agentSocket: c.agentSocket });
   });
 
   it('a corrupted or truncated state file, or a missing memory file, fails clearly and leaves nothing behind', async () => {
@@ -157,13 +195,19 @@ describe('web image: boot, freeze, fork', () => {
     const qemusBefore = (await scionQemuPids()).length;
 
     truncateSync(join(bad, 'state'), 4096);
-    await expect(vm.fork('bad-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_RESTORE_FAILED', message: expect.stringContaining('QEMU exited while loading the template state') });
+    await expect(vm.fork('bad-tpl', { n: 1 })).rejects.toMatchObject({
+      code: 'E_RESTORE_FAILED',
+      message: expect.stringContaining('QEMU exited while loading the template state'),
+    });
     const state = readFileSync(join(tplDir, 'state'));
     state.fill(0x5a, 2000, 6000); // corrupt bytes in the device state
     writeFileSync(join(bad, 'state'), state);
     await expect(vm.fork('bad-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_RESTORE_FAILED' });
     rmSync(join(bad, 'mem'));
-    await expect(vm.fork('bad-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_TEMPLATE_INCOMPLETE', message: `template bad-tpl: ${join(bad, 'mem')} is missing` });
+    await expect(vm.fork('bad-tpl', { n: 1 })).rejects.toMatchObject({
+      code: 'E_TEMPLATE_INCOMPLETE',
+      message: `template bad-tpl: ${join(bad, 'mem')} is missing`,
+    });
 
     expect((await vm.list()).map((v) => v.name).sort()).toEqual(before);
     expect((await scionQemuPids()).length).toBe(qemusBefore);
@@ -175,7 +219,10 @@ describe('web image: boot, freeze, fork', () => {
     const end = Date.now() + 60_000;
     let name: string | undefined;
     while (Date.now() < end && !name) {
-      for (const v of await vm.list()) { const r = await readRecord(validName(v.name)); if (r?.making && r.pid) name = v.name; }
+      for (const v of await vm.list()) {
+        const r = await readRecord(validName(v.name));
+        if (r?.making && r.pid) name = v.name;
+      }
       await new Promise((r) => setTimeout(r, 20));
     }
     child.kill('SIGKILL');
@@ -202,7 +249,10 @@ describe('web image: boot, freeze, fork', () => {
     const b = await agentOf(c.name);
     let info = await b.call('info');
     // the new agent answers at once; it announces ready once it has looked at crun's state
-    for (let i = 0; i < 300 && !info.lastReady; i++) { await new Promise((r) => setTimeout(r, 100)); info = await b.call('info'); }
+    for (let i = 0; i < 300 && !info.lastReady; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      info = await b.call('info');
+    }
     b.close();
     expect(info.agentUptimeS).toBeLessThan(15);
     expect(info.generation).toBe(2); // its state survived the restart
@@ -215,12 +265,19 @@ describe('web image: boot, freeze, fork', () => {
   it('scion console is an interactive root shell on the serial console (driven through a pty)', async () => {
     const pty = await import('node-pty');
     const c = clones[2];
-    const term = pty.spawn(process.execPath, [join(ROOT, 'bin/scion.js'), 'console', c.name], { env: process.env as Record<string, string>, cols: 120, rows: 30 });
+    const term = pty.spawn(process.execPath, [join(ROOT, 'bin/scion.js'), 'console', c.name], {
+      env: process.env as Record<string, string>,
+      cols: 120,
+      rows: 30,
+    });
     let out = '';
     term.onData((d) => (out += d));
     const waitFor = async (what: string, ms = 30_000) => {
       const end = Date.now() + ms;
-      while (!out.includes(what)) { if (Date.now() > end) throw new Error(`no "${what}" on the console; got: ${out.slice(-500)}`); await new Promise((r) => setTimeout(r, 50)); }
+      while (!out.includes(what)) {
+        if (Date.now() > end) throw new Error(`no "${what}" on the console; got: ${out.slice(-500)}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
     };
     await waitFor('Ctrl-] to leave');
     term.write('\r');
@@ -257,6 +314,9 @@ describe('web image: boot, freeze, fork', () => {
     execFileSync('ln', [join(tplDir, 'mem'), join(other, 'mem')]);
     const meta = JSON.parse(readFileSync(join(other, 'meta.json'), 'utf8'));
     writeFileSync(join(other, 'meta.json'), JSON.stringify({ ...meta, name: 'old-tpl', qemuVersion: 'QEMU emulator version 6.0.0' }));
-    await expect(vm.fork('old-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_TEMPLATE_QEMU', message: expect.stringContaining('was frozen with "QEMU emulator version 6.0.0"') });
+    await expect(vm.fork('old-tpl', { n: 1 })).rejects.toMatchObject({
+      code: 'E_TEMPLATE_QEMU',
+      message: expect.stringContaining('was frozen with "QEMU emulator version 6.0.0"'),
+    });
   });
 });

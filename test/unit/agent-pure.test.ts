@@ -3,7 +3,14 @@ import { describe, it, expect } from 'vitest';
 import { networkScript, ipv6Renew, prefixToMask } from '../../guest-agent/identity.ts';
 import { nextInterval, dateStepSeconds, driftFrom, phcStepArgs, edgeOffset } from '../../guest-agent/clock.ts';
 
-const id = { generation: 2, hostname: 'web-1', machineId: 'a'.repeat(32), dns: ['10.0.2.3'], time: 1_795_000_000_600, interfaces: [{ mac: '02:53:43:00:00:01', address: '10.0.2.16', prefix: 24, gateway: '10.0.2.2' }] };
+const id = {
+  generation: 2,
+  hostname: 'web-1',
+  machineId: 'a'.repeat(32),
+  dns: ['10.0.2.3'],
+  time: 1_795_000_000_600,
+  interfaces: [{ mac: '02:53:43:00:00:01', address: '10.0.2.16', prefix: 24, gateway: '10.0.2.2' }],
+};
 const cfg = { setClock: true, defaultInterface: 'eth0', dhcp: false, root: '' };
 
 describe('networkScript', () => {
@@ -21,7 +28,9 @@ describe('networkScript', () => {
   });
   it('renews IPv6 with shell builtins only, and only where IPv6 is on', () => {
     const s = ipv6Renew('eth0');
-    expect(s).toBe('v6=; if [ -w /proc/sys/net/ipv6/conf/eth0/disable_ipv6 ]; then read v6 < /proc/sys/net/ipv6/conf/eth0/disable_ipv6 || :; fi; if [ "$v6" = 0 ]; then echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6; echo 0 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6; fi');
+    expect(s).toBe(
+      'v6=; if [ -w /proc/sys/net/ipv6/conf/eth0/disable_ipv6 ]; then read v6 < /proc/sys/net/ipv6/conf/eth0/disable_ipv6 || :; fi; if [ "$v6" = 0 ]; then echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6; echo 0 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6; fi',
+    );
   });
   it('leaves the clock alone when told to, and uses DHCP for DHCP images', () => {
     const s = networkScript(id, { ...cfg, setClock: false, dhcp: true, root: '/r' }, id.time);
@@ -99,7 +108,8 @@ describe('shell batches', () => {
 });
 
 describe('UTF-8 without TextEncoder (the agent on QuickJS)', () => {
-  const native = new TextEncoder(), nd = new TextDecoder();
+  const native = new TextEncoder(),
+    nd = new TextDecoder();
   it('encodes like TextEncoder: ASCII, 2-, 3- and 4-byte characters, lone surrogates', () => {
     for (const s of ['', 'plain', 'héllo wörld', '€ and ✓', '𝄞 music 🎉', 'lone \ud800 high', 'lone \udc00 low', 'x'.repeat(10000) + '🎉']) {
       expect(Buffer.from(encodeJs(s)).equals(Buffer.from(native.encode(s))), JSON.stringify(s).slice(0, 40)).toBe(true);
@@ -107,7 +117,10 @@ describe('UTF-8 without TextEncoder (the agent on QuickJS)', () => {
   });
   it('decodes like TextDecoder, malformed input included (random bytes, seeded)', () => {
     let a = 12345;
-    const rnd = () => { a = (a * 1103515245 + 12345) & 0x7fffffff; return a; };
+    const rnd = () => {
+      a = (a * 1103515245 + 12345) & 0x7fffffff;
+      return a;
+    };
     for (let i = 0; i < 2000; i++) {
       const b = new Uint8Array(1 + (rnd() % 40)).map(() => (rnd() % 3 === 0 ? 0x80 + (rnd() % 128) : rnd() % 256));
       expect(decodeJs(b), `bytes ${Buffer.from(b).toString('hex')}`).toBe(nd.decode(b));
@@ -152,7 +165,9 @@ describe('pod tasks in the guest', () => {
   it('the rootfs: the disk read-only under an overlay whose writable layer is in the task directory', () => {
     const lines = mountScript('web', '/dev/vdb').split('\n');
     expect(lines).toContain('mount -t erofs -o ro /dev/vdb /run/scion/tasks/web/lower');
-    expect(lines.at(-1)).toBe('mount -t overlay -o lowerdir=/run/scion/tasks/web/lower,upperdir=/run/scion/tasks/web/rw/upper,workdir=/run/scion/tasks/web/rw/work overlay /run/scion/tasks/web/rootfs');
+    expect(lines.at(-1)).toBe(
+      'mount -t overlay -o lowerdir=/run/scion/tasks/web/lower,upperdir=/run/scion/tasks/web/rw/upper,workdir=/run/scion/tasks/web/rw/work overlay /run/scion/tasks/web/rootfs',
+    );
   });
 });
 
@@ -168,9 +183,11 @@ describe('a task on a terminal', () => {
     expect(resizeArgv('/dev/pts/3', 100, 30)).toEqual(['busybox', 'stty', '-F', '/dev/pts/3', 'rows', '30', 'cols', '100']);
   });
 
-  it('a container sharing the pod\'s pid namespace joins it by path, its other namespaces kept', () => {
-    expect(withPidNamespace({ namespaces: [{ type: 'pid' }, { type: 'mount' }], maskedPaths: ['/x'] }, '/proc/7/ns/pid'))
-      .toEqual({ namespaces: [{ type: 'mount' }, { type: 'pid', path: '/proc/7/ns/pid' }], maskedPaths: ['/x'] });
+  it("a container sharing the pod's pid namespace joins it by path, its other namespaces kept", () => {
+    expect(withPidNamespace({ namespaces: [{ type: 'pid' }, { type: 'mount' }], maskedPaths: ['/x'] }, '/proc/7/ns/pid')).toEqual({
+      namespaces: [{ type: 'mount' }, { type: 'pid', path: '/proc/7/ns/pid' }],
+      maskedPaths: ['/x'],
+    });
     expect(withPidNamespace(undefined, '/p')).toEqual({ namespaces: [{ type: 'pid', path: '/p' }] });
   });
 });
@@ -185,7 +202,13 @@ import type { Platform } from '../../guest-agent/platform.ts';
  */
 function rtcPlatform(phaseMs: number, readMs: () => number): Platform {
   return {
-    readText: () => { const until = Date.now() + readMs(); while (Date.now() < until) { /* a slow read */ } return String(Math.floor((Date.now() - phaseMs) / 1000)); },
+    readText: () => {
+      const until = Date.now() + readMs();
+      while (Date.now() < until) {
+        /* a slow read */
+      }
+      return String(Math.floor((Date.now() - phaseMs) / 1000));
+    },
     setTimeout: (cb: () => void, ms: number) => setTimeout(cb, ms),
     clearTimeout: (t: unknown) => clearTimeout(t as NodeJS.Timeout),
   } as unknown as Platform;
@@ -193,7 +216,12 @@ function rtcPlatform(phaseMs: number, readMs: () => number): Platform {
 
 describe('clock calibration against the RTC', () => {
   it('measures the RTC phase when edges are seen promptly', async () => {
-    const k = new ClockKeeper(rtcPlatform(300, () => 0), undefined as never, true, '/rtc');
+    const k = new ClockKeeper(
+      rtcPlatform(300, () => 0),
+      undefined as never,
+      true,
+      '/rtc',
+    );
     const phase = await k.calibrate();
     expect(phase).toBeGreaterThanOrEqual(300);
     expect(phase).toBeLessThanOrEqual(305);
@@ -201,13 +229,23 @@ describe('clock calibration against the RTC', () => {
   });
   it('looks again when an edge came too late to trust, and uses the first it can trust', async () => {
     const starvedUntil = Date.now() + 2000; // the first attempt sees only late edges
-    const k = new ClockKeeper(rtcPlatform(700, () => (Date.now() < starvedUntil ? 8 : 0)), undefined as never, true, '/rtc');
+    const k = new ClockKeeper(
+      rtcPlatform(700, () => (Date.now() < starvedUntil ? 8 : 0)),
+      undefined as never,
+      true,
+      '/rtc',
+    );
     const phase = await k.calibrate(3);
     expect(phase).toBeGreaterThanOrEqual(700);
     expect(phase).toBeLessThanOrEqual(705);
   });
   it('reports, never throws, when no edge can be trusted: the phase stays unknown and checks leave the clock alone', async () => {
-    const k = new ClockKeeper(rtcPlatform(100, () => 8), undefined as never, true, '/rtc');
+    const k = new ClockKeeper(
+      rtcPlatform(100, () => 8),
+      undefined as never,
+      true,
+      '/rtc',
+    );
     await expect(k.calibrate(2)).resolves.toBeUndefined();
     expect(k.state.rtcPhaseMs).toBeUndefined();
     expect(k.state.lastError).toMatch(/not calibrated after 2 attempts: the RTC \(\/rtc\) did not tick when expected/);

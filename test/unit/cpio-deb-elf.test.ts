@@ -43,7 +43,10 @@ describe('cpio newc writer', () => {
   it('gives the same bytes for the same tree whatever the insertion order', () => {
     const a = sampleTree();
     const b = new FileTree();
-    b.chardev('/dev/console', 5, 1); b.symlink('/usr/bin/t2', 'tool'); b.file('/bin/tool', Buffer.from([0, 1, 2, 3, 4]), 0o755); b.file('/etc/hello', 'hello world\n');
+    b.chardev('/dev/console', 5, 1);
+    b.symlink('/usr/bin/t2', 'tool');
+    b.file('/bin/tool', Buffer.from([0, 1, 2, 3, 4]), 0o755);
+    b.file('/etc/hello', 'hello world\n');
     expect(Buffer.concat(cpioChunks(a, 1)).equals(Buffer.concat(cpioChunks(b, 1)))).toBe(true);
   });
 });
@@ -59,10 +62,21 @@ async function makeDeb(files: Record<string, string>): Promise<Buffer> {
   const dataTar = execFileSync('xz', ['-c'], { input: Buffer.concat(chunks) });
   const member = (name: string, data: Buffer) => {
     const h = Buffer.alloc(60, ' ');
-    h.write(name, 0); h.write('0', 16); h.write('0', 28); h.write('0', 34); h.write('100644', 40); h.write(String(data.length), 48); h.write('`\n', 58);
+    h.write(name, 0);
+    h.write('0', 16);
+    h.write('0', 28);
+    h.write('0', 34);
+    h.write('100644', 40);
+    h.write(String(data.length), 48);
+    h.write('`\n', 58);
     return Buffer.concat([h, data, data.length % 2 ? Buffer.from('\n') : Buffer.alloc(0)]);
   };
-  return Buffer.concat([Buffer.from('!<arch>\n'), member('debian-binary', Buffer.from('2.0\n')), member('control.tar.xz', execFileSync('xz', ['-c'], { input: Buffer.alloc(1024) })), member('data.tar.xz', dataTar)]);
+  return Buffer.concat([
+    Buffer.from('!<arch>\n'),
+    member('debian-binary', Buffer.from('2.0\n')),
+    member('control.tar.xz', execFileSync('xz', ['-c'], { input: Buffer.alloc(1024) })),
+    member('data.tar.xz', dataTar),
+  ]);
 }
 
 describe('.deb extraction', () => {
@@ -105,7 +119,9 @@ describe('ELF', () => {
     expect(tree.nodes.get('/usr/lib64/ld-linux-x86-64.so.2')).toMatchObject({ type: 'symlink' });
     expect(tree.resolve('/lib64/ld-linux-x86-64.so.2')?.path).toBe('/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2');
     // node needs more than libc; those are reported, not invented
-    expect(r.missing.map((m) => m.soname)).toEqual(expect.arrayContaining(elfDeps(node).needed.filter((s) => s !== 'libc.so.6' && s !== 'ld-linux-x86-64.so.2')));
+    expect(r.missing.map((m) => m.soname)).toEqual(
+      expect.arrayContaining(elfDeps(node).needed.filter((s) => s !== 'libc.so.6' && s !== 'ld-linux-x86-64.so.2')),
+    );
     void addPackageFiles;
   });
   it('reads depends= from a module .modinfo section', () => {
@@ -113,24 +129,56 @@ describe('ELF', () => {
     const modinfo = Buffer.from('license=GPL\0depends=virtio,virtio_ring\0name=virtio_net\0');
     const shstr = Buffer.from('\0.modinfo\0.shstrtab\0');
     const ehdr = Buffer.alloc(64);
-    ehdr.write('\x7fELF', 0, 'latin1'); ehdr[4] = 2; ehdr[5] = 1; ehdr[6] = 1;
-    const dataOff = 64, strOff = dataOff + modinfo.length, shOff = strOff + shstr.length;
-    ehdr.writeBigUInt64LE(BigInt(shOff), 0x28); ehdr.writeUInt16LE(64, 0x3a); ehdr.writeUInt16LE(3, 0x3c); ehdr.writeUInt16LE(2, 0x3e);
-    const sh = (name: number, off: number, size: number) => { const b = Buffer.alloc(64); b.writeUInt32LE(name, 0); b.writeUInt32LE(1, 4); b.writeBigUInt64LE(BigInt(off), 0x18); b.writeBigUInt64LE(BigInt(size), 0x20); return b; };
+    ehdr.write('\x7fELF', 0, 'latin1');
+    ehdr[4] = 2;
+    ehdr[5] = 1;
+    ehdr[6] = 1;
+    const dataOff = 64,
+      strOff = dataOff + modinfo.length,
+      shOff = strOff + shstr.length;
+    ehdr.writeBigUInt64LE(BigInt(shOff), 0x28);
+    ehdr.writeUInt16LE(64, 0x3a);
+    ehdr.writeUInt16LE(3, 0x3c);
+    ehdr.writeUInt16LE(2, 0x3e);
+    const sh = (name: number, off: number, size: number) => {
+      const b = Buffer.alloc(64);
+      b.writeUInt32LE(name, 0);
+      b.writeUInt32LE(1, 4);
+      b.writeBigUInt64LE(BigInt(off), 0x18);
+      b.writeBigUInt64LE(BigInt(size), 0x20);
+      return b;
+    };
     const ko = Buffer.concat([ehdr, modinfo, shstr, Buffer.alloc(64), sh(1, dataOff, modinfo.length), sh(10, strOff, shstr.length)]);
     expect(moduleDepends(ko)).toEqual(['virtio', 'virtio_ring']);
   });
 });
 
 describe('kernel module order', () => {
-  const avail = new Map([['virtio_net', ['net_failover', 'virtio_ring']], ['net_failover', ['failover']], ['failover', []], ['virtio_ring', []], ['virtio_pci', ['virtio_pci_modern_dev']], ['virtio_pci_modern_dev', []]]);
+  const avail = new Map([
+    ['virtio_net', ['net_failover', 'virtio_ring']],
+    ['net_failover', ['failover']],
+    ['failover', []],
+    ['virtio_ring', []],
+    ['virtio_pci', ['virtio_pci_modern_dev']],
+    ['virtio_pci_modern_dev', []],
+  ]);
   it('puts dependencies first, deterministically', () => {
-    expect(moduleLoadOrder(['virtio_net', 'virtio-pci'], avail)).toEqual(['failover', 'net_failover', 'virtio_ring', 'virtio_net', 'virtio_pci_modern_dev', 'virtio_pci']);
+    expect(moduleLoadOrder(['virtio_net', 'virtio-pci'], avail)).toEqual([
+      'failover',
+      'net_failover',
+      'virtio_ring',
+      'virtio_net',
+      'virtio_pci_modern_dev',
+      'virtio_pci',
+    ]);
   });
   it('skips built-ins and names an unknown module with who needed it', () => {
     expect(moduleLoadOrder(['virtio'], avail, new Set(['virtio']))).toEqual([]);
     expect(() => moduleLoadOrder(['nope'], avail)).toThrow(/kernel module "nope" is not in the kernel package/);
-    const cyc = new Map([['a', ['b']], ['b', ['a']]]);
+    const cyc = new Map([
+      ['a', ['b']],
+      ['b', ['a']],
+    ]);
     expect(() => moduleLoadOrder(['a'], cyc)).toThrow(/cycle: a -> b -> a/);
   });
 });

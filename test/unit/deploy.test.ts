@@ -16,12 +16,19 @@ import { config } from '../../common/config.ts';
 
 const ROOT = join(import.meta.dirname, '../..');
 const dir = join(ROOT, 'deploy/kubernetes');
-const yamlDocs = (f: string) => parseAllDocuments(readFileSync(join(dir, f), 'utf8')).map((d) => { expect(d.errors, f).toEqual([]); return d.toJS(); });
+const yamlDocs = (f: string) =>
+  parseAllDocuments(readFileSync(join(dir, f), 'utf8')).map((d) => {
+    expect(d.errors, f).toEqual([]);
+    return d.toJS();
+  });
 const toml = (f: string) => parseToml(readFileSync(join(dir, f), 'utf8')) as any;
 const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8'));
 
 /** containerd's rule: runtime_type io.containerd.<name>.<version> runs containerd-shim-<name>-<version>. */
-const shimBinary = (runtimeType: string) => { const m = /^io\.containerd\.([a-z0-9]+)\.(v\d+)$/.exec(runtimeType)!; return `containerd-shim-${m[1]}-${m[2]}`; };
+const shimBinary = (runtimeType: string) => {
+  const m = /^io\.containerd\.([a-z0-9]+)\.(v\d+)$/.exec(runtimeType)!;
+  return `containerd-shim-${m[1]}-${m[2]}`;
+};
 const globMatch = (patterns: string[], key: string) => patterns.some((p) => new RegExp(`^${p.replace(/\./g, '\\.').replace(/\*/g, '.*')}$`).test(key));
 
 describe('deploy/kubernetes', () => {
@@ -52,7 +59,10 @@ describe('deploy/kubernetes', () => {
     expect(install).toContain('bin/containerd-shim-scion-v2 "\\$@"'); // "$@" in the launcher it writes
     for (const f of ['containerd-scion.toml', 'containerd-scion-v3.toml']) expect(install).toContain(f);
     expect(spec.initContainers[0].command.join(' ')).toContain('deploy/kubernetes/install-node.sh');
-    const templates = cm.data.templates.trim().split('\n').map((l: string) => l.trim().split(/\s+/)[0]);
+    const templates = cm.data.templates
+      .trim()
+      .split('\n')
+      .map((l: string) => l.trim().split(/\s+/)[0]);
     expect(cm.data.SCION_SHIM_TEMPLATE).toBe(config({}).shimTemplate); // the shim's default
     expect(templates).toContain(cm.data.SCION_SHIM_TEMPLATE);
     const env = spec.containers[0].env.find((e: { name: string }) => e.name === 'SCION_SHIM_TEMPLATE');
@@ -65,7 +75,10 @@ describe('deploy/kubernetes', () => {
   });
 
   it('the example Deployment and Knative Service run on it and name a template the nodes have', () => {
-    const templates = cm.data.templates.trim().split('\n').map((l: string) => l.trim().split(/\s+/)[0]);
+    const templates = cm.data.templates
+      .trim()
+      .split('\n')
+      .map((l: string) => l.trim().split(/\s+/)[0]);
     const [dep] = yamlDocs('example-deployment.yaml');
     const [kn] = yamlDocs('knative-service.yaml');
     for (const t of [dep.spec.template, kn.spec.template]) {
@@ -90,8 +103,10 @@ describe('install-node.sh on a node root', () => {
       spawnSync('chmod', ['0755', join(host, 'usr/bin/containerd'), join(host, 'lib64/ld-linux-x86-64.so.2')]);
       // the image's install: the package's deploy files under /opt/scion
       mkdirSync(join(src, 'lib/node_modules/scion/deploy/kubernetes'), { recursive: true });
-      for (const f of ['containerd-scion.toml', 'containerd-scion-v3.toml']) copyFileSync(join(dir, f), join(src, 'lib/node_modules/scion/deploy/kubernetes', f));
-      const install = (env: Record<string, string>) => spawnSync('sh', [join(dir, 'install-node.sh')], { env: { PATH: process.env.PATH!, HOST: host, SRC: src, ...env }, encoding: 'utf8' });
+      for (const f of ['containerd-scion.toml', 'containerd-scion-v3.toml'])
+        copyFileSync(join(dir, f), join(src, 'lib/node_modules/scion/deploy/kubernetes', f));
+      const install = (env: Record<string, string>) =>
+        spawnSync('sh', [join(dir, 'install-node.sh')], { env: { PATH: process.env.PATH!, HOST: host, SRC: src, ...env }, encoding: 'utf8' });
       const r = install({ SCION_SHIM_TEMPLATE: 'web-tpl', SCION_SHIM_IMAGES: 'registry.example.com/scion/,127.0.0.1:5000/', SCION_SHIM_POOL: '2' });
       expect(r.stderr).toBe('');
       expect(r.status).toBe(0);

@@ -21,11 +21,21 @@ afterAll(() => rmSync(scratch, { recursive: true, force: true }));
 
 describe('the name rule', () => {
   it.each([
-    ['', 'empty'], ['..', 'looks like a path'], ['.', 'looks like a path'], ['a/b', 'looks like a path'], ['a b', 'contains " "'], ['a;rm', 'contains ";"'],
-    ['Web', 'contains "W"'], ['-web', 'starts with "-"'], ['x'.repeat(64), '64 characters long'], ['web\n', 'contains "\\n"'],
+    ['', 'empty'],
+    ['..', 'looks like a path'],
+    ['.', 'looks like a path'],
+    ['a/b', 'looks like a path'],
+    ['a b', 'contains " "'],
+    ['a;rm', 'contains ";"'],
+    ['Web', 'contains "W"'],
+    ['-web', 'starts with "-"'],
+    ['x'.repeat(64), '64 characters long'],
+    ['web\n', 'contains "\\n"'],
   ])('refuses %j (%s)', (name, why) => {
     expect(nameProblem(name)).toContain(why);
-    expect(() => validName(name, 'VM')).toThrow(expect.objectContaining({ code: 'E_BAD_NAME', message: expect.stringContaining(`VM name ${JSON.stringify(name)}: ${why}`) }));
+    expect(() => validName(name, 'VM')).toThrow(
+      expect.objectContaining({ code: 'E_BAD_NAME', message: expect.stringContaining(`VM name ${JSON.stringify(name)}: ${why}`) }),
+    );
   });
   it.each(['web', 'web-tpl', 'a', '0', 'web-c12', 'x'.repeat(63)])('accepts %j', (name) => {
     expect(validName(name)).toBe(name);
@@ -45,24 +55,37 @@ describe('trusted directories', () => {
   });
   it('refuses a directory others can write', () => {
     const d = join(scratch, 'wide');
-    mkdirSync(d); chmodSync(d, 0o777);
-    expect(() => ensureTrustedDir(d, { what: 'run root', env: 'SCION_RUN_DIR' })).toThrow(expect.objectContaining({ code: 'E_UNTRUSTED_DIR', message: `run root ${d} is writable by its group (mode 0777)`, hint: expect.stringContaining('SCION_RUN_DIR') }));
+    mkdirSync(d);
+    chmodSync(d, 0o777);
+    expect(() => ensureTrustedDir(d, { what: 'run root', env: 'SCION_RUN_DIR' })).toThrow(
+      expect.objectContaining({
+        code: 'E_UNTRUSTED_DIR',
+        message: `run root ${d} is writable by its group (mode 0777)`,
+        hint: expect.stringContaining('SCION_RUN_DIR'),
+      }),
+    );
     chmodSync(d, 0o702);
     expect(() => ensureTrustedDir(d, { what: 'run root' })).toThrow(/is writable by others \(mode 0702\)/);
   });
   it('refuses a directory another user owns (as OpenSSH refuses such a key directory)', () => {
     const d = join(scratch, 'foreign');
-    mkdirSync(d, { mode: 0o700 }); chownSync(d, 4242, 4242);
+    mkdirSync(d, { mode: 0o700 });
+    chownSync(d, 4242, 4242);
     expect(() => ensureTrustedDir(d, { what: 'template root' })).toThrow(`template root ${d} is owned by uid 4242, not by uid 0 (this user)`);
   });
   it('refuses a symlink in its place, even to a good directory', () => {
-    const good = join(scratch, 'good'); mkdirSync(good, { mode: 0o700 });
-    const link = join(scratch, 'link'); symlinkSync(good, link);
+    const good = join(scratch, 'good');
+    mkdirSync(good, { mode: 0o700 });
+    const link = join(scratch, 'link');
+    symlinkSync(good, link);
     expect(() => ensureTrustedDir(link, { what: 'run root' })).toThrow(`run root ${link} is a symbolic link`);
   });
   it('refuses a directory inside one that others can write and that is not sticky', () => {
-    const open = join(scratch, 'open'); mkdirSync(open); chmodSync(open, 0o777);
-    const d = join(open, 'mine'); mkdirSync(d, { mode: 0o700 });
+    const open = join(scratch, 'open');
+    mkdirSync(open);
+    chmodSync(open, 0o777);
+    const d = join(open, 'mine');
+    mkdirSync(d, { mode: 0o700 });
     expect(() => ensureTrustedDir(d, { what: 'run root' })).toThrow(`run root ${d} is inside ${open}, which is writable by others and not sticky (mode 0777)`);
     chmodSync(open, 0o1777); // sticky and root's (like /tmp, /dev/shm): nobody else can rename "mine"
     expect(ensureTrustedDir(d, { what: 'run root' })).toBe(d);
@@ -70,43 +93,89 @@ describe('trusted directories', () => {
   it('requires tmpfs for the template root', () => {
     const d = join(scratch, 'not-tmpfs');
     if (statfsSync(scratch).type === 0x01021994) throw new Error('the scratch directory must not be on tmpfs for this test');
-    expect(() => ensureTrustedDir(d, { what: 'template root', tmpfs: true, env: 'SCION_TEMPLATE_DIR' })).toThrow(expect.objectContaining({ code: 'E_NOT_TMPFS' }));
+    expect(() => ensureTrustedDir(d, { what: 'template root', tmpfs: true, env: 'SCION_TEMPLATE_DIR' })).toThrow(
+      expect.objectContaining({ code: 'E_NOT_TMPFS' }),
+    );
   });
   it('accepts a directory on /dev/shm as a template root', () => {
     const d = mkdtempSync('/dev/shm/scion-unit-');
-    try { expect(ensureTrustedDir(d, { what: 'template root', tmpfs: true })).toBe(d); } finally { rmSync(d, { recursive: true }); }
+    try {
+      expect(ensureTrustedDir(d, { what: 'template root', tmpfs: true })).toBe(d);
+    } finally {
+      rmSync(d, { recursive: true });
+    }
   });
 });
 
 describe('files scion creates', () => {
   it('never writes through a planted symlink', async () => {
-    const target = join(scratch, 'victim'); writeFileSync(target, 'precious');
-    const planted = join(scratch, 'planted'); symlinkSync(target, planted);
+    const target = join(scratch, 'victim');
+    writeFileSync(target, 'precious');
+    const planted = join(scratch, 'planted');
+    symlinkSync(target, planted);
     await expect(writeExclusive(planted, 'x')).rejects.toMatchObject({ code: 'EEXIST' });
     await atomicWrite(planted, 'new'); // rename replaces the link itself
     expect(readFileSync(target, 'utf8')).toBe('precious');
     expect(readFileSync(planted, 'utf8')).toBe('new');
   });
   it('refuses to read a record through a symlink', async () => {
-    const target = join(scratch, 'other.json'); writeFileSync(target, '{}');
-    const link = join(scratch, 'vm.json'); symlinkSync(target, link);
+    const target = join(scratch, 'other.json');
+    writeFileSync(target, '{}');
+    const link = join(scratch, 'vm.json');
+    symlinkSync(target, link);
     await expect(readNoFollow(link)).rejects.toMatchObject({ code: 'ELOOP' });
   });
 });
 
 const desc = (over: Partial<VmDescription> = {}): VmDescription => ({
-  name: 'web-c1', mode: 'clone', accel: 'tcg', ramMB: 512, cpus: 1, memory: 'file', cmdline: 'console=ttyS0', initrd: false,
-  vmgenid: '11111111-2222-3333-4444-555555555555', mac: '02:53:43:00:00:01', net: { mode: 'user', guestIp: '10.0.2.16', forwards: [{ hostPort: 40000, guestPort: 8080 }] },
-  incoming: true, sandbox: true, ...over,
+  name: 'web-c1',
+  mode: 'clone',
+  accel: 'tcg',
+  ramMB: 512,
+  cpus: 1,
+  memory: 'file',
+  cmdline: 'console=ttyS0',
+  initrd: false,
+  vmgenid: '11111111-2222-3333-4444-555555555555',
+  mac: '02:53:43:00:00:01',
+  net: { mode: 'user', guestIp: '10.0.2.16', forwards: [{ hostPort: 40000, guestPort: 8080 }] },
+  incoming: true,
+  sandbox: true,
+  ...over,
 });
 const record = (over: Record<string, unknown> = {}) => ({
-  format: VM_FORMAT, name: 'web-c1', role: 'clone', image: '/work/out/web', accel: 'tcg', createdAt: '2026-11-26T00:00:00Z', template: 'web-tpl', generation: 2,
-  ports: { 8080: 40000 }, desc: desc(), netMode: { mode: 'user' }, slots: ['index-1', 'uid-2', 'port-40000'], ...over,
+  format: VM_FORMAT,
+  name: 'web-c1',
+  role: 'clone',
+  image: '/work/out/web',
+  accel: 'tcg',
+  createdAt: '2026-11-26T00:00:00Z',
+  template: 'web-tpl',
+  generation: 2,
+  ports: { 8080: 40000 },
+  desc: desc(),
+  netMode: { mode: 'user' },
+  slots: ['index-1', 'uid-2', 'port-40000'],
+  ...over,
 });
 const meta = (over: Record<string, unknown> = {}) => ({
-  format: TEMPLATE_FORMAT, name: 'web-tpl', qemuVersion: 'QEMU emulator version 7.2.22', lineup: deviceLineup(desc()), accel: 'tcg', image: '/work/out/web',
-  manifestSha256: 'a'.repeat(64), kernel: 'kernel-stub', cmdline: 'console=ttyS0', ramMB: 512, generation: 1, memory: 'file', net: { mode: 'user' },
-  frozenAt: '2026-11-26T00:00:00Z', freezeMs: 14, ports: [8080], ...over,
+  format: TEMPLATE_FORMAT,
+  name: 'web-tpl',
+  qemuVersion: 'QEMU emulator version 7.2.22',
+  lineup: deviceLineup(desc()),
+  accel: 'tcg',
+  image: '/work/out/web',
+  manifestSha256: 'a'.repeat(64),
+  kernel: 'kernel-stub',
+  cmdline: 'console=ttyS0',
+  ramMB: 512,
+  generation: 1,
+  memory: 'file',
+  net: { mode: 'user' },
+  frozenAt: '2026-11-26T00:00:00Z',
+  freezeMs: 14,
+  ports: [8080],
+  ...over,
 });
 
 describe('versioned records', () => {
@@ -114,23 +183,39 @@ describe('versioned records', () => {
     expect(parseVmRecord('/r/vm.json', JSON.stringify(record()), 'web-c1').name).toBe('web-c1');
   });
   it('refuses one of another format version, an older one without a version, and garbage', () => {
-    expect(() => parseVmRecord('/r/vm.json', JSON.stringify(record({ format: 'scion.vm/2' })), 'web-c1')).toThrow(expect.objectContaining({ code: 'E_RECORD_VERSION', message: '/r/vm.json has format "scion.vm/2"; this scion reads "scion.vm/1"' }));
+    expect(() => parseVmRecord('/r/vm.json', JSON.stringify(record({ format: 'scion.vm/2' })), 'web-c1')).toThrow(
+      expect.objectContaining({ code: 'E_RECORD_VERSION', message: '/r/vm.json has format "scion.vm/2"; this scion reads "scion.vm/1"' }),
+    );
     const { format: _, ...old } = record();
-    expect(() => parseVmRecord('/r/vm.json', JSON.stringify(old), 'web-c1')).toThrow('/r/vm.json has no format field (written by an older scion); this scion reads "scion.vm/1"');
+    expect(() => parseVmRecord('/r/vm.json', JSON.stringify(old), 'web-c1')).toThrow(
+      '/r/vm.json has no format field (written by an older scion); this scion reads "scion.vm/1"',
+    );
     expect(() => parseVmRecord('/r/vm.json', '{"format":', 'web-c1')).toThrow(/\/r\/vm.json is not valid JSON/);
   });
-  it('refuses a tampered one: another VM\'s name, a hostile tap name, an unknown field', () => {
-    expect(() => parseVmRecord('/r/vm.json', JSON.stringify(record()), 'web-c2')).toThrow('/r/vm.json names VM "web-c1", but lives in the run directory of "web-c2"');
-    expect(() => parseVmRecord('/r/vm.json', JSON.stringify(record({ desc: desc({ net: { mode: 'bridge', tap: 'x;reboot' } }) })), 'web-c1')).toThrow(/desc\.net\.tap: not a valid interface name/);
+  it("refuses a tampered one: another VM's name, a hostile tap name, an unknown field", () => {
+    expect(() => parseVmRecord('/r/vm.json', JSON.stringify(record()), 'web-c2')).toThrow(
+      '/r/vm.json names VM "web-c1", but lives in the run directory of "web-c2"',
+    );
+    expect(() => parseVmRecord('/r/vm.json', JSON.stringify(record({ desc: desc({ net: { mode: 'bridge', tap: 'x;reboot' } }) })), 'web-c1')).toThrow(
+      /desc\.net\.tap: not a valid interface name/,
+    );
     expect(() => parseVmRecord('/r/vm.json', JSON.stringify(record({ templateDir: '/' })), 'web-c1')).toThrow(/Unrecognized key/);
     expect(() => parseVmRecord('/r/vm.json', JSON.stringify(record({ name: '../x' })), 'web-c1')).toThrow(/name: not a valid scion name/);
   });
   it('refuses template metadata that points outside its directory or is tampered', () => {
     expect(parseTemplateMeta('/t/meta.json', JSON.stringify(meta()), 'web-tpl').kernel).toBe('kernel-stub');
-    expect(() => parseTemplateMeta('/t/meta.json', JSON.stringify(meta({ kernel: '/etc/shadow' })), 'web-tpl')).toThrow(/kernel: must be a file name inside the template directory, not a path/);
-    expect(() => parseTemplateMeta('/t/meta.json', JSON.stringify(meta({ kernel: '../web2-tpl/kernel-stub' })), 'web-tpl')).toThrow(/kernel: must be a file name inside the template directory/);
-    expect(() => parseTemplateMeta('/t/meta.json', JSON.stringify(meta({ name: 'evil-tpl' })), 'web-tpl')).toThrow('/t/meta.json names template "evil-tpl", but lives in the directory of "web-tpl"');
-    expect(() => parseTemplateMeta('/t/meta.json', JSON.stringify(meta({ format: 'scion.template/0' })), 'web-tpl')).toThrow(expect.objectContaining({ code: 'E_RECORD_VERSION' }));
+    expect(() => parseTemplateMeta('/t/meta.json', JSON.stringify(meta({ kernel: '/etc/shadow' })), 'web-tpl')).toThrow(
+      /kernel: must be a file name inside the template directory, not a path/,
+    );
+    expect(() => parseTemplateMeta('/t/meta.json', JSON.stringify(meta({ kernel: '../web2-tpl/kernel-stub' })), 'web-tpl')).toThrow(
+      /kernel: must be a file name inside the template directory/,
+    );
+    expect(() => parseTemplateMeta('/t/meta.json', JSON.stringify(meta({ name: 'evil-tpl' })), 'web-tpl')).toThrow(
+      '/t/meta.json names template "evil-tpl", but lives in the directory of "web-tpl"',
+    );
+    expect(() => parseTemplateMeta('/t/meta.json', JSON.stringify(meta({ format: 'scion.template/0' })), 'web-tpl')).toThrow(
+      expect.objectContaining({ code: 'E_RECORD_VERSION' }),
+    );
     expect(() => parseTemplateMeta('/t/meta.json', JSON.stringify(meta({ ramMB: -1 })), 'web-tpl')).toThrow(/ramMB/);
   });
 });
@@ -159,12 +244,18 @@ describe('QEMU argv', () => {
   });
   it('builds the disk chain with explicit backing nodes, never a backing path from a qcow2 header', () => {
     expect(diskArgs({ layers: ['base', 'template'] })).toEqual([
-      '-add-fd', `fd=${FD.diskBase},set=${FD.diskBase}`,
-      '-blockdev', `driver=file,node-name=disk-base-file,filename=/dev/fdset/${FD.diskBase},read-only=on`,
-      '-blockdev', 'driver=qcow2,node-name=disk-base,file=disk-base-file,read-only=on',
-      '-add-fd', `fd=${FD.diskTemplate},set=${FD.diskTemplate}`,
-      '-blockdev', `driver=file,node-name=disk-top-file,filename=/dev/fdset/${FD.diskTemplate}`,
-      '-blockdev', 'driver=qcow2,node-name=disk-top,file=disk-top-file,backing=disk-base',
+      '-add-fd',
+      `fd=${FD.diskBase},set=${FD.diskBase}`,
+      '-blockdev',
+      `driver=file,node-name=disk-base-file,filename=/dev/fdset/${FD.diskBase},read-only=on`,
+      '-blockdev',
+      'driver=qcow2,node-name=disk-base,file=disk-base-file,read-only=on',
+      '-add-fd',
+      `fd=${FD.diskTemplate},set=${FD.diskTemplate}`,
+      '-blockdev',
+      `driver=file,node-name=disk-top-file,filename=/dev/fdset/${FD.diskTemplate}`,
+      '-blockdev',
+      'driver=qcow2,node-name=disk-top,file=disk-top-file,backing=disk-base',
     ]);
   });
 });
@@ -175,14 +266,23 @@ describe('identity allocation', () => {
     const rand = { bytes: (k: number) => Buffer.alloc(k, ++n), uuid: () => `00000000-0000-4000-8000-00000000000${++n}` };
     const id = allocateIdentity(5, 'web-{n}', rand, { network: '10.44.0.0/24', gateway: '10.44.0.1', dns: ['10.44.0.1'] });
     expect(id).toEqual({
-      index: 5, hostname: 'web-5', mac: '02:53:43:00:00:05', ip: '10.44.0.20', prefix: 24, gateway: '10.44.0.1', dns: ['10.44.0.1'],
-      machineId: '01'.repeat(16), vmgenid: '00000000-0000-4000-8000-000000000002', rngSeed: '03'.repeat(32),
+      index: 5,
+      hostname: 'web-5',
+      mac: '02:53:43:00:00:05',
+      ip: '10.44.0.20',
+      prefix: 24,
+      gateway: '10.44.0.1',
+      dns: ['10.44.0.1'],
+      machineId: '01'.repeat(16),
+      vmgenid: '00000000-0000-4000-8000-000000000002',
+      rngSeed: '03'.repeat(32),
     });
     expect(macFor(0x010203)).toBe('02:53:43:01:02:03');
     expect(ipFor(1)).toBe('10.0.2.16');
   });
   it('gives two clones distinct machine-ids, GUIDs and seeds with real randomness', () => {
-    const a = allocateIdentity(1, 'x'), b = allocateIdentity(2, 'x');
+    const a = allocateIdentity(1, 'x'),
+      b = allocateIdentity(2, 'x');
     expect(a.machineId).not.toBe(b.machineId);
     expect(a.vmgenid).not.toBe(b.vmgenid);
     expect(a.rngSeed).not.toBe(b.rngSeed);
@@ -197,7 +297,10 @@ describe('the up policy', () => {
   it('re-makes it otherwise, saying why', () => {
     expect(templateDecision(undefined, { manifestSha256: 'a'.repeat(64) }, {})).toEqual({ reuse: false, why: 'no frozen template' });
     expect(templateDecision(m, { manifestSha256: 'b'.repeat(64) }, {})).toEqual({ reuse: false, why: 'it is from another build of the image' });
-    expect(templateDecision(m, { manifestSha256: 'a'.repeat(64) }, { net: { mode: 'bridge', bridge: 'br0', network: '10.44.0.0/24' } })).toEqual({ reuse: false, why: 'it has other networking' });
+    expect(templateDecision(m, { manifestSha256: 'a'.repeat(64) }, { net: { mode: 'bridge', bridge: 'br0', network: '10.44.0.0/24' } })).toEqual({
+      reuse: false,
+      why: 'it has other networking',
+    });
     expect(templateDecision(m, { manifestSha256: 'a'.repeat(64) }, { disk: '/d.qcow2' })).toEqual({ reuse: false, why: 'it has no disk' });
   });
 });
@@ -217,10 +320,12 @@ describe('CLI argument checks', () => {
 
 describe('clock offset estimate', () => {
   it('takes the sample with the shortest round trip; its half is the error bound', () => {
-    expect(estimateOffset([
-      { sentMs: 1000, guestMs: 1600, receivedMs: 1100 },
-      { sentMs: 2000, guestMs: 2510, receivedMs: 2020 },
-    ])).toEqual({ offsetMs: 500, errorMs: 10 });
+    expect(
+      estimateOffset([
+        { sentMs: 1000, guestMs: 1600, receivedMs: 1100 },
+        { sentMs: 2000, guestMs: 2510, receivedMs: 2020 },
+      ]),
+    ).toEqual({ offsetMs: 500, errorMs: 10 });
   });
 });
 
@@ -231,10 +336,21 @@ describe('reservations and run directories (the lock files)', () => {
       const got = []; for (let i = 0; i < 25; i++) got.push(await reserveFirstFree('index', 1, 238, 'race', 'clone slots'));
       console.log(JSON.stringify(got));`;
     const { spawn } = await import('node:child_process');
-    const outs = await Promise.all(Array.from({ length: 4 }, () => new Promise<number[]>((resolve, reject) => {
-      const p = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { env: { ...process.env, SCION_RUN_DIR: run }, stdio: ['ignore', 'pipe', 'inherit'] });
-      let o = ''; p.stdout.on('data', (c) => (o += c)); p.on('exit', (code) => (code === 0 ? resolve(JSON.parse(o)) : reject(new Error(`exit ${code}`))));
-    })));
+    const outs = await Promise.all(
+      Array.from(
+        { length: 4 },
+        () =>
+          new Promise<number[]>((resolve, reject) => {
+            const p = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+              env: { ...process.env, SCION_RUN_DIR: run },
+              stdio: ['ignore', 'pipe', 'inherit'],
+            });
+            let o = '';
+            p.stdout.on('data', (c) => (o += c));
+            p.on('exit', (code) => (code === 0 ? resolve(JSON.parse(o)) : reject(new Error(`exit ${code}`))));
+          }),
+      ),
+    );
     const all = outs.flat();
     expect(all).toHaveLength(100);
     expect(new Set(all).size).toBe(100);
@@ -248,7 +364,10 @@ describe('reservations and run directories (the lock files)', () => {
       await expect(reserveFirstFree('index', 1, 100, 'full', 'clone slots')).rejects.toMatchObject({ code: 'E_NO_SLOTS' });
       // a name is claimed once: the second maker gets E_VM_EXISTS and the first one's directory is intact
       await createRunDir(record() as any);
-      await expect(createRunDir({ ...(record() as any), generation: 9 })).rejects.toMatchObject({ code: 'E_VM_EXISTS', message: 'a VM named web-c1 already exists' });
+      await expect(createRunDir({ ...(record() as any), generation: 9 })).rejects.toMatchObject({
+        code: 'E_VM_EXISTS',
+        message: 'a VM named web-c1 already exists',
+      });
       expect(JSON.parse(readFileSync(join(run, 'vms', 'web-c1', 'vm.json'), 'utf8')).generation).toBe(2);
       expect(readdirSync(join(run, 'vms'))).toEqual(['web-c1']); // no temporary directory left behind
     } finally {

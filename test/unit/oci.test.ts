@@ -20,19 +20,40 @@ async function tarOf(entries: { name: string; body?: string; type?: 'directory' 
 }
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
-const layer1 = [{ name: 'etc/', type: 'directory' as const }, { name: 'etc/a', body: 'A' }, { name: 'etc/b', body: 'B' }, { name: 'data/x/y', body: 'old' }, { name: 'bin/tool', body: 'v1' }];
+const layer1 = [
+  { name: 'etc/', type: 'directory' as const },
+  { name: 'etc/a', body: 'A' },
+  { name: 'etc/b', body: 'B' },
+  { name: 'data/x/y', body: 'old' },
+  { name: 'bin/tool', body: 'v1' },
+];
 const layer2 = [{ name: 'etc/.wh.a' }, { name: 'data/.wh..wh..opq' }, { name: 'data/new', body: 'N' }, { name: 'bin/tool', body: 'v2' }];
 
 describe('OCI images', () => {
   it('applies layers of an OCI layout in order, honouring whiteouts and opaque directories', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'scion-oci-'));
     mkdirSync(join(dir, 'blobs/sha256'), { recursive: true });
-    const blob = (b: Buffer) => { const h = sha(b); writeFileSync(join(dir, 'blobs/sha256', h), b); return { digest: `sha256:${h}`, size: b.length }; };
+    const blob = (b: Buffer) => {
+      const h = sha(b);
+      writeFileSync(join(dir, 'blobs/sha256', h), b);
+      return { digest: `sha256:${h}`, size: b.length };
+    };
     const l1 = blob(gzipSync(await tarOf(layer1)));
     const l2 = blob(gzipSync(await tarOf(layer2)));
     const cfg = blob(Buffer.from(JSON.stringify({ config: { Cmd: ['/bin/tool'] } })));
-    const man = blob(Buffer.from(JSON.stringify({ schemaVersion: 2, config: { mediaType: 'application/vnd.oci.image.config.v1+json', ...cfg }, layers: [l1, l2].map((l) => ({ mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', ...l })) })));
-    writeFileSync(join(dir, 'index.json'), JSON.stringify({ schemaVersion: 2, manifests: [{ mediaType: 'application/vnd.oci.image.manifest.v1+json', ...man }] }));
+    const man = blob(
+      Buffer.from(
+        JSON.stringify({
+          schemaVersion: 2,
+          config: { mediaType: 'application/vnd.oci.image.config.v1+json', ...cfg },
+          layers: [l1, l2].map((l) => ({ mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', ...l })),
+        }),
+      ),
+    );
+    writeFileSync(
+      join(dir, 'index.json'),
+      JSON.stringify({ schemaVersion: 2, manifests: [{ mediaType: 'application/vnd.oci.image.manifest.v1+json', ...man }] }),
+    );
     writeFileSync(join(dir, 'oci-layout'), '{"imageLayoutVersion":"1.0.0"}');
     const img = await readOciImage(dir);
     const files = Object.fromEntries([...img.files].filter(([, e]) => e.type === 'file').map(([p, e]) => [p, e.data!.toString()]));
@@ -48,7 +69,8 @@ describe('OCI images', () => {
   });
 
   it('reads a docker-save archive the same way', async () => {
-    const l1 = await tarOf(layer1), l2 = await tarOf(layer2);
+    const l1 = await tarOf(layer1),
+      l2 = await tarOf(layer2);
     const archive = await tarOf([
       { name: 'manifest.json', body: JSON.stringify([{ Config: 'cfg.json', Layers: ['l1/layer.tar', 'l2/layer.tar'] }]) },
       { name: 'cfg.json', body: '{"config":{}}' },

@@ -39,7 +39,11 @@ describe('OCI references', () => {
     ['a b/web:1', 'registry "a b"'],
   ])('refuses %s', (ref, why) => {
     expect(() => parseReference(ref)).toThrow(why);
-    try { parseReference(ref); } catch (e) { expect((e as ScionError).code).toBe('E_IMAGE_REF'); }
+    try {
+      parseReference(ref);
+    } catch (e) {
+      expect((e as ScionError).code).toBe('E_IMAGE_REF');
+    }
   });
   it('speaks plain HTTP only to loopback unless asked', () => {
     expect(registryBaseUrl('127.0.0.1:5000')).toBe('http://127.0.0.1:5000');
@@ -56,34 +60,76 @@ describe('OCI references', () => {
 });
 
 describe('artifact manifests', () => {
-  const files: { name: ImageFile; digest: string; size: number }[] = [{ name: 'vmlinuz', digest: 'sha256:' + '1'.repeat(64), size: 10 }, { name: 'initrd.img', digest: 'sha256:' + '2'.repeat(64), size: 20 }, { name: 'manifest.json', digest: 'sha256:' + '3'.repeat(64), size: 30 }];
+  const files: { name: ImageFile; digest: string; size: number }[] = [
+    { name: 'vmlinuz', digest: 'sha256:' + '1'.repeat(64), size: 10 },
+    { name: 'initrd.img', digest: 'sha256:' + '2'.repeat(64), size: 20 },
+    { name: 'manifest.json', digest: 'sha256:' + '3'.repeat(64), size: 30 },
+  ];
   it('round-trips through the check', () => {
     const m = artifactManifest('web', files);
     expect(m.artifactType).toBe(ARTIFACT_TYPE);
     expect(checkArtifactManifest('r', JSON.parse(JSON.stringify(m)))).toEqual(m);
   });
-  const bad = (patch: (m: any) => void) => { const m: any = JSON.parse(JSON.stringify(artifactManifest('web', files))); patch(m); return () => checkArtifactManifest('r', m); };
+  const bad = (patch: (m: any) => void) => {
+    const m: any = JSON.parse(JSON.stringify(artifactManifest('web', files)));
+    patch(m);
+    return () => checkArtifactManifest('r', m);
+  };
   it('refuses a path as a title, an unknown file, another artifact type, a missing initrd, an absurd size', () => {
-    expect(bad((m) => { m.layers[0].annotations['org.opencontainers.image.title'] = '../../etc/passwd'; })).toThrow('a layer is titled "../../etc/passwd"');
-    expect(bad((m) => { m.layers[0].annotations['org.opencontainers.image.title'] = 'evil.sh'; })).toThrow('only vmlinuz, initrd.img');
-    expect(bad((m) => { m.artifactType = 'application/vnd.oci.image.config.v1+json'; })).toThrow('artifactType is');
-    expect(bad((m) => { m.layers.splice(1, 1); })).toThrow('it has no initrd.img');
-    expect(bad((m) => { m.layers[1].size = 1e13; })).toThrow('is not a size up to 4 GiB');
-    expect(bad((m) => { m.layers[1].digest = 'sha256:../x'; })).toThrow('is not sha256:<hex>');
-    expect(bad((m) => { m.layers[2] = { ...m.layers[1] }; })).toThrow('two layers are titled initrd.img');
+    expect(
+      bad((m) => {
+        m.layers[0].annotations['org.opencontainers.image.title'] = '../../etc/passwd';
+      }),
+    ).toThrow('a layer is titled "../../etc/passwd"');
+    expect(
+      bad((m) => {
+        m.layers[0].annotations['org.opencontainers.image.title'] = 'evil.sh';
+      }),
+    ).toThrow('only vmlinuz, initrd.img');
+    expect(
+      bad((m) => {
+        m.artifactType = 'application/vnd.oci.image.config.v1+json';
+      }),
+    ).toThrow('artifactType is');
+    expect(
+      bad((m) => {
+        m.layers.splice(1, 1);
+      }),
+    ).toThrow('it has no initrd.img');
+    expect(
+      bad((m) => {
+        m.layers[1].size = 1e13;
+      }),
+    ).toThrow('is not a size up to 4 GiB');
+    expect(
+      bad((m) => {
+        m.layers[1].digest = 'sha256:../x';
+      }),
+    ).toThrow('is not sha256:<hex>');
+    expect(
+      bad((m) => {
+        m.layers[2] = { ...m.layers[1] };
+      }),
+    ).toThrow('two layers are titled initrd.img');
   });
 });
 
 describe('registry credentials and challenges', () => {
   const cfg = (auths: object) => JSON.stringify({ auths });
   it('reads auth (base64 user:password) and username/password, matching keys with a scheme', () => {
-    expect(credentialsFromConfig(cfg({ 'https://reg.example:5000/v1/': { auth: Buffer.from('u:p:w').toString('base64') } }), 'reg.example:5000')).toEqual({ username: 'u', password: 'p:w' });
+    expect(credentialsFromConfig(cfg({ 'https://reg.example:5000/v1/': { auth: Buffer.from('u:p:w').toString('base64') } }), 'reg.example:5000')).toEqual({
+      username: 'u',
+      password: 'p:w',
+    });
     expect(credentialsFromConfig(cfg({ 'reg.example': { username: 'a', password: 'b' } }), 'reg.example')).toEqual({ username: 'a', password: 'b' });
     expect(credentialsFromConfig(cfg({ 'other.example': { auth: 'eDp5' } }), 'reg.example')).toBeUndefined();
     expect(() => credentialsFromConfig('{', 'x')).toThrow('the Docker config file is not valid JSON');
   });
   it('parses Bearer and Basic challenges', () => {
-    expect(parseChallenge('Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull"')).toEqual({ scheme: 'bearer', params: { realm: 'https://auth.example/token', service: 'registry.example', scope: 'repository:a/b:pull' } });
+    expect(parseChallenge('Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull"')).toEqual({
+      scheme: 'bearer',
+      params: { realm: 'https://auth.example/token', service: 'registry.example', scope: 'repository:a/b:pull' },
+    });
     expect(parseChallenge('Basic realm="scion-test"')).toEqual({ scheme: 'basic', params: { realm: 'scion-test' } });
   });
 });
@@ -122,7 +168,11 @@ describe('ELF stripping', () => {
   });
   it('leaves what is not an executable or shared object alone', () => {
     expect(stripElf(Buffer.from('#!/bin/sh\necho hi\n'))).toBeUndefined();
-    const rel = Buffer.alloc(128); rel.write('\x7fELF', 0, 'latin1'); rel[4] = 2; rel[5] = 1; rel.writeUInt16LE(1, 0x10); // ET_REL: a kernel module
+    const rel = Buffer.alloc(128);
+    rel.write('\x7fELF', 0, 'latin1');
+    rel[4] = 2;
+    rel[5] = 1;
+    rel.writeUInt16LE(1, 0x10); // ET_REL: a kernel module
     expect(stripElf(rel)).toBeUndefined();
   });
 });
@@ -137,9 +187,24 @@ describe('comparing two builds', () => {
   };
   it('names the first differing file and how', () => {
     expect(firstCpioDifference(archive(), archive())).toBeUndefined();
-    expect(firstCpioDifference(archive(), archive((t) => t.file('/etc/b', 'two\n')))).toMatchObject({ path: '/etc/b', how: expect.stringMatching(/^contents differ from byte 0 \(4 bytes each; sha256 /) });
-    expect(firstCpioDifference(archive(), archive((t) => t.file('/etc/b', 'one\n', 0o755)))).toEqual({ path: '/etc/b', how: 'mode 0100644 vs 0100755' });
-    expect(firstCpioDifference(archive(), archive((t) => t.file('/etc/c', 'new\n')))).toEqual({ path: '/etc/c', how: 'only in the second build' });
+    expect(
+      firstCpioDifference(
+        archive(),
+        archive((t) => t.file('/etc/b', 'two\n')),
+      ),
+    ).toMatchObject({ path: '/etc/b', how: expect.stringMatching(/^contents differ from byte 0 \(4 bytes each; sha256 /) });
+    expect(
+      firstCpioDifference(
+        archive(),
+        archive((t) => t.file('/etc/b', 'one\n', 0o755)),
+      ),
+    ).toEqual({ path: '/etc/b', how: 'mode 0100644 vs 0100755' });
+    expect(
+      firstCpioDifference(
+        archive(),
+        archive((t) => t.file('/etc/c', 'new\n')),
+      ),
+    ).toEqual({ path: '/etc/c', how: 'only in the second build' });
     expect(firstCpioDifference(archive(), archive(undefined, 5))).toMatchObject({ how: 'mtime 0 vs 5 (set SOURCE_DATE_EPOCH)' });
     expect(firstLineDifference('a\nb\nc', 'a\nx\nc')).toEqual({ line: 2, first: 'b', second: 'x' });
   });
@@ -147,17 +212,30 @@ describe('comparing two builds', () => {
 
 describe('SBOM and provenance', () => {
   const input: SbomInput = {
-    image: 'web', scionVersion: '9.9.9', codename: 'trixie', sourceDateEpoch: 0,
+    image: 'web',
+    scionVersion: '9.9.9',
+    codename: 'trixie',
+    sourceDateEpoch: 0,
     sets: {
-      guest: { roots: ['crun'], packages: [
-        { name: 'crun', version: '1.21-1', architecture: 'amd64', sha256: 'a'.repeat(64), depends: ['libc6'] },
-        { name: 'libc6', version: '2.41-12', architecture: 'amd64', sha256: 'b'.repeat(64), depends: [] },
-        { name: 'quickjs', version: '2025.04.26-1', architecture: 'amd64', sha256: '9'.repeat(64), depends: ['libc6'] }] },
-      'container:web': { roots: ['busybox-static'], packages: [{ name: 'busybox-static', version: '1:1.37.0-6', architecture: 'amd64', sha256: 'c'.repeat(64), depends: [] }] },
+      guest: {
+        roots: ['crun'],
+        packages: [
+          { name: 'crun', version: '1.21-1', architecture: 'amd64', sha256: 'a'.repeat(64), depends: ['libc6'] },
+          { name: 'libc6', version: '2.41-12', architecture: 'amd64', sha256: 'b'.repeat(64), depends: [] },
+          { name: 'quickjs', version: '2025.04.26-1', architecture: 'amd64', sha256: '9'.repeat(64), depends: ['libc6'] },
+        ],
+      },
+      'container:web': {
+        roots: ['busybox-static'],
+        packages: [{ name: 'busybox-static', version: '1:1.37.0-6', architecture: 'amd64', sha256: 'c'.repeat(64), depends: [] }],
+      },
     },
     runtime: { package: 'quickjs', version: '2025.04.26-1' },
     agentBundleSha256: 'e'.repeat(64),
-    containers: [{ name: 'web', set: 'container:web' }, { name: 'app', layers: [{ digest: 'sha256:' + 'f'.repeat(64), size: 9, mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip' }] }],
+    containers: [
+      { name: 'web', set: 'container:web' },
+      { name: 'app', layers: [{ digest: 'sha256:' + 'f'.repeat(64), size: 9, mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip' }] },
+    ],
   };
   it('is valid CycloneDX 1.6, the same bytes for the same input, and lists OCI layers by digest', async () => {
     const a = sbomJson(input);
@@ -174,24 +252,44 @@ describe('SBOM and provenance', () => {
     expect(bom.components.filter((c: any) => c.name === 'quickjs')).toHaveLength(1);
   });
   it('resolves Depends alternatives and Provides to packages of the set', () => {
-    const avail = new Map([['libc6', []], ['mawk', ['awk']], ['libgcc-s1', []]]);
+    const avail = new Map([
+      ['libc6', []],
+      ['mawk', ['awk']],
+      ['libgcc-s1', []],
+    ]);
     expect(resolvedDepends({ 'Pre-Depends': 'libc6 (>= 2.34)', Depends: 'gawk | awk, libgcc-s1, missing' }, avail)).toEqual(['libc6', 'libgcc-s1', 'mawk']);
     expect(debArchitecture('pool/main/b/busybox/busybox-static_1.37.0-6+b9_amd64.deb')).toBe('amd64');
     expect(debArchitecture('pool/main/t/tzdata/tzdata_2025a-1_all.deb')).toBe('all');
   });
   it('provenance: the same bytes for the same input, subjects sorted, no time or host in it', () => {
     const p: ProvenanceInput = {
-      image: 'web', scionVersion: '9.9.9', outputs: [{ name: 'vmlinuz', sha256: '1'.repeat(64) }, { name: 'initrd.img', sha256: '2'.repeat(64) }],
-      definition: { path: 'web.yaml', sha256: '3'.repeat(64) }, lock: { path: 'web.scion.lock', sha256: '4'.repeat(64) }, compression: 'none', sourceDateEpoch: 0,
-      mirror: 'http://deb.debian.org/debian/', suite: 'trixie', codename: 'trixie', architecture: 'amd64',
+      image: 'web',
+      scionVersion: '9.9.9',
+      outputs: [
+        { name: 'vmlinuz', sha256: '1'.repeat(64) },
+        { name: 'initrd.img', sha256: '2'.repeat(64) },
+      ],
+      definition: { path: 'web.yaml', sha256: '3'.repeat(64) },
+      lock: { path: 'web.scion.lock', sha256: '4'.repeat(64) },
+      compression: 'none',
+      sourceDateEpoch: 0,
+      mirror: 'http://deb.debian.org/debian/',
+      suite: 'trixie',
+      codename: 'trixie',
+      architecture: 'amd64',
       packages: [{ name: 'crun', version: '1.21-1', filename: 'pool/main/c/crun/crun_1.21-1_amd64.deb', sha256: 'a'.repeat(64) }],
-      containerImages: [], userFiles: [],
+      containerImages: [],
+      userFiles: [],
     };
     const a = provenanceJson(p);
     expect(provenanceJson(structuredClone(p))).toBe(a);
     const st = JSON.parse(a);
     expect(st.subject.map((s: any) => s.name)).toEqual(['web/initrd.img', 'web/vmlinuz']);
-    expect(st.predicate.buildDefinition.resolvedDependencies).toContainEqual({ uri: 'http://deb.debian.org/debian/pool/main/c/crun/crun_1.21-1_amd64.deb', name: 'crun_1.21-1', digest: { sha256: 'a'.repeat(64) } });
+    expect(st.predicate.buildDefinition.resolvedDependencies).toContainEqual({
+      uri: 'http://deb.debian.org/debian/pool/main/c/crun/crun_1.21-1_amd64.deb',
+      name: 'crun_1.21-1',
+      digest: { sha256: 'a'.repeat(64) },
+    });
     expect(a).not.toMatch(/startedOn|finishedOn|invocationId|hostname/);
   });
 });

@@ -73,7 +73,10 @@ describe('control files', () => {
   it('parses relationship fields with alternatives, versions and arch qualifiers', () => {
     expect(parseDepends('a (>= 1), b | c:any (<< 2~), d')).toEqual([
       [{ name: 'a', rel: '>=', version: '1', arch: undefined }],
-      [{ name: 'b', rel: undefined, version: undefined, arch: undefined }, { name: 'c', arch: 'any', rel: '<<', version: '2~' }],
+      [
+        { name: 'b', rel: undefined, version: undefined, arch: undefined },
+        { name: 'c', arch: 'any', rel: '<<', version: '2~' },
+      ],
       [{ name: 'd', rel: undefined, version: undefined, arch: undefined }],
     ]);
   });

