@@ -54,6 +54,8 @@ export function driftFrom(offsetMs: number, phaseMs: number): number {
 export const EDGE_UNCERTAINTY_MS = 5;
 /** How many times calibration looks for a trustworthy RTC edge before it reports that it found none. */
 export const CALIBRATE_ATTEMPTS = 4;
+/** How many times a keeper's check looks for one (an error then waits for the next check). */
+export const CHECK_ATTEMPTS = 2;
 
 /**
  * The system clock minus the RTC at an edge seen between two reads (the
@@ -155,25 +157,35 @@ export class ClockKeeper {
    */
   async calibrate(attempts = CALIBRATE_ATTEMPTS): Promise<number | undefined> {
     this.state.rtcPhaseMs = undefined;
+    try {
+      this.state.rtcPhaseMs = await this.trustedOffset(attempts);
+      this.state.lastError = undefined;
+      return this.state.rtcPhaseMs;
+    } catch (e) {
+      this.state.lastError = `RTC phase not calibrated: ${(e as Error).message}`;
+      return undefined;
+    }
+  }
+
+  /** rtcOffset, looked for again while the edges seen cannot be trusted, at most `attempts` times. */
+  private async trustedOffset(attempts: number): Promise<number> {
     let last: Error | undefined;
     for (let i = 0; i < attempts; i++) {
       try {
-        this.state.rtcPhaseMs = await this.rtcOffset();
-        this.state.lastError = undefined;
-        return this.state.rtcPhaseMs;
+        return await this.rtcOffset();
       } catch (e) {
         last = e as Error;
       }
     }
-    this.state.lastError = `RTC phase not calibrated after ${attempts} attempts: ${last?.message}`;
-    return undefined;
+    throw new Error(`${last?.message} (${attempts} attempts)`);
   }
 
   /** Measure the drift against the RTC and step it away if it is over 5 ms; resolves with the drift found. */
   check(): Promise<number> {
     if (!this.enabled || this.state.rtcPhaseMs === undefined) return Promise.resolve(0);
     this.busy ??= (async () => {
-      const drift = driftFrom(await this.rtcOffset(), this.state.rtcPhaseMs!);
+      // a check that sees only late edges (a loaded host) looks again before it gives up until the next interval
+      const drift = driftFrom(await this.trustedOffset(CHECK_ATTEMPTS), this.state.rtcPhaseMs!);
       this.state.checks++;
       this.state.lastCheckAt = Date.now();
       this.state.lastDriftMs = Math.round(drift * 10) / 10;

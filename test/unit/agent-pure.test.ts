@@ -248,7 +248,7 @@ describe('clock calibration against the RTC', () => {
     );
     await expect(k.calibrate(2)).resolves.toBeUndefined();
     expect(k.state.rtcPhaseMs).toBeUndefined();
-    expect(k.state.lastError).toMatch(/not calibrated after 2 attempts: the RTC \(\/rtc\) did not tick when expected/);
+    expect(k.state.lastError).toMatch(/not calibrated: the RTC \(\/rtc\) did not tick when expected \(2 attempts\)/);
     await expect(k.check()).resolves.toBe(0);
   }, 15_000);
 });
