@@ -10,7 +10,8 @@
 import { mkdir, rename, rm, writeFile, symlink, readFile, mkdtemp, access } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { BuildError } from '../common/errors.ts';
-import { BlobCache, defaultCacheDir } from './cache.ts';
+import { BlobCache } from './cache.ts';
+import { config } from '../common/config.ts';
 import { DebianArchive, chooseMirror } from './debian/archive.ts';
 import { extractDeb } from './debian/deb.ts';
 import { readLock } from './lock.ts';
@@ -43,7 +44,7 @@ export async function hostAgentRuntime(definitionPath: string, opts: { cacheDir?
     if (!p) throw new BuildError('E_LOCK_STALE', `${lockPath}: the guest set has no ${n}`, { hint: 'build the image once without --locked to resolve it' });
     return p;
   });
-  const cacheDir = opts.cacheDir ?? defaultCacheDir();
+  const cacheDir = opts.cacheDir ?? config().cacheDir;
   const dir = join(cacheDir, 'agent-runtime', wanted.map((p) => p.sha256.slice(0, 16)).join('-'));
   const runtime = { dir, argv: [dir + LOADER, '--library-path', dir + LIBS, dir + QJS] };
   if (

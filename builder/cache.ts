@@ -5,26 +5,14 @@
  * one complete copy and never read a half-written one. A blob whose bytes do
  * not match its name is deleted and treated as missing (never used).
  */
-import { mkdir, readFile, unlink } from 'node:fs/promises';
+import { readFile, unlink } from 'node:fs/promises';
+import { join } from 'node:path';
 import { config } from '../common/config.ts';
-import { atomicWrite as safeAtomicWrite } from '../common/safe-fs.ts';
-import { join, dirname } from 'node:path';
-
-export function defaultCacheDir(): string {
-  return config().cacheDir;
-}
-
-import { sha256 } from './digest.ts';
-export { sha256, ociDigest } from './digest.ts';
-
-/** common/safe-fs atomicWrite, making the directory first (build outputs and the cache live where the user says). */
-export async function atomicWrite(path: string, data: Uint8Array | string, mode = 0o644): Promise<void> {
-  await mkdir(dirname(path), { recursive: true });
-  await safeAtomicWrite(path, data, mode);
-}
+import { atomicWrite } from '../common/safe-fs.ts';
+import { sha256 } from '../common/digest.ts';
 
 export class BlobCache {
-  constructor(readonly dir: string = defaultCacheDir()) {}
+  constructor(readonly dir: string = config().cacheDir) {}
 
   pathOf(hash: string): string {
     return join(this.dir, 'blobs', 'sha256', hash.slice(0, 2), hash);
@@ -51,7 +39,7 @@ export class BlobCache {
 
   async put(data: Uint8Array): Promise<string> {
     const hash = sha256(data);
-    await atomicWrite(this.pathOf(hash), data);
+    await atomicWrite(this.pathOf(hash), data, 0o644, { makeDirs: true });
     return hash;
   }
 

@@ -9,7 +9,7 @@ import { readFile } from 'node:fs/promises';
 import { dirname, resolve as resolvePath } from 'node:path';
 import { BuildError } from '../common/errors.ts';
 import { GUEST_IMAGE_CONFIG, type GuestImageConfig, type ContainerSpec } from '../common/contracts.ts';
-import { sha256 } from './cache.ts';
+import { sha256 } from '../common/digest.ts';
 import { decompress, type TarEntry } from './debian/deb.ts';
 import type { ImageDefinition } from './schema.ts';
 import type { Lockfile, LockedPackage } from './lock.ts';

@@ -1,7 +1,7 @@
 /** scion.lock: the exact packages (version, file, SHA-256) each set of roots resolved to. */
 import { readFile } from 'node:fs/promises';
 import { BuildError } from '../common/errors.ts';
-import { atomicWrite } from './cache.ts';
+import { atomicWrite } from '../common/safe-fs.ts';
 
 export interface LockedPackage {
   name: string;
@@ -45,7 +45,7 @@ export function serialiseLock(l: Lockfile): string {
 }
 
 export async function writeLock(path: string, l: Lockfile): Promise<void> {
-  await atomicWrite(path, serialiseLock(l));
+  await atomicWrite(path, serialiseLock(l), 0o644, { makeDirs: true });
 }
 
 export const sameRoots = (a: string[], b: string[]) => a.length === b.length && [...a].sort().every((x, i) => x === [...b].sort()[i]);

@@ -5,7 +5,7 @@
  */
 import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ociDigest } from './digest.ts';
+import { ociDigest } from '../common/digest.ts';
 import { gunzipSync } from 'node:zlib';
 import { BuildError } from '../common/errors.ts';
 import type { ContainerDef } from './schema.ts';

@@ -13,7 +13,7 @@ import { replaceDirectory } from '../common/safe-fs.ts';
 import { runBuffer } from '../common/run.ts';
 import { SCION_VERSION } from '../common/version.ts';
 import { IMAGE_FILES, imagePaths, type ImageFile, type ImageManifest } from '../common/image-layout.ts';
-import { sha256 } from './cache.ts';
+import { sha256 } from '../common/digest.ts';
 import type { ImageDefinition } from './schema.ts';
 import { serialiseLock, writeLock, type Lockfile, type LockedPackage } from './lock.ts';
 import { cpioChunks } from './cpio.ts';

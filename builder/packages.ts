@@ -6,7 +6,8 @@
 import { readFile } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { BuildError } from '../common/errors.ts';
-import { type BlobCache, atomicWrite } from './cache.ts';
+import type { BlobCache } from './cache.ts';
+import { atomicWrite } from '../common/safe-fs.ts';
 import type { DebianArchive } from './debian/archive.ts';
 import { debDataTar, dataTarEntries, readControl, type TarEntry } from './debian/deb.ts';
 import { resolve as resolveDeps, type PackageIndex } from './debian/resolver.ts';
@@ -118,7 +119,7 @@ async function cachedDataTar(cache: BlobCache, p: LockedPackage, deb: Buffer): P
   const hit = hash && /^[0-9a-f]{64}$/.test(hash) ? await cache.get(hash) : undefined;
   if (hit) return hit;
   const tar = await debDataTar(deb, label);
-  await atomicWrite(ref, await cache.put(tar));
+  await atomicWrite(ref, await cache.put(tar), 0o644, { makeDirs: true });
   return tar;
 }
 

@@ -9,7 +9,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { constants, lstatSync, mkdirSync, realpathSync, statfsSync, type Stats } from 'node:fs';
-import { open, rename, rm, unlink } from 'node:fs/promises';
+import { mkdir, open, rename, rm, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { ScionError } from './errors.ts';
 
@@ -106,8 +106,13 @@ export async function writeExclusive(path: string, data: Uint8Array | string, mo
   }
 }
 
-/** Write to a fresh temporary file beside `path`, then rename over it: readers see the old or the new bytes, never half. */
-export async function atomicWrite(path: string, data: Uint8Array | string, mode = 0o644): Promise<void> {
+/**
+ * Write to a fresh temporary file beside `path`, then rename over it: readers
+ * see the old or the new bytes, never half. `makeDirs`: its directory made
+ * first (build outputs and the cache live where the user says).
+ */
+export async function atomicWrite(path: string, data: Uint8Array | string, mode = 0o644, o: { makeDirs?: boolean } = {}): Promise<void> {
+  if (o.makeDirs) await mkdir(dirname(path), { recursive: true });
   const tmp = `${path}.tmp-${process.pid}-${randomBytes(6).toString('hex')}`;
   try {
     await writeExclusive(tmp, data, mode);

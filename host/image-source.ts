@@ -6,7 +6,7 @@
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { build, type BuildEvent } from '../builder/build.ts';
-import { defaultCacheDir } from '../builder/cache.ts';
+import { config } from '../common/config.ts';
 import { ScionError } from '../common/errors.ts';
 import { looksLikeReference } from '../registry/reference.ts';
 import { pullCached } from '../registry/transfer.ts';
@@ -38,7 +38,7 @@ export async function resolveImage(arg: string, opts: ImageSourceOptions = {}): 
   if (kind === 'definition') return { dir: (await build({ definitionPath: arg, outDir: opts.outDir, onEvent: opts.onBuildEvent })).dir, kind };
   if (kind === 'directory') return { dir: arg, kind };
   if (kind === 'reference') {
-    const r = await pullCached(arg, join(opts.cacheDir ?? defaultCacheDir(), 'images'), { insecure: opts.insecure, log: opts.log });
+    const r = await pullCached(arg, join(opts.cacheDir ?? config().cacheDir, 'images'), { insecure: opts.insecure, log: opts.log });
     opts.log?.(r.cached ? `${arg}: ${r.name} (${r.digest}) is in the cache, every digest checked` : `pulled ${r.name} (${r.digest})`);
     return { dir: r.dir, kind };
   }

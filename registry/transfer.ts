@@ -10,7 +10,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, readFile, rm, rmdir } from 'node:fs/promises';
 import { dirname, join, resolve as resolvePath } from 'node:path';
-import { ociDigest } from '../builder/digest.ts';
+import { ociDigest } from '../common/digest.ts';
 import { validName } from '../common/names.ts';
 import { SCION_VERSION } from '../common/version.ts';
 import { ScionError } from '../common/errors.ts';

@@ -12,7 +12,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { ArchiveError, BuildError } from '../../common/errors.ts';
-import { type BlobCache, atomicWrite, sha256 } from '../cache.ts';
+import type { BlobCache } from '../cache.ts';
+import { atomicWrite } from '../../common/safe-fs.ts';
+import { sha256 } from '../../common/digest.ts';
 import { download, type Progress } from '../fetch.ts';
 import { clearsignedBody, parseReleaseHashes, parseStanzas } from './control.ts';
 import { buildIndex, entryFromStanza, type PackageEntry, type PackageIndex } from './resolver.ts';
@@ -111,7 +113,7 @@ export class DebianArchive {
       o.log?.(`network unreachable: using the cached InRelease of ${o.suite}`);
     }
     await gpgvVerify(signed, o.keyring ?? DEFAULT_KEYRING);
-    await atomicWrite(ref, signed);
+    await atomicWrite(ref, signed, 0o644, { makeDirs: true });
     const body = clearsignedBody(signed.toString('utf8'));
     this.codename = parseStanzas(body)[0]?.['Codename'];
     return body;

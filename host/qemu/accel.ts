@@ -11,7 +11,8 @@ import { accessSync, constants, readFileSync, mkdtempSync, rmSync } from 'node:f
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
-import { atomicWrite, defaultCacheDir, sha256 } from '../../builder/cache.ts';
+import { atomicWrite } from '../../common/safe-fs.ts';
+import { sha256 } from '../../common/digest.ts';
 import type { Accel } from './argv.ts';
 import { config } from '../../common/config.ts';
 
@@ -45,7 +46,7 @@ export async function chooseAccel(kernel: string, log?: (m: string) => void): Pr
     return { accel: 'tcg', reason: '/dev/kvm is not usable' };
   }
   const key = sha256((await qemuVersion()) + sha256(readFileSync(kernel)));
-  const cacheFile = join(defaultCacheDir(), `accel-${key.slice(0, 16)}.json`);
+  const cacheFile = join(config().cacheDir, `accel-${key.slice(0, 16)}.json`);
   try {
     return JSON.parse(await readFile(cacheFile, 'utf8'));
   } catch {
@@ -56,7 +57,7 @@ export async function chooseAccel(kernel: string, log?: (m: string) => void): Pr
   const r = ok.works
     ? { accel: 'kvm' as Accel, reason: 'KVM booted the guest kernel' }
     : { accel: 'tcg' as Accel, reason: `KVM does not run the guest here: ${ok.why}` };
-  await atomicWrite(cacheFile, JSON.stringify(r));
+  await atomicWrite(cacheFile, JSON.stringify(r), 0o644, { makeDirs: true });
   return r;
 }
 

@@ -9,7 +9,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { gzipSync } from 'node:zlib';
 import { join } from 'node:path';
 import tar from 'tar-stream';
-import { BlobCache, defaultCacheDir } from '../../builder/cache.ts';
+import { BlobCache } from '../../builder/cache.ts';
 import { extractDeb } from '../../builder/debian/deb.ts';
 
 const sha = (b: Uint8Array | string) => createHash('sha256').update(b).digest('hex');
@@ -42,7 +42,7 @@ export async function busyboxOciArchive(dir: string, name: string, cmd: string[]
   const p = Object.values<any>(lock.sets)
     .flatMap((s) => s.packages)
     .find((x: any) => x.name === 'busybox-static');
-  const deb = await new BlobCache(defaultCacheDir()).get(p.sha256);
+  const deb = await new BlobCache().get(p.sha256);
   if (!deb) throw new Error('busybox-static is not in the build cache: build images/pod.yaml first');
   const busybox = (await extractDeb(deb)).find((e) => e.path === '/usr/bin/busybox')!.data!;
   const layerTar = await tarOf([

@@ -102,6 +102,18 @@ describe('the builder in stages', () => {
   });
 });
 
+describe('one of each generic helper', () => {
+  it('atomicWrite, sha256 and the cache directory are defined once, in common/, and host/qemu reaches nothing of the builder', async () => {
+    const files = ['host', 'cli', 'builder', 'registry', 'testing', 'common', 'shim', 'bench'].flatMap(tsFiles);
+    const defined = (re: RegExp) => files.filter((f) => re.test(readFileSync(join(ROOT, f), 'utf8')));
+    expect(defined(/^export (async )?function atomicWrite\b/m)).toEqual(['common/safe-fs.ts']);
+    expect(defined(/^export (const|function) sha256\b/m)).toEqual(['common/digest.ts']);
+    expect(defined(/\bfunction defaultCacheDir\b/)).toEqual([]);
+    const graph = await importGraph(tsFiles('host/qemu'));
+    expect([...graph.entries()].filter(([f]) => f.startsWith('host/qemu/')).flatMap(([f, is]) => is.filter((i) => i.startsWith('builder/')).map((i) => `${f} -> ${i}`))).toEqual([]);
+  });
+});
+
 describe('typed contracts', () => {
   it("the agent client's published types have no `any`", () => {
     const cfg = join(scratch, 'tsconfig.json');
