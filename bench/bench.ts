@@ -9,9 +9,9 @@ import { readFileSync, writeFileSync, mkdirSync, rmSync, mkdtempSync } from 'nod
 import { cpus, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { build } from '../builder/build.ts';
+import { build } from '../host/index.ts';
 import * as vm from '../host/index.ts';
-import { qemuVersion } from '../host/qemu/accel.ts';
+import { qemuVersion } from '../host/machine/inspect.ts';
 import { percentile, summarise, renderSvg, type Summary } from './stats.ts';
 
 const ROOT = resolve(import.meta.dirname, '..');

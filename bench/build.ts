@@ -8,7 +8,7 @@ import { mkdtempSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { build, type Compression } from '../builder/build.ts';
+import { build, type Compression } from '../host/index.ts';
 import * as vm from '../host/index.ts';
 import { summarise } from './stats.ts';
 

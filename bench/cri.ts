@@ -17,9 +17,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { $ } from 'zx';
-import { startContainerd, shimPids, freezeTapTemplate, cniBridgeConfig } from '../test/integration/containerd.ts';
-import { busyboxOciArchive } from '../test/integration/oci-busybox.ts';
-import { criClient } from '../test/integration/cri.ts';
+import { startContainerd, shimPids, freezeTapTemplate, cniBridgeConfig } from '../test/support/containerd.ts';
+import { busyboxOciArchive } from '../test/support/oci-busybox.ts';
+import { criClient } from '../test/support/cri.ts';
 import { summarise } from './stats.ts';
 
 const { values } = parseArgs({
@@ -40,7 +40,7 @@ const bridge = `scnb${tag}`,
 const log = (m: string) => console.error(`[bench:cri] ${m}`);
 
 // the template: the pod image, booted with a tap (on a scratch bridge) as the pods' VMs will have one
-const { build } = await import('../builder/build.ts');
+const { build } = await import('../host/index.ts');
 const vm = await import('../host/index.ts');
 const img = await vm.loadImage((await build({ definitionPath: join(ROOT, 'images/pod.yaml') })).dir);
 await freezeTapTemplate(img, 'pod-tpl');
@@ -55,8 +55,8 @@ const cri = criClient(cd.address);
 
 type Mode = 'pool' | 'fork' | 'cold' | 'runc';
 const MODES: Mode[] = ['pool', 'fork', 'cold', 'runc'];
-const { Machine } = await import('../host/machine/machine.ts');
-const { readyEntries } = await import('../host/store/pool.ts');
+const { Machine } = await import('../host/runtime.ts');
+const { pooledVms } = await import('../host/machine/inspect.ts');
 const poolDir = join(work, 'run', 'pool', 'pod-tpl');
 const shimDir = join(work, 'run', 'shim');
 let shimStarted = false;
@@ -69,7 +69,7 @@ async function poolSettled(): Promise<number> {
   for (;;) {
     const filling = readdirSync(poolDir).includes('.fill');
     const spare = !shimStarted || readdirSync(shimDir).some((f) => /^spare-.*\.sock$/.test(f));
-    if (!filling && spare && (await readyEntries('pod-tpl')).length >= 1) return performance.now() - t0;
+    if (!filling && spare && (await pooledVms('pod-tpl')).length >= 1) return performance.now() - t0;
     if (performance.now() - t0 > 120_000) throw new Error('the pool of pod-tpl was not refilled within 120 s');
     await new Promise((r) => setTimeout(r, 50));
   }

@@ -19,11 +19,8 @@ const ROOT = resolve(import.meta.dirname, '..');
 process.env.SCION_RUN_DIR = mkdtempSync(join(tmpdir(), 'scion-bench-serve-run-'));
 process.env.SCION_TEMPLATE_DIR = mkdtempSync('/dev/shm/scion-bench-serve-tpl-');
 const vm = await import('../host/index.ts');
-const { serve } = await import('../host/serve/server.ts');
-const { serveOptions } = await import('../host/serve/options.ts');
-const { qemuPidsUnder } = await import('../host/qemu/process.ts');
-const { vmsDir } = await import('../host/store/dirs.ts');
-const { qemuVersion } = await import('../host/qemu/accel.ts');
+const { serve, serveOptions } = await import('../host/index.ts');
+const { qemuVersion, scionQemuProcesses } = await import('../host/machine/inspect.ts');
 const log = (m: string) => console.error(`[bench:serve] ${m}`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const memAvailableMB = () => Math.round(Number(/^MemAvailable:\s+(\d+)/m.exec(readFileSync('/proc/meminfo', 'utf8'))![1]) / 1024);
@@ -63,7 +60,7 @@ try {
     for (let i = 0; i < RUNS; i++) {
       t.push((await ttfb(h.address.port)).ms);
       const end = Date.now() + 30_000;
-      while (qemuPidsUnder(vmsDir()).length && Date.now() < end) await sleep(100);
+      while (scionQemuProcesses().length && Date.now() < end) await sleep(100);
     }
     results.fromZero = { firstByteMs: summarise(t), forkToReadyMs: summarise(h.stats().forkMs) };
     log(`from zero: first byte ${JSON.stringify(results.fromZero.firstByteMs)}; fork to ready ${JSON.stringify(results.fromZero.forkToReadyMs)}`);
@@ -156,7 +153,7 @@ try {
     const last = Date.now();
     const idleH = h;
     const end = Date.now() + 120_000;
-    while (qemuPidsUnder(vmsDir()).length && Date.now() < end) await sleep(100);
+    while (scionQemuProcesses().length && Date.now() < end) await sleep(100);
     results.scaleToZero = {
       secondsFromLastRequest: (Date.now() - last) / 1000,
       idleSetting: '30s',

@@ -26,8 +26,7 @@ const ROOT = resolve(import.meta.dirname, '..');
 process.env.SCION_RUN_DIR = mkdtempSync(join(tmpdir(), 'scion-soak-run-'));
 process.env.SCION_TEMPLATE_DIR = mkdtempSync('/dev/shm/scion-soak-tpl-');
 const vm = await import('../host/index.ts');
-const { qemuPidsUnder } = await import('../host/qemu/process.ts');
-const { vmsDir } = await import('../host/store/dirs.ts');
+const { scionQemuProcesses } = await import('../host/machine/inspect.ts');
 
 const ns = `scion-soak${randomBytes(3).toString('hex')}`;
 const ipNs = (...a: string[]) => $.sync({ quiet: true })`ip -n ${ns} ${a}`.stdout;
@@ -39,7 +38,7 @@ function snapshot() {
   const mem = readFileSync('/proc/meminfo', 'utf8');
   const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(mem)![1]);
   return {
-    qemus: qemuPidsUnder(vmsDir()).length,
+    qemus: scionQemuProcesses().length,
     fds: readdirSync('/proc/self/fd').length,
     taps:
       values.net === 'bridge'

@@ -12,8 +12,8 @@ import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync, mkdirSyn
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
-import { startContainerd, shimPids } from '../test/integration/containerd.ts';
-import { busyboxOciArchive } from '../test/integration/oci-busybox.ts';
+import { startContainerd, shimPids } from '../test/support/containerd.ts';
+import { busyboxOciArchive } from '../test/support/oci-busybox.ts';
 import { summarise } from './stats.ts';
 
 const { values } = parseArgs({
@@ -30,7 +30,7 @@ process.env.SCION_RUN_DIR = join(work, 'run');
 const templateDir = (process.env.SCION_TEMPLATE_DIR = mkdtempSync(join('/dev/shm', 'scion-bench-stdio-tpl-')));
 const log = (m: string) => console.error(`[bench:stdio] ${m}`);
 
-const { build } = await import('../builder/build.ts');
+const { build } = await import('../host/index.ts');
 const vm = await import('../host/index.ts');
 const img = await vm.loadImage((await build({ definitionPath: join(ROOT, 'images/pod.yaml') })).dir);
 await vm.freeze(await vm.bootTemplate(img, { name: 'pod-tpl' }), img);

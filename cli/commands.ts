@@ -8,19 +8,30 @@
  */
 import { ScionError, EXIT } from '../common/errors.ts';
 import { validName } from '../common/names.ts';
-import { build, type Compression } from '../builder/build.ts';
-import { verify } from '../builder/verify.ts';
-import { loadImage } from '../host/image.ts';
-import { resolveImage } from '../host/image-source.ts';
-import { bootTemplate, freeze, freezeClone } from '../host/template.ts';
-import { fork } from '../host/clone.ts';
-import { list, stopVm, removeVm, gc, connectAgent } from '../host/lifecycle.ts';
-import { up } from '../host/up.ts';
-import { Machine, type NetMode } from '../host/machine/machine.ts';
-import type { AgentClient } from '../host/agent-client.ts';
-import { push, pull } from '../registry/transfer.ts';
-import { serve } from '../host/serve/server.ts';
-import { serveOptions } from '../host/serve/options.ts';
+import {
+  build,
+  verify,
+  loadImage,
+  resolveImage,
+  bootTemplate,
+  freeze,
+  freezeClone,
+  fork,
+  list,
+  stopVm,
+  removeVm,
+  gc,
+  connectAgent,
+  up,
+  Machine,
+  push,
+  pull,
+  serve,
+  serveOptions,
+  type Compression,
+  type NetMode,
+  type AgentClient,
+} from '../host/index.ts';
 import { buildProgress, fmtBytes, table } from './format.ts';
 
 export type OptionValues = Record<string, string | boolean | undefined>;

@@ -4,7 +4,7 @@
  * the user's terminal to it, raw, until Ctrl-].
  */
 import type { ValidName } from '../common/names.ts';
-import { Machine } from '../host/machine/machine.ts';
+import { Machine } from '../host/index.ts';
 
 export const DETACH_BYTE = 0x1d; // Ctrl-]
 

@@ -1,5 +1,5 @@
 /** Progress lines for long steps on stderr (the CLI's; --json turns them off). */
-import type { BuildEvent } from '../builder/build.ts';
+import type { BuildEvent } from '../host/index.ts';
 
 export const fmtBytes = (n: number) => (n > 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : `${(n / 1024).toFixed(0)} KiB`);
 

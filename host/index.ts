@@ -8,6 +8,7 @@
 export { build, type BuildOptions, type BuildResult, type BuildOutput, type BuildEvent, type Compression } from '../builder/build.ts';
 export { verify, type VerifyOptions, type VerifyResult, type Difference } from '../builder/verify.ts';
 export { loadImage, type ImageArtifacts } from './image.ts';
+export { resolveImage, type ImageSourceOptions, type ImageSourceKind } from './image-source.ts';
 // VMs
 export {
   Machine,

@@ -10,7 +10,7 @@ import { createServer } from 'node:net';
 import { hasSpare, spareKey, spareSocketName, SPARE_IDLE_MS } from './spare.ts';
 import { watchContainerd, ORPHAN_GRACE_MS, IDLE_ORPHAN_GRACE_MS } from './lifetime.ts';
 import { config } from '../common/config.ts';
-import { Machine } from '../host/machine/machine.ts';
+import { Machine } from '../host/runtime.ts';
 import { parseShimArgs, ShimUsageError, TASK_ID, type ShimArgs } from './args.ts';
 import { TtrpcServer } from './ttrpc.ts';
 import { EventPublisher } from './events.ts';

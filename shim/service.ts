@@ -16,16 +16,13 @@ import { open, readFile, rm, writeFile } from 'node:fs/promises';
 import { constants } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { Machine } from '../host/machine/machine.ts';
-import { loadImage } from '../host/image.ts';
-import type { AgentClient } from '../host/agent-client.ts';
+import { Machine, loadImage, streamKey, type AgentClient } from '../host/runtime.ts';
 import { TtrpcError, Code, type Handler } from './ttrpc.ts';
 import type { EventPublisher } from './events.ts';
 import { guestSpec, parseResolvConf, resolvConfSource, type OciSpec } from './spec.ts';
 import type { DnsConfig } from '../common/contracts.ts';
 import { packRootfs, type Mount } from './rootfs.ts';
 import { ProcessStdio } from './stdio.ts';
-import { streamKey } from '../host/machine/stream-ports.ts';
 import { any, timestamp } from './proto.ts';
 import type { AgentEvents, TaskStats } from '../common/agent-protocol.ts';
 import { HOSTNAME_PATTERN } from '../common/contracts.ts';
@@ -241,7 +238,7 @@ export class TaskService {
         `${IMAGE_ANNOTATION}: ${ref} is not under a reference this node allows (SCION_SHIM_IMAGES: ${allowed.length ? allowed.join(', ') : 'unset, so none'}); add its registry/repository prefix to SCION_SHIM_IMAGES in containerd's environment`,
       );
     // loaded only here: pulling and booting bring in what a fork does not need
-    const { ensureTemplate } = await import('../host/up.ts');
+    const { ensureTemplate } = await import('../host/index.ts');
     try {
       const t = await ensureTemplate(ref, {
         net: { mode: 'tap' },

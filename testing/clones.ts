@@ -10,15 +10,20 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import type { BuildEvent } from '../builder/build.ts';
-import { resolveImage } from '../host/image-source.ts';
+import {
+  resolveImage,
+  loadImage,
+  bootTemplate,
+  freeze,
+  fork,
+  removeVm,
+  connectAgent,
+  type BuildEvent,
+  type CloneResult,
+  type AgentClient,
+} from '../host/index.ts';
 import { ScionError } from '../common/errors.ts';
 import { validName } from '../common/names.ts';
-import { loadImage } from '../host/image.ts';
-import { bootTemplate, freeze } from '../host/template.ts';
-import { fork, type CloneResult } from '../host/clone.ts';
-import { removeVm, connectAgent } from '../host/lifecycle.ts';
-import type { AgentClient } from '../host/agent-client.ts';
 import type { AgentCommand, AgentInfo, ArgsOf, ResultOf } from '../common/agent-protocol.ts';
 
 export interface ClonesOptions {

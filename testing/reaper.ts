@@ -4,7 +4,7 @@
  * killed), remove every VM it owned or was making, then exit. A normal
  * teardown sends SIGTERM first and nothing is touched.
  */
-import { list, removeVm, type VmListing } from '../host/lifecycle.ts';
+import { list, removeVm, type VmListing } from '../host/index.ts';
 import { processAlive, sleep } from '../common/proc.ts';
 
 const parent = Number(process.argv[2]);

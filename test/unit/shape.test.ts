@@ -58,6 +58,35 @@ describe('the Machine is the only way down to QEMU and the run directories', () 
   });
 });
 
+describe('one face', () => {
+  /** What programs on top of the library may import of host/, builder/ and registry/: the package's faces. */
+  const FACES = ['host/index.ts', 'host/runtime.ts', 'host/machine/inspect.ts'];
+  it('cli/, shim/, testing/ and bench/ reach host/, builder/ and registry/ only through host/index.ts or a named public subpath (scion/runtime, scion/inspect)', async () => {
+    const clients = ['cli', 'shim', 'testing', 'bench'].flatMap(tsFiles);
+    const graph = await importGraph(clients);
+    const offending = clients.flatMap((f) =>
+      (graph.get(f) ?? []).filter((i) => /^(host|builder|registry)\//.test(i) && !FACES.includes(i)).map((i) => `${f} -> ${i}`),
+    );
+    expect(offending).toEqual([]);
+    // the graph is real: they do go through the faces
+    expect(graph.get('cli/commands.ts')).toContain('host/index.ts');
+    expect(graph.get('shim/service.ts')).toContain('host/runtime.ts');
+  });
+  it('bench/ shares test helpers only through test/support/', async () => {
+    const files = tsFiles('bench');
+    const graph = await importGraph(files);
+    expect(
+      files.flatMap((f) => (graph.get(f) ?? []).filter((i) => i.startsWith('test/') && !i.startsWith('test/support/')).map((i) => `${f} -> ${i}`)),
+    ).toEqual([]);
+  });
+  it('the package exports each face', () => {
+    const exp = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).exports;
+    expect(Object.values(exp).flatMap((e) => (typeof e === 'object' && e ? [(e as { default: string }).default] : []))).toEqual(
+      expect.arrayContaining(FACES.map((f) => `./dist/${f.replace(/\.ts$/, '.js')}`)),
+    );
+  });
+});
+
 describe('the agent behind its platform layer', () => {
   it('only platform-qjs.ts and main.ts touch QuickJS; no agent module imports a Node built-in', async () => {
     const files = tsFiles('guest-agent');
@@ -110,7 +139,11 @@ describe('one of each generic helper', () => {
     expect(defined(/^export (const|function) sha256\b/m)).toEqual(['common/digest.ts']);
     expect(defined(/\bfunction defaultCacheDir\b/)).toEqual([]);
     const graph = await importGraph(tsFiles('host/qemu'));
-    expect([...graph.entries()].filter(([f]) => f.startsWith('host/qemu/')).flatMap(([f, is]) => is.filter((i) => i.startsWith('builder/')).map((i) => `${f} -> ${i}`))).toEqual([]);
+    expect(
+      [...graph.entries()]
+        .filter(([f]) => f.startsWith('host/qemu/'))
+        .flatMap(([f, is]) => is.filter((i) => i.startsWith('builder/')).map((i) => `${f} -> ${i}`)),
+    ).toEqual([]);
   });
 });
 
