@@ -7,7 +7,7 @@
  * before anything is touched.
  */
 import { ScionError, EXIT } from '../common/errors.ts';
-import { validName } from '../common/names.ts';
+import { validName, TEMPLATE_SUFFIX } from '../common/names.ts';
 import {
   build,
   verify,
@@ -318,7 +318,9 @@ export const COMMANDS: CommandSpec[] = [
       const i = m.info();
       if (i.role === 'clone') {
         if (!newName)
-          throw new ScionError('E_USAGE', 'freezing a clone makes a new template: name it with --name', { hint: `scion freeze ${name} --name ${name}-tpl` });
+          throw new ScionError('E_USAGE', 'freezing a clone makes a new template: name it with --name', {
+            hint: `scion freeze ${name} --name ${name}${TEMPLATE_SUFFIX}`,
+          });
         const meta = await freezeClone(name, newName, ctx.err);
         ctx.out(ctx.json ? JSON.stringify(meta) : `frozen clone ${name} as template ${newName}; fork it with: scion fork ${newName} -n 3`);
         return EXIT.ok;

@@ -38,3 +38,16 @@ export function validName(value: unknown, what = 'VM'): ValidName {
   if (p) throw new NameError(what, value, p);
   return value as ValidName;
 }
+
+/** What marks a template's name: `<image>-tpl`. */
+export const TEMPLATE_SUFFIX = '-tpl';
+
+/** The default name of a template made from `base` (an image's name): `<base>-tpl`, checked. */
+export function templateName(base: string): ValidName {
+  return validName(`${base}${TEMPLATE_SUFFIX}`, 'template');
+}
+
+/** A template's name without its `-tpl` (what its clones and their hostnames are named after). Pure. */
+export function templateBase(template: string): string {
+  return template.endsWith(TEMPLATE_SUFFIX) ? template.slice(0, -TEMPLATE_SUFFIX.length) : template;
+}

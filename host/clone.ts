@@ -5,7 +5,7 @@
  * of this call behind.
  */
 import { VmError } from '../common/errors.ts';
-import { validName, type ValidName } from '../common/names.ts';
+import { validName, templateBase, type ValidName } from '../common/names.ts';
 import { Machine, type Owner } from './machine/machine.ts';
 import { checkTemplate } from './machine/templates.ts';
 
@@ -68,7 +68,7 @@ export function cloneResult(m: Machine): CloneResult {
 
 export async function fork(templateName: string, opts: ForkOptions): Promise<CloneResult[]> {
   const tpl = await checkTemplate(templateName);
-  const prefix = validName(opts.namePrefix ?? tpl.meta.name.replace(/-tpl$/, ''), 'clone prefix');
+  const prefix = validName(opts.namePrefix ?? templateBase(tpl.meta.name), 'clone prefix');
   if (opts.hostname !== undefined) validHostnamePattern(opts.hostname);
   const made: Machine[] = [];
   let started = 0;

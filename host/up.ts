@@ -9,7 +9,7 @@
 import type { BuildEvent } from '../builder/build.ts';
 import { resolveImage } from './image-source.ts';
 import { ScionError } from '../common/errors.ts';
-import { validName, type ValidName } from '../common/names.ts';
+import { validName, templateName, type ValidName } from '../common/names.ts';
 import { loadImage, type ImageArtifacts } from './image.ts';
 import { bootTemplate, freeze, checkTemplate, type TemplateMeta } from './template.ts';
 import { fork, type CloneResult } from './clone.ts';
@@ -93,7 +93,12 @@ export async function ensureTemplate(source: string, opts: TemplateOptions = {})
   const log = opts.log ?? (() => undefined);
   const { dir } = await resolveImage(source, { onBuildEvent: opts.onBuildEvent, log, insecure: opts.insecure, cacheDir: opts.cacheDir });
   const img = await loadImage(dir);
-  const tplName = validName(typeof opts.name === 'function' ? opts.name(img) : (opts.name ?? `${img.name}-tpl`), 'template');
+  const tplName =
+    typeof opts.name === 'function'
+      ? validName(opts.name(img), 'template')
+      : opts.name !== undefined
+        ? validName(opts.name, 'template')
+        : templateName(img.name);
   let existing: Machine | undefined;
   try {
     existing = await waitForOtherMaker(tplName, log);

@@ -48,6 +48,7 @@ export function parseVmFile(text: string): { name: string; vmgenid?: string } | 
 export { CRI_TYPE, CRI_SANDBOX, TEMPLATE_ANNOTATION, IMAGE_ANNOTATION, BOOT_ANNOTATION, taskKind, type TaskKind } from './kinds.ts';
 import { TEMPLATE_ANNOTATION, IMAGE_ANNOTATION, BOOT_ANNOTATION, BOOT_MODES, bootMode, taskKind, imageAllowed, type TaskKind } from './kinds.ts';
 import { config } from '../common/config.ts';
+import { templateName } from '../common/names.ts';
 
 /**
  * The network namespace CNI set up for a pod sandbox, by name (`ip netns`
@@ -242,7 +243,7 @@ export class TaskService {
     try {
       const t = await ensureTemplate(ref, {
         net: { mode: 'tap' },
-        name: (img) => `${img.name.slice(0, 40)}-${img.manifestSha256.slice(0, 12)}-tpl`,
+        name: (img) => templateName(`${img.name.slice(0, 40)}-${img.manifestSha256.slice(0, 12)}`),
         log: (m) => this.o.log(`template of ${ref}: ${m}`),
       });
       return t.name;

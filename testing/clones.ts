@@ -23,7 +23,7 @@ import {
   type AgentClient,
 } from '../host/index.ts';
 import { ScionError } from '../common/errors.ts';
-import { validName } from '../common/names.ts';
+import { templateName } from '../common/names.ts';
 import type { AgentCommand, AgentInfo, ArgsOf, ResultOf } from '../common/agent-protocol.ts';
 
 export interface ClonesOptions {
@@ -140,7 +140,7 @@ export async function startClones(opts: ClonesOptions): Promise<CloneSet> {
   const img = await loadImage(dir);
   const owner = { pid: process.pid, kind: 'test' };
   // a template of our own: parallel test files and other scion users never share or remove it
-  const template = validName(`t${randomBytes(3).toString('hex')}-${img.name.slice(0, 40)}-tpl`, 'template');
+  const template = templateName(`t${randomBytes(3).toString('hex')}-${img.name.slice(0, 40)}`);
   const reaper = startReaper();
   const made: string[] = [template];
   const clones: TestClone[] = [];

@@ -23,7 +23,7 @@ import { connect, type Socket } from 'node:net';
 import { join, resolve as resolvePath } from 'node:path';
 import { VmError, ScionError } from '../../common/errors.ts';
 import { config } from '../../common/config.ts';
-import { validName, type ValidName } from '../../common/names.ts';
+import { validName, templateName, templateBase, type ValidName } from '../../common/names.ts';
 import type { Identity } from '../../common/contracts.ts';
 import type { AppliedIdentity } from '../../common/agent-protocol.ts';
 import { AgentClient } from '../agent-client.ts';
@@ -516,7 +516,7 @@ export class Machine {
 
   /** Boot a template VM from a built image and wait for its agent's ready (and, unless skipped, give it the template identity). */
   static async boot(img: ImageArtifacts, o: BootOptions = {}): Promise<Machine> {
-    const name = validName(o.name ?? `${img.name}-tpl`, 'template');
+    const name = o.name !== undefined ? validName(o.name, 'template') : templateName(img.name);
     const accel = o.accel ? { accel: o.accel, reason: 'requested' } : await chooseAccel(img.vmlinuz, o.log);
     o.log?.(`accelerator: ${accel.accel} (${accel.reason})`);
     const netMode: NetMode = o.net ?? { mode: 'user' };
@@ -665,7 +665,7 @@ export class Machine {
             o.prefix,
             (index, name) => {
               const id = withDns(
-                withPodNetwork(allocateIdentity(index, o.hostname ?? `${meta.name.replace(/-tpl$/, '')}-{n}`, undefined, netParams(netMode)), podNet),
+                withPodNetwork(allocateIdentity(index, o.hostname ?? `${templateBase(meta.name)}-{n}`, undefined, netParams(netMode)), podNet),
                 o.dns,
               );
               const net: NetConfig = netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards } : { mode: 'none' };
@@ -766,7 +766,7 @@ export class Machine {
         const m = await Machine.fork(tpl, {
           prefix: validName(o.prefix, 'clone prefix'),
           owner: { pid: process.pid, kind: POOL_OWNER },
-          hostname: `${tpl.meta.name.replace(/-tpl$/, '')}-{n}`,
+          hostname: `${templateBase(tpl.meta.name)}-{n}`,
           log: o.log,
         });
         if (o.signal?.aborted) {

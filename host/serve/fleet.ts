@@ -10,6 +10,7 @@ import { fork, type CloneResult } from '../clone.ts';
 import { removeVm } from '../lifecycle.ts';
 import { Machine } from '../machine/machine.ts';
 import { ScionError } from '../../common/errors.ts';
+import { templateBase } from '../../common/names.ts';
 import type { ServeOptions } from './options.ts';
 
 export type MemberState = 'starting' | 'ready' | 'busy' | 'pooled' | 'stopping';
@@ -251,7 +252,7 @@ export class Fleet {
       [c] = await fork(this.template, {
         n: 1,
         owner: { pid: process.pid, kind: 'serve' },
-        hostname: `${this.template.replace(/-tpl$/, '').slice(0, 30)}-{n}-${++this.forks}`,
+        hostname: `${templateBase(this.template).slice(0, 30)}-{n}-${++this.forks}`,
       });
     } catch (e) {
       this.starting--;

@@ -252,3 +252,11 @@ describe('the face', () => {
     expect([...documented].sort()).toEqual(Object.keys(api).sort());
   });
 });
+
+describe('names', () => {
+  it('a template is named <image>-tpl in one place, and its base read back in one', () => {
+    const files = ['host', 'cli', 'testing', 'shim', 'common'].flatMap(tsFiles).filter((f) => f !== 'common/names.ts');
+    const code = (f: string) => readFileSync(join(ROOT, f), 'utf8').replace(/\/\*[\s\S]*?\*\/|\/\/.*$/gm, '');
+    expect(files.filter((f) => /-tpl(\$\/|`|')/.test(code(f)) && !/'pod-tpl'/.test(code(f)))).toEqual([]);
+  });
+});
