@@ -9,6 +9,8 @@
  * the VM's (shared by the pod's containers, like its IPC namespace). Resource limits are
  * the VM's own size; they are not applied again inside it.
  */
+import { open } from 'node:fs/promises';
+import { constants } from 'node:fs';
 import { DNS_OPTION_PATTERN, DNS_SEARCH_PATTERN, IPV4_PATTERN as IPV4, type DnsConfig } from '../common/contracts.ts';
 
 export type OciSpec = Record<string, any>;
@@ -114,4 +116,29 @@ export function resolvConfSource(config: OciSpec): string | undefined {
       x.destination === '/etc/resolv.conf' && typeof x.source === 'string' && x.source.startsWith('/'),
   );
   return m?.source;
+}
+
+/**
+ * The network namespace CNI set up for a pod sandbox, by name (`ip netns`
+ * keeps them in /var/run/netns): none for a pod on the node's network. Pure.
+ */
+export function podNetns(config: OciSpec): string | undefined {
+  const ns = (config.linux?.namespaces ?? []).find((n: { type: string; path?: string }) => n.type === 'network' && n.path);
+  const m = ns ? /^\/(?:var\/)?run\/netns\/([A-Za-z0-9_.-]{1,64})$/.exec(ns.path) : null;
+  return m?.[1];
+}
+
+/** The DNS config containerd wrote for a pod (the file its config binds as /etc/resolv.conf; at most 64 KiB read). */
+export async function podDns(config: OciSpec): Promise<DnsConfig | undefined> {
+  const src = resolvConfSource(config);
+  if (!src) return undefined;
+  const fh = await open(src, constants.O_RDONLY | constants.O_NOFOLLOW).catch(() => undefined);
+  if (!fh) return undefined;
+  try {
+    const buf = Buffer.alloc(64 * 1024);
+    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+    return parseResolvConf(buf.subarray(0, bytesRead).toString('utf8'));
+  } finally {
+    await fh.close();
+  }
 }

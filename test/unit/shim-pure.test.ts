@@ -215,7 +215,7 @@ describe('a pod VM: how it is made, and which one a bundle names', () => {
     expect(bootMode({ 'io.scion.boot': 'warm' })).toBeUndefined();
   });
   it('a bundle names the VM and its generation ID; anything else names nothing', async () => {
-    const { vmFileLine, parseVmFile } = await import('../../shim/service.ts');
+    const { vmFileLine, parseVmFile } = await import('../../shim/pod.ts');
     const id = '0f3c9a52-7d1e-4b8a-9c2f-1a2b3c4d5e6f';
     expect(parseVmFile(vmFileLine('pod-c3', id))).toEqual({ name: 'pod-c3', vmgenid: id });
     expect(parseVmFile(vmFileLine('pod-cold-1a2b', undefined))).toEqual({ name: 'pod-cold-1a2b', vmgenid: undefined });
