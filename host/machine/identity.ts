@@ -1,4 +1,5 @@
 /** Clone identity allocation. Pure given its inputs (randomness is injected). */
+import type { Identity } from '../../common/contracts.ts';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { USER_NET } from '../qemu/argv.ts';
 import type { DnsConfig } from '../../common/contracts.ts';
@@ -41,6 +42,22 @@ export function ipFor(index: number, base = USER_NET.network): string {
   return `${a}.${b}.${c}.${15 + index}`;
 }
 
+/**
+ * A new VM's identity, the one pipeline boot and fork share: allocated for
+ * its index on its network, then a pod's addresses from CNI when it has a
+ * pod's interface, then the pod's resolver configuration when it has one.
+ * Not pure (fresh machine-id, vmgenid and seed), but for them.
+ */
+export function newIdentity(
+  index: number,
+  hostnamePattern: string,
+  net: { network: string; gateway: string; dns: string[] },
+  pod?: Parameters<typeof withPodNetwork>[1],
+  dns?: DnsConfig,
+): CloneIdentity {
+  return withDns(withPodNetwork(allocateIdentity(index, hostnamePattern, undefined, net), pod), dns);
+}
+
 export function allocateIdentity(
   index: number,
   hostnamePattern: string,
@@ -58,5 +75,21 @@ export function allocateIdentity(
     machineId: rand.bytes(16).toString('hex'),
     vmgenid: rand.uuid(),
     rngSeed: rand.bytes(32).toString('hex'),
+  };
+}
+
+/** identity.apply's arguments for a clone identity. Pure. */
+export function identityArgs(id: CloneIdentity, generation: number): Identity {
+  return {
+    generation,
+    hostname: id.hostname,
+    machineId: id.machineId,
+    rngSeed: id.rngSeed,
+    time: Date.now(),
+    vmgenid: id.vmgenid,
+    interfaces: [{ mac: id.mac, address: id.ip, prefix: id.prefix, gateway: id.gateway }],
+    dns: id.dns,
+    dnsSearch: id.dnsSearch,
+    dnsOptions: id.dnsOptions,
   };
 }

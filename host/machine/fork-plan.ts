@@ -1,0 +1,140 @@
+/**
+ * Forking a clone of a frozen template: the plan `Machine.fork` runs.
+ */
+import { join } from 'node:path';
+import { VmError } from '../../common/errors.ts';
+import { config } from '../../common/config.ts';
+import { templateBase, type ValidName } from '../../common/names.ts';
+import { AgentClient } from '../agent-client.ts';
+import type { NetConfig } from '../qemu/argv.ts';
+import { vmPaths, vmsDir } from '../store/dirs.ts';
+import { slotName, release } from '../store/slots.ts';
+import { newIdentity } from './identity.ts';
+import { clockRightAtReady } from './clock.ts';
+import { netParams, readPodNetwork, type NetMode } from './net.ts';
+import { qcow2Overlay } from './disk.ts';
+import { claimClone, reservePorts } from './claim.ts';
+import type { FrozenTemplate } from './templates.ts';
+import type { ForkOptions } from './options.ts';
+import { newVmRecord, type Plan } from './plan.ts';
+
+/** The plan that forks one running clone of a frozen template: mapped copy-on-write, restored, resumed, re-identified. */
+export async function forkPlan(tpl: FrozenTemplate, o: ForkOptions): Promise<Plan> {
+  const t0 = performance.now();
+  const { meta, dir: tdir, files: t } = tpl;
+  if (o.pod && meta.net.mode !== 'bridge' && meta.net.mode !== 'tap')
+    throw new VmError(
+      'E_NET',
+      `${meta.name}: a pod's VM needs a template booted with a tap (networking \`tap\`, or scion up … --bridge BR), not ${meta.net.mode} networking`,
+      { hint: "the tap in the pod's namespace must match the template's device line-up" },
+    );
+  const netMode: NetMode = o.pod ? { mode: 'pod', ...o.pod } : meta.net;
+  // a pod's VM takes what CNI gave the pod's interface
+  const podNet = o.pod ? await readPodNetwork(o.pod) : undefined;
+  // host ports first (they go into the record the run directory is made with); only user-mode
+  // networking forwards ports: a bridged clone is reached at its own address
+  const ports = netMode.mode === 'user' ? await reservePorts(meta.ports.length, `${o.prefix}-c?`) : [];
+  const forwards = ports.map((hostPort, i) => ({ guestPort: meta.ports[i], hostPort }));
+  const tbSizeMB = o.tbSizeMB ?? config().tbSizeMB;
+  const timings: Record<string, number> = {};
+  let tm = t0;
+  const mark = (k: string): void => {
+    const n = performance.now();
+    timings[k] = Math.round((n - tm) * 10) / 10;
+    tm = n;
+  };
+  const generation = meta.generation + 1;
+  const cloneDisk = (name: ValidName) => join(vmPaths(name, vmsDir()).dir, 'disk.qcow2');
+  return {
+    doing: 'restoring the template',
+    qmpTimeoutMs: 30_000 /* generous: a loaded host starts QEMU slowly */,
+    restore: { ignoreShared: meta.memory === 'file' },
+    resume: true,
+    lineup: meta.lineup,
+    keepOnFailure: o.keepOnFailure,
+    mark,
+    claim: async () => {
+      try {
+        const r = await claimClone(
+          o.prefix,
+          (index, name) => {
+            const id = newIdentity(index, o.hostname ?? `${templateBase(meta.name)}-{n}`, netParams(netMode), podNet, o.dns);
+            const net: NetConfig = netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards } : { mode: 'none' };
+            return newVmRecord({
+              name,
+              role: 'clone',
+              image: meta.image,
+              accel: meta.accel,
+              template: meta.name,
+              generation: meta.generation,
+              identity: id,
+              ports: Object.fromEntries(forwards.map((f) => [String(f.guestPort), f.hostPort])),
+              netMode,
+              desc: {
+                name,
+                mode: 'clone',
+                accel: meta.accel,
+                ramMB: meta.ramMB,
+                cpus: 1,
+                memory: meta.memory,
+                cmdline: meta.cmdline,
+                initrd: false,
+                vmgenid: id.vmgenid,
+                mac: id.mac,
+                net,
+                incoming: true,
+                sandbox: true,
+                tbSizeMB,
+                disk: meta.disk ? { layers: ['base', 'template', 'clone'] } : undefined,
+              },
+              slots: ports.map((p) => slotName('port', p)),
+              making: { ownerPid: process.pid, phase: 'fork' },
+              owner: o.owner,
+            });
+          },
+          meta.gid,
+        );
+        return r;
+      } catch (e) {
+        for (const p of ports) await release(slotName('port', p));
+        throw e;
+      }
+    },
+    files: async (r) => {
+      if (meta.disk) await qcow2Overlay(join(tdir, meta.disk), cloneDisk(r.name as ValidName));
+      return {
+        mem: meta.memory === 'file' ? t.mem : undefined,
+        kernel: join(tdir, meta.kernel),
+        state: t.state,
+        diskBase: meta.baseDisk,
+        diskTemplate: meta.disk ? join(tdir, meta.disk) : undefined,
+        diskClone: meta.disk ? cloneDisk(r.name as ValidName) : undefined,
+      };
+    },
+    finish: async (b) => {
+      const m = b.m;
+      const id = b.record.identity!;
+      const agent = new AgentClient(`${m.name}/agent`);
+      b.setAgent(agent);
+      await agent.connect(vmPaths(m.name, vmsDir()).agent);
+      // identity.apply goes out once the sync is answered, not pipelined behind it: the host's
+      // time in it is then taken while the agent reads, so the clock the agent steps from it is
+      // not late by the resumed guest's first read (~250 ms here). Measured, 8 forks each: a
+      // round trip more, and the clock check below no longer fires on an idle host.
+      await agent.sync(o.agentTimeoutMs ?? 30_000).catch((e) => {
+        throw new VmError('E_AGENT_TIMEOUT', `${m.name}: the agent did not answer after the resume (${(e as Error).message})`, { cause: e });
+      });
+      mark('agentSync');
+      const applied = o.skipIdentityApply ? await agent.call('ping', {}).then(() => undefined) : await b.sendIdentity(generation);
+      if (applied) timings.clockFix = await clockRightAtReady(agent, applied.time, Date.now());
+      const s = applied?.stepsMs ?? {};
+      timings.identity = s.identity ?? 0;
+      timings.containers = (s.containers ?? 0) + (s.health ?? 0);
+      timings.applyRoundTrip = Math.round((performance.now() - tm) * 10) / 10;
+      timings.ready = Math.round((performance.now() - t0) * 10) / 10;
+      b.record.generation = generation;
+      await b.finished(timings);
+      o.log?.(`forked ${m.name} (${id.hostname}, ${id.ip}) in ${timings.ready.toFixed(0)} ms`);
+    },
+  };
+}
