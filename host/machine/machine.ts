@@ -30,7 +30,7 @@ import { spawnQemu, connectQmp, restoreFromFd, exitOf, killPid, isQemuIn, qemuDi
 import { vmPaths, vmsDir } from '../store/dirs.ts';
 import { writeRecord, readRecord, type VmRecord, type TemplateMeta } from '../store/records.ts';
 import { identityArgs, type CloneIdentity } from './identity.ts';
-import { createTap, createPodTap, createLooseTap, hasTap, deleteTap, netnsOf, type NetMode } from './net.ts';
+import { tapFor, deleteTap, netnsOf, type NetMode } from './net.ts';
 import { addStreamPort, removeStreamPort, type StreamFd } from './stream-ports.ts';
 import { checkTemplate, type FrozenTemplate } from './templates.ts';
 import { readRecordOrThrow, removeVm, quitQemu, makingElsewhere } from './inventory.ts';
@@ -272,12 +272,9 @@ export class Machine {
     try {
       await writeRecord(record);
       const files = await plan.files(record, cred);
-      if (hasTap(record.netMode)) {
-        const n = record.netMode;
-        record.desc.net = {
-          mode: 'bridge',
-          tap: n.mode === 'pod' ? await createPodTap(n, cred) : n.mode === 'bridge' ? await createTap(n, cred) : await createLooseTap(cred),
-        };
+      const tap = await tapFor(record.netMode, cred);
+      if (tap) {
+        record.desc.net = { mode: 'bridge', tap };
         await writeRecord(record); // before QEMU: removing the VM deletes the tap its record names
       }
       if (plan.lineup && JSON.stringify(deviceLineup(record.desc)) !== JSON.stringify(plan.lineup))

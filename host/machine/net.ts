@@ -1,8 +1,12 @@
 /**
- * Clone networking. `user`: QEMU's user-mode stack, each clone with its own
- * host ports forwarded to the guest ports the image lists. `bridge`: one tap
- * per VM on a Linux bridge (optionally inside a network namespace), so clones
- * reach each other by IP.
+ * A VM's networking, by NetMode. `user`: QEMU's user-mode stack, each clone
+ * with its own host ports forwarded to the guest ports the image lists.
+ * `bridge`: one tap per VM on a Linux bridge (optionally inside a network
+ * namespace), so clones reach each other by IP. `pod`: a tap in a pod's CNI
+ * namespace, joined to the pod's interface by tc redirects. `tap`: a tap
+ * attached to nothing (a template for pods: only the device line-up
+ * matters). `none`: no network device backend. `tapFor` makes the tap any of
+ * them needs: the one entry construction uses.
  */
 import { run } from '../../common/run.ts';
 import { chmod, stat } from 'node:fs/promises';
@@ -187,4 +191,12 @@ export async function deleteTap(tap: string, netns?: string): Promise<void> {
   } catch (e) {
     if (!/Cannot find device|does not exist|Cannot open network namespace/.test((e as Error).message)) throw e;
   }
+}
+
+/** The tap a VM of this networking runs on, made for it (owned by `owner`); undefined when it needs none. */
+export async function tapFor(n: NetMode, owner?: { uid: number; gid: number }): Promise<string | undefined> {
+  if (n.mode === 'pod') return createPodTap(n, owner);
+  if (n.mode === 'bridge') return createTap(n, owner);
+  if (n.mode === 'tap') return createLooseTap(owner);
+  return undefined;
 }
