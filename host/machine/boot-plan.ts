@@ -5,19 +5,20 @@ import { stat } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
 import { resolve as resolvePath } from 'node:path';
 import { VmError } from '../../common/errors.ts';
-import { validName, templateName } from '../../common/names.ts';
+import { validName, templateName, type ValidName } from '../../common/names.ts';
 import { AgentClient } from '../agent-client.ts';
 import type { ImageArtifacts } from '../image.ts';
 import { chooseAccel } from '../qemu/accel.ts';
 import { vmPaths, vmsDir } from '../store/dirs.ts';
-import { newIdentity, identityArgs } from './identity.ts';
+import { newIdentity, identityArgs, type CloneIdentity } from './identity.ts';
 import { syncGuestClock } from './clock.ts';
 import { netParams, readPodNetwork, type NetMode } from './net.ts';
 import { qcow2Overlay } from './disk.ts';
 import { claimNamed } from './claim.ts';
 import { makeTemplateDir, makeMemFile } from './templates.ts';
 import type { BootOptions } from './options.ts';
-import { newVmRecord, type Plan } from './plan.ts';
+import { newVmRecord, type Building, type Plan } from './plan.ts';
+import type { QemuProcess } from '../qemu/process.ts';
 
 /** The plan that boots a template VM from a built image and waits for its agent's ready (and, unless skipped, gives it the template identity). */
 export async function bootPlan(img: ImageArtifacts, o: BootOptions = {}): Promise<Plan> {
@@ -86,40 +87,44 @@ export async function bootPlan(img: ImageArtifacts, o: BootOptions = {}): Promis
         diskTemplate: baseDisk ? t.disk : undefined,
       };
     },
-    finish: async (b, proc) => {
-      const tSpawn = performance.now();
-      const console = vmPaths(name, vmsDir()).console;
-      const agent = new AgentClient(`${name}/agent`);
-      b.setAgent(agent);
-      await agent.connect(vmPaths(name, vmsDir()).agent);
-      const died = proc.exited.then(() => {
-        throw new VmError(
-          'E_BOOT_FAILED',
-          `${name}: QEMU exited during boot${proc.stderrTail() ? ` (${proc.stderrTail()})` : ''}; console:\n${consoleTail(console)}`,
-        );
-      });
-      died.catch(() => undefined); // raced below; a later exit is not this call's error
-      await Promise.race([agent.sync(timeout), died]).catch((e) => {
-        if (e instanceof VmError) throw e;
-        throw new VmError('E_BOOT_TIMEOUT', `${name}: the agent did not answer within ${timeout / 1000} s; last console lines:\n${consoleTail(console)}`, {
-          cause: e,
-        });
-      });
-      const info = await agent.call('info');
-      if (!info.lastReady) await agent.waitEvent('ready', () => true, timeout);
-      const timings = { bootReadyMs: Math.round(performance.now() - tSpawn) };
-      if (!o.skipIdentity) {
-        const applied = await agent.call('identity.apply', identityArgs(id, 1));
-        b.record.generation = applied.generation;
-        // the clones' clock reference: the template's clock stepped onto the host's, and the RTC's phase against it
-        const c = await syncGuestClock(agent);
-        o.log?.(
-          `guest clock was ${c.offsetMs.toFixed(0)} ms off (±${c.errorMs.toFixed(0)}); now ${c.after.offsetMs.toFixed(0)} ms (±${c.after.errorMs.toFixed(0)})${c.calibrationError ? `; its RTC keeper is off: ${c.calibrationError}` : ''}`,
-        );
-      }
-      await b.finished(timings);
-    },
+    finish: (b, proc) => bootFinish(b, proc, { name, id, timeout, o }),
   };
+}
+
+/** A booted template's last step: its agent ready, then (unless skipped) its identity and its clock set. */
+async function bootFinish(b: Building, proc: QemuProcess, x: { name: ValidName; id: CloneIdentity; timeout: number; o: BootOptions }): Promise<void> {
+  const { name, id, timeout, o } = x;
+  const tSpawn = performance.now();
+  const console = vmPaths(name, vmsDir()).console;
+  const agent = new AgentClient(`${name}/agent`);
+  b.setAgent(agent);
+  await agent.connect(vmPaths(name, vmsDir()).agent);
+  const died = proc.exited.then(() => {
+    throw new VmError(
+      'E_BOOT_FAILED',
+      `${name}: QEMU exited during boot${proc.stderrTail() ? ` (${proc.stderrTail()})` : ''}; console:\n${consoleTail(console)}`,
+    );
+  });
+  died.catch(() => undefined); // raced below; a later exit is not this call's error
+  await Promise.race([agent.sync(timeout), died]).catch((e) => {
+    if (e instanceof VmError) throw e;
+    throw new VmError('E_BOOT_TIMEOUT', `${name}: the agent did not answer within ${timeout / 1000} s; last console lines:\n${consoleTail(console)}`, {
+      cause: e,
+    });
+  });
+  const info = await agent.call('info');
+  if (!info.lastReady) await agent.waitEvent('ready', () => true, timeout);
+  const timings = { bootReadyMs: Math.round(performance.now() - tSpawn) };
+  if (!o.skipIdentity) {
+    const applied = await agent.call('identity.apply', identityArgs(id, 1));
+    b.record.generation = applied.generation;
+    // the clones' clock reference: the template's clock stepped onto the host's, and the RTC's phase against it
+    const c = await syncGuestClock(agent);
+    o.log?.(
+      `guest clock was ${c.offsetMs.toFixed(0)} ms off (±${c.errorMs.toFixed(0)}); now ${c.after.offsetMs.toFixed(0)} ms (±${c.after.errorMs.toFixed(0)})${c.calibrationError ? `; its RTC keeper is off: ${c.calibrationError}` : ''}`,
+    );
+  }
+  await b.finished(timings);
 }
 
 function consoleTail(file: string, lines = 15): string {

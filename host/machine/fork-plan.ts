@@ -7,16 +7,17 @@ import { config } from '../../common/config.ts';
 import { templateBase, type ValidName } from '../../common/names.ts';
 import { AgentClient } from '../agent-client.ts';
 import type { NetConfig } from '../qemu/argv.ts';
+import type { TemplateMeta, VmRecord } from '../store/records.ts';
 import { vmPaths, vmsDir } from '../store/dirs.ts';
 import { slotName, release } from '../store/slots.ts';
-import { newIdentity } from './identity.ts';
+import { newIdentity, type CloneIdentity } from './identity.ts';
 import { clockRightAtReady } from './clock.ts';
 import { netParams, readPodNetwork, type NetMode } from './net.ts';
 import { qcow2Overlay } from './disk.ts';
 import { claimClone, reservePorts } from './claim.ts';
 import type { FrozenTemplate } from './templates.ts';
-import type { ForkOptions } from './options.ts';
-import { newVmRecord, type Plan } from './plan.ts';
+import type { ForkOptions, Owner } from './options.ts';
+import { newVmRecord, type Building, type Plan } from './plan.ts';
 
 /** The plan that forks one running clone of a frozen template: mapped copy-on-write, restored, resumed, re-identified. */
 export async function forkPlan(tpl: FrozenTemplate, o: ForkOptions): Promise<Plan> {
@@ -36,13 +37,7 @@ export async function forkPlan(tpl: FrozenTemplate, o: ForkOptions): Promise<Pla
   const ports = netMode.mode === 'user' ? await reservePorts(meta.ports.length, `${o.prefix}-c?`) : [];
   const forwards = ports.map((hostPort, i) => ({ guestPort: meta.ports[i], hostPort }));
   const tbSizeMB = o.tbSizeMB ?? config().tbSizeMB;
-  const timings: Record<string, number> = {};
-  let tm = t0;
-  const mark = (k: string): void => {
-    const n = performance.now();
-    timings[k] = Math.round((n - tm) * 10) / 10;
-    tm = n;
-  };
+  const phases = new Phases(t0);
   const generation = meta.generation + 1;
   const cloneDisk = (name: ValidName) => join(vmPaths(name, vmsDir()).dir, 'disk.qcow2');
   return {
@@ -52,46 +47,19 @@ export async function forkPlan(tpl: FrozenTemplate, o: ForkOptions): Promise<Pla
     resume: true,
     lineup: meta.lineup,
     keepOnFailure: o.keepOnFailure,
-    mark,
+    mark: (k) => phases.mark(k),
     claim: async () => {
       try {
         const r = await claimClone(
           o.prefix,
-          (index, name) => {
-            const id = newIdentity(index, o.hostname ?? `${templateBase(meta.name)}-{n}`, netParams(netMode), podNet, o.dns);
-            const net: NetConfig = netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards } : { mode: 'none' };
-            return newVmRecord({
-              name,
-              role: 'clone',
-              image: meta.image,
-              accel: meta.accel,
-              template: meta.name,
-              generation: meta.generation,
-              identity: id,
-              ports: Object.fromEntries(forwards.map((f) => [String(f.guestPort), f.hostPort])),
+          (index, name) =>
+            cloneRecord(meta, name, newIdentity(index, o.hostname ?? `${templateBase(meta.name)}-{n}`, netParams(netMode), podNet, o.dns), {
               netMode,
-              desc: {
-                name,
-                mode: 'clone',
-                accel: meta.accel,
-                ramMB: meta.ramMB,
-                cpus: 1,
-                memory: meta.memory,
-                cmdline: meta.cmdline,
-                initrd: false,
-                vmgenid: id.vmgenid,
-                mac: id.mac,
-                net,
-                incoming: true,
-                sandbox: true,
-                tbSizeMB,
-                disk: meta.disk ? { layers: ['base', 'template', 'clone'] } : undefined,
-              },
-              slots: ports.map((p) => slotName('port', p)),
-              making: { ownerPid: process.pid, phase: 'fork' },
+              forwards,
+              ports,
+              tbSizeMB,
               owner: o.owner,
-            });
-          },
+            }),
           meta.gid,
         );
         return r;
@@ -111,30 +79,96 @@ export async function forkPlan(tpl: FrozenTemplate, o: ForkOptions): Promise<Pla
         diskClone: meta.disk ? cloneDisk(r.name as ValidName) : undefined,
       };
     },
-    finish: async (b) => {
-      const m = b.m;
-      const id = b.record.identity!;
-      const agent = new AgentClient(`${m.name}/agent`);
-      b.setAgent(agent);
-      await agent.connect(vmPaths(m.name, vmsDir()).agent);
-      // identity.apply goes out once the sync is answered, not pipelined behind it: the host's
-      // time in it is then taken while the agent reads, so the clock the agent steps from it is
-      // not late by the resumed guest's first read (~250 ms here). Measured, 8 forks each: a
-      // round trip more, and the clock check below no longer fires on an idle host.
-      await agent.sync(o.agentTimeoutMs ?? 30_000).catch((e) => {
-        throw new VmError('E_AGENT_TIMEOUT', `${m.name}: the agent did not answer after the resume (${(e as Error).message})`, { cause: e });
-      });
-      mark('agentSync');
-      const applied = o.skipIdentityApply ? await agent.call('ping', {}).then(() => undefined) : await b.sendIdentity(generation);
-      if (applied) timings.clockFix = await clockRightAtReady(agent, applied.time, Date.now());
-      const s = applied?.stepsMs ?? {};
-      timings.identity = s.identity ?? 0;
-      timings.containers = (s.containers ?? 0) + (s.health ?? 0);
-      timings.applyRoundTrip = Math.round((performance.now() - tm) * 10) / 10;
-      timings.ready = Math.round((performance.now() - t0) * 10) / 10;
-      b.record.generation = generation;
-      await b.finished(timings);
-      o.log?.(`forked ${m.name} (${id.hostname}, ${id.ip}) in ${timings.ready.toFixed(0)} ms`);
-    },
+    finish: (b) => forkFinish(b, o, generation, phases),
   };
+}
+
+/** A fork's last step: its agent reached, its identity applied as the next generation, its clock right at ready. */
+async function forkFinish(b: Building, o: ForkOptions, generation: number, phases: Phases): Promise<void> {
+  const timings = phases.timings;
+  const m = b.m;
+  const id = b.record.identity!;
+  const agent = new AgentClient(`${m.name}/agent`);
+  b.setAgent(agent);
+  await agent.connect(vmPaths(m.name, vmsDir()).agent);
+  // identity.apply goes out once the sync is answered, not pipelined behind it: the host's
+  // time in it is then taken while the agent reads, so the clock the agent steps from it is
+  // not late by the resumed guest's first read (~250 ms here). Measured, 8 forks each: a
+  // round trip more, and the clock check below no longer fires on an idle host.
+  await agent.sync(o.agentTimeoutMs ?? 30_000).catch((e) => {
+    throw new VmError('E_AGENT_TIMEOUT', `${m.name}: the agent did not answer after the resume (${(e as Error).message})`, { cause: e });
+  });
+  phases.mark('agentSync');
+  const applied = o.skipIdentityApply ? await agent.call('ping', {}).then(() => undefined) : await b.sendIdentity(generation);
+  if (applied) timings.clockFix = await clockRightAtReady(agent, applied.time, Date.now());
+  const s = applied?.stepsMs ?? {};
+  timings.identity = s.identity ?? 0;
+  timings.containers = (s.containers ?? 0) + (s.health ?? 0);
+  timings.applyRoundTrip = phases.sinceLast();
+  timings.ready = phases.total();
+  b.record.generation = generation;
+  await b.finished(timings);
+  o.log?.(`forked ${m.name} (${id.hostname}, ${id.ip}) in ${timings.ready.toFixed(0)} ms`);
+}
+
+/** The times of a fork's steps (ms, one decimal), each from the step before. */
+class Phases {
+  readonly timings: Record<string, number> = {};
+  private last: number;
+  constructor(readonly t0: number) {
+    this.last = t0;
+  }
+  mark(k: string): void {
+    const n = performance.now();
+    this.timings[k] = Math.round((n - this.last) * 10) / 10;
+    this.last = n;
+  }
+  sinceLast(): number {
+    return Math.round((performance.now() - this.last) * 10) / 10;
+  }
+  total(): number {
+    return Math.round((performance.now() - this.t0) * 10) / 10;
+  }
+}
+
+/** A clone's record: its template's machine with its own identity, forwards and reservations. Pure but for the time it names. */
+function cloneRecord(
+  meta: TemplateMeta,
+  name: ValidName,
+  id: CloneIdentity,
+  x: { netMode: NetMode; forwards: { guestPort: number; hostPort: number }[]; ports: number[]; tbSizeMB?: number; owner?: Owner },
+): VmRecord {
+  const { netMode, forwards, ports, tbSizeMB } = x;
+  const net: NetConfig = netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards } : { mode: 'none' };
+  return newVmRecord({
+    name,
+    role: 'clone',
+    image: meta.image,
+    accel: meta.accel,
+    template: meta.name,
+    generation: meta.generation,
+    identity: id,
+    ports: Object.fromEntries(forwards.map((f) => [String(f.guestPort), f.hostPort])),
+    netMode,
+    desc: {
+      name,
+      mode: 'clone',
+      accel: meta.accel,
+      ramMB: meta.ramMB,
+      cpus: 1,
+      memory: meta.memory,
+      cmdline: meta.cmdline,
+      initrd: false,
+      vmgenid: id.vmgenid,
+      mac: id.mac,
+      net,
+      incoming: true,
+      sandbox: true,
+      tbSizeMB,
+      disk: meta.disk ? { layers: ['base', 'template', 'clone'] } : undefined,
+    },
+    slots: ports.map((p) => slotName('port', p)),
+    making: { ownerPid: process.pid, phase: 'fork' },
+    owner: x.owner,
+  });
 }
