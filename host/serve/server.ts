@@ -134,8 +134,8 @@ function forward(req: IncomingMessage, res: ServerResponse, m: Member): Promise<
   });
 }
 
-export async function serve(o: ServeOptions, log: (line: string) => void = () => undefined): Promise<ServeHandle> {
-  // the template: made from an image definition (the up policy reuses a frozen one), or named
+/** The template a front door serves: made from an image definition (the up policy reuses a frozen one), or named; checked to be servable. */
+async function servedTemplate(o: ServeOptions, log: (line: string) => void): Promise<string> {
   let template: string;
   if (/\.ya?ml$/.test(o.source)) {
     const r = await up(o.source, { clones: 0, log: (m) => log(o.json ? JSON.stringify({ event: 'prepare', message: m }) : `[serve] ${m}`) });
@@ -155,9 +155,166 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
     throw new ScionError('E_USAGE', `--port ${o.guestPort}: the image serves ${meta.ports.join(', ') || 'no ports'}`, {
       hint: `use one of: ${meta.ports.join(', ')}`,
     });
+  return template;
+}
 
+/** What each front end (HTTP, upgrades, plain TCP) shares: the fleet, the outcome counter, the set of work in flight. */
+interface FrontEnd {
+  fleet: Fleet;
+  outcome: (k: string) => void;
+  track: (p: Promise<unknown>) => void;
+}
+
+/**
+ * One connection or request served by a clone: acquired from the fleet (or
+ * refused: counted, and `refuse` answers the client), used, released (as
+ * dead if it failed), its outcome counted. The one path of all front ends.
+ */
+function withClone(f: FrontEnd, use: (m: Member) => Promise<{ outcome: string; dead?: boolean }>, refuse: (e: unknown) => void): void {
+  f.track(
+    (async () => {
+      let m: Member;
+      try {
+        m = await f.fleet.acquire();
+      } catch (e) {
+        f.outcome(refused(e));
+        refuse(e);
+        return;
+      }
+      const r = await use(m);
+      f.fleet.release(m, r.dead === true);
+      f.outcome(r.outcome);
+    })(),
+  );
+}
+
+/** A plain TCP connection piped both ways to a clone; resolves false if the clone's side failed. */
+function pipeTcp(client: Socket, m: Member): Promise<boolean> {
+  return new Promise<boolean>((resolve) => {
+    const up = connect(m.port, m.host, () => {
+      up.pipe(client);
+      client.pipe(up);
+      client.resume();
+    });
+    let failed = false;
+    up.on('error', () => {
+      failed = true;
+    });
+    const end = () => {
+      up.destroy();
+      client.destroy();
+      resolve(!failed);
+    };
+    up.on('close', end);
+    client.on('close', end);
+  });
+}
+
+/** An upgraded connection (a WebSocket) passed through to a clone: its request line and headers, then bytes both ways. */
+function pipeUpgrade(req: IncomingMessage, socket: Socket, head: Buffer, m: Member): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const up = connect(m.port, m.host, () => {
+      up.write(
+        `${req.method} ${req.url} HTTP/1.1\r\n${Object.entries(req.headers)
+          .map(([k, v]) => `${k}: ${v}`)
+          .join('\r\n')}\r\n\r\n`,
+      );
+      if (head.length) up.write(head);
+      up.pipe(socket);
+      socket.pipe(up);
+    });
+    const done = () => {
+      up.destroy();
+      socket.destroy();
+      resolve();
+    };
+    up.on('error', done);
+    socket.on('error', done);
+    up.on('close', done);
+    socket.on('close', done);
+  });
+}
+
+/** Plain TCP: a fresh clone per connection, the bytes passed through both ways. */
+function tcpFrontEnd(f: FrontEnd, sockets: Set<Socket>): import('node:net').Server {
+  return createTcpServer((client) => {
+    sockets.add(client);
+    client.on('close', () => sockets.delete(client));
+    client.pause();
+    client.on('error', () => undefined); // a reset client ends its own piping
+    withClone(
+      f,
+      async (m) => {
+        const ok = await pipeTcp(client, m);
+        return { outcome: ok ? 'ok' : 'clone_died', dead: !ok };
+      },
+      () => client.destroy(),
+    );
+  });
+}
+
+/** HTTP/1.1 with keep-alive: each request to a clone (503 with Retry-After when none can be had), upgrades passed through. */
+function httpFrontEnd(f: FrontEnd, o: ServeOptions): Server {
+  const server = createServer((req, res) => {
+    withClone(
+      f,
+      async (m) => {
+        const r = await forward(req, res, m);
+        return { outcome: r === 'ok' ? 'ok' : r === 'client-gone' ? 'client_gone' : 'clone_died', dead: r === 'clone-died' };
+      },
+      (e) => {
+        res.writeHead(503, { 'retry-after': String(Math.max(1, Math.ceil(o.queueTimeoutMs / 1000))), 'content-type': 'text/plain' });
+        res.end(`${(e as Error).message}\n`);
+      },
+    );
+  });
+  server.keepAliveTimeout = 5000;
+  server.on('upgrade', (req, socket: Socket, head) => {
+    withClone(
+      f,
+      async (m) => {
+        await pipeUpgrade(req, socket, head, m);
+        return { outcome: 'upgraded' };
+      },
+      (e) =>
+        socket.end(
+          `HTTP/1.1 503 Service Unavailable\r\nRetry-After: ${Math.ceil(o.queueTimeoutMs / 1000)}\r\nConnection: close\r\n\r\n${(e as Error).message}\n`,
+        ),
+    );
+  });
+  return server;
+}
+
+/** The admin server: Prometheus metrics and /healthz. */
+function adminServerFor(fleet: Fleet, mt: ReturnType<typeof metrics>, template: string): Server {
+  const refreshGauges = () => {
+    mt.queue.set(fleet.queueDepth);
+    for (const [k, v] of Object.entries(fleet.counts())) mt.clones.set({ state: k }, v);
+  };
+  return createServer(async (req, res) => {
+    if (req.url === '/metrics') {
+      refreshGauges();
+      res.writeHead(200, { 'content-type': mt.registry.contentType });
+      res.end(await mt.registry.metrics());
+      return;
+    }
+    if (req.url === '/healthz') {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ ok: true, template, ...fleet.counts(), queue: fleet.queueDepth }) + '\n');
+      return;
+    }
+    res.writeHead(404);
+    res.end();
+  });
+}
+
+export async function serve(o: ServeOptions, log: (line: string) => void = () => undefined): Promise<ServeHandle> {
+  const template = await servedTemplate(o, log);
   const mt = metrics();
   const say = (ev: Record<string, unknown>, text: string) => log(o.json ? JSON.stringify({ ts: new Date().toISOString(), ...ev }) : `[serve] ${text}`);
+  const counted: Record<string, number> = {};
+  const forkMs: number[] = [];
+  let maxClones = 0;
   const fleet = new Fleet(template, o, {
     scale: (e) => {
       maxClones = Math.max(maxClones, fleet.total());
@@ -172,147 +329,24 @@ export async function serve(o: ServeOptions, log: (line: string) => void = () =>
     },
     claim: (hit) => mt.pool.inc({ result: hit ? 'hit' : 'miss' }),
   });
-  const counted: Record<string, number> = {};
-  const forkMs: number[] = [];
-  let maxClones = 0;
-  const outcome = (k: string) => {
-    mt.requests.inc({ outcome: k });
-    counted[k] = (counted[k] ?? 0) + 1;
-  };
   const inflight = new Set<Promise<unknown>>();
-  const track = <T>(p: Promise<T>) => {
-    inflight.add(p);
-    p.finally(() => inflight.delete(p));
-    return p;
+  const f: FrontEnd = {
+    fleet,
+    outcome: (k) => {
+      mt.requests.inc({ outcome: k });
+      counted[k] = (counted[k] ?? 0) + 1;
+    },
+    track: (p) => {
+      inflight.add(p);
+      p.finally(() => inflight.delete(p));
+    },
   };
-
-  // plain TCP: a fresh clone per connection, the bytes passed through both ways
   const tcpSockets = new Set<Socket>();
-  const tcpServer = o.tcp
-    ? createTcpServer((client) => {
-        tcpSockets.add(client);
-        client.on('close', () => tcpSockets.delete(client));
-        client.pause();
-        client.on('error', () => undefined); // a reset client ends its own piping below
-        track(
-          (async () => {
-            let m: Member;
-            try {
-              m = await fleet.acquire();
-            } catch (e) {
-              outcome(refused(e));
-              client.destroy();
-              return;
-            }
-            const ok = await new Promise<boolean>((resolve) => {
-              const up = connect(m.port, m.host, () => {
-                up.pipe(client);
-                client.pipe(up);
-                client.resume();
-              });
-              let failed = false;
-              up.on('error', () => {
-                failed = true;
-              });
-              const end = () => {
-                up.destroy();
-                client.destroy();
-                resolve(!failed);
-              };
-              up.on('close', end);
-              client.on('close', end);
-            });
-            fleet.release(m, !ok);
-            outcome(ok ? 'ok' : 'clone_died');
-          })(),
-        );
-      })
-    : undefined;
-
-  const server = createServer((req, res) => {
-    track(
-      (async () => {
-        let m: Member;
-        try {
-          m = await fleet.acquire();
-        } catch (e) {
-          outcome(refused(e));
-          res.writeHead(503, { 'retry-after': String(Math.max(1, Math.ceil(o.queueTimeoutMs / 1000))), 'content-type': 'text/plain' });
-          res.end(`${(e as Error).message}\n`);
-          return;
-        }
-        const r = await forward(req, res, m);
-        fleet.release(m, r === 'clone-died');
-        outcome(r === 'ok' ? 'ok' : r === 'client-gone' ? 'client_gone' : 'clone_died');
-      })(),
-    );
-  });
-  server.keepAliveTimeout = 5000;
-  server.on('upgrade', (req, socket: Socket, head) => {
-    track(
-      (async () => {
-        let m: Member;
-        try {
-          m = await fleet.acquire();
-        } catch (e) {
-          outcome(refused(e));
-          socket.end(
-            `HTTP/1.1 503 Service Unavailable\r\nRetry-After: ${Math.ceil(o.queueTimeoutMs / 1000)}\r\nConnection: close\r\n\r\n${(e as Error).message}\n`,
-          );
-          return;
-        }
-        await new Promise<void>((resolve) => {
-          const up = connect(m.port, m.host, () => {
-            up.write(
-              `${req.method} ${req.url} HTTP/1.1\r\n${Object.entries(req.headers)
-                .map(([k, v]) => `${k}: ${v}`)
-                .join('\r\n')}\r\n\r\n`,
-            );
-            if (head.length) up.write(head);
-            up.pipe(socket);
-            socket.pipe(up);
-          });
-          const done = () => {
-            up.destroy();
-            socket.destroy();
-            resolve();
-          };
-          up.on('error', done);
-          socket.on('error', done);
-          up.on('close', done);
-          socket.on('close', done);
-        });
-        fleet.release(m);
-        outcome('upgraded');
-      })(),
-    );
-  });
-
+  const tcpServer = o.tcp ? tcpFrontEnd(f, tcpSockets) : undefined;
+  const server = httpFrontEnd(f, o);
   const address = await listen(tcpServer ?? server, o.listen);
-  let adminServer: Server | undefined;
-  let admin: { host: string; port: number } | undefined;
-  const refreshGauges = () => {
-    mt.queue.set(fleet.queueDepth);
-    for (const [k, v] of Object.entries(fleet.counts())) mt.clones.set({ state: k }, v);
-  };
-  if (o.admin) {
-    adminServer = createServer(async (req, res) => {
-      if (req.url === '/metrics') {
-        refreshGauges();
-        res.writeHead(200, { 'content-type': mt.registry.contentType });
-        res.end(await mt.registry.metrics());
-        return;
-      }
-      if (req.url === '/healthz') {
-        res.writeHead(200, { 'content-type': 'application/json' });
-        res.end(JSON.stringify({ ok: true, template, ...fleet.counts(), queue: fleet.queueDepth }) + '\n');
-        return;
-      }
-      res.writeHead(404);
-      res.end();
-    });
-    admin = await listen(adminServer, o.admin);
-  }
+  const adminServer = o.admin ? adminServerFor(fleet, mt, template) : undefined;
+  const admin = adminServer && o.admin ? await listen(adminServer, o.admin) : undefined;
   fleet.start();
   say(
     { event: 'listening', address, admin, template, mode: o.tcp ? 'tcp-per-connection' : o.mode },
