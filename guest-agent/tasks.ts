@@ -12,45 +12,26 @@
 import { sleep, type AttachedChild, type Child, type Platform } from './platform.ts';
 import type { ShellWorker } from './shell.ts';
 import { ProtocolError } from './protocol.ts';
-import { StreamPorts, STREAM_PORT } from './ports.ts';
+import { StreamPorts } from './ports.ts';
+import {
+  ID,
+  SERIAL,
+  CRUN_PATH,
+  SCRIPT_BIN,
+  POD_PID_HOLDER,
+  taskPaths,
+  mountScript,
+  unmountScript,
+  stdioArg,
+  onTerminal,
+  resizeArgv,
+  withPidNamespace,
+  hasOwnPidNamespace,
+  crunGlobalArgs,
+} from './task-spec.ts';
+import { childOf, namespacePids, usageOf } from './procfs.ts';
+
 import type { AgentEventName, AgentEvents, TaskStats, TaskStdio } from '../common/agent-protocol.ts';
-
-export const TASK_ROOT = '/run/scion/tasks';
-const ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
-const SERIAL = /^[a-z0-9][a-z0-9-]{0,19}$/;
-
-/** The task's directory layout in the guest. Pure. */
-export function taskPaths(id: string) {
-  const dir = `${TASK_ROOT}/${id}`;
-  return {
-    dir,
-    lower: `${dir}/lower`,
-    upper: `${dir}/rw/upper`,
-    work: `${dir}/rw/work`,
-    rw: `${dir}/rw`,
-    rootfs: `${dir}/rootfs`,
-    config: `${dir}/config.json`,
-    pidFile: `${dir}/init.pid`,
-  };
-}
-
-/** Shell lines that mount the task's disk read-only and a writable overlay on it. Pure (ids and devices are checked by the caller). */
-export function mountScript(id: string, device: string): string {
-  const p = taskPaths(id);
-  return [
-    'set -e',
-    `mkdir -p ${p.lower} ${p.rw} ${p.rootfs}`,
-    `mount -t erofs -o ro ${device} ${p.lower}`,
-    // the writable layer in the task's directory: /run is already a tmpfs (one mount less to make under TCG)
-    `mkdir -p ${p.upper} ${p.work}`,
-    `mount -t overlay -o lowerdir=${p.lower},upperdir=${p.upper},workdir=${p.work} overlay ${p.rootfs}`,
-  ].join('\n');
-}
-
-export function unmountScript(id: string): string {
-  const p = taskPaths(id);
-  return [`umount ${p.rootfs} 2>/dev/null || true`, `umount ${p.lower} 2>/dev/null || true`, `rm -rf ${p.dir}`].join('\n');
-}
 
 /**
  * `terminal`: it runs on a pty (util-linux script holds the pty's master side; its child, the pty's first user).
@@ -73,107 +54,6 @@ interface Task {
   init?: Proc;
   starting?: boolean;
   execs: Map<string, Proc>;
-}
-
-/** The `stdio` argument of task.start and task.exec: port names by stream, checked. Pure. */
-export function stdioArg(v: unknown): TaskStdio | undefined {
-  if (v === undefined || v === null) return undefined;
-  if (typeof v !== 'object' || Array.isArray(v)) throw new ProtocolError('E_BAD_ARGS', 'stdio: an object of port names (stdin, stdout, stderr)');
-  const out: TaskStdio = {};
-  for (const [k, name] of Object.entries(v as Record<string, unknown>)) {
-    if (k !== 'stdin' && k !== 'stdout' && k !== 'stderr')
-      throw new ProtocolError('E_BAD_ARGS', `stdio.${k.slice(0, 20)}: not a stream (stdin, stdout, stderr)`);
-    if (name === undefined) continue;
-    if (typeof name !== 'string' || !STREAM_PORT.test(name))
-      throw new ProtocolError('E_BAD_ARGS', `stdio.${k}: a port name the host added (scion.io.<16 hex>.<0-2>)`);
-    out[k] = name;
-  }
-  return out;
-}
-
-/** Where util-linux's script is (the image's bsdutils): what runs a task's process on a pty. */
-export const SCRIPT_BIN = '/usr/bin/script';
-/** Debian's crun: a guest without it runs no tasks, and needs no pod pid namespace made ahead. */
-const CRUN_PATH = '/usr/bin/crun';
-
-/** A word for sh -c, quoted. Pure. */
-const shq = (w: string): string => `'${w.replace(/'/g, `'\\''`)}'`;
-
-/**
- * argv run on a new pty: util-linux script (QuickJS cannot open one: no ioctl;
- * crun's --console-socket passes the pty by SCM_RIGHTS, which it cannot read
- * either), quiet, with the command's exit status as its own, no echo of its
- * input (the pty's own echo is the program's to set), nothing written to a file. Pure.
- */
-export function onTerminal(argv: string[]): string[] {
-  return [SCRIPT_BIN, '--quiet', '--return', '--echo', 'never', '--command', argv.map(shq).join(' '), '/dev/null'];
-}
-
-/** stty's argv that sizes a pty. Pure. */
-export function resizeArgv(tty: string, width: number, height: number): string[] {
-  return ['busybox', 'stty', '-F', tty, 'rows', String(height), 'cols', String(width)];
-}
-
-/** Clock ticks per second in /proc/<pid>/stat: USER_HZ, 100 on x86 (QuickJS cannot ask sysconf). */
-const USER_HZ = 100;
-
-/**
- * The fields of a /proc/<pid>/stat line after the command name (which may hold
- * spaces and parentheses): [0] is field 3 (state), [1] the ppid. Pure.
- */
-function statFields(stat: string): string[] {
-  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-}
-
-/** utime and stime (µs) from a /proc/<pid>/stat line. Pure. */
-export function cpuOfStat(stat: string): { userUsec: number; systemUsec: number } | undefined {
-  const f = statFields(stat);
-  // utime is field 14, stime field 15
-  const ut = Number(f[11]),
-    st = Number(f[12]);
-  if (!Number.isFinite(ut) || !Number.isFinite(st)) return undefined;
-  return { userUsec: (ut * 1e6) / USER_HZ, systemUsec: (st * 1e6) / USER_HZ };
-}
-
-/** A /proc/<pid>/status or /proc/meminfo value in bytes (their kB), 0 if absent. Pure. */
-export function kbField(text: string, key: string): number {
-  const m = new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(text);
-  return m ? Number(m[1]) * 1024 : 0;
-}
-
-/** The OCI `linux` section with its pid namespace the one at `path` (to join). Pure. */
-export function withPidNamespace(linux: Record<string, unknown> | undefined, path: string): Record<string, unknown> {
-  const ns = ((linux?.namespaces as { type: string; path?: string }[] | undefined) ?? []).filter((n) => n.type !== 'pid');
-  return { ...linux, namespaces: [...ns, { type: 'pid', path }] };
-}
-
-/** The pod's pid namespace: its first process reaps what its containers orphan, as a pause process does. */
-export const POD_PID_HOLDER = [
-  'busybox',
-  'unshare',
-  '--pid',
-  '--fork',
-  'busybox',
-  'sh',
-  '-c',
-  'trap "exit 0" TERM; while :; do busybox sleep 3600 & wait; done',
-];
-
-/** Whether an OCI config gives the container a new pid namespace of its own. Pure. */
-export function hasOwnPidNamespace(spec: Record<string, unknown>): boolean {
-  const ns = (spec.linux as { namespaces?: { type: string; path?: string }[] } | undefined)?.namespaces ?? [];
-  return ns.some((n) => n.type === 'pid' && !n.path);
-}
-
-/**
- * crun's global options for a task. The VM is the pod's limit (the shim drops
- * the spec's resources), so a task in a pid namespace of its own runs without
- * a cgroup: making one costs ~120 ms of crun's ~450 ms under TCG (measured in
- * a pod VM), and the namespace finds its processes instead (ps, kill --all).
- * A task in the guest's pid namespace keeps its cgroup. Pure.
- */
-export function crunGlobalArgs(ownPidNs: boolean): string[] {
-  return ownPidNs ? ['--cgroup-manager=disabled'] : [];
 }
 
 export class TaskRunner {
@@ -396,7 +276,7 @@ export class TaskRunner {
     if (!Number.isInteger(signal) || signal < 1 || signal > 64) throw new ProtocolError('E_BAD_ARGS', 'signal: 1..64');
     if (proc.exitCode !== undefined) return { id: t.id, signal };
     if (proc === t.init && a.all === true && t.ownPidNs) {
-      for (const pid of this.namespacePids(t)) this.p.kill(pid, signal);
+      for (const pid of namespacePids(this.p, t.init?.pid)) this.p.kill(pid, signal);
     } else if (proc === t.init) {
       const r = await this.p.run([this.crunBin, 'kill', ...(a.all === true ? ['--all'] : []), t.id, String(signal)], { timeoutMs: 10_000 });
       if (r.exitCode !== 0 && proc.exitCode === undefined) throw new ProtocolError('E_INTERNAL', `crun kill ${t.id}: ${r.stderr.trim().slice(0, 300)}`);
@@ -422,24 +302,13 @@ export class TaskRunner {
     // the namespace of unshare's child, its pid 1, once it runs: a container joining before would become pid 1 itself
     const own = this.p.readlink('/proc/self/ns/pid');
     for (let i = 0; i < 500 && this.podPidHolder; i++) {
-      const reaper = this.childOf(this.podPidHolder.pid);
+      const reaper = childOf(this.p, this.podPidHolder.pid);
       const path = reaper ? `/proc/${reaper}/ns/pid` : undefined;
       const ns = path ? this.p.readlink(path) : undefined;
       if (path && ns && ns !== own) return path;
       await sleep(this.p, 10);
     }
     throw new ProtocolError('E_INTERNAL', "the pod's pid namespace could not be made (busybox unshare --pid)");
-  }
-
-  /** A child process of `pid` (the first found in /proc), if it has one. */
-  private childOf(pid: number): number | undefined {
-    return this.guestPids().find((d) => {
-      try {
-        return Number(statFields(this.p.readText(`/proc/${d}/stat`))[1]) === pid;
-      } catch {
-        return false;
-      } // ended meanwhile
-    });
   }
 
   private assertTerminal(): void {
@@ -455,7 +324,7 @@ export class TaskRunner {
     if (!proc.terminal) throw new ProtocolError('E_BAD_ARGS', `${proc.execId || t.id} has no terminal`);
     if (proc.exitCode !== undefined) return { id: t.id, tty: '' }; // ended: nothing to size (a late resize is no fault)
     // script's child (crun) has the pty on its stdin
-    const child = this.childOf(proc.child.pid);
+    const child = childOf(this.p, proc.child.pid);
     const fd0 = child ? this.p.readlink(`/proc/${child}/fd/0`) : undefined;
     const tty = fd0 && /^\/dev\/pts\/[0-9]+$/.test(fd0) ? fd0 : undefined;
     if (!tty) throw new ProtocolError('E_NO_TASK', `${proc.execId || t.id}: its terminal is gone`);
@@ -464,26 +333,9 @@ export class TaskRunner {
     return { id: t.id, tty };
   }
 
-  /** The processes in a task's own pid namespace (its init's), as the guest numbers them; none once its init is gone. */
-  private namespacePids(t: Task): number[] {
-    const init = t.init?.pid;
-    const ns = init ? this.p.readlink(`/proc/${init}/ns/pid`) : undefined;
-    if (!ns) return [];
-    return this.guestPids().filter((pid) => this.p.readlink(`/proc/${pid}/ns/pid`) === ns); // unreadable: ended meanwhile
-  }
-
-  /** Every process of the guest, by pid, ascending. */
-  private guestPids(): number[] {
-    return this.p
-      .readdir('/proc')
-      .filter((d) => /^[0-9]+$/.test(d))
-      .map(Number)
-      .sort((x, y) => x - y);
-  }
-
   async pids(a: Record<string, unknown>): Promise<{ id: string; pids: number[] }> {
     const t = this.get(String(a.id));
-    if (t.ownPidNs) return { id: t.id, pids: this.namespacePids(t) };
+    if (t.ownPidNs) return { id: t.id, pids: namespacePids(this.p, t.init?.pid) };
     const r = await this.p.run([this.crunBin, 'ps', '--format', 'json', t.id], { timeoutMs: 10_000 });
     let pids: number[] = [];
     try {
@@ -494,33 +346,10 @@ export class TaskRunner {
     return { id: t.id, pids: Array.isArray(pids) ? pids.filter((x) => typeof x === 'number') : [] };
   }
 
-  /** What the task's processes use now: their CPU time and resident memory, summed (a process that ends meanwhile is left out). */
+  /** What the task's processes use now: their CPU time and resident memory, summed (procfs.ts). */
   async stats(a: Record<string, unknown>): Promise<TaskStats> {
     const { id, pids } = await this.pids(a);
-    const s: TaskStats = { id, pids: 0, cpuUserUsec: 0, cpuSystemUsec: 0, memoryBytes: 0, anonBytes: 0, fileBytes: 0, limitBytes: 0 };
-    for (const pid of pids) {
-      let stat: string, status: string;
-      try {
-        stat = this.p.readText(`/proc/${pid}/stat`);
-        status = this.p.readText(`/proc/${pid}/status`);
-      } catch {
-        continue;
-      } // ended meanwhile
-      const cpu = cpuOfStat(stat);
-      if (!cpu) continue;
-      s.pids++;
-      s.cpuUserUsec += cpu.userUsec;
-      s.cpuSystemUsec += cpu.systemUsec;
-      s.memoryBytes += kbField(status, 'VmRSS');
-      s.anonBytes += kbField(status, 'RssAnon');
-      s.fileBytes += kbField(status, 'RssFile');
-    }
-    try {
-      s.limitBytes = kbField(this.p.readText('/proc/meminfo'), 'MemTotal');
-    } catch {
-      /* no /proc: no limit said */
-    }
-    return s;
+    return usageOf(this.p, id, pids);
   }
 
   async delete(a: Record<string, unknown>): Promise<{ id: string; exitCode?: number }> {

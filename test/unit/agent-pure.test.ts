@@ -149,7 +149,7 @@ describe('RTC edges', () => {
   });
 });
 
-import { hasOwnPidNamespace, crunGlobalArgs, mountScript } from '../../guest-agent/tasks.ts';
+import { hasOwnPidNamespace, crunGlobalArgs, mountScript } from '../../guest-agent/task-spec.ts';
 
 describe('pod tasks in the guest', () => {
   it('a task with a new pid namespace runs without a cgroup; one that joins or lacks one keeps it', () => {
@@ -171,7 +171,7 @@ describe('pod tasks in the guest', () => {
   });
 });
 
-import { onTerminal, resizeArgv, withPidNamespace } from '../../guest-agent/tasks.ts';
+import { onTerminal, resizeArgv, withPidNamespace } from '../../guest-agent/task-spec.ts';
 
 describe('a task on a terminal', () => {
   it('runs crun under util-linux script (a pty, its exit status, no echo, no file); stty sizes the pty', () => {

@@ -160,7 +160,7 @@ describe("a pod's DNS into its VM", () => {
   });
 });
 
-import { cpuOfStat, kbField } from '../../guest-agent/tasks.ts';
+import { cpuOfStat, kbField } from '../../guest-agent/task-spec.ts';
 import { metricsOf, METRICS_TYPE } from '../../shim/service.ts';
 import { encode } from '../../shim/proto.ts';
 
