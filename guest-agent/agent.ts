@@ -2,23 +2,14 @@
  * The agent: protocol session over any duplex byte stream, command handlers,
  * fork handling. System effects go through identity.ts and containers.ts.
  */
-import { FrameDecoder, encodeFrame, concatBytes, RESYNC_BYTE } from '../common/framing.ts';
 import type { Platform, Transport } from './platform.ts';
-import {
-  MAX_FRAME,
-  PROTOCOL_VERSION,
-  ProtocolError,
-  parseRequest,
-  salvageId,
-  validateIdentity,
-  requireString,
-  type Identity,
-  type Request,
-} from './protocol.ts';
+import { PROTOCOL_VERSION, ProtocolError, validateIdentity, requireString, type Identity, type Request } from './protocol.ts';
 import { applyIdentity, type SystemConfig, type Steps } from './identity.ts';
 import { ContainerSupervisor } from './containers.ts';
 import { ShellWorker } from './shell.ts';
 import { TaskRunner } from './tasks.ts';
+import { attachSession } from './session.ts';
+export { MAX_IN_FLIGHT } from './session.ts';
 import type { GuestImageConfig } from '../common/contracts.ts';
 import type { AgentCommand, AgentEventName, AgentEvents, AgentInfo, AppliedIdentity, IdentityNotApplied, ResultOf } from '../common/agent-protocol.ts';
 import { ClockKeeper, dateStepSeconds } from './clock.ts';
@@ -34,12 +25,6 @@ export type ImageConfig = GuestImageConfig;
  */
 export type { Transport };
 
-/**
- * Requests read but not yet answered, at most: past this the session stops
- * reading until answers have gone out, so a client that pipelines without
- * end meets backpressure instead of lost answers or an agent that grows.
- */
-export const MAX_IN_FLIGHT = 64;
 /** How long after a pod VM's identity the clock keeper refines the step (its containers are being started then). */
 export const POD_CLOCK_REFINE_DELAY_MS = 2000;
 
@@ -119,84 +104,10 @@ export class Agent {
     this.emit('ready', { ...this.lastReady, healthy, boot: true });
   }
 
-  /** Attach a session to a transport. Returns a detach function. */
+  /** Attach a session to a transport (session.ts: framing, resync, flow control). Returns a detach function. */
   attach(t: Transport): () => void {
-    const decoder = new FrameDecoder(MAX_FRAME);
-    let resyncPending = false;
-    // reading stops while too many requests wait for their answer or the stream is backed up
-    let inFlight = 0;
-    let backedUp = false;
-    let paused = false;
-    const flow = () => {
-      const stop = inFlight >= MAX_IN_FLIGHT || backedUp;
-      if (stop && !paused) {
-        paused = true;
-        t.pause?.();
-      } else if (!stop && paused) {
-        paused = false;
-        t.resume?.();
-      }
-    };
-    t.onDrain?.(() => {
-      backedUp = false;
-      flow();
-    });
-    const send = (msg: unknown, marker = false) => {
-      try {
-        const ok = t.write(marker ? concatBytes([Uint8Array.of(RESYNC_BYTE), encodeFrame(msg)]) : encodeFrame(msg));
-        if (ok === false) {
-          backedUp = true;
-          flow();
-        }
-      } catch {
-        /* the host went away mid-write: the session closes and the host resyncs on reconnect */
-      }
-    };
-    const answered = () => {
-      inFlight--;
-      flow();
-    };
-    const sender = (m: unknown) => send(m);
+    const sender = attachSession(t, (req) => this.handle(req));
     this.sessions.add(sender);
-    t.onData((chunk) => {
-      let evs: ReturnType<typeof decoder.push>;
-      try {
-        evs = decoder.push(chunk);
-      } catch {
-        return;
-      }
-      for (const ev of evs) {
-        if ('resync' in ev) {
-          resyncPending = true;
-          continue;
-        }
-        if ('oversize' in ev) {
-          send({ id: null, ok: false, error: { code: 'E_FRAME_TOO_LARGE', message: `frame of ${ev.oversize} bytes exceeds the ${MAX_FRAME}-byte limit` } });
-          continue;
-        }
-        let req: Request;
-        try {
-          req = parseRequest(ev.frame);
-        } catch (e) {
-          const pe = e as ProtocolError;
-          send({ id: salvageId(ev.frame), ok: false, error: { code: pe.code ?? 'E_BAD_REQUEST', message: pe.message } });
-          continue;
-        }
-        const marker = resyncPending && req.cmd === 'sync';
-        if (req.cmd === 'sync') resyncPending = false;
-        inFlight++;
-        this.handle(req)
-          .then(
-            (result) => send({ id: req.id, ok: true, result }, marker),
-            (err) => {
-              const code = err instanceof ProtocolError ? err.code : 'E_INTERNAL';
-              send({ id: req.id, ok: false, error: { code, message: String(err?.message ?? err).slice(0, 2000) } }, marker);
-            },
-          )
-          .finally(answered);
-      }
-      flow();
-    });
     return () => {
       this.sessions.delete(sender);
     };
