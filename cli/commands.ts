@@ -9,8 +9,6 @@
 import { ScionError, EXIT } from '../common/errors.ts';
 import { validName, TEMPLATE_SUFFIX } from '../common/names.ts';
 import {
-  build,
-  verify,
   loadImage,
   resolveImage,
   bootTemplate,
@@ -21,216 +19,19 @@ import {
   stopVm,
   removeVm,
   gc,
-  connectAgent,
   up,
   Machine,
-  push,
-  pull,
   serve,
   serveOptions,
-  type Compression,
-  type NetMode,
-  type AgentClient,
 } from '../host/index.ts';
-import { buildProgress, fmtBytes, table } from './format.ts';
+import { buildProgress, table } from './format.ts';
 
-export type OptionValues = Record<string, string | boolean | undefined>;
-export interface Context {
-  json: boolean;
-  err: (s: string) => void;
-  out: (s: string) => void;
-}
-export interface OptionSpec {
-  type: 'string' | 'boolean';
-  short?: string;
-  value?: string;
-  help: string;
-}
-export interface CommandSpec {
-  name: string;
-  /** arguments as the help shows them */
-  args: string;
-  summary: string;
-  /** more lines for the help */
-  details?: string[];
-  options: Record<string, OptionSpec>;
-  /** remove temporary directories on SIGINT/SIGTERM and exit 130/143 */
-  cleansUpOnInterrupt?: boolean;
-  run(pos: string[], v: OptionValues, ctx: Context): Promise<number>;
-}
-
-const str = (v: OptionValues, k: string): string | undefined => (typeof v[k] === 'string' ? (v[k] as string) : undefined);
-/** `fn` with a synced agent connection to `vm`, closed afterwards. */
-async function withAgent<T>(vm: string, fn: (a: AgentClient) => Promise<T>): Promise<T> {
-  const a = await connectAgent(validName(vm));
-  try {
-    return await fn(a);
-  } finally {
-    a.close();
-  }
-}
-const need = (pos: string[], k: number, cmd: string, usage: string) => {
-  if (pos.length < k) throw new ScionError('E_USAGE', `scion ${cmd}: missing argument`, { hint: usage });
-};
-
-/** --bridge/--netns/--network → a bridge network mode, --tap → a loose tap (user-mode networking otherwise). */
-export function netFrom(v: OptionValues): NetMode | undefined {
-  if (v.tap) {
-    if (v.bridge || v.netns || v.network) throw new ScionError('E_USAGE', '--tap goes alone: not with --bridge, --netns or --network');
-    return { mode: 'tap' };
-  }
-  if (!v.bridge) {
-    if (v.netns || v.network) throw new ScionError('E_USAGE', '--netns and --network go with --bridge');
-    return undefined;
-  }
-  const bridge = v.bridge as string;
-  if (!/^[A-Za-z0-9_.-]{1,15}$/.test(bridge))
-    throw new ScionError('E_USAGE', `--bridge ${JSON.stringify(bridge)}: not an interface name (1-15 of A-Z a-z 0-9 _ . -)`);
-  const netns = v.netns as string | undefined;
-  if (netns !== undefined && !/^[A-Za-z0-9_.-]{1,64}$/.test(netns))
-    throw new ScionError('E_USAGE', `--netns ${JSON.stringify(netns)}: not a network namespace name (A-Z a-z 0-9 _ . -)`);
-  const network = (v.network as string | undefined) ?? '10.44.0.0/24';
-  if (
-    !/^(\d{1,3}\.){3}0\/24$/.test(network) ||
-    network
-      .split(/[./]/)
-      .slice(0, 4)
-      .some((o) => Number(o) > 255)
-  )
-    throw new ScionError('E_USAGE', `--network ${network}: use a /24 such as 10.44.0.0/24`);
-  return { mode: 'bridge', bridge, netns, network };
-}
-
-/** A whole-number option within bounds, or E_USAGE naming the flag. */
-function wholeNumber(v: string | boolean, flag: string, min: number, max: number, unit = ''): number {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min || n > max) throw new ScionError('E_USAGE', `${flag} ${v}: use a whole number${unit} from ${min} to ${max}`);
-  return n;
-}
-
-export function count(v: string | boolean | undefined, flag: string, dflt: number, min = 1): number {
-  return v === undefined ? dflt : wholeNumber(v, flag, min, 200);
-}
-
-const tbSize = (v: string | boolean | undefined): number | undefined => (v === undefined ? undefined : wholeNumber(v, '--tb-size', 1, 2048, ' of MiB'));
-
-function compressionOf(v: string | undefined): Compression {
-  const c = v ?? 'none';
-  if (c !== 'none' && c !== 'gzip' && c !== 'zstd') throw new ScionError('E_USAGE', `--compression ${c}: use none, gzip or zstd`);
-  return c;
-}
-
-const NET_OPTIONS: Record<string, OptionSpec> = {
-  bridge: { type: 'string', value: 'BR', help: 'a tap per VM on bridge BR instead of user-mode networking' },
-  netns: { type: 'string', value: 'NS', help: 'the network namespace BR lives in' },
-  network: { type: 'string', value: 'CIDR', help: 'addresses for bridged VMs (default 10.44.0.0/24; .15 the template, .16+ clones)' },
-  tap: { type: 'boolean', help: 'a tap per VM attached to nothing: a template for containerd pods (each pod VM joins its own network)' },
-};
-const INSECURE: Record<string, OptionSpec> = { insecure: { type: 'boolean', help: 'plain HTTP to a registry that is not on loopback' } };
-const BUILD_INPUT: Record<string, OptionSpec> = {
-  compression: { type: 'string', value: 'none|gzip|zstd', help: 'initramfs compression (default none: fastest boot under TCG)' },
-  mirror: { type: 'string', value: 'URL', help: "Debian mirror (default: the definition's, else the host's apt sources)" },
-};
+import { IMAGE_COMMANDS } from './image-commands.ts';
+import { NET_OPTIONS, INSECURE, count, need, netFrom, str, tbSize, withAgent, type CommandSpec } from './options.ts';
+export { netFrom, count, type CommandSpec, type Context, type OptionSpec, type OptionValues } from './options.ts';
 
 export const COMMANDS: CommandSpec[] = [
-  {
-    name: 'build',
-    args: '<image.yaml>',
-    summary: 'build DIR/<name>/: vmlinuz, initrd.img, manifest.json, sbom.cdx.json (CycloneDX 1.6), provenance.intoto.json (SLSA v1)',
-    options: {
-      out: { type: 'string', value: 'DIR', help: 'output directory (default ./out)' },
-      'update-lock': { type: 'boolean', help: 're-resolve packages and rewrite <image>.scion.lock' },
-      locked: { type: 'boolean', help: 'CI: fail (exit 3) if the lock is missing or would change' },
-      ...BUILD_INPUT,
-    },
-    cleansUpOnInterrupt: true,
-    async run(pos, v, ctx) {
-      if (pos.length !== 1)
-        throw new ScionError('E_USAGE', 'scion build needs exactly one image definition', { hint: 'scion build images/minimal.yaml --out out' });
-      const r = await build({
-        definitionPath: pos[0],
-        outDir: str(v, 'out'),
-        updateLock: !!v['update-lock'],
-        locked: !!v.locked,
-        mirror: str(v, 'mirror'),
-        compression: compressionOf(str(v, 'compression')),
-        onEvent: ctx.json ? undefined : buildProgress(ctx.err),
-      });
-      if (ctx.json) {
-        ctx.out(JSON.stringify({ ok: true, ...r }, null, 2));
-        return EXIT.ok;
-      }
-      ctx.out(`built ${r.name} -> ${r.dir}`);
-      for (const o of r.outputs) ctx.out(`  ${o.name.padEnd(23)} ${fmtBytes(o.size).padStart(10)}  sha256 ${o.sha256}`);
-      ctx.out(`  ${r.packages} packages; lock ${r.lockChanged ? 'written' : 'unchanged'}: ${r.lock}`);
-      ctx.out(`  stripped ${r.stripped.files} ELF file(s): ${fmtBytes(r.stripped.bytes)} of debug sections and symbol tables`);
-      ctx.out(`  largest files in the initramfs (${fmtBytes(r.sizes.initrdUncompressed)} in all):`);
-      for (const f of r.largest) ctx.out(`    ${fmtBytes(f.size).padStart(10)}  ${f.path}`);
-      ctx.out(`  what each package contributes (left out by exclude globs: ${r.excluded.files} file(s), ${fmtBytes(r.excluded.bytes)}):`);
-      for (const p of r.packageSizes.slice(0, 10)) ctx.out(`    ${fmtBytes(p.bytes).padStart(10)}  ${p.name} (${p.files} files)`);
-      return EXIT.ok;
-    },
-  },
-  {
-    name: 'verify',
-    args: '<image.yaml>',
-    summary: 'build twice, each from an empty cache in a temporary directory, and compare: "identical", or the first differing file (inside the initramfs)',
-    options: { ...BUILD_INPUT },
-    cleansUpOnInterrupt: true,
-    async run(pos, v, ctx) {
-      if (pos.length !== 1) throw new ScionError('E_USAGE', 'scion verify needs exactly one image definition', { hint: 'scion verify images/minimal.yaml' });
-      if (!ctx.json) ctx.err('[verify] two builds, one after the other, each from an empty cache in a temporary directory');
-      const r = await verify({
-        definitionPath: pos[0],
-        mirror: str(v, 'mirror'),
-        compression: compressionOf(str(v, 'compression')),
-        onEvent: ctx.json
-          ? undefined
-          : (n, ev) => {
-              if (ev.type === 'step') ctx.err(`[verify] build ${n}: ${ev.step} done in ${(ev.ms / 1000).toFixed(1)} s`);
-            },
-      });
-      if (ctx.json) ctx.out(JSON.stringify({ ok: r.identical, ...r }, null, 2));
-      else if (r.identical) {
-        ctx.out(`${r.name}: identical: two builds from empty caches gave the same bytes`);
-        for (const o of r.outputs) ctx.out(`  ${o.name.padEnd(23)} ${fmtBytes(o.size[0]).padStart(10)}  sha256 ${o.sha256[0]}`);
-      } else {
-        const d = r.difference!;
-        ctx.out(`${r.name}: NOT reproducible: ${d.output}${d.path ? `: ${d.path}` : ''}: ${d.how}`);
-      }
-      return r.identical ? EXIT.ok : EXIT.verification;
-    },
-  },
-  {
-    name: 'push',
-    args: '<out/name> <registry>/<repo>:<tag>',
-    summary: 'upload a built image as one OCI artifact (credentials: ~/.docker/config.json or $DOCKER_CONFIG)',
-    options: { ...INSECURE },
-    cleansUpOnInterrupt: true,
-    async run(pos, v, ctx) {
-      need(pos, 2, 'push', 'scion push out/web 127.0.0.1:5000/scion/web:1.0');
-      const r = await push(pos[0], pos[1], { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[push] ${m}`) });
-      ctx.out(
-        ctx.json
-          ? JSON.stringify({ ok: true, ...r }, null, 2)
-          : `pushed ${r.reference}\n  uploaded: ${r.uploaded.join(', ') || 'nothing (the registry had every blob)'}; already there: ${r.skipped.join(', ') || 'none'}`,
-      );
-      return EXIT.ok;
-    },
-  },
-  {
-    name: 'pull',
-    args: '<registry>/<repo>:<tag>|@sha256:…',
-    summary: 'download and verify an image into DIR/<name>/ (up and boot take the reference too)',
-    options: { out: { type: 'string', value: 'DIR', help: 'where the image goes (default ./out)' }, ...INSECURE },
-    cleansUpOnInterrupt: true,
-    async run(pos, v, ctx) {
-      need(pos, 1, 'pull', 'scion pull 127.0.0.1:5000/scion/web:1.0 --out images-dir');
-      const r = await pull(pos[0], str(v, 'out') ?? 'out', { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[pull] ${m}`) });
-      ctx.out(ctx.json ? JSON.stringify({ ok: true, ...r }, null, 2) : `pulled ${r.reference} -> ${r.dir} (every digest checked)`);
-      return EXIT.ok;
-    },
-  },
+  ...IMAGE_COMMANDS,
   {
     name: 'up',
     args: '<image.yaml|out/name|ref>',

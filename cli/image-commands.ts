@@ -1,0 +1,109 @@
+/**
+ * The image commands of the table (commands.ts): build, verify, push, pull.
+ */
+import { ScionError, EXIT } from '../common/errors.ts';
+import { build, verify, push, pull } from '../host/index.ts';
+import { buildProgress, fmtBytes } from './format.ts';
+
+import { BUILD_INPUT, INSECURE, compressionOf, need, str, type CommandSpec } from './options.ts';
+
+export const IMAGE_COMMANDS: CommandSpec[] = [
+  {
+    name: 'build',
+    args: '<image.yaml>',
+    summary: 'build DIR/<name>/: vmlinuz, initrd.img, manifest.json, sbom.cdx.json (CycloneDX 1.6), provenance.intoto.json (SLSA v1)',
+    options: {
+      out: { type: 'string', value: 'DIR', help: 'output directory (default ./out)' },
+      'update-lock': { type: 'boolean', help: 're-resolve packages and rewrite <image>.scion.lock' },
+      locked: { type: 'boolean', help: 'CI: fail (exit 3) if the lock is missing or would change' },
+      ...BUILD_INPUT,
+    },
+    cleansUpOnInterrupt: true,
+    async run(pos, v, ctx) {
+      if (pos.length !== 1)
+        throw new ScionError('E_USAGE', 'scion build needs exactly one image definition', { hint: 'scion build images/minimal.yaml --out out' });
+      const r = await build({
+        definitionPath: pos[0],
+        outDir: str(v, 'out'),
+        updateLock: !!v['update-lock'],
+        locked: !!v.locked,
+        mirror: str(v, 'mirror'),
+        compression: compressionOf(str(v, 'compression')),
+        onEvent: ctx.json ? undefined : buildProgress(ctx.err),
+      });
+      if (ctx.json) {
+        ctx.out(JSON.stringify({ ok: true, ...r }, null, 2));
+        return EXIT.ok;
+      }
+      ctx.out(`built ${r.name} -> ${r.dir}`);
+      for (const o of r.outputs) ctx.out(`  ${o.name.padEnd(23)} ${fmtBytes(o.size).padStart(10)}  sha256 ${o.sha256}`);
+      ctx.out(`  ${r.packages} packages; lock ${r.lockChanged ? 'written' : 'unchanged'}: ${r.lock}`);
+      ctx.out(`  stripped ${r.stripped.files} ELF file(s): ${fmtBytes(r.stripped.bytes)} of debug sections and symbol tables`);
+      ctx.out(`  largest files in the initramfs (${fmtBytes(r.sizes.initrdUncompressed)} in all):`);
+      for (const f of r.largest) ctx.out(`    ${fmtBytes(f.size).padStart(10)}  ${f.path}`);
+      ctx.out(`  what each package contributes (left out by exclude globs: ${r.excluded.files} file(s), ${fmtBytes(r.excluded.bytes)}):`);
+      for (const p of r.packageSizes.slice(0, 10)) ctx.out(`    ${fmtBytes(p.bytes).padStart(10)}  ${p.name} (${p.files} files)`);
+      return EXIT.ok;
+    },
+  },
+  {
+    name: 'verify',
+    args: '<image.yaml>',
+    summary: 'build twice, each from an empty cache in a temporary directory, and compare: "identical", or the first differing file (inside the initramfs)',
+    options: { ...BUILD_INPUT },
+    cleansUpOnInterrupt: true,
+    async run(pos, v, ctx) {
+      if (pos.length !== 1) throw new ScionError('E_USAGE', 'scion verify needs exactly one image definition', { hint: 'scion verify images/minimal.yaml' });
+      if (!ctx.json) ctx.err('[verify] two builds, one after the other, each from an empty cache in a temporary directory');
+      const r = await verify({
+        definitionPath: pos[0],
+        mirror: str(v, 'mirror'),
+        compression: compressionOf(str(v, 'compression')),
+        onEvent: ctx.json
+          ? undefined
+          : (n, ev) => {
+              if (ev.type === 'step') ctx.err(`[verify] build ${n}: ${ev.step} done in ${(ev.ms / 1000).toFixed(1)} s`);
+            },
+      });
+      if (ctx.json) ctx.out(JSON.stringify({ ok: r.identical, ...r }, null, 2));
+      else if (r.identical) {
+        ctx.out(`${r.name}: identical: two builds from empty caches gave the same bytes`);
+        for (const o of r.outputs) ctx.out(`  ${o.name.padEnd(23)} ${fmtBytes(o.size[0]).padStart(10)}  sha256 ${o.sha256[0]}`);
+      } else {
+        const d = r.difference!;
+        ctx.out(`${r.name}: NOT reproducible: ${d.output}${d.path ? `: ${d.path}` : ''}: ${d.how}`);
+      }
+      return r.identical ? EXIT.ok : EXIT.verification;
+    },
+  },
+  {
+    name: 'push',
+    args: '<out/name> <registry>/<repo>:<tag>',
+    summary: 'upload a built image as one OCI artifact (credentials: ~/.docker/config.json or $DOCKER_CONFIG)',
+    options: { ...INSECURE },
+    cleansUpOnInterrupt: true,
+    async run(pos, v, ctx) {
+      need(pos, 2, 'push', 'scion push out/web 127.0.0.1:5000/scion/web:1.0');
+      const r = await push(pos[0], pos[1], { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[push] ${m}`) });
+      ctx.out(
+        ctx.json
+          ? JSON.stringify({ ok: true, ...r }, null, 2)
+          : `pushed ${r.reference}\n  uploaded: ${r.uploaded.join(', ') || 'nothing (the registry had every blob)'}; already there: ${r.skipped.join(', ') || 'none'}`,
+      );
+      return EXIT.ok;
+    },
+  },
+  {
+    name: 'pull',
+    args: '<registry>/<repo>:<tag>|@sha256:…',
+    summary: 'download and verify an image into DIR/<name>/ (up and boot take the reference too)',
+    options: { out: { type: 'string', value: 'DIR', help: 'where the image goes (default ./out)' }, ...INSECURE },
+    cleansUpOnInterrupt: true,
+    async run(pos, v, ctx) {
+      need(pos, 1, 'pull', 'scion pull 127.0.0.1:5000/scion/web:1.0 --out images-dir');
+      const r = await pull(pos[0], str(v, 'out') ?? 'out', { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[pull] ${m}`) });
+      ctx.out(ctx.json ? JSON.stringify({ ok: true, ...r }, null, 2) : `pulled ${r.reference} -> ${r.dir} (every digest checked)`);
+      return EXIT.ok;
+    },
+  },
+];
