@@ -25,11 +25,13 @@ export type { BuildOutput, Compression };
 export { packageSets } from './packages.ts';
 export { bundleAgent, bundleAgentFromSource, prebuiltAgentPath } from './agent-bundle.ts';
 
+/** A build's progress event (a step started or ended, a download's bytes), for `onEvent`. */
 export type BuildEvent =
   | { type: 'step'; step: string; ms: number }
   | { type: 'download'; url: string; received: number; total?: number; done: boolean; ms: number }
   | { type: 'log'; message: string };
 
+/** What `build` takes: the definition, where outputs go, the lock policy, the initramfs compression, a progress callback. */
 export interface BuildOptions {
   definitionPath: string;
   outDir?: string; // default: ./out
@@ -43,6 +45,7 @@ export interface BuildOptions {
   onEvent?: (ev: BuildEvent) => void;
 }
 
+/** What `build` made: the image directory, its outputs (path, size, SHA-256), the largest files, what stripping saved. */
 export interface BuildResult {
   name: string;
   dir: string;
@@ -104,6 +107,7 @@ async function readDefinition(opts: BuildOptions): Promise<Definition> {
   return { defPath, text, def, lockPath, oldLock };
 }
 
+/** Build an image definition into `outDir/<name>/` (kernel, initramfs, manifest, SBOM, provenance) from signed Debian packages; byte-for-byte reproducible, lock written or checked. */
 export async function build(opts: BuildOptions): Promise<BuildResult> {
   const emit = opts.onEvent ?? (() => undefined);
   const log = (message: string) => emit({ type: 'log', message });

@@ -22,6 +22,7 @@ import { sbomJson, debArchitecture, resolvedDepends, type SbomPackage } from './
 import { provenanceJson } from './provenance.ts';
 import type { GuestTree } from './guest.ts';
 
+/** The initramfs compression: none (fastest boot under TCG), gzip or zstd. */
 export type Compression = 'none' | 'gzip' | 'zstd';
 
 /** One file of the output directory. */

@@ -16,6 +16,7 @@ import { build, type BuildEvent, type BuildResult, type Compression } from './bu
 import { IMAGE_FILES as OUTPUT_FILES } from '../common/image-layout.ts';
 import { parseCpio, firstCpioDifference, firstLineDifference } from './compare.ts';
 
+/** What `verify` takes: the definition, the mirror and compression both builds use, where their caches go, a progress callback per build. */
 export interface VerifyOptions {
   definitionPath: string;
   mirror?: string;
@@ -25,6 +26,7 @@ export interface VerifyOptions {
   onEvent?: (build: 1 | 2, ev: BuildEvent) => void;
 }
 
+/** Where two builds differ: the output, the path inside it (an initramfs member), and how. */
 export interface Difference {
   output: string;
   /** for initrd.img: the first file inside it that differs */
@@ -32,6 +34,7 @@ export interface Difference {
   how: string;
 }
 
+/** `identical`, or the first difference found between the two builds. */
 export interface VerifyResult {
   name: string;
   identical: boolean;
@@ -65,6 +68,7 @@ export async function compareBuilds(a: BuildResult, b: BuildResult, compression:
   return undefined;
 }
 
+/** Build a definition twice, each from an empty cache, and compare the outputs byte for byte. */
 export async function verify(opts: VerifyOptions): Promise<VerifyResult> {
   const root = await mkdtemp(join(opts.tmpDir ?? tmpdir(), 'scion-verify-'));
   const forget = removeOnInterrupt(root);

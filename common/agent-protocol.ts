@@ -32,6 +32,7 @@ export type AgentErrorCode = (typeof AGENT_ERROR_CODES)[number];
 export type Steps = Record<string, number>;
 
 export type ContainerStateName = 'created' | 'running' | 'stopped' | 'restarting';
+/** One of the image's containers as the agent supervises it. */
 export interface ContainerStatus {
   name: string;
   state: ContainerStateName;
@@ -61,6 +62,7 @@ export interface ReadyInfo {
   totalMs: number;
 }
 
+/** What the agent's `info` answers: protocol, image, generation, identity, containers, clock, last ready. */
 export interface AgentInfo {
   agentVersion: string;
   protocol: number;
@@ -156,8 +158,11 @@ export interface AgentCommands {
   'task.delete': { args: { id: string }; result: { id: string; exitCode?: number } };
 }
 
+/** A command of the agent protocol (PROTOCOL.md). */
 export type AgentCommand = keyof AgentCommands;
+/** The arguments of agent command `C`. */
 export type ArgsOf<C extends AgentCommand> = AgentCommands[C]['args'];
+/** The result of agent command `C`. */
 export type ResultOf<C extends AgentCommand> = AgentCommands[C]['result'];
 
 /** The commands in PROTOCOL.md's order (the agent refuses any other). */
@@ -201,6 +206,7 @@ export interface AgentEvents {
   'task-exit': { id: string; execId: string; exitCode: number; pid: number; exitedAt: number; sent?: { stdout?: number; stderr?: number } };
 }
 export type AgentEventName = keyof AgentEvents;
+/** An event the agent sends unasked (ready, forked, task-exit, …) with its data. */
 export interface AgentEvent<E extends AgentEventName = AgentEventName> {
   event: E;
   data: AgentEvents[E];

@@ -12,6 +12,7 @@ import { validName } from './names.ts';
 
 export type Env = Record<string, string | undefined>;
 
+/** The configuration the `SCION_*` variables give now (read at each call). */
 export interface ScionConfig {
   /** SCION_RUN_DIR: run directories and reservations (default /run/scion for root, else $XDG_RUNTIME_DIR/scion) */
   runDir: string;
@@ -41,6 +42,7 @@ export interface ScionConfig {
   shimPool: number;
 }
 
+/** A `SCION_*` variable that is set but malformed: which one and why. */
 export class ConfigError extends ScionError {}
 
 function integer(env: Env, name: string, min: number, max: number): number | undefined {

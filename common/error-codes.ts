@@ -105,6 +105,7 @@ export const OTHER_CODES = [
   'E_QUEUE_TIMEOUT',
 ] as const;
 
+/** Every code a ScionError may carry (one union, listed once each). */
 export type ErrorCode =
   | (typeof USAGE_CODES)[number]
   | (typeof DEFINITION_CODES)[number]

@@ -7,6 +7,7 @@ import { DEFINITION_CODES, NETWORK_CODES, VERIFICATION_CODES, type ErrorCode } f
 
 export type { ErrorCode };
 
+/** Every error a user can cause: a stable code, a one-line message that names the file, field or VM, and a hint. */
 export class ScionError extends Error {
   readonly code: ErrorCode;
   readonly hint?: string;
@@ -58,6 +59,7 @@ export const EXIT = { ok: 0, error: 1, usage: 2, definition: 3, network: 4, veri
 
 const inGroup = (group: readonly ErrorCode[], code: ErrorCode) => group.includes(code);
 
+/** The CLI's exit status for an error (see EXIT). */
 export function exitCodeFor(err: unknown): number {
   if (!(err instanceof ScionError)) return EXIT.error;
   if (err.code === 'E_USAGE') return EXIT.usage;

@@ -6,11 +6,13 @@
  */
 import { ScionError } from './errors.ts';
 
+/** A name that passed `validName`: the type says it was checked. */
 export type ValidName = string & { readonly __validName: unique symbol };
 
 export const NAME_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
 export const NAME_RULE = '1 to 63 characters of a-z, 0-9 and "-", starting with a letter or digit';
 
+/** A name that breaks the rule: which kind of name, the value, the problem. */
 export class NameError extends ScionError {
   constructor(
     readonly what: string,
@@ -33,6 +35,7 @@ export function nameProblem(value: unknown): string | undefined {
   return NAME_PATTERN.test(value) ? undefined : 'not allowed';
 }
 
+/** `value` as a checked name (VM, template, image, clone prefix), or a NameError saying what is wrong. */
 export function validName(value: unknown, what = 'VM'): ValidName {
   const p = nameProblem(value);
   if (p) throw new NameError(what, value, p);

@@ -8,6 +8,7 @@ import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+/** scion's version (package.json's). */
 export const SCION_VERSION = '0.1.0';
 
 let root: string | undefined;

@@ -19,6 +19,7 @@ import {
   type AgentErrorCode,
 } from '../common/agent-protocol.ts';
 
+/** The guest agent answered with an error (its code from PROTOCOL.md) or not at all. */
 export class AgentError extends ScionError {}
 
 export type { AgentEvent };
@@ -38,6 +39,7 @@ interface WireResponse {
 
 const agentCode = (c: unknown): AgentErrorCode | 'E_AGENT' => ((AGENT_ERROR_CODES as readonly unknown[]).includes(c) ? (c as AgentErrorCode) : 'E_AGENT');
 
+/** The host's side of the agent protocol over a VM's agent socket: resync, typed calls (`call(cmd, args)`), events. */
 export class AgentClient {
   private s: JsonSession;
   private pending = new Pending<WireResponse>();

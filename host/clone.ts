@@ -9,6 +9,7 @@ import { validName, templateBase, type ValidName } from '../common/names.ts';
 import { Machine, type Owner } from './machine/machine.ts';
 import { checkTemplate } from './machine/templates.ts';
 
+/** What `fork` takes: how many clones, how many at once, their hostname pattern and name prefix, owner, TCG buffer. */
 export interface ForkOptions {
   n: number;
   parallel?: number;
@@ -31,6 +32,7 @@ export interface ForkOptions {
    */
   skipIdentityApply?: boolean;
 }
+/** A forked clone as `fork` returns it: its name and identity (hostname, MAC, IP, machine-id, vmgenid) and more (see the fields). */
 export interface CloneResult {
   name: ValidName;
   hostname: string;
@@ -66,6 +68,7 @@ export function cloneResult(m: Machine): CloneResult {
   };
 }
 
+/** Fork N running clones of a frozen template, all or nothing: each restored copy-on-write, resumed and re-identified. */
 export async function fork(templateName: string, opts: ForkOptions): Promise<CloneResult[]> {
   const tpl = await checkTemplate(templateName);
   const prefix = validName(opts.namePrefix ?? templateBase(tpl.meta.name), 'clone prefix');

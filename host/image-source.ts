@@ -11,6 +11,7 @@ import { ScionError } from '../common/errors.ts';
 import { looksLikeReference } from '../registry/reference.ts';
 import { pullCached } from '../registry/transfer.ts';
 
+/** Where `resolveImage` keeps pulled images, whether a registry may be plain HTTP, and its progress log. */
 export interface ImageSourceOptions {
   onBuildEvent?: (e: BuildEvent) => void;
   log?: (m: string) => void;
@@ -19,6 +20,7 @@ export interface ImageSourceOptions {
   outDir?: string;
 }
 
+/** What an image argument named: a definition file, a built directory, or a registry reference. */
 export type ImageSourceKind = 'definition' | 'directory' | 'reference';
 
 /** Which kind of source an argument names. Pure but for the one stat the caller passes in. */
@@ -29,6 +31,7 @@ export function sourceKind(arg: string, exists: boolean): ImageSourceKind | unde
   return undefined;
 }
 
+/** A definition (built, cached), a built directory or an OCI reference (pulled, every digest checked) -> the image directory to load. */
 export async function resolveImage(arg: string, opts: ImageSourceOptions = {}): Promise<{ dir: string; kind: ImageSourceKind }> {
   const exists = await stat(arg).then(
     () => true,

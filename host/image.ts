@@ -6,6 +6,7 @@ import { VmError } from '../common/errors.ts';
 import type { ValidName } from '../common/names.ts';
 import { imagePaths, parseImageManifest } from '../common/image-layout.ts';
 
+/** A built image as scion boots it: its directory, kernel, initramfs, command line, RAM size, ports, manifest digest. */
 export interface ImageArtifacts {
   name: ValidName;
   dir: string;
@@ -17,6 +18,7 @@ export interface ImageArtifacts {
   manifestSha256: string;
 }
 
+/** A built image directory, its manifest validated and its files checked: what `Machine.boot` and `bootTemplate` take. */
 export async function loadImage(dir: string): Promise<ImageArtifacts> {
   const d = resolvePath(dir);
   const files = imagePaths(d);

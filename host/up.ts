@@ -55,12 +55,14 @@ async function waitForOtherMaker(name: ValidName, log?: (m: string) => void, tim
   }
 }
 
+/** What `up` made: the template (made or reused), the running clones, the time it all took. */
 export interface UpResult {
   template: TemplateResult;
   clones: CloneResult[];
   totalMs: number;
 }
 
+/** What `ensureTemplate` takes: the template's name (or how to name it from the image), networking, disk, progress log. */
 export interface TemplateOptions {
   /** the template's name, or how to name it from the image (default <image>-tpl) */
   name?: string | ((img: ImageArtifacts) => string);
@@ -74,6 +76,7 @@ export interface TemplateOptions {
   cacheDir?: string;
 }
 
+/** The frozen template `ensureTemplate` made or reused, and whether it was reused. */
 export interface TemplateResult {
   name: ValidName;
   image: string;

@@ -19,6 +19,7 @@ import { ScionError } from '../common/errors.ts';
 import { config } from '../common/config.ts';
 import { registryBaseUrl, type Reference } from './reference.ts';
 
+/** A registry that is unreachable, stalls, refuses, sends too much, or lacks the tag. */
 export class RegistryError extends ScionError {}
 
 export interface Credentials {

@@ -5,6 +5,7 @@
  */
 import { ScionError } from '../common/errors.ts';
 
+/** A parsed image reference: registry, repository, tag and/or digest. */
 export interface Reference {
   registry: string; // host[:port]
   repository: string;
@@ -26,6 +27,7 @@ export class ImageReferenceError extends ScionError {
   }
 }
 
+/** An image reference (`host[:port]/repo[:tag][@sha256:…]`) parsed and checked, or a clear error. */
 export function parseReference(ref: string): Reference {
   if (ref.length > 512) throw new ImageReferenceError(ref.slice(0, 40) + '…', 'longer than 512 characters');
   let rest = ref;

@@ -24,10 +24,12 @@ import { parseReference, formatReference } from './reference.ts';
 export const DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024;
 const sha256 = ociDigest;
 
+/** What `push` takes: the registry client's options (plain HTTP, credentials, bounds), the upload chunk size, a progress log. */
 export interface PushOptions extends ClientOptions {
   chunkBytes?: number;
   log?: (m: string) => void;
 }
+/** What `push` did: the reference, the manifest digest, the blobs uploaded and those the registry had already, the bytes sent, the requests made. */
 export interface PushResult {
   reference: string;
   digest: string;
@@ -69,6 +71,7 @@ async function readBuildDir(dir: string): Promise<{ name: string; files: { name:
   return { name, files };
 }
 
+/** Upload a built image to a registry as one OCI artifact (its blobs, config and manifest). */
 export async function push(dir: string, refText: string, opts: PushOptions = {}): Promise<PushResult> {
   const ref = parseReference(refText);
   if (!ref.tag || ref.digest) throw new ScionError('E_USAGE', `scion push ${refText}: push to a tag (registry/repository:tag), not a digest`);
@@ -106,9 +109,11 @@ export async function push(dir: string, refText: string, opts: PushOptions = {})
   return { reference: formatReference({ ...ref, digest }), digest, uploaded, skipped, bytesUploaded, requests: client.counts };
 }
 
+/** What `pull` takes: the registry client's options (plain HTTP, credentials, bounds) and a progress log. */
 export interface PullOptions extends ClientOptions {
   log?: (m: string) => void;
 }
+/** What `pull` laid out: the reference, the manifest digest, the image name and directory, each file with its size and digest. */
 export interface PullResult {
   reference: string;
   digest: string;
@@ -167,6 +172,7 @@ async function fetchManifest(client: RegistryClient, refText: string) {
   return { digest, manifest: checkArtifactManifest(refText, raw) };
 }
 
+/** Download an image from a registry into a directory, every digest checked, bounded in size and time. */
 export async function pull(refText: string, outDir: string, opts: PullOptions = {}): Promise<PullResult> {
   const ref = parseReference(refText);
   const client = new RegistryClient(ref, opts);

@@ -16,7 +16,9 @@ import { readRecord, type VmRecord } from '../store/records.ts';
 import { listRunDirs, listSlots, release, abandonedTempDirs } from '../store/slots.ts';
 import { POOL_OWNER, dropEntries, listPools, poolHolds, sweepPool } from '../store/pool.ts';
 
+/** A VM's state as its run directory and processes tell it. */
 export type VmState = 'running' | 'starting' | 'frozen' | 'dead' | 'incomplete' | 'invalid';
+/** One VM as `list` sees it: role, state, QEMU pid, identity, ports, owner, what makes it if it is being made. */
 export interface VmListing {
   name: string;
   role: string;
@@ -43,6 +45,7 @@ function stateOf(r: VmRecord, alive: boolean): VmState {
   return r.frozen ? 'frozen' : 'dead';
 }
 
+/** Every VM scion knows, rebuilt from the run directories alone (what `scion ls --json` prints). */
 export async function list(): Promise<VmListing[]> {
   const vms = vmsDir();
   const out: VmListing[] = [];
@@ -108,6 +111,7 @@ export async function quitQemu(name: ValidName, r: VmRecord | undefined): Promis
   await waitDead(pid, 3000);
 }
 
+/** Stop a VM's QEMU; its run directory stays (E_VM_BUSY if another scion process is still making it). */
 export async function stopVm(vm: string): Promise<void> {
   const name = validName(vm);
   const r = await readRecordOrThrow(name);

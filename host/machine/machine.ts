@@ -54,6 +54,7 @@ export let constructMachine: (plan: Plan) => Promise<Machine>;
 
 export const credOf = (r: VmRecord): Credentials | undefined => (r.uid !== undefined && r.gid !== undefined ? { uid: r.uid, gid: r.gid } : undefined);
 
+/** The one handle on a VM: made by boot, fork or a clone's freeze (one construction path, undone whole on failure), or opened by name; then info, agent, QMP, pause, resume, identity, freeze, console, hot-plug, stop, remove. */
 export class Machine {
   #qmp?: QmpClient;
   #agent?: AgentClient;

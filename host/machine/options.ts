@@ -8,11 +8,13 @@ import type { Accel } from '../qemu/argv.ts';
 import type { CloneIdentity } from './identity.ts';
 import type { NetMode, PodNetSpec } from './net.ts';
 
+/** A process that owns a VM: `scion ls` shows it, and `scion gc` removes the VM once that process is gone. */
 export interface Owner {
   pid: number;
   kind: string;
 }
 
+/** What booting a template takes (`Machine.boot`, `bootTemplate`): its name, networking, accelerator, hostname, disk, owner. */
 export interface BootOptions {
   name?: string;
   net?: NetMode;
@@ -35,6 +37,7 @@ export interface BootOptions {
   keepOnFailure?: boolean;
 }
 
+/** What forking one clone takes (`Machine.fork`): its name prefix, hostname pattern, owner, TCG buffer, a pod's network and resolver. */
 export interface ForkOptions {
   /** clone names are <prefix>-c<index> */
   prefix: ValidName;

@@ -6,6 +6,7 @@
 import { JsonSession, Pending, SessionError } from '../../common/session.ts';
 import { ScionError } from '../../common/errors.ts';
 
+/** QEMU's monitor refused a command: its error class and description. */
 export class QmpError extends ScionError {
   constructor(
     readonly command: string,

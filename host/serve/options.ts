@@ -7,6 +7,7 @@ import { ScionError } from '../../common/errors.ts';
 
 export type ServeMode = 'shared' | 'per-request';
 
+/** What `serve` takes: the source, listen and admin addresses, guest port, mode, pool and queue bounds, idle and drain times. */
 export interface ServeOptions {
   /** an image definition (.yaml) or a frozen template's name */
   source: string;
@@ -63,6 +64,7 @@ export function parseAddress(flag: string, v: string): { host: string; port: num
   return { host: (m[1] ?? '127.0.0.1').replace(/^\[|\]$/g, ''), port };
 }
 
+/** The front door's options from CLI-style flags, each checked (which flag, what was wrong). */
 export function serveOptions(source: string | undefined, v: Record<string, string | boolean | undefined>): ServeOptions {
   if (!source)
     throw new ScionError('E_USAGE', 'scion serve needs an image definition or a template name', {

@@ -20,6 +20,7 @@ import type { ServeOptions } from './options.ts';
 /** Fork times stats() keeps: a front door forks clones all its life. */
 export const FORK_TIMES_KEPT = 1000;
 
+/** A running front door: its addresses and template, `stats()`, and `close()`. */
 export interface ServeHandle {
   address: { host: string; port: number };
   admin?: { host: string; port: number };
@@ -308,6 +309,7 @@ function adminServerFor(fleet: Fleet, mt: ReturnType<typeof metrics>, template: 
   });
 }
 
+/** Start the front door: a clone per request (or per connection), forked on demand, scaled to zero, metrics on the admin address. */
 export async function serve(o: ServeOptions, log: (line: string) => void = () => undefined): Promise<ServeHandle> {
   const template = await servedTemplate(o, log);
   const mt = metrics();

@@ -169,6 +169,7 @@ export const TemplateMetaSchema = z
   })
   .strict();
 
+/** A frozen template's metadata (meta.json): what a fork needs to restore it (device line-up, QEMU version, memory, kernel, disk) and where it came from. */
 export type TemplateMeta = z.infer<typeof TemplateMetaSchema>;
 
 export { describeIssues };

@@ -269,3 +269,58 @@ describe('names', () => {
     expect(files.filter((f) => /-tpl(\$\/|`|')/.test(code(f)) && !/'pod-tpl'/.test(code(f)))).toEqual([]);
   });
 });
+
+describe('the API documented where it is declared', () => {
+  /** Where `name` is declared, following `export { … } from` and `export type { … }` of an import. */
+  function declaration(file: string, name: string): { file: string; line: number; src: string[] } | undefined {
+    const text = readFileSync(file, 'utf8');
+    const src = text.split('\n');
+    const at = src.findIndex((l) =>
+      new RegExp(`^export (declare )?(abstract )?(async )?(function\\*?|const|let|class|interface|type|enum) ${name}\\b`).test(l),
+    );
+    if (at >= 0) return { file, line: at, src };
+    for (const m of text.matchAll(/export (type )?\{([^}]*)\} from '([^']+)'/g)) {
+      for (const part of m[2].split(',').map((x) => x.trim().replace(/^type /, ''))) {
+        const [orig, alias] = part.split(' as ').map((x) => x.trim());
+        if ((alias ?? orig) === name) return declaration(join(file, '..', m[3]), orig);
+      }
+    }
+    for (const m of text.matchAll(/^export (type )?\{([^}]*)\};/gm)) {
+      if (
+        !m[2]
+          .split(',')
+          .map((x) => x.trim().replace(/^type /, ''))
+          .includes(name)
+      )
+        continue;
+      const imp = new RegExp(`import (type )?\\{[^}]*\\b${name}\\b[^}]*\\} from '([^']+)'`).exec(text);
+      if (imp) return declaration(join(file, '..', imp[2]), name);
+    }
+    return undefined;
+  }
+  it('every name host/index.ts exports has a doc comment on its declaration', () => {
+    const index = join(ROOT, 'host/index.ts');
+    const names = [...readFileSync(index, 'utf8').matchAll(/export (type )?\{([^}]*)\} from '([^']+)'/g)].flatMap((m) =>
+      m[2]
+        .split(',')
+        .map((x) =>
+          x
+            .trim()
+            .replace(/^type /, '')
+            .split(' as ')[0]
+            .trim(),
+        )
+        .filter(Boolean)
+        .map((n) => ({ n, from: join(index, '..', m[3]) })),
+    );
+    expect(names.length).toBeGreaterThan(50);
+    const undocumented = names.flatMap(({ n, from }) => {
+      const d = declaration(from, n);
+      if (!d) return [`${n}: no declaration found`];
+      let k = d.line - 1;
+      while (k >= 0 && d.src[k].trim().startsWith('//')) k--;
+      return d.src[k]?.trim().endsWith('*/') ? [] : [`${relative(ROOT, d.file)}:${d.line + 1} ${n}`];
+    });
+    expect(undocumented).toEqual([]);
+  });
+});
