@@ -22,7 +22,7 @@ const vm = await import('../host/index.ts');
 const { serve, serveOptions } = await import('../host/index.ts');
 const { qemuVersion, scionQemuProcesses } = await import('../host/machine/inspect.ts');
 const log = (m: string) => console.error(`[bench:serve] ${m}`);
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+import { setTimeout as sleep } from 'node:timers/promises';
 const memAvailableMB = () => Math.round(Number(/^MemAvailable:\s+(\d+)/m.exec(readFileSync('/proc/meminfo', 'utf8'))![1]) / 1024);
 
 /** ms from sending a GET to the first byte of the response. */

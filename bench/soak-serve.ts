@@ -28,7 +28,7 @@ const vm = await import('../host/index.ts');
 const log = (m: string) => {
   if (!values.json) console.error(`[soak:serve] ${m}`);
 };
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+import { setTimeout as sleep } from 'node:timers/promises';
 const gc = (globalThis as { gc?: () => void }).gc;
 if (!gc) throw new Error('run with node --expose-gc (npm run soak:serve does)');
 const heapMB = () => {

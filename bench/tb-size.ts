@@ -20,7 +20,7 @@ process.env.SCION_RUN_DIR = mkdtempSync(join(tmpdir(), 'scion-bench-tb-run-'));
 process.env.SCION_TEMPLATE_DIR = mkdtempSync('/dev/shm/scion-bench-tb-tpl-');
 const vm = await import('../host/index.ts');
 const log = (m: string) => console.error(`[bench:tb-size] ${m}`);
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+import { setTimeout as sleep } from 'node:timers/promises';
 const anonMB = (pid: number) => Number(/^Anonymous:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'))![1]) / 1024;
 
 const out: Record<number, { restartMs: number[]; keptMs: number[]; requestP50Ms: number[]; uniqueMB: number[] }> = {};

@@ -3,6 +3,7 @@
  * per VM; the clones reach each other by IP, with no address conflict.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { guestExec } from '../support/guest.ts';
 import { $ } from 'zx';
 import { randomBytes } from 'node:crypto';
 import { rmSync } from 'node:fs';
@@ -34,14 +35,7 @@ describe.skipIf(!isRoot)('bridge networking (needs root)', () => {
     rmSync(dirs.run, { recursive: true, force: true });
   });
 
-  async function sh(name: string, script: string) {
-    const a = await vm.connectAgent(name);
-    try {
-      return await a.call('exec', { argv: ['sh', '-c', script] });
-    } finally {
-      a.close();
-    }
-  }
+  const sh = (name: string, script: string) => guestExec(name, script);
 
   it('every clone pings every other clone, and sees each at its own MAC', async () => {
     expect(clones.map((c) => c.ip)).toEqual(['10.44.0.16', '10.44.0.17', '10.44.0.18']);

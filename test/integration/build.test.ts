@@ -7,7 +7,6 @@ import { describe, it, expect, afterAll } from 'vitest';
 import { readFileSync, writeFileSync, copyFileSync, existsSync, readdirSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { join } from 'node:path';
-import { createHash } from 'node:crypto';
 import { build, type BuildEvent } from '../../builder/build.ts';
 import { BlobCache } from '../../builder/cache.ts';
 import { mirrorFromAptSources } from '../../builder/debian/archive.ts';
@@ -20,7 +19,7 @@ import { image, tmp, cleanupTmp, ROOT } from './helpers.ts';
 
 afterAll(cleanupTmp);
 
-const sha = (f: string) => createHash('sha256').update(readFileSync(f)).digest('hex');
+import { sha256File as sha } from '../support/guest.ts';
 const lock = JSON.parse(readFileSync(image('minimal').replace('.yaml', '.scion.lock'), 'utf8'));
 // a port that was free a moment ago: nothing listens there, so connections are refused
 const OFFLINE = await new Promise<string>((res) => {

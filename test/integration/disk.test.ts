@@ -1,15 +1,13 @@
 /** An optional qcow2 disk: the template writes to an overlay; each clone gets its own overlay on the frozen one. */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { execFileSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { build } from '../../builder/build.ts';
 import * as vm from '../../host/index.ts';
 import { image, isolateRunDirs, tmp, removeEverything } from './helpers.ts';
 
 const dirs = isolateRunDirs('disk');
-const sha = (f: string) => createHash('sha256').update(readFileSync(f)).digest('hex');
+import { sha256File as sha, guestSh } from '../support/guest.ts';
 
 describe('qcow2 disk', () => {
   let clones: vm.CloneResult[];
@@ -32,16 +30,7 @@ describe('qcow2 disk', () => {
   });
   afterAll(() => removeEverything(dirs));
 
-  async function sh(name: string, script: string): Promise<string> {
-    const a = await vm.connectAgent(name);
-    try {
-      const r = await a.call('exec', { argv: ['sh', '-c', script] });
-      expect(r.exitCode, r.stderr).toBe(0);
-      return r.stdout;
-    } finally {
-      a.close();
-    }
-  }
+  const sh = (name: string, script: string): Promise<string> => guestSh(name, script);
 
   it('clones see what the template wrote, write their own blocks, and leave the template disk unchanged', async () => {
     for (const c of clones) {

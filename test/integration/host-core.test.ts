@@ -5,6 +5,7 @@
  * clocks that stay on the host's.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { distinct } from '../support/guest.ts';
 import { spawn } from 'node:child_process';
 import { readFileSync, mkdirSync, chownSync, chmodSync, cpSync, writeFileSync, symlinkSync, rmSync, readdirSync, linkSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
@@ -31,7 +32,6 @@ function scion(args: string[], env: Record<string, string> = {}): Promise<Ran> {
     p.on('exit', (code) => resolve({ code: code ?? -1, stdout, stderr }));
   });
 }
-const distinct = (xs: unknown[]) => new Set(xs).size === xs.length;
 
 async function skewOf(name: string): Promise<{ skewMs: number; rttMs: number; clock: any }> {
   const a = await vm.connectAgent(name);

@@ -9,13 +9,13 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { createServer, type Server, type ServerResponse } from 'node:http';
 import { spawn } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { artifactManifest, MANIFEST_MEDIA_TYPE } from '../../registry/artifact.ts';
 import { tmp, cleanupTmp, ROOT } from './helpers.ts';
 
-const sha = (b: Buffer | string) => createHash('sha256').update(b).digest('hex');
+import { sha256 as sha } from '../../common/digest.ts';
 
 // a small but complete scion image, consistent with itself
 const vmlinuz = randomBytes(96 * 1024);

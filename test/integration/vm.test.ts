@@ -4,6 +4,7 @@
  * its own machine while the template's memory stays untouched.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { guestSh, distinct } from '../support/guest.ts';
 import { createHash } from 'node:crypto';
 import { createReadStream, readFileSync, existsSync, truncateSync, copyFileSync, mkdirSync, cpSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -28,17 +29,7 @@ const fileSha = (f: string) =>
 async function agentOf(name: string): Promise<AgentClient> {
   return vm.connectAgent(name, 30_000);
 }
-async function sh(name: string, script: string): Promise<string> {
-  const a = await agentOf(name);
-  try {
-    const r = await a.call('exec', { argv: ['sh', '-c', script] });
-    if (r.exitCode !== 0) throw new Error(`${script}: exit ${r.exitCode}: ${r.stderr}`);
-    return r.stdout.trim();
-  } finally {
-    a.close();
-  }
-}
-const distinct = (xs: string[]) => new Set(xs).size === xs.length;
+const sh = async (name: string, script: string): Promise<string> => (await guestSh(name, script)).trim();
 
 afterAll(() => removeEverything(dirs));
 

@@ -4,35 +4,13 @@
  * SHA-256) as one layer with its applets linked, written as an OCI image
  * layout archive (tar-stream) that `ctr image import` takes.
  */
-import { createHash } from 'node:crypto';
+import { sha256 as sha } from '../../common/digest.ts';
+import { tarOf } from './tar.ts';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { gzipSync } from 'node:zlib';
 import { join } from 'node:path';
-import tar from 'tar-stream';
 import { BlobCache } from '../../builder/cache.ts';
 import { extractDeb } from '../../builder/debian/deb.ts';
-
-const sha = (b: Uint8Array | string) => createHash('sha256').update(b).digest('hex');
-
-async function tarOf(entries: { name: string; data?: Buffer; linkname?: string; mode?: number; type?: 'file' | 'symlink' | 'directory' }[]): Promise<Buffer> {
-  const pack = tar.pack();
-  const chunks: Buffer[] = [];
-  pack.on('data', (c: unknown) => chunks.push(c as Buffer));
-  const done = new Promise<void>((r) => pack.on('end', () => r()));
-  for (const e of entries) {
-    const header = { name: e.name, type: e.type ?? 'file', mode: e.mode ?? 0o644, linkname: e.linkname, mtime: new Date(0) };
-    await new Promise<void>((res, rej) => {
-      if (header.type === 'file') pack.entry(header, e.data ?? Buffer.alloc(0), (err) => (err ? rej(err) : res()));
-      else {
-        pack.entry(header);
-        res();
-      }
-    });
-  }
-  pack.finalize();
-  await done;
-  return Buffer.concat(chunks);
-}
 
 const APPLETS = ['sh', 'echo', 'cat', 'sleep', 'hostname', 'ls', 'ps', 'wc', 'true', 'false', 'id', 'env', 'pwd', 'uname', 'tr', 'mkdir', 'httpd', 'ip'];
 

@@ -2,23 +2,16 @@ import { describe, it, expect } from 'vitest';
 import { mkdtempSync, mkdirSync, writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
-import { createHash } from 'node:crypto';
 import { gzipSync } from 'node:zlib';
-import tar from 'tar-stream';
 import { readOciImage, runtimeConfig } from '../../builder/oci.ts';
 import { parseDefinition } from '../../builder/schema.ts';
 import { readFileSync } from 'node:fs';
 
-async function tarOf(entries: { name: string; body?: string; type?: 'directory' }[]): Promise<Buffer> {
-  const pack = tar.pack();
-  const chunks: Buffer[] = [];
-  pack.on('data', (c: unknown) => chunks.push(c as Buffer));
-  for (const e of entries) pack.entry({ name: e.name, type: e.type ?? 'file', mode: e.type ? 0o755 : 0o644 }, e.body ?? '');
-  pack.finalize();
-  await new Promise<void>((r) => pack.on('end', () => r()));
-  return Buffer.concat(chunks);
-}
-const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+import { tarOf as tarOfEntries } from '../support/tar.ts';
+import { sha256 as sha } from '../../common/digest.ts';
+/** A layer's tar from `{name, body}` entries. */
+const tarOf = (entries: { name: string; body?: string; type?: 'directory' }[]) =>
+  tarOfEntries(entries.map((e) => ({ name: e.name, type: e.type, data: e.body })));
 
 const layer1 = [
   { name: 'etc/', type: 'directory' as const },
