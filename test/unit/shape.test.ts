@@ -6,7 +6,7 @@
  * package API against the README, and the constants that mirror files.
  */
 import { describe, it, expect, afterAll } from 'vitest';
-import { readFileSync, readdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, readdirSync, mkdtempSync, rmSync, writeFileSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { execFileSync } from 'node:child_process';
@@ -322,5 +322,18 @@ describe('the API documented where it is declared', () => {
       return d.src[k]?.trim().endsWith('*/') ? [] : [`${relative(ROOT, d.file)}:${d.line + 1} ${n}`];
     });
     expect(undocumented).toEqual([]);
+  });
+});
+
+describe("docs/DESIGN.md's picture", () => {
+  it('names every module of the product, and every module it names exists', () => {
+    const design = readFileSync(join(ROOT, 'docs/DESIGN.md'), 'utf8');
+    const named = new Set(design.match(/[\w./-]+\.ts/g) ?? []);
+    // brace groups: host/machine/{claim,templates}.ts
+    for (const m of design.matchAll(/([\w./-]*)\{([\w,.-]+)\}(\.ts)?/g)) for (const p of m[2].split(',')) named.add(`${m[1]}${p}${m[3] ?? ''}`);
+    const product = ['host', 'shim', 'cli', 'common', 'builder', 'registry', 'testing', 'guest-agent'].flatMap(tsFiles);
+    expect(product.filter((f) => !named.has(f))).toEqual([]);
+    const roots = /^(host|shim|cli|common|builder|registry|testing|guest-agent|bench|test)\//;
+    expect([...named].filter((f) => roots.test(f) && !existsSync(join(ROOT, f)))).toEqual([]);
   });
 });
