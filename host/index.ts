@@ -14,7 +14,7 @@ export {
   Machine,
   type MachineInfo,
   type BootOptions,
-  type ForkOptions as MachineForkOptions,
+  type CloneOptions,
   type Owner,
   type NetMode,
   type TemplateMeta,

@@ -16,11 +16,11 @@ import { netParams, readPodNetwork, type NetMode } from './net.ts';
 import { qcow2Overlay } from './disk.ts';
 import { claimClone, reservePorts } from './claim.ts';
 import type { FrozenTemplate } from './templates.ts';
-import type { ForkOptions, Owner } from './options.ts';
+import type { CloneOptions, Owner } from './options.ts';
 import { newVmRecord, type Building, type Plan } from './plan.ts';
 
 /** The plan that forks one running clone of a frozen template: mapped copy-on-write, restored, resumed, re-identified. */
-export async function forkPlan(tpl: FrozenTemplate, o: ForkOptions): Promise<Plan> {
+export async function forkPlan(tpl: FrozenTemplate, o: CloneOptions): Promise<Plan> {
   const t0 = performance.now();
   const { meta, dir: tdir, files: t } = tpl;
   if (o.pod && meta.net.mode !== 'bridge' && meta.net.mode !== 'tap')
@@ -84,7 +84,7 @@ export async function forkPlan(tpl: FrozenTemplate, o: ForkOptions): Promise<Pla
 }
 
 /** A fork's last step: its agent reached, its identity applied as the next generation, its clock right at ready. */
-async function forkFinish(b: Building, o: ForkOptions, generation: number, phases: Phases): Promise<void> {
+async function forkFinish(b: Building, o: CloneOptions, generation: number, phases: Phases): Promise<void> {
   const timings = phases.timings;
   const m = b.m;
   const id = b.record.identity!;

@@ -34,7 +34,7 @@ import { tapFor, deleteTap, netnsOf, type NetMode } from './net.ts';
 import { addStreamPort, removeStreamPort, type StreamFd } from './stream-ports.ts';
 import { checkTemplate, type FrozenTemplate } from './templates.ts';
 import { readRecordOrThrow, removeVm, quitQemu, makingElsewhere } from './inventory.ts';
-import type { BootOptions, ForkOptions, MachineInfo, PoolClaimOptions, PoolFillOptions } from './options.ts';
+import type { BootOptions, CloneOptions, MachineInfo, PoolClaimOptions, PoolFillOptions } from './options.ts';
 import type { Building, Plan } from './plan.ts';
 import { bootPlan } from './boot-plan.ts';
 import { forkPlan } from './fork-plan.ts';
@@ -45,7 +45,7 @@ import { freezeTemplate, freezeCloneAsTemplate } from './freeze.ts';
 export type { TemplateMeta, NetMode, Accel, VmDescription, FrozenTemplate, CloneIdentity };
 export { RecordError } from '../store/records.ts';
 export { QmpError } from '../qemu/qmp.ts';
-export type { Owner, BootOptions, ForkOptions, PoolFillOptions, PoolClaimOptions, MachineInfo } from './options.ts';
+export type { Owner, BootOptions, CloneOptions, PoolFillOptions, PoolClaimOptions, MachineInfo } from './options.ts';
 
 /** A handle's insides, for the Machine layer's own modules (plan.ts); never exported by the package. */
 export let internalsOf: (m: Machine) => Building;
@@ -330,12 +330,12 @@ export class Machine {
   }
 
   /** Fork one clone of the template named `template` (checked first), named <prefix>-c<n>. */
-  static async forkTemplate(template: string, o: Omit<ForkOptions, 'prefix'> & { prefix: string }): Promise<Machine> {
+  static async forkTemplate(template: string, o: Omit<CloneOptions, 'prefix'> & { prefix: string }): Promise<Machine> {
     return Machine.fork(await checkTemplate(template), { ...o, prefix: validName(o.prefix, 'clone prefix') });
   }
 
   /** Fork one running clone of a frozen template: mapped copy-on-write, restored, resumed, re-identified. */
-  static async fork(tpl: FrozenTemplate, o: ForkOptions): Promise<Machine> {
+  static async fork(tpl: FrozenTemplate, o: CloneOptions): Promise<Machine> {
     return Machine.construct(await forkPlan(tpl, o));
   }
 

@@ -37,8 +37,8 @@ export interface BootOptions {
   keepOnFailure?: boolean;
 }
 
-/** What forking one clone takes (`Machine.fork`): its name prefix, hostname pattern, owner, TCG buffer, a pod's network and resolver. */
-export interface ForkOptions {
+/** What forking one clone takes (`Machine.fork`; `fork`'s ForkOptions make N of them): its name prefix, hostname pattern, owner, TCG buffer, a pod's network and resolver. */
+export interface CloneOptions {
   /** clone names are <prefix>-c<index> */
   prefix: ValidName;
   /** hostname pattern with {n} for the clone index (default <template without -tpl>-{n}) */
