@@ -49,12 +49,8 @@ async function removeAllClones() {
   for (const v of await vm.list()) if (v.role === 'clone') await vm.removeVm(v.name);
 }
 
-async function main() {
-  const results: any = {
-    date: new Date().toISOString(),
-    machine: { cpu: cpus()[0]?.model, cores: cpus().length, qemu: await qemuVersion(), node: process.version },
-  };
-
+/** 4a: the build with a cold and a warm cache, the artifact sizes; then the templates (shared-file for fork, RAM-in-stream for restore, container kept). */
+async function buildAndTemplates(results: any): Promise<vm.ImageArtifacts> {
   // 4a. build, cold and warm cache
   const def = join(ROOT, 'images/web.yaml');
   if (!values['skip-build']) {
@@ -72,7 +68,7 @@ async function main() {
   const img = await vm.loadImage(b.dir);
 
   // templates: shared-file (for fork) and RAM-in-stream (for ordinary restore)
-  let t = performance.now();
+  const t = performance.now();
   const h = await vm.bootTemplate(img, { name: 'bench-tpl' });
   results.templateBootMs = Math.round(performance.now() - t);
   results.accelerator = h.info().accel;
@@ -86,6 +82,12 @@ async function main() {
   const imgKeep = await vm.loadImage((await build({ definitionPath: join(ROOT, 'images/web-keep.yaml') })).dir);
   await vm.freeze(await vm.bootTemplate(imgKeep, { name: 'bench-keep-tpl' }), imgKeep);
 
+  return img;
+}
+
+/** 1: time to ready, four ways, interleaved. */
+async function timeToReady(img: vm.ImageArtifacts, results: any): Promise<Record<string, number[]>> {
+  let t: number;
   // 1. time to ready, three ways, interleaved
   const ready = { cold: [] as number[], restore: [] as number[], fork: [] as number[], keep: [] as number[] };
   const agentReady = { fork: [] as number[], restore: [] as number[] };
@@ -116,6 +118,11 @@ async function main() {
   results.ratios = { coldOverFork: +(rs.cold.p50 / rs.fork.p50).toFixed(1), restoreOverFork: +(rs.restore.p50 / rs.fork.p50).toFixed(1) };
   results.samples = ready;
 
+  return ready;
+}
+
+/** 2: fork phases, 20 one after another and 10 at once. */
+async function forkPhases(results: any): Promise<void> {
   // 2. fork phases: 20 one after another, 10 at once
   const phases = (cs: vm.CloneResult[]) =>
     Object.fromEntries(['spawn', 'restore', 'resume', 'agentSync', 'identity', 'containers', 'ready'].map((k) => [k, summarise(cs.map((c) => c.timings[k]))]));
@@ -125,7 +132,10 @@ async function main() {
   const par = await vm.fork('bench-tpl', { n: 10, parallel: 10 });
   await removeAllClones();
   results.forkPhasesMs = { sequential20: phases(seq), parallel10: phases(par) };
+}
 
+/** 3: memory per idle clone, forked and restored, at each density. */
+async function memoryPerClone(results: any): Promise<void> {
   // 3. memory per idle clone
   results.memoryMB = { fork: {} as any, restore: {} as any };
   for (const [kind, tpl, counts] of [
@@ -162,9 +172,20 @@ async function main() {
   results.memoryMB.fork.uniquePerClone = lf.uniquePerClone;
   results.memoryMB.restore.uniquePerClone = lr.uniquePerClone;
   results.clonesIn20GiB = { fork: Math.floor((20 * 1024) / lf.pssPerClone), restore: Math.floor((20 * 1024) / lr.pssPerClone) };
+}
 
-  // targets
-  results.targets = {
+/** The targets, each with what was measured and whether it was met. */
+function targetsOf(results: any): Record<string, { target: number; actual: number; met: boolean }> {
+  const rs = results.readyMs;
+  const lf =
+    results.memoryMB.fork[
+      Math.max(
+        ...Object.keys(results.memoryMB.fork)
+          .filter((n) => /^\d+$/.test(n))
+          .map(Number),
+      )
+    ];
+  return {
     agentReadyP50Ms: { target: 150, actual: results.agentReadyMs.fork.p50, met: results.agentReadyMs.fork.p50 <= 150 },
     httpReadyP50Ms: { target: 600, actual: rs.fork.p50, met: rs.fork.p50 <= 600 },
     coldOverFork: { target: 20, actual: results.ratios.coldOverFork, met: results.ratios.coldOverFork >= 20 },
@@ -176,7 +197,18 @@ async function main() {
       met: results.memoryMB.fork.privateDirtyPerClone <= results.memoryMB.restore.privateDirtyPerClone / 4,
     },
   };
+}
 
+async function main() {
+  const results: any = {
+    date: new Date().toISOString(),
+    machine: { cpu: cpus()[0]?.model, cores: cpus().length, qemu: await qemuVersion(), node: process.version },
+  };
+  const img = await buildAndTemplates(results);
+  const ready = await timeToReady(img, results);
+  await forkPhases(results);
+  await memoryPerClone(results);
+  results.targets = targetsOf(results);
   for (const n of ['bench-tpl', 'bench-stream']) await vm.removeVm(n);
   cleanScratch();
 
