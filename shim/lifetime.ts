@@ -12,7 +12,7 @@
  *   for longer than a grace that a restart fits in: gone.
  * Light: spares run this before loading the shim, so it imports no host library.
  */
-import { connect } from 'node:net';
+import { connectUnix } from './unix.ts';
 import { existsSync } from 'node:fs';
 
 /** How long a shim serving a task waits for its containerd to come back (a restart) before it goes. */
@@ -43,17 +43,18 @@ export function judge(s: Sighting, lastReachableAt: number | undefined, since: n
 /** Whether a unix socket accepts a connection within `timeoutMs` (missing, refused or silent: no). */
 export function reachable(path: string, timeoutMs = 1000): Promise<boolean> {
   if (!path || !existsSync(path)) return Promise.resolve(false);
-  return new Promise((resolve) => {
-    const s = connect(path);
-    const done = (ok: boolean) => {
-      clearTimeout(t);
+  return connectUnix(path, timeoutMs).then(
+    (s) => {
       s.destroy();
-      resolve(ok);
-    };
-    const t = setTimeout(() => done(false), timeoutMs);
-    s.once('connect', () => done(true));
-    s.once('error', () => done(false));
-  });
+      return true;
+    },
+    () => false,
+  );
+}
+
+/** The addresses of the containerd that started this shim: its ttrpc socket (TTRPC_ADDRESS, else beside -address) and its gRPC one. */
+export function containerdSockets(address: string): { ttrpc: string; grpc: string } {
+  return { ttrpc: process.env.TTRPC_ADDRESS ?? `${address}.ttrpc`, grpc: address };
 }
 
 export interface ContainerdWatch {

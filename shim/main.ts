@@ -8,7 +8,7 @@ import { readFile, rm } from 'node:fs/promises';
 import { isAbsolute, join } from 'node:path';
 import { createServer } from 'node:net';
 import { hasSpare, spareKey, spareSocketName, SPARE_IDLE_MS } from './spare.ts';
-import { watchContainerd, ORPHAN_GRACE_MS, IDLE_ORPHAN_GRACE_MS } from './lifetime.ts';
+import { watchContainerd, containerdSockets, ORPHAN_GRACE_MS, IDLE_ORPHAN_GRACE_MS } from './lifetime.ts';
 import { config } from '../common/config.ts';
 import { Machine } from '../host/runtime.ts';
 import { parseShimArgs, ShimUsageError, TASK_ID, type ShimArgs } from './args.ts';
@@ -94,7 +94,7 @@ async function spare(a: ShimArgs): Promise<number> {
     const idle = setTimeout(() => finish(undefined), SPARE_IDLE_MS);
     // its containerd gone (its sockets dead or removed), or the shim directory: nobody will take it
     const watch = watchContainerd({
-      sockets: [ttrpc ?? `${a.address}.ttrpc`, a.address],
+      sockets: Object.values(containerdSockets(a.address)),
       dirs: [dir],
       grace: () => IDLE_ORPHAN_GRACE_MS,
       onGone: () => finish(undefined),
@@ -124,8 +124,8 @@ async function serveTask(a: ShimArgs, id: string, socket: string, serving?: (ok:
   const logFifo = join(process.cwd(), 'log');
   const logStream = existsSync(logFifo) ? createWriteStream(logFifo, { flags: 'a' }).on('error', () => {}) : undefined;
   const log = (m: string) => logStream?.write(`time="${new Date().toISOString()}" level=info msg=${JSON.stringify(m)} runtime=io.containerd.scion.v2\n`);
-  const ttrpcAddress = process.env.TTRPC_ADDRESS ?? `${a.address}.ttrpc`;
-  const publisher = new EventPublisher(ttrpcAddress, a.namespace);
+  const containerd = containerdSockets(a.address);
+  const publisher = new EventPublisher(containerd.ttrpc, a.namespace);
   publisher.onDropped = (topic, e) => log(`event ${topic} not delivered: ${e.message}`);
   const server = new TtrpcServer();
   let done!: () => void;
@@ -169,7 +169,7 @@ async function serveTask(a: ShimArgs, id: string, socket: string, serving?: (ok:
       .finally(done);
   };
   const watch = watchContainerd({
-    sockets: [ttrpcAddress, a.address],
+    sockets: Object.values(containerd),
     dirs: [process.cwd()],
     grace: () => (service.idle() ? IDLE_ORPHAN_GRACE_MS : ORPHAN_GRACE_MS),
     onGone: (why) => abandon(`its containerd is gone (${why})`),

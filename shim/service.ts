@@ -318,18 +318,21 @@ export class TaskService {
         await p.io?.close();
         return answer;
       }
-      for (const x of t.procs.values()) await x.io?.close();
+      // the pod's VM goes with its sandbox (CRI) or its only task (ctr): its ports then go with it
+      const vmGoes = t.kind !== 'container' || (this.tasks.size === 1 && this.tasks.has(t.id));
+      for (const x of t.procs.values()) await x.io?.close(!vmGoes);
       if (t.kind !== 'sandbox' && this.pod.machine) {
         try {
           await this.pod.agent?.call('task.delete', { id: t.id }, 20_000);
         } catch (e) {
           this.o.log(`task.delete ${t.id}: ${(e as Error).message}`);
         }
-        if (t.kind === 'container') await this.pod.machine.detachDisk(t.disk!).catch((e) => this.o.log(`unplugging ${t.id}'s rootfs: ${(e as Error).message}`));
+        // a pod that lives on gets its hotplug port back; a VM that goes takes the disk with it
+        if (t.kind === 'container' && !vmGoes)
+          await this.pod.machine.detachDisk(t.disk!).catch((e) => this.o.log(`unplugging ${t.id}'s rootfs: ${(e as Error).message}`));
       }
       this.tasks.delete(t.id);
-      // the pod's VM goes with its sandbox (CRI) or its only task (ctr)
-      if (t.kind !== 'container' || !this.tasks.size) await this.teardown();
+      if (vmGoes) await this.teardown();
       await this.o.publisher.publish('/tasks/delete', { containerId: t.id, id: t.id, pid: p.pid, exitStatus: p.exitStatus, exitedAt: answer.exitedAt });
       return answer;
     },

@@ -10,7 +10,8 @@
  * written to the FIFOs, as a process's output comes before its exit.
  */
 import { constants, createWriteStream, openSync } from 'node:fs';
-import { connect, Socket } from 'node:net';
+import { Socket } from 'node:net';
+import { connectUnix } from './unix.ts';
 import type { Readable, Writable } from 'node:stream';
 import type { TaskStdio } from '../common/agent-protocol.ts';
 
@@ -63,25 +64,6 @@ export interface StreamHost {
 const NAMES = ['stdin', 'stdout', 'stderr'] as const;
 /** After CloseIO, how long a stdin FIFO that is still open may stay without data before the input is closed anyway. */
 const INPUT_QUIET_MS = 1000;
-
-function connected(path: string, timeoutMs = 5000): Promise<Socket> {
-  return new Promise((resolve, reject) => {
-    const s = connect(path);
-    const t = setTimeout(() => {
-      s.destroy();
-      reject(new Error(`${path}: no connection within ${timeoutMs} ms`));
-    }, timeoutMs);
-    s.once('connect', () => {
-      clearTimeout(t);
-      s.removeAllListeners('error');
-      resolve(s);
-    });
-    s.once('error', (e) => {
-      clearTimeout(t);
-      reject(e);
-    });
-  });
-}
 
 /** One output stream: the port's socket into the FIFO, with the bytes counted. */
 class Output {
@@ -173,7 +155,7 @@ export class ProcessStdio {
       for (const fd of wantedStreams(fifos)) {
         const { port, socket } = await host.addStreamPort(key, fd);
         made.push(fd);
-        sockets.set(fd, await connected(socket));
+        sockets.set(fd, await connectUnix(socket, 5000));
         stdio[NAMES[fd]] = port;
       }
     } catch (e) {
@@ -255,12 +237,15 @@ export class ProcessStdio {
     rearm();
   }
 
-  /** Everything of its stdio goes: sockets, FIFO ends, ports. */
-  async close(): Promise<void> {
+  /**
+   * Everything of its stdio goes: sockets, FIFO ends, and (`removePorts`, the
+   * default) its ports; a VM about to be removed keeps them, they go with it.
+   */
+  async close(removePorts = true): Promise<void> {
     this.input?.destroy();
     for (const o of Object.values(this.outputs)) await o.end();
     for (const s of this.sockets.values()) s.destroy();
-    for (const fd of this.sockets.keys()) await this.host.removeStreamPort(this.key, fd).catch(() => undefined);
+    if (removePorts) for (const fd of this.sockets.keys()) await this.host.removeStreamPort(this.key, fd).catch(() => undefined);
     this.sockets.clear();
   }
 }
