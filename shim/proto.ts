@@ -32,12 +32,12 @@ export function decode<T = Msg>(type: string, bytes: Uint8Array): T {
 }
 
 /** A google.protobuf.Any holding `value` of `type` (protobufjs keeps Any's field names as written: type_url). */
-export function any(type: string, value: Msg): Msg {
-  return { type_url: type, value: encode(type, value) };
+export function any(type: string, value: Msg): { type_url: string; value: Buffer } {
+  return { type_url: type, value: Buffer.from(encode(type, value)) };
 }
 
 /** google.protobuf.Timestamp for a time in ms. */
-export function timestamp(ms: number): Msg {
+export function timestamp(ms: number): { seconds: number; nanos: number } {
   return { seconds: Math.floor(ms / 1000), nanos: Math.round((ms % 1000) * 1e6) };
 }
 

@@ -19,7 +19,8 @@ import { readFile, rm, writeFile } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { streamKey } from '../host/runtime.ts';
-import { TtrpcError, Code, type Handler } from './ttrpc.ts';
+import { TtrpcError, Code, type TypedHandlers } from './ttrpc.ts';
+import type { TaskMethods } from './proto/task-types.ts';
 import type { EventPublisher } from './events.ts';
 import { guestSpec, podDns, podNetns, type OciSpec } from './spec.ts';
 import { PodVm, VM_FILE, vmFileLine } from './pod.ts';
@@ -173,9 +174,8 @@ export class TaskService {
     }
   }
 
-  readonly handlers: Record<string, Handler> = {
-    Create: async (r) => {
-      const req = r as { id: string; bundle: string; rootfs: Mount[]; terminal: boolean; stdin: string; stdout: string; stderr: string };
+  readonly handlers: TypedHandlers<TaskMethods> = {
+    Create: async (req) => {
       if (this.tasks.has(req.id)) throw new TtrpcError(Code.ALREADY_EXISTS, `task ${req.id} exists`);
       const config = JSON.parse(await readFile(join(req.bundle, 'config.json'), 'utf8')) as OciSpec;
       const { kind } = taskKind(config.annotations);
@@ -210,8 +210,8 @@ export class TaskService {
       return { pid: p.pid };
     },
     Start: async (r) => {
-      const execId = String(r.execId ?? '');
-      const { t, p } = this.proc(String(r.id), execId);
+      const execId = r.execId;
+      const { t, p } = this.proc(r.id, execId);
       if (t.kind === 'sandbox') {
         p.status = Status.RUNNING;
       } else {
@@ -238,8 +238,7 @@ export class TaskService {
       else await this.o.publisher.publish('/tasks/start', { containerId: t.id, pid: p.pid });
       return { pid: p.pid };
     },
-    Exec: async (r) => {
-      const req = r as { id: string; execId: string; terminal: boolean; stdin: string; stdout: string; stderr: string; spec: { value: Buffer } };
+    Exec: async (req) => {
       const t = this.task(req.id);
       if (t.kind === 'sandbox') throw new TtrpcError(Code.FAILED_PRECONDITION, `${t.id} is a pod sandbox: exec in one of its containers`);
       if (t.procs.has(req.execId)) throw new TtrpcError(Code.ALREADY_EXISTS, `exec ${req.execId} exists`);
@@ -249,7 +248,7 @@ export class TaskService {
       return {};
     },
     State: (r) => {
-      const { t, p } = this.proc(String(r.id), String(r.execId ?? ''));
+      const { t, p } = this.proc(r.id, r.execId);
       return {
         id: p.execId || t.id,
         bundle: t.bundle,
@@ -265,14 +264,14 @@ export class TaskService {
       };
     },
     Wait: async (r) => {
-      const { p } = this.proc(String(r.id), String(r.execId ?? ''));
+      const { p } = this.proc(r.id, r.execId);
       await p.exited;
       return { exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt ?? Date.now()) };
     },
     Kill: async (r) => {
-      const execId = String(r.execId ?? '');
-      const { t, p } = this.proc(String(r.id), execId);
-      const signal = Number(r.signal) || 15;
+      const execId = r.execId;
+      const { t, p } = this.proc(r.id, execId);
+      const signal = r.signal || 15;
       if (p.status === Status.STOPPED) return {};
       // the sandbox ends when told to: its containers' processes stay until they are killed or the VM goes
       if (t.kind === 'sandbox') {
@@ -280,38 +279,38 @@ export class TaskService {
         return {};
       }
       if (p.status !== Status.RUNNING) return {};
-      await this.pod.agent!.call('task.kill', { id: t.id, execId: execId || undefined, signal, all: r.all === true }, 15_000);
+      await this.pod.agent!.call('task.kill', { id: t.id, execId: execId || undefined, signal, all: r.all }, 15_000);
       return {};
     },
     Pids: async (r) => {
-      const t = this.task(String(r.id));
+      const t = this.task(r.id);
       if (t.kind === 'sandbox') return { processes: [{ pid: t.procs.get('')?.pid ?? 0 }] };
       const res = await this.pod.agent!.call('task.pids', { id: t.id }, 15_000);
       return { processes: res.pids.map((pid: number) => ({ pid })) };
     },
     CloseIO: async (r) => {
-      const execId = String(r.execId ?? '');
-      const { p } = this.proc(String(r.id), execId);
+      const execId = r.execId;
+      const { p } = this.proc(r.id, execId);
       if (r.stdin) p.io?.closeInput();
       return {};
     },
     Stats: async (r) => {
-      const t = this.task(String(r.id));
+      const t = this.task(r.id);
       if (t.kind === 'sandbox') throw new TtrpcError(Code.UNIMPLEMENTED, `${t.id} is a pod sandbox (its VM): ask for the stats of its containers`);
       const s = await this.pod.agent!.call('task.stats', { id: t.id }, 15_000);
       return { stats: any(METRICS_TYPE, metricsOf(s)) };
     },
     ResizePty: async (r) => {
-      const execId = String(r.execId ?? '');
-      const { t, p } = this.proc(String(r.id), execId);
+      const execId = r.execId;
+      const { t, p } = this.proc(r.id, execId);
       if (!p.terminal || t.kind === 'sandbox') throw new TtrpcError(Code.FAILED_PRECONDITION, `${execId || t.id} has no terminal`);
       if (p.status === Status.STOPPED) return {}; // ended: a resize that comes late sizes nothing
-      await this.pod.agent!.call('task.resize', { id: t.id, execId: execId || undefined, width: Number(r.width), height: Number(r.height) }, 15_000);
+      await this.pod.agent!.call('task.resize', { id: t.id, execId: execId || undefined, width: r.width, height: r.height }, 15_000);
       return {};
     },
     Delete: async (r) => {
-      const execId = String(r.execId ?? '');
-      const { t, p } = this.proc(String(r.id), execId);
+      const execId = r.execId;
+      const { t, p } = this.proc(r.id, execId);
       const answer = { pid: p.pid, exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt ?? Date.now()) };
       if (execId) {
         t.procs.delete(execId);
@@ -336,7 +335,7 @@ export class TaskService {
       await this.o.publisher.publish('/tasks/delete', { containerId: t.id, id: t.id, pid: p.pid, exitStatus: p.exitStatus, exitedAt: answer.exitedAt });
       return answer;
     },
-    Connect: (r) => ({ shimPid: process.pid, taskPid: this.tasks.get(String(r.id))?.procs.get('')?.pid ?? 0, version: '2' }),
+    Connect: (r) => ({ shimPid: process.pid, taskPid: this.tasks.get(r.id)?.procs.get('')?.pid ?? 0, version: '2' }),
     Shutdown: () => {
       if (this.tasks.size) return {}; // containerd asks after each delete; the shim stays while it has a task
       setTimeout(() => this.o.onShutdown(), 10);

@@ -34,7 +34,16 @@ export class TtrpcError extends Error {
   }
 }
 
-export type Handler = (req: Msg, ctx: { service: string; method: string; metadata: { key: string; value: string }[] }) => Promise<Msg> | Msg;
+export type HandlerContext = { service: string; method: string; metadata: { key: string; value: string }[] };
+export type Handler = (req: Msg, ctx: HandlerContext) => Promise<Msg> | Msg;
+
+/** Handlers for a service whose methods are typed (shim/proto/task-types.ts): each reads its request and answers its response, fields it leaves out taking their defaults. */
+export type TypedHandlers<M extends MethodTypes<M>> = {
+  [K in keyof M]?: (req: M[K]['request'], ctx: HandlerContext) => Promise<Answer<M[K]['response']>> | Answer<M[K]['response']>;
+};
+type MethodTypes<M> = { [K in keyof M]: { request: object; response: object } };
+/** A response as a handler may give it: any field, at any depth, left to its default. */
+export type Answer<T> = T extends Buffer ? T : T extends (infer U)[] ? Answer<U>[] : T extends object ? { [K in keyof T]?: Answer<T[K]> } : T;
 
 interface Registered {
   request: string;
@@ -51,7 +60,9 @@ export class TtrpcServer {
   onLastClose: () => void = () => {};
 
   /** Serve `service` (a fully qualified name from the .proto files) with `handlers`; methods without one answer Unimplemented. */
-  register(service: string, handlers: Record<string, Handler>, alias: string[] = []): void {
+  register<M extends MethodTypes<M>>(service: string, typed: TypedHandlers<M>, alias: string[] = []): void {
+    // decode gives each request as its type says (defaults filled): the one place the typed table meets the wire
+    const handlers = typed as Record<string, Handler>;
     const table = new Map<string, Registered>();
     for (const [name, types] of methods(service)) table.set(name, { ...types, handler: handlers[name] });
     for (const n of Object.keys(handlers)) if (!table.has(n)) throw new Error(`${service} has no method ${n}`);

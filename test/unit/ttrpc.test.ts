@@ -7,7 +7,8 @@ import { describe, it, expect, afterAll } from 'vitest';
 import { readFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { loadProtoFiles, GOCODE, DESCRIPTOR_PATH } from '../../shim/proto-source.ts';
+import type { TaskMethods } from '../../shim/proto/task-types.ts';
+import { loadProtoFiles, GOCODE, DESCRIPTOR_PATH, TASK_TYPES_PATH, taskTypesText } from '../../shim/proto-source.ts';
 import { encode, decode, methods, protoRoot } from '../../shim/proto.ts';
 import { FrameReader, encodeFrame, MAX_PAYLOAD, MessageType } from '../../shim/ttrpc-frame.ts';
 import { TtrpcServer, TtrpcClient, TtrpcError, Code } from '../../shim/ttrpc.ts';
@@ -20,6 +21,13 @@ describe('protobuf messages from the .proto files', () => {
   it("the shipped descriptors are exactly what Debian's .proto files give today", async () => {
     const fresh = JSON.parse(JSON.stringify((await loadProtoFiles()).toJSON()));
     expect(JSON.parse(readFileSync(join(ROOT, DESCRIPTOR_PATH), 'utf8'))).toEqual(fresh);
+  });
+  it("the Task handlers' request and response types are exactly what the descriptors give today", async () => {
+    const text = taskTypesText(await loadProtoFiles());
+    expect(readFileSync(join(ROOT, TASK_TYPES_PATH), 'utf8')).toBe(text);
+    // what the handlers rely on: a request's fields typed, not left as unknown
+    expect(text).toMatch(/export interface CreateTaskRequest \{[^}]*rootfs: ContainerdTypesMount\[\];[^}]*terminal: boolean;/);
+    expect(text).toMatch(/Exec: \{ request: ExecProcessRequest; response: GoogleProtobufEmpty \};/);
   });
   it("shim/proto/ttrpc.proto restates ttrpc's Go structs field for field (their protobuf tags)", () => {
     const go = readFileSync(join(GOCODE, 'github.com/containerd/ttrpc/types.go'), 'utf8');
@@ -104,7 +112,7 @@ describe('ttrpc framing', () => {
 describe('a ttrpc server and client on a unix socket', () => {
   it('calls a handler, answers Unimplemented for the rest, and carries handler errors as status codes', async () => {
     const server = new TtrpcServer();
-    server.register(
+    server.register<TaskMethods>(
       'containerd.task.v2.Task',
       {
         State: (req) => ({ id: req.id, pid: 42, status: 2, exitStatus: 0 }),
