@@ -27,11 +27,13 @@ import {
 import { buildProgress, table } from './format.ts';
 
 import { IMAGE_COMMANDS } from './image-commands.ts';
+import { VMM_COMMANDS } from './vmm-commands.ts';
 import { NET_OPTIONS, INSECURE, count, need, netFrom, str, tbSize, withAgent, type CommandSpec } from './options.ts';
 export { netFrom, count, type CommandSpec, type Context, type OptionSpec, type OptionValues } from './options.ts';
 
 export const COMMANDS: CommandSpec[] = [
   ...IMAGE_COMMANDS,
+  ...VMM_COMMANDS,
   {
     name: 'up',
     args: '<image.yaml|out/name|ref>',

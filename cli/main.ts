@@ -38,6 +38,7 @@ ${COMMANDS.flatMap(commandHelp).join('\n')}
 
 Global options:
       --json                         ${GLOBAL_OPTIONS.json.help}
+      --vmm pinned|system            the QEMU to run: scion's pinned closure (default) or the host's (sets SCION_VMM)
   -h, --help                         ${GLOBAL_OPTIONS.help.help}
       --version                      scion's version
 Names of VMs, templates and images: 1-63 characters of a-z, 0-9 and "-", starting with a
@@ -46,7 +47,10 @@ Environment (read when a command runs; a malformed value is refused by name):
   SCION_RUN_DIR       run directories (default /run/scion for root, else $XDG_RUNTIME_DIR/scion; made 0700)
   SCION_TEMPLATE_DIR  frozen templates (default /dev/shm/scion-<uid>/templates; must be tmpfs, made 0700)
   SCION_UID_BASE      QEMU runs as uid/gid SCION_UID_BASE+n when scion is root (default 1500000000)
-  SCION_QEMU          the QEMU binary (default qemu-system-x86_64)
+  SCION_VMM           pinned (default: the QEMU closure vmm/qemu.scion.lock names; scion vmm fetch) or system
+  SCION_VMM_DIR       where the pinned closure lives (default /var/lib/scion/vmm for root, made 0755)
+  SCION_QEMU          the host's QEMU binary (implies SCION_VMM=system; default qemu-system-x86_64)
+  SCION_CPU           the CPU model VMs boot with (default max under TCG, Westmere-v2 under KVM; never host unless asked)
   SCION_ACCEL         kvm or tcg (default: KVM if it really boots the guest, probed once)
   SCION_TB_SIZE_MB    TCG translation buffer per clone, MiB (default 32)
   SCION_REGISTRY_STALL_S  a registry response silent this long fails (default 30)
@@ -72,7 +76,7 @@ export async function main(argv: string[]): Promise<number> {
   }
   const spec = COMMANDS.find((c) => c.name === name);
   if (!spec) throw new ScionError('E_USAGE', `unknown command "${name}"`, { hint: `scion --help lists them: ${COMMANDS.map((c) => c.name).join(', ')}` });
-  const options: ParseArgsConfig['options'] = { json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } };
+  const options: ParseArgsConfig['options'] = { json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' }, vmm: { type: 'string' } };
   for (const [k, o] of Object.entries(spec.options)) options[k] = o.short ? { type: o.type, short: o.short } : { type: o.type };
   let parsed: { values: Record<string, string | boolean | (string | boolean)[] | undefined>; positionals: string[] };
   try {
@@ -81,6 +85,12 @@ export async function main(argv: string[]): Promise<number> {
     throw new ScionError('E_USAGE', `scion ${name}: ${(e as Error).message}`, { hint: `scion ${name} --help` });
   }
   const { values, positionals } = parsed;
+  if (values.vmm !== undefined) {
+    if (values.vmm !== 'pinned' && values.vmm !== 'system')
+      throw new ScionError('E_USAGE', `scion ${name}: --vmm ${JSON.stringify(values.vmm)}: use pinned or system`, { hint: `scion ${name} --help` });
+    process.env.SCION_VMM = values.vmm; // read by the library at each call, and by the processes it starts
+    if (values.vmm === 'pinned') delete process.env.SCION_QEMU;
+  }
   if (values.help) {
     out(commandHelp(spec).join('\n'));
     return 0;

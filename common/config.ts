@@ -20,7 +20,13 @@ export interface ScionConfig {
   templateDir: string;
   /** SCION_UID_BASE: QEMU runs as uid/gid base+n when scion is root */
   uidBase: number;
-  /** SCION_QEMU: the QEMU binary */
+  /** SCION_VMM: pinned (default: the QEMU closure scion's own lock names, vmm/qemu.scion.lock) or system (the host's QEMU); SCION_QEMU implies system */
+  vmm: 'pinned' | 'system';
+  /** SCION_VMM_DIR: where the pinned closure is extracted (default /var/lib/scion/vmm for root, else <cacheDir>/vmm) */
+  vmmDir: string;
+  /** SCION_CPU: the CPU model VMs boot with (default: max under TCG, a named baseline under KVM; see host/qemu/vmm-plan.ts) */
+  cpu?: string;
+  /** SCION_QEMU: the host's QEMU binary, when the VMM is the system's (default qemu-system-x86_64) */
   qemu: string;
   /** SCION_ACCEL: force kvm or tcg (default: probe) */
   accel?: 'kvm' | 'tcg';
@@ -54,20 +60,36 @@ function integer(env: Env, name: string, min: number, max: number): number | und
   return n;
 }
 
+function cpuName(v: string | undefined): string | undefined {
+  if (!v) return undefined;
+  if (!/^[A-Za-z0-9][\w.-]{0,63}$/.test(v))
+    throw new ConfigError('E_CONFIG', `SCION_CPU=${JSON.stringify(v)}: name one CPU model (qemu-system-x86_64 -cpu help lists them)`, {
+      hint: 'unset it for the default',
+    });
+  return v;
+}
+
 /** The configuration as the environment says now. Pure over `env`. */
 export function config(env: Env = process.env): ScionConfig {
   const uid = process.getuid?.() ?? 0;
   const accel = env.SCION_ACCEL || undefined;
   if (accel !== undefined && accel !== 'kvm' && accel !== 'tcg')
     throw new ConfigError('E_CONFIG', `SCION_ACCEL=${JSON.stringify(accel)}: use kvm or tcg`, { hint: 'unset it to let scion probe KVM' });
+  const vmm = env.SCION_VMM || (env.SCION_QEMU ? 'system' : 'pinned');
+  if (vmm !== 'pinned' && vmm !== 'system')
+    throw new ConfigError('E_CONFIG', `SCION_VMM=${JSON.stringify(vmm)}: use pinned or system`, { hint: "unset it for scion's pinned QEMU" });
+  const cacheDir = join(env.XDG_CACHE_HOME || join(homedir(), '.cache'), 'scion');
   return {
     runDir: env.SCION_RUN_DIR || (uid === 0 ? '/run/scion' : join(env.XDG_RUNTIME_DIR || '/tmp', 'scion')),
     templateDir: env.SCION_TEMPLATE_DIR || join('/dev/shm', `scion-${uid}`, 'templates'),
     uidBase: integer(env, 'SCION_UID_BASE', 1000, 4_000_000_000) ?? 1_500_000_000,
+    vmm,
+    vmmDir: env.SCION_VMM_DIR || (uid === 0 ? '/var/lib/scion/vmm' : join(cacheDir, 'vmm')),
     qemu: env.SCION_QEMU || 'qemu-system-x86_64',
+    cpu: cpuName(env.SCION_CPU),
     accel,
     tbSizeMB: integer(env, 'SCION_TB_SIZE_MB', 1, 2048),
-    cacheDir: join(env.XDG_CACHE_HOME || join(homedir(), '.cache'), 'scion'),
+    cacheDir,
     sourceDateEpoch: integer(env, 'SOURCE_DATE_EPOCH', 0, 2 ** 40) ?? 0,
     registryStallMs: (integer(env, 'SCION_REGISTRY_STALL_S', 1, 3600) ?? 30) * 1000,
     debug: !!env.SCION_DEBUG,

@@ -56,9 +56,9 @@ export interface RunResult {
 export async function run(
   cmd: string,
   args: string[],
-  opts: { input?: string | Buffer; code?: ErrorCode; what?: string; timeoutMs?: number; encoding?: 'utf8' | 'buffer' } = {},
+  opts: { input?: string | Buffer; code?: ErrorCode; what?: string; timeoutMs?: number; encoding?: 'utf8' | 'buffer'; env?: Record<string, string> } = {},
 ): Promise<RunResult> {
-  const o: Options = { input: opts.input, reject: true, stripFinalNewline: false, timeout: opts.timeoutMs, maxBuffer: 512 * 1024 * 1024 };
+  const o: Options = { input: opts.input, reject: true, stripFinalNewline: false, timeout: opts.timeoutMs, maxBuffer: 512 * 1024 * 1024, env: opts.env };
   try {
     const r = await execa(cmd, args, o);
     return { stdout: String(r.stdout), stderr: String(r.stderr) };

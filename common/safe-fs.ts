@@ -8,7 +8,7 @@
  * with O_NOFOLLOW.
  */
 import { randomBytes } from 'node:crypto';
-import { constants, lstatSync, mkdirSync, realpathSync, statfsSync, type Stats } from 'node:fs';
+import { chmodSync, constants, lstatSync, mkdirSync, realpathSync, statfsSync, type Stats } from 'node:fs';
 import { mkdir, open, rename, rm, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { ScionError } from './errors.ts';
@@ -25,6 +25,8 @@ export interface TrustOptions {
   env?: string;
   /** must be on tmpfs (template memory is shared through the page cache) */
   tmpfs?: boolean;
+  /** mode of the directories it makes (default 0700; 0755 for what unprivileged VMs must reach, e.g. the VMM) */
+  mode?: number;
 }
 
 /** Why an existing directory is not trustworthy, or undefined. Pure given its stat. */
@@ -72,7 +74,8 @@ export function ensureTrustedDir(path: string, opts: TrustOptions): string {
   }
   for (const m of missing) {
     try {
-      mkdirSync(m, { mode: 0o700 });
+      mkdirSync(m, { mode: opts.mode ?? 0o700 });
+      if (opts.mode) chmodSync(m, opts.mode); // the umask would take bits away
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw fix(`cannot be created: ${(e as Error).message}`);
       // someone made it meanwhile: it is checked below like any existing one

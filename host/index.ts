@@ -9,6 +9,11 @@ export { build, type BuildOptions, type BuildResult, type BuildOutput, type Buil
 export { verify, type VerifyOptions, type VerifyResult, type Difference } from '../builder/verify.ts';
 export { loadImage, type ImageArtifacts } from './image.ts';
 export { resolveImage, type ImageSourceOptions, type ImageSourceKind } from './image-source.ts';
+// the VMM
+/** The QEMU this process runs (SCION_VMM: the pinned closure by default, or the host's): command, version, digest, machine type. */
+export { currentVmm, type Vmm } from './qemu/vmm.ts';
+/** Fetch, verify and extract the pinned QEMU closure vmm/qemu.scion.lock names, unless it is there already (`scion vmm fetch`). */
+export { fetchPinnedVmm } from '../builder/vmm.ts';
 // VMs
 export {
   Machine,

@@ -25,3 +25,6 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
   echo "[setup] npm ci" >&2
   npm ci --no-audit --no-fund >&2
 fi
+# the QEMU scion runs: the closure vmm/qemu.scion.lock pins (Debian trixie's qemu-system-x86), fetched,
+# checked and extracted once (a no-op when it is there); SCION_VMM=system runs the host's QEMU instead
+node bin/scion.js vmm fetch >&2

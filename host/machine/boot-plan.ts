@@ -9,6 +9,9 @@ import { validName, templateName, type ValidName } from '../../common/names.ts';
 import { AgentClient } from '../agent-client.ts';
 import type { ImageArtifacts } from '../image.ts';
 import { chooseAccel } from '../qemu/accel.ts';
+import { currentVmm } from '../qemu/vmm.ts';
+import { cpuModel } from '../qemu/vmm-plan.ts';
+import { config } from '../../common/config.ts';
 import { vmPaths, vmsDir } from '../store/dirs.ts';
 import { newIdentity, identityArgs, type CloneIdentity } from './identity.ts';
 import { syncGuestClock } from './clock.ts';
@@ -24,6 +27,7 @@ import type { QemuProcess } from '../qemu/process.ts';
 export async function bootPlan(img: ImageArtifacts, o: BootOptions = {}): Promise<Plan> {
   const name = o.name !== undefined ? validName(o.name, 'template') : templateName(img.name);
   const accel = o.accel ? { accel: o.accel, reason: 'requested' } : await chooseAccel(img.vmlinuz, o.log);
+  const vmm = await currentVmm();
   o.log?.(`accelerator: ${accel.accel} (${accel.reason})`);
   const netMode: NetMode = o.net ?? { mode: 'user' };
   const baseDisk = o.disk ? resolvePath(o.disk) : undefined;
@@ -59,6 +63,8 @@ export async function bootPlan(img: ImageArtifacts, o: BootOptions = {}): Promis
             name,
             mode: 'template',
             accel: accel.accel,
+            machine: vmm.machine,
+            cpu: cpuModel(accel.accel, config().cpu),
             ramMB: img.ramMB,
             cpus: 1,
             memory,

@@ -16,6 +16,7 @@ import { netParams, readPodNetwork, type NetMode } from './net.ts';
 import { qcow2Overlay } from './disk.ts';
 import { claimClone, reservePorts } from './claim.ts';
 import type { FrozenTemplate } from './templates.ts';
+import { readonlyPrivateMemory } from '../qemu/vmm-plan.ts';
 import type { CloneOptions, Owner } from './options.ts';
 import { newVmRecord, type Building, type Plan } from './plan.ts';
 
@@ -154,6 +155,8 @@ function cloneRecord(
       name,
       mode: 'clone',
       accel: meta.accel,
+      machine: meta.machine,
+      cpu: meta.cpu,
       ramMB: meta.ramMB,
       cpus: 1,
       memory: meta.memory,
@@ -163,6 +166,8 @@ function cloneRecord(
       mac: id.mac,
       net,
       incoming: true,
+      // the template's memory file is opened read-only (its mode gives the clones' group no write)
+      memReadonly: meta.memory === 'file' && readonlyPrivateMemory(meta.vmm.version),
       sandbox: true,
       tbSizeMB,
       disk: meta.disk ? { layers: ['base', 'template', 'clone'] } : undefined,

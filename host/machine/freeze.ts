@@ -10,7 +10,8 @@ import { VmError } from '../../common/errors.ts';
 import { validName } from '../../common/names.ts';
 import type { ImageArtifacts } from '../image.ts';
 import { deviceLineup, kernelStub, type VmDescription } from '../qemu/argv.ts';
-import { qemuVersion } from '../qemu/accel.ts';
+import { currentVmm } from '../qemu/vmm.ts';
+import { cpuModel } from '../qemu/vmm-plan.ts';
 import { migrateToFile, waitDead } from '../qemu/process.ts';
 import { vmPaths, vmsDir, templatePaths } from '../store/dirs.ts';
 import { writeRecord, writeTemplateMeta, TEMPLATE_FORMAT, type TemplateMeta } from '../store/records.ts';
@@ -41,7 +42,8 @@ export async function freezeTemplate(m: Machine, img: ImageArtifacts, log?: (msg
   await saveState(m, t.state, shared);
   const freezeMs = Math.round(performance.now() - tPrepared);
   await endAfterFreeze(m);
-  if (shared) await chmod(t.mem, memMode());
+  const vmm = await currentVmm();
+  if (shared) await chmod(t.mem, memMode(vmm.version));
   await writeFile(t.kernel, kernelStub(await readFile(img.vmlinuz)), { mode: 0o644, flag: constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL });
   if (r.desc.disk) await chmod(t.disk, 0o400); // now the base of every clone's overlay
   const meta: TemplateMeta = {
@@ -49,7 +51,9 @@ export async function freezeTemplate(m: Machine, img: ImageArtifacts, log?: (msg
     memory: shared ? 'file' : 'ram',
     net: r.netMode,
     name: m.name,
-    qemuVersion: await qemuVersion(),
+    vmm: { kind: vmm.kind, version: vmm.version, digest: vmm.digest },
+    machine: r.desc.machine ?? vmm.machine,
+    cpu: r.desc.cpu ?? cpuModel(r.accel),
     lineup: deviceLineup(r.desc),
     accel: r.accel,
     image: img.dir,
@@ -98,6 +102,7 @@ export async function freezeCloneAsTemplate(m: Machine, newName: string, log?: (
     incoming: true,
     initrd: false,
     tbSizeMB: undefined,
+    memReadonly: undefined, // the new template's own memory file: written through a shared mapping
     net: r.desc.net.mode === 'user' ? { ...r.desc.net, forwards: [] } : r.desc.net,
   };
   let full: string | undefined;
@@ -136,7 +141,7 @@ export async function freezeCloneAsTemplate(m: Machine, newName: string, log?: (
       await saveState(nb.m, t.state, true);
       await endAfterFreeze(nb.m);
       await rm(full!, { force: true });
-      await chmod(t.mem, memMode());
+      await chmod(t.mem, memMode(parent.vmm.version));
       const freezeMs = Math.round(performance.now() - t0);
       await copyFile(join(parentDir, parent.kernel), t.kernel, constants.COPYFILE_EXCL);
       meta = {

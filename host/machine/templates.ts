@@ -5,12 +5,15 @@
  * checked (regular, ours, the right size) before a clone maps it.
  */
 import { chmod, chown, lstat, mkdir, rm, stat, truncate } from 'node:fs/promises';
+import { accessSync, constants } from 'node:fs';
 import { join } from 'node:path';
 import { VmError } from '../../common/errors.ts';
 import { validName, type ValidName } from '../../common/names.ts';
 import { dirProblem, writeExclusive } from '../../common/safe-fs.ts';
 import { run } from '../../common/run.ts';
-import { qemuVersion } from '../qemu/accel.ts';
+import { currentVmm } from '../qemu/vmm.ts';
+import { readonlyPrivateMemory } from '../qemu/vmm-plan.ts';
+import { compatibilityProblems } from './compat.ts';
 import { runningAsRoot } from '../qemu/process.ts';
 import { trustedTemplateRoot, templatePaths } from '../store/dirs.ts';
 import { readTemplateMeta, type TemplateMeta } from '../store/records.ts';
@@ -28,11 +31,22 @@ export interface FrozenTemplate {
 export const templateDir = (name: ValidName): string => join(trustedTemplateRoot(), name);
 
 /**
- * Memory file mode. QEMU before 8.2 opens a private (copy-on-write) memory
- * file read-write, so clones, which run as the template's group, need group
- * write to open it; docs/SECURITY.md says what that allows.
+ * Memory file mode. Clones run as the template's group. From QEMU 8.2 a
+ * clone opens the file read-only and maps it private-writable (readonly=on,
+ * rom=off), so the group only reads it; before 8.2 QEMU opened a private
+ * mapping's file read-write, and the group needed write (docs/SECURITY.md).
  */
-export const memMode = (): number => (runningAsRoot() ? 0o660 : 0o600);
+export const memMode = (vmmVersion: string): number => (runningAsRoot() ? (readonlyPrivateMemory(vmmVersion) ? 0o640 : 0o660) : 0o600);
+
+/** Whether this process may use /dev/kvm (a template frozen under KVM restores only with it). */
+function kvmUsable(): boolean {
+  try {
+    accessSync('/dev/kvm', constants.R_OK | constants.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 /** A new template directory for `name` (the name is ours: its run directory exists). A leftover of a crash is replaced. */
 export async function makeTemplateDir(name: ValidName): Promise<ReturnType<typeof templatePaths>> {
@@ -45,7 +59,8 @@ export async function makeTemplateDir(name: ValidName): Promise<ReturnType<typeo
 export async function makeMemFile(path: string, ramMB: number, gid?: number): Promise<void> {
   await writeExclusive(path, '', 0o600);
   if (gid !== undefined) await chown(path, 0, gid);
-  await chmod(path, memMode()); // explicitly: the umask would take the group's write away
+  // the template's QEMU writes it through its shared mapping (as the group): writable until the freeze, then memMode
+  await chmod(path, runningAsRoot() ? 0o660 : 0o600); // explicitly: the umask would take the group's write away
   await truncate(path, ramMB * 1024 * 1024);
 }
 
@@ -58,10 +73,10 @@ export async function checkTemplate(name: string): Promise<FrozenTemplate> {
   const problem = dirProblem(st, process.getuid?.() ?? 0);
   if (problem) throw new VmError('E_UNTRUSTED_DIR', `template directory ${tdir} ${problem}`, { hint: 'remove it and freeze the template again' });
   const meta = await readTemplateMeta(tdir, n);
-  const v = await qemuVersion();
-  if (meta.qemuVersion !== v)
-    throw new VmError('E_TEMPLATE_QEMU', `template ${meta.name} was frozen with "${meta.qemuVersion}", this host runs "${v}"`, {
-      hint: 'boot and freeze the template again with this QEMU',
+  const problems = compatibilityProblems(meta, await currentVmm(), kvmUsable());
+  if (problems.length)
+    throw new VmError('E_TEMPLATE_INCOMPATIBLE', `template ${meta.name} cannot be restored here: ${problems.join('; ')}`, {
+      hint: 'freeze the template again on this node, or run the VMM it names (SCION_VMM; scion vmm shows this one)',
     });
   const t = templatePaths(tdir);
   const files = [t.state, join(tdir, meta.kernel), ...(meta.memory === 'file' ? [t.mem] : []), ...(meta.disk ? [join(tdir, meta.disk)] : [])];

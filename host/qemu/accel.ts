@@ -6,7 +6,6 @@
  * version and kernel. SCION_ACCEL=kvm|tcg overrides.
  */
 import { spawn } from 'node:child_process';
-import { run } from '../../common/run.ts';
 import { accessSync, constants, readFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -15,27 +14,11 @@ import { atomicWrite } from '../../common/safe-fs.ts';
 import { sha256 } from '../../common/digest.ts';
 import type { Accel } from './argv.ts';
 import { config } from '../../common/config.ts';
+import { currentVmm, type Vmm } from './vmm.ts';
+import { cpuModel } from './vmm-plan.ts';
 
-/** The QEMU binary (SCION_QEMU), read at each call. */
-export const qemuBinary = (): string => config().qemu;
-
-const versionCache = new Map<string, Promise<string>>();
-/** The first line of `qemu-system-x86_64 --version` (E_COMMAND_MISSING, naming the package, if QEMU is not installed); cached per binary. */
-export function qemuVersion(): Promise<string> {
-  const qemu = qemuBinary();
-  let v = versionCache.get(qemu);
-  if (!v) {
-    v = run(qemu, ['--version'], { what: `${qemu} --version` }).then(
-      (r) => r.stdout.split('\n')[0].trim(),
-      (e) => {
-        versionCache.delete(qemu);
-        throw e;
-      },
-    );
-    versionCache.set(qemu, v);
-  }
-  return v;
-}
+/** The first line of the VMM's `--version` (vmm.ts: the pinned closure's, or the host's with SCION_VMM=system). */
+export const qemuVersion = async (): Promise<string> => (await currentVmm()).version;
 
 export async function chooseAccel(kernel: string, log?: (m: string) => void): Promise<{ accel: Accel; reason: string }> {
   const forced = config().accel;
@@ -53,7 +36,7 @@ export async function chooseAccel(kernel: string, log?: (m: string) => void): Pr
     /* no cached answer yet: probe below */
   }
   log?.('probing KVM with the guest kernel (once per QEMU and kernel)…');
-  const ok = await probeKvm(kernel);
+  const ok = await probeKvm(kernel, await currentVmm());
   const r = ok.works
     ? { accel: 'kvm' as Accel, reason: 'KVM booted the guest kernel' }
     : { accel: 'tcg' as Accel, reason: `KVM does not run the guest here: ${ok.why}` };
@@ -61,20 +44,22 @@ export async function chooseAccel(kernel: string, log?: (m: string) => void): Pr
   return r;
 }
 
-function probeKvm(kernel: string): Promise<{ works: boolean; why: string }> {
+function probeKvm(kernel: string, vmm: Vmm): Promise<{ works: boolean; why: string }> {
   const dir = mkdtempSync(join(tmpdir(), 'scion-kvm-'));
   const log = join(dir, 'console');
   return new Promise((resolve) => {
-    const qemu = qemuBinary();
+    const qemu = vmm.command[0];
     const p = spawn(
       qemu,
       [
+        ...vmm.command.slice(1),
+        ...vmm.args,
         '-accel',
         'kvm',
         '-M',
         'q35',
         '-cpu',
-        'host',
+        cpuModel('kvm', config().cpu),
         '-m',
         '256M',
         '-nodefaults',
@@ -88,7 +73,7 @@ function probeKvm(kernel: string): Promise<{ works: boolean; why: string }> {
         '-serial',
         `file:${log}`,
       ],
-      { stdio: ['ignore', 'ignore', 'pipe'] },
+      { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...vmm.env } },
     );
     let err = '';
     p.stderr.on('data', (c) => (err += c));

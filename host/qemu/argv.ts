@@ -20,6 +20,10 @@ export interface VmDescription {
   name: string;
   mode: 'template' | 'clone';
   accel: Accel;
+  /** the versioned machine type (pc-q35-10.0): what the VMM called q35 when the template booted */
+  machine?: string;
+  /** the CPU model (vmm-plan.ts cpuModel): a template's clones get the one it booted with */
+  cpu?: string;
   ramMB: number;
   cpus: number;
   /** guest RAM: a file (template shared, clones private) or, for an ordinary full snapshot, anonymous memory */
@@ -30,6 +34,8 @@ export interface VmDescription {
   vmgenid: string;
   mac: string;
   net: NetConfig;
+  /** a clone maps its template's memory file private-writable from a read-only open (QEMU >= 8.2: readonly=on,rom=off), so it needs no write access to it */
+  memReadonly?: boolean;
   /** wait for an incoming migration (clones, and the loader of a clone being frozen) */
   incoming?: boolean;
   /** a qcow2 disk chain: base (read-only) <- template overlay [<- clone overlay] */
@@ -114,11 +120,11 @@ export function qemuArgv(d: VmDescription): string[] {
     'none',
     '-no-reboot',
     '-machine',
-    'q35,memory-backend=mem',
+    `${d.machine ?? 'q35'},memory-backend=mem`,
     '-accel',
     d.accel === 'tcg' ? `tcg,tb-size=${d.tbSizeMB ?? (d.mode === 'template' ? TEMPLATE_TB_SIZE_MB : CLONE_TB_SIZE_MB)}` : 'kvm',
     '-cpu',
-    d.accel === 'kvm' ? 'host' : 'max',
+    d.cpu ?? (d.accel === 'kvm' ? 'host' : 'max'),
     '-m',
     `${d.ramMB}M`,
     '-smp',
@@ -128,7 +134,7 @@ export function qemuArgv(d: VmDescription): string[] {
     '-object',
     d.memory === 'ram'
       ? `memory-backend-ram,id=mem,size=${d.ramMB}M`
-      : `memory-backend-file,id=mem,size=${d.ramMB}M,mem-path=${fdPath(FD.mem)},share=${d.mode === 'template' ? 'on' : 'off'},prealloc=off`,
+      : `memory-backend-file,id=mem,size=${d.ramMB}M,mem-path=${fdPath(FD.mem)},share=${d.mode === 'template' ? 'on' : 'off'}${d.memReadonly ? ',readonly=on,rom=off' : ''},prealloc=off`,
     '-kernel',
     fdPath(FD.kernel),
     '-append',

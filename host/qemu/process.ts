@@ -14,7 +14,8 @@ import { VmError, ScionError } from '../../common/errors.ts';
 import { missingCommand, tailOf } from '../../common/run.ts';
 import { QmpClient } from './qmp.ts';
 import { qemuArgv, FD, type VmDescription } from './argv.ts';
-import { qemuBinary } from './accel.ts';
+import { currentVmm } from './vmm.ts';
+import { CLOSURE } from './vmm-plan.ts';
 import { processAlive, sleep } from '../../common/proc.ts';
 
 export { processAlive, sleep };
@@ -48,6 +49,8 @@ export interface QemuProcess {
   exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   isDead(): boolean;
   stderrTail(lines?: number): string;
+  /** which QEMU it is, for messages */
+  program: string;
 }
 
 /**
@@ -64,8 +67,10 @@ export async function spawnQemu(desc: VmDescription, o: { jail: string; files: Q
   };
   const stdio: (number | 'ignore' | 'pipe')[] = ['ignore', 'ignore', 'pipe'];
   let child: ChildProcess;
-  const qemu = qemuBinary();
-  let cmd = qemu;
+  const vmm = await currentVmm();
+  // the pinned closure runs through its own loader: [loader, --library-path, dir, qemu] + -L firmware dirs
+  const qemu = [...vmm.command, ...vmm.args];
+  let cmd = qemu[0];
   try {
     const slots: [number, string | undefined, number][] = [
       [FD.mem, o.files.mem, desc.mode === 'template' && desc.memory === 'file' ? constants.O_RDWR : constants.O_RDONLY],
@@ -83,12 +88,19 @@ export async function spawnQemu(desc: VmDescription, o: { jail: string; files: Q
     const [c, args, cred] = o.netns
       ? [
           'ip',
-          ['netns', 'exec', o.netns, ...(o.cred ? ['setpriv', `--reuid=${o.cred.uid}`, `--regid=${o.cred.gid}`, '--clear-groups', '--'] : []), qemu, ...argv],
+          [
+            'netns',
+            'exec',
+            o.netns,
+            ...(o.cred ? ['setpriv', `--reuid=${o.cred.uid}`, `--regid=${o.cred.gid}`, '--clear-groups', '--'] : []),
+            ...qemu,
+            ...argv,
+          ],
           undefined,
         ]
-      : [qemu, argv, o.cred];
-    cmd = c;
-    child = spawn(c, args, { stdio, detached: true, cwd: o.jail, ...(cred ? { uid: cred.uid, gid: cred.gid } : {}) });
+      : [qemu[0], [...qemu.slice(1), ...argv], o.cred];
+    if (o.netns) cmd = c;
+    child = spawn(c, args, { stdio, detached: true, cwd: o.jail, env: { ...process.env, ...vmm.env }, ...(cred ? { uid: cred.uid, gid: cred.gid } : {}) });
   } finally {
     for (const fd of fds) closeSync(fd); // QEMU holds its own copies now
   }
@@ -116,13 +128,14 @@ export async function spawnQemu(desc: VmDescription, o: { jail: string; files: Q
   }
   child.unref();
   (child.stderr as any).unref?.();
-  return { pid: child.pid!, exited, isDead: () => dead, stderrTail: (n = 3) => tailOf(stderr, n) };
+  const program = `${vmm.kind} QEMU ${vmm.kind === 'pinned' ? vmm.dir + CLOSURE.qemu : vmm.command[0]}`;
+  return { pid: child.pid!, program, exited, isDead: () => dead, stderrTail: (n = 3) => tailOf(stderr, n) };
 }
 
 /** A typed error for a QEMU that exited: the command, its exit and the tail of its stderr. */
 export function qemuDied(name: string, proc: QemuProcess, doing: string, hint?: string): VmError {
   const t = proc.stderrTail();
-  return new VmError('E_QEMU_EXITED', `${name}: QEMU (${qemuBinary()}) exited while ${doing}${t ? `: ${t}` : ''}`, { hint });
+  return new VmError('E_QEMU_EXITED', `${name}: QEMU (${proc.program}) exited while ${doing}${t ? `: ${t}` : ''}`, { hint });
 }
 
 /** Connect QMP as soon as QEMU listens (the socket file appears a moment before it accepts). */

@@ -18,7 +18,7 @@ import { vmPaths, vmsDir, templatePaths } from './dirs.ts';
 export class RecordError extends ScionError {}
 
 export const VM_FORMAT = 'scion.vm/1';
-export const TEMPLATE_FORMAT = 'scion.template/1';
+export const TEMPLATE_FORMAT = 'scion.template/2';
 
 const name = z.string().regex(NAME_PATTERN, 'not a valid scion name');
 /** interface names (bridge, tap) fit IFNAMSIZ and carry no shell or path characters */
@@ -57,11 +57,16 @@ const NetConfigSchema = z.discriminatedUnion('mode', [
   z.object({ mode: z.literal('none') }).strict(),
 ]);
 
+/** A QEMU machine type or CPU model name (pc-q35-10.0, max, Westmere-v2): it goes into QEMU's argv. */
+const MACHINE_OR_CPU = /^[A-Za-z0-9][\w.-]{0,63}$/;
+
 export const VmDescriptionSchema = z
   .object({
     name,
     mode: z.enum(['template', 'clone']),
     accel: z.enum(['kvm', 'tcg']),
+    machine: z.string().regex(MACHINE_OR_CPU).optional(),
+    cpu: z.string().regex(MACHINE_OR_CPU).optional(),
     ramMB: z
       .number()
       .int()
@@ -75,6 +80,7 @@ export const VmDescriptionSchema = z
     mac,
     net: NetConfigSchema,
     incoming: z.boolean().optional(),
+    memReadonly: z.boolean().optional(),
     disk: z
       .object({
         layers: z
@@ -142,7 +148,11 @@ export const TemplateMetaSchema = z
   .object({
     format: z.literal(TEMPLATE_FORMAT),
     name,
-    qemuVersion: z.string(),
+    /** the VMM it was frozen under: a restore needs the very same one */
+    vmm: z.object({ kind: z.enum(['pinned', 'system']), version: z.string().max(200), digest: z.string().regex(/^sha256:[0-9a-f]{64}$/) }).strict(),
+    /** the versioned machine type and the CPU model its clones must use */
+    machine: z.string().regex(MACHINE_OR_CPU),
+    cpu: z.string().regex(MACHINE_OR_CPU),
     lineup: z.array(z.string()),
     accel: z.enum(['kvm', 'tcg']),
     image: z.string().refine(isAbsolute, 'must be an absolute path'),

@@ -12,6 +12,8 @@ import { join } from 'node:path';
 import * as vm from '../../host/index.ts';
 import { readRecord } from '../../host/store/records.ts';
 import { validName } from '../../common/names.ts';
+import { currentVmm } from '../../host/qemu/vmm.ts';
+import { createHash } from 'node:crypto';
 import { isolateRunDirs, ROOT, tmp, scionQemuPids, frozenWebTemplate, removeEverything } from './helpers.ts';
 
 const dirs = isolateRunDirs('core');
@@ -230,7 +232,7 @@ describe('directories and files another user could have touched', () => {
     plant({ format: 'scion.template/0' });
     await expect(vm.fork('evil-tpl', { n: 1 })).rejects.toMatchObject({
       code: 'E_RECORD_VERSION',
-      message: `${join(evil, 'meta.json')} has format "scion.template/0"; this scion reads "scion.template/1"`,
+      message: `${join(evil, 'meta.json')} has format "scion.template/0"; this scion reads "scion.template/2"`,
     });
     plant({ name: 'web-tpl' });
     await expect(vm.fork('evil-tpl', { n: 1 })).rejects.toMatchObject({
@@ -270,17 +272,33 @@ describe('a fork that fails leaves nothing behind (the one Machine construction 
   });
 
   it('whose QEMU fails to start', async () => {
-    // the real QEMU, given an option it refuses: it exits at once with its own error
+    // the real QEMU, given an option it refuses: it exits at once with its own error. The wrapper is a
+    // VMM of its own (SCION_QEMU: a system VMM, identified by its file's hash), so the template is a copy
+    // of web-tpl (its memory hard-linked) whose record names the wrapper: the same QEMU build underneath
+    const pinned = await currentVmm();
     const bin = tmp('badqemu');
     chmodSync(bin, 0o755); // the VM's unprivileged uid runs it
     const wrapper = join(bin, 'qemu-refusing');
-    writeFileSync(wrapper, '#!/bin/sh\n[ "$1" = --version ] && exec qemu-system-x86_64 "$@"\nexec qemu-system-x86_64 "$@" -no-such-option\n', { mode: 0o755 });
+    const real = [...pinned.command, ...pinned.args].map((a) => `'${a}'`).join(' ');
+    writeFileSync(
+      wrapper,
+      `#!/bin/sh\nexport QEMU_MODULE_DIR='${pinned.env.QEMU_MODULE_DIR}'\ncase "$1" in --version|-machine) exec ${real} "$@";; esac\nexec ${real} "$@" -no-such-option\n`,
+      { mode: 0o755 },
+    );
+    const tpl = join(dirs.templates, 'web-tpl');
+    const copy = join(dirs.templates, 'wrapped-tpl');
+    cpSync(tpl, copy, { recursive: true, filter: (src) => !src.endsWith('/mem') });
+    linkSync(join(tpl, 'mem'), join(copy, 'mem'));
+    const meta = JSON.parse(readFileSync(join(copy, 'meta.json'), 'utf8'));
+    const digest = `sha256:${createHash('sha256').update(readFileSync(wrapper)).digest('hex')}`;
+    writeFileSync(join(copy, 'meta.json'), JSON.stringify({ ...meta, name: 'wrapped-tpl', vmm: { kind: 'system', version: pinned.version, digest } }));
     const before = await snapshot();
     process.env.SCION_QEMU = wrapper;
     try {
-      await expect(vm.fork('web-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_QEMU_EXITED', message: expect.stringContaining('-no-such-option') });
+      await expect(vm.fork('wrapped-tpl', { n: 1 })).rejects.toMatchObject({ code: 'E_QEMU_EXITED', message: expect.stringContaining('-no-such-option') });
     } finally {
       delete process.env.SCION_QEMU;
+      rmSync(copy, { recursive: true, force: true });
     }
     expect(await snapshot()).toEqual(before);
   });

@@ -8,13 +8,14 @@ import { guestSh, distinct } from '../support/guest.ts';
 import { createHash } from 'node:crypto';
 import { createReadStream, readFileSync, existsSync, truncateSync, copyFileSync, mkdirSync, cpSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { spawn, execFileSync } from 'node:child_process';
+import { spawn, spawnSync, execFileSync } from 'node:child_process';
 import { build } from '../../builder/build.ts';
 import type { AgentClient } from '../../host/agent-client.ts';
 import { QmpClient } from '../../host/qemu/qmp.ts';
 import * as vm from '../../host/index.ts';
 import { readRecord } from '../../host/store/records.ts';
 import { validName } from '../../common/names.ts';
+import { currentVmm } from '../../host/qemu/vmm.ts';
 import { image, isolateRunDirs, ROOT, paths, scionQemuPids, removeEverything } from './helpers.ts';
 
 const dirs = isolateRunDirs('vm');
@@ -167,6 +168,33 @@ describe('web image: boot, freeze, fork', () => {
     expect(await fileSha(join(tplDir, 'mem'))).toBe(memShaBefore);
   });
 
+  it("a clone cannot write its template's memory: the file is group-read-only and QEMU opened it read-only", async () => {
+    const { statSync, readdirSync, readlinkSync } = await import('node:fs');
+    const mem = join(tplDir, 'mem');
+    expect(statSync(mem).mode & 0o777).toBe(0o640);
+    const r = (await readRecord(validName(clones[0].name)))!;
+    const fds = readdirSync(`/proc/${r.pid}/fd`).filter((fd) => {
+      try {
+        return readlinkSync(`/proc/${r.pid}/fd/${fd}`) === mem;
+      } catch {
+        return false;
+      }
+    });
+    expect(fds.length).toBeGreaterThan(0);
+    // as the clone's own uid and gid (what a QEMU taken over by its guest is), through the clone's own descriptor:
+    // /proc/PID/fd/N opens the file anew, checked against the file's mode
+    for (const fd of fds) {
+      const as = (redirect: string) =>
+        spawnSync('setpriv', [`--reuid=${r.uid}`, `--regid=${r.gid}`, '--clear-groups', '--', 'sh', '-c', `exec 5${redirect}/proc/${r.pid}/fd/${fd}`], {
+          encoding: 'utf8',
+        });
+      const rw = as('<>');
+      expect(rw.status).not.toBe(0);
+      expect(rw.stderr).toMatch(/Permission denied/);
+      expect(as('<').status).toBe(0); // read: yes, that is how it maps it
+    }
+  });
+
   it('scion ls --json tells each VM role, state and sockets', async () => {
     const out = JSON.parse(execFileSync(process.execPath, [join(ROOT, 'bin/scion.js'), 'ls', '--json'], { encoding: 'utf8', env: process.env }));
     const byName = Object.fromEntries(out.map((v: any) => [v.name, v]));
@@ -299,15 +327,31 @@ describe('web image: boot, freeze, fork', () => {
     a.close();
   });
 
-  it('a template frozen with another QEMU is refused with a clear error', async () => {
+  it('a template frozen under another VMM is refused with a typed error naming both sides', async () => {
+    // its record names the host's QEMU 7.2 (another build, another machine type): as if frozen there
     const other = join(dirs.templates, 'old-tpl');
     cpSync(tplDir, other, { recursive: true, dereference: false, filter: (src) => !src.endsWith('/mem') });
     execFileSync('ln', [join(tplDir, 'mem'), join(other, 'mem')]);
     const meta = JSON.parse(readFileSync(join(other, 'meta.json'), 'utf8'));
-    writeFileSync(join(other, 'meta.json'), JSON.stringify({ ...meta, name: 'old-tpl', qemuVersion: 'QEMU emulator version 6.0.0' }));
+    const system = { kind: 'system', version: 'QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)', digest: `sha256:${'7'.repeat(64)}` };
+    writeFileSync(join(other, 'meta.json'), JSON.stringify({ ...meta, name: 'old-tpl', vmm: system, machine: 'pc-q35-7.2' }));
+    const pinned = await currentVmm();
+    expect(pinned.kind).toBe('pinned');
     await expect(vm.fork('old-tpl', { n: 1 })).rejects.toMatchObject({
-      code: 'E_TEMPLATE_QEMU',
-      message: expect.stringContaining('was frozen with "QEMU emulator version 6.0.0"'),
+      code: 'E_TEMPLATE_INCOMPATIBLE',
+      message: `template old-tpl cannot be restored here: it was frozen under the system QEMU 7.2.22 (sha256:777777777777…), this node runs the pinned QEMU ${pinned.version.match(/version ([\w.+~:-]+)/)![1]} (${pinned.digest.slice(0, 19)}…)`,
     });
+    // and the other way round, for real: this template, under the host's own QEMU (SCION_VMM=system)
+    const before = (await scionQemuPids()).length;
+    process.env.SCION_VMM = 'system';
+    try {
+      await expect(vm.fork('web-tpl', { n: 1 })).rejects.toMatchObject({
+        code: 'E_TEMPLATE_INCOMPATIBLE',
+        message: expect.stringMatching(/it was frozen under the pinned QEMU 10\.0\.\d+ \(sha256:[0-9a-f]{12}…\), this node runs the system QEMU 7\.2\./),
+      });
+    } finally {
+      delete process.env.SCION_VMM;
+    }
+    expect((await scionQemuPids()).length).toBe(before);
   });
 });

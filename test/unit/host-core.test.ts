@@ -161,7 +161,9 @@ const record = (over: Record<string, unknown> = {}) => ({
 const meta = (over: Record<string, unknown> = {}) => ({
   format: TEMPLATE_FORMAT,
   name: 'web-tpl',
-  qemuVersion: 'QEMU emulator version 7.2.22',
+  vmm: { kind: 'pinned', version: 'QEMU emulator version 10.0.13 (Debian 1:10.0.13+ds-0+deb13u1)', digest: `sha256:${'4'.repeat(64)}` },
+  machine: 'pc-q35-10.0',
+  cpu: 'max',
   lineup: deviceLineup(desc()),
   accel: 'tcg',
   image: '/work/out/web',
