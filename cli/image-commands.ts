@@ -2,10 +2,20 @@
  * The image commands of the table (commands.ts): build, verify, push, pull.
  */
 import { ScionError, EXIT } from '../common/errors.ts';
-import { build, verify, push, pull } from '../host/index.ts';
+import { statSync } from 'node:fs';
+import { build, verify, push, pull, pushTemplate, pullTemplate, isSnapshotReference } from '../host/index.ts';
 import { buildProgress, fmtBytes } from './format.ts';
 
 import { BUILD_INPUT, INSECURE, compressionOf, need, str, type CommandSpec } from './options.ts';
+
+/** A build directory (an image to push), as opposed to a template's name. */
+function isDirectory(p: string): boolean {
+  try {
+    return statSync(p).isDirectory();
+  } catch {
+    return false;
+  }
+}
 
 export const IMAGE_COMMANDS: CommandSpec[] = [
   {
@@ -78,12 +88,24 @@ export const IMAGE_COMMANDS: CommandSpec[] = [
   },
   {
     name: 'push',
-    args: '<out/name> <registry>/<repo>:<tag>',
-    summary: 'upload a built image as one OCI artifact (credentials: ~/.docker/config.json or $DOCKER_CONFIG)',
+    args: '<out/name>|<template> <registry>/<repo>:<tag>',
+    summary:
+      'upload a built image (a directory) or a frozen template (a name: its record, device state and RAM in 2 MiB chunks, zero chunks left out, chunks the registry has not sent again) as one OCI artifact (credentials: ~/.docker/config.json or $DOCKER_CONFIG)',
     options: { ...INSECURE },
     cleansUpOnInterrupt: true,
     async run(pos, v, ctx) {
-      need(pos, 2, 'push', 'scion push out/web 127.0.0.1:5000/scion/web:1.0');
+      need(pos, 2, 'push', 'scion push out/web 127.0.0.1:5000/scion/web:1.0, or scion push web-tpl 127.0.0.1:5000/scion/web-tpl:1');
+      if (!isDirectory(pos[0])) {
+        const r = await pushTemplate(pos[0], pos[1], { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[push] ${m}`) });
+        ctx.out(
+          ctx.json
+            ? JSON.stringify({ ok: true, kind: 'template', ...r }, null, 2)
+            : `pushed ${r.reference}
+  RAM: ${r.chunks.total} chunks of 2 MiB, ${r.chunks.zero} zero (left out), ${r.chunks.sent} sent, ${r.chunks.reused} the registry had
+  ${fmtBytes(r.bytesSent)} sent of a ${fmtBytes(r.artifactBytes)} artifact`,
+        );
+        return EXIT.ok;
+      }
       const r = await push(pos[0], pos[1], { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[push] ${m}`) });
       ctx.out(
         ctx.json
@@ -96,11 +118,24 @@ export const IMAGE_COMMANDS: CommandSpec[] = [
   {
     name: 'pull',
     args: '<registry>/<repo>:<tag>|@sha256:…',
-    summary: 'download and verify an image into DIR/<name>/ (up and boot take the reference too)',
-    options: { out: { type: 'string', value: 'DIR', help: 'where the image goes (default ./out)' }, ...INSECURE },
+    summary: 'download and verify an image into DIR/<name>/ (up and boot take the reference too), or a template snapshot as a frozen template fork takes',
+    options: {
+      out: { type: 'string', value: 'DIR', help: 'where an image goes (default ./out)' },
+      name: { type: 'string', value: 'T', help: "a template snapshot's name here (default: the name it was pushed with)" },
+      ...INSECURE,
+    },
     cleansUpOnInterrupt: true,
     async run(pos, v, ctx) {
       need(pos, 1, 'pull', 'scion pull 127.0.0.1:5000/scion/web:1.0 --out images-dir');
+      if (await isSnapshotReference(pos[0], { insecure: !!v.insecure })) {
+        const r = await pullTemplate(pos[0], { name: str(v, 'name'), insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[pull] ${m}`) });
+        ctx.out(
+          ctx.json
+            ? JSON.stringify({ ok: true, kind: 'template', ...r }, null, 2)
+            : `pulled ${r.reference} -> template ${r.name} (${r.chunks} RAM chunks, ${fmtBytes(r.bytesReceived)}, every digest checked); scion fork ${r.name}`,
+        );
+        return EXIT.ok;
+      }
       const r = await pull(pos[0], str(v, 'out') ?? 'out', { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[pull] ${m}`) });
       ctx.out(ctx.json ? JSON.stringify({ ok: true, ...r }, null, 2) : `pulled ${r.reference} -> ${r.dir} (every digest checked)`);
       return EXIT.ok;

@@ -93,6 +93,7 @@ export const OTHER_CODES = [
   'E_TEMPLATE_INCOMPATIBLE',
   'E_VMM_MISSING',
   'E_VMM_LOCK',
+  'E_NOT_SCION_SNAPSHOT',
   // sessions (QMP, agent)
   'E_AGENT',
   'E_AGENT_TIMEOUT',

@@ -33,6 +33,16 @@ export type { AgentCommands, AgentCommand, ArgsOf, ResultOf, AgentEvents, AgentE
 // images in registries
 export { push, pull, type PushOptions, type PushResult, type PullOptions, type PullResult } from '../registry/transfer.ts';
 export { parseReference, type Reference } from '../registry/reference.ts';
+/** Frozen templates as snapshot artifacts: push one (chunked, deduplicated RAM), pull one as a local frozen template, tell a snapshot reference from an image's. */
+export {
+  pushTemplate,
+  pullTemplate,
+  isSnapshotReference,
+  type SnapshotPushOptions,
+  type SnapshotPushResult,
+  type SnapshotPullOptions,
+  type SnapshotPullResult,
+} from './snapshot.ts';
 // the front door
 export { serve, type ServeHandle } from './serve/server.ts';
 export { serveOptions, type ServeOptions } from './serve/options.ts';

@@ -1,0 +1,350 @@
+/**
+ * Frozen templates to and from an OCI registry (`scion push <template> <ref>`,
+ * `scion pull <ref>`): the artifact is registry/snapshot-artifact.ts's. Push
+ * reads the template's memory file chunk by chunk, leaves zero chunks out,
+ * and asks the registry before each blob: what it has is not sent again.
+ * Pull checks the record against this node's VMM before a byte of RAM moves,
+ * lays the template out in a temporary directory under the template root
+ * (sparse memory file, every blob's digest and size checked, each chunk
+ * decompressed to exactly its size), and renames it in; the template's name
+ * is claimed first like any VM's, and a failed pull removes both.
+ */
+import { randomBytes, randomUUID } from 'node:crypto';
+import { chmod, chown, mkdir, open, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { gunzip, gzip } from 'node:zlib';
+import { ociDigest } from '../common/digest.ts';
+import { VmError } from '../common/errors.ts';
+import { removeOnInterrupt } from '../common/interrupt.ts';
+import { validName, type ValidName } from '../common/names.ts';
+import { SCION_VERSION } from '../common/version.ts';
+import { MANIFEST_MEDIA_TYPE, TITLE } from '../registry/artifact.ts';
+import { RegistryClient, RegistryError, type ClientOptions } from '../registry/client.ts';
+import { formatReference, parseReference } from '../registry/reference.ts';
+import {
+  CHUNK_BYTES,
+  MAX_SNAPSHOT_RAM_BYTES,
+  SNAPSHOT_ARTIFACT_TYPE,
+  SnapshotError,
+  checkSnapshotManifest,
+  isZero,
+  parseRamIndex,
+  snapshotManifest,
+  type RamIndex,
+  type SnapshotFile,
+} from '../registry/snapshot-artifact.ts';
+import { claimNamed } from './machine/claim.ts';
+import { compatibilityProblems } from './machine/compat.ts';
+import { removeVm } from './machine/inventory.ts';
+import { newVmRecord } from './machine/plan.ts';
+import { checkTemplate, memMode, templateDir } from './machine/templates.ts';
+import { currentVmm } from './qemu/vmm.ts';
+import { USER_NET } from './qemu/argv.ts';
+import { trustedTemplateRoot, templatePaths } from './store/dirs.ts';
+import { TemplateMetaSchema, TEMPLATE_FORMAT, describeIssues, writeRecord, writeTemplateMeta, type TemplateMeta } from './store/records.ts';
+
+const gzipAsync = promisify(gzip);
+const gunzipAsync = promisify(gunzip);
+/** zlib level 1: RAM pages compress well at once; higher levels cost push time for little. Fixed: the level decides the chunk digests. */
+const GZIP = { level: 1 } as const;
+
+/** What a template push takes: the registry client's options and a progress log. */
+export interface SnapshotPushOptions extends ClientOptions {
+  log?: (m: string) => void;
+}
+/** What a template push did: the reference, the manifest digest, its RAM chunks (all, zero ones left out, sent, the registry had) and the bytes sent and in all. */
+export interface SnapshotPushResult {
+  reference: string;
+  digest: string;
+  chunks: { total: number; zero: number; sent: number; reused: number };
+  bytesSent: number;
+  artifactBytes: number;
+  requests: RegistryClient['counts'];
+}
+
+/** The record as the artifact carries it: what is this node's alone (the clones' group, the base disk's path) left out. Pure. */
+export function portableRecord(meta: TemplateMeta): Omit<TemplateMeta, 'gid' | 'baseDisk' | 'disk'> {
+  const { gid: _g, baseDisk: _b, disk: _d, ...rest } = meta;
+  return rest;
+}
+
+async function sendBlob(client: RegistryClient, data: Buffer, digest: string): Promise<boolean> {
+  if (await client.hasBlob(digest)) return false;
+  await client.uploadBlob(data, digest, 64 * 1024 * 1024);
+  return true;
+}
+
+/** Push the frozen template `name` to `refText` as one snapshot artifact. */
+export async function pushTemplate(name: string, refText: string, o: SnapshotPushOptions = {}): Promise<SnapshotPushResult> {
+  const ref = parseReference(refText);
+  if (!ref.tag || ref.digest) throw new VmError('E_USAGE', `scion push ${refText}: push to a tag (registry/repository:tag), not a digest`);
+  const { meta, files: t } = await checkTemplate(name);
+  if (meta.memory !== 'file' || meta.disk)
+    throw new VmError(
+      'E_UNSUPPORTED',
+      `template ${meta.name} ${meta.disk ? 'has a disk' : 'keeps its RAM in its state file'}: only disk-less templates with a memory file are pushed as snapshots`,
+    );
+  const client = new RegistryClient(ref, o);
+  const chunks = { total: 0, zero: 0, sent: 0, reused: 0 };
+  let bytesSent = 0;
+  let artifactBytes = 0;
+  const memBytes = meta.ramMB * 1024 * 1024;
+  const index: RamIndex = { chunkSize: CHUNK_BYTES, memBytes, chunks: [] };
+  const done = new Set<string>();
+  const fh = await open(t.mem, 'r');
+  try {
+    const buf = Buffer.alloc(CHUNK_BYTES);
+    for (let n = 0; n * CHUNK_BYTES < memBytes; n++) {
+      const len = Math.min(CHUNK_BYTES, memBytes - n * CHUNK_BYTES);
+      const { bytesRead } = await fh.read(buf, 0, len, n * CHUNK_BYTES);
+      const chunk = buf.subarray(0, bytesRead);
+      chunks.total++;
+      if (bytesRead !== len) throw new VmError('E_TEMPLATE_INCOMPLETE', `template ${meta.name}: its memory file ends at ${n * CHUNK_BYTES + bytesRead} bytes`);
+      if (isZero(chunk)) {
+        chunks.zero++;
+        continue;
+      }
+      const gz = await gzipAsync(chunk, GZIP);
+      const digest = ociDigest(gz);
+      index.chunks.push({ n, digest, size: gz.length });
+      if (done.has(digest)) continue;
+      done.add(digest);
+      artifactBytes += gz.length;
+      if (await sendBlob(client, gz, digest)) {
+        chunks.sent++;
+        bytesSent += gz.length;
+      } else chunks.reused++;
+      if (n % 64 === 63) o.log?.(`RAM: ${n + 1} of ${Math.ceil(memBytes / CHUNK_BYTES)} chunks read, ${chunks.sent} sent, ${chunks.reused} the registry had`);
+    }
+  } finally {
+    await fh.close();
+  }
+  const layerFiles: { name: SnapshotFile; data: Buffer }[] = [
+    { name: 'state', data: await gzipAsync(await readFile(t.state), GZIP) },
+    { name: 'kernel-stub', data: await readFile(t.kernel) },
+    { name: 'ram-index', data: Buffer.from(JSON.stringify(index)) },
+  ];
+  const config = Buffer.from(JSON.stringify(portableRecord(meta)));
+  const files: { name: SnapshotFile; digest: string; size: number }[] = [];
+  for (const b of [...layerFiles, { name: 'config' as const, data: config }]) {
+    const digest = ociDigest(b.data);
+    artifactBytes += b.data.length;
+    if (await sendBlob(client, b.data, digest)) bytesSent += b.data.length;
+    if (b.name !== 'config') files.push({ name: b.name, digest, size: b.data.length });
+  }
+  const manifest = JSON.stringify(
+    snapshotManifest({
+      config: { digest: ociDigest(config), size: config.length },
+      files,
+      index,
+      annotations: { [TITLE]: meta.name, 'dev.scion.version': SCION_VERSION, 'dev.scion.vmm': meta.vmm.digest },
+    }),
+  );
+  const digest = ociDigest(manifest);
+  const stated = await client.putManifest(ref.tag, manifest, MANIFEST_MEDIA_TYPE);
+  if (stated && stated !== digest)
+    throw new RegistryError('E_DIGEST_MISMATCH', `${ref.registry}: the registry stored the manifest as ${stated}, scion sent ${digest}`, {
+      hint: 'the registry altered the manifest; do not trust this tag',
+    });
+  bytesSent += manifest.length;
+  o.log?.(`pushed ${meta.name}: ${chunks.total} chunks, ${chunks.zero} zero, ${chunks.sent} sent, ${chunks.reused} the registry had; ${bytesSent} bytes sent`);
+  return { reference: formatReference({ ...ref, digest }), digest, chunks, bytesSent, artifactBytes, requests: client.counts };
+}
+
+/** What a template pull takes: the registry client's options, the local name (default: the pushed template's) and a progress log. */
+export interface SnapshotPullOptions extends ClientOptions {
+  name?: string;
+  log?: (m: string) => void;
+}
+/** What a template pull laid out: the reference, the manifest digest, the template's name, its RAM chunks fetched and the bytes received. */
+export interface SnapshotPullResult {
+  reference: string;
+  digest: string;
+  name: ValidName;
+  chunks: number;
+  bytesReceived: number;
+}
+
+/** A blob, whole in memory, bounded by its stated size and checked against its digest. */
+async function fetchBlob(client: RegistryClient, digest: string, size: number, what: string): Promise<Buffer> {
+  const res = await client.getBlob(digest);
+  const parts: Buffer[] = [];
+  let n = 0;
+  for await (const c of client.stream(res, what)) {
+    n += c.length;
+    if (n > size) throw new RegistryError('E_DIGEST_MISMATCH', `${what} (${digest}): the registry sent more than the ${size} bytes the manifest states`);
+    parts.push(Buffer.from(c));
+  }
+  const data = Buffer.concat(parts);
+  if (n !== size || ociDigest(data) !== digest)
+    throw new RegistryError(
+      'E_DIGEST_MISMATCH',
+      `${what}: the bytes the registry sent (${n}) hash to ${ociDigest(data)}, the manifest names ${digest} (${size} bytes)`,
+      {
+        hint: 'the registry holds damaged or altered data; nothing was laid out',
+      },
+    );
+  return data;
+}
+
+/** The snapshot manifest `refText` names, its digest checked, and its record. */
+async function fetchSnapshot(client: RegistryClient, refText: string) {
+  const { bytes, statedDigest } = await client.getManifest(client.ref.digest ?? client.ref.tag!, MANIFEST_MEDIA_TYPE);
+  const digest = ociDigest(bytes);
+  if ((client.ref.digest && digest !== client.ref.digest) || (statedDigest && statedDigest !== digest))
+    throw new RegistryError('E_DIGEST_MISMATCH', `${refText}: the manifest the registry sent hashes to ${digest}`, {
+      hint: 'the registry holds damaged or altered data',
+    });
+  let raw: unknown;
+  try {
+    raw = JSON.parse(bytes.toString('utf8'));
+  } catch {
+    throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: the manifest is not JSON`);
+  }
+  const m = checkSnapshotManifest(refText, raw);
+  const recordText = (await fetchBlob(client, m.config.digest, m.config.size, 'the template record')).toString('utf8');
+  return { digest, m, recordText };
+}
+
+/** The pushed record made this node's: its name and group here, checked as any template record. */
+function localRecord(refText: string, text: string, name: ValidName, gid: number | undefined): TemplateMeta {
+  let raw: Record<string, unknown>;
+  try {
+    raw = JSON.parse(text);
+  } catch {
+    throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: the template record is not JSON`);
+  }
+  if (raw?.format !== TEMPLATE_FORMAT)
+    throw new SnapshotError(
+      'E_NOT_SCION_SNAPSHOT',
+      `${refText}: the template record has format ${JSON.stringify(raw?.format)}; this scion reads ${TEMPLATE_FORMAT}`,
+    );
+  const r = TemplateMetaSchema.safeParse({ ...raw, name, gid, disk: undefined, baseDisk: undefined });
+  if (!r.success) throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: the template record is not valid: ${describeIssues(r.error)}`);
+  if (r.data.memory !== 'file' || r.data.ramMB * 1024 * 1024 > MAX_SNAPSHOT_RAM_BYTES)
+    throw new SnapshotError(
+      'E_NOT_SCION_SNAPSHOT',
+      `${refText}: the template record names ${r.data.ramMB} MiB of ${r.data.memory} memory; a snapshot holds at most 64 GiB in a memory file`,
+    );
+  return r.data;
+}
+
+/** Pull a template snapshot and lay it out as the frozen template `name` (default: its pushed name). */
+export async function pullTemplate(refText: string, o: SnapshotPullOptions = {}): Promise<SnapshotPullResult> {
+  const ref = parseReference(refText);
+  const client = new RegistryClient(ref, o);
+  const { digest, m, recordText } = await fetchSnapshot(client, refText);
+  const pushedName = (JSON.parse(recordText) as { name?: string }).name;
+  const name = validName(o.name ?? pushedName ?? '', 'template');
+  // refuse before a byte of RAM moves: the record must restore under this node's VMM
+  const probe = localRecord(refText, recordText, name, undefined);
+  const problems = compatibilityProblems(probe, await currentVmm(), true);
+  if (problems.length)
+    throw new VmError('E_TEMPLATE_INCOMPATIBLE', `${refText}: template ${pushedName} cannot be restored here: ${problems.join('; ')}`, {
+      hint: 'run the VMM it names on this node (scion vmm), or freeze the template again under this one',
+    });
+  const record = await claimNamed(name, () =>
+    newVmRecord({
+      name,
+      role: 'template',
+      image: probe.image,
+      accel: probe.accel,
+      generation: probe.generation,
+      ports: {},
+      netMode: probe.net,
+      desc: {
+        name,
+        mode: 'template',
+        accel: probe.accel,
+        machine: probe.machine,
+        cpu: probe.cpu,
+        ramMB: probe.ramMB,
+        cpus: 1,
+        memory: 'file',
+        cmdline: probe.cmdline,
+        initrd: true,
+        vmgenid: randomUUID(),
+        mac: '02:53:43:00:00:00',
+        net: probe.net.mode === 'user' ? { mode: 'user', guestIp: USER_NET.templateIp, forwards: [] } : { mode: 'none' },
+        sandbox: true,
+      },
+      slots: [],
+      making: { ownerPid: process.pid, phase: 'pull' },
+    }),
+  );
+  const tmp = join(trustedTemplateRoot(), `.pull-${process.pid}-${randomBytes(4).toString('hex')}`);
+  const forget = removeOnInterrupt(tmp);
+  try {
+    const meta = localRecord(refText, recordText, name, record.gid);
+    const received = await layOut(client, refText, m, meta, tmp);
+    await rm(templateDir(name), { recursive: true, force: true }); // a leftover of a crash under the name now ours
+    await rename(tmp, templateDir(name));
+    record.frozen = true;
+    record.making = undefined;
+    await writeRecord(record);
+    o.log?.(`pulled template ${name}: ${received.chunks} RAM chunks, ${received.bytes} bytes`);
+    return { reference: formatReference({ ...ref, digest }), digest, name, chunks: received.chunks, bytesReceived: received.bytes };
+  } catch (e) {
+    await rm(tmp, { recursive: true, force: true });
+    await removeVm(name, { force: true }).catch(() => undefined);
+    throw e;
+  } finally {
+    forget();
+  }
+}
+
+/** The template's files in `dir`: state, kernel stub, a sparse memory file with every chunk in place, meta.json. */
+async function layOut(
+  client: RegistryClient,
+  refText: string,
+  m: ReturnType<typeof checkSnapshotManifest>,
+  meta: TemplateMeta,
+  dir: string,
+): Promise<{ chunks: number; bytes: number }> {
+  await mkdir(dir, { mode: 0o700 });
+  const t = templatePaths(dir);
+  let bytes = 0;
+  const file = async (f: SnapshotFile) => {
+    bytes += m.files[f].size;
+    return fetchBlob(client, m.files[f].digest, m.files[f].size, `${refText} ${f}`);
+  };
+  const state = await gunzipAsync(await file('state'), { maxOutputLength: 256 * 1024 * 1024 }).catch((e) => {
+    throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: its device state does not decompress: ${(e as Error).message}`);
+  });
+  await writeFile(t.state, state, { mode: 0o600, flag: 'wx' });
+  await writeFile(t.kernel, await file('kernel-stub'), { mode: 0o644, flag: 'wx' });
+  const memBytes = meta.ramMB * 1024 * 1024;
+  const index = parseRamIndex(refText, (await file('ram-index')).toString('utf8'), memBytes, m.chunks);
+  const fh = await open(t.mem, 'wx', 0o600);
+  try {
+    await fh.truncate(memBytes); // sparse: chunks left out are zero
+    for (const c of index.chunks) {
+      const want = Math.min(CHUNK_BYTES, memBytes - c.n * CHUNK_BYTES);
+      const gz = await fetchBlob(client, c.digest, c.size, `${refText} RAM chunk ${c.n}`);
+      bytes += gz.length;
+      const raw = await gunzipAsync(gz, { maxOutputLength: want }).catch((e) => {
+        throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: RAM chunk ${c.n} does not decompress to ${want} bytes: ${(e as Error).message}`);
+      });
+      if (raw.length !== want) throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: RAM chunk ${c.n} is ${raw.length} bytes, not ${want}`);
+      await fh.write(raw, 0, raw.length, c.n * CHUNK_BYTES);
+    }
+  } finally {
+    await fh.close();
+  }
+  if (meta.gid !== undefined) await chown(t.mem, 0, meta.gid);
+  await chmod(t.mem, memMode(meta.vmm.version));
+  await writeTemplateMeta(dir, meta);
+  return { chunks: index.chunks.length, bytes };
+}
+
+/** Whether `refText` names a template snapshot (else, for `scion pull`, an image). */
+export async function isSnapshotReference(refText: string, o: ClientOptions = {}): Promise<boolean> {
+  const client = new RegistryClient(parseReference(refText), o);
+  const { bytes } = await client.getManifest(client.ref.digest ?? client.ref.tag!, MANIFEST_MEDIA_TYPE);
+  try {
+    return JSON.parse(bytes.toString('utf8'))?.artifactType === SNAPSHOT_ARTIFACT_TYPE;
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,131 @@
+/**
+ * Freeze once, fork anywhere: two nodes on one machine (each its own run,
+ * template and cache roots) and Debian's registry. Node A (this process)
+ * builds, boots, freezes and pushes web-tpl; node B (the CLI, in its own
+ * environment, with an empty cache: it never built or booted anything)
+ * pulls it and forks clones that answer HTTP with their own hostnames.
+ */
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { execFile } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import * as vm from '../../host/index.ts';
+import { isolateRunDirs, ROOT, tmp, frozenWebTemplate, removeEverything } from './helpers.ts';
+import { startRegistry, type TestRegistry } from './registry-helper.ts';
+
+const dirs = isolateRunDirs('snapa');
+const nodeB = {
+  SCION_RUN_DIR: tmp('run-snapb'),
+  SCION_TEMPLATE_DIR: mkdtempSync(join('/dev/shm', 'scion-tpl-snapb-')),
+  XDG_CACHE_HOME: tmp('cache-snapb'),
+  SCION_UID_BASE: '1600000000',
+};
+let registry: TestRegistry;
+
+/** The scion CLI as node B: its own roots, exit code and output. */
+async function onB(args: string[], extra: Record<string, string> = {}): Promise<{ code: number; out: any; stderr: string }> {
+  try {
+    const r = await promisify(execFile)(process.execPath, [join(ROOT, 'bin/scion.js'), ...args, '--json'], {
+      env: { ...process.env, ...nodeB, ...extra },
+      maxBuffer: 16 * 1024 * 1024,
+    });
+    return { code: 0, out: JSON.parse(r.stdout), stderr: r.stderr };
+  } catch (e) {
+    const x = e as { code: number; stdout: string; stderr: string };
+    return { code: x.code, out: x.stdout ? JSON.parse(x.stdout) : undefined, stderr: x.stderr };
+  }
+}
+
+const putsOfBlobs = () => registry.requests('PUT', '/blobs/uploads/');
+
+beforeAll(async () => {
+  registry = await startRegistry();
+  await frozenWebTemplate('web-tpl');
+}, 300_000);
+
+afterAll(async () => {
+  await onB(['rm', '--all']);
+  rmSync(nodeB.SCION_TEMPLATE_DIR, { recursive: true, force: true });
+  await registry?.stop();
+  await removeEverything(dirs);
+});
+
+describe('template snapshots in an OCI registry', () => {
+  let first: vm.SnapshotPushResult;
+  const ref = () => `${registry.host}/snap/web-tpl:1`;
+
+  it('node A pushes its frozen template: zero chunks left out, compressed to under a quarter of the guest RAM; a second push sends almost nothing', async () => {
+    first = await vm.pushTemplate('web-tpl', ref());
+    const ramBytes = 512 * 1024 * 1024;
+    expect(first.chunks.total).toBe(ramBytes / (2 * 1024 * 1024));
+    expect(first.chunks.zero).toBeGreaterThan(0);
+    expect(first.chunks.sent + first.chunks.reused).toBeLessThanOrEqual(first.chunks.total - first.chunks.zero);
+    expect(first.artifactBytes).toBeLessThanOrEqual(ramBytes / 4);
+    const putsAfterFirst = putsOfBlobs();
+    expect(putsAfterFirst).toBe(first.chunks.sent + 4); // each chunk sent, plus state, kernel stub, index and record
+    const second = await vm.pushTemplate('web-tpl', ref());
+    expect(second.digest).toBe(first.digest); // the same template is the same artifact
+    expect(second.chunks.sent).toBe(0);
+    expect(second.bytesSent).toBeLessThanOrEqual(first.bytesSent * 0.05);
+    expect(putsOfBlobs()).toBe(putsAfterFirst); // counted at the registry: no blob uploaded again
+  });
+
+  it('node B, which never built or booted anything, pulls it and forks 3 clones that answer with their own hostnames, identities distinct from A', async () => {
+    expect(existsSync(join(nodeB.XDG_CACHE_HOME, 'scion'))).toBe(false);
+    const pulled = await onB(['pull', ref()]);
+    expect(pulled.code, pulled.stderr).toBe(0);
+    expect(pulled.out).toMatchObject({ ok: true, kind: 'template', name: 'web-tpl', digest: first.digest });
+    // the memory file is sparse where the template's RAM was zero, and group-read-only
+    const mem = statSync(join(nodeB.SCION_TEMPLATE_DIR, 'web-tpl', 'mem'));
+    expect(mem.size).toBe(512 * 1024 * 1024);
+    expect(mem.blocks * 512).toBeLessThan(mem.size);
+    expect(mem.mode & 0o777).toBe(0o640);
+    const [onA] = await vm.fork('web-tpl', { n: 1 });
+    const forked = await onB(['fork', 'web-tpl', '-n', '3']);
+    expect(forked.code, forked.stderr).toBe(0);
+    const clones: vm.CloneResult[] = forked.out.clones;
+    expect(clones).toHaveLength(3);
+    for (const c of clones) expect(await (await fetch(`http://127.0.0.1:${c.ports['8080']}/`)).text()).toBe(`hello from ${c.hostname}\n`);
+    expect(new Set(clones.map((c) => c.hostname)).size).toBe(3);
+    const vmgenids = [onA.vmgenid, ...clones.map((c) => c.vmgenid)];
+    expect(new Set(vmgenids).size).toBe(4);
+    const machineIds = [onA.machineId, ...clones.map((c) => c.machineId)];
+    expect(new Set(machineIds).size).toBe(4);
+    // node A's own clone still answers as itself
+    expect(await (await fetch(`http://127.0.0.1:${onA.ports['8080']}/`)).text()).toBe(`hello from ${onA.hostname}\n`);
+    expect((await onB(['rm', ...clones.map((c) => c.name)])).code).toBe(0);
+    await vm.removeVm(onA.name);
+  });
+
+  it('a node running another VMM refuses the record with the typed error, before anything is laid out', async () => {
+    const r = await onB(['pull', ref(), '--name', 'other-vmm'], { SCION_VMM: 'system' });
+    expect(r.code).toBe(1);
+    expect(r.out.error.code).toBe('E_TEMPLATE_INCOMPATIBLE');
+    expect(r.out.error.message).toMatch(/it was frozen under the pinned QEMU 10\.0\.\d+ \(sha256:[0-9a-f]{12}…\), this node runs the system QEMU 7\.2\./);
+    expect(existsSync(join(nodeB.SCION_TEMPLATE_DIR, 'other-vmm'))).toBe(false);
+    expect(existsSync(join(nodeB.SCION_RUN_DIR, 'vms', 'other-vmm'))).toBe(false);
+  });
+
+  it('a tampered chunk at the registry is refused and nothing is laid out', async () => {
+    const m = JSON.parse((await (await fetch(`http://${registry.host}/v2/snap/web-tpl/manifests/1`, { headers: { accept: 'application/vnd.oci.image.manifest.v1+json' } })).text()));
+    const chunk = m.layers.find((l: { mediaType: string }) => l.mediaType.endsWith('ram-chunk.v1+gzip'));
+    const hex = chunk.digest.slice(7);
+    const data = join(registry.storage, 'docker/registry/v2/blobs/sha256', hex.slice(0, 2), hex, 'data');
+    const good = readFileSync(data);
+    const bad = Buffer.from(good);
+    bad[bad.length >> 1] ^= 0xff; // same size, one byte changed
+    writeFileSync(data, bad);
+    try {
+      const r = await onB(['pull', ref(), '--name', 'tampered']);
+      expect(r.code).toBe(5);
+      expect(r.out.error.code).toBe('E_DIGEST_MISMATCH');
+      expect(r.out.error.message).toContain(`RAM chunk`);
+      expect(existsSync(join(nodeB.SCION_TEMPLATE_DIR, 'tampered'))).toBe(false);
+      expect(readdirSync(nodeB.SCION_TEMPLATE_DIR).filter((n) => n.startsWith('.pull-'))).toEqual([]);
+      expect(existsSync(join(nodeB.SCION_RUN_DIR, 'vms', 'tampered'))).toBe(false);
+    } finally {
+      writeFileSync(data, good);
+    }
+  });
+});
