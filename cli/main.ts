@@ -6,7 +6,7 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { describeError, exitCodeFor, ScionError } from '../common/errors.ts';
 import { SCION_VERSION } from '../common/version.ts';
-import { config } from '../common/config.ts';
+import { chooseVmm, config } from '../common/config.ts';
 import { installInterruptCleanup } from '../common/interrupt.ts';
 import { COMMANDS, type CommandSpec } from './commands.ts';
 
@@ -88,8 +88,7 @@ export async function main(argv: string[]): Promise<number> {
   if (values.vmm !== undefined) {
     if (values.vmm !== 'pinned' && values.vmm !== 'system')
       throw new ScionError('E_USAGE', `scion ${name}: --vmm ${JSON.stringify(values.vmm)}: use pinned or system`, { hint: `scion ${name} --help` });
-    process.env.SCION_VMM = values.vmm; // read by the library at each call, and by the processes it starts
-    if (values.vmm === 'pinned') delete process.env.SCION_QEMU;
+    chooseVmm(values.vmm); // read by the library at each call, and by the processes it starts
   }
   if (values.help) {
     out(commandHelp(spec).join('\n'));

@@ -118,3 +118,9 @@ export const CONFIG_VARIABLES = [
   'SCION_SHIM_IMAGES',
   'SCION_SHIM_POOL',
 ] as const;
+
+/** Choose the VMM for this process and the processes it starts (the CLI's --vmm): sets SCION_VMM, and pinned drops SCION_QEMU. */
+export function chooseVmm(kind: 'pinned' | 'system', env: Env = process.env): void {
+  env.SCION_VMM = kind;
+  if (kind === 'pinned') delete env.SCION_QEMU;
+}

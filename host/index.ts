@@ -11,7 +11,7 @@ export { loadImage, type ImageArtifacts } from './image.ts';
 export { resolveImage, type ImageSourceOptions, type ImageSourceKind } from './image-source.ts';
 // the VMM
 /** The QEMU this process runs (SCION_VMM: the pinned closure by default, or the host's): command, version, digest, machine type. */
-export { currentVmm, type Vmm } from './qemu/vmm.ts';
+export { currentVmm, type Vmm } from './machine/templates.ts';
 /** Fetch, verify and extract the pinned QEMU closure vmm/qemu.scion.lock names, unless it is there already (`scion vmm fetch`). */
 export { fetchPinnedVmm } from '../builder/vmm.ts';
 // VMs
@@ -42,7 +42,7 @@ export {
   type SnapshotPushResult,
   type SnapshotPullOptions,
   type SnapshotPullResult,
-} from './snapshot.ts';
+} from './machine/snapshot.ts';
 // the front door
 export { serve, type ServeHandle } from './serve/server.ts';
 export { serveOptions, type ServeOptions } from './serve/options.ts';

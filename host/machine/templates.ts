@@ -19,6 +19,8 @@ import { trustedTemplateRoot, templatePaths } from '../store/dirs.ts';
 import { readTemplateMeta, type TemplateMeta } from '../store/records.ts';
 
 export type { TemplateMeta };
+/** The VMM this node runs, which a template's record must name (re-exported for the package's face). */
+export { currentVmm, type Vmm } from '../qemu/vmm.ts';
 
 /** A frozen template, checked: what a fork maps. */
 export interface FrozenTemplate {

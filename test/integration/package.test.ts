@@ -12,7 +12,7 @@ import { cpSync, readFileSync, writeFileSync, readdirSync, existsSync } from 'no
 import { join } from 'node:path';
 import { $ } from 'zx';
 import { ROOT, tmp, cleanupTmp, isolateRunDirs, removeEverything, scionQemuPids } from './helpers.ts';
-import { startRegistry, type TestRegistry } from './registry-helper.ts';
+import { startRegistry, type TestRegistry } from '../support/registry.ts';
 
 const dirs = isolateRunDirs('package');
 const version = (p: string) => JSON.parse(readFileSync(join(ROOT, 'node_modules', p, 'package.json'), 'utf8')).version;

@@ -15,7 +15,7 @@ import { push, pull, pullCached } from '../../registry/transfer.ts';
 import { ARTIFACT_TYPE } from '../../registry/artifact.ts';
 import { LAYER_MEDIA_TYPES as LAYER_TYPES } from '../../common/image-layout.ts';
 import { image, tmp, cleanupTmp, isolateRunDirs, removeEverything, scionQemuPids, ROOT } from './helpers.ts';
-import { startRegistry, type TestRegistry } from './registry-helper.ts';
+import { startRegistry, type TestRegistry } from '../support/registry.ts';
 
 let reg: TestRegistry;
 let dir: string;

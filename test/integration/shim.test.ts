@@ -15,7 +15,7 @@ import { isolateRunDirs, removeEverything, image, scionQemuPids } from './helper
 import { EventPublisher } from '../../shim/events.ts';
 import { TtrpcClient } from '../../shim/ttrpc.ts';
 import { spareKey } from '../../shim/spare.ts';
-import { startRegistry } from './registry-helper.ts';
+import { startRegistry } from '../support/registry.ts';
 import { createHash, randomBytes } from 'node:crypto';
 
 /** ctr with `input` on its stdin (then closed), its stdout and stderr as bytes. */

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import * as vm from '../../host/index.ts';
 import { isolateRunDirs, ROOT, tmp, frozenWebTemplate, removeEverything } from './helpers.ts';
-import { startRegistry, type TestRegistry } from './registry-helper.ts';
+import { startRegistry, type TestRegistry } from '../support/registry.ts';
 
 const dirs = isolateRunDirs('snapa');
 const nodeB = {
@@ -108,7 +108,9 @@ describe('template snapshots in an OCI registry', () => {
   });
 
   it('a tampered chunk at the registry is refused and nothing is laid out', async () => {
-    const m = JSON.parse((await (await fetch(`http://${registry.host}/v2/snap/web-tpl/manifests/1`, { headers: { accept: 'application/vnd.oci.image.manifest.v1+json' } })).text()));
+    const m = JSON.parse(
+      await (await fetch(`http://${registry.host}/v2/snap/web-tpl/manifests/1`, { headers: { accept: 'application/vnd.oci.image.manifest.v1+json' } })).text(),
+    );
     const chunk = m.layers.find((l: { mediaType: string }) => l.mediaType.endsWith('ram-chunk.v1+gzip'));
     const hex = chunk.digest.slice(7);
     const data = join(registry.storage, 'docker/registry/v2/blobs/sha256', hex.slice(0, 2), hex, 'data');

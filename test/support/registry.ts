@@ -4,11 +4,13 @@
  * requests in; optionally with htpasswd (bcrypt) auth.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { $ } from 'zx';
-import { tmp } from './helpers.ts';
+import { tmpdir } from 'node:os';
+
+const tmp = (prefix: string) => mkdtempSync(join(tmpdir(), `scion-${prefix}-`));
 
 export interface TestRegistry {
   host: string;
@@ -59,11 +61,12 @@ export async function startRegistry(opts: { user?: string; password?: string } =
       readFileSync(logFile, 'utf8')
         .split('\n')
         .filter((l) => l.includes(`"http.request.method":"${method}"`) && l.includes(uriPart) && l.includes('"msg":"response completed')).length,
+    // its storage and log go with it
     stop: () =>
       new Promise<void>((res) => {
         if (proc.exitCode !== null) return res();
         proc.once('exit', () => res());
         proc.kill('SIGTERM');
-      }),
+      }).then(() => rmSync(dir, { recursive: true, force: true })),
   };
 }

@@ -14,14 +14,14 @@ import { chmod, chown, mkdir, open, readFile, rename, rm, writeFile } from 'node
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { gunzip, gzip } from 'node:zlib';
-import { ociDigest } from '../common/digest.ts';
-import { VmError } from '../common/errors.ts';
-import { removeOnInterrupt } from '../common/interrupt.ts';
-import { validName, type ValidName } from '../common/names.ts';
-import { SCION_VERSION } from '../common/version.ts';
-import { MANIFEST_MEDIA_TYPE, TITLE } from '../registry/artifact.ts';
-import { RegistryClient, RegistryError, type ClientOptions } from '../registry/client.ts';
-import { formatReference, parseReference } from '../registry/reference.ts';
+import { ociDigest } from '../../common/digest.ts';
+import { VmError } from '../../common/errors.ts';
+import { removeOnInterrupt } from '../../common/interrupt.ts';
+import { validName, type ValidName } from '../../common/names.ts';
+import { SCION_VERSION } from '../../common/version.ts';
+import { MANIFEST_MEDIA_TYPE, TITLE } from '../../registry/artifact.ts';
+import { RegistryClient, RegistryError, type ClientOptions } from '../../registry/client.ts';
+import { formatReference, parseReference } from '../../registry/reference.ts';
 import {
   CHUNK_BYTES,
   MAX_SNAPSHOT_RAM_BYTES,
@@ -33,16 +33,16 @@ import {
   snapshotManifest,
   type RamIndex,
   type SnapshotFile,
-} from '../registry/snapshot-artifact.ts';
-import { claimNamed } from './machine/claim.ts';
-import { compatibilityProblems } from './machine/compat.ts';
-import { removeVm } from './machine/inventory.ts';
-import { newVmRecord } from './machine/plan.ts';
-import { checkTemplate, memMode, templateDir } from './machine/templates.ts';
-import { currentVmm } from './qemu/vmm.ts';
-import { USER_NET } from './qemu/argv.ts';
-import { trustedTemplateRoot, templatePaths } from './store/dirs.ts';
-import { TemplateMetaSchema, TEMPLATE_FORMAT, describeIssues, writeRecord, writeTemplateMeta, type TemplateMeta } from './store/records.ts';
+} from '../../registry/snapshot-artifact.ts';
+import { claimNamed } from './claim.ts';
+import { compatibilityProblems } from './compat.ts';
+import { removeVm } from './inventory.ts';
+import { newVmRecord } from './plan.ts';
+import { checkTemplate, memMode, templateDir } from './templates.ts';
+import { currentVmm } from '../qemu/vmm.ts';
+import { USER_NET } from '../qemu/argv.ts';
+import { trustedTemplateRoot, templatePaths } from '../store/dirs.ts';
+import { TemplateMetaSchema, TEMPLATE_FORMAT, describeIssues, writeRecord, writeTemplateMeta, type TemplateMeta } from '../store/records.ts';
 
 const gzipAsync = promisify(gzip);
 const gunzipAsync = promisify(gunzip);
