@@ -40,7 +40,7 @@ export interface ScionConfig {
   registryStallMs: number;
   /** SCION_DEBUG: print stack traces of unexpected errors */
   debug: boolean;
-  /** SCION_SHIM_TEMPLATE: the template containerd-shim-scion-v2 forks pods from (default pod-tpl) */
+  /** SCION_SHIM_TEMPLATE: the template containerd-shim-scion-v2 forks pods from (default pod-tpl), or a template snapshot's reference the node pulls once */
   shimTemplate: string;
   /** SCION_SHIM_IMAGES: the reference prefixes a pod may name with io.scion.image (comma-separated; none: the annotation is refused) */
   shimImagePrefixes: string[];
@@ -69,6 +69,16 @@ function cpuName(v: string | undefined): string | undefined {
   return v;
 }
 
+/** A template name, or a template snapshot's reference (registry/repository:tag or @sha256:…): the shim pulls that once per node. */
+function templateOrSnapshot(v: string): string {
+  if (!v.includes('/')) return validName(v, 'SCION_SHIM_TEMPLATE');
+  if (!/^[a-z0-9][\w.-]*(:\d{1,5})?\/[a-z0-9][\w./-]{0,250}(:[\w][\w.-]{0,127}|@sha256:[0-9a-f]{64})$/.test(v))
+    throw new ConfigError('E_CONFIG', `SCION_SHIM_TEMPLATE=${JSON.stringify(v)}: name a template, or a template snapshot as registry/repository:tag`, {
+      hint: 'unset it for pod-tpl',
+    });
+  return v;
+}
+
 /** The configuration as the environment says now. Pure over `env`. */
 export function config(env: Env = process.env): ScionConfig {
   const uid = process.getuid?.() ?? 0;
@@ -93,7 +103,7 @@ export function config(env: Env = process.env): ScionConfig {
     sourceDateEpoch: integer(env, 'SOURCE_DATE_EPOCH', 0, 2 ** 40) ?? 0,
     registryStallMs: (integer(env, 'SCION_REGISTRY_STALL_S', 1, 3600) ?? 30) * 1000,
     debug: !!env.SCION_DEBUG,
-    shimTemplate: env.SCION_SHIM_TEMPLATE ? validName(env.SCION_SHIM_TEMPLATE, 'SCION_SHIM_TEMPLATE') : 'pod-tpl',
+    shimTemplate: env.SCION_SHIM_TEMPLATE ? templateOrSnapshot(env.SCION_SHIM_TEMPLATE) : 'pod-tpl',
     shimImagePrefixes: (env.SCION_SHIM_IMAGES ?? '')
       .split(',')
       .map((p) => p.trim())

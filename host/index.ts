@@ -33,11 +33,13 @@ export type { AgentCommands, AgentCommand, ArgsOf, ResultOf, AgentEvents, AgentE
 // images in registries
 export { push, pull, type PushOptions, type PushResult, type PullOptions, type PullResult } from '../registry/transfer.ts';
 export { parseReference, type Reference } from '../registry/reference.ts';
-/** Frozen templates as snapshot artifacts: push one (chunked, deduplicated RAM), pull one as a local frozen template, tell a snapshot reference from an image's. */
+/** Frozen templates as snapshot artifacts: push one (chunked, deduplicated RAM), pull one as a local frozen template (or once per node and digest: ensureSnapshotTemplate), tell a snapshot reference from an image's. */
 export {
   pushTemplate,
   pullTemplate,
   isSnapshotReference,
+  ensureSnapshotTemplate,
+  type SnapshotTemplate,
   type SnapshotPushOptions,
   type SnapshotPushResult,
   type SnapshotPullOptions,

@@ -75,7 +75,10 @@ export class PodVm {
    */
   private async templateFor(annotations: Record<string, string>): Promise<string> {
     const ref = annotations[IMAGE_ANNOTATION];
-    if (!ref) return annotations[TEMPLATE_ANNOTATION] ?? this.o.template;
+    if (!ref) {
+      const named = annotations[TEMPLATE_ANNOTATION] ?? this.o.template;
+      return named.includes('/') ? this.snapshotTemplate(named) : named;
+    }
     if (annotations[TEMPLATE_ANNOTATION])
       throw new TtrpcError(Code.INVALID_ARGUMENT, `the annotations ${IMAGE_ANNOTATION} and ${TEMPLATE_ANNOTATION} name a pod's template two ways: keep one`);
     const allowed = config().shimImagePrefixes;
@@ -99,6 +102,25 @@ export class PodVm {
         Code.FAILED_PRECONDITION,
         `cannot make a template of ${ref} (annotation ${IMAGE_ANNOTATION}): ${err.message}${err.hint ? ` (${err.hint})` : ''}`,
       );
+    }
+  }
+
+  /** The template a snapshot reference stands for on this node: pulled at the first pod (once per node and digest), under SCION_SHIM_IMAGES. */
+  private async snapshotTemplate(ref: string): Promise<string> {
+    const allowed = config().shimImagePrefixes;
+    if (!imageAllowed(ref, allowed))
+      throw new TtrpcError(
+        Code.PERMISSION_DENIED,
+        `template snapshot ${ref} is not under a reference this node allows (SCION_SHIM_IMAGES: ${allowed.length ? allowed.join(', ') : 'unset, so none'})`,
+      );
+    const { ensureSnapshotTemplate } = await import('../host/index.ts');
+    try {
+      const t = await ensureSnapshotTemplate(ref, { log: (m) => this.o.log(`template snapshot ${ref}: ${m}`) });
+      if (t.pulled) this.o.log(`pulled template snapshot ${ref} as ${t.name}`);
+      return t.name;
+    } catch (e) {
+      const err = e as Error & { hint?: string };
+      throw new TtrpcError(Code.FAILED_PRECONDITION, `cannot pull template snapshot ${ref}: ${err.message}${err.hint ? ` (${err.hint})` : ''}`);
     }
   }
 

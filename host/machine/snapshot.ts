@@ -348,3 +348,45 @@ export async function isSnapshotReference(refText: string, o: ClientOptions = {}
     return false;
   }
 }
+
+/** What `ensureSnapshotTemplate` gives: the local template's name and whether this call pulled it. */
+export interface SnapshotTemplate {
+  name: ValidName;
+  digest: string;
+  pulled: boolean;
+}
+
+/**
+ * The frozen template a snapshot reference stands for on this node, pulled
+ * the first time: named after the manifest digest (snap-<12 hex>), so a tag
+ * moved to another snapshot is another template, and every caller (shims of
+ * pods starting at once) agrees on the name. While another process pulls it,
+ * this waits for that pull (and pulls itself if that one failed).
+ */
+export async function ensureSnapshotTemplate(refText: string, o: SnapshotPullOptions & { waitMs?: number } = {}): Promise<SnapshotTemplate> {
+  const ref = parseReference(refText);
+  const client = new RegistryClient(ref, o);
+  const { bytes } = await client.getManifest(ref.digest ?? ref.tag!, MANIFEST_MEDIA_TYPE);
+  const digest = ociDigest(bytes);
+  if (ref.digest && ref.digest !== digest) throw new RegistryError('E_DIGEST_MISMATCH', `${refText}: the manifest the registry sent hashes to ${digest}`);
+  const name = validName(`snap-${digest.slice(7, 19)}`, 'template');
+  const pinned = formatReference({ ...ref, tag: undefined, digest });
+  const deadline = Date.now() + (o.waitMs ?? 300_000);
+  for (;;) {
+    if (
+      await checkTemplate(name).then(
+        () => true,
+        () => false,
+      )
+    )
+      return { name, digest, pulled: false };
+    try {
+      await pullTemplate(pinned, { ...o, name });
+      return { name, digest, pulled: true };
+    } catch (e) {
+      if ((e as VmError).code !== 'E_VM_EXISTS' || Date.now() > deadline) throw e;
+      o.log?.(`${name}: another process is pulling it; waiting`);
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  }
+}

@@ -98,6 +98,18 @@ describe('template snapshots in an OCI registry', () => {
     await vm.removeVm(onA.name);
   });
 
+  it('a snapshot reference stands for one template per node: pods starting at once pull it once, named by its digest (what the shim does for SCION_SHIM_TEMPLATE)', async () => {
+    const [x, y, z] = await Promise.all([vm.ensureSnapshotTemplate(ref()), vm.ensureSnapshotTemplate(ref()), vm.ensureSnapshotTemplate(ref())]);
+    expect(x.name).toBe(`snap-${first.digest.slice(7, 19)}`);
+    expect([y.name, z.name]).toEqual([x.name, x.name]);
+    expect([x, y, z].filter((t) => t.pulled)).toHaveLength(1);
+    expect((await vm.ensureSnapshotTemplate(ref())).pulled).toBe(false);
+    const [c] = await vm.fork(x.name, { n: 1 });
+    expect(await (await fetch(`http://127.0.0.1:${c.ports['8080']}/`)).text()).toBe(`hello from ${c.hostname}\n`);
+    await vm.removeVm(c.name);
+    await vm.removeVm(x.name);
+  });
+
   it('a node running another VMM refuses the record with the typed error, before anything is laid out', async () => {
     const r = await onB(['pull', ref(), '--name', 'other-vmm'], { SCION_VMM: 'system' });
     expect(r.code).toBe(1);
