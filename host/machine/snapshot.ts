@@ -48,6 +48,8 @@ const gzipAsync = promisify(gzip);
 const gunzipAsync = promisify(gunzip);
 /** zlib level 1: RAM pages compress well at once; higher levels cost push time for little. Fixed: the level decides the chunk digests. */
 const GZIP = { level: 1 } as const;
+/** RAM chunks fetched at once by a pull. */
+const PULL_CONCURRENCY = 8;
 
 /** What a template push takes: the registry client's options and a progress log. */
 export interface SnapshotPushOptions extends ClientOptions {
@@ -319,16 +321,22 @@ async function layOut(
   const fh = await open(t.mem, 'wx', 0o600);
   try {
     await fh.truncate(memBytes); // sparse: chunks left out are zero
-    for (const c of index.chunks) {
-      const want = Math.min(CHUNK_BYTES, memBytes - c.n * CHUNK_BYTES);
-      const gz = await fetchBlob(client, c.digest, c.size, `${refText} RAM chunk ${c.n}`);
-      bytes += gz.length;
-      const raw = await gunzipAsync(gz, { maxOutputLength: want }).catch((e) => {
-        throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: RAM chunk ${c.n} does not decompress to ${want} bytes: ${(e as Error).message}`);
-      });
-      if (raw.length !== want) throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: RAM chunk ${c.n} is ${raw.length} bytes, not ${want}`);
-      await fh.write(raw, 0, raw.length, c.n * CHUNK_BYTES);
-    }
+    // a few chunks in flight: fetching one overlaps decompressing (zlib's thread pool) and writing others
+    let next = 0;
+    const worker = async () => {
+      while (next < index.chunks.length) {
+        const c = index.chunks[next++];
+        const want = Math.min(CHUNK_BYTES, memBytes - c.n * CHUNK_BYTES);
+        const gz = await fetchBlob(client, c.digest, c.size, `${refText} RAM chunk ${c.n}`);
+        bytes += gz.length;
+        const raw = await gunzipAsync(gz, { maxOutputLength: want }).catch((e) => {
+          throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: RAM chunk ${c.n} does not decompress to ${want} bytes: ${(e as Error).message}`);
+        });
+        if (raw.length !== want) throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: RAM chunk ${c.n} is ${raw.length} bytes, not ${want}`);
+        await fh.write(raw, 0, raw.length, c.n * CHUNK_BYTES);
+      }
+    };
+    await Promise.all(Array.from({ length: PULL_CONCURRENCY }, worker));
   } finally {
     await fh.close();
   }
