@@ -237,10 +237,12 @@ export async function pullTemplate(refText: string, o: SnapshotPullOptions = {})
   const ref = parseReference(refText);
   const client = new RegistryClient(ref, o);
   const { digest, m, recordText } = await fetchSnapshot(client, refText);
-  const pushedName = (JSON.parse(recordText) as { name?: string }).name;
-  const name = validName(o.name ?? pushedName ?? '', 'template');
+  // the record checked whole first (under a placeholder name), then named
+  const pushed = localRecord(refText, recordText, validName('snapshot'), undefined);
+  const pushedName = (JSON.parse(recordText) as { name: string }).name;
+  const name = validName(o.name ?? pushedName, 'template');
   // refuse before a byte of RAM moves: the record must restore under this node's VMM
-  const probe = localRecord(refText, recordText, name, undefined);
+  const probe = { ...pushed, name };
   const problems = compatibilityProblems(probe, await currentVmm(), true);
   if (problems.length)
     throw new VmError('E_TEMPLATE_INCOMPATIBLE', `${refText}: template ${pushedName} cannot be restored here: ${problems.join('; ')}`, {
