@@ -28,6 +28,7 @@ import { buildProgress, table } from './format.ts';
 
 import { IMAGE_COMMANDS } from './image-commands.ts';
 import { VMM_COMMANDS } from './vmm-commands.ts';
+import { HIBERNATE_COMMANDS } from './hibernate-commands.ts';
 import { NET_OPTIONS, INSECURE, count, need, netFrom, str, tbSize, withAgent, type CommandSpec } from './options.ts';
 export { netFrom, count, type CommandSpec, type Context, type OptionSpec, type OptionValues } from './options.ts';
 
@@ -133,6 +134,7 @@ export const COMMANDS: CommandSpec[] = [
       return EXIT.ok;
     },
   },
+  ...HIBERNATE_COMMANDS,
   {
     name: 'fork',
     args: '<template>',

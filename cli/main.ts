@@ -50,6 +50,7 @@ Environment (read when a command runs; a malformed value is refused by name):
   SCION_VMM           pinned (default: the QEMU closure vmm/qemu.scion.lock names; scion vmm fetch) or system
   SCION_VMM_DIR       where the pinned closure lives (default /var/lib/scion/vmm for root, made 0755)
   SCION_QEMU          the host's QEMU binary (implies SCION_VMM=system; default qemu-system-x86_64)
+  SCION_STATE_DIR     hibernated clones' saved state (default /var/lib/scion/state for root)
   SCION_CPU           the CPU model VMs boot with (default max under TCG, Westmere-v2 under KVM; never host unless asked)
   SCION_ACCEL         kvm or tcg (default: KVM if it really boots the guest, probed once)
   SCION_TB_SIZE_MB    TCG translation buffer per clone, MiB (default 32)

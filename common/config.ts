@@ -26,6 +26,8 @@ export interface ScionConfig {
   vmmDir: string;
   /** SCION_CPU: the CPU model VMs boot with (default: max under TCG, a named baseline under KVM; see host/qemu/vmm-plan.ts) */
   cpu?: string;
+  /** SCION_STATE_DIR: what scion keeps on disk, e.g. hibernated clones (default /var/lib/scion/state for root, else <cacheDir>/state) */
+  stateDir: string;
   /** SCION_QEMU: the host's QEMU binary, when the VMM is the system's (default qemu-system-x86_64) */
   qemu: string;
   /** SCION_ACCEL: force kvm or tcg (default: probe) */
@@ -94,6 +96,7 @@ export function config(env: Env = process.env): ScionConfig {
     templateDir: env.SCION_TEMPLATE_DIR || join('/dev/shm', `scion-${uid}`, 'templates'),
     uidBase: integer(env, 'SCION_UID_BASE', 1000, 4_000_000_000) ?? 1_500_000_000,
     vmm,
+    stateDir: env.SCION_STATE_DIR || (uid === 0 ? '/var/lib/scion/state' : join(cacheDir, 'state')),
     vmmDir: env.SCION_VMM_DIR || (uid === 0 ? '/var/lib/scion/vmm' : join(cacheDir, 'vmm')),
     qemu: env.SCION_QEMU || 'qemu-system-x86_64',
     cpu: cpuName(env.SCION_CPU),

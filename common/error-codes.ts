@@ -94,6 +94,9 @@ export const OTHER_CODES = [
   'E_VMM_MISSING',
   'E_VMM_LOCK',
   'E_NOT_SCION_SNAPSHOT',
+  'E_RAM_DIFF',
+  'E_HIBERNATED',
+  'E_NOT_HIBERNATED',
   // sessions (QMP, agent)
   'E_AGENT',
   'E_AGENT_TIMEOUT',

@@ -67,3 +67,16 @@ export async function clockRightAtReady(agent: AgentClient, guestMs: number, rec
   if (Math.abs(off.offsetMs) > off.errorMs + 5) await agent.call('clock.step', { deltaMs: -off.offsetMs, calibrate: false }, 30_000);
   return Math.round(performance.now() - t0);
 }
+
+/**
+ * A resumed VM's clock (it stood still while the VM slept): the offset
+ * measured over a few round trips and stepped away without recalibrating
+ * against the RTC (the keeper does that on its next tick). Returns the
+ * offset found and the one left.
+ */
+export async function stepClockToHost(agent: AgentClient): Promise<{ offsetMs: number; afterMs: number }> {
+  const off = await measureOffset(agent, 3);
+  if (Math.abs(off.offsetMs) > off.errorMs + 5) await agent.call('clock.step', { deltaMs: -off.offsetMs, calibrate: false }, 30_000);
+  const after = await measureOffset(agent, 3);
+  return { offsetMs: off.offsetMs, afterMs: after.offsetMs };
+}

@@ -11,13 +11,13 @@ import { validName, type ValidName } from '../../common/names.ts';
 import { QmpClient } from '../qemu/qmp.ts';
 import { isQemuIn, processAlive, killPid, waitDead, qemuPidsUnder } from '../qemu/process.ts';
 import { deleteTap, netnsOf } from './net.ts';
-import { vmPaths, vmsDir, trustedTemplateRoot } from '../store/dirs.ts';
+import { vmPaths, vmsDir, trustedTemplateRoot, hibernationDir } from '../store/dirs.ts';
 import { readRecord, type VmRecord } from '../store/records.ts';
 import { listRunDirs, listSlots, release, abandonedTempDirs } from '../store/slots.ts';
 import { POOL_OWNER, dropEntries, listPools, poolHolds, sweepPool } from '../store/pool.ts';
 
 /** A VM's state as its run directory and processes tell it. */
-export type VmState = 'running' | 'starting' | 'frozen' | 'dead' | 'incomplete' | 'invalid';
+export type VmState = 'running' | 'starting' | 'frozen' | 'hibernated' | 'dead' | 'incomplete' | 'invalid';
 /** One VM as `list` sees it: role, state, QEMU pid, identity, ports, owner, what makes it if it is being made. */
 export interface VmListing {
   name: string;
@@ -42,7 +42,7 @@ export interface VmListing {
 function stateOf(r: VmRecord, alive: boolean): VmState {
   if (r.making && !processAlive(r.making.ownerPid)) return 'incomplete';
   if (alive) return r.making ? 'starting' : 'running';
-  return r.frozen ? 'frozen' : 'dead';
+  return r.frozen ? 'frozen' : r.hibernated ? 'hibernated' : 'dead';
 }
 
 /** Every VM scion knows, rebuilt from the run directories alone (what `scion ls --json` prints). */
@@ -163,6 +163,8 @@ export async function removeVm(vm: string, opts: { force?: boolean } = {}): Prom
   if (r?.role === 'template' || untrusted) await rm(join(trustedTemplateRoot(), name), { recursive: true, force: true });
   // a pooled VM leaves its pool (nobody claims a VM that is gone)
   if (r?.owner?.kind === POOL_OWNER && r.template) await dropEntries(r.template, name);
+  // a hibernated clone's saved state, found by name under the checked state root
+  if (r?.hibernated || untrusted) await rm(hibernationDir(name), { recursive: true, force: true });
   for (const s of r?.slots ?? []) await release(s);
   await rm(p.dir, { recursive: true, force: true });
 }
@@ -200,7 +202,7 @@ export async function gc(): Promise<{ removed: string[]; killed: number[]; relea
         () => false,
       ));
     const ownerGone = !!r?.owner && ((!processAlive(r.owner.pid) && !(pooled && (await poolHolds(r.template!, n, processAlive)))) || templateGone);
-    if (r && !r.making && !ownerGone && (alive || r.frozen)) continue;
+    if (r && !r.making && !ownerGone && (alive || r.frozen || r.hibernated)) continue;
     if (!r && !invalid) {
       // no record yet: only the maker can be writing it (run directories appear complete, by rename)
       continue;

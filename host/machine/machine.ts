@@ -38,6 +38,7 @@ import type { BootOptions, CloneOptions, MachineInfo, PoolClaimOptions, PoolFill
 import type { Building, Plan } from './plan.ts';
 import { bootPlan } from './boot-plan.ts';
 import { forkPlan } from './fork-plan.ts';
+import { hibernateClone, resumeHibernated, type HibernateResult } from './hibernate.ts';
 import { fillPool, claimPooled } from './node-pool.ts';
 import { attachDisk, detachDisk } from './hotplug.ts';
 import { freezeTemplate, freezeCloneAsTemplate } from './freeze.ts';
@@ -360,6 +361,16 @@ export class Machine {
    */
   freeze(img: ImageArtifacts, log?: (m: string) => void): Promise<TemplateMeta> {
     return freezeTemplate(this, img, log);
+  }
+
+  /** Hibernate this running clone: its state (the RAM that differs from its template) saved on disk, its QEMU ended (hibernate.ts). */
+  hibernate(log?: (m: string) => void): Promise<HibernateResult> {
+    return hibernateClone(this, log);
+  }
+
+  /** Bring the hibernated clone `name` back: restored over its template's memory, its agent reached, its clock corrected (hibernate.ts). */
+  static resumeHibernated(name: string, log?: (m: string) => void): Promise<Machine> {
+    return resumeHibernated(name, log);
   }
 
   /** Freeze this running clone as a new template `newName`, a fork of a fork (freeze.ts). */

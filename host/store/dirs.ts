@@ -78,3 +78,8 @@ export const templatePaths = (tdir: string) => ({
   kernel: join(tdir, 'kernel-stub'),
   disk: join(tdir, 'disk.qcow2'),
 });
+
+/** Where a hibernated clone's saved state lives: on disk (not the tmpfs of run directories), root's own, 0700. */
+export function hibernationDir(name: ValidName): string {
+  return join(ensureTrustedDir(join(config().stateDir, 'hibernated'), { what: 'hibernation directory', env: 'SCION_STATE_DIR' }), name);
+}

@@ -134,6 +134,11 @@ export const VmRecordSchema = z
     /** reservation files this VM holds (slots/<kind>-<n>), released when it is removed */
     slots: z.array(z.string().regex(/^[a-z]+-\d+$/)),
     frozen: z.boolean().optional(),
+    /** a hibernated clone: its QEMU gone, its state saved under the state root (hibernate.ts) */
+    hibernated: z
+      .object({ at: z.string(), stateBytes: z.number().int().min(0), pages: z.number().int().min(0) })
+      .strict()
+      .optional(),
     /** set while a scion process is still making this VM; cleared when it is ready */
     making: z.object({ ownerPid: pid, phase: z.string() }).strict().optional(),
     /** a long-running scion process that owns this VM (the front door) */

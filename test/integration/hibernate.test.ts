@@ -1,0 +1,81 @@
+/**
+ * Hibernate and resume: a running clone's state goes to disk (only the RAM
+ * that differs from its template), its QEMU ends; resume brings the same
+ * machine back, its processes and files as they were, its clock corrected.
+ */
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { existsSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import * as vm from '../../host/index.ts';
+import { measureOffset } from '../../host/machine/clock.ts';
+import { guestSh } from '../support/guest.ts';
+import { isolateRunDirs, tmp, frozenWebTemplate, removeEverything, scionQemuPids } from './helpers.ts';
+
+const dirs = isolateRunDirs('hib');
+process.env.SCION_STATE_DIR = tmp('state-hib');
+
+beforeAll(async () => {
+  await frozenWebTemplate('web-tpl');
+}, 300_000);
+
+afterAll(async () => {
+  await removeEverything(dirs);
+  delete process.env.SCION_STATE_DIR;
+});
+
+describe('a hibernated clone', () => {
+  it('is saved to disk with only the RAM that differs from its template, and comes back the same machine: its processes, files and identity, its clock corrected', async () => {
+    const [c] = await vm.fork('web-tpl', { n: 1 });
+    // a counting process and a file in the guest's tmpfs
+    const pid = (
+      await guestSh(
+        c.name,
+        'mkdir -p /tmp/h; echo kept-$RANDOM > /tmp/h/mark; (i=0; while :; do i=$((i+1)); echo $i > /tmp/h/count; sleep 0.1; done) >/dev/null 2>&1 & echo $!',
+      )
+    ).trim();
+    const mark = await guestSh(c.name, 'cat /tmp/h/mark');
+    await new Promise((r) => setTimeout(r, 500));
+    const before = Number(await guestSh(c.name, 'cat /tmp/h/count'));
+    expect(before).toBeGreaterThan(0);
+    const a0 = await vm.connectAgent(c.name);
+    const info = await a0.call('info');
+    a0.close(); // the agent's port takes one host connection at a time
+
+    const m = await vm.Machine.open(c.name);
+    const h = await m.hibernate();
+    expect(h.stateBytes).toBeLessThanOrEqual(16 * 1024 * 1024); // an idle web clone: its own pages, not the template's
+    expect(statSync(join(process.env.SCION_STATE_DIR!, 'hibernated', c.name, 'state')).size).toBe(h.stateBytes);
+    expect((await vm.list()).find((v) => v.name === c.name)?.state).toBe('hibernated');
+    expect((await scionQemuPids()).filter((q) => q.runDir.endsWith(`/${c.name}`))).toEqual([]); // its QEMU is gone
+    expect((await vm.gc()).removed).not.toContain(c.name); // gc keeps it
+
+    await new Promise((r) => setTimeout(r, 2000)); // it sleeps; the host's clock goes on
+    const back = await vm.Machine.resumeHibernated(c.name);
+    const agent = await back.agent();
+    const after = await agent.call('info');
+    expect(after.identity).toEqual(info.identity);
+    expect(after.generation).toBe(info.generation);
+    // the clock within 100 ms of the host's (the round trip's half as the error bar)
+    const off = await measureOffset(agent, 5);
+    expect(Math.abs(off.offsetMs)).toBeLessThanOrEqual(100 + off.errorMs);
+    back.close();
+    // the same process goes on counting from where it was; the file is there
+    expect(await guestSh(c.name, `kill -0 ${pid} && echo alive`)).toContain('alive');
+    await new Promise((r) => setTimeout(r, 500));
+    expect(Number(await guestSh(c.name, 'cat /tmp/h/count'))).toBeGreaterThan(before);
+    expect(await guestSh(c.name, 'cat /tmp/h/mark')).toBe(mark);
+    expect(await (await fetch(`http://127.0.0.1:${c.ports['8080']}/`)).text()).toBe(`hello from ${c.hostname}\n`);
+    expect(existsSync(join(process.env.SCION_STATE_DIR!, 'hibernated', c.name))).toBe(false); // its saved state is gone once it runs
+    await vm.removeVm(c.name);
+  });
+
+  it('refuses what it cannot do, with the VM named: a template, a clone that is not hibernated', async () => {
+    await expect((await vm.Machine.open('web-tpl')).hibernate()).rejects.toMatchObject({
+      code: 'E_NO_VM',
+      message: expect.stringContaining('web-tpl is not a clone'),
+    });
+    const [c] = await vm.fork('web-tpl', { n: 1 });
+    await expect(vm.Machine.resumeHibernated(c.name)).rejects.toMatchObject({ code: 'E_NOT_HIBERNATED', message: `${c.name} is not hibernated` });
+    await vm.removeVm(c.name);
+  });
+});
