@@ -6,8 +6,10 @@
  *   (a) image:    pull the image from the registry, boot, freeze, fork (today's DaemonSet path)
  *   (b) snapshot: pull the template snapshot, fork
  *   (c) build:    build the image from Debian packages (empty cache), boot, freeze, fork
- * and what the snapshot costs on the wire: the artifact against guest RAM,
- * a second push of the same template against the first.
+ * what the snapshot costs on the wire: the artifact against guest RAM,
+ * a second push of the same template against the first; and a hibernated
+ * idle web clone: its size on disk, resume to HTTP against fork to HTTP
+ * (interleaved on one node).
  * The registry is Debian's docker-registry on loopback (test/support).
  * Writes bench/results/snapshot-latest.json.
  */
@@ -59,6 +61,43 @@ async function firstAnswer(template: string, t0: number): Promise<number> {
 
 // the accelerator is known here (TCG): a fresh node's one-off KVM probe would only add to (a) and (c)
 process.env.SCION_ACCEL ??= 'tcg';
+/** On one node: fork to HTTP, and a hibernated idle clone's bytes on disk and resume to HTTP, `n` of each interleaved. */
+async function hibernateFigures(n: number) {
+  const done = freshNode('hib');
+  const out = mkdtempSync(join(tmpdir(), 'scion-bench-hib-'));
+  process.env.SCION_STATE_DIR = mkdtempSync(join(tmpdir(), 'scion-bench-state-'));
+  try {
+    const img = await vm.loadImage((await vm.build({ definitionPath: join(ROOT, 'images/web.yaml'), outDir: out })).dir);
+    await vm.freeze(await vm.bootTemplate(img, { name: 'web-tpl' }), img);
+    const fork: number[] = [];
+    const resume: number[] = [];
+    const bytes: number[] = [];
+    for (let i = 0; i < n; i++) {
+      fork.push(await firstAnswer('web-tpl', performance.now()));
+      const [c] = await vm.fork('web-tpl', { n: 1 });
+      await new Promise((r) => setTimeout(r, 3000)); // idle
+      const h = await (await vm.Machine.open(c.name)).hibernate();
+      bytes.push(h.stateBytes);
+      const t0 = performance.now();
+      (await vm.Machine.resumeHibernated(c.name)).close();
+      while (
+        !(await fetch(`http://127.0.0.1:${c.ports['8080']}/`).then(
+          (r) => r.ok,
+          () => false,
+        ))
+      )
+        await new Promise((r) => setTimeout(r, 20));
+      resume.push(performance.now() - t0);
+    }
+    return { stateBytes: summarise(bytes), resumeToHttpMs: summarise(resume), forkToHttpMs: summarise(fork) };
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+    await done();
+    rmSync(process.env.SCION_STATE_DIR!, { recursive: true, force: true });
+    delete process.env.SCION_STATE_DIR;
+  }
+}
+
 const registry = await startRegistry();
 const imageRef = `${registry.host}/bench/web:1`;
 const snapRef = `${registry.host}/bench/web-tpl:1`;
@@ -112,6 +151,8 @@ try {
       }
     }
   }
+  results.hibernate = await hibernateFigures(runs);
+  log(`hibernate: ${JSON.stringify(results.hibernate)}`);
   results.firstHttpMs = { image: summarise(t.image), snapshot: summarise(t.snapshot), build: summarise(t.build) };
   results.snapshotSpeedup = summarise(t.image).p50 / summarise(t.snapshot).p50;
   log(`first HTTP: ${JSON.stringify(results.firstHttpMs)}; (a)/(b) = ${(results.snapshotSpeedup as number).toFixed(1)}x`);
