@@ -122,7 +122,7 @@ export class Fleet {
       this.take(shared, exclusive);
       return Promise.resolve(shared);
     }
-    const pooled = this.claimPooled(exclusive);
+    const pooled = this.takeParked(exclusive);
     if (pooled) return pooled;
     if (this.waiting.length >= this.o.queue)
       return Promise.reject(new QueueFullError('E_QUEUE_FULL', `${this.waiting.length} requests are already waiting for a clone (--queue ${this.o.queue})`));
@@ -160,8 +160,8 @@ export class Fleet {
     m.state = 'busy';
   }
 
-  /** A pooled clone, resumed (QMP cont) with its clock set and taken for one request; undefined if the pool is empty. */
-  private claimPooled(exclusive: boolean): Promise<Member> | undefined {
+  /** One of the front door's parked (paused, pre-forked) clones, resumed (QMP cont) with its clock set and taken for one request; undefined if none is parked. (The node-wide pool of the shim is Machine.claimPooled.) */
+  private takeParked(exclusive: boolean): Promise<Member> | undefined {
     const m = [...this.members.values()].find((x) => x.state === 'pooled');
     if (!m) return undefined;
     m.state = 'busy'; // not pooled any more: nobody else claims it
@@ -222,7 +222,7 @@ export class Fleet {
         w.resolve(fresh);
         continue;
       }
-      const pooled = this.claimPooled(w.exclusive);
+      const pooled = this.takeParked(w.exclusive);
       if (!pooled) break;
       this.waiting.shift();
       clearTimeout(w.timer);
