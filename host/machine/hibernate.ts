@@ -22,6 +22,7 @@ import { constructMachine, credOf, internalsOf, type Machine } from './machine.t
 import { deleteTap, netnsOf } from './net.ts';
 import { diffAgainstTemplate, RamDiffError, PAGE_BYTES } from './ram-diff.ts';
 import { checkTemplate } from './templates.ts';
+import { assertNotBusy } from './inventory.ts';
 
 /** What a hibernation wrote: the state's size, the RAM pages that differ from the template (all pages when the stream could not be cut), how long it took. */
 export interface HibernateResult {
@@ -42,31 +43,48 @@ export async function hibernateClone(m: Machine, log?: (msg: string) => void): P
       `${m.name}: hibernating a clone with ${r.desc.disk ? 'a disk' : r.netMode.mode === 'pod' ? "a pod's network" : 'its RAM in the stream'} is not supported yet`,
     );
   b.assertRunning('hibernate');
+  const onDisk = await readRecord(m.name);
+  assertNotBusy(onDisk, m.name, 'hibernate');
+  if (onDisk?.owner)
+    throw new VmError('E_VM_BUSY', `cannot hibernate ${m.name}: it belongs to ${onDisk.owner.kind} process ${onDisk.owner.pid}`, {
+      hint: 'a clone of the front door or of the node pool comes and goes with its owner',
+    });
   const tpl = await checkTemplate(r.template);
   const t0 = performance.now();
   const dir = hibernationDir(m.name);
-  await rm(dir, { recursive: true, force: true });
-  await mkdir(dir, { mode: 0o700 });
+  // one hibernation at a time: its directory is made exclusively, never taken over
+  await mkdir(dir, { mode: 0o700 }).catch((e) => {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    throw new VmError('E_VM_BUSY', `cannot hibernate ${m.name}: ${dir} exists (a hibernation under way, or one cut short)`, {
+      hint: 'wait for it; if no scion process is at it, scion gc removes it',
+    });
+  });
+  r.making = { ownerPid: process.pid, phase: 'hibernate' };
+  await writeRecord(r);
   const qmp = await m.qmp();
   const full = join(dir, 'full');
+  let cut: { data: Buffer; pages: number };
   try {
     await qmp.execute('stop');
     await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: false }] });
     await migrateToFile(qmp, m.name, vmPaths(m.name, vmsDir()).jail, credOf(r), full);
+    cut = await cutToTemplate(full, tpl.files.mem, log);
+    await writeFile(`${join(dir, 'state')}.tmp`, cut.data, { mode: 0o600 });
+    await rename(`${join(dir, 'state')}.tmp`, join(dir, 'state'));
+    await rm(full, { force: true });
   } catch (e) {
     await qmp.execute('cont').catch(() => undefined); // it runs on as it was
     await rm(dir, { recursive: true, force: true });
+    r.making = undefined;
+    await writeRecord(r);
     throw e;
   }
-  const cut = await cutToTemplate(full, tpl.files.mem, log);
-  await writeFile(`${join(dir, 'state')}.tmp`, cut.data, { mode: 0o600 });
-  await rename(`${join(dir, 'state')}.tmp`, join(dir, 'state'));
-  await rm(full, { force: true });
   await qmp.execute('quit').catch(() => undefined); // QEMU may close the monitor before answering
   m.close();
   await waitDead(r.pid);
   if (r.desc.net.mode === 'bridge') await deleteTap(r.desc.net.tap, netnsOf(r.netMode));
   r.pid = undefined;
+  r.making = undefined;
   r.hibernated = { at: new Date().toISOString(), stateBytes: cut.data.length, pages: cut.pages };
   await writeRecord(r);
   const ms = Math.round(performance.now() - t0);

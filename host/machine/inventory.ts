@@ -8,6 +8,7 @@ import { rm, readdir, lstat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { VmError, type ScionError } from '../../common/errors.ts';
 import { validName, type ValidName } from '../../common/names.ts';
+import { config } from '../../common/config.ts';
 import { QmpClient } from '../qemu/qmp.ts';
 import { isQemuIn, processAlive, killPid, waitDead, qemuPidsUnder } from '../qemu/process.ts';
 import { deleteTap, netnsOf } from './net.ts';
@@ -251,5 +252,24 @@ export async function gc(): Promise<{ removed: string[]; killed: number[]; relea
       removed.push(`template:${t}`);
     }
   }
+  // saved states nobody will resume: no hibernated VM of that name, no live hibernation making it
+  for (const n of await hibernatedNames()) {
+    const r = await readRecord(n).catch(() => undefined);
+    if (r?.hibernated || (r?.making && processAlive(r.making.ownerPid))) continue;
+    await rm(hibernationDir(n), { recursive: true, force: true });
+    removed.push(`${n} (saved state)`);
+  }
   return { removed, killed, released };
+}
+
+/** Names under the hibernation root that follow the name rule (anything else there is not scion's to touch). */
+async function hibernatedNames(): Promise<ValidName[]> {
+  const names = await readdir(join(config().stateDir, 'hibernated')).catch(() => [] as string[]);
+  return names.flatMap((n) => {
+    try {
+      return [validName(n)];
+    } catch {
+      return [];
+    }
+  });
 }

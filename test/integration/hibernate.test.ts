@@ -4,7 +4,7 @@
  * machine back, its processes and files as they were, its clock corrected.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import * as vm from '../../host/index.ts';
 import { measureOffset } from '../../host/machine/clock.ts';
@@ -76,6 +76,15 @@ describe('a hibernated clone', () => {
     });
     const [c] = await vm.fork('web-tpl', { n: 1 });
     await expect(vm.Machine.resumeHibernated(c.name)).rejects.toMatchObject({ code: 'E_NOT_HIBERNATED', message: `${c.name} is not hibernated` });
+    // a hibernation cut short (its directory left, its maker gone): refused, never taken over; gc clears it
+    const left = join(process.env.SCION_STATE_DIR!, 'hibernated', c.name);
+    mkdirSync(left, { recursive: true });
+    await expect((await vm.Machine.open(c.name)).hibernate()).rejects.toMatchObject({ code: 'E_VM_BUSY', message: expect.stringContaining(left) });
+    expect((await vm.list()).find((v) => v.name === c.name)?.state).toBe('running'); // it runs on
+    expect((await vm.gc()).removed).toContain(`${c.name} (saved state)`);
+    expect(existsSync(left)).toBe(false);
+    expect((await (await vm.Machine.open(c.name)).hibernate()).stateBytes).toBeGreaterThan(0);
     await vm.removeVm(c.name);
+    expect(existsSync(left)).toBe(false); // rm takes the saved state with it
   });
 });
