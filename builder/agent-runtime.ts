@@ -7,13 +7,13 @@
  * starts (sh, ip, busybox) are the host's, since the loader is given by
  * argument, not by environment.
  */
-import { mkdir, rename, rm, writeFile, symlink, readFile, mkdtemp, access } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { BuildError } from '../common/errors.ts';
 import { BlobCache } from './cache.ts';
 import { config } from '../common/config.ts';
 import { DebianArchive, chooseMirror } from './debian/archive.ts';
-import { extractDeb } from './debian/deb.ts';
+import { installTree, treeComplete } from './install-tree.ts';
 import { readLock } from './lock.ts';
 import { parseDefinition } from './schema.ts';
 
@@ -47,13 +47,7 @@ export async function hostAgentRuntime(definitionPath: string, opts: { cacheDir?
   const cacheDir = opts.cacheDir ?? config().cacheDir;
   const dir = join(cacheDir, 'agent-runtime', wanted.map((p) => p.sha256.slice(0, 16)).join('-'));
   const runtime = { dir, argv: [dir + LOADER, '--library-path', dir + LIBS, dir + QJS] };
-  if (
-    await access(dir + QJS).then(
-      () => true,
-      () => false,
-    )
-  )
-    return runtime;
+  if (await treeComplete(dir, QJS)) return runtime;
 
   const mirror = await chooseMirror(definitionPath, opts.mirror, def.debian.mirror);
   const archive = new DebianArchive({
@@ -63,35 +57,6 @@ export async function hostAgentRuntime(definitionPath: string, opts: { cacheDir?
     architecture: def.debian.architecture,
     cache: new BlobCache(cacheDir),
   });
-  await mkdir(dirname(dir), { recursive: true });
-  // extracted beside, then renamed into place: a concurrent caller or a crash never sees half a tree
-  const tmp = await mkdtemp(`${dir}.tmp-`);
-  try {
-    for (const p of wanted) {
-      for (const e of await extractDeb(await archive.deb(p), `${p.name} ${p.version}`)) {
-        const to = tmp + e.path;
-        if (e.type === 'directory') await mkdir(to, { recursive: true });
-        else if (e.type === 'file') {
-          await mkdir(dirname(to), { recursive: true });
-          await writeFile(to, e.data!, { mode: e.mode & 0o755 });
-        } else if (e.type === 'symlink') {
-          await mkdir(dirname(to), { recursive: true });
-          await rm(to, { force: true });
-          await symlink(e.linkname!, to);
-        }
-      }
-    }
-    await rename(tmp, dir).catch(async (e) => {
-      if (
-        !(await access(dir + QJS).then(
-          () => true,
-          () => false,
-        ))
-      )
-        throw e;
-    }); // another process won the race: its copy is the same bytes
-  } finally {
-    await rm(tmp, { recursive: true, force: true });
-  }
+  await installTree(dir, wanted, archive, { marker: QJS, fileMode: (e) => e.mode & 0o755 });
   return runtime;
 }

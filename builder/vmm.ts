@@ -4,11 +4,11 @@
  * builder's Debian client (InRelease signature, Packages hash, each .deb's
  * SHA-256), extracted beside its place and renamed in whole, with its SBOM.
  */
-import { chmod, mkdir, mkdtemp, rename, rm, symlink, writeFile, access } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { chmod, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { installTree, treeComplete } from './install-tree.ts';
 import { BlobCache } from './cache.ts';
 import { DebianArchive, chooseMirror } from './debian/archive.ts';
-import { extractDeb } from './debian/deb.ts';
 import { resolve as resolveDeps } from './debian/resolver.ts';
 import { writeLock, type Lockfile } from './lock.ts';
 import type { Progress } from './fetch.ts';
@@ -46,12 +46,6 @@ export async function lockVmm(o: { mirror?: string; log?: (m: string) => void } 
   return lock;
 }
 
-const exists = (p: string) =>
-  access(p).then(
-    () => true,
-    () => false,
-  );
-
 /**
  * Fetch, verify and extract the pinned closure unless it is there already.
  * Returns its directory. Concurrent callers each extract beside and one
@@ -64,7 +58,7 @@ export async function fetchPinnedVmm(
   const packages = closurePackages(lock);
   const digest = closureDigest(packages);
   const dir = closureDir(vmmRoot(), digest);
-  if (await exists(join(dir, 'closure.json'))) return { dir, digest, fetched: false };
+  if (await treeComplete(dir, 'closure.json')) return { dir, digest, fetched: false };
   const archive = new DebianArchive({
     mirror: await chooseMirror(vmmLockPath(), o.mirror),
     suite: lock.codename ?? lock.suite,
@@ -74,38 +68,19 @@ export async function fetchPinnedVmm(
     onProgress: o.onProgress,
     log: o.log,
   });
-  const tmp = await mkdtemp(`${dir}.tmp-`);
-  try {
-    for (const p of packages) {
-      o.log?.(`${p.name} ${p.version}`);
-      for (const e of await extractDeb(await archive.deb(p), `${p.name} ${p.version}`)) {
-        const to = tmp + e.path;
-        if (e.type === 'directory') await mkdir(to, { recursive: true, mode: 0o755 });
-        else if (e.type === 'file') {
-          await mkdir(dirname(to), { recursive: true, mode: 0o755 });
-          // nothing in it is writable or set-id: it is code every VM runs
-          await writeFile(to, e.data!, { mode: e.mode & 0o111 ? 0o555 : 0o444 });
-        } else if (e.type === 'symlink') {
-          await mkdir(dirname(to), { recursive: true, mode: 0o755 });
-          await rm(to, { force: true });
-          await symlink(containedLink(e.path, e.linkname!), to);
-        }
-      }
-    }
-    await writeFile(join(tmp, 'sbom.cdx.json'), closureSbom(lock, digest), { mode: 0o444 });
-    await writeFile(
-      join(tmp, 'closure.json'),
-      `${JSON.stringify({ digest, suite: lock.codename ?? lock.suite, packages: packages.map((p) => `${p.name} ${p.version}`) }, null, 1)}\n`,
-      {
-        mode: 0o444,
-      },
-    );
-    await chmod(tmp, 0o755);
-    await rename(tmp, dir).catch(async (e) => {
-      if (!(await exists(join(dir, 'closure.json')))) throw e; // another process won the race with the same bytes
-    });
-  } finally {
-    await rm(tmp, { recursive: true, force: true });
-  }
+  await installTree(dir, packages, archive, {
+    marker: 'closure.json',
+    dirMode: 0o755,
+    // nothing in it is writable or set-id: it is code every VM runs
+    fileMode: (e) => (e.mode & 0o111 ? 0o555 : 0o444),
+    linkTarget: (e) => containedLink(e.path, e.linkname!),
+    log: o.log,
+    finish: async (tmp) => {
+      await writeFile(join(tmp, 'sbom.cdx.json'), closureSbom(lock, digest), { mode: 0o444 });
+      const closure = { digest, suite: lock.codename ?? lock.suite, packages: packages.map((p) => `${p.name} ${p.version}`) };
+      await writeFile(join(tmp, 'closure.json'), `${JSON.stringify(closure, null, 1)}\n`, { mode: 0o444 });
+      await chmod(tmp, 0o755);
+    },
+  });
   return { dir, digest, fetched: true };
 }

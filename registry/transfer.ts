@@ -152,8 +152,8 @@ async function fetchBlobTo(client: RegistryClient, title: string, digest: string
     });
 }
 
-/** The artifact manifest a reference names, its digest checked. */
-async function fetchManifest(client: RegistryClient, refText: string) {
+/** The manifest bytes a reference names (an image's or a template snapshot's), their digest checked against the reference and what the registry states. */
+export async function fetchManifestBytes(client: RegistryClient, refText: string): Promise<{ bytes: Buffer; digest: string }> {
   const ref = client.ref;
   const { bytes, statedDigest } = await client.getManifest(ref.digest ?? ref.tag!, MANIFEST_MEDIA_TYPE);
   const digest = sha256(bytes);
@@ -163,6 +163,12 @@ async function fetchManifest(client: RegistryClient, refText: string) {
     });
   if (statedDigest && statedDigest !== digest)
     throw new RegistryError('E_DIGEST_MISMATCH', `${refText}: the registry states manifest digest ${statedDigest}, the bytes hash to ${digest}`);
+  return { bytes, digest };
+}
+
+/** The artifact manifest a reference names, its digest checked. */
+async function fetchManifest(client: RegistryClient, refText: string) {
+  const { bytes, digest } = await fetchManifestBytes(client, refText);
   let raw: unknown;
   try {
     raw = JSON.parse(bytes.toString('utf8'));

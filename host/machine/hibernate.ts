@@ -97,24 +97,17 @@ async function cutToTemplate(full: string, mem: string, log?: (m: string) => voi
   const stream = await readFile(full);
   const fh = await open(mem, 'r');
   try {
-    // the template read 2 MiB at a time: page records come in address order
+    // the template read 2 MiB at a time (synchronously: the cut is a pure function over its page lookup);
+    // page records come in address order, so one window serves nearly every page, and a miss only reads again
     const CHUNK = 2 * 1024 * 1024;
-    let cached: { at: number; buf: Buffer } = { at: -1, buf: Buffer.alloc(CHUNK) };
-    const chunks = new Map<number, Buffer>();
-    const read = (at: number): Buffer => {
-      let c = chunks.get(at);
-      if (!c) {
-        c = Buffer.alloc(CHUNK);
-        readSyncFrom(fh.fd, c, at);
-        if (chunks.size > 64) chunks.clear();
-        chunks.set(at, c);
-      }
-      return c;
-    };
+    const window = { at: -1, buf: Buffer.alloc(CHUNK) };
     const page = (offset: number) => {
       const at = offset - (offset % CHUNK);
-      if (cached.at !== at) cached = { at, buf: read(at) };
-      return cached.buf.subarray(offset - at, offset - at + PAGE_BYTES);
+      if (window.at !== at) {
+        window.buf.fill(0, readSync(fh.fd, window.buf, 0, CHUNK, at));
+        window.at = at;
+      }
+      return window.buf.subarray(offset - at, offset - at + PAGE_BYTES);
     };
     const { out, stats } = diffAgainstTemplate(stream, 'mem', page);
     return { data: Buffer.concat(out), pages: stats.kept };
@@ -125,11 +118,6 @@ async function cutToTemplate(full: string, mem: string, log?: (m: string) => voi
   } finally {
     await fh.close();
   }
-}
-
-/** A synchronous read: the cut is a pure function over its page lookup. */
-function readSyncFrom(fd: number, buf: Buffer, position: number): void {
-  readSync(fd, buf, 0, buf.length, position);
 }
 
 /** Bring the hibernated clone `name` back (see the header). */

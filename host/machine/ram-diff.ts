@@ -14,6 +14,7 @@
  * The format: QEMU migration/savevm.c (sections) and migration/ram.c (page records).
  */
 import { ScionError } from '../../common/errors.ts';
+import { isZero } from '../../registry/snapshot-artifact.ts';
 
 export class RamDiffError extends ScionError {}
 
@@ -147,7 +148,7 @@ export function diffAgainstTemplate(stream: Buffer, block: string, templatePage:
       if (name === block) {
         stats.pages++;
         const tpl = templatePage(offset);
-        const same = flags & FLAG.PAGE ? data.equals(tpl) : data[0] === 0 && isZeroPage(tpl);
+        const same = flags & FLAG.PAGE ? data.equals(tpl) : data[0] === 0 && isZero(tpl);
         if (same) continue;
         stats.kept++;
       }
@@ -173,10 +174,4 @@ function record(offset: number, flags: number, name: string, lastKept: string | 
     head.write(name, 9, 'latin1');
   }
   return Buffer.concat([head, data]);
-}
-
-let zeros = Buffer.alloc(PAGE_BYTES);
-function isZeroPage(b: Buffer): boolean {
-  if (zeros.length !== b.length) zeros = Buffer.alloc(b.length);
-  return b.equals(zeros);
 }

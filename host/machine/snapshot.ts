@@ -22,6 +22,7 @@ import { SCION_VERSION } from '../../common/version.ts';
 import { MANIFEST_MEDIA_TYPE, TITLE } from '../../registry/artifact.ts';
 import { RegistryClient, RegistryError, type ClientOptions } from '../../registry/client.ts';
 import { formatReference, parseReference } from '../../registry/reference.ts';
+import { DEFAULT_CHUNK_BYTES, fetchManifestBytes } from '../../registry/transfer.ts';
 import {
   CHUNK_BYTES,
   MAX_SNAPSHOT_RAM_BYTES,
@@ -73,7 +74,7 @@ export function portableRecord(meta: TemplateMeta): Omit<TemplateMeta, 'gid' | '
 
 async function sendBlob(client: RegistryClient, data: Buffer, digest: string): Promise<boolean> {
   if (await client.hasBlob(digest)) return false;
-  await client.uploadBlob(data, digest, 64 * 1024 * 1024);
+  await client.uploadBlob(data, digest, DEFAULT_CHUNK_BYTES);
   return true;
 }
 
@@ -192,12 +193,7 @@ async function fetchBlob(client: RegistryClient, digest: string, size: number, w
 
 /** The snapshot manifest `refText` names, its digest checked, and its record. */
 async function fetchSnapshot(client: RegistryClient, refText: string) {
-  const { bytes, statedDigest } = await client.getManifest(client.ref.digest ?? client.ref.tag!, MANIFEST_MEDIA_TYPE);
-  const digest = ociDigest(bytes);
-  if ((client.ref.digest && digest !== client.ref.digest) || (statedDigest && statedDigest !== digest))
-    throw new RegistryError('E_DIGEST_MISMATCH', `${refText}: the manifest the registry sent hashes to ${digest}`, {
-      hint: 'the registry holds damaged or altered data',
-    });
+  const { bytes, digest } = await fetchManifestBytes(client, refText);
   let raw: unknown;
   try {
     raw = JSON.parse(bytes.toString('utf8'));
@@ -209,8 +205,12 @@ async function fetchSnapshot(client: RegistryClient, refText: string) {
   return { digest, m, recordText };
 }
 
-/** The pushed record made this node's: its name and group here, checked as any template record. */
-function localRecord(refText: string, text: string, name: ValidName, gid: number | undefined): TemplateMeta {
+/**
+ * The pushed record checked as any template record, under a placeholder
+ * name (the caller names it: --name, else the pushed name, checked then),
+ * without what is another node's (its clones' group, its disk).
+ */
+function checkedRecord(refText: string, text: string): { meta: TemplateMeta; pushedName: string } {
   let raw: Record<string, unknown>;
   try {
     raw = JSON.parse(text);
@@ -222,14 +222,14 @@ function localRecord(refText: string, text: string, name: ValidName, gid: number
       'E_NOT_SCION_SNAPSHOT',
       `${refText}: the template record has format ${JSON.stringify(raw?.format)}; this scion reads ${TEMPLATE_FORMAT}`,
     );
-  const r = TemplateMetaSchema.safeParse({ ...raw, name, gid, disk: undefined, baseDisk: undefined });
+  const r = TemplateMetaSchema.safeParse({ ...raw, name: 'snapshot', gid: undefined, disk: undefined, baseDisk: undefined });
   if (!r.success) throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: the template record is not valid: ${describeIssues(r.error)}`);
   if (r.data.memory !== 'file' || r.data.ramMB * 1024 * 1024 > MAX_SNAPSHOT_RAM_BYTES)
     throw new SnapshotError(
       'E_NOT_SCION_SNAPSHOT',
       `${refText}: the template record names ${r.data.ramMB} MiB of ${r.data.memory} memory; a snapshot holds at most 64 GiB in a memory file`,
     );
-  return r.data;
+  return { meta: r.data, pushedName: typeof raw.name === 'string' ? raw.name : '' };
 }
 
 /** Pull a template snapshot and lay it out as the frozen template `name` (default: its pushed name). */
@@ -237,9 +237,7 @@ export async function pullTemplate(refText: string, o: SnapshotPullOptions = {})
   const ref = parseReference(refText);
   const client = new RegistryClient(ref, o);
   const { digest, m, recordText } = await fetchSnapshot(client, refText);
-  // the record checked whole first (under a placeholder name), then named
-  const pushed = localRecord(refText, recordText, validName('snapshot'), undefined);
-  const pushedName = (JSON.parse(recordText) as { name: string }).name;
+  const { meta: pushed, pushedName } = checkedRecord(refText, recordText);
   const name = validName(o.name ?? pushedName, 'template');
   // refuse before a byte of RAM moves: the record must restore under this node's VMM
   const probe = { ...pushed, name };
@@ -280,7 +278,7 @@ export async function pullTemplate(refText: string, o: SnapshotPullOptions = {})
   const tmp = join(trustedTemplateRoot(), `.pull-${process.pid}-${randomBytes(4).toString('hex')}`);
   const forget = removeOnInterrupt(tmp);
   try {
-    const meta = localRecord(refText, recordText, name, record.gid);
+    const meta: TemplateMeta = { ...probe, gid: record.gid };
     const received = await layOut(client, refText, m, meta, tmp);
     await rm(templateDir(name), { recursive: true, force: true }); // a leftover of a crash under the name now ours
     await rename(tmp, templateDir(name));
@@ -350,8 +348,7 @@ async function layOut(
 
 /** Whether `refText` names a template snapshot (else, for `scion pull`, an image). */
 export async function isSnapshotReference(refText: string, o: ClientOptions = {}): Promise<boolean> {
-  const client = new RegistryClient(parseReference(refText), o);
-  const { bytes } = await client.getManifest(client.ref.digest ?? client.ref.tag!, MANIFEST_MEDIA_TYPE);
+  const { bytes } = await fetchManifestBytes(new RegistryClient(parseReference(refText), o), refText);
   try {
     return JSON.parse(bytes.toString('utf8'))?.artifactType === SNAPSHOT_ARTIFACT_TYPE;
   } catch {
@@ -376,9 +373,7 @@ export interface SnapshotTemplate {
 export async function ensureSnapshotTemplate(refText: string, o: SnapshotPullOptions & { waitMs?: number } = {}): Promise<SnapshotTemplate> {
   const ref = parseReference(refText);
   const client = new RegistryClient(ref, o);
-  const { bytes } = await client.getManifest(ref.digest ?? ref.tag!, MANIFEST_MEDIA_TYPE);
-  const digest = ociDigest(bytes);
-  if (ref.digest && ref.digest !== digest) throw new RegistryError('E_DIGEST_MISMATCH', `${refText}: the manifest the registry sent hashes to ${digest}`);
+  const { digest } = await fetchManifestBytes(client, refText);
   const name = validName(`snap-${digest.slice(7, 19)}`, 'template');
   const pinned = formatReference({ ...ref, tag: undefined, digest });
   const deadline = Date.now() + (o.waitMs ?? 300_000);
