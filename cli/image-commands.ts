@@ -3,7 +3,7 @@
  */
 import { ScionError, EXIT } from '../common/errors.ts';
 import { statSync } from 'node:fs';
-import { build, verify, push, pull, pushTemplate, pullTemplate, isSnapshotReference } from '../host/index.ts';
+import { build, verify, push, pull, pushTemplate, pullTemplate, snapshotKindOf, pushHibernated, pullHibernated, list } from '../host/index.ts';
 import { buildProgress, fmtBytes } from './format.ts';
 
 import { BUILD_INPUT, INSECURE, compressionOf, need, str, type CommandSpec } from './options.ts';
@@ -88,13 +88,23 @@ export const IMAGE_COMMANDS: CommandSpec[] = [
   },
   {
     name: 'push',
-    args: '<out/name>|<template> <registry>/<repo>:<tag>',
+    args: '<out/name>|<template>|<hibernated clone> <registry>/<repo>:<tag>',
     summary:
-      'upload a built image (a directory) or a frozen template (a name: its record, device state and RAM in 2 MiB chunks, zero chunks left out, chunks the registry has not sent again) as one OCI artifact (credentials: ~/.docker/config.json or $DOCKER_CONFIG)',
+      'upload a built image (a directory), a frozen template (a name: its record, device state and RAM in 2 MiB chunks, zero chunks left out, chunks the registry has not sent again) or a hibernated clone (its saved state, its template with it by digest) as one OCI artifact (credentials: ~/.docker/config.json or $DOCKER_CONFIG)',
     options: { ...INSECURE },
     cleansUpOnInterrupt: true,
     async run(pos, v, ctx) {
       need(pos, 2, 'push', 'scion push out/web 127.0.0.1:5000/scion/web:1.0, or scion push web-tpl 127.0.0.1:5000/scion/web-tpl:1');
+      const log = ctx.json ? undefined : (m: string) => ctx.err(`[push] ${m}`);
+      if (!isDirectory(pos[0]) && (await list()).find((x) => x.name === pos[0])?.role === 'clone') {
+        const r = await pushHibernated(pos[0], pos[1], { insecure: !!v.insecure, log });
+        ctx.out(
+          ctx.json
+            ? JSON.stringify({ ok: true, kind: 'hibernated', ...r }, null, 2)
+            : `pushed ${r.reference}\n  saved state ${fmtBytes(r.stateBytes)}; its template ${r.template.name} as ${r.template.digest} (${fmtBytes(r.template.bytesSent)} sent for it); ${fmtBytes(r.bytesSent)} sent in all`,
+        );
+        return EXIT.ok;
+      }
       if (!isDirectory(pos[0])) {
         const r = await pushTemplate(pos[0], pos[1], { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[push] ${m}`) });
         ctx.out(
@@ -118,16 +128,27 @@ export const IMAGE_COMMANDS: CommandSpec[] = [
   {
     name: 'pull',
     args: '<registry>/<repo>:<tag>|@sha256:…',
-    summary: 'download and verify an image into DIR/<name>/ (up and boot take the reference too), or a template snapshot as a frozen template fork takes',
+    summary:
+      'download and verify an image into DIR/<name>/ (up and boot take the reference too), a template snapshot as a frozen template fork takes, or a hibernated clone (its template with it) that `scion resume` brings up',
     options: {
       out: { type: 'string', value: 'DIR', help: 'where an image goes (default ./out)' },
-      name: { type: 'string', value: 'T', help: "a template snapshot's name here (default: the name it was pushed with)" },
+      name: { type: 'string', value: 'NAME', help: "a template snapshot's or a hibernated clone's name here (default: the name it was pushed with)" },
       ...INSECURE,
     },
     cleansUpOnInterrupt: true,
     async run(pos, v, ctx) {
       need(pos, 1, 'pull', 'scion pull 127.0.0.1:5000/scion/web:1.0 --out images-dir');
-      if (await isSnapshotReference(pos[0], { insecure: !!v.insecure })) {
+      const kind = await snapshotKindOf(pos[0], { insecure: !!v.insecure });
+      if (kind === 'hibernated') {
+        const r = await pullHibernated(pos[0], { name: str(v, 'name'), insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[pull] ${m}`) });
+        ctx.out(
+          ctx.json
+            ? JSON.stringify({ ok: true, kind, ...r }, null, 2)
+            : `pulled ${r.reference} -> hibernated clone ${r.name} (its template ${r.template.name}${r.template.pulled ? ', pulled now' : ', here already'}; every digest checked); scion resume ${r.name}`,
+        );
+        return EXIT.ok;
+      }
+      if (kind === 'template') {
         const r = await pullTemplate(pos[0], { name: str(v, 'name'), insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[pull] ${m}`) });
         ctx.out(
           ctx.json

@@ -33,11 +33,11 @@ export type { AgentCommands, AgentCommand, ArgsOf, ResultOf, AgentEvents, AgentE
 // images in registries
 export { push, pull, type PushOptions, type PushResult, type PullOptions, type PullResult } from '../registry/transfer.ts';
 export { parseReference, type Reference } from '../registry/reference.ts';
-/** Frozen templates as snapshot artifacts: push one (chunked, deduplicated RAM), pull one as a local frozen template (or once per node and digest: ensureSnapshotTemplate), tell a snapshot reference from an image's. */
+/** Frozen templates as snapshot artifacts: push one (chunked, deduplicated RAM), pull one as a local frozen template (or once per node and digest: ensureSnapshotTemplate), tell what a reference names (a template, a hibernated clone, else an image). */
 export {
   pushTemplate,
   pullTemplate,
-  isSnapshotReference,
+  snapshotKindOf,
   ensureSnapshotTemplate,
   type SnapshotTemplate,
   type SnapshotPushOptions,
@@ -45,6 +45,8 @@ export {
   type SnapshotPullOptions,
   type SnapshotPullResult,
 } from './machine/snapshot.ts';
+/** A hibernated clone to a registry, its template with it by digest, and back as a hibernated clone on another node (then Machine.resumeHibernated). */
+export { pushHibernated, pullHibernated, type HibernatedPushResult, type HibernatedPullResult } from './machine/hibernated-snapshot.ts';
 // the front door
 export { serve, type ServeHandle } from './serve/server.ts';
 export { serveOptions, type ServeOptions } from './serve/options.ts';

@@ -100,13 +100,19 @@ export async function push(dir: string, refText: string, opts: PushOptions = {})
       { 'dev.scion.version': SCION_VERSION },
     ),
   );
+  const digest = await putManifestChecked(client, ref.tag, manifest);
+  return { reference: formatReference({ ...ref, digest }), digest, uploaded, skipped, bytesUploaded, requests: client.counts };
+}
+
+/** Put a manifest under `reference` (a tag, or its own digest), the digest the registry states checked against the bytes sent; its digest. */
+export async function putManifestChecked(client: RegistryClient, reference: string, manifest: string): Promise<string> {
   const digest = sha256(manifest);
-  const stated = await client.putManifest(ref.tag, manifest, MANIFEST_MEDIA_TYPE);
+  const stated = await client.putManifest(reference, manifest, MANIFEST_MEDIA_TYPE);
   if (stated && stated !== digest)
-    throw new RegistryError('E_DIGEST_MISMATCH', `${ref.registry}: the registry stored the manifest as ${stated}, scion sent ${digest}`, {
+    throw new RegistryError('E_DIGEST_MISMATCH', `${client.ref.registry}: the registry stored the manifest as ${stated}, scion sent ${digest}`, {
       hint: 'the registry altered the manifest; do not trust this tag',
     });
-  return { reference: formatReference({ ...ref, digest }), digest, uploaded, skipped, bytesUploaded, requests: client.counts };
+  return digest;
 }
 
 /** What `pull` takes: the registry client's options (plain HTTP, credentials, bounds) and a progress log. */
@@ -150,6 +156,33 @@ async function fetchBlobTo(client: RegistryClient, title: string, digest: string
     throw new RegistryError('E_DIGEST_MISMATCH', `${title}: the bytes the registry sent hash to ${got}, the manifest names ${digest}`, {
       hint: 'the registry holds damaged or altered data; nothing was written',
     });
+}
+
+/** A blob, whole in memory, bounded by its stated size and checked against its digest (snapshot pulls: their blobs are a few MiB each). */
+export async function fetchBlobBytes(client: RegistryClient, digest: string, size: number, what: string): Promise<Buffer> {
+  const res = await client.getBlob(digest);
+  const parts: Buffer[] = [];
+  let n = 0;
+  for await (const c of client.stream(res, what)) {
+    n += c.length;
+    if (n > size) throw new RegistryError('E_DIGEST_MISMATCH', `${what} (${digest}): the registry sent more than the ${size} bytes the manifest states`);
+    parts.push(Buffer.from(c));
+  }
+  const data = Buffer.concat(parts);
+  if (n !== size || sha256(data) !== digest)
+    throw new RegistryError(
+      'E_DIGEST_MISMATCH',
+      `${what}: the bytes the registry sent (${n}) hash to ${sha256(data)}, the manifest names ${digest} (${size} bytes)`,
+      { hint: 'the registry holds damaged or altered data; nothing was laid out' },
+    );
+  return data;
+}
+
+/** Upload a blob unless the registry has it already; whether it was sent. */
+export async function sendBlobOnce(client: RegistryClient, data: Buffer, digest: string): Promise<boolean> {
+  if (await client.hasBlob(digest)) return false;
+  await client.uploadBlob(data, digest, DEFAULT_CHUNK_BYTES);
+  return true;
 }
 
 /** The manifest bytes a reference names (an image's or a template snapshot's), their digest checked against the reference and what the registry states. */

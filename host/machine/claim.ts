@@ -23,9 +23,13 @@ export async function reserveCredentials(owner: string): Promise<{ cred?: Creden
   return { cred: credentialsFor(n), slot: `uid-${n}` };
 }
 
-/** Make the run directory of a VM with a fixed name (a template), its uid reserved first. */
-export async function claimNamed(name: ValidName, build: (cred?: Credentials) => VmRecord): Promise<VmRecord> {
-  const { cred, slot } = await reserveCredentials(name);
+/**
+ * Make the run directory of a VM with a fixed name (a template, a pulled
+ * clone), its uid reserved first; `gid` overrides the uid's group as in claimClone.
+ */
+export async function claimNamed(name: ValidName, build: (cred?: Credentials) => VmRecord, gid?: number): Promise<VmRecord> {
+  const { cred: reserved, slot } = await reserveCredentials(name);
+  const cred = reserved && gid !== undefined ? { ...reserved, gid } : reserved;
   const record = build(cred);
   record.uid = cred?.uid;
   record.gid = cred?.gid;

@@ -133,7 +133,7 @@ class Phases {
 }
 
 /** A clone's record: its template's machine with its own identity, forwards and reservations. Pure but for the time it names. */
-function cloneRecord(
+export function cloneRecord(
   meta: TemplateMeta,
   name: ValidName,
   id: CloneIdentity,

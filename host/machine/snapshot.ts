@@ -19,10 +19,10 @@ import { VmError } from '../../common/errors.ts';
 import { removeOnInterrupt } from '../../common/interrupt.ts';
 import { validName, type ValidName } from '../../common/names.ts';
 import { SCION_VERSION } from '../../common/version.ts';
-import { MANIFEST_MEDIA_TYPE, TITLE } from '../../registry/artifact.ts';
-import { RegistryClient, RegistryError, type ClientOptions } from '../../registry/client.ts';
+import { TITLE } from '../../registry/artifact.ts';
+import { RegistryClient, type ClientOptions } from '../../registry/client.ts';
 import { formatReference, parseReference } from '../../registry/reference.ts';
-import { DEFAULT_CHUNK_BYTES, fetchManifestBytes } from '../../registry/transfer.ts';
+import { fetchBlobBytes, fetchManifestBytes, putManifestChecked, sendBlobOnce } from '../../registry/transfer.ts';
 import {
   CHUNK_BYTES,
   MAX_SNAPSHOT_RAM_BYTES,
@@ -35,6 +35,7 @@ import {
   type RamIndex,
   type SnapshotFile,
 } from '../../registry/snapshot-artifact.ts';
+import { HIBERNATED_ARTIFACT_TYPE } from '../../registry/hibernated-artifact.ts';
 import { claimNamed } from './claim.ts';
 import { compatibilityProblems } from './compat.ts';
 import { removeVm } from './inventory.ts';
@@ -72,23 +73,32 @@ export function portableRecord(meta: TemplateMeta): Omit<TemplateMeta, 'gid' | '
   return rest;
 }
 
-async function sendBlob(client: RegistryClient, data: Buffer, digest: string): Promise<boolean> {
-  if (await client.hasBlob(digest)) return false;
-  await client.uploadBlob(data, digest, DEFAULT_CHUNK_BYTES);
-  return true;
-}
-
 /** Push the frozen template `name` to `refText` as one snapshot artifact. */
 export async function pushTemplate(name: string, refText: string, o: SnapshotPushOptions = {}): Promise<SnapshotPushResult> {
   const ref = parseReference(refText);
   if (!ref.tag || ref.digest) throw new VmError('E_USAGE', `scion push ${refText}: push to a tag (registry/repository:tag), not a digest`);
+  const client = new RegistryClient(ref, o);
+  const r = await uploadTemplate(name, client, ref.tag, o);
+  return { reference: formatReference({ ...ref, digest: r.digest }), ...r, requests: client.counts };
+}
+
+/**
+ * The frozen template's blobs uploaded (what the registry has skipped) and
+ * its manifest put under `tag`, or under its own digest when none (a
+ * hibernated clone's template, which the clone's artifact names).
+ */
+export async function uploadTemplate(
+  name: string,
+  client: RegistryClient,
+  tag: string | undefined,
+  o: SnapshotPushOptions,
+): Promise<Omit<SnapshotPushResult, 'reference' | 'requests'> & { manifestSize: number }> {
   const { meta, files: t } = await checkTemplate(name);
   if (meta.memory !== 'file' || meta.disk)
     throw new VmError(
       'E_UNSUPPORTED',
       `template ${meta.name} ${meta.disk ? 'has a disk' : 'keeps its RAM in its state file'}: only disk-less templates with a memory file are pushed as snapshots`,
     );
-  const client = new RegistryClient(ref, o);
   const chunks = { total: 0, zero: 0, sent: 0, reused: 0 };
   let bytesSent = 0;
   let artifactBytes = 0;
@@ -114,7 +124,7 @@ export async function pushTemplate(name: string, refText: string, o: SnapshotPus
       if (done.has(digest)) continue;
       done.add(digest);
       artifactBytes += gz.length;
-      if (await sendBlob(client, gz, digest)) {
+      if (await sendBlobOnce(client, gz, digest)) {
         chunks.sent++;
         bytesSent += gz.length;
       } else chunks.reused++;
@@ -133,7 +143,7 @@ export async function pushTemplate(name: string, refText: string, o: SnapshotPus
   for (const b of [...layerFiles, { name: 'config' as const, data: config }]) {
     const digest = ociDigest(b.data);
     artifactBytes += b.data.length;
-    if (await sendBlob(client, b.data, digest)) bytesSent += b.data.length;
+    if (await sendBlobOnce(client, b.data, digest)) bytesSent += b.data.length;
     if (b.name !== 'config') files.push({ name: b.name, digest, size: b.data.length });
   }
   const manifest = JSON.stringify(
@@ -144,15 +154,10 @@ export async function pushTemplate(name: string, refText: string, o: SnapshotPus
       annotations: { [TITLE]: meta.name, 'dev.scion.version': SCION_VERSION, 'dev.scion.vmm': meta.vmm.digest },
     }),
   );
-  const digest = ociDigest(manifest);
-  const stated = await client.putManifest(ref.tag, manifest, MANIFEST_MEDIA_TYPE);
-  if (stated && stated !== digest)
-    throw new RegistryError('E_DIGEST_MISMATCH', `${ref.registry}: the registry stored the manifest as ${stated}, scion sent ${digest}`, {
-      hint: 'the registry altered the manifest; do not trust this tag',
-    });
+  const digest = await putManifestChecked(client, tag ?? ociDigest(manifest), manifest);
   bytesSent += manifest.length;
   o.log?.(`pushed ${meta.name}: ${chunks.total} chunks, ${chunks.zero} zero, ${chunks.sent} sent, ${chunks.reused} the registry had; ${bytesSent} bytes sent`);
-  return { reference: formatReference({ ...ref, digest }), digest, chunks, bytesSent, artifactBytes, requests: client.counts };
+  return { digest, chunks, bytesSent, artifactBytes, manifestSize: Buffer.byteLength(manifest) };
 }
 
 /** What a template pull takes: the registry client's options, the local name (default: the pushed template's) and a progress log. */
@@ -169,28 +174,6 @@ export interface SnapshotPullResult {
   bytesReceived: number;
 }
 
-/** A blob, whole in memory, bounded by its stated size and checked against its digest. */
-async function fetchBlob(client: RegistryClient, digest: string, size: number, what: string): Promise<Buffer> {
-  const res = await client.getBlob(digest);
-  const parts: Buffer[] = [];
-  let n = 0;
-  for await (const c of client.stream(res, what)) {
-    n += c.length;
-    if (n > size) throw new RegistryError('E_DIGEST_MISMATCH', `${what} (${digest}): the registry sent more than the ${size} bytes the manifest states`);
-    parts.push(Buffer.from(c));
-  }
-  const data = Buffer.concat(parts);
-  if (n !== size || ociDigest(data) !== digest)
-    throw new RegistryError(
-      'E_DIGEST_MISMATCH',
-      `${what}: the bytes the registry sent (${n}) hash to ${ociDigest(data)}, the manifest names ${digest} (${size} bytes)`,
-      {
-        hint: 'the registry holds damaged or altered data; nothing was laid out',
-      },
-    );
-  return data;
-}
-
 /** The snapshot manifest `refText` names, its digest checked, and its record. */
 async function fetchSnapshot(client: RegistryClient, refText: string) {
   const { bytes, digest } = await fetchManifestBytes(client, refText);
@@ -201,7 +184,7 @@ async function fetchSnapshot(client: RegistryClient, refText: string) {
     throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: the manifest is not JSON`);
   }
   const m = checkSnapshotManifest(refText, raw);
-  const recordText = (await fetchBlob(client, m.config.digest, m.config.size, 'the template record')).toString('utf8');
+  const recordText = (await fetchBlobBytes(client, m.config.digest, m.config.size, 'the template record')).toString('utf8');
   return { digest, m, recordText };
 }
 
@@ -309,7 +292,7 @@ async function layOut(
   let bytes = 0;
   const file = async (f: SnapshotFile) => {
     bytes += m.files[f].size;
-    return fetchBlob(client, m.files[f].digest, m.files[f].size, `${refText} ${f}`);
+    return fetchBlobBytes(client, m.files[f].digest, m.files[f].size, `${refText} ${f}`);
   };
   const state = await gunzipAsync(await file('state'), { maxOutputLength: 256 * 1024 * 1024 }).catch((e) => {
     throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: its device state does not decompress: ${(e as Error).message}`);
@@ -327,7 +310,7 @@ async function layOut(
       while (next < index.chunks.length) {
         const c = index.chunks[next++];
         const want = Math.min(CHUNK_BYTES, memBytes - c.n * CHUNK_BYTES);
-        const gz = await fetchBlob(client, c.digest, c.size, `${refText} RAM chunk ${c.n}`);
+        const gz = await fetchBlobBytes(client, c.digest, c.size, `${refText} RAM chunk ${c.n}`);
         bytes += gz.length;
         const raw = await gunzipAsync(gz, { maxOutputLength: want }).catch((e) => {
           throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: RAM chunk ${c.n} does not decompress to ${want} bytes: ${(e as Error).message}`);
@@ -346,14 +329,16 @@ async function layOut(
   return { chunks: index.chunks.length, bytes };
 }
 
-/** Whether `refText` names a template snapshot (else, for `scion pull`, an image). */
-export async function isSnapshotReference(refText: string, o: ClientOptions = {}): Promise<boolean> {
+/** What a reference names, by its manifest's artifactType: a template snapshot, a hibernated clone, or else (for `scion pull`) an image. */
+export async function snapshotKindOf(refText: string, o: ClientOptions = {}): Promise<'template' | 'hibernated' | undefined> {
   const { bytes } = await fetchManifestBytes(new RegistryClient(parseReference(refText), o), refText);
+  let type: unknown;
   try {
-    return JSON.parse(bytes.toString('utf8'))?.artifactType === SNAPSHOT_ARTIFACT_TYPE;
+    type = JSON.parse(bytes.toString('utf8'))?.artifactType;
   } catch {
-    return false;
+    return undefined;
   }
+  return type === SNAPSHOT_ARTIFACT_TYPE ? 'template' : type === HIBERNATED_ARTIFACT_TYPE ? 'hibernated' : undefined;
 }
 
 /** What `ensureSnapshotTemplate` gives: the local template's name and whether this call pulled it. */

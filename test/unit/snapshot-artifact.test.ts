@@ -14,6 +14,7 @@ import {
   parseRamIndex,
   snapshotManifest,
 } from '../../registry/snapshot-artifact.ts';
+import { HIBERNATED_ARTIFACT_TYPE, MAX_RECORD_BYTES, checkHibernatedManifest, hibernatedManifest } from '../../registry/hibernated-artifact.ts';
 
 const d = (c: string) => `sha256:${c.repeat(64)}`;
 const files = [
@@ -79,5 +80,41 @@ describe('a template snapshot artifact', () => {
     b[CHUNK_BYTES - 1] = 1;
     expect(isZero(b)).toBe(false);
     expect(isZero(Buffer.alloc(10))).toBe(true);
+  });
+});
+
+describe('the hibernated clone artifact', () => {
+  const good = () =>
+    JSON.parse(
+      JSON.stringify(
+        hibernatedManifest({
+          config: { digest: d('c'), size: 500 },
+          state: { digest: d('5'), size: 6_000_000 },
+          template: { digest: d('7'), size: 40_000 },
+          annotations: {},
+        }),
+      ),
+    );
+
+  it('names its template as its subject and is read back as made', () => {
+    const m = good();
+    expect(m.artifactType).toBe(HIBERNATED_ARTIFACT_TYPE);
+    expect(m.subject).toEqual({ mediaType: 'application/vnd.oci.image.manifest.v1+json', digest: d('7'), size: 40_000 });
+    const c = checkHibernatedManifest('r', m);
+    expect(c.state.size).toBe(6_000_000);
+    expect(c.template.digest).toBe(d('7'));
+  });
+
+  it.each([
+    ['another artifact type', (m: any) => (m.artifactType = SNAPSHOT_ARTIFACT_TYPE), /artifactType/],
+    ['no template', (m: any) => delete m.subject, /names no template/],
+    ['a second layer', (m: any) => m.layers.push(m.layers[0]), /exactly one layer/],
+    ['a state of another media type', (m: any) => (m.layers[0].mediaType = 'application/octet-stream'), /exactly one layer/],
+    ['a record over its bound', (m: any) => (m.config.size = MAX_RECORD_BYTES + 1), /config: size/],
+    ['a template digest that is not sha256', (m: any) => (m.subject.digest = 'md5:00'), /the template: digest/],
+  ])('refuses a manifest with %s', (_what, spoil, why) => {
+    const m = good();
+    spoil(m);
+    expect(() => checkHibernatedManifest('reg/app:c1', m)).toThrow(why);
   });
 });
