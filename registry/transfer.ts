@@ -161,20 +161,21 @@ async function fetchBlobTo(client: RegistryClient, title: string, digest: string
 /** A blob, whole in memory, bounded by its stated size and checked against its digest (snapshot pulls: their blobs are a few MiB each). */
 export async function fetchBlobBytes(client: RegistryClient, digest: string, size: number, what: string): Promise<Buffer> {
   const res = await client.getBlob(digest);
-  const parts: Buffer[] = [];
+  const data = Buffer.allocUnsafe(size);
+  const h = createHash('sha256');
   let n = 0;
   for await (const c of client.stream(res, what)) {
+    if (n + c.length > size)
+      throw new RegistryError('E_DIGEST_MISMATCH', `${what} (${digest}): the registry sent more than the ${size} bytes the manifest states`);
+    data.set(c, n);
+    h.update(c);
     n += c.length;
-    if (n > size) throw new RegistryError('E_DIGEST_MISMATCH', `${what} (${digest}): the registry sent more than the ${size} bytes the manifest states`);
-    parts.push(Buffer.from(c));
   }
-  const data = Buffer.concat(parts);
-  if (n !== size || sha256(data) !== digest)
-    throw new RegistryError(
-      'E_DIGEST_MISMATCH',
-      `${what}: the bytes the registry sent (${n}) hash to ${sha256(data)}, the manifest names ${digest} (${size} bytes)`,
-      { hint: 'the registry holds damaged or altered data; nothing was laid out' },
-    );
+  const got = `sha256:${h.digest('hex')}`;
+  if (n !== size || got !== digest)
+    throw new RegistryError('E_DIGEST_MISMATCH', `${what}: the bytes the registry sent (${n}) hash to ${got}, the manifest names ${digest} (${size} bytes)`, {
+      hint: 'the registry holds damaged or altered data; nothing was laid out',
+    });
   return data;
 }
 

@@ -147,7 +147,7 @@ export class PodVm {
           how = 'taken from the pool';
           return pooled;
         }
-        return Machine.forkTemplate(template, { prefix: 'pod', hostname, pod, owner, dns });
+        return Machine.fork(template, { prefix: 'pod', hostname, pod, owner, dns });
       };
       const m = await make().catch((e: Error & { hint?: string }) => {
         throw new TtrpcError(

@@ -147,7 +147,7 @@ export async function pullHibernated(refText: string, o: ClientOptions & { name?
     if (m.state.size > bound)
       throw new HibernatedError('E_NOT_SCION_SNAPSHOT', `${refText}: its saved state is ${m.state.size} bytes, more than a ${meta.ramMB} MiB guest can have`);
     const gz = await fetchBlobBytes(client, m.state.digest, m.state.size, `${refText} saved state`);
-    const state = await promisify(gunzip)(gz, { maxOutputLength: bound }).catch((e) => {
+    const state = await promisify(gunzip)(gz, { maxOutputLength: bound, chunkSize: 1024 * 1024 }).catch((e) => {
       throw new HibernatedError('E_NOT_SCION_SNAPSHOT', `${refText}: its saved state does not decompress: ${(e as Error).message}`);
     });
     await rm(dir, { recursive: true, force: true }); // a leftover of a crash under the name now ours

@@ -330,14 +330,14 @@ export class Machine {
     return Machine.construct(await bootPlan(img, o));
   }
 
-  /** Fork one clone of the template named `template` (checked first), named <prefix>-c<n>. */
-  static async forkTemplate(template: string, o: Omit<CloneOptions, 'prefix'> & { prefix: string }): Promise<Machine> {
-    return Machine.fork(await checkTemplate(template), { ...o, prefix: validName(o.prefix, 'clone prefix') });
-  }
-
-  /** Fork one running clone of a frozen template: mapped copy-on-write, restored, resumed, re-identified. */
-  static async fork(tpl: FrozenTemplate, o: CloneOptions): Promise<Machine> {
-    return Machine.construct(await forkPlan(tpl, o));
+  /**
+   * Fork one running clone, named <prefix>-c<n>, of a frozen template (its
+   * name, checked first, or a template already checked): mapped
+   * copy-on-write, restored, resumed, re-identified. (`fork` makes N.)
+   */
+  static async fork(template: string | FrozenTemplate, o: Omit<CloneOptions, 'prefix'> & { prefix: string }): Promise<Machine> {
+    const tpl = typeof template === 'string' ? await checkTemplate(template) : template;
+    return Machine.construct(await forkPlan(tpl, { ...o, prefix: validName(o.prefix, 'clone prefix') }));
   }
 
   /**

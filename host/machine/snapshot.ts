@@ -312,7 +312,9 @@ async function layOut(
         const want = Math.min(CHUNK_BYTES, memBytes - c.n * CHUNK_BYTES);
         const gz = await fetchBlobBytes(client, c.digest, c.size, `${refText} RAM chunk ${c.n}`);
         bytes += gz.length;
-        const raw = await gunzipAsync(gz, { maxOutputLength: want }).catch((e) => {
+        // the output in one buffer: zlib's default 16 KiB pieces cost a trip to the main thread each (measured: 66 chunks
+        // of the web template in ~430 ms against ~170-290 ms)
+        const raw = await gunzipAsync(gz, { maxOutputLength: want, chunkSize: want }).catch((e) => {
           throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: RAM chunk ${c.n} does not decompress to ${want} bytes: ${(e as Error).message}`);
         });
         if (raw.length !== want) throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: RAM chunk ${c.n} is ${raw.length} bytes, not ${want}`);
