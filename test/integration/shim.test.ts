@@ -406,6 +406,43 @@ describe('a pod whose image is named by reference (io.scion.image)', () => {
   });
 });
 
+describe('a pod whose template is a snapshot reference (io.scion.template=<registry>/<repo>:<tag>)', () => {
+  it('pulls the template snapshot once per node for pods starting at once, forks them from it, and refuses a reference the node does not allow', async () => {
+    const reg = await startRegistry();
+    const vm = await import('../../host/index.ts');
+    try {
+      const ref = `${reg.host}/snap/pod-tpl:1`;
+      const pushed = await vm.pushTemplate('pod-tpl', ref);
+      const manifest = JSON.parse(
+        await (await fetch(`http://${reg.host}/v2/snap/pod-tpl/manifests/1`, { headers: { accept: 'application/vnd.oci.image.manifest.v1+json' } })).text(),
+      );
+      // GETs of the artifact's layers (RAM chunks, state, kernel stub, index); a pod waiting for another's pull reads the small record again
+      const layerGets = () => manifest.layers.map((l: { digest: string }) => reg.requests('GET', `/blobs/${l.digest}`));
+      const run = (id: string, r: string) =>
+        cd.ctr(['run', '--rm', ...RUNTIME, '--annotation', `io.scion.template=${r}`, IMAGE, id, 'sh', '-c', 'echo up in $(hostname)'], { nothrow: true });
+      const [a, b] = await Promise.all([run('snap1', ref), run('snap2', ref)]);
+      for (const r of [a, b]) {
+        expect(r.stderr).toBe('');
+        expect(r.stdout).toMatch(/^up in \S+\n$/);
+      }
+      const name = `snap-${pushed.digest.slice(7, 19)}`;
+      expect((await vm.list()).find((v) => v.name === name)).toMatchObject({ role: 'template', state: 'frozen' });
+      // pulled once: every layer of the artifact fetched once, for both pods
+      expect(manifest.layers).toHaveLength(pushed.chunks.sent + 3);
+      expect(new Set(layerGets())).toEqual(new Set([1]));
+      expect((await run('snap3', ref)).stdout).toMatch(/^up in \S+\n$/);
+      expect(new Set(layerGets())).toEqual(new Set([1])); // a later pod forks from the local copy
+      const denied = await run('snap4', 'registry.example.com/evil/pod-tpl:1');
+      expect(denied.stderr).toMatch(/template snapshot registry\.example\.com\/evil\/pod-tpl:1 is not under a reference this node allows/);
+      await cd.ctr(['containers', 'delete', 'snap4'], { nothrow: true });
+      expect(await pods()).toEqual([]);
+      await vm.removeVm(name);
+    } finally {
+      await reg.stop();
+    }
+  });
+});
+
 describe('a shim containerd leaves', () => {
   it('with no task, goes by itself when the connection closes (no Shutdown came), and takes its socket along', async () => {
     const bundle = mkdtempSync(join(cd.dir, 'bundle-'));
