@@ -8,13 +8,13 @@
  * mapped private, the saved stream restored over it), reconnects its agent
  * and corrects its clock; a failed resume leaves it hibernated.
  */
-import { mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { readSync } from 'node:fs';
 import { join } from 'node:path';
 import { VmError } from '../../common/errors.ts';
 import { validName } from '../../common/names.ts';
 import { AgentClient } from '../agent-client.ts';
-import { migrateToFile, waitDead } from '../qemu/process.ts';
+import { migrateToFile, processAlive, waitDead } from '../qemu/process.ts';
 import { hibernationDir, vmPaths, vmsDir } from '../store/dirs.ts';
 import { readRecord, writeRecord, type VmRecord } from '../store/records.ts';
 import { stepClockToHost } from './clock.ts';
@@ -125,13 +125,11 @@ export async function resumeHibernated(name: string, log?: (msg: string) => void
   const n = validName(name);
   const before = await readRecord(n);
   if (!before) throw new VmError('E_NO_VM', `no VM named ${n}`, { hint: 'scion ls' });
+  assertNotBusy(before, n, 'resume'); // a pull laying it out
   if (!before.hibernated) throw new VmError('E_NOT_HIBERNATED', `${n} is not hibernated`, { hint: 'scion hibernate <clone> first' });
   const tpl = await checkTemplate(before.template!);
   const dir = hibernationDir(n);
-  const state = join(dir, 'state');
-  await stat(state).catch(() => {
-    throw new VmError('E_HIBERNATED', `${n}: its saved state ${state} is missing`, { hint: 'the clone cannot be resumed; scion rm it' });
-  });
+  const state = await takeState(dir, n);
   const t0 = performance.now();
   try {
     const m = await constructMachine({
@@ -167,8 +165,35 @@ export async function resumeHibernated(name: string, log?: (msg: string) => void
     return m;
   } catch (e) {
     // still hibernated: its QEMU gone, its saved state kept
+    await rename(state, join(dir, 'state')).catch(() => undefined);
     const r = await readRecord(n);
     if (r) await writeRecord({ ...r, pid: undefined, making: undefined, hibernated: before.hibernated } as VmRecord);
     throw e;
   }
+}
+
+/**
+ * The saved state taken for this resume: renamed to the resumer's own name
+ * (atomic), so a second resume at once finds none and is refused; one cut
+ * short (its process gone) is taken over.
+ */
+async function takeState(dir: string, n: string): Promise<string> {
+  const mine = join(dir, `state.resuming-${process.pid}`);
+  const busy = (pid: string) => new VmError('E_VM_BUSY', `cannot resume ${n}: scion process ${pid} is resuming it`, { hint: 'wait for it to finish' });
+  try {
+    await rename(join(dir, 'state'), mine);
+    return mine;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+  }
+  for (const f of await readdir(dir).catch(() => [] as string[])) {
+    const held = /^state\.resuming-(\d+)$/.exec(f)?.[1];
+    if (!held) continue;
+    if (processAlive(Number(held))) throw busy(held);
+    await rename(join(dir, f), mine).catch(() => {
+      throw busy('another'); // taken over by another resume just now
+    });
+    return mine;
+  }
+  throw new VmError('E_HIBERNATED', `${n}: its saved state ${join(dir, 'state')} is missing`, { hint: 'the clone cannot be resumed; scion rm it' });
 }

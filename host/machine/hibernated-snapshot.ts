@@ -21,6 +21,7 @@ import { VmError } from '../../common/errors.ts';
 import { removeOnInterrupt } from '../../common/interrupt.ts';
 import { validName, type ValidName } from '../../common/names.ts';
 import { describeIssues } from '../../common/validation.ts';
+import { HOSTNAME_PATTERN } from '../../common/contracts.ts';
 import { SCION_VERSION } from '../../common/version.ts';
 import { TITLE } from '../../registry/artifact.ts';
 import { RegistryClient, type ClientOptions } from '../../registry/client.ts';
@@ -44,7 +45,8 @@ const PortableCloneSchema = z
     name: z.string(),
     template: z.string(),
     generation: z.number().int().min(0),
-    identity: IdentitySchema,
+    // the record's identity checks, and a hostname the agent would take (it names the machine in ls and logs)
+    identity: IdentitySchema.extend({ hostname: z.string().regex(HOSTNAME_PATTERN, 'not a hostname') }),
     hibernated: z.object({ at: z.string().max(64), stateBytes: z.number().int().min(0), pages: z.number().int().min(0) }).strict(),
   })
   .strict();

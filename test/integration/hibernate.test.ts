@@ -84,6 +84,13 @@ describe('a hibernated clone', () => {
     expect((await vm.gc()).removed).toContain(`${c.name} (saved state)`);
     expect(existsSync(left)).toBe(false);
     expect((await (await vm.Machine.open(c.name)).hibernate()).stateBytes).toBeGreaterThan(0);
+    // two resumes at once: one brings it back, the other is refused (never two QEMUs for one machine)
+    const both = await Promise.allSettled([vm.Machine.resumeHibernated(c.name), vm.Machine.resumeHibernated(c.name)]);
+    expect(both.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
+    expect(both.find((r) => r.status === 'rejected')).toMatchObject({ reason: { code: 'E_VM_BUSY' } });
+    for (const r of both) if (r.status === 'fulfilled') r.value.close();
+    expect((await scionQemuPids()).filter((q) => q.runDir.endsWith(`/${c.name}`))).toHaveLength(1);
+    expect((await vm.list()).find((v) => v.name === c.name)?.state).toBe('running');
     await vm.removeVm(c.name);
     expect(existsSync(left)).toBe(false); // rm takes the saved state with it
   });
