@@ -38,7 +38,7 @@ export const COMMANDS: CommandSpec[] = [
   {
     name: 'up',
     args: '<image.yaml|out/name|ref>',
-    summary: 'build (cached), boot, freeze, fork N clones, print them',
+    summary: 'build (cached), boot, freeze, fork N clones, print them; given a template snapshot reference, pull it (once per node) and fork',
     options: {
       clones: { type: 'string', value: 'N', help: 'how many clones (default 3; 0: only the template)' },
       disk: { type: 'string', value: 'D.qcow2', help: 'a disk: the template writes to an overlay on it, clones to overlays on that' },

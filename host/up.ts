@@ -7,7 +7,9 @@
  * template is waited for, not raced.
  */
 import type { BuildEvent } from '../builder/build.ts';
-import { resolveImage } from './image-source.ts';
+import { existsSync } from 'node:fs';
+import { resolveImage, sourceKind } from './image-source.ts';
+import { ensureSnapshotTemplate, snapshotKindOf } from './machine/snapshot.ts';
 import { ScionError } from '../common/errors.ts';
 import { validName, templateName, type ValidName } from '../common/names.ts';
 import { loadImage, type ImageArtifacts } from './image.ts';
@@ -143,12 +145,26 @@ export async function ensureTemplate(source: string, opts: TemplateOptions = {})
   return { name: tplName, image: img.dir, accel: meta.accel, generation: meta.generation, freezeMs: meta.freezeMs, reused };
 }
 
-/** From an image definition, a built image directory or an OCI reference to running clones. */
+/** From an image definition, a built image directory, an image's OCI reference or a template snapshot's (pulled, not booted) to running clones. */
 export async function up(source: string, opts: UpOptions): Promise<UpResult> {
   const log = opts.log ?? (() => undefined);
   const t0 = performance.now();
-  const template = await ensureTemplate(source, opts);
+  const template = (await snapshotTemplateFor(source, opts)) ?? (await ensureTemplate(source, opts));
   log(`forking ${opts.clones} clone(s)…`);
   const clones = await fork(template.name, { n: opts.clones, parallel: opts.parallel ?? 2, log });
   return { template, clones, totalMs: Math.round(performance.now() - t0) };
+}
+
+/** The frozen template a template snapshot reference stands for (pulled once per node), or undefined when `source` is not one. */
+async function snapshotTemplateFor(source: string, opts: UpOptions): Promise<TemplateResult | undefined> {
+  if (sourceKind(source, existsSync(source)) !== 'reference') return undefined;
+  if ((await snapshotKindOf(source, { insecure: opts.insecure })) !== 'template') return undefined;
+  if (opts.disk || opts.net)
+    throw new ScionError('E_USAGE', `${source} is a template snapshot: it brings its own networking and has no disk`, {
+      hint: 'drop --disk, --bridge and --tap, or up the image the template was made from',
+    });
+  const t = await ensureSnapshotTemplate(source, { insecure: opts.insecure, log: opts.log });
+  const { meta } = await checkTemplate(t.name);
+  opts.log?.(t.pulled ? `pulled template snapshot ${source} as ${t.name}` : `reusing ${t.name}, pulled from ${source} before`);
+  return { name: t.name, image: meta.image, accel: meta.accel, generation: meta.generation, freezeMs: meta.freezeMs, reused: !t.pulled };
 }

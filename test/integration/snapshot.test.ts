@@ -119,6 +119,20 @@ describe('template snapshots in an OCI registry', () => {
     await vm.removeVm(x.name);
   });
 
+  it('scion up takes a template snapshot reference: pulled once per node, then forked, nothing booted', async () => {
+    const r = await onB(['up', ref(), '--clones', '2']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.out.template).toMatchObject({ name: `snap-${first.digest.slice(7, 19)}` });
+    expect(r.out.clones).toHaveLength(2);
+    for (const c of r.out.clones as vm.CloneResult[])
+      expect(await (await fetch(`http://127.0.0.1:${c.ports['8080']}/`)).text()).toBe(`hello from ${c.hostname}\n`);
+    expect(existsSync(join(nodeB.XDG_CACHE_HOME, 'scion', 'images'))).toBe(false); // no image was pulled
+    const refused = await onB(['up', ref(), '--tap']);
+    expect(refused.code).toBe(2);
+    expect(refused.out.error.message).toContain('is a template snapshot: it brings its own networking');
+    expect((await onB(['rm', ...r.out.clones.map((c: vm.CloneResult) => c.name), r.out.template.name])).code).toBe(0);
+  });
+
   it('a node running another VMM refuses the record with the typed error, before anything is laid out', async () => {
     const r = await onB(['pull', ref(), '--name', 'other-vmm'], { SCION_VMM: 'system' });
     expect(r.code).toBe(1);
