@@ -314,7 +314,10 @@ function stopOrRemove(name: 'stop' | 'rm', summary: string): CommandSpec {
     options: { all: { type: 'boolean', help: 'every VM (skips those another scion process is still making)' } },
     async run(pos, v, ctx) {
       if (v.all && pos.length) throw new ScionError('E_USAGE', `scion ${name}: name VMs or pass --all, not both`);
-      const names = v.all ? (await list()).map((x) => x.name) : pos.map((n) => validName(n));
+      // --all: clones before templates (a template its hibernated clones need is not removed before them)
+      const names = v.all
+        ? (await list()).sort((a, b) => Number(a.role === 'template') - Number(b.role === 'template')).map((x) => x.name)
+        : pos.map((n) => validName(n));
       if (!names.length && !v.all) throw new ScionError('E_USAGE', `scion ${name}: name VMs or pass --all`);
       const done: string[] = [];
       const busy: string[] = [];

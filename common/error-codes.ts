@@ -97,6 +97,7 @@ export const OTHER_CODES = [
   'E_RAM_DIFF',
   'E_HIBERNATED',
   'E_NOT_HIBERNATED',
+  'E_TEMPLATE_IN_USE',
   // sessions (QMP, agent)
   'E_AGENT',
   'E_AGENT_TIMEOUT',

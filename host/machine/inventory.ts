@@ -152,6 +152,7 @@ export async function removeVm(vm: string, opts: { force?: boolean } = {}): Prom
     untrusted = true; // a damaged or foreign record: remove by name alone
   }
   if (!opts.force) assertNotBusy(r, name, 'remove');
+  if (r?.role === 'template' && !opts.force) await assertNoHibernatedClones(name);
   if (r) await quitQemu(name, r);
   for (const q of qemuPidsUnder(vms))
     if (q.jail === p.jail) {
@@ -168,6 +169,23 @@ export async function removeVm(vm: string, opts: { force?: boolean } = {}): Prom
   if (r?.hibernated || untrusted) await rm(hibernationDir(name), { recursive: true, force: true });
   for (const s of r?.slots ?? []) await release(s);
   await rm(p.dir, { recursive: true, force: true });
+}
+
+/** A template its hibernated clones still need (each is restored over its memory) is not removed from under them. */
+async function assertNoHibernatedClones(template: ValidName): Promise<void> {
+  const sleeping: string[] = [];
+  for (const n of await listRunDirs()) {
+    const c = await readRecord(n).catch(() => undefined);
+    if (c?.role === 'clone' && c.template === template && c.hibernated) sleeping.push(n);
+  }
+  if (sleeping.length)
+    throw new VmError(
+      'E_TEMPLATE_IN_USE',
+      `cannot remove template ${template}: its hibernated clone${sleeping.length > 1 ? 's' : ''} ${sleeping.join(', ')} need it to resume`,
+      {
+        hint: 'resume or remove them first (or push them to a registry: the template goes with them)',
+      },
+    );
 }
 
 /**

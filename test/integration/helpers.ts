@@ -49,7 +49,8 @@ export async function frozenWebTemplate(name = 'web-tpl'): Promise<void> {
 /** Remove every VM of this test file, then its run and template directories. */
 export async function removeEverything(dirs: { run: string; templates: string }): Promise<void> {
   const vm = await import('../../host/index.ts');
-  for (const v of await vm.list()) await vm.removeVm(v.name);
+  // clones first: a template its hibernated clones need is not removed before them
+  for (const v of (await vm.list()).sort((a, b) => Number(a.role === 'template') - Number(b.role === 'template'))) await vm.removeVm(v.name);
   rmSync(dirs.templates, { recursive: true, force: true });
   rmSync(dirs.run, { recursive: true, force: true });
   cleanupTmp();

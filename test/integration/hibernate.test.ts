@@ -84,6 +84,8 @@ describe('a hibernated clone', () => {
     expect((await vm.gc()).removed).toContain(`${c.name} (saved state)`);
     expect(existsSync(left)).toBe(false);
     expect((await (await vm.Machine.open(c.name)).hibernate()).stateBytes).toBeGreaterThan(0);
+    // its template is not removed from under it
+    await expect(vm.removeVm('web-tpl')).rejects.toMatchObject({ code: 'E_TEMPLATE_IN_USE', message: expect.stringContaining(c.name) });
     // two resumes at once: one brings it back, the other is refused (never two QEMUs for one machine)
     const both = await Promise.allSettled([vm.Machine.resumeHibernated(c.name), vm.Machine.resumeHibernated(c.name)]);
     expect(both.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
