@@ -38,13 +38,13 @@ import {
 import { HIBERNATED_ARTIFACT_TYPE } from '../../registry/hibernated-artifact.ts';
 import { claimNamed } from './claim.ts';
 import { compatibilityProblems } from './compat.ts';
-import { removeVm } from './inventory.ts';
+import { makingElsewhere, removeVm } from './inventory.ts';
 import { newVmRecord } from './plan.ts';
 import { checkTemplate, memMode, templateDir } from './templates.ts';
 import { currentVmm } from '../qemu/vmm.ts';
 import { USER_NET } from '../qemu/argv.ts';
 import { trustedTemplateRoot, templatePaths } from '../store/dirs.ts';
-import { TemplateMetaSchema, TEMPLATE_FORMAT, describeIssues, writeRecord, writeTemplateMeta, type TemplateMeta } from '../store/records.ts';
+import { TemplateMetaSchema, TEMPLATE_FORMAT, describeIssues, readRecord, writeRecord, writeTemplateMeta, type TemplateMeta } from '../store/records.ts';
 
 const gzipAsync = promisify(gzip);
 const gunzipAsync = promisify(gunzip);
@@ -364,6 +364,7 @@ export async function ensureSnapshotTemplate(refText: string, o: SnapshotPullOpt
   const name = validName(`snap-${digest.slice(7, 19)}`, 'template');
   const pinned = formatReference({ ...ref, tag: undefined, digest });
   const deadline = Date.now() + (o.waitMs ?? 300_000);
+  let said = false;
   for (;;) {
     if (
       await checkTemplate(name).then(
@@ -372,12 +373,16 @@ export async function ensureSnapshotTemplate(refText: string, o: SnapshotPullOpt
       )
     )
       return { name, digest, pulled: false };
+    // another live process pulling it: wait without asking the registry again
+    const pulling = makingElsewhere(await readRecord(name).catch(() => undefined));
     try {
+      if (pulling) throw new VmError('E_VM_EXISTS', `${name} is being pulled`);
       await pullTemplate(pinned, { ...o, name });
       return { name, digest, pulled: true };
     } catch (e) {
       if ((e as VmError).code !== 'E_VM_EXISTS' || Date.now() > deadline) throw e;
-      o.log?.(`${name}: another process is pulling it; waiting`);
+      if (!said) o.log?.(`${name}: another process is pulling it; waiting`);
+      said = true;
       await new Promise((r) => setTimeout(r, 250));
     }
   }
