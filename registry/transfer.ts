@@ -200,17 +200,26 @@ export async function fetchManifestBytes(client: RegistryClient, refText: string
   return { bytes, digest };
 }
 
-/** The artifact manifest a reference names, its digest checked. */
-async function fetchManifest(client: RegistryClient, refText: string) {
+/** The manifest a reference names, its digest checked, parsed and checked by `check` (one that is not JSON: `notJson`'s error). */
+export async function fetchCheckedManifest<T>(
+  client: RegistryClient,
+  refText: string,
+  check: (ref: string, raw: unknown) => T,
+  notJson: (message: string) => Error,
+): Promise<{ digest: string; manifest: T }> {
   const { bytes, digest } = await fetchManifestBytes(client, refText);
   let raw: unknown;
   try {
     raw = JSON.parse(bytes.toString('utf8'));
   } catch {
-    throw new ArtifactError('E_NOT_SCION_IMAGE', `${refText}: the manifest is not JSON`);
+    throw notJson(`${refText}: the manifest is not JSON`);
   }
-  return { digest, manifest: checkArtifactManifest(refText, raw) };
+  return { digest, manifest: check(refText, raw) };
 }
+
+/** The image artifact manifest a reference names, its digest checked. */
+const fetchManifest = (client: RegistryClient, refText: string) =>
+  fetchCheckedManifest(client, refText, checkArtifactManifest, (m) => new ArtifactError('E_NOT_SCION_IMAGE', m));
 
 /** Download an image from a registry into a directory, every digest checked, bounded in size and time. */
 export async function pull(refText: string, outDir: string, opts: PullOptions = {}): Promise<PullResult> {

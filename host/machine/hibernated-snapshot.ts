@@ -27,7 +27,7 @@ import { TITLE } from '../../registry/artifact.ts';
 import { RegistryClient, type ClientOptions } from '../../registry/client.ts';
 import { HibernatedError, checkHibernatedManifest, hibernatedManifest, MAX_RECORD_BYTES } from '../../registry/hibernated-artifact.ts';
 import { formatReference, parseReference } from '../../registry/reference.ts';
-import { fetchBlobBytes, fetchManifestBytes, putManifestChecked, sendBlobOnce } from '../../registry/transfer.ts';
+import { fetchBlobBytes, fetchCheckedManifest, putManifestChecked, sendBlobOnce } from '../../registry/transfer.ts';
 import { slotName, release } from '../store/slots.ts';
 import { hibernationDir } from '../store/dirs.ts';
 import { IdentitySchema, readRecord, writeRecord, type TemplateMeta, type VmRecord } from '../store/records.ts';
@@ -126,14 +126,12 @@ export interface HibernatedPullResult {
 export async function pullHibernated(refText: string, o: ClientOptions & { name?: string; log?: (m: string) => void } = {}): Promise<HibernatedPullResult> {
   const ref = parseReference(refText);
   const client = new RegistryClient(ref, o);
-  const { bytes, digest } = await fetchManifestBytes(client, refText);
-  let raw: unknown;
-  try {
-    raw = JSON.parse(bytes.toString('utf8'));
-  } catch {
-    throw new HibernatedError('E_NOT_SCION_SNAPSHOT', `${refText}: the manifest is not JSON`);
-  }
-  const m = checkHibernatedManifest(refText, raw);
+  const { digest, manifest: m } = await fetchCheckedManifest(
+    client,
+    refText,
+    checkHibernatedManifest,
+    (msg) => new HibernatedError('E_NOT_SCION_SNAPSHOT', msg),
+  );
   const pushed = parseRecord(refText, (await fetchBlobBytes(client, m.config.digest, m.config.size, 'the clone record')).toString('utf8'));
   const name = validName(o.name ?? pushed.name, 'clone');
   // its template by the digest the clone names: this node's copy, or pulled now (its VMM checked there)

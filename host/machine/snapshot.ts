@@ -22,7 +22,7 @@ import { SCION_VERSION } from '../../common/version.ts';
 import { TITLE } from '../../registry/artifact.ts';
 import { RegistryClient, type ClientOptions } from '../../registry/client.ts';
 import { formatReference, parseReference } from '../../registry/reference.ts';
-import { fetchBlobBytes, fetchManifestBytes, putManifestChecked, sendBlobOnce } from '../../registry/transfer.ts';
+import { fetchBlobBytes, fetchCheckedManifest, fetchManifestBytes, putManifestChecked, sendBlobOnce } from '../../registry/transfer.ts';
 import {
   CHUNK_BYTES,
   MAX_SNAPSHOT_RAM_BYTES,
@@ -176,14 +176,7 @@ export interface SnapshotPullResult {
 
 /** The snapshot manifest `refText` names, its digest checked, and its record. */
 async function fetchSnapshot(client: RegistryClient, refText: string) {
-  const { bytes, digest } = await fetchManifestBytes(client, refText);
-  let raw: unknown;
-  try {
-    raw = JSON.parse(bytes.toString('utf8'));
-  } catch {
-    throw new SnapshotError('E_NOT_SCION_SNAPSHOT', `${refText}: the manifest is not JSON`);
-  }
-  const m = checkSnapshotManifest(refText, raw);
+  const { digest, manifest: m } = await fetchCheckedManifest(client, refText, checkSnapshotManifest, (msg) => new SnapshotError('E_NOT_SCION_SNAPSHOT', msg));
   const recordText = (await fetchBlobBytes(client, m.config.digest, m.config.size, 'the template record')).toString('utf8');
   return { digest, m, recordText };
 }

@@ -8,7 +8,7 @@ import { existsSync, mkdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import * as vm from '../../host/index.ts';
 import { measureOffset } from '../../host/machine/clock.ts';
-import { guestSh } from '../support/guest.ts';
+import { guestSh, startCounter } from '../support/guest.ts';
 import { isolateRunDirs, tmp, frozenWebTemplate, removeEverything, scionQemuPids } from './helpers.ts';
 
 const dirs = isolateRunDirs('hib');
@@ -27,16 +27,7 @@ describe('a hibernated clone', () => {
   it('is saved to disk with only the RAM that differs from its template, and comes back the same machine: its processes, files and identity, its clock corrected', async () => {
     const [c] = await vm.fork('web-tpl', { n: 1 });
     // a counting process and a file in the guest's tmpfs
-    const pid = (
-      await guestSh(
-        c.name,
-        'mkdir -p /tmp/h; echo kept-$RANDOM > /tmp/h/mark; (i=0; while :; do i=$((i+1)); echo $i > /tmp/h/count; sleep 0.1; done) >/dev/null 2>&1 & echo $!',
-      )
-    ).trim();
-    const mark = await guestSh(c.name, 'cat /tmp/h/mark');
-    await new Promise((r) => setTimeout(r, 500));
-    const before = Number(await guestSh(c.name, 'cat /tmp/h/count'));
-    expect(before).toBeGreaterThan(0);
+    const { pid, mark, count: before } = await startCounter(c.name);
     const a0 = await vm.connectAgent(c.name);
     const info = await a0.call('info');
     a0.close(); // the agent's port takes one host connection at a time

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import * as vm from '../../host/index.ts';
 import { isolateRunDirs, ROOT, tmp, frozenWebTemplate, removeEverything } from './helpers.ts';
-import { guestSh } from '../support/guest.ts';
+import { guestSh, startCounter } from '../support/guest.ts';
 import { startRegistry, type TestRegistry } from '../support/registry.ts';
 
 const dirs = isolateRunDirs('snapa');
@@ -168,15 +168,7 @@ describe('template snapshots in an OCI registry', () => {
 
   it('a hibernated clone is pushed with its template by digest, pulled on node B and resumed there: the same machine, its processes and files as they were', async () => {
     const [c] = await vm.fork('web-tpl', { n: 1 });
-    const pid = (
-      await guestSh(
-        c.name,
-        'mkdir -p /tmp/h; echo moved-$RANDOM > /tmp/h/mark; (i=0; while :; do i=$((i+1)); echo $i > /tmp/h/count; sleep 0.1; done) >/dev/null 2>&1 & echo $!',
-      )
-    ).trim();
-    const mark = await guestSh(c.name, 'cat /tmp/h/mark');
-    await new Promise((r) => setTimeout(r, 500));
-    const before = Number(await guestSh(c.name, 'cat /tmp/h/count'));
+    const { pid, mark, count: before } = await startCounter(c.name);
     const machineId = await guestSh(c.name, 'cat /etc/machine-id');
     await (await vm.Machine.open(c.name)).hibernate();
     const cloneRef = `${registry.host}/snap/web-tpl:clone-1`; // the template's repository: a registry reuses blobs within one
