@@ -14,6 +14,9 @@ import { join, resolve } from 'node:path';
 import { UDHCPC_SCRIPT, AGENT_COMMAND } from '../../builder/init.ts';
 import { bundleAgentFromSource } from '../../builder/agent-bundle.ts';
 import { hostAgentRuntime } from '../../builder/agent-runtime.ts';
+import { config } from '../../common/config.ts';
+import { sha256 } from '../../common/digest.ts';
+import { atomicWrite } from '../../common/safe-fs.ts';
 
 export const ROOT = resolve(import.meta.dirname, '../..');
 
@@ -22,9 +25,10 @@ let prepared: Promise<{ argv: string[] }> | undefined;
 export function agentArgv(): Promise<{ argv: string[] }> {
   prepared ??= (async () => {
     const rt = await hostAgentRuntime(join(ROOT, 'images/minimal.yaml'));
-    const dir = mkdtempSync(join(tmpdir(), 'scion-agent-bundle-'));
-    const bundle = join(dir, 'agent.mjs');
-    writeFileSync(bundle, await bundleAgentFromSource());
+    // in the cache, named by its content: every test file and run shares one file (written whole, by rename), none is left behind
+    const code = await bundleAgentFromSource();
+    const bundle = join(config().cacheDir, 'test-agent', `${sha256(code).slice(0, 24)}.mjs`);
+    await atomicWrite(bundle, code, 0o644, { makeDirs: true });
     // the same options as the guest's init (builder/init.ts), with this bundle and --stdio
     const opts = AGENT_COMMAND.split(' ').slice(1, -1);
     return { argv: [...rt.argv, ...opts, bundle, '--stdio'] };
