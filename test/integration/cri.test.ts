@@ -6,28 +6,27 @@
  * from the test's template, its containers run in it.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { processAlive } from '../../common/proc.ts';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startContainerd, freezeTapTemplate, cniBridgeConfig, shimPids, type TestContainerd } from '../support/containerd.ts';
 import { busyboxOciArchive } from '../support/oci-busybox.ts';
 import { criClient } from '../support/cri.ts';
-import { isolateRunDirs, removeEverything, image } from './helpers.ts';
+import { isolateRunDirs, removeEverything, image, tmp } from './helpers.ts';
 import { randomBytes } from 'node:crypto';
 import { $ } from 'zx';
 
 const ROOT = join(import.meta.dirname, '../..');
 const IMAGE = 'docker.io/scion/busybox:test';
 const dirs = isolateRunDirs('cri');
-const logs = mkdtempSync(join(tmpdir(), 'scion-podlogs-'));
+const logs = tmp('podlogs'); // removed with the rest at the end
 let cd: TestContainerd;
 let cri: ReturnType<typeof criClient>;
 // CNI: a bridge (host-local addresses) the test's containerd gives each pod a veth on
 const tag = randomBytes(2).toString('hex');
 const cniBridge = `scnb${tag}`,
   subnet = `10.88.${parseInt(tag.slice(0, 2), 16)}`;
-const cniDir = mkdtempSync(join(tmpdir(), 'scion-cni-'));
+const cniDir = tmp('cni');
 let cniConfDir = '';
 
 beforeAll(async () => {
