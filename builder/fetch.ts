@@ -1,5 +1,5 @@
 /** HTTP downloads with progress and typed failures. */
-import { ArchiveError } from '../common/errors.ts';
+import { ArchiveError, causeText } from '../common/errors.ts';
 
 export type Progress = (ev: { url: string; received: number; total?: number; done: boolean; ms: number }) => void;
 
@@ -9,7 +9,7 @@ export async function download(url: string, onProgress?: Progress, timeoutMs = 1
   try {
     res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
   } catch (e) {
-    const cause = rootCode(e) ?? (e as any)?.cause?.message ?? (e as Error).message;
+    const cause = rootCode(e) ?? causeText(e);
     throw new ArchiveError('E_NETWORK', `cannot fetch ${url}: ${cause}`, {
       hint: 'the network or the mirror is unreachable; a build whose inputs are all cached (with scion.lock) needs no network',
       cause: e,
@@ -20,7 +20,7 @@ export async function download(url: string, onProgress?: Progress, timeoutMs = 1
   const chunks: Buffer[] = [];
   let received = 0;
   let last = 0;
-  for await (const chunk of res.body as any as AsyncIterable<Uint8Array>) {
+  for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
     chunks.push(Buffer.from(chunk));
     received += chunk.length;
     const now = performance.now();
@@ -34,7 +34,8 @@ export async function download(url: string, onProgress?: Progress, timeoutMs = 1
 }
 
 /** The errno-style code at the bottom of fetch's error chain (ECONNREFUSED, ENOTFOUND, ...). */
-function rootCode(e: any, depth = 0): string | undefined {
+function rootCode(x: unknown, depth = 0): string | undefined {
+  const e = x as { code?: unknown; cause?: unknown; errors?: unknown[] } | undefined;
   if (!e || depth > 5) return undefined;
   if (typeof e.code === 'string' && /^E[A-Z]+$/.test(e.code)) return e.code;
   return rootCode(e.cause, depth + 1) ?? (Array.isArray(e.errors) ? rootCode(e.errors[0], depth + 1) : undefined);

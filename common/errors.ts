@@ -68,3 +68,11 @@ export function exitCodeFor(err: unknown): number {
   if (inGroup(VERIFICATION_CODES, err.code)) return EXIT.verification;
   return EXIT.error;
 }
+
+/** What a failed connection's error says at its cause (fetch wraps the socket's error: ECONNREFUSED, ENOTFOUND, or its message), else its own message. */
+export function causeText(e: unknown): string {
+  const cause = (e as { cause?: { code?: unknown; message?: unknown } } | undefined)?.cause;
+  if (typeof cause?.code === 'string') return cause.code;
+  if (typeof cause?.message === 'string') return cause.message;
+  return e instanceof Error ? e.message : String(e);
+}

@@ -64,7 +64,7 @@ export async function run(
     return { stdout: String(r.stdout), stderr: String(r.stderr) };
   } catch (e) {
     if (e instanceof ExecaError) {
-      if ((e as any).code === 'ENOENT') throw missingCommand(cmd, e);
+      if ((e as ExecaError & { code?: string }).code === 'ENOENT') throw missingCommand(cmd, e);
       const why = e.timedOut ? `timed out after ${opts.timeoutMs} ms` : e.signal ? `killed by ${e.signal}` : `exited ${e.exitCode}`;
       const tail = tailOf(String(e.stderr ?? ''));
       throw new CommandError(
@@ -87,8 +87,8 @@ export async function runBuffer(cmd: string, args: string[], input: Buffer, opts
     return Buffer.from(r.stdout as Uint8Array);
   } catch (e) {
     if (e instanceof ExecaError) {
-      if ((e as any).code === 'ENOENT') throw missingCommand(cmd, e);
-      const tail = tailOf(Buffer.from((e.stderr as any) ?? '').toString());
+      if ((e as ExecaError & { code?: string }).code === 'ENOENT') throw missingCommand(cmd, e);
+      const tail = tailOf(Buffer.from((e.stderr as Uint8Array | string | undefined) ?? '').toString());
       throw new CommandError(
         opts.code ?? 'E_COMMAND_FAILED',
         `${opts.what ?? cmd}: exited ${e.exitCode ?? e.signal}${tail ? `: ${tail}` : ''}`,

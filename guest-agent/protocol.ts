@@ -25,7 +25,7 @@ export interface Request {
 }
 
 export function parseRequest(line: string): Request {
-  let msg: any;
+  let msg: { id?: unknown; cmd?: unknown; args?: unknown } | null;
   try {
     msg = JSON.parse(line);
   } catch (e) {
@@ -38,7 +38,7 @@ export function parseRequest(line: string): Request {
     throw new ProtocolError('E_BAD_ARGS', 'request.args must be an object');
   if (!(COMMANDS as readonly string[]).includes(msg.cmd))
     throw new ProtocolError('E_UNKNOWN_COMMAND', `unknown command "${String(msg.cmd).slice(0, 64)}"; known: ${COMMANDS.join(', ')}`);
-  return { id: msg.id, cmd: msg.cmd as AgentCommand, args: msg.args ?? {} };
+  return { id: msg.id, cmd: msg.cmd as AgentCommand, args: (msg.args as Record<string, unknown> | undefined) ?? {} };
 }
 
 /** Best effort: the id of a frame that failed to parse fully, so the error can be matched. */
@@ -68,7 +68,7 @@ export function validateIdentity(a: Record<string, unknown>): Identity {
   if (typeof a.hostname !== 'string' || !HOSTNAME_PATTERN.test(a.hostname)) bad('hostname', 'must be a valid host name (letters, digits, -; at most 63)');
   if (typeof a.machineId !== 'string' || !/^[0-9a-f]{32}$/.test(a.machineId)) bad('machineId', 'must be 32 lowercase hex digits');
   if (!Array.isArray(a.interfaces) || a.interfaces.length === 0 || a.interfaces.length > 8) bad('interfaces', 'must be a list of 1..8 interfaces');
-  const interfaces = (a.interfaces as any[]).map((i, k) => {
+  const interfaces = (a.interfaces as { name?: unknown; mac?: unknown; address?: unknown; prefix?: unknown; gateway?: unknown }[]).map((i, k) => {
     if (!i || typeof i !== 'object') bad(`interfaces[${k}]`, 'must be an object');
     const mac = String(i.mac ?? '').toLowerCase();
     if (!MAC.test(mac)) bad(`interfaces[${k}].mac`, `${JSON.stringify(i.mac)} is not a MAC address like 52:54:00:12:34:56`);
@@ -76,7 +76,8 @@ export function validateIdentity(a: Record<string, unknown>): Identity {
     if (i.name !== undefined && (typeof i.name !== 'string' || !/^[a-z0-9]{1,15}$/.test(i.name))) bad(`interfaces[${k}].name`, 'must be an interface name');
     if (i.address !== undefined && (typeof i.address !== 'string' || !IPV4.test(i.address)))
       bad(`interfaces[${k}].address`, `${JSON.stringify(i.address)} is not an IPv4 address`);
-    if (i.prefix !== undefined && (!Number.isInteger(i.prefix) || i.prefix < 1 || i.prefix > 32)) bad(`interfaces[${k}].prefix`, 'must be 1..32');
+    if (i.prefix !== undefined && (typeof i.prefix !== 'number' || !Number.isInteger(i.prefix) || i.prefix < 1 || i.prefix > 32))
+      bad(`interfaces[${k}].prefix`, 'must be 1..32');
     if (i.gateway !== undefined && (typeof i.gateway !== 'string' || !IPV4.test(i.gateway))) bad(`interfaces[${k}].gateway`, 'is not an IPv4 address');
     return { name: i.name, mac, address: i.address, prefix: i.prefix ?? (i.address ? 24 : undefined), gateway: i.gateway };
   });

@@ -15,7 +15,7 @@
 import { readFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import { ScionError } from '../common/errors.ts';
+import { ScionError, causeText } from '../common/errors.ts';
 import { config } from '../common/config.ts';
 import { registryBaseUrl, type Reference } from './reference.ts';
 
@@ -33,14 +33,14 @@ export function dockerConfigPath(env = process.env): string {
 
 /** The credentials the Docker config holds for `registry` (keys may carry a scheme or a path). Pure over the file's text. */
 export function credentialsFromConfig(text: string, registry: string): Credentials | undefined {
-  let cfg: any;
+  let cfg: { auths?: unknown };
   try {
     cfg = JSON.parse(text);
   } catch {
     throw new RegistryError('E_DOCKER_CONFIG', 'the Docker config file is not valid JSON', { hint: 'fix or remove it; `docker login` writes it' });
   }
   const auths = cfg?.auths && typeof cfg.auths === 'object' ? cfg.auths : {};
-  for (const [key, v] of Object.entries<any>(auths)) {
+  for (const [key, v] of Object.entries(auths as Record<string, { auth?: unknown; username?: unknown; password?: unknown } | undefined>)) {
     const host = key.replace(/^[a-z]+:\/\//, '').replace(/\/.*$/, '');
     if (host !== registry) continue;
     if (typeof v?.auth === 'string' && v.auth) {
@@ -182,7 +182,7 @@ export class RegistryClient {
       return res;
     } catch (e) {
       if (timedOut) throw this.stalled(`${init.method ?? 'GET'} ${url.split('?')[0]}: no answer`);
-      const cause = (e as any)?.cause?.code ?? (e as any)?.cause?.message ?? (e as Error).message;
+      const cause = causeText(e);
       throw new RegistryError('E_REGISTRY_UNREACHABLE', `cannot reach the registry ${this.ref.registry} (${url.split('?')[0]}): ${cause}`, {
         hint: `check the address and that the registry runs${this.base.startsWith('https') ? '; for a plain-HTTP registry not on loopback pass --insecure' : ''}`,
         cause: e,
@@ -219,11 +219,10 @@ export class RegistryClient {
           r = await Promise.race([reader.read(), stall]);
         } catch (e) {
           if (e instanceof RegistryError) throw e;
-          throw new RegistryError(
-            'E_REGISTRY_UNREACHABLE',
-            `${this.ref.registry}: ${what}: the connection failed (${(e as any)?.cause?.code ?? (e as Error).message})`,
-            { hint: 'try again', cause: e },
-          );
+          throw new RegistryError('E_REGISTRY_UNREACHABLE', `${this.ref.registry}: ${what}: the connection failed (${causeText(e)})`, {
+            hint: 'try again',
+            cause: e,
+          });
         } finally {
           clearTimeout(timer);
         }
@@ -378,7 +377,7 @@ export class RegistryClient {
     let detail = text;
     try {
       const j = JSON.parse(text);
-      if (Array.isArray(j.errors)) detail = j.errors.map((e: any) => `${e.code}: ${e.message}`).join('; ');
+      if (Array.isArray(j.errors)) detail = j.errors.map((e: { code?: unknown; message?: unknown }) => `${e?.code}: ${e?.message}`).join('; ');
     } catch {
       /* not JSON: shown as text */
     }

@@ -74,7 +74,10 @@ export async function gpgvVerify(signed: Buffer, keyring: string): Promise<void>
     const r = await run('gpgv', ['--keyring', keyring, '--status-fd', '1', f]).catch((e) => {
       if (e instanceof CommandError && e.code === 'E_COMMAND_MISSING')
         throw new ArchiveError('E_TOOL_MISSING', 'gpgv is not installed', { hint: 'apt-get install gpgv debian-archive-keyring', cause: e });
-      if (e instanceof CommandError) return { stdout: String((e.cause as any)?.stdout ?? ''), stderr: String((e.cause as any)?.stderr ?? '') };
+      if (e instanceof CommandError) {
+        const out = e.cause as { stdout?: unknown; stderr?: unknown } | undefined;
+        return { stdout: String(out?.stdout ?? ''), stderr: String(out?.stderr ?? '') };
+      }
       throw e;
     });
     if (!/\[GNUPG:\] VALIDSIG/.test(r.stdout)) {

@@ -127,7 +127,7 @@ export async function spawnQemu(desc: VmDescription, o: { jail: string; files: Q
       : new VmError('E_SPAWN', `${desc.name}: cannot start ${cmd}: ${err.message}`, { cause: err });
   }
   child.unref();
-  (child.stderr as any).unref?.();
+  (child.stderr as unknown as { unref?: () => void }).unref?.(); // a pipe's handle: this process may exit while QEMU writes on
   const program = `${vmm.kind} QEMU ${vmm.kind === 'pinned' ? vmm.dir + CLOSURE.qemu : vmm.command[0]}`;
   return { pid: child.pid!, program, exited, isDead: () => dead, stderrTail: (n = 3) => tailOf(stderr, n) };
 }
@@ -185,7 +185,7 @@ export async function restoreFromFd(qmp: QmpClient, name: string, proc: QemuProc
           });
     }
     if (s.status === 'paused' || s.status === 'postmigrate' || s.status === 'prelaunch') {
-      const m = await qmp.execute('query-migrate');
+      const m = await qmp.execute<MigrationInfo>('query-migrate');
       if (m.status === 'completed') return;
       if (m.status === 'failed')
         throw new VmError('E_RESTORE_FAILED', `${name}: loading the template state failed: ${m['error-desc'] ?? ''}`, { hint: corrupt });
@@ -195,9 +195,15 @@ export async function restoreFromFd(qmp: QmpClient, name: string, proc: QemuProc
   }
 }
 
+/** What `query-migrate` answers, as far as scion reads it. */
+interface MigrationInfo {
+  status?: string;
+  'error-desc'?: string;
+}
+
 export async function waitMigration(q: QmpClient, name: string): Promise<void> {
   for (;;) {
-    const m = await q.execute('query-migrate');
+    const m = await q.execute<MigrationInfo>('query-migrate');
     if (m.status === 'completed') return;
     if (m.status === 'failed' || m.status === 'cancelled') throw new VmError('E_FREEZE_FAILED', `${name}: saving state failed: ${m['error-desc'] ?? m.status}`);
     await sleep(5);
@@ -228,7 +234,7 @@ export async function migrateToFile(qmp: QmpClient, name: string, jail: string, 
       accepted = true;
       received = new Promise<void>((res, rej) => {
         // the stream owns the handle from here: it flushes (fsync) and closes it at the end
-        const w = fh.createWriteStream({ flush: true } as any);
+        const w = fh.createWriteStream({ flush: true } as Parameters<typeof fh.createWriteStream>[0]);
         stream = w;
         c.pipe(w);
         w.on('close', res);

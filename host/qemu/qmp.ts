@@ -21,15 +21,26 @@ const RECENT_EVENTS = 32;
 
 export interface QmpEvent {
   event: string;
-  data?: any;
+  data?: Record<string, unknown>;
   timestamp: { seconds: number; microseconds: number };
+}
+
+/** What QEMU sends on the monitor: its greeting, a command's answer (`return` or `error`, with the command's id), or an event. */
+interface QmpMessage {
+  QMP?: { version?: unknown; capabilities?: unknown };
+  id?: string;
+  return?: unknown;
+  error?: { class?: unknown; desc?: unknown };
+  event?: string;
+  data?: Record<string, unknown>;
+  timestamp?: QmpEvent['timestamp'];
 }
 
 export class QmpClient {
   private s: JsonSession;
-  private pending = new Pending<any>();
+  private pending = new Pending<QmpMessage>();
   private seq = 0;
-  greeting?: any;
+  greeting?: QmpMessage;
   /** the last few events, for waitEvent() to find one that came before it was called (bounded: a VM emits events all its life) */
   private recent: QmpEvent[] = [];
   private waiters: { name: string; pred: (e: QmpEvent) => boolean; resolve: (e: QmpEvent) => void }[] = [];
@@ -39,9 +50,9 @@ export class QmpClient {
   }
 
   async connect(path: string, timeoutMs = 5000): Promise<void> {
-    const greeted = new Promise<any>((resolve, reject) => {
+    const greeted = new Promise<QmpMessage>((resolve, reject) => {
       const t = setTimeout(() => reject(new SessionError('E_TIMEOUT', `${this.label}: no QMP greeting within ${timeoutMs} ms`)), timeoutMs);
-      this.s.once('message', (m: any) => {
+      this.s.once('message', (m: QmpMessage) => {
         clearTimeout(t);
         m?.QMP ? resolve(m) : reject(new SessionError('E_PROTOCOL', `${this.label}: expected a QMP greeting, got ${JSON.stringify(m).slice(0, 200)}`));
       });
@@ -49,27 +60,28 @@ export class QmpClient {
     greeted.catch(() => undefined); // observed below; never an unhandled rejection if open() fails first
     await this.s.open(path, timeoutMs);
     this.greeting = await greeted;
-    this.s.on('message', (m: any) => this.onMessage(m));
+    this.s.on('message', (m: QmpMessage) => this.onMessage(m));
     this.s.on('closed', () => this.pending.failAll(new SessionError('E_CLOSED', `${this.label}: connection closed`)));
     await this.execute('qmp_capabilities');
   }
 
-  private onMessage(m: any) {
+  private onMessage(m: QmpMessage) {
     if (!m || typeof m !== 'object' || Array.isArray(m)) return; // not a QMP message: ignored, as QEMU never sends one
     if (m.event) {
-      this.recent.push(m);
+      const e = m as QmpEvent;
+      this.recent.push(e);
       if (this.recent.length > RECENT_EVENTS) this.recent.shift();
       for (const w of [...this.waiters])
-        if (w.name === m.event && w.pred(m)) {
+        if (w.name === e.event && w.pred(e)) {
           this.waiters.splice(this.waiters.indexOf(w), 1);
-          w.resolve(m);
+          w.resolve(e);
         }
       return;
     }
     if (m.id !== undefined) this.pending.settle(m.id, m);
   }
 
-  async execute<T = any>(command: string, args?: Record<string, unknown>, timeoutMs = 30_000): Promise<T> {
+  async execute<T = unknown>(command: string, args?: Record<string, unknown>, timeoutMs = 30_000): Promise<T> {
     const id = `q${++this.seq}`;
     const p = this.pending.add(id, timeoutMs, `${this.label}: ${command}`);
     try {

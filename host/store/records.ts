@@ -190,7 +190,7 @@ export type TemplateMeta = z.infer<typeof TemplateMetaSchema>;
 export { describeIssues };
 
 function parseVersioned<T>(file: string, text: string, schema: z.ZodType<T>, format: string, what: string): T {
-  let raw: any;
+  let raw: { format?: unknown; name?: unknown } & Record<string, unknown>;
   try {
     raw = JSON.parse(text);
   } catch (e) {

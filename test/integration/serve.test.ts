@@ -106,7 +106,7 @@ describe('per-request mode', () => {
       const [pooled] = await clonesOwnedBy(process.pid);
       const q = new QmpClient('test/qmp');
       await q.connect((await paths(pooled.name)).qmp);
-      expect((await q.execute('query-status')).status).toBe('paused');
+      expect((await q.execute<{ status: string }>('query-status')).status).toBe('paused');
       q.close();
       const r = await get(h);
       expect(r.text).toBe(`hello from ${pooled.hostname}\n`); // served by the pooled clone: no fork on the request path

@@ -97,7 +97,7 @@ describe('web image: boot, freeze, fork', () => {
       expect(machineId).toBe(c.machineId);
       const q = new QmpClient();
       await q.connect((await paths(c.name)).qmp);
-      const guid = (await q.execute('query-vm-generation-id')).guid;
+      const guid = (await q.execute<{ guid: string }>('query-vm-generation-id')).guid;
       expect(info.identity.vmgenid).toBe(guid);
       seen.vmgenid.push(guid);
       q.close();
