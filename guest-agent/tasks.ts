@@ -54,6 +54,8 @@ interface Task {
   init?: Proc;
   starting?: boolean;
   execs: Map<string, Proc>;
+  /** exec ids taken by an exec still starting (its ports being waited for): not given twice */
+  startingExecs: Set<string>;
 }
 
 export class TaskRunner {
@@ -120,7 +122,7 @@ export class TaskRunner {
     if (a.podPid === true) spec.linux = withPidNamespace(spec.linux as Record<string, unknown> | undefined, await this.podPidNamespace());
     const t3 = this.p.monotonic();
     this.p.writeText(paths.config, JSON.stringify(spec));
-    this.tasks.set(id, { id, device, ownPidNs: hasOwnPidNamespace(spec), terminal: a.terminal === true, execs: new Map() });
+    this.tasks.set(id, { id, device, ownPidNs: hasOwnPidNamespace(spec), terminal: a.terminal === true, execs: new Map(), startingExecs: new Set() });
     return { id, device, rootfs: paths.rootfs, stepsMs: { device: Math.round(t1 - t0), mount: Math.round(t2 - t1), podPid: Math.round(t3 - t2) } };
   }
 
@@ -237,14 +239,14 @@ export class TaskRunner {
   async exec(a: Record<string, unknown>): Promise<{ id: string; execId: string; pid: number }> {
     const t = this.get(String(a.id));
     const execId = String(a.execId ?? '');
-    if (!ID.test(execId) || t.execs.has(execId)) throw new ProtocolError('E_BAD_ARGS', 'execId: a new id (1-128 letters, digits, _ . -)');
+    if (!ID.test(execId) || t.execs.has(execId) || t.startingExecs.has(execId))
+      throw new ProtocolError('E_BAD_ARGS', 'execId: a new id (1-128 letters, digits, _ . -)');
     if (!a.process || typeof a.process !== 'object') throw new ProtocolError('E_BAD_ARGS', 'process: an OCI process object');
     if (a.terminal === true) this.assertTerminal();
     const file = `${taskPaths(t.id).dir}/exec-${execId}.json`;
     const pidFile = `${taskPaths(t.id).dir}/exec-${execId}.pid`;
     this.p.writeText(file, JSON.stringify({ ...(a.process as object), terminal: false }));
-    const placeholder = { execId } as Proc; // the id is taken while the ports are waited for
-    t.execs.set(execId, placeholder);
+    t.startingExecs.add(execId);
     try {
       const pid = await this.launch(
         t.id,
@@ -256,9 +258,8 @@ export class TaskRunner {
         (p) => t.execs.set(execId, p),
       );
       return { id: t.id, execId, pid };
-    } catch (e) {
-      if (t.execs.get(execId) === placeholder) t.execs.delete(execId);
-      throw e;
+    } finally {
+      t.startingExecs.delete(execId);
     }
   }
 
