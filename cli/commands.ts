@@ -264,7 +264,7 @@ export const COMMANDS: CommandSpec[] = [
   },
   {
     name: 'serve',
-    args: '<image.yaml|template> --port P',
+    args: '<image.yaml|ref|snapshot ref|template> --port P',
     summary: 'the front door: forks clones on demand and routes HTTP to guest port P',
     details: ['Durations: 500ms, 30s, 2m.'],
     options: {

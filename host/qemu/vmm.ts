@@ -5,15 +5,15 @@
  */
 import { spawnSync } from 'node:child_process';
 import { createReadStream } from 'node:fs';
-import { access, readFile } from 'node:fs/promises';
+import { access, readFile, stat } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { config } from '../../common/config.ts';
 import { VmError } from '../../common/errors.ts';
-import { ensureTrustedDir } from '../../common/safe-fs.ts';
+import { atomicWrite, ensureTrustedDir, readNoFollow } from '../../common/safe-fs.ts';
 import { packageRoot } from '../../common/version.ts';
 import { run } from '../../common/run.ts';
-import { closureDigest, closureDir, closurePackages, parseVmmLock, pinnedCommand, type Vmm, type VmmLock } from './vmm-plan.ts';
+import { CLOSURE, closureDigest, closureDir, closurePackages, parseVmmLock, pinnedCommand, type Vmm, type VmmLock } from './vmm-plan.ts';
 
 export type { Vmm } from './vmm-plan.ts';
 
@@ -56,26 +56,56 @@ async function pinnedVmm(): Promise<Vmm> {
       hint: 'scion vmm fetch gets it (scripts/setup.sh runs it); SCION_VMM=system runs the host QEMU instead',
     });
   const c = pinnedCommand(dir);
-  const r = await run(c.command[0], [...c.command.slice(1), '--version'], { what: 'the pinned QEMU --version', env: c.env });
-  return { kind: 'pinned', ...c, version: r.stdout.split('\n')[0].trim(), digest, dir, machine: await machineAlias(c.command, c.env) };
+  const id = await remembered(join(dir, CLOSURE.qemu), async () => ({
+    version: await versionOf(c.command, c.env),
+    machine: await machineAlias(c.command, c.env),
+    digest, // the closure's, from the lock: the cache holds it only beside the rest
+  }));
+  return { kind: 'pinned', ...c, version: id.version, digest, dir, machine: id.machine };
 }
 
 /** The host's QEMU: identified by the SHA-256 of its binary. */
 async function systemVmm(): Promise<Vmm> {
   const qemu = config().qemu;
-  const r = await run(qemu, ['--version'], { what: `${qemu} --version` });
   const path = qemu.includes('/') ? qemu : spawnSync('sh', ['-c', `command -v "$0"`, qemu], { encoding: 'utf8' }).stdout.trim() || qemu;
-  const h = createHash('sha256');
-  for await (const c of createReadStream(path)) h.update(c as Buffer);
-  return {
-    kind: 'system',
-    command: [qemu],
-    args: [],
-    env: {},
-    version: r.stdout.split('\n')[0].trim(),
-    digest: `sha256:${h.digest('hex')}`,
-    machine: await machineAlias([qemu], {}),
-  };
+  const id = await remembered(path, async () => {
+    const h = createHash('sha256');
+    for await (const c of createReadStream(path)) h.update(c as Buffer);
+    return { version: await versionOf([qemu], {}), machine: await machineAlias([qemu], {}), digest: `sha256:${h.digest('hex')}` };
+  });
+  return { kind: 'system', command: [qemu], args: [], env: {}, ...id };
+}
+
+const versionOf = async (command: string[], env: Record<string, string>) =>
+  (await run(command[0], [...command.slice(1), '--version'], { what: `${command.at(-1)} --version`, env })).stdout.split('\n')[0].trim();
+
+interface VmmIdentity {
+  version: string;
+  machine: string;
+  digest: string;
+}
+
+/**
+ * A VMM's identity, worked out once per binary: spawning QEMU twice (and
+ * hashing the host's binary) costs 60-120 ms here, in every new process (each
+ * pod's shim), on the way to its VM. Kept in the cache, keyed by the binary's
+ * path, inode, size and times: a replaced or changed binary is identified again.
+ */
+async function remembered(binary: string, identify: () => Promise<VmmIdentity>): Promise<VmmIdentity> {
+  const st = await stat(binary).catch(() => undefined);
+  if (!st) return identify(); // not there: identify() says so with the command's own error
+  const key = `${binary}:${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
+  const file = join(config().cacheDir, 'vmm-identity', `${createHash('sha256').update(key).digest('hex').slice(0, 24)}.json`);
+  try {
+    const j = JSON.parse(await readNoFollow(file)) as Partial<VmmIdentity> & { key?: string };
+    if (j.key === key && typeof j.version === 'string' && typeof j.machine === 'string' && typeof j.digest === 'string')
+      return { version: j.version, machine: j.machine, digest: j.digest };
+  } catch {
+    /* not there yet, or unreadable: identified again below */
+  }
+  const id = await identify();
+  await atomicWrite(file, JSON.stringify({ key, ...id }), 0o644, { makeDirs: true }).catch(() => undefined); // a cache: the answer stands without it
+  return id;
 }
 
 /** The versioned machine type `q35` stands for in this QEMU (pc-q35-10.0): what a template records and its clones ask for by name. */

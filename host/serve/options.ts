@@ -9,7 +9,7 @@ export type ServeMode = 'shared' | 'per-request';
 
 /** What `serve` takes: the source, listen and admin addresses, guest port, mode, pool and queue bounds, idle and drain times. */
 export interface ServeOptions {
-  /** an image definition (.yaml) or a frozen template's name */
+  /** an image definition (.yaml), a built image directory, an image's or a template snapshot's reference, or a frozen template's name */
   source: string;
   listen: { host: string; port: number };
   /** the guest port requests go to */

@@ -135,10 +135,15 @@ function forward(req: IncomingMessage, res: ServerResponse, m: Member): Promise<
   });
 }
 
-/** The template a front door serves: made from an image definition (the up policy reuses a frozen one), or named; checked to be servable. */
+/**
+ * The template a front door serves: made from an image definition or an
+ * image's reference (the up policy reuses a frozen one), pulled from a
+ * template snapshot's reference (once per node), or named; checked to be servable.
+ */
 async function servedTemplate(o: ServeOptions, log: (line: string) => void): Promise<string> {
   let template: string;
-  if (/\.ya?ml$/.test(o.source)) {
+  // a name has no '/': anything with one is a path or a registry reference
+  if (/\.ya?ml$/.test(o.source) || o.source.includes('/')) {
     const r = await up(o.source, { clones: 0, log: (m) => log(o.json ? JSON.stringify({ event: 'prepare', message: m }) : `[serve] ${m}`) });
     template = r.template.name;
   } else template = (await checkTemplate(validName(o.source, 'template'))).meta.name;

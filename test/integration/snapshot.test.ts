@@ -6,7 +6,8 @@
  * pulls it and forks clones that answer HTTP with their own hostnames.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
+import { createServer } from 'node:net';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -131,6 +132,36 @@ describe('template snapshots in an OCI registry', () => {
     expect(refused.code).toBe(2);
     expect(refused.out.error.message).toContain('is a template snapshot: it brings its own networking');
     expect((await onB(['rm', ...r.out.clones.map((c: vm.CloneResult) => c.name), r.out.template.name])).code).toBe(0);
+  });
+
+  it('scion serve takes a template snapshot reference: the front door pulls it and forks clones that answer', async () => {
+    const port = await new Promise<number>((res) => {
+      const srv = createServer().listen(0, '127.0.0.1', () => {
+        const p = (srv.address() as { port: number }).port;
+        srv.close(() => res(p));
+      });
+    });
+    const door = spawn(process.execPath, [join(ROOT, 'bin/scion.js'), 'serve', ref(), '--port', '8080', '--listen', `127.0.0.1:${port}`], {
+      env: { ...process.env, ...nodeB },
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    let err = '';
+    door.stderr.on('data', (b: Buffer) => (err += b));
+    try {
+      let body = '';
+      for (let i = 0; i < 300 && !body; i++) {
+        body = await fetch(`http://127.0.0.1:${port}/`).then(
+          (r) => (r.ok ? r.text() : ''),
+          () => '',
+        );
+        if (!body) await new Promise((r) => setTimeout(r, 100));
+      }
+      expect(body, err).toMatch(/^hello from \S+\n$/);
+    } finally {
+      door.kill('SIGTERM');
+      await new Promise((r) => door.once('exit', r));
+    }
+    expect((await onB(['ls'])).out.filter((v: { role: string }) => v.role === 'clone')).toEqual([]); // its clones went with it
   });
 
   it('a node running another VMM refuses the record with the typed error, before anything is laid out', async () => {

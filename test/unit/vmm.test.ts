@@ -135,3 +135,44 @@ describe("a template's compatibility record", () => {
     expect(compatibilityProblems({ ...meta, accel: 'kvm' }, pinned, true)).toEqual([]);
   });
 });
+
+describe("the VMM's identity", () => {
+  it('is worked out once per binary (QEMU spawned, the host binary hashed) and again when the binary changes', async () => {
+    const { mkdtempSync, writeFileSync, readFileSync: read, chmodSync } = await import('node:fs');
+    const { tmpdir } = await import('node:os');
+    const { execFileSync } = await import('node:child_process');
+    const dir = mkdtempSync(join(tmpdir(), 'scion-vmm-id-'));
+    const qemu = join(dir, 'qemu-system-x86_64');
+    const calls = join(dir, 'calls');
+    // a stand-in QEMU that counts how often it is asked (a real one cannot be made to change under the test)
+    const fake = (version: string) =>
+      `#!/bin/sh\necho x >> ${calls}\nif [ "$1" = --version ]; then echo "QEMU emulator version ${version}"; else echo "q35 Standard PC (alias of pc-q35-${version})"; fi\n`;
+    writeFileSync(qemu, fake('7.2.1'));
+    chmodSync(qemu, 0o755);
+    const env = { ...process.env, SCION_QEMU: qemu, XDG_CACHE_HOME: join(dir, 'cache'), HOME: dir };
+    const identify = () =>
+      JSON.parse(
+        execFileSync(
+          process.execPath,
+          [
+            '--import',
+            'tsx',
+            '-e',
+            `const { currentVmm } = await import(${JSON.stringify(join(ROOT, 'host/qemu/vmm.ts'))}); console.log(JSON.stringify(await currentVmm()))`,
+          ],
+          { env, encoding: 'utf8' },
+        ),
+      );
+    const spawned = () => read(calls, 'utf8').split('\n').filter(Boolean).length;
+    const first = identify();
+    expect(first).toMatchObject({ kind: 'system', version: 'QEMU emulator version 7.2.1', machine: 'pc-q35-7.2.1' });
+    expect(spawned()).toBe(2);
+    expect(identify()).toEqual(first); // another process: from the cache, QEMU not spawned
+    expect(spawned()).toBe(2);
+    writeFileSync(qemu, fake('8.0.0')); // the binary replaced
+    const changed = identify();
+    expect(changed).toMatchObject({ version: 'QEMU emulator version 8.0.0', machine: 'pc-q35-8.0.0' });
+    expect(changed.digest).not.toBe(first.digest);
+    expect(spawned()).toBe(4);
+  });
+});
