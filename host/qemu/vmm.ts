@@ -95,7 +95,14 @@ async function remembered(binary: string, identify: () => Promise<VmmIdentity>):
   const st = await stat(binary).catch(() => undefined);
   if (!st) return identify(); // not there: identify() says so with the command's own error
   const key = `${binary}:${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
-  const file = join(config().cacheDir, 'vmm-identity', `${createHash('sha256').update(key).digest('hex').slice(0, 24)}.json`);
+  let dir: string;
+  try {
+    // what the compatibility check trusts: only from a directory nobody else can write
+    dir = ensureTrustedDir(join(config().cacheDir, 'vmm-identity'), { what: 'VMM identity cache', env: 'XDG_CACHE_HOME' });
+  } catch {
+    return identify();
+  }
+  const file = join(dir, `${createHash('sha256').update(key).digest('hex').slice(0, 24)}.json`);
   try {
     const j = JSON.parse(await readNoFollow(file)) as Partial<VmmIdentity> & { key?: string };
     if (j.key === key && typeof j.version === 'string' && typeof j.machine === 'string' && typeof j.digest === 'string')
@@ -104,7 +111,7 @@ async function remembered(binary: string, identify: () => Promise<VmmIdentity>):
     /* not there yet, or unreadable: identified again below */
   }
   const id = await identify();
-  await atomicWrite(file, JSON.stringify({ key, ...id }), 0o644, { makeDirs: true }).catch(() => undefined); // a cache: the answer stands without it
+  await atomicWrite(file, JSON.stringify({ key, ...id }), 0o644).catch(() => undefined); // a cache: the answer stands without it
   return id;
 }
 
