@@ -69,9 +69,10 @@ async function systemVmm(): Promise<Vmm> {
   const qemu = config().qemu;
   const path = qemu.includes('/') ? qemu : spawnSync('sh', ['-c', `command -v "$0"`, qemu], { encoding: 'utf8' }).stdout.trim() || qemu;
   const id = await remembered(path, async () => {
+    const version = await versionOf([qemu], {}); // first: a missing QEMU is E_COMMAND_MISSING, naming its package
     const h = createHash('sha256');
     for await (const c of createReadStream(path)) h.update(c as Buffer);
-    return { version: await versionOf([qemu], {}), machine: await machineAlias([qemu], {}), digest: `sha256:${h.digest('hex')}` };
+    return { version, machine: await machineAlias([qemu], {}), digest: `sha256:${h.digest('hex')}` };
   });
   return { kind: 'system', command: [qemu], args: [], env: {}, ...id };
 }

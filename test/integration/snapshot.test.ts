@@ -8,6 +8,7 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { execFile, spawn } from 'node:child_process';
 import { createServer } from 'node:net';
+import { parseAllDocuments } from 'yaml';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -162,6 +163,43 @@ describe('template snapshots in an OCI registry', () => {
       await new Promise((r) => door.once('exit', r));
     }
     expect((await onB(['ls'])).out.filter((v: { role: string }) => v.role === 'clone')).toEqual([]); // its clones went with it
+  });
+
+  it("the DaemonSet's keeper, run for real as node B: a `name ref snapshot` line is pulled (never booted) and kept", async () => {
+    // its script as the manifest has it, with the ConfigMap's file and `scion` (this checkout's CLI) where a node has them
+    const ds = parseAllDocuments(readFileSync(join(ROOT, 'deploy/kubernetes/daemonset.yaml'), 'utf8'))
+      .map((d) => d.toJSON())
+      .find((d) => d?.kind === 'DaemonSet');
+    const keeper = ds.spec.template.spec.containers.find((c: { args?: string[] }) => c.args?.[0]?.includes('/etc/scion/templates'));
+    const etc = tmp('etc-scion');
+    const bin = tmp('node-bin');
+    writeFileSync(join(etc, 'templates'), `keep-tpl ${ref()} snapshot\n`);
+    writeFileSync(join(bin, 'scion'), `#!/bin/sh\nexec ${process.execPath} ${join(ROOT, 'bin/scion.js')} "$@"\n`, { mode: 0o755 });
+    const script = (keeper.args[0] as string).replaceAll('/etc/scion/templates', join(etc, 'templates'));
+    const node = spawn('sh', ['-c', script], {
+      env: { ...process.env, ...nodeB, PATH: `${bin}:${process.env.PATH}` },
+      stdio: ['ignore', 'pipe', 'pipe'],
+      detached: true,
+    });
+    let out = '';
+    node.stdout.on('data', (b: Buffer) => (out += b));
+    node.stderr.on('data', (b: Buffer) => (out += b));
+    try {
+      let kept: { state?: string } | undefined;
+      for (let i = 0; i < 600 && !kept; i++) {
+        kept = ((await onB(['ls'])).out ?? []).find((v: { name: string; state: string }) => v.name === 'keep-tpl' && v.state === 'frozen');
+        if (!kept) await new Promise((r) => setTimeout(r, 100));
+      }
+      expect(kept, out).toBeDefined();
+    } finally {
+      process.kill(-node.pid!, 'SIGTERM'); // the keeper loops forever, as a DaemonSet's container does
+    }
+    expect(out).not.toMatch(/booting|scion boot/); // pulled, not booted
+    const forked = await onB(['fork', 'keep-tpl', '-n', '1']);
+    expect(forked.code, forked.stderr).toBe(0);
+    const [c] = forked.out.clones as vm.CloneResult[];
+    expect(await (await fetch(`http://127.0.0.1:${c.ports['8080']}/`)).text()).toBe(`hello from ${c.hostname}\n`);
+    expect((await onB(['rm', c.name, 'keep-tpl'])).code).toBe(0);
   });
 
   it('a node running another VMM refuses the record with the typed error, before anything is laid out', async () => {
