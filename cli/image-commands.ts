@@ -3,7 +3,7 @@
  */
 import { ScionError, EXIT } from '../common/errors.ts';
 import { statSync } from 'node:fs';
-import { build, verify, push, pull, pushTemplate, pullTemplate, snapshotKindOf, pushHibernated, pullHibernated, list } from '../host/index.ts';
+import { build, verify, push, pull, pushTemplate, pullTemplate, snapshotKindOf, pushHibernated, pullHibernated, Machine } from '../host/index.ts';
 import { buildProgress, fmtBytes } from './format.ts';
 
 import { BUILD_INPUT, INSECURE, compressionOf, need, str, type CommandSpec } from './options.ts';
@@ -96,7 +96,9 @@ export const IMAGE_COMMANDS: CommandSpec[] = [
     async run(pos, v, ctx) {
       need(pos, 2, 'push', 'scion push out/web 127.0.0.1:5000/scion/web:1.0, or scion push web-tpl 127.0.0.1:5000/scion/web-tpl:1');
       const log = ctx.json ? undefined : (m: string) => ctx.err(`[push] ${m}`);
-      if (!isDirectory(pos[0]) && (await list()).find((x) => x.name === pos[0])?.role === 'clone') {
+      // a bad or unreadable name falls through to the template push, which says what is wrong with it
+      const named = isDirectory(pos[0]) ? undefined : await Machine.find(pos[0]).catch(() => undefined);
+      if (named?.info().role === 'clone') {
         const r = await pushHibernated(pos[0], pos[1], { insecure: !!v.insecure, log });
         ctx.out(
           ctx.json
@@ -106,7 +108,7 @@ export const IMAGE_COMMANDS: CommandSpec[] = [
         return EXIT.ok;
       }
       if (!isDirectory(pos[0])) {
-        const r = await pushTemplate(pos[0], pos[1], { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[push] ${m}`) });
+        const r = await pushTemplate(pos[0], pos[1], { insecure: !!v.insecure, log });
         ctx.out(
           ctx.json
             ? JSON.stringify({ ok: true, kind: 'template', ...r }, null, 2)
@@ -116,7 +118,7 @@ export const IMAGE_COMMANDS: CommandSpec[] = [
         );
         return EXIT.ok;
       }
-      const r = await push(pos[0], pos[1], { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[push] ${m}`) });
+      const r = await push(pos[0], pos[1], { insecure: !!v.insecure, log });
       ctx.out(
         ctx.json
           ? JSON.stringify({ ok: true, ...r }, null, 2)
@@ -138,9 +140,10 @@ export const IMAGE_COMMANDS: CommandSpec[] = [
     cleansUpOnInterrupt: true,
     async run(pos, v, ctx) {
       need(pos, 1, 'pull', 'scion pull 127.0.0.1:5000/scion/web:1.0 --out images-dir');
+      const log = ctx.json ? undefined : (m: string) => ctx.err(`[pull] ${m}`);
       const kind = await snapshotKindOf(pos[0], { insecure: !!v.insecure });
       if (kind === 'hibernated') {
-        const r = await pullHibernated(pos[0], { name: str(v, 'name'), insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[pull] ${m}`) });
+        const r = await pullHibernated(pos[0], { name: str(v, 'name'), insecure: !!v.insecure, log });
         ctx.out(
           ctx.json
             ? JSON.stringify({ ok: true, kind, ...r }, null, 2)
@@ -149,7 +152,7 @@ export const IMAGE_COMMANDS: CommandSpec[] = [
         return EXIT.ok;
       }
       if (kind === 'template') {
-        const r = await pullTemplate(pos[0], { name: str(v, 'name'), insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[pull] ${m}`) });
+        const r = await pullTemplate(pos[0], { name: str(v, 'name'), insecure: !!v.insecure, log });
         ctx.out(
           ctx.json
             ? JSON.stringify({ ok: true, kind: 'template', ...r }, null, 2)
@@ -157,7 +160,7 @@ export const IMAGE_COMMANDS: CommandSpec[] = [
         );
         return EXIT.ok;
       }
-      const r = await pull(pos[0], str(v, 'out') ?? 'out', { insecure: !!v.insecure, log: ctx.json ? undefined : (m) => ctx.err(`[pull] ${m}`) });
+      const r = await pull(pos[0], str(v, 'out') ?? 'out', { insecure: !!v.insecure, log });
       ctx.out(ctx.json ? JSON.stringify({ ok: true, ...r }, null, 2) : `pulled ${r.reference} -> ${r.dir} (every digest checked)`);
       return EXIT.ok;
     },

@@ -128,54 +128,47 @@ export interface PullResult {
   files: { name: string; size: number; digest: string }[];
 }
 
-/** Stream a blob into `path` (created exclusively), checking size and digest; a mismatch throws and the caller removes the temp dir. */
-async function fetchBlobTo(client: RegistryClient, title: string, digest: string, size: number, path: string): Promise<void> {
+/**
+ * A blob's bytes as the registry streams them, never more than the size the
+ * manifest states; once whole, its size and digest checked. A mismatch throws,
+ * naming `what`; `hint` says what was left behind.
+ */
+async function* checkedBlob(client: RegistryClient, digest: string, size: number, what: string, streamLabel: string, hint: string): AsyncGenerator<Uint8Array> {
   const res = await client.getBlob(digest);
   const h = createHash('sha256');
-  const fh = await open(path, 'wx', 0o644);
   let n = 0;
+  for await (const c of client.stream(res, streamLabel)) {
+    n += c.length;
+    if (n > size)
+      throw new RegistryError('E_DIGEST_MISMATCH', `${what} (${digest}): the registry sent more than the ${size} bytes the manifest states`, { hint });
+    h.update(c);
+    yield c;
+  }
+  if (n !== size) throw new RegistryError('E_DIGEST_MISMATCH', `${what} (${digest}): received ${n} bytes, the manifest states ${size}`, { hint });
+  const got = `sha256:${h.digest('hex')}`;
+  if (got !== digest)
+    throw new RegistryError('E_DIGEST_MISMATCH', `${what}: the bytes the registry sent hash to ${got}, the manifest names ${digest}`, { hint });
+}
+
+/** Stream a blob into `path` (created exclusively), checking size and digest; a mismatch throws and the caller removes the temp dir. */
+async function fetchBlobTo(client: RegistryClient, title: string, digest: string, size: number, path: string): Promise<void> {
+  const fh = await open(path, 'wx', 0o644);
   try {
-    for await (const c of client.stream(res, `blob ${title}`)) {
-      n += c.length;
-      if (n > size)
-        throw new RegistryError('E_DIGEST_MISMATCH', `${title} (${digest}): the registry sent more than the ${size} bytes the manifest states`, {
-          hint: 'the registry holds damaged or altered data; nothing was written',
-        });
-      h.update(c);
+    for await (const c of checkedBlob(client, digest, size, title, `blob ${title}`, 'the registry holds damaged or altered data; nothing was written'))
       await fh.write(c);
-    }
   } finally {
     await fh.close();
   }
-  const got = `sha256:${h.digest('hex')}`;
-  if (n !== size)
-    throw new RegistryError('E_DIGEST_MISMATCH', `${title} (${digest}): received ${n} bytes, the manifest states ${size}`, {
-      hint: 'the registry holds damaged or altered data; nothing was written',
-    });
-  if (got !== digest)
-    throw new RegistryError('E_DIGEST_MISMATCH', `${title}: the bytes the registry sent hash to ${got}, the manifest names ${digest}`, {
-      hint: 'the registry holds damaged or altered data; nothing was written',
-    });
 }
 
 /** A blob, whole in memory, bounded by its stated size and checked against its digest (snapshot pulls: their blobs are a few MiB each). */
 export async function fetchBlobBytes(client: RegistryClient, digest: string, size: number, what: string): Promise<Buffer> {
-  const res = await client.getBlob(digest);
   const data = Buffer.allocUnsafe(size);
-  const h = createHash('sha256');
-  let n = 0;
-  for await (const c of client.stream(res, what)) {
-    if (n + c.length > size)
-      throw new RegistryError('E_DIGEST_MISMATCH', `${what} (${digest}): the registry sent more than the ${size} bytes the manifest states`);
-    data.set(c, n);
-    h.update(c);
-    n += c.length;
+  let at = 0;
+  for await (const c of checkedBlob(client, digest, size, what, what, 'the registry holds damaged or altered data; nothing was laid out')) {
+    data.set(c, at); // within `size`: checkedBlob throws before a byte beyond it
+    at += c.length;
   }
-  const got = `sha256:${h.digest('hex')}`;
-  if (n !== size || got !== digest)
-    throw new RegistryError('E_DIGEST_MISMATCH', `${what}: the bytes the registry sent (${n}) hash to ${got}, the manifest names ${digest} (${size} bytes)`, {
-      hint: 'the registry holds damaged or altered data; nothing was laid out',
-    });
   return data;
 }
 

@@ -43,16 +43,27 @@ export async function claimNamed(name: ValidName, build: (cred?: Credentials) =>
   return record;
 }
 
-/** Host ports for `n` guest ports, reserved together (all or none). */
-export async function reservePorts(n: number, owner: string): Promise<number[]> {
+/** A host port forwarded to a guest port (user-mode networking). */
+export interface PortForward {
+  guestPort: number;
+  hostPort: number;
+}
+
+/** Host ports forwarded to `guestPorts`, reserved together (all or none); `releasePorts` gives them back if the claim after fails. */
+export async function reserveForwards(guestPorts: number[], owner: string): Promise<{ ports: number[]; forwards: PortForward[] }> {
   const ports: number[] = [];
   try {
-    for (let i = 0; i < n; i++) ports.push(await reservePort(owner));
+    for (let i = 0; i < guestPorts.length; i++) ports.push(await reservePort(owner));
   } catch (e) {
-    for (const p of ports) await release(slotName('port', p));
+    await releasePorts(ports);
     throw e;
   }
-  return ports;
+  return { ports, forwards: ports.map((hostPort, i) => ({ guestPort: guestPorts[i], hostPort })) };
+}
+
+/** Give reserved host ports back (a claim that failed after reserving them). */
+export async function releasePorts(ports: number[]): Promise<void> {
+  for (const p of ports) await release(slotName('port', p));
 }
 
 /**

@@ -9,12 +9,12 @@ import { AgentClient } from '../agent-client.ts';
 import type { NetConfig } from '../qemu/argv.ts';
 import type { TemplateMeta, VmRecord } from '../store/records.ts';
 import { vmPaths, vmsDir } from '../store/dirs.ts';
-import { slotName, release } from '../store/slots.ts';
+import { slotName } from '../store/slots.ts';
 import { newIdentity, type CloneIdentity } from './identity.ts';
 import { clockRightAtReady } from './clock.ts';
 import { netParams, readPodNetwork, type NetMode } from './net.ts';
 import { qcow2Overlay } from './disk.ts';
-import { claimClone, reservePorts } from './claim.ts';
+import { claimClone, releasePorts, reserveForwards, type PortForward } from './claim.ts';
 import type { FrozenTemplate } from './templates.ts';
 import { readonlyPrivateMemory } from '../qemu/vmm-plan.ts';
 import type { CloneOptions, Owner } from './options.ts';
@@ -35,8 +35,7 @@ export async function forkPlan(tpl: FrozenTemplate, o: CloneOptions): Promise<Pl
   const podNet = o.pod ? await readPodNetwork(o.pod) : undefined;
   // host ports first (they go into the record the run directory is made with); only user-mode
   // networking forwards ports: a bridged clone is reached at its own address
-  const ports = netMode.mode === 'user' ? await reservePorts(meta.ports.length, `${o.prefix}-c?`) : [];
-  const forwards = ports.map((hostPort, i) => ({ guestPort: meta.ports[i], hostPort }));
+  const { ports, forwards } = netMode.mode === 'user' ? await reserveForwards(meta.ports, `${o.prefix}-c?`) : { ports: [], forwards: [] };
   const tbSizeMB = o.tbSizeMB ?? config().tbSizeMB;
   const phases = new Phases(t0);
   const generation = meta.generation + 1;
@@ -65,7 +64,7 @@ export async function forkPlan(tpl: FrozenTemplate, o: CloneOptions): Promise<Pl
         );
         return r;
       } catch (e) {
-        for (const p of ports) await release(slotName('port', p));
+        await releasePorts(ports);
         throw e;
       }
     },
@@ -137,7 +136,7 @@ export function cloneRecord(
   meta: TemplateMeta,
   name: ValidName,
   id: CloneIdentity,
-  x: { netMode: NetMode; forwards: { guestPort: number; hostPort: number }[]; ports: number[]; tbSizeMB?: number; owner?: Owner },
+  x: { netMode: NetMode; forwards: PortForward[]; ports: number[]; tbSizeMB?: number; owner?: Owner },
 ): VmRecord {
   const { netMode, forwards, ports, tbSizeMB } = x;
   const net: NetConfig = netMode.mode === 'user' ? { mode: 'user', guestIp: id.ip, forwards } : { mode: 'none' };

@@ -8,7 +8,8 @@
  * mapped private, the saved stream restored over it), reconnects its agent
  * and corrects its clock; a failed resume leaves it hibernated.
  */
-import { mkdir, open, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rename, rm } from 'node:fs/promises';
+import { atomicWrite } from '../../common/safe-fs.ts';
 import { readSync } from 'node:fs';
 import { join } from 'node:path';
 import { VmError } from '../../common/errors.ts';
@@ -69,8 +70,7 @@ export async function hibernateClone(m: Machine, log?: (msg: string) => void): P
     await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: false }] });
     await migrateToFile(qmp, m.name, vmPaths(m.name, vmsDir()).jail, credOf(r), full);
     cut = await cutToTemplate(full, tpl.files.mem, log);
-    await writeFile(`${join(dir, 'state')}.tmp`, cut.data, { mode: 0o600 });
-    await rename(`${join(dir, 'state')}.tmp`, join(dir, 'state'));
+    await atomicWrite(join(dir, 'state'), cut.data, 0o600);
     await rm(full, { force: true });
   } catch (e) {
     await qmp.execute('cont').catch(() => undefined); // it runs on as it was

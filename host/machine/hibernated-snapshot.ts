@@ -10,8 +10,8 @@
  * machine (identity, generation, processes, files). A pushed clone is a copy:
  * resumed on two nodes it is two machines with one identity (see SECURITY.md).
  */
-import { randomBytes } from 'node:crypto';
-import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rm } from 'node:fs/promises';
+import { atomicWrite } from '../../common/safe-fs.ts';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { gunzip, gzip } from 'node:zlib';
@@ -28,10 +28,9 @@ import { RegistryClient, type ClientOptions } from '../../registry/client.ts';
 import { HibernatedError, checkHibernatedManifest, hibernatedManifest, MAX_RECORD_BYTES } from '../../registry/hibernated-artifact.ts';
 import { formatReference, parseReference } from '../../registry/reference.ts';
 import { fetchBlobBytes, fetchCheckedManifest, putManifestChecked, sendBlobOnce } from '../../registry/transfer.ts';
-import { slotName, release } from '../store/slots.ts';
 import { hibernationDir } from '../store/dirs.ts';
 import { IdentitySchema, readRecord, writeRecord, type TemplateMeta, type VmRecord } from '../store/records.ts';
-import { claimNamed, reservePorts } from './claim.ts';
+import { claimNamed, releasePorts, reserveForwards } from './claim.ts';
 import { cloneRecord } from './fork-plan.ts';
 import { removeVm } from './inventory.ts';
 import { ensureSnapshotTemplate, uploadTemplate } from './snapshot.ts';
@@ -152,9 +151,7 @@ export async function pullHibernated(refText: string, o: ClientOptions & { name?
     });
     await rm(dir, { recursive: true, force: true }); // a leftover of a crash under the name now ours
     await mkdir(dir, { mode: 0o700 });
-    const tmp = join(dir, `.state-${randomBytes(4).toString('hex')}`);
-    await writeFile(tmp, state, { mode: 0o600, flag: 'wx' });
-    await rename(tmp, join(dir, 'state'));
+    await atomicWrite(join(dir, 'state'), state, 0o600);
     record.making = undefined;
     await writeRecord(record);
     o.log?.(`pulled ${name}: hibernated, its template ${tpl.name}; scion resume ${name}`);
@@ -176,8 +173,7 @@ export async function pullHibernated(refText: string, o: ClientOptions & { name?
 
 /** The pulled clone's name claimed, with this node's host ports and QEMU uid (its template's group), marked as being pulled. */
 async function claimPulledClone(name: ValidName, meta: TemplateMeta, pushed: PortableClone): Promise<VmRecord> {
-  const ports = meta.net.mode === 'user' ? await reservePorts(meta.ports.length, name) : [];
-  const forwards = ports.map((hostPort, i) => ({ guestPort: meta.ports[i], hostPort }));
+  const { ports, forwards } = meta.net.mode === 'user' ? await reserveForwards(meta.ports, name) : { ports: [], forwards: [] };
   try {
     return await claimNamed(
       name,
@@ -190,7 +186,7 @@ async function claimPulledClone(name: ValidName, meta: TemplateMeta, pushed: Por
       meta.gid,
     );
   } catch (e) {
-    for (const p of ports) await release(slotName('port', p));
+    await releasePorts(ports);
     throw e;
   }
 }
